@@ -1,0 +1,203 @@
+//! Loader settings: every flag is also a `LOADER_*` environment variable, and every bound on
+//! memory or concurrency is one of them.
+
+use std::{net::SocketAddr, num::NonZeroUsize, path::PathBuf, time::Duration};
+
+use crate::error::LoadError;
+
+/// `loader-server` flags.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "loader-server",
+    version,
+    about = "Serve .npy datasets as ready-made batches over gRPC"
+)]
+pub struct Config {
+    /// Address to listen on; port 0 picks a free port (the chosen address is printed as
+    /// `listening on ADDR` on stdout).
+    #[arg(long, env = "LOADER_LISTEN", default_value = "127.0.0.1:7070")]
+    pub listen: SocketAddr,
+
+    /// A dataset to serve, as NAME=DIR (repeat the flag for more; in the environment variable,
+    /// separate several with commas).
+    #[arg(
+        long = "dataset",
+        env = "LOADER_DATASET",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub datasets: Vec<String>,
+
+    /// Largest batch, in bytes of tensor data, one request may ask for. Bounds the size of one
+    /// response message (the gRPC message limit is set from it).
+    #[arg(long, env = "LOADER_MAX_BATCH_BYTES", default_value_t = 64 << 20)]
+    pub max_batch_bytes: u64,
+
+    /// Largest number of samples in one batch request.
+    #[arg(long, env = "LOADER_MAX_BATCH_SAMPLES", default_value_t = 65536)]
+    pub max_batch_samples: u64,
+
+    /// Bytes of batch data being assembled or queued for sending, over all streams. Requests
+    /// past it wait (backpressure); the loader's anonymous memory is about twice this.
+    #[arg(long, env = "LOADER_MAX_INFLIGHT_BYTES", default_value_t = 256 << 20)]
+    pub max_inflight_bytes: u64,
+
+    /// Batches being gathered at once, over all streams (threads copying rows out of the maps).
+    #[arg(long, env = "LOADER_ASSEMBLE_THREADS", default_value = "4")]
+    pub assemble_threads: NonZeroUsize,
+
+    /// Batches one stream may have being gathered at once.
+    #[arg(long, env = "LOADER_STREAM_PARALLELISM", default_value = "4")]
+    pub stream_parallelism: NonZeroUsize,
+
+    /// Concurrent batch streams; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "LOADER_MAX_STREAMS", default_value = "64")]
+    pub max_streams: NonZeroUsize,
+
+    /// HTTP/2 per-stream flow-control window in bytes (large windows keep a fast link full).
+    #[arg(long, env = "LOADER_HTTP2_STREAM_WINDOW", default_value_t = 16 << 20)]
+    pub http2_stream_window: u32,
+
+    /// HTTP/2 per-connection flow-control window in bytes.
+    #[arg(long, env = "LOADER_HTTP2_CONNECTION_WINDOW", default_value_t = 64 << 20)]
+    pub http2_connection_window: u32,
+
+    /// Largest HTTP/2 frame the loader accepts, in bytes (16 KiB to 16 MiB - 1).
+    #[arg(long, env = "LOADER_HTTP2_MAX_FRAME", default_value_t = 1 << 20)]
+    pub http2_max_frame: u32,
+
+    /// On SIGTERM, how long in-flight batches may take to finish before the loader exits.
+    #[arg(long, env = "LOADER_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+/// Parses `500ms`, `10s`, `2m` or a bare number of seconds.
+///
+/// # Errors
+/// A message naming the accepted forms.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let bad = || format!("'{text}' is not a duration; write for example 500ms, 10s or 2m");
+    let (number, unit) = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((text, "s"), |i| text.split_at(i));
+    let value: f64 = number.parse().map_err(|_| bad())?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        _ => return Err(bad()),
+    };
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+impl Config {
+    /// A configuration with the defaults and these `NAME=DIR` datasets, listening on port 0.
+    pub fn for_datasets<I: IntoIterator<Item = S>, S: Into<String>>(datasets: I) -> Config {
+        let mut args = vec![
+            "loader-server".to_owned(),
+            "--listen".to_owned(),
+            "127.0.0.1:0".to_owned(),
+        ];
+        for spec in datasets {
+            args.push("--dataset".into());
+            args.push(spec.into());
+        }
+        <Config as clap::Parser>::parse_from(args)
+    }
+
+    /// Splits the `--dataset` values into names and directories.
+    ///
+    /// # Errors
+    /// [`LoadError::BadSpec`] or [`LoadError::DuplicateDataset`].
+    pub fn dataset_specs(&self) -> Result<Vec<(String, PathBuf)>, LoadError> {
+        let mut out: Vec<(String, PathBuf)> = Vec::new();
+        for spec in &self.datasets {
+            let (name, dir) = spec
+                .split_once('=')
+                .filter(|(n, d)| !n.is_empty() && !d.is_empty())
+                .ok_or_else(|| LoadError::BadSpec { spec: spec.clone() })?;
+            if out.iter().any(|(n, _)| n == name) {
+                return Err(LoadError::DuplicateDataset {
+                    name: name.to_owned(),
+                });
+            }
+            out.push((name.to_owned(), PathBuf::from(dir)));
+        }
+        Ok(out)
+    }
+
+    /// Checks the bounds agree with each other.
+    ///
+    /// # Errors
+    /// A message naming the flag to change.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_batch_bytes > self.max_inflight_bytes {
+            return Err(format!(
+                "--max-batch-bytes ({}) is larger than --max-inflight-bytes ({}); no batch that large could ever be sent, \
+                 so raise --max-inflight-bytes or lower --max-batch-bytes",
+                self.max_batch_bytes, self.max_inflight_bytes
+            ));
+        }
+        if self.max_batch_bytes > u32::MAX as u64 {
+            return Err("--max-batch-bytes must be below 4 GiB".into());
+        }
+        if !(16 << 10..1 << 24).contains(&self.http2_max_frame) {
+            return Err(format!(
+                "--http2-max-frame {} is outside 16384..16777215",
+                self.http2_max_frame
+            ));
+        }
+        Ok(())
+    }
+
+    /// Largest gRPC message this loader sends.
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_batch_bytes as usize
+            + conveyor_proto::message_overhead_bytes(self.max_batch_samples as usize, 64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("5h").is_err());
+    }
+
+    #[test]
+    fn dataset_specs_are_checked() {
+        let config = Config::for_datasets(["a=/x", "b=/y"]);
+        assert_eq!(config.dataset_specs().expect("valid").len(), 2);
+        let bad = Config::for_datasets(["no-equals"]);
+        assert!(matches!(
+            bad.dataset_specs(),
+            Err(LoadError::BadSpec { .. })
+        ));
+        let dup = Config::for_datasets(["a=/x", "a=/y"]);
+        assert!(matches!(
+            dup.dataset_specs(),
+            Err(LoadError::DuplicateDataset { .. })
+        ));
+    }
+
+    #[test]
+    fn validate_names_the_flag() {
+        let mut config = Config::for_datasets(["a=/x"]);
+        assert!(config.validate().is_ok());
+        config.max_inflight_bytes = 1;
+        assert!(
+            config
+                .validate()
+                .expect_err("too small")
+                .contains("--max-inflight-bytes")
+        );
+    }
+}

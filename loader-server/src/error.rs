@@ -1,0 +1,180 @@
+//! Typed errors of the loader: why a dataset cannot be opened (these stop the server at start-up)
+//! and why one batch request cannot be served (these fail only that batch), with the one mapping
+//! of each cause to a gRPC code and a wire error kind.
+
+use std::path::PathBuf;
+
+use conveyor_proto::v1::BatchError;
+use conveyor_proto::v1::batch_error::Kind;
+
+use crate::npy::HeaderError;
+
+/// A dataset directory that cannot be served. Each message names the file and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// `--dataset` was not `NAME=DIR`.
+    #[error("--dataset '{spec}' is not NAME=DIR; write for example --dataset chess=/data/chess")]
+    BadSpec {
+        /// The flag's value as given.
+        spec: String,
+    },
+    /// Two `--dataset` flags with one name.
+    #[error("dataset '{name}' is given twice; give each --dataset a distinct NAME")]
+    DuplicateDataset {
+        /// The repeated name.
+        name: String,
+    },
+    /// A file or directory could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Io {
+        /// The path that failed.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A `.npy` header is wrong.
+    #[error("{}: {source}", path.display())]
+    Header {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with its header.
+        source: HeaderError,
+    },
+    /// A `.npy` file is shorter than its header says.
+    #[error(
+        "{}: truncated: the header promises {expected_bytes} bytes of data but the file holds {actual_bytes}; \
+         rewrite it with numpy.save", path.display()
+    )]
+    Truncated {
+        /// The file.
+        path: PathBuf,
+        /// Data bytes the header promises.
+        expected_bytes: u64,
+        /// Data bytes present.
+        actual_bytes: u64,
+    },
+    /// A directory with no `.npy` fields.
+    #[error("dataset '{dataset}': {} holds no .npy files; put FIELD.npy or FIELD-00000.npy files in it", dir.display())]
+    NoFields {
+        /// Dataset name.
+        dataset: String,
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// Both `FIELD.npy` and `FIELD-NNNNN.npy` exist.
+    #[error("field '{field}' is both a single file and shards in {}; keep one of them", dir.display())]
+    AmbiguousField {
+        /// Field name.
+        field: String,
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// Shards of a field disagree on dtype or per-sample shape.
+    #[error(
+        "{}: shard of field '{field}' has {found} but earlier shards have {expected}; \
+         all shards of a field need the same dtype and per-sample shape", path.display()
+    )]
+    ShardMismatch {
+        /// Field name.
+        field: String,
+        /// The disagreeing shard.
+        path: PathBuf,
+        /// What earlier shards have.
+        expected: String,
+        /// What this shard has.
+        found: String,
+    },
+    /// Fields with different sample counts.
+    #[error(
+        "dataset '{dataset}': field '{field}' has {len} samples but field '{first_field}' has {first_len}; \
+         every field needs one entry per sample"
+    )]
+    UnequalLengths {
+        /// Dataset name.
+        dataset: String,
+        /// First field seen.
+        first_field: String,
+        /// Its length.
+        first_len: u64,
+        /// The disagreeing field.
+        field: String,
+        /// Its length.
+        len: u64,
+    },
+}
+
+/// Why one batch request cannot be served. The stream and the server carry on.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum RequestError {
+    /// No dataset of that name.
+    #[error("unknown dataset '{name}'; this loader serves: {}", available.join(", "))]
+    UnknownDataset {
+        /// The requested name.
+        name: String,
+        /// Names this server holds.
+        available: Vec<String>,
+    },
+    /// An index past the end.
+    #[error(
+        "sample index {index} is out of range for dataset '{dataset}' with {len} samples (valid: 0..{len})"
+    )]
+    IndexOutOfRange {
+        /// Dataset name.
+        dataset: String,
+        /// The bad index.
+        index: u64,
+        /// Number of samples.
+        len: u64,
+    },
+    /// A batch over the server's limits.
+    #[error(
+        "batch of {num_samples} samples ({bytes} bytes) from dataset '{dataset}' exceeds this loader's limit of \
+         {max_samples} samples / {max_bytes} bytes; request smaller batches or raise --max-batch-bytes"
+    )]
+    BatchTooLarge {
+        /// Dataset name.
+        dataset: String,
+        /// Requested samples.
+        num_samples: u64,
+        /// Bytes they would take.
+        bytes: u64,
+        /// Sample limit.
+        max_samples: u64,
+        /// Byte limit.
+        max_bytes: u64,
+    },
+    /// A request with no indices.
+    #[error("batch request for dataset '{dataset}' names no sample indices")]
+    EmptyBatch {
+        /// Dataset name.
+        dataset: String,
+    },
+}
+
+impl RequestError {
+    /// The wire form sent in a `BatchResponse`.
+    pub fn to_batch_error(&self) -> BatchError {
+        let kind = match self {
+            RequestError::UnknownDataset { .. } => Kind::UnknownDataset,
+            RequestError::IndexOutOfRange { .. } => Kind::IndexOutOfRange,
+            RequestError::BatchTooLarge { .. } => Kind::BatchTooLarge,
+            RequestError::EmptyBatch { .. } => Kind::EmptyBatch,
+        };
+        BatchError {
+            kind: kind as i32,
+            message: self.to_string(),
+        }
+    }
+}
+
+impl From<RequestError> for tonic::Status {
+    fn from(error: RequestError) -> tonic::Status {
+        let message = error.to_string();
+        match error {
+            RequestError::UnknownDataset { .. } => tonic::Status::not_found(message),
+            RequestError::IndexOutOfRange { .. } => tonic::Status::out_of_range(message),
+            RequestError::BatchTooLarge { .. } => tonic::Status::resource_exhausted(message),
+            RequestError::EmptyBatch { .. } => tonic::Status::invalid_argument(message),
+        }
+    }
+}

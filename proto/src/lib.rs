@@ -1,0 +1,141 @@
+//! Conveyor's wire protocol (`conveyor.v1`): the message types and the gRPC client and server
+//! stubs generated from `proto/conveyor.proto`, plus the facts about element types that both
+//! sides must agree on (sizes, numpy type strings).
+
+/// Generated code for package `conveyor.v1`.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod v1 {
+    tonic::include_proto!("conveyor.v1");
+}
+
+pub use v1::Dtype as DType;
+
+/// Every concrete element type, in wire order.
+pub const ALL_DTYPES: [DType; 12] = [
+    DType::Bool,
+    DType::Int8,
+    DType::Int16,
+    DType::Int32,
+    DType::Int64,
+    DType::Uint8,
+    DType::Uint16,
+    DType::Uint32,
+    DType::Uint64,
+    DType::Float16,
+    DType::Float32,
+    DType::Float64,
+];
+
+impl DType {
+    /// Bytes per element; 0 for `Unspecified`.
+    pub fn size_bytes(self) -> usize {
+        match self {
+            DType::Unspecified => 0,
+            DType::Bool | DType::Int8 | DType::Uint8 => 1,
+            DType::Int16 | DType::Uint16 | DType::Float16 => 2,
+            DType::Int32 | DType::Uint32 | DType::Float32 => 4,
+            DType::Int64 | DType::Uint64 | DType::Float64 => 8,
+        }
+    }
+
+    /// numpy's type code without the byte-order mark (`"i2"`, `"f4"`, `"b1"`).
+    pub fn numpy_code(self) -> &'static str {
+        match self {
+            DType::Unspecified => "V0",
+            DType::Bool => "b1",
+            DType::Int8 => "i1",
+            DType::Int16 => "i2",
+            DType::Int32 => "i4",
+            DType::Int64 => "i8",
+            DType::Uint8 => "u1",
+            DType::Uint16 => "u2",
+            DType::Uint32 => "u4",
+            DType::Uint64 => "u8",
+            DType::Float16 => "f2",
+            DType::Float32 => "f4",
+            DType::Float64 => "f8",
+        }
+    }
+
+    /// The dtype numpy calls by this code (`"i2"`), if Conveyor serves it.
+    pub fn from_numpy_code(code: &str) -> Option<DType> {
+        ALL_DTYPES.into_iter().find(|d| d.numpy_code() == code)
+    }
+
+    /// Lowercase human name (`"int16"`, `"float32"`), as numpy prints it.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::Unspecified => "unspecified",
+            DType::Bool => "bool",
+            DType::Int8 => "int8",
+            DType::Int16 => "int16",
+            DType::Int32 => "int32",
+            DType::Int64 => "int64",
+            DType::Uint8 => "uint8",
+            DType::Uint16 => "uint16",
+            DType::Uint32 => "uint32",
+            DType::Uint64 => "uint64",
+            DType::Float16 => "float16",
+            DType::Float32 => "float32",
+            DType::Float64 => "float64",
+        }
+    }
+}
+
+/// Default largest gRPC message either side accepts: a batch plus its indices and framing.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 << 20;
+
+/// Bytes the encoded indices and headers of a batch may add on top of its tensor bytes.
+pub fn message_overhead_bytes(num_samples: usize, num_fields: usize) -> usize {
+    // 10 bytes per varint index in the request echo, plus field names/shapes and framing.
+    num_samples * 10 + num_fields * 256 + 4096
+}
+
+/// The `.npy` header (format version 1, or 2 when the header needs it) for a C-order
+/// little-endian array of `shape`; the data follows it directly. Used to write dumps, demo data
+/// and test fixtures in the exact layout Conveyor delivers.
+pub fn npy_header(dtype: DType, shape: &[u64]) -> Vec<u8> {
+    let order = if dtype.size_bytes() == 1 { '|' } else { '<' };
+    let dims: Vec<String> = shape.iter().map(u64::to_string).collect();
+    let shape_text = if dims.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
+    let mut dict = format!(
+        "{{'descr': '{order}{}', 'fortran_order': False, 'shape': {shape_text}, }}",
+        dtype.numpy_code()
+    );
+    let v1 = dict.len() + 11 < u16::MAX as usize;
+    let prefix_len = if v1 { 10 } else { 12 };
+    let total = (prefix_len + dict.len() + 1).div_ceil(64) * 64;
+    dict.push_str(&" ".repeat(total - prefix_len - dict.len() - 1));
+    dict.push('\n');
+    let mut out = Vec::with_capacity(total);
+    out.extend_from_slice(b"\x93NUMPY");
+    if v1 {
+        out.extend_from_slice(&[1, 0]);
+        out.extend_from_slice(&(dict.len() as u16).to_le_bytes());
+    } else {
+        out.extend_from_slice(&[2, 0]);
+        out.extend_from_slice(&(dict.len() as u32).to_le_bytes());
+    }
+    out.extend_from_slice(dict.as_bytes());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numpy_codes_round_trip_and_sizes_match_codes() {
+        for dtype in ALL_DTYPES {
+            let code = dtype.numpy_code();
+            assert_eq!(DType::from_numpy_code(code), Some(dtype));
+            let size: usize = code[1..].parse().expect("numeric size in code");
+            assert_eq!(dtype.size_bytes(), size, "{code}");
+        }
+        assert_eq!(DType::from_numpy_code("c8"), None);
+    }
+}

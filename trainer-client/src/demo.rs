@@ -1,0 +1,226 @@
+//! The built-in example: a chess-like dataset whose every value is a function of its sample
+//! index (so a receiver can check each sample's content, not just its count), and loader-server
+//! processes started on free ports.
+
+use std::{
+    fs::File,
+    io::{BufWriter, Write},
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use conveyor_proto::{DType, npy_header};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+};
+
+use crate::batch::Batch;
+
+/// Piece planes x ranks x files of one position.
+pub const BOARD_SHAPE: [u64; 3] = [12, 8, 8];
+/// Number of distinct moves (AlphaZero's 8x8x73 move encoding).
+pub const NUM_MOVES: u64 = 4672;
+
+fn mix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Board of sample `index`: plane `p` has a piece (1) on square `s` when bit `s` of a hash of
+/// `(index, p)` is set and the square is not taken by an earlier plane.
+pub fn board(index: u64) -> [i16; 768] {
+    let mut out = [0i16; 768];
+    let mut taken = 0u64;
+    for plane in 0..12u64 {
+        // Four independent hashes ANDed: about 1 square in 16 per plane, sparse like real positions.
+        let hash = |salt: u64| mix64((index * 12 + plane) ^ (salt << 56));
+        let bits = hash(1) & hash(2) & hash(3) & hash(4) & !taken;
+        taken |= bits;
+        for square in 0..64 {
+            out[(plane * 64 + square) as usize] = ((bits >> square) & 1) as i16;
+        }
+    }
+    out
+}
+
+/// Move label of sample `index`.
+pub fn move_label(index: u64) -> i64 {
+    (mix64(index ^ 0xabcd) % NUM_MOVES) as i64
+}
+
+/// Game result of sample `index`: -1, 0 or 1.
+pub fn result_label(index: u64) -> i8 {
+    (mix64(index ^ 0x1234) % 3) as i8 - 1
+}
+
+/// Writes `board.npy` (`[n,12,8,8] int16`), `move.npy` (`int64`) and `result.npy` (`int8`)
+/// into `dir`; the board field is split into shards of `shard_len` samples.
+///
+/// # Errors
+/// The I/O error, naming the file.
+pub fn write_chess_dataset(dir: &Path, num_samples: u64, shard_len: u64) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let create = |name: String, dtype: DType, shape: &[u64]| -> anyhow::Result<BufWriter<File>> {
+        let path = dir.join(name);
+        let mut w = BufWriter::with_capacity(
+            1 << 20,
+            File::create(&path).with_context(|| format!("cannot create {}", path.display()))?,
+        );
+        w.write_all(&npy_header(dtype, shape))?;
+        Ok(w)
+    };
+    let shard_len = shard_len.max(1);
+    let mut start = 0;
+    let mut shard = 0;
+    while start < num_samples || shard == 0 {
+        let len = shard_len.min(num_samples - start);
+        let mut w = create(
+            format!("board-{shard:05}.npy"),
+            DType::Int16,
+            &[len, 12, 8, 8],
+        )?;
+        for index in start..start + len {
+            let bytes: Vec<u8> = board(index).iter().flat_map(|v| v.to_le_bytes()).collect();
+            w.write_all(&bytes)?;
+        }
+        w.flush()?;
+        start += len;
+        shard += 1;
+    }
+    let mut moves = create("move.npy".into(), DType::Int64, &[num_samples])?;
+    let mut results = create("result.npy".into(), DType::Int8, &[num_samples])?;
+    for index in 0..num_samples {
+        moves.write_all(&move_label(index).to_le_bytes())?;
+        results.write_all(&result_label(index).to_le_bytes())?;
+    }
+    moves.flush()?;
+    results.flush()?;
+    Ok(())
+}
+
+/// Checks every sample of a chess batch against the generator.
+///
+/// # Errors
+/// The first sample whose content is wrong.
+pub fn check_chess_batch(batch: &Batch) -> anyhow::Result<()> {
+    let (Some(boards), Some(moves), Some(results)) = (
+        batch.field("board"),
+        batch.field("move"),
+        batch.field("result"),
+    ) else {
+        bail!("batch {} lacks a board, move or result field", batch.index);
+    };
+    for (row, &index) in batch.indices.iter().enumerate() {
+        let expected: Vec<u8> = board(index).iter().flat_map(|v| v.to_le_bytes()).collect();
+        let got_board = &boards.data[row * 1536..(row + 1) * 1536];
+        let got_move = i64::from_le_bytes(
+            moves.data[row * 8..(row + 1) * 8]
+                .try_into()
+                .expect("8 bytes"),
+        );
+        let got_result = results.data[row] as i8;
+        if got_board != expected.as_slice()
+            || got_move != move_label(index)
+            || got_result != result_label(index)
+        {
+            bail!(
+                "sample {index} (row {row} of batch {}) has the wrong content",
+                batch.index
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A loader-server child process; killed when dropped.
+#[derive(Debug)]
+pub struct LoaderProcess {
+    /// The process.
+    pub child: Child,
+    /// The address it printed.
+    pub addr: String,
+}
+
+impl LoaderProcess {
+    /// Starts `binary` with `args` (which should include `--listen 127.0.0.1:0`) and waits up to
+    /// `timeout` for its `listening on ADDR` line.
+    ///
+    /// # Errors
+    /// When it cannot start, exits, or prints no address in time; includes what it wrote.
+    pub async fn start(
+        binary: &Path,
+        args: &[String],
+        timeout: Duration,
+    ) -> anyhow::Result<LoaderProcess> {
+        let mut child = Command::new(binary)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            // Quiet by default so a parent's own output stays readable; LOADER_LOG overrides.
+            .env(
+                "LOADER_LOG",
+                std::env::var("LOADER_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {}", binary.display()))?;
+        let stdout = child.stdout.take().context("loader stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = tokio::time::timeout(timeout, async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(addr) = line.strip_prefix("listening on ") {
+                    return Ok(addr.trim().to_owned());
+                }
+            }
+            anyhow::Ok(String::new())
+        })
+        .await
+        .with_context(|| format!("{} printed no address within {timeout:?}", binary.display()))??;
+        if addr.is_empty() {
+            let status = child.wait().await?;
+            bail!("{} exited ({status}) before listening", binary.display());
+        }
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(LoaderProcess { child, addr })
+    }
+
+    /// Sends SIGTERM (drain) and waits for the process to exit.
+    ///
+    /// # Errors
+    /// When the signal cannot be sent.
+    pub async fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let pid = self.child.id().context("loader already exited")?;
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()?;
+        if !status.success() {
+            bail!("kill -TERM {pid} failed");
+        }
+        Ok(self.child.wait().await?)
+    }
+}
+
+/// The `loader-server` binary next to the running executable (both are built into one target
+/// directory by `cargo build`).
+///
+/// # Errors
+/// When it is not there, saying how to build it.
+pub fn sibling_loader_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot find the running executable")?;
+    let dir = exe.parent().context("executable has no directory")?;
+    for candidate in [dir.join("loader-server"), dir.join("../loader-server")] {
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "no loader-server binary next to {}; build both with `cargo build --release --workspace`",
+        exe.display()
+    )
+}
