@@ -7,9 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.protoc_executable(protoc);
     // `.bytes(".")`: `bytes` fields decode as `bytes::Bytes`, a slice of the received buffer
     // rather than a second copy of every batch.
-    tonic_prost_build::configure()
-        .bytes(".")
-        .compile_with_config(config, &["proto/conveyor.proto"], &["proto"])?;
+    tonic_prost_build::configure().bytes(".").compile_with_config(config, &["proto/conveyor.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto/conveyor.proto");
     Ok(())
 }

@@ -7,11 +7,7 @@ use crate::error::LoadError;
 
 /// `loader-server` flags.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(
-    name = "loader-server",
-    version,
-    about = "Serve .npy datasets as ready-made batches over gRPC"
-)]
+#[command(name = "loader-server", version, about = "Serve .npy datasets as ready-made batches over gRPC")]
 pub struct Config {
     /// Address to listen on; port 0 picks a free port (the chosen address is printed as
     /// `listening on ADDR` on stdout).
@@ -20,12 +16,7 @@ pub struct Config {
 
     /// A dataset to serve, as NAME=DIR (repeat the flag for more; in the environment variable,
     /// separate several with commas).
-    #[arg(
-        long = "dataset",
-        env = "LOADER_DATASET",
-        value_delimiter = ',',
-        required = true
-    )]
+    #[arg(long = "dataset", env = "LOADER_DATASET", value_delimiter = ',', required = true)]
     pub datasets: Vec<String>,
 
     /// Largest batch, in bytes of tensor data, one request may ask for. Bounds the size of one
@@ -78,9 +69,7 @@ pub struct Config {
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let bad = || format!("'{text}' is not a duration; write for example 500ms, 10s or 2m");
-    let (number, unit) = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .map_or((text, "s"), |i| text.split_at(i));
+    let (number, unit) = text.find(|c: char| !c.is_ascii_digit() && c != '.').map_or((text, "s"), |i| text.split_at(i));
     let value: f64 = number.parse().map_err(|_| bad())?;
     let seconds = match unit {
         "ms" => value / 1000.0,
@@ -94,11 +83,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 impl Config {
     /// A configuration with the defaults and these `NAME=DIR` datasets, listening on port 0.
     pub fn for_datasets<I: IntoIterator<Item = S>, S: Into<String>>(datasets: I) -> Config {
-        let mut args = vec![
-            "loader-server".to_owned(),
-            "--listen".to_owned(),
-            "127.0.0.1:0".to_owned(),
-        ];
+        let mut args = vec!["loader-server".to_owned(), "--listen".to_owned(), "127.0.0.1:0".to_owned()];
         for spec in datasets {
             args.push("--dataset".into());
             args.push(spec.into());
@@ -118,9 +103,7 @@ impl Config {
                 .filter(|(n, d)| !n.is_empty() && !d.is_empty())
                 .ok_or_else(|| LoadError::BadSpec { spec: spec.clone() })?;
             if out.iter().any(|(n, _)| n == name) {
-                return Err(LoadError::DuplicateDataset {
-                    name: name.to_owned(),
-                });
+                return Err(LoadError::DuplicateDataset { name: name.to_owned() });
             }
             out.push((name.to_owned(), PathBuf::from(dir)));
         }
@@ -143,18 +126,14 @@ impl Config {
             return Err("--max-batch-bytes must be below 4 GiB".into());
         }
         if !(16 << 10..1 << 24).contains(&self.http2_max_frame) {
-            return Err(format!(
-                "--http2-max-frame {} is outside 16384..16777215",
-                self.http2_max_frame
-            ));
+            return Err(format!("--http2-max-frame {} is outside 16384..16777215", self.http2_max_frame));
         }
         Ok(())
     }
 
     /// Largest gRPC message this loader sends.
     pub fn max_message_bytes(&self) -> usize {
-        self.max_batch_bytes as usize
-            + conveyor_proto::message_overhead_bytes(self.max_batch_samples as usize, 64)
+        self.max_batch_bytes as usize + conveyor_proto::message_overhead_bytes(self.max_batch_samples as usize, 64)
     }
 }
 
@@ -177,15 +156,9 @@ mod tests {
         let config = Config::for_datasets(["a=/x", "b=/y"]);
         assert_eq!(config.dataset_specs().expect("valid").len(), 2);
         let bad = Config::for_datasets(["no-equals"]);
-        assert!(matches!(
-            bad.dataset_specs(),
-            Err(LoadError::BadSpec { .. })
-        ));
+        assert!(matches!(bad.dataset_specs(), Err(LoadError::BadSpec { .. })));
         let dup = Config::for_datasets(["a=/x", "a=/y"]);
-        assert!(matches!(
-            dup.dataset_specs(),
-            Err(LoadError::DuplicateDataset { .. })
-        ));
+        assert!(matches!(dup.dataset_specs(), Err(LoadError::DuplicateDataset { .. })));
     }
 
     #[test]
@@ -193,11 +166,6 @@ mod tests {
         let mut config = Config::for_datasets(["a=/x"]);
         assert!(config.validate().is_ok());
         config.max_inflight_bytes = 1;
-        assert!(
-            config
-                .validate()
-                .expect_err("too small")
-                .contains("--max-inflight-bytes")
-        );
+        assert!(config.validate().expect_err("too small").contains("--max-inflight-bytes"));
     }
 }

@@ -58,11 +58,8 @@ impl Field {
         let row = self.bytes_per_sample;
         out.reserve_exact(indices.len() * row);
         for &index in indices {
-            let shard_index = if self.shards.len() == 1 {
-                0
-            } else {
-                self.shard_starts.partition_point(|&start| start <= index) - 1
-            };
+            let shard_index =
+                if self.shards.len() == 1 { 0 } else { self.shard_starts.partition_point(|&start| start <= index) - 1 };
             let shard = &self.shards[shard_index];
             let local = (index - self.shard_starts[shard_index]) as usize;
             let start = shard.data_offset + local * row;
@@ -108,10 +105,7 @@ impl Dataset {
     /// # Errors
     /// A [`LoadError`] naming the file and the problem.
     pub fn open(name: &str, dir: &Path) -> Result<Dataset, LoadError> {
-        let io_error = |source| LoadError::Io {
-            path: dir.to_owned(),
-            source,
-        };
+        let io_error = |error| LoadError::Io { path: dir.to_owned(), error };
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(io_error)?
             .map(|entry| entry.map(|e| e.path()))
@@ -123,36 +117,23 @@ impl Dataset {
         // field name -> (is a single FIELD.npy, its files in name order)
         let mut groups: BTreeMap<String, (bool, Vec<PathBuf>)> = BTreeMap::new();
         for path in files {
-            let stem = path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
+            let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
             let (field, sharded) = match stem.rsplit_once('-') {
                 Some((field, number))
-                    if !field.is_empty()
-                        && !number.is_empty()
-                        && number.bytes().all(|b| b.is_ascii_digit()) =>
+                    if !field.is_empty() && !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit()) =>
                 {
                     (field.to_owned(), true)
                 }
                 _ => (stem, false),
             };
-            let entry = groups
-                .entry(field.clone())
-                .or_insert((!sharded, Vec::new()));
+            let entry = groups.entry(field.clone()).or_insert((!sharded, Vec::new()));
             if entry.0 == sharded {
-                return Err(LoadError::AmbiguousField {
-                    field,
-                    dir: dir.to_owned(),
-                });
+                return Err(LoadError::AmbiguousField { field, dir: dir.to_owned() });
             }
             entry.1.push(path);
         }
         if groups.is_empty() {
-            return Err(LoadError::NoFields {
-                dataset: name.to_owned(),
-                dir: dir.to_owned(),
-            });
+            return Err(LoadError::NoFields { dataset: name.to_owned(), dir: dir.to_owned() });
         }
 
         let mut fields = Vec::with_capacity(groups.len());
@@ -171,12 +152,7 @@ impl Dataset {
                 });
             }
         }
-        Ok(Dataset {
-            name: name.to_owned(),
-            dir: dir.to_owned(),
-            num_samples: first.num_samples,
-            fields,
-        })
+        Ok(Dataset { name: name.to_owned(), dir: dir.to_owned(), num_samples: first.num_samples, fields })
     }
 
     /// Bytes of one sample across all fields.
@@ -209,11 +185,7 @@ impl Dataset {
 }
 
 fn describe(header: &NpyHeader) -> String {
-    format!(
-        "dtype {} and per-sample shape {:?}",
-        header.dtype.name(),
-        &header.shape[1..]
-    )
+    format!("dtype {} and per-sample shape {:?}", header.dtype.name(), &header.shape[1..])
 }
 
 fn open_field(name: &str, paths: &[PathBuf]) -> Result<Field, LoadError> {
@@ -222,22 +194,12 @@ fn open_field(name: &str, paths: &[PathBuf]) -> Result<Field, LoadError> {
     let mut first_header: Option<NpyHeader> = None;
     let mut total = 0u64;
     for path in paths {
-        let map = MappedFile::open(path).map_err(|source| LoadError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        let header = npy::parse_header(&map).map_err(|source| LoadError::Header {
-            path: path.clone(),
-            source,
-        })?;
+        let map = MappedFile::open(path).map_err(|error| LoadError::Io { path: path.clone(), error })?;
+        let header = npy::parse_header(&map).map_err(|problem| LoadError::Header { path: path.clone(), problem })?;
         let expected_bytes = header.num_elements() * header.dtype.size_bytes() as u64;
         let actual_bytes = (map.len() - header.data_offset) as u64;
         if actual_bytes < expected_bytes {
-            return Err(LoadError::Truncated {
-                path: path.clone(),
-                expected_bytes,
-                actual_bytes,
-            });
+            return Err(LoadError::Truncated { path: path.clone(), expected_bytes, actual_bytes });
         }
         if let Some(first) = &first_header {
             if first.dtype != header.dtype || first.shape[1..] != header.shape[1..] {
@@ -261,14 +223,10 @@ fn open_field(name: &str, paths: &[PathBuf]) -> Result<Field, LoadError> {
     }
     let header = first_header.expect("a field has at least one file");
     let sample_shape = header.shape[1..].to_vec();
-    let bytes_per_sample =
-        sample_shape.iter().product::<u64>() as usize * header.dtype.size_bytes();
+    let bytes_per_sample = sample_shape.iter().product::<u64>() as usize * header.dtype.size_bytes();
     // Empty shards never hold an index; drop them so the shard search stays simple.
-    let (shards, shard_starts): (Vec<_>, Vec<_>) = shards
-        .into_iter()
-        .zip(shard_starts)
-        .filter(|(s, _)| s.num_samples > 0)
-        .unzip();
+    let (shards, shard_starts): (Vec<_>, Vec<_>) =
+        shards.into_iter().zip(shard_starts).filter(|(s, _)| s.num_samples > 0).unzip();
     Ok(Field {
         name: name.to_owned(),
         dtype: header.dtype,
@@ -295,37 +253,13 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let rows: Vec<u16> = (0..10).collect();
         let le = |r: &[u16]| r.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
-        write_npy(
-            dir.path(),
-            "x-00000.npy",
-            DType::Uint16,
-            &[3],
-            &le(&rows[0..3]),
-        );
+        write_npy(dir.path(), "x-00000.npy", DType::Uint16, &[3], &le(&rows[0..3]));
         write_npy(dir.path(), "x-00001.npy", DType::Uint16, &[0], &[]);
-        write_npy(
-            dir.path(),
-            "x-00002.npy",
-            DType::Uint16,
-            &[7],
-            &le(&rows[3..10]),
-        );
-        write_npy(
-            dir.path(),
-            "y.npy",
-            DType::Uint8,
-            &[10, 2],
-            &(0..20).collect::<Vec<u8>>(),
-        );
+        write_npy(dir.path(), "x-00002.npy", DType::Uint16, &[7], &le(&rows[3..10]));
+        write_npy(dir.path(), "y.npy", DType::Uint8, &[10, 2], &(0..20).collect::<Vec<u8>>());
         let ds = Dataset::open("d", dir.path()).expect("opens");
         assert_eq!(ds.num_samples, 10);
-        assert_eq!(
-            ds.fields
-                .iter()
-                .map(|f| f.name.as_str())
-                .collect::<Vec<_>>(),
-            ["x", "y"]
-        );
+        assert_eq!(ds.fields.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(), ["x", "y"]);
         let out = ds.gather(&[9, 0, 3, 2]);
         assert_eq!(out[0], le(&[9, 0, 3, 2]));
         assert_eq!(out[1], vec![18, 19, 0, 1, 6, 7, 4, 5]);
@@ -337,9 +271,6 @@ mod tests {
         write_npy(dir.path(), "x.npy", DType::Uint8, &[1], &[0]);
         write_npy(dir.path(), "x-00000.npy", DType::Uint8, &[1], &[0]);
         let err = Dataset::open("d", dir.path()).expect_err("ambiguous");
-        assert!(
-            matches!(err, LoadError::AmbiguousField { ref field, .. } if field == "x"),
-            "{err}"
-        );
+        assert!(matches!(err, LoadError::AmbiguousField { ref field, .. } if field == "x"), "{err}");
     }
 }

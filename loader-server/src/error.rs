@@ -25,20 +25,20 @@ pub enum LoadError {
         name: String,
     },
     /// A file or directory could not be read.
-    #[error("cannot read {}: {source}", path.display())]
+    #[error("cannot read {}: {error}", path.display())]
     Io {
         /// The path that failed.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A `.npy` header is wrong.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {problem}", path.display())]
     Header {
         /// The file.
         path: PathBuf,
         /// What is wrong with its header.
-        source: HeaderError,
+        problem: HeaderError,
     },
     /// A `.npy` file is shorter than its header says.
     #[error(
@@ -115,9 +115,7 @@ pub enum RequestError {
         available: Vec<String>,
     },
     /// An index past the end.
-    #[error(
-        "sample index {index} is out of range for dataset '{dataset}' with {len} samples (valid: 0..{len})"
-    )]
+    #[error("sample index {index} is out of range for dataset '{dataset}' with {len} samples (valid: 0..{len})")]
     IndexOutOfRange {
         /// Dataset name.
         dataset: String,
@@ -160,10 +158,7 @@ impl RequestError {
             RequestError::BatchTooLarge { .. } => Kind::BatchTooLarge,
             RequestError::EmptyBatch { .. } => Kind::EmptyBatch,
         };
-        BatchError {
-            kind: kind as i32,
-            message: self.to_string(),
-        }
+        BatchError { kind: kind as i32, message: self.to_string() }
     }
 }
 

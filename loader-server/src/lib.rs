@@ -74,9 +74,7 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let config = state.config().clone();
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<LoaderServer<LoaderService>>()
-        .await;
+    health_reporter.set_serving::<LoaderServer<LoaderService>>().await;
     let (draining_tx, draining_rx) = watch::channel(false);
     let (drain_started_tx, drain_started_rx) = tokio::sync::oneshot::channel::<()>();
 
@@ -86,9 +84,7 @@ pub async fn serve(
     let signal = async move {
         shutdown.await;
         tracing::info!(drain_timeout = ?config.drain_timeout, "draining: refusing new streams, finishing in-flight batches");
-        health_reporter
-            .set_not_serving::<LoaderServer<LoaderService>>()
-            .await;
+        health_reporter.set_not_serving::<LoaderServer<LoaderService>>().await;
         let _ = draining_tx.send(true);
         let _ = drain_started_tx.send(());
         // Keep the sender alive so streams do not read the drop as a change.

@@ -35,9 +35,7 @@ impl NpyHeader {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum HeaderError {
     /// The file is shorter than its header claims.
-    #[error(
-        "file is too short for a .npy header ({len} bytes); it is truncated or not a .npy file"
-    )]
+    #[error("file is too short for a .npy header ({len} bytes); it is truncated or not a .npy file")]
     TooShort {
         /// File length in bytes.
         len: usize,
@@ -69,9 +67,7 @@ pub enum HeaderError {
         descr: String,
     },
     /// Fortran (column-major) order.
-    #[error(
-        "array is in Fortran order; save it in C order with numpy.save(path, numpy.ascontiguousarray(arr))"
-    )]
+    #[error("array is in Fortran order; save it in C order with numpy.save(path, numpy.ascontiguousarray(arr))")]
     FortranOrder,
     /// A 0-d array has no samples axis.
     #[error("array is 0-dimensional; axis 0 must index samples, so save at least a 1-D array")]
@@ -105,8 +101,8 @@ pub fn parse_header(bytes: &[u8]) -> Result<NpyHeader, HeaderError> {
     if bytes.len() < data_offset {
         return Err(HeaderError::TooShort { len: bytes.len() });
     }
-    let dict = std::str::from_utf8(&bytes[dict_start..data_offset])
-        .map_err(|_| malformed("header is not valid UTF-8"))?;
+    let dict =
+        std::str::from_utf8(&bytes[dict_start..data_offset]).map_err(|_| malformed("header is not valid UTF-8"))?;
     if major == 1 && !dict.is_ascii() {
         return Err(malformed("a version 1 header must be ASCII"));
     }
@@ -114,9 +110,7 @@ pub fn parse_header(bytes: &[u8]) -> Result<NpyHeader, HeaderError> {
 }
 
 fn malformed(reason: impl Into<String>) -> HeaderError {
-    HeaderError::Malformed {
-        reason: reason.into(),
-    }
+    HeaderError::Malformed { reason: reason.into() }
 }
 
 fn parse_dict(dict: &str, data_offset: usize) -> Result<NpyHeader, HeaderError> {
@@ -130,8 +124,8 @@ fn parse_dict(dict: &str, data_offset: usize) -> Result<NpyHeader, HeaderError> 
     let mut shape = None;
     let mut rest = body.trim();
     while !rest.is_empty() {
-        let (key, after_key) = parse_quoted(rest)
-            .ok_or_else(|| malformed(format!("expected a quoted key at '{rest}'")))?;
+        let (key, after_key) =
+            parse_quoted(rest).ok_or_else(|| malformed(format!("expected a quoted key at '{rest}'")))?;
         let after_colon = after_key
             .trim_start()
             .strip_prefix(':')
@@ -139,11 +133,8 @@ fn parse_dict(dict: &str, data_offset: usize) -> Result<NpyHeader, HeaderError> 
             .trim_start();
         let after_value = match key {
             "descr" => {
-                let (value, after) = parse_quoted(after_colon).ok_or_else(|| {
-                    malformed(
-                        "'descr' is not a quoted string (structured dtypes are not supported)",
-                    )
-                })?;
+                let (value, after) = parse_quoted(after_colon)
+                    .ok_or_else(|| malformed("'descr' is not a quoted string (structured dtypes are not supported)"))?;
                 descr = Some(value.to_owned());
                 after
             }
@@ -159,23 +150,18 @@ fn parse_dict(dict: &str, data_offset: usize) -> Result<NpyHeader, HeaderError> 
                 }
             }
             "shape" => {
-                let inner_start = after_colon
-                    .strip_prefix('(')
-                    .ok_or_else(|| malformed("'shape' is not a tuple"))?;
-                let close = inner_start
-                    .find(')')
-                    .ok_or_else(|| malformed("'shape' tuple is not closed"))?;
+                let inner_start = after_colon.strip_prefix('(').ok_or_else(|| malformed("'shape' is not a tuple"))?;
+                let close = inner_start.find(')').ok_or_else(|| malformed("'shape' tuple is not closed"))?;
                 let mut dims = Vec::new();
                 for part in inner_start[..close].split(',') {
                     let part = part.trim().trim_end_matches('L');
                     if part.is_empty() {
                         continue;
                     }
-                    dims.push(part.parse::<u64>().map_err(|_| {
-                        malformed(format!(
-                            "shape entry '{part}' is not a non-negative integer"
-                        ))
-                    })?);
+                    dims.push(
+                        part.parse::<u64>()
+                            .map_err(|_| malformed(format!("shape entry '{part}' is not a non-negative integer")))?,
+                    );
                 }
                 shape = Some(dims);
                 &inner_start[close + 1..]
@@ -195,12 +181,7 @@ fn parse_dict(dict: &str, data_offset: usize) -> Result<NpyHeader, HeaderError> 
     if shape.is_empty() {
         return Err(HeaderError::ZeroDimensional);
     }
-    Ok(NpyHeader {
-        dtype,
-        big_endian,
-        shape,
-        data_offset,
-    })
+    Ok(NpyHeader { dtype, big_endian, shape, data_offset })
 }
 
 /// Parses a `'...'` or `"..."` literal at the start of `s`; returns it and what follows.
@@ -212,9 +193,7 @@ fn parse_quoted(s: &str) -> Option<(&str, &str)> {
 
 /// Maps a numpy descr (`'<f4'`, `'>i8'`, `'|b1'`, `'|u1'`) to a dtype and byte order.
 fn parse_descr(descr: &str) -> Result<(DType, bool), HeaderError> {
-    let unsupported = || HeaderError::UnsupportedDtype {
-        descr: descr.to_owned(),
-    };
+    let unsupported = || HeaderError::UnsupportedDtype { descr: descr.to_owned() };
     let (order, code) = match descr.chars().next() {
         Some(c @ ('<' | '>' | '|' | '=')) => (c, &descr[1..]),
         _ => ('=', descr),
@@ -253,103 +232,51 @@ mod tests {
             assert_eq!(h.dtype, DType::Float32);
             assert!(!h.big_endian);
             assert_eq!(h.shape, vec![10, 3]);
-            assert_eq!(
-                h.data_offset,
-                if version == 1 { 10 } else { 12 } + dict.len()
-            );
+            assert_eq!(h.data_offset, if version == 1 { 10 } else { 12 } + dict.len());
         }
     }
 
     #[test]
     fn big_endian_and_scalar_samples() {
-        let h = parse_header(&file(
-            1,
-            "{'descr': '>i8', 'fortran_order': False, 'shape': (7,), }\n",
-        ))
-        .expect("valid");
-        assert_eq!(
-            (h.dtype, h.big_endian, h.shape.clone()),
-            (DType::Int64, true, vec![7])
-        );
-        let h = parse_header(&file(
-            1,
-            "{'descr': '|b1', 'fortran_order': False, 'shape': (2, 0), }\n",
-        ))
-        .expect("valid");
-        assert_eq!(
-            (h.dtype, h.big_endian, h.shape),
-            (DType::Bool, false, vec![2, 0])
-        );
+        let h = parse_header(&file(1, "{'descr': '>i8', 'fortran_order': False, 'shape': (7,), }\n")).expect("valid");
+        assert_eq!((h.dtype, h.big_endian, h.shape.clone()), (DType::Int64, true, vec![7]));
+        let h = parse_header(&file(1, "{'descr': '|b1', 'fortran_order': False, 'shape': (2, 0), }\n")).expect("valid");
+        assert_eq!((h.dtype, h.big_endian, h.shape), (DType::Bool, false, vec![2, 0]));
     }
 
     #[test]
     fn one_byte_types_are_never_swapped() {
-        let h = parse_header(&file(
-            1,
-            "{'descr': '>u1', 'fortran_order': False, 'shape': (3,), }\n",
-        ))
-        .expect("valid");
+        let h = parse_header(&file(1, "{'descr': '>u1', 'fortran_order': False, 'shape': (3,), }\n")).expect("valid");
         assert!(!h.big_endian);
     }
 
     #[test]
     fn rejects_bad_inputs_with_named_causes() {
         let ok = "{'descr': '<f4', 'fortran_order': False, 'shape': (4, 2), }\n";
-        assert_eq!(
-            parse_header(b"\x93NUM"),
-            Err(HeaderError::TooShort { len: 4 })
-        );
-        assert_eq!(
-            parse_header(b"PK\x03\x04xxxxxxxxxxxx"),
-            Err(HeaderError::BadMagic)
-        );
-        assert_eq!(
-            parse_header(&file(4, ok)),
-            Err(HeaderError::UnsupportedVersion { major: 4, minor: 0 })
-        );
+        assert_eq!(parse_header(b"\x93NUM"), Err(HeaderError::TooShort { len: 4 }));
+        assert_eq!(parse_header(b"PK\x03\x04xxxxxxxxxxxx"), Err(HeaderError::BadMagic));
+        assert_eq!(parse_header(&file(4, ok)), Err(HeaderError::UnsupportedVersion { major: 4, minor: 0 }));
         let mut truncated = file(1, ok);
         truncated.truncate(30);
-        assert!(matches!(
-            parse_header(&truncated),
-            Err(HeaderError::TooShort { .. })
-        ));
+        assert!(matches!(parse_header(&truncated), Err(HeaderError::TooShort { .. })));
         assert_eq!(
-            parse_header(&file(
-                1,
-                "{'descr': '<c8', 'fortran_order': False, 'shape': (4,), }\n"
-            )),
-            Err(HeaderError::UnsupportedDtype {
-                descr: "<c8".into()
-            })
+            parse_header(&file(1, "{'descr': '<c8', 'fortran_order': False, 'shape': (4,), }\n")),
+            Err(HeaderError::UnsupportedDtype { descr: "<c8".into() })
         );
         assert_eq!(
-            parse_header(&file(
-                1,
-                "{'descr': '<U3', 'fortran_order': False, 'shape': (4,), }\n"
-            )),
-            Err(HeaderError::UnsupportedDtype {
-                descr: "<U3".into()
-            })
+            parse_header(&file(1, "{'descr': '<U3', 'fortran_order': False, 'shape': (4,), }\n")),
+            Err(HeaderError::UnsupportedDtype { descr: "<U3".into() })
         );
         assert_eq!(
-            parse_header(&file(
-                1,
-                "{'descr': '<f4', 'fortran_order': True, 'shape': (4, 2), }\n"
-            )),
+            parse_header(&file(1, "{'descr': '<f4', 'fortran_order': True, 'shape': (4, 2), }\n")),
             Err(HeaderError::FortranOrder)
         );
         assert_eq!(
-            parse_header(&file(
-                1,
-                "{'descr': '<f4', 'fortran_order': False, 'shape': (), }\n"
-            )),
+            parse_header(&file(1, "{'descr': '<f4', 'fortran_order': False, 'shape': (), }\n")),
             Err(HeaderError::ZeroDimensional)
         );
         let structured = "{'descr': [('a', '<i4')], 'fortran_order': False, 'shape': (4,), }\n";
-        assert!(matches!(
-            parse_header(&file(1, structured)),
-            Err(HeaderError::Malformed { .. })
-        ));
+        assert!(matches!(parse_header(&file(1, structured)), Err(HeaderError::Malformed { .. })));
         assert!(matches!(
             parse_header(&file(1, "{'descr': '<f4', 'shape': (4,), }\n")),
             Err(HeaderError::Malformed { reason }) if reason.contains("fortran_order")
@@ -358,11 +285,7 @@ mod tests {
 
     #[test]
     fn fortran_flag_is_harmless_for_one_dimensional_arrays() {
-        let h = parse_header(&file(
-            1,
-            "{'descr': '<i4', 'fortran_order': True, 'shape': (5,), }\n",
-        ))
-        .expect("valid");
+        let h = parse_header(&file(1, "{'descr': '<i4', 'fortran_order': True, 'shape': (5,), }\n")).expect("valid");
         assert_eq!(h.shape, vec![5]);
     }
 

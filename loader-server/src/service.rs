@@ -5,8 +5,8 @@ use std::{collections::BTreeMap, pin::Pin, sync::Arc};
 
 use bytes::Bytes;
 use conveyor_proto::v1::{
-    BatchError, BatchRequest, BatchResponse, DatasetInfo, DescribeDatasetRequest,
-    ListDatasetsRequest, ListDatasetsResponse, Tensor, batch_error::Kind, loader_server::Loader,
+    BatchError, BatchRequest, BatchResponse, DatasetInfo, DescribeDatasetRequest, ListDatasetsRequest,
+    ListDatasetsResponse, Tensor, batch_error::Kind, loader_server::Loader,
 };
 use futures::{Stream, StreamExt, stream::FuturesUnordered};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
@@ -39,10 +39,7 @@ impl LoaderState {
     /// Builds the state over already opened datasets.
     pub fn new(datasets: Vec<Dataset>, config: Config) -> LoaderState {
         LoaderState {
-            datasets: datasets
-                .into_iter()
-                .map(|d| (d.name.clone(), Arc::new(d)))
-                .collect(),
+            datasets: datasets.into_iter().map(|d| (d.name.clone(), Arc::new(d))).collect(),
             streams: Arc::new(Semaphore::new(config.max_streams.get())),
             inflight_bytes: Arc::new(Semaphore::new(config.max_inflight_bytes as usize)),
             assemble_slots: Arc::new(Semaphore::new(config.assemble_threads.get())),
@@ -72,12 +69,10 @@ impl LoaderState {
     }
 
     fn dataset(&self, name: &str) -> Result<&Arc<Dataset>, RequestError> {
-        self.datasets
-            .get(name)
-            .ok_or_else(|| RequestError::UnknownDataset {
-                name: name.to_owned(),
-                available: self.datasets.keys().cloned().collect(),
-            })
+        self.datasets.get(name).ok_or_else(|| RequestError::UnknownDataset {
+            name: name.to_owned(),
+            available: self.datasets.keys().cloned().collect(),
+        })
     }
 
     /// Checks a request against the dataset and the limits; returns the dataset and the bytes
@@ -86,9 +81,7 @@ impl LoaderState {
         let dataset = self.dataset(&request.dataset)?;
         let num_samples = request.indices.len() as u64;
         if num_samples == 0 {
-            return Err(RequestError::EmptyBatch {
-                dataset: dataset.name.clone(),
-            });
+            return Err(RequestError::EmptyBatch { dataset: dataset.name.clone() });
         }
         let bytes = num_samples * dataset.bytes_per_sample() as u64;
         if num_samples > self.config.max_batch_samples || bytes > self.config.max_batch_bytes {
@@ -113,27 +106,17 @@ impl LoaderState {
     /// Serves one request: checks it, waits for budget, gathers rows off the runtime.
     async fn assemble(self: Arc<Self>, request: BatchRequest) -> Outgoing {
         let checked = self.check(&request);
-        let BatchRequest {
-            batch_id, indices, ..
-        } = request;
+        let BatchRequest { batch_id, indices, .. } = request;
         let (dataset, bytes) = match checked {
             Ok(ok) => ok,
             Err(error) => {
                 tracing::warn!(batch_id, %error, "rejected batch request");
                 self.stats.record_error(&error);
-                return (
-                    error_response(batch_id, indices, error.to_batch_error()),
-                    None,
-                );
+                return (error_response(batch_id, indices, error.to_batch_error()), None);
             }
         };
         // Both semaphores live as long as the state and are never closed.
-        let Ok(budget) = self
-            .inflight_bytes
-            .clone()
-            .acquire_many_owned(bytes as u32)
-            .await
-        else {
+        let Ok(budget) = self.inflight_bytes.clone().acquire_many_owned(bytes as u32).await else {
             unreachable!("in-flight semaphore is never closed")
         };
         let Ok(slot) = self.assemble_slots.clone().acquire_owned().await else {
@@ -168,32 +151,17 @@ impl LoaderState {
             .map(|(field, data)| Tensor {
                 field: field.name.clone(),
                 dtype: field.dtype as i32,
-                shape: std::iter::once(batch)
-                    .chain(field.sample_shape.iter().copied())
-                    .collect(),
+                shape: std::iter::once(batch).chain(field.sample_shape.iter().copied()).collect(),
                 data: Bytes::from(data),
             })
             .collect();
         self.stats.record_batch(bytes);
-        (
-            BatchResponse {
-                batch_id,
-                indices,
-                tensors,
-                error: None,
-            },
-            Some(budget),
-        )
+        (BatchResponse { batch_id, indices, tensors, error: None }, Some(budget))
     }
 }
 
 fn error_response(batch_id: u64, indices: Vec<u64>, error: BatchError) -> BatchResponse {
-    BatchResponse {
-        batch_id,
-        indices,
-        tensors: Vec::new(),
-        error: Some(error),
-    }
+    BatchResponse { batch_id, indices, tensors: Vec::new(), error: Some(error) }
 }
 
 /// The gRPC handler over a shared [`LoaderState`].
@@ -240,7 +208,8 @@ async fn serve_stream(
                     return;
                 }
             },
-            changed = draining_rx.changed(), if !drained => {
+            // Only while reading: once the client closed its side, `else` must be able to end the loop.
+            changed = draining_rx.changed(), if reading && !drained => {
                 drained = changed.is_err() || *draining_rx.borrow();
             },
             else => break,
@@ -248,9 +217,7 @@ async fn serve_stream(
     }
     if drained {
         let _ = out_tx
-            .send(Err(Status::unavailable(
-                "loader is draining; send the remaining batches to another replica",
-            )))
+            .send(Err(Status::unavailable("loader is draining; send the remaining batches to another replica")))
             .await;
     }
 }
@@ -273,21 +240,14 @@ impl Loader for LoaderService {
         request: Request<DescribeDatasetRequest>,
     ) -> Result<Response<DatasetInfo>, Status> {
         let dataset = self.state.dataset(&request.get_ref().dataset)?;
-        Ok(Response::new(
-            dataset.info(self.state.config.max_batch_samples),
-        ))
+        Ok(Response::new(dataset.info(self.state.config.max_batch_samples)))
     }
 
     type StreamBatchesStream = BatchStream;
 
-    async fn stream_batches(
-        &self,
-        request: Request<Streaming<BatchRequest>>,
-    ) -> Result<Response<BatchStream>, Status> {
+    async fn stream_batches(&self, request: Request<Streaming<BatchRequest>>) -> Result<Response<BatchStream>, Status> {
         if *self.draining_rx.borrow() {
-            return Err(Status::unavailable(
-                "loader is draining; connect to another replica",
-            ));
+            return Err(Status::unavailable("loader is draining; connect to another replica"));
         }
         let stream_permit = self.state.streams.clone().try_acquire_owned().map_err(|_| {
             self.state.stats.record_refused_stream();
@@ -296,23 +256,14 @@ impl Loader for LoaderService {
                 self.state.config.max_streams
             ))
         })?;
-        let peer = request
-            .remote_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
+        let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
         let (out_tx, out_rx) = mpsc::channel(self.state.config.stream_parallelism.get());
         let span = tracing::info_span!("stream", %peer);
-        let task = serve_stream(
-            self.state.clone(),
-            request.into_inner(),
-            out_tx,
-            self.draining_rx.clone(),
-            stream_permit,
-        );
+        let task =
+            serve_stream(self.state.clone(), request.into_inner(), out_tx, self.draining_rx.clone(), stream_permit);
         tokio::spawn(tracing::Instrument::instrument(task, span));
         // The byte budget is released as tonic takes each response for encoding.
-        let responses =
-            ReceiverStream::new(out_rx).map(|item| item.map(|(response, _budget)| response));
+        let responses = ReceiverStream::new(out_rx).map(|item| item.map(|(response, _budget)| response));
         Ok(Response::new(Box::pin(responses)))
     }
 }

@@ -97,15 +97,9 @@ pub fn message_overhead_bytes(num_samples: usize, num_fields: usize) -> usize {
 pub fn npy_header(dtype: DType, shape: &[u64]) -> Vec<u8> {
     let order = if dtype.size_bytes() == 1 { '|' } else { '<' };
     let dims: Vec<String> = shape.iter().map(u64::to_string).collect();
-    let shape_text = if dims.len() == 1 {
-        format!("({},)", dims[0])
-    } else {
-        format!("({})", dims.join(", "))
-    };
-    let mut dict = format!(
-        "{{'descr': '{order}{}', 'fortran_order': False, 'shape': {shape_text}, }}",
-        dtype.numpy_code()
-    );
+    let shape_text = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
+    let mut dict =
+        format!("{{'descr': '{order}{}', 'fortran_order': False, 'shape': {shape_text}, }}", dtype.numpy_code());
     let v1 = dict.len() + 11 < u16::MAX as usize;
     let prefix_len = if v1 { 10 } else { 12 };
     let total = (prefix_len + dict.len() + 1).div_ceil(64) * 64;

@@ -1,1 +1,88 @@
-//! End-to-end test support.
+//! Support for the end-to-end tests: where the built binaries and Python are, fixtures written
+//! by numpy, and loader processes on free ports.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Output,
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+pub use trainer_client::demo::LoaderProcess;
+
+/// The directory holding the workspace's built binaries (`target/debug` or `target/release`),
+/// found from the running test executable (`target/<profile>/deps/<test>`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>").to_owned()
+}
+
+/// A workspace binary; panics with the build command when it is missing.
+pub fn binary(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(path.is_file(), "{} is not built; run `cargo build --workspace` before `cargo test`", path.display());
+    path
+}
+
+/// The Python interpreter with numpy: `$CONVEYOR_PYTHON`, else `python3`.
+pub fn python() -> String {
+    std::env::var("CONVEYOR_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// `tests/fixtures/NAME`.
+pub fn fixture_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+}
+
+/// Runs a fixture script with Python and returns its stdout; fails with its stderr.
+///
+/// # Errors
+/// When Python or numpy is missing, or the script fails.
+pub fn run_python(script: &str, args: &[&Path]) -> anyhow::Result<String> {
+    let output = std::process::Command::new(python())
+        .arg(fixture_script(script))
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {} (set CONVEYOR_PYTHON to a Python with numpy)", python()))?;
+    if !output.status.success() {
+        bail!("{script} failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    Ok(String::from_utf8(output.stdout)?)
+}
+
+/// Fixtures written by numpy (see `fixtures/make_npy.py`) in a fresh temporary directory.
+pub fn npy_fixtures() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    run_python("make_npy.py", &[dir.path()]).expect("numpy fixtures (is numpy installed? see README)");
+    dir
+}
+
+/// Starts a loader-server process on a free loopback port serving `datasets` (`NAME=DIR`).
+///
+/// # Errors
+/// When it does not come up within a minute.
+pub async fn start_loader(datasets: &[String], extra_args: &[&str]) -> anyhow::Result<LoaderProcess> {
+    start_loader_on("127.0.0.1:0", datasets, extra_args).await
+}
+
+/// Like [`start_loader`] on a given address (to bring a replica back where it was).
+///
+/// # Errors
+/// When it does not come up within a minute.
+pub async fn start_loader_on(listen: &str, datasets: &[String], extra_args: &[&str]) -> anyhow::Result<LoaderProcess> {
+    let mut args = vec!["--listen".to_owned(), listen.to_owned()];
+    for spec in datasets {
+        args.push("--dataset".into());
+        args.push(spec.clone());
+    }
+    args.extend(extra_args.iter().map(|a| a.to_string()));
+    LoaderProcess::start(&binary("loader-server"), &args, Duration::from_secs(60)).await
+}
+
+/// Runs `trainer-client` with `args` to completion.
+///
+/// # Errors
+/// When it cannot be started.
+pub fn trainer(args: &[&str]) -> anyhow::Result<Output> {
+    Ok(std::process::Command::new(binary("trainer-client")).args(args).output()?)
+}

@@ -57,9 +57,7 @@ impl Batch {
         index: u64,
     ) -> Result<Batch, String> {
         if response.indices != requested {
-            return Err(format!(
-                "batch {index} came back with other sample indices than requested"
-            ));
+            return Err(format!("batch {index} came back with other sample indices than requested"));
         }
         if response.tensors.len() != info.fields.len() {
             return Err(format!(
@@ -72,13 +70,8 @@ impl Batch {
         let mut fields = Vec::with_capacity(info.fields.len());
         for (tensor, field) in response.tensors.into_iter().zip(&info.fields) {
             let dtype = DType::try_from(tensor.dtype).unwrap_or(DType::Unspecified);
-            let expected_shape: Vec<u64> = std::iter::once(rows)
-                .chain(field.sample_shape.iter().copied())
-                .collect();
-            if tensor.field != field.name
-                || tensor.dtype != field.dtype
-                || tensor.shape != expected_shape
-            {
+            let expected_shape: Vec<u64> = std::iter::once(rows).chain(field.sample_shape.iter().copied()).collect();
+            if tensor.field != field.name || tensor.dtype != field.dtype || tensor.shape != expected_shape {
                 return Err(format!(
                     "batch {index}: tensor '{}' {:?} {:?} does not match field '{}' {:?}",
                     tensor.field, dtype, tensor.shape, field.name, expected_shape
@@ -92,18 +85,8 @@ impl Batch {
                     rows * field.bytes_per_sample
                 ));
             }
-            fields.push(FieldBatch {
-                name: tensor.field,
-                dtype,
-                shape: tensor.shape,
-                data: tensor.data,
-            });
+            fields.push(FieldBatch { name: tensor.field, dtype, shape: tensor.shape, data: tensor.data });
         }
-        Ok(Batch {
-            epoch,
-            index,
-            indices: response.indices,
-            fields,
-        })
+        Ok(Batch { epoch, index, indices: response.indices, fields })
     }
 }

@@ -36,13 +36,8 @@ impl Default for ConnectOptions {
 /// # Errors
 /// [`ClientError::BadAddress`] naming the value.
 pub fn parse_loader(spec: &str) -> Result<String, ClientError> {
-    let bad = || ClientError::BadAddress {
-        spec: spec.to_owned(),
-    };
-    let rest = spec
-        .strip_prefix("http://")
-        .unwrap_or(spec)
-        .trim_end_matches('/');
+    let bad = || ClientError::BadAddress { spec: spec.to_owned() };
+    let rest = spec.strip_prefix("http://").unwrap_or(spec).trim_end_matches('/');
     let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
     if host.is_empty() || port.parse::<u16>().is_err() || rest.contains('/') {
         return Err(bad());
@@ -54,25 +49,14 @@ pub fn parse_loader(spec: &str) -> Result<String, ClientError> {
 ///
 /// # Errors
 /// [`ClientError::Connect`] when the loader cannot be reached.
-pub async fn connect(
-    addr: &str,
-    options: &ConnectOptions,
-) -> Result<LoaderClient<Channel>, ClientError> {
+pub async fn connect(addr: &str, options: &ConnectOptions) -> Result<LoaderClient<Channel>, ClientError> {
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|_| ClientError::BadAddress {
-            spec: addr.to_owned(),
-        })?
+        .map_err(|_| ClientError::BadAddress { spec: addr.to_owned() })?
         .connect_timeout(options.connect_timeout)
         .tcp_nodelay(true)
         .initial_stream_window_size(options.http2_stream_window)
         .initial_connection_window_size(options.http2_connection_window);
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|source| ClientError::Connect {
-            addr: addr.to_owned(),
-            source,
-        })?;
+    let channel = endpoint.connect().await.map_err(|source| ClientError::Connect { addr: addr.to_owned(), source })?;
     Ok(LoaderClient::new(channel)
         .max_decoding_message_size(options.max_message_bytes)
         .max_encoding_message_size(options.max_message_bytes))
@@ -82,28 +66,18 @@ pub async fn connect(
 ///
 /// # Errors
 /// [`ClientError::Rpc`] when the call fails.
-pub async fn list_datasets(
-    client: &mut LoaderClient<Channel>,
-    addr: &str,
-) -> Result<Vec<DatasetInfo>, ClientError> {
+pub async fn list_datasets(client: &mut LoaderClient<Channel>, addr: &str) -> Result<Vec<DatasetInfo>, ClientError> {
     let response = client
         .list_datasets(ListDatasetsRequest {})
         .await
-        .map_err(|status| ClientError::Rpc {
-            addr: addr.to_owned(),
-            status,
-        })?;
+        .map_err(|status| ClientError::Rpc { addr: addr.to_owned(), status })?;
     Ok(response.into_inner().datasets)
 }
 
 /// Why two loaders' catalogs differ, if they do (ignoring per-loader limits).
 pub fn catalog_difference(expected: &[DatasetInfo], found: &[DatasetInfo]) -> Option<String> {
     let key = |d: &DatasetInfo| {
-        let fields: Vec<_> = d
-            .fields
-            .iter()
-            .map(|f| (f.name.clone(), f.dtype, f.sample_shape.clone()))
-            .collect();
+        let fields: Vec<_> = d.fields.iter().map(|f| (f.name.clone(), f.dtype, f.sample_shape.clone())).collect();
         (d.name.clone(), d.num_samples, fields)
     };
     let mut a: Vec<_> = expected.iter().map(key).collect();
@@ -114,16 +88,9 @@ pub fn catalog_difference(expected: &[DatasetInfo], found: &[DatasetInfo]) -> Op
         return None;
     }
     let summary = |v: &[(String, u64, Vec<(String, i32, Vec<u64>)>)]| {
-        v.iter()
-            .map(|(name, n, f)| format!("{name}({n} samples, {} fields)", f.len()))
-            .collect::<Vec<_>>()
-            .join(", ")
+        v.iter().map(|(name, n, f)| format!("{name}({n} samples, {} fields)", f.len())).collect::<Vec<_>>().join(", ")
     };
-    Some(format!(
-        "expected [{}] but it serves [{}]",
-        summary(&a),
-        summary(&b)
-    ))
+    Some(format!("expected [{}] but it serves [{}]", summary(&a), summary(&b)))
 }
 
 #[cfg(test)]
@@ -132,14 +99,8 @@ mod tests {
 
     #[test]
     fn loader_addresses() {
-        assert_eq!(
-            parse_loader("127.0.0.1:7070").expect("valid"),
-            "127.0.0.1:7070"
-        );
-        assert_eq!(
-            parse_loader("http://loader:7070/").expect("valid"),
-            "loader:7070"
-        );
+        assert_eq!(parse_loader("127.0.0.1:7070").expect("valid"), "127.0.0.1:7070");
+        assert_eq!(parse_loader("http://loader:7070/").expect("valid"), "loader:7070");
         assert!(parse_loader("loader").is_err());
         assert!(parse_loader("loader:port").is_err());
         assert!(parse_loader("http://a:1/x").is_err());

@@ -30,10 +30,8 @@ impl Cursor {
         use anyhow::Context;
         let tmp = path.with_extension("tmp");
         let json = serde_json::to_vec_pretty(self).context("serialising the cursor")?;
-        std::fs::write(&tmp, json)
-            .with_context(|| format!("cannot write cursor {}", tmp.display()))?;
-        std::fs::rename(&tmp, path)
-            .with_context(|| format!("cannot write cursor {}", path.display()))?;
+        std::fs::write(&tmp, json).with_context(|| format!("cannot write cursor {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("cannot write cursor {}", path.display()))?;
         Ok(())
     }
 
@@ -43,14 +41,10 @@ impl Cursor {
     /// A message naming the file when it is missing or not a cursor.
     pub fn load(path: &Path) -> anyhow::Result<Cursor> {
         use anyhow::Context;
-        let bytes = std::fs::read(path)
-            .with_context(|| format!("cannot read cursor {} (--resume-from)", path.display()))?;
-        serde_json::from_slice(&bytes).with_context(|| {
-            format!(
-                "{} is not a cursor written by --save-cursor",
-                path.display()
-            )
-        })
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read cursor {} (--resume-from)", path.display()))?;
+        serde_json::from_slice(&bytes)
+            .with_context(|| format!("{} is not a cursor written by --save-cursor", path.display()))
     }
 }
 
@@ -80,9 +74,6 @@ mod tests {
         cursor.save(&path).expect("save");
         assert_eq!(Cursor::load(&path).expect("load"), cursor);
         std::fs::write(&path, b"{}").expect("write");
-        assert!(
-            format!("{:#}", Cursor::load(&path).expect_err("not a cursor"))
-                .contains("--save-cursor")
-        );
+        assert!(format!("{:#}", Cursor::load(&path).expect_err("not a cursor")).contains("--save-cursor"));
     }
 }

@@ -79,11 +79,7 @@ pub fn write_chess_dataset(dir: &Path, num_samples: u64, shard_len: u64) -> anyh
     let mut shard = 0;
     while start < num_samples || shard == 0 {
         let len = shard_len.min(num_samples - start);
-        let mut w = create(
-            format!("board-{shard:05}.npy"),
-            DType::Int16,
-            &[len, 12, 8, 8],
-        )?;
+        let mut w = create(format!("board-{shard:05}.npy"), DType::Int16, &[len, 12, 8, 8])?;
         for index in start..start + len {
             let bytes: Vec<u8> = board(index).iter().flat_map(|v| v.to_le_bytes()).collect();
             w.write_all(&bytes)?;
@@ -108,30 +104,17 @@ pub fn write_chess_dataset(dir: &Path, num_samples: u64, shard_len: u64) -> anyh
 /// # Errors
 /// The first sample whose content is wrong.
 pub fn check_chess_batch(batch: &Batch) -> anyhow::Result<()> {
-    let (Some(boards), Some(moves), Some(results)) = (
-        batch.field("board"),
-        batch.field("move"),
-        batch.field("result"),
-    ) else {
+    let (Some(boards), Some(moves), Some(results)) = (batch.field("board"), batch.field("move"), batch.field("result"))
+    else {
         bail!("batch {} lacks a board, move or result field", batch.index);
     };
     for (row, &index) in batch.indices.iter().enumerate() {
         let expected: Vec<u8> = board(index).iter().flat_map(|v| v.to_le_bytes()).collect();
         let got_board = &boards.data[row * 1536..(row + 1) * 1536];
-        let got_move = i64::from_le_bytes(
-            moves.data[row * 8..(row + 1) * 8]
-                .try_into()
-                .expect("8 bytes"),
-        );
+        let got_move = i64::from_le_bytes(moves.data[row * 8..(row + 1) * 8].try_into().expect("8 bytes"));
         let got_result = results.data[row] as i8;
-        if got_board != expected.as_slice()
-            || got_move != move_label(index)
-            || got_result != result_label(index)
-        {
-            bail!(
-                "sample {index} (row {row} of batch {}) has the wrong content",
-                batch.index
-            );
+        if got_board != expected.as_slice() || got_move != move_label(index) || got_result != result_label(index) {
+            bail!("sample {index} (row {row} of batch {}) has the wrong content", batch.index);
         }
     }
     Ok(())
@@ -152,20 +135,13 @@ impl LoaderProcess {
     ///
     /// # Errors
     /// When it cannot start, exits, or prints no address in time; includes what it wrote.
-    pub async fn start(
-        binary: &Path,
-        args: &[String],
-        timeout: Duration,
-    ) -> anyhow::Result<LoaderProcess> {
+    pub async fn start(binary: &Path, args: &[String], timeout: Duration) -> anyhow::Result<LoaderProcess> {
         let mut child = Command::new(binary)
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             // Quiet by default so a parent's own output stays readable; LOADER_LOG overrides.
-            .env(
-                "LOADER_LOG",
-                std::env::var("LOADER_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+            .env("LOADER_LOG", std::env::var("LOADER_LOG").unwrap_or_else(|_| "warn".into()))
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("cannot start {}", binary.display()))?;
@@ -196,9 +172,7 @@ impl LoaderProcess {
     /// When the signal cannot be sent.
     pub async fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
         let pid = self.child.id().context("loader already exited")?;
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()?;
+        let status = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
         if !status.success() {
             bail!("kill -TERM {pid} failed");
         }
@@ -219,8 +193,5 @@ pub fn sibling_loader_binary() -> anyhow::Result<PathBuf> {
             return Ok(candidate);
         }
     }
-    bail!(
-        "no loader-server binary next to {}; build both with `cargo build --release --workspace`",
-        exe.display()
-    )
+    bail!("no loader-server binary next to {}; build both with `cargo build --release --workspace`", exe.display())
 }

@@ -72,23 +72,11 @@ enum Event {
     /// A loader name resolved.
     Resolved { spec: usize, addrs: Vec<SocketAddr> },
     /// A connection is ready for requests.
-    Up {
-        addr: SocketAddr,
-        generation: u64,
-        requests_tx: mpsc::Sender<BatchRequest>,
-    },
+    Up { addr: SocketAddr, generation: u64, requests_tx: mpsc::Sender<BatchRequest> },
     /// An answer arrived.
-    Answer {
-        addr: SocketAddr,
-        generation: u64,
-        response: BatchResponse,
-    },
+    Answer { addr: SocketAddr, generation: u64, response: BatchResponse },
     /// A connection failed or ended.
-    Down {
-        addr: SocketAddr,
-        generation: u64,
-        error: String,
-    },
+    Down { addr: SocketAddr, generation: u64, error: String },
 }
 
 /// A replica's state as the dispatcher sees it.
@@ -145,22 +133,16 @@ struct InFlight {
 
 /// What handling an event means for the epoch in progress.
 enum Outcome {
-    Answered {
-        epoch_key: u64,
-        batch: u64,
-        addr: SocketAddr,
-        response: BatchResponse,
-    },
-    Lost {
-        epoch_key: u64,
-        batch: u64,
-    },
+    Answered { epoch_key: u64, batch: u64, addr: SocketAddr, response: BatchResponse },
+    Lost { epoch_key: u64, batch: u64 },
 }
 
 /// The set of loader replicas and their connections; lives across epochs.
 #[derive(Debug)]
 pub struct Loaders {
     options: StreamOptions,
+    /// The `--loader` values (`host:port`), shared with the resolver task.
+    specs: Arc<Mutex<Vec<String>>>,
     /// Resolved addresses per `--loader` value.
     resolved: Vec<BTreeSet<SocketAddr>>,
     replicas: BTreeMap<SocketAddr, Replica>,
@@ -195,29 +177,20 @@ impl Loaders {
     /// # Errors
     /// [`ClientError::BadAddress`] for a malformed value, [`ClientError::Unavailable`] when no
     /// replica comes up within the unavailable timeout.
-    pub async fn connect(
-        loaders: &[String],
-        options: StreamOptions,
-    ) -> Result<Loaders, ClientError> {
+    pub async fn connect(loaders: &[String], options: StreamOptions) -> Result<Loaders, ClientError> {
         if loaders.is_empty() {
-            return Err(ClientError::Invalid(
-                "no --loader given; name at least one loader as host:port".into(),
-            ));
+            return Err(ClientError::Invalid("no --loader given; name at least one loader as host:port".into()));
         }
-        let specs = loaders
-            .iter()
-            .map(|l| parse_loader(l))
-            .collect::<Result<Vec<_>, _>>()?;
+        let specs = loaders.iter().map(|l| parse_loader(l)).collect::<Result<Vec<_>, _>>()?;
         // Room for every answer in the window plus a few state changes per replica; a full
         // channel only pauses the connection tasks, which HTTP/2 flow control then passes on.
         let (events_tx, events_rx) = mpsc::channel(options.prefetch.get() * 2 + 64);
-        let resolver = tokio::spawn(resolve_forever(
-            specs.clone(),
-            options.resolve_interval,
-            events_tx.clone(),
-        ));
+        let resolved = vec![BTreeSet::new(); specs.len()];
+        let specs = Arc::new(Mutex::new(specs));
+        let resolver = tokio::spawn(resolve_forever(specs.clone(), options.resolve_interval, events_tx.clone()));
         let mut loaders = Loaders {
-            resolved: vec![BTreeSet::new(); specs.len()],
+            specs,
+            resolved,
             options,
             replicas: BTreeMap::new(),
             events_tx,
@@ -237,6 +210,25 @@ impl Loaders {
         Ok(loaders)
     }
 
+    /// Adds a loader (`host:port` or `http://host:port`) while streaming, as if it had been
+    /// given to [`Loaders::connect`]; it joins as soon as it answers.
+    ///
+    /// # Errors
+    /// [`ClientError::BadAddress`] for a malformed value.
+    pub async fn add_loader(&mut self, loader: &str) -> Result<(), ClientError> {
+        let spec = parse_loader(loader)?;
+        let index = {
+            let mut specs = self.specs.lock().expect("specs lock");
+            specs.push(spec.clone());
+            specs.len() - 1
+        };
+        self.resolved.push(BTreeSet::new());
+        if let Ok(addrs) = tokio::net::lookup_host(spec.as_str()).await {
+            self.handle(Event::Resolved { spec: index, addrs: addrs.collect() });
+        }
+        Ok(())
+    }
+
     /// The datasets the replicas serve, once one has answered.
     pub fn catalog(&self) -> Option<Vec<DatasetInfo>> {
         self.catalog.lock().expect("catalog lock").clone()
@@ -248,14 +240,10 @@ impl Loaders {
     /// [`ClientError::UnknownDataset`] naming what exists.
     pub fn dataset(&self, name: &str) -> Result<DatasetInfo, ClientError> {
         let catalog = self.catalog().unwrap_or_default();
-        catalog
-            .iter()
-            .find(|d| d.name == name)
-            .cloned()
-            .ok_or_else(|| ClientError::UnknownDataset {
-                name: name.to_owned(),
-                available: catalog.iter().map(|d| d.name.clone()).collect(),
-            })
+        catalog.iter().find(|d| d.name == name).cloned().ok_or_else(|| ClientError::UnknownDataset {
+            name: name.to_owned(),
+            available: catalog.iter().map(|d| d.name.clone()).collect(),
+        })
     }
 
     /// Counters so far.
@@ -263,19 +251,14 @@ impl Loaders {
         let mut stats = self.stats.clone();
         stats.replicas = self.departed.clone();
         for (addr, replica) in &self.replicas {
-            stats
-                .replicas
-                .insert(addr.to_string(), replica.stats.clone());
+            stats.replicas.insert(addr.to_string(), replica.stats.clone());
         }
         stats
     }
 
     /// Replicas whose connection is up now.
     pub fn num_up(&self) -> usize {
-        self.replicas
-            .values()
-            .filter(|r| r.requests_tx.is_some())
-            .count()
+        self.replicas.values().filter(|r| r.requests_tx.is_some()).count()
     }
 
     /// Streams `plan`'s batches of `dataset` from batch `start_batch` on.
@@ -283,18 +266,13 @@ impl Loaders {
     /// # Errors
     /// [`ClientError::UnknownDataset`], or [`ClientError::Invalid`] when a batch cannot fit in
     /// one message.
-    pub fn epoch(
-        &mut self,
-        dataset: &str,
-        plan: EpochPlan,
-        start_batch: u64,
-    ) -> Result<Epoch<'_>, ClientError> {
+    pub fn epoch(&mut self, dataset: &str, plan: EpochPlan, start_batch: u64) -> Result<Epoch<'_>, ClientError> {
         let info = self.dataset(dataset)?;
         let bytes_per_sample: u64 = info.fields.iter().map(|f| f.bytes_per_sample).sum();
         let batch_size = plan.spec().batch_size;
         let batch_bytes = batch_size * bytes_per_sample;
-        let message_bytes = batch_bytes as usize
-            + conveyor_proto::message_overhead_bytes(batch_size as usize, info.fields.len());
+        let message_bytes =
+            batch_bytes as usize + conveyor_proto::message_overhead_bytes(batch_size as usize, info.fields.len());
         if message_bytes > self.options.connect.max_message_bytes {
             return Err(ClientError::Invalid(format!(
                 "a batch of {batch_size} samples of '{dataset}' takes {batch_bytes} bytes, over the client's message limit of {} \
@@ -336,24 +314,11 @@ impl Loaders {
         let stats = self.departed.remove(&addr.to_string()).unwrap_or_default();
         self.replicas.insert(
             addr,
-            Replica {
-                generation: 0,
-                task,
-                requests_tx: None,
-                num_in_flight: 0,
-                failures: 0,
-                last_error: None,
-                stats,
-            },
+            Replica { generation: 0, task, requests_tx: None, num_in_flight: 0, failures: 0, last_error: None, stats },
         );
     }
 
-    fn spawn_connection(
-        &self,
-        addr: SocketAddr,
-        generation: u64,
-        delay: Duration,
-    ) -> JoinHandle<()> {
+    fn spawn_connection(&self, addr: SocketAddr, generation: u64, delay: Duration) -> JoinHandle<()> {
         tokio::spawn(run_connection(
             addr,
             generation,
@@ -399,19 +364,11 @@ impl Loaders {
                 replica.task = task;
             }
         }
-        let lost: Vec<u64> = self
-            .in_flight
-            .iter()
-            .filter(|(_, f)| f.addr == addr)
-            .map(|(id, _)| *id)
-            .collect();
+        let lost: Vec<u64> = self.in_flight.iter().filter(|(_, f)| f.addr == addr).map(|(id, _)| *id).collect();
         let outcomes = lost
             .into_iter()
             .filter_map(|id| self.in_flight.remove(&id))
-            .map(|f| Outcome::Lost {
-                epoch_key: f.epoch_key,
-                batch: f.batch,
-            })
+            .map(|f| Outcome::Lost { epoch_key: f.epoch_key, batch: f.batch })
             .collect();
         self.note_availability();
         outcomes
@@ -429,64 +386,32 @@ impl Loaders {
         match event {
             Event::Resolved { spec, addrs } => {
                 self.resolved[spec] = addrs.into_iter().collect();
-                let wanted: BTreeSet<SocketAddr> =
-                    self.resolved.iter().flatten().copied().collect();
-                let gone: Vec<SocketAddr> = self
-                    .replicas
-                    .keys()
-                    .filter(|a| !wanted.contains(a))
-                    .copied()
-                    .collect();
+                let wanted: BTreeSet<SocketAddr> = self.resolved.iter().flatten().copied().collect();
+                let gone: Vec<SocketAddr> = self.replicas.keys().filter(|a| !wanted.contains(a)).copied().collect();
                 for addr in wanted {
                     if !self.replicas.contains_key(&addr) {
                         self.add_replica(addr);
                     }
                 }
-                gone.into_iter()
-                    .flat_map(|addr| self.fail_replica(addr, "no longer resolved".into(), true))
-                    .collect()
+                gone.into_iter().flat_map(|addr| self.fail_replica(addr, "no longer resolved".into(), true)).collect()
             }
-            Event::Up {
-                addr,
-                generation,
-                requests_tx,
-            } => {
-                if let Some(replica) = self
-                    .replicas
-                    .get_mut(&addr)
-                    .filter(|r| r.generation == generation)
-                {
+            Event::Up { addr, generation, requests_tx } => {
+                if let Some(replica) = self.replicas.get_mut(&addr).filter(|r| r.generation == generation) {
                     tracing::info!(replica = %addr, "replica up");
                     replica.requests_tx = Some(requests_tx);
                     self.note_availability();
                 }
                 Vec::new()
             }
-            Event::Down {
-                addr,
-                generation,
-                error,
-            } => {
-                if self
-                    .replicas
-                    .get(&addr)
-                    .is_some_and(|r| r.generation == generation)
-                {
+            Event::Down { addr, generation, error } => {
+                if self.replicas.get(&addr).is_some_and(|r| r.generation == generation) {
                     self.fail_replica(addr, error, false)
                 } else {
                     Vec::new()
                 }
             }
-            Event::Answer {
-                addr,
-                generation,
-                response,
-            } => {
-                let Some(replica) = self
-                    .replicas
-                    .get_mut(&addr)
-                    .filter(|r| r.generation == generation)
-                else {
+            Event::Answer { addr, generation, response } => {
+                let Some(replica) = self.replicas.get_mut(&addr).filter(|r| r.generation == generation) else {
                     return Vec::new();
                 };
                 let Some(flight) = self.in_flight.remove(&response.batch_id) else {
@@ -494,12 +419,7 @@ impl Loaders {
                 };
                 replica.num_in_flight = replica.num_in_flight.saturating_sub(1);
                 replica.failures = 0;
-                vec![Outcome::Answered {
-                    epoch_key: flight.epoch_key,
-                    batch: flight.batch,
-                    addr,
-                    response,
-                }]
+                vec![Outcome::Answered { epoch_key: flight.epoch_key, batch: flight.batch, addr, response }]
             }
         }
     }
@@ -508,23 +428,11 @@ impl Loaders {
     /// oldest request is past the request timeout.
     async fn wait_event(&mut self, deadline: Option<Instant>) -> Result<Vec<Outcome>, ClientError> {
         let now = Instant::now();
-        let oldest = self
-            .in_flight
-            .values()
-            .map(|f| f.sent_at + self.options.request_timeout)
-            .min();
-        let unavailable_at = self
-            .down_since
-            .map(|since| since + self.options.unavailable_timeout);
-        let wake = [deadline, oldest, unavailable_at]
-            .into_iter()
-            .flatten()
-            .min();
+        let oldest = self.in_flight.values().map(|f| f.sent_at + self.options.request_timeout).min();
+        let unavailable_at = self.down_since.map(|since| since + self.options.unavailable_timeout);
+        let wake = [deadline, oldest, unavailable_at].into_iter().flatten().min();
         let event = match wake {
-            Some(at) => tokio::time::timeout_at(at.max(now).into(), self.events_rx.recv())
-                .await
-                .ok()
-                .flatten(),
+            Some(at) => tokio::time::timeout_at(at.max(now).into(), self.events_rx.recv()).await.ok().flatten(),
             None => self.events_rx.recv().await,
         };
         let mut outcomes = match event {
@@ -539,10 +447,7 @@ impl Loaders {
             .map(|f| f.addr)
             .collect();
         for addr in late {
-            let error = format!(
-                "no answer within {:?} (--request-timeout)",
-                self.options.request_timeout
-            );
+            let error = format!("no answer within {:?} (--request-timeout)", self.options.request_timeout);
             outcomes.extend(self.fail_replica(addr, error, false));
         }
         if let Some(since) = self.down_since {
@@ -550,12 +455,7 @@ impl Loaders {
                 let mut last_errors: Vec<String> = self
                     .replicas
                     .iter()
-                    .map(|(addr, r)| {
-                        format!(
-                            "{addr}: {}",
-                            r.last_error.as_deref().unwrap_or("not connected yet")
-                        )
-                    })
+                    .map(|(addr, r)| format!("{addr}: {}", r.last_error.as_deref().unwrap_or("not connected yet")))
                     .collect();
                 if last_errors.is_empty() {
                     last_errors.push("no --loader name resolved to any address".into());
@@ -583,25 +483,13 @@ impl Loaders {
             self.next_batch_id += 1;
             let replica = self.replicas.get_mut(&addr).expect("picked from the map");
             let requests_tx = replica.requests_tx.as_ref().expect("picked an up replica");
-            let request = BatchRequest {
-                batch_id,
-                dataset: dataset.to_owned(),
-                indices: indices.clone(),
-            };
+            let request = BatchRequest { batch_id, dataset: dataset.to_owned(), indices: indices.clone() };
             // The channel holds `window` requests and this replica has fewer in flight, so it
             // is only ever closed, never full.
             match requests_tx.try_send(request) {
                 Ok(()) => {
                     replica.num_in_flight += 1;
-                    self.in_flight.insert(
-                        batch_id,
-                        InFlight {
-                            addr,
-                            epoch_key,
-                            batch,
-                            sent_at: Instant::now(),
-                        },
-                    );
+                    self.in_flight.insert(batch_id, InFlight { addr, epoch_key, batch, sent_at: Instant::now() });
                     return Some(());
                 }
                 Err(_) => {
@@ -640,6 +528,19 @@ impl Epoch<'_> {
     /// The dataset being streamed.
     pub fn info(&self) -> &DatasetInfo {
         &self.info
+    }
+
+    /// Adds a loader replica while this epoch streams; see [`Loaders::add_loader`].
+    ///
+    /// # Errors
+    /// [`ClientError::BadAddress`] for a malformed value.
+    pub async fn add_loader(&mut self, loader: &str) -> Result<(), ClientError> {
+        self.loaders.add_loader(loader).await
+    }
+
+    /// Counters so far; see [`Loaders::stats`].
+    pub fn stats(&self) -> DispatchStats {
+        self.loaders.stats()
     }
 
     /// Number of the batch [`Epoch::next`] returns next.
@@ -682,19 +583,13 @@ impl Epoch<'_> {
         loop {
             let batch = match self.retry.front() {
                 Some(&batch) => batch,
-                None if self.next_send < self.plan.num_batches()
-                    && self.next_send < self.next_deliver + window =>
-                {
+                None if self.next_send < self.plan.num_batches() && self.next_send < self.next_deliver + window => {
                     self.next_send
                 }
                 None => return,
             };
             let indices = self.plan.batch(batch);
-            if self
-                .loaders
-                .send(&self.info.name, self.epoch_key, batch, indices)
-                .is_none()
-            {
+            if self.loaders.send(&self.info.name, self.epoch_key, batch, indices).is_none() {
                 return;
             }
             if self.retry.front() == Some(&batch) {
@@ -712,12 +607,7 @@ impl Epoch<'_> {
                 let at = self.retry.partition_point(|&b| b < batch);
                 self.retry.insert(at, batch);
             }
-            Outcome::Answered {
-                epoch_key,
-                batch,
-                addr,
-                response,
-            } if epoch_key == self.epoch_key => {
+            Outcome::Answered { epoch_key, batch, addr, response } if epoch_key == self.epoch_key => {
                 if let Some(error) = response.error {
                     return Err(ClientError::BatchRefused {
                         epoch: self.plan.epoch(),
@@ -727,17 +617,8 @@ impl Epoch<'_> {
                     });
                 }
                 let requested = self.plan.batch(batch);
-                let batch = Batch::from_response(
-                    response,
-                    &requested,
-                    &self.info,
-                    self.plan.epoch(),
-                    batch,
-                )
-                .map_err(|reason| ClientError::BadResponse {
-                    addr: addr.to_string(),
-                    reason,
-                })?;
+                let batch = Batch::from_response(response, &requested, &self.info, self.plan.epoch(), batch)
+                    .map_err(|reason| ClientError::BadResponse { addr: addr.to_string(), reason })?;
                 if let Some(replica) = self.loaders.replicas.get_mut(&addr) {
                     replica.stats.batches += 1;
                     replica.stats.bytes += batch.num_bytes();
@@ -752,17 +633,14 @@ impl Epoch<'_> {
 }
 
 /// Resolves every loader name now and then every `interval`.
-async fn resolve_forever(specs: Vec<String>, interval: Duration, events_tx: mpsc::Sender<Event>) {
+async fn resolve_forever(specs: Arc<Mutex<Vec<String>>>, interval: Duration, events_tx: mpsc::Sender<Event>) {
     loop {
-        for (spec, name) in specs.iter().enumerate() {
+        let names = specs.lock().expect("specs lock").clone();
+        for (spec, name) in names.iter().enumerate() {
             match tokio::net::lookup_host(name.as_str()).await {
                 Ok(addrs) => {
                     let addrs = addrs.collect();
-                    if events_tx
-                        .send(Event::Resolved { spec, addrs })
-                        .await
-                        .is_err()
-                    {
+                    if events_tx.send(Event::Resolved { spec, addrs }).await.is_err() {
                         return;
                     }
                 }
@@ -815,39 +693,17 @@ async fn run_connection(
     let (requests_tx, mut responses) = match opened {
         Ok(opened) => opened,
         Err(error) => {
-            let _ = events_tx
-                .send(Event::Down {
-                    addr,
-                    generation,
-                    error: error.to_string(),
-                })
-                .await;
+            let _ = events_tx.send(Event::Down { addr, generation, error: error.to_string() }).await;
             return;
         }
     };
-    if events_tx
-        .send(Event::Up {
-            addr,
-            generation,
-            requests_tx,
-        })
-        .await
-        .is_err()
-    {
+    if events_tx.send(Event::Up { addr, generation, requests_tx }).await.is_err() {
         return;
     }
     let error = loop {
         match responses.message().await {
             Ok(Some(response)) => {
-                if events_tx
-                    .send(Event::Answer {
-                        addr,
-                        generation,
-                        response,
-                    })
-                    .await
-                    .is_err()
-                {
+                if events_tx.send(Event::Answer { addr, generation, response }).await.is_err() {
                     return;
                 }
             }
@@ -855,11 +711,5 @@ async fn run_connection(
             Err(status) => break format!("{}: {}", status.code(), status.message()),
         }
     };
-    let _ = events_tx
-        .send(Event::Down {
-            addr,
-            generation,
-            error,
-        })
-        .await;
+    let _ = events_tx.send(Event::Down { addr, generation, error }).await;
 }

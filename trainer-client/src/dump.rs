@@ -26,33 +26,20 @@ impl Dump {
     /// # Errors
     /// The I/O error, naming the file.
     pub fn create(dir: &Path, info: &DatasetInfo, num_rows: u64) -> anyhow::Result<Dump> {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create --dump directory {}", dir.display()))?;
-        let open =
-            |name: &str, dtype: DType, sample_shape: &[u64]| -> anyhow::Result<BufWriter<File>> {
-                let path = dir.join(format!("{name}.npy"));
-                let file = File::create(&path)
-                    .with_context(|| format!("cannot create {}", path.display()))?;
-                let mut writer = BufWriter::with_capacity(1 << 20, file);
-                let shape: Vec<u64> = std::iter::once(num_rows)
-                    .chain(sample_shape.iter().copied())
-                    .collect();
-                writer
-                    .write_all(&npy_header(dtype, &shape))
-                    .with_context(|| format!("cannot write {}", path.display()))?;
-                Ok(writer)
-            };
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create --dump directory {}", dir.display()))?;
+        let open = |name: &str, dtype: DType, sample_shape: &[u64]| -> anyhow::Result<BufWriter<File>> {
+            let path = dir.join(format!("{name}.npy"));
+            let file = File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
+            let mut writer = BufWriter::with_capacity(1 << 20, file);
+            let shape: Vec<u64> = std::iter::once(num_rows).chain(sample_shape.iter().copied()).collect();
+            writer.write_all(&npy_header(dtype, &shape)).with_context(|| format!("cannot write {}", path.display()))?;
+            Ok(writer)
+        };
         let indices = open("indices", DType::Int64, &[])?;
         let fields = info
             .fields
             .iter()
-            .map(|f| {
-                open(
-                    &f.name,
-                    DType::try_from(f.dtype).unwrap_or(DType::Unspecified),
-                    &f.sample_shape,
-                )
-            })
+            .map(|f| open(&f.name, DType::try_from(f.dtype).unwrap_or(DType::Unspecified), &f.sample_shape))
             .collect::<anyhow::Result<_>>()?;
         Ok(Dump { indices, fields })
     }
@@ -63,14 +50,10 @@ impl Dump {
     /// The I/O error.
     pub fn append(&mut self, batch: &Batch) -> anyhow::Result<()> {
         for index in &batch.indices {
-            self.indices
-                .write_all(&(*index as i64).to_le_bytes())
-                .context("writing indices.npy")?;
+            self.indices.write_all(&(*index as i64).to_le_bytes()).context("writing indices.npy")?;
         }
         for (writer, field) in self.fields.iter_mut().zip(&batch.fields) {
-            writer
-                .write_all(&field.data)
-                .with_context(|| format!("writing {}.npy", field.name))?;
+            writer.write_all(&field.data).with_context(|| format!("writing {}.npy", field.name))?;
         }
         Ok(())
     }

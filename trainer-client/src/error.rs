@@ -12,7 +12,7 @@ pub enum ClientError {
         spec: String,
     },
     /// A loader could not be reached.
-    #[error("cannot connect to loader {addr}: {source}")]
+    #[error("cannot connect to loader {addr}")]
     Connect {
         /// The loader address.
         addr: String,

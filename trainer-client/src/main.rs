@@ -20,11 +20,7 @@ use trainer_client::{
 };
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "trainer-client",
-    version,
-    about = "Stream training batches from Conveyor loader servers"
-)]
+#[command(name = "trainer-client", version, about = "Stream training batches from Conveyor loader servers")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -60,12 +56,7 @@ enum Command {
 struct LoaderArgs {
     /// Loader address (host:port or http://host:port). Repeat for several replicas; a name that
     /// resolves to several addresses is one replica per address.
-    #[arg(
-        long = "loader",
-        env = "TRAINER_LOADER",
-        value_delimiter = ',',
-        required = true
-    )]
+    #[arg(long = "loader", env = "TRAINER_LOADER", value_delimiter = ',', required = true)]
     loaders: Vec<String>,
     /// Batches requested ahead of the training loop, over all replicas. Client memory is about
     /// (prefetch + 2) x batch bytes.
@@ -88,14 +79,10 @@ struct LoaderArgs {
 impl LoaderArgs {
     fn options(&self) -> anyhow::Result<StreamOptions> {
         let seconds = |value: f64, flag: &str| {
-            Duration::try_from_secs_f64(value)
-                .with_context(|| format!("--{flag} {value} is not a number of seconds"))
+            Duration::try_from_secs_f64(value).with_context(|| format!("--{flag} {value} is not a number of seconds"))
         };
         Ok(StreamOptions {
-            connect: ConnectOptions {
-                max_message_bytes: self.max_message_bytes,
-                ..ConnectOptions::default()
-            },
+            connect: ConnectOptions { max_message_bytes: self.max_message_bytes, ..ConnectOptions::default() },
             prefetch: self.prefetch,
             request_timeout: seconds(self.request_timeout, "request-timeout")?,
             unavailable_timeout: seconds(self.unavailable_timeout, "unavailable-timeout")?,
@@ -148,6 +135,9 @@ struct StreamArgs {
     /// Continue exactly where a cursor saved by --save-cursor points (its settings win).
     #[arg(long)]
     resume_from: Option<PathBuf>,
+    /// Stop after this many batches in all (a partial run; with --save-cursor, resume later).
+    #[arg(long)]
+    max_batches: Option<u64>,
     /// Check every sample's content against the built-in demo generator.
     #[arg(long, hide = true)]
     check_demo: bool,
@@ -159,20 +149,13 @@ struct StreamArgs {
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TRAINER_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("TRAINER_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
     let result = match Cli::parse().command {
         Command::Info { loader } => info(&loader).await,
         Command::Stream(args) => stream(args).await.map(|_| ()),
-        Command::Demo {
-            samples,
-            dir,
-            batch_size,
-        } => run_demo(samples, dir, batch_size).await,
+        Command::Demo { samples, dir, batch_size } => run_demo(samples, dir, batch_size).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -189,8 +172,7 @@ async fn info(loader: &str) -> anyhow::Result<()> {
     for dataset in list_datasets(&mut client, &addr).await? {
         println!("dataset {}: {} samples", dataset.name, dataset.num_samples);
         for field in dataset.fields {
-            let dtype = conveyor_proto::DType::try_from(field.dtype)
-                .unwrap_or(conveyor_proto::DType::Unspecified);
+            let dtype = conveyor_proto::DType::try_from(field.dtype).unwrap_or(conveyor_proto::DType::Unspecified);
             println!(
                 "  {:<16} {:<8} sample shape {:?}  {} bytes/sample  chunk {}",
                 field.name,
@@ -209,17 +191,9 @@ async fn stream(args: StreamArgs) -> anyhow::Result<RunReport> {
     let mut loaders = Loaders::connect(&args.loader.loaders, args.loader.options()?).await?;
     let resume = args.resume_from.as_deref().map(Cursor::load).transpose()?;
     let (dataset, spec, first_epoch, start_batch) = match &resume {
-        Some(cursor) => (
-            cursor.dataset.clone(),
-            cursor.plan.clone(),
-            cursor.epoch,
-            cursor.next_batch,
-        ),
+        Some(cursor) => (cursor.dataset.clone(), cursor.plan.clone(), cursor.epoch, cursor.next_batch),
         None => {
-            let dataset = args
-                .dataset
-                .clone()
-                .context("--dataset is required (or --resume-from a cursor)")?;
+            let dataset = args.dataset.clone().context("--dataset is required (or --resume-from a cursor)")?;
             let info = loaders.dataset(&dataset)?;
             let spec = PlanSpec {
                 num_samples: info.num_samples,
@@ -235,42 +209,33 @@ async fn stream(args: StreamArgs) -> anyhow::Result<RunReport> {
     };
     let info = loaders.dataset(&dataset)?;
     if info.num_samples != spec.num_samples {
-        bail!(
-            "the cursor is for {} samples but dataset '{dataset}' now has {}",
-            spec.num_samples,
-            info.num_samples
-        );
+        bail!("the cursor is for {} samples but dataset '{dataset}' now has {}", spec.num_samples, info.num_samples);
     }
     let last_epoch = match &resume {
         Some(_) => first_epoch + args.epochs.max(1) - 1,
         None => args.epoch + args.epochs.max(1) - 1,
     };
-    let plans: Vec<EpochPlan> = (first_epoch..=last_epoch)
-        .map(|e| EpochPlan::new(spec.clone(), e))
-        .collect::<Result<_, _>>()?;
-    let total_samples: u64 = plans
-        .iter()
-        .enumerate()
-        .map(|(i, p)| {
-            let skip = if i == 0 {
-                (start_batch * spec.batch_size).min(p.num_samples())
-            } else {
-                0
-            };
-            p.num_samples() - skip
-        })
-        .sum();
-    let mut dump = args
-        .dump
-        .as_deref()
-        .map(|dir| Dump::create(dir, &info, total_samples))
-        .transpose()?;
+    let plans: Vec<EpochPlan> =
+        (first_epoch..=last_epoch).map(|e| EpochPlan::new(spec.clone(), e)).collect::<Result<_, _>>()?;
+    // Rows the run will deliver, known up front so --dump can write its headers first.
+    let mut batches_left = args.max_batches.unwrap_or(u64::MAX);
+    let mut total_samples = 0;
+    for (i, plan) in plans.iter().enumerate() {
+        let first = if i == 0 { start_batch.min(plan.num_batches()) } else { 0 };
+        let take = (plan.num_batches() - first).min(batches_left);
+        batches_left -= take;
+        let end_row = ((first + take) * spec.batch_size).min(plan.num_samples());
+        total_samples += end_row.saturating_sub(first * spec.batch_size);
+    }
+    let mut dump = args.dump.as_deref().map(|dir| Dump::create(dir, &info, total_samples)).transpose()?;
 
     let progress = ProgressBar::new(total_samples);
     progress.set_style(
-        ProgressStyle::with_template("{spinner} epoch {msg} [{bar:30}] {pos}/{len} samples {per_sec} ({binary_bytes_per_sec}) eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{spinner} epoch {msg} [{bar:30}] {pos}/{len} samples {per_sec} ({binary_bytes_per_sec}) eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
     let started = Instant::now();
     let (mut samples, mut batches, mut bytes) = (0u64, 0u64, 0u64);
@@ -278,14 +243,13 @@ async fn stream(args: StreamArgs) -> anyhow::Result<RunReport> {
         let epoch_number = plan.epoch();
         let num_samples = spec.num_samples;
         progress.set_message(epoch_number.to_string());
-        let mut seen = if args.check_exactly_once {
-            Some(vec![false; num_samples as usize])
-        } else {
-            None
-        };
+        let mut seen = if args.check_exactly_once { Some(vec![false; num_samples as usize]) } else { None };
         let start = if i == 0 { start_batch } else { 0 };
         let mut epoch = loaders.epoch(&dataset, plan, start)?;
         while let Some(batch) = epoch.next().await? {
+            if args.max_batches.is_some_and(|max| batches >= max) {
+                break;
+            }
             if args.check_demo {
                 demo::check_chess_batch(&batch)?;
             }
@@ -313,6 +277,9 @@ async fn stream(args: StreamArgs) -> anyhow::Result<RunReport> {
                 cursor.save(path)?;
             }
         }
+        if args.max_batches.is_some_and(|max| batches >= max) {
+            break;
+        }
         if let Some(seen) = seen {
             if start == 0 {
                 let missing = seen.iter().filter(|s| !**s).count();
@@ -323,12 +290,8 @@ async fn stream(args: StreamArgs) -> anyhow::Result<RunReport> {
             println!("epoch {epoch_number}: every sample exactly once");
         }
         if let Some(path) = &args.save_cursor {
-            let cursor = Cursor {
-                dataset: dataset.clone(),
-                plan: spec.clone(),
-                epoch: epoch_number + 1,
-                next_batch: 0,
-            };
+            let cursor =
+                Cursor { dataset: dataset.clone(), plan: spec.clone(), epoch: epoch_number + 1, next_batch: 0 };
             cursor.save(path)?;
         }
     }
@@ -336,13 +299,7 @@ async fn stream(args: StreamArgs) -> anyhow::Result<RunReport> {
     if let Some(dump) = dump {
         dump.finish()?;
     }
-    let report = RunReport::new(
-        samples,
-        batches,
-        bytes,
-        started.elapsed().as_secs_f64(),
-        loaders.stats(),
-    );
+    let report = RunReport::new(samples, batches, bytes, started.elapsed().as_secs_f64(), loaders.stats());
     println!(
         "streamed {} samples ({:.1} MB) in {:.2}s: {:.0} samples/s, {:.1} MB/s, peak RSS {:.1} MiB, {} batches retried",
         report.samples,
@@ -365,9 +322,7 @@ async fn run_demo(num_samples: u64, dir: Option<PathBuf>, batch_size: u64) -> an
     let dir = match dir {
         Some(dir) => dir,
         None => {
-            temp = tempfile::Builder::new()
-                .prefix("conveyor-demo-")
-                .tempdir()?;
+            temp = tempfile::Builder::new().prefix("conveyor-demo-").tempdir()?;
             temp.path().to_owned()
         }
     };
@@ -379,21 +334,13 @@ async fn run_demo(num_samples: u64, dir: Option<PathBuf>, batch_size: u64) -> an
         written.elapsed().as_secs_f64()
     );
     let binary = demo::sibling_loader_binary()?;
-    let args = vec![
-        "--listen".into(),
-        "127.0.0.1:0".into(),
-        "--dataset".into(),
-        format!("chess={}", dir.display()),
-    ];
+    let args = vec!["--listen".into(), "127.0.0.1:0".into(), "--dataset".into(), format!("chess={}", dir.display())];
     let mut replicas = Vec::new();
     for _ in 0..2 {
         replicas.push(LoaderProcess::start(&binary, &args, Duration::from_secs(60)).await?);
     }
     let addrs: Vec<String> = replicas.iter().map(|r| r.addr.clone()).collect();
-    println!(
-        "started 2 loader-server processes on {}",
-        addrs.join(" and ")
-    );
+    println!("started 2 loader-server processes on {}", addrs.join(" and "));
     let report = stream(StreamArgs {
         loader: LoaderArgs {
             loaders: addrs,
@@ -416,6 +363,7 @@ async fn run_demo(num_samples: u64, dir: Option<PathBuf>, batch_size: u64) -> an
         stats_json: None,
         save_cursor: None,
         resume_from: None,
+        max_batches: None,
         check_demo: true,
         check_exactly_once: true,
     })
@@ -423,12 +371,7 @@ async fn run_demo(num_samples: u64, dir: Option<PathBuf>, batch_size: u64) -> an
     for (addr, replica) in &report.replicas {
         println!("  replica {addr}: {} batches", replica.batches);
     }
-    let served: HashSet<&String> = report
-        .replicas
-        .iter()
-        .filter(|(_, r)| r.batches > 0)
-        .map(|(a, _)| a)
-        .collect();
+    let served: HashSet<&String> = report.replicas.iter().filter(|(_, r)| r.batches > 0).map(|(a, _)| a).collect();
     if served.len() < 2 {
         println!("  note: one replica served every batch (the other was slower to connect)");
     }

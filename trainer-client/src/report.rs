@@ -11,10 +11,7 @@ fn proc_status_bytes(key: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|status| {
-            status
-                .lines()
-                .find(|l| l.starts_with(key))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            status.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
         })
         .map_or(0, |kib| kib * 1024)
 }
@@ -56,13 +53,7 @@ pub struct RunReport {
 
 impl RunReport {
     /// Builds the report from totals and the dispatcher's counters.
-    pub fn new(
-        samples: u64,
-        batches: u64,
-        bytes: u64,
-        seconds: f64,
-        dispatch: DispatchStats,
-    ) -> RunReport {
+    pub fn new(samples: u64, batches: u64, bytes: u64, seconds: f64, dispatch: DispatchStats) -> RunReport {
         let seconds = seconds.max(1e-9);
         RunReport {
             samples,

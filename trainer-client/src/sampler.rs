@@ -68,11 +68,7 @@ impl Permutation {
             state = mix64(state);
             state
         });
-        Permutation {
-            len,
-            half_bits,
-            round_keys,
-        }
+        Permutation { len, half_bits, round_keys }
     }
 
     fn feistel(&self, x: u64) -> u64 {
@@ -151,17 +147,10 @@ impl EpochPlan {
             return Err(PlanError::ZeroBatchSize);
         }
         if spec.world_size == 0 || spec.rank >= spec.world_size {
-            return Err(PlanError::BadRank {
-                rank: spec.rank,
-                world_size: spec.world_size,
-            });
+            return Err(PlanError::BadRank { rank: spec.rank, world_size: spec.world_size });
         }
         let n = spec.num_samples;
-        let samples_per_rank = if spec.drop_last {
-            n / spec.world_size
-        } else {
-            n.div_ceil(spec.world_size)
-        };
+        let samples_per_rank = if spec.drop_last { n / spec.world_size } else { n.div_ceil(spec.world_size) };
         let samples_per_rank = if n == 0 { 0 } else { samples_per_rank };
         let num_batches = if spec.drop_last {
             samples_per_rank / spec.batch_size
@@ -172,13 +161,7 @@ impl EpochPlan {
             Shuffle::None => None,
             Shuffle::Full => Some(Permutation::new(n, spec.seed, epoch)),
         };
-        Ok(EpochPlan {
-            spec,
-            epoch,
-            permutation,
-            samples_per_rank,
-            num_batches,
-        })
+        Ok(EpochPlan { spec, epoch, permutation, samples_per_rank, num_batches })
     }
 
     /// The settings.
@@ -231,21 +214,11 @@ mod tests {
         world_size: u64,
         drop_last: bool,
     ) -> PlanSpec {
-        PlanSpec {
-            num_samples,
-            batch_size,
-            drop_last,
-            shuffle,
-            seed: 7,
-            rank,
-            world_size,
-        }
+        PlanSpec { num_samples, batch_size, drop_last, shuffle, seed: 7, rank, world_size }
     }
 
     fn all_indices(plan: &EpochPlan) -> Vec<u64> {
-        (0..plan.num_batches())
-            .flat_map(|b| plan.batch(b))
-            .collect()
+        (0..plan.num_batches()).flat_map(|b| plan.batch(b)).collect()
     }
 
     proptest! {
@@ -301,11 +274,7 @@ mod tests {
         assert_ne!(a, b);
         assert_ne!(a, c);
         // A shuffle that moved few samples would be useless for training.
-        let fixed_points = a
-            .iter()
-            .enumerate()
-            .filter(|(i, x)| *i as u64 == **x)
-            .count();
+        let fixed_points = a.iter().enumerate().filter(|(i, x)| *i as u64 == **x).count();
         assert!(fixed_points < 50, "{fixed_points} fixed points");
     }
 
@@ -321,16 +290,10 @@ mod tests {
 
     #[test]
     fn bad_settings_are_named() {
-        assert_eq!(
-            EpochPlan::new(spec(10, 0, Shuffle::None, 0, 1, false), 0).err(),
-            Some(PlanError::ZeroBatchSize)
-        );
+        assert_eq!(EpochPlan::new(spec(10, 0, Shuffle::None, 0, 1, false), 0).err(), Some(PlanError::ZeroBatchSize));
         assert_eq!(
             EpochPlan::new(spec(10, 1, Shuffle::None, 2, 2, false), 0).err(),
-            Some(PlanError::BadRank {
-                rank: 2,
-                world_size: 2
-            })
+            Some(PlanError::BadRank { rank: 2, world_size: 2 })
         );
     }
 

@@ -1,0 +1,271 @@
+//! End-to-end: `.npy` fixtures written by numpy, served by real loaders, streamed by the client.
+
+use std::{collections::BTreeSet, path::Path};
+
+use conveyor_proto::v1::{BatchRequest, batch_error::Kind, loader_client::LoaderClient};
+use conveyor_tests::{npy_fixtures, run_python, start_loader, trainer};
+use futures::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+use trainer_client::{EpochPlan, Loaders, PlanSpec, Shuffle, StreamOptions};
+
+fn spec_of(name: &str, dir: &Path) -> String {
+    format!("{name}={}", dir.display())
+}
+
+/// Streams one epoch through the CLI with `--dump`, then has numpy compare every row bit for bit.
+fn stream_and_check(addr: &str, dataset: &str, source: &Path, extra: &[&str]) -> serde_json::Value {
+    let out = tempfile::tempdir().expect("tempdir");
+    let dump = out.path().join("dump");
+    let dump_arg = dump.to_str().expect("utf-8 path");
+    let mut args = vec!["stream", "--loader", addr, "--dataset", dataset, "--dump", dump_arg];
+    args.extend_from_slice(extra);
+    let output = trainer(&args).expect("trainer-client runs");
+    assert!(output.status.success(), "stream failed: {}", String::from_utf8_lossy(&output.stderr));
+    let report = run_python("check_dump.py", &[source, &dump]).expect("dump matches the source bit for bit");
+    serde_json::from_str(&report).expect("check_dump prints JSON")
+}
+
+#[tokio::test]
+async fn every_dtype_and_shard_layout_round_trips_bit_exactly() {
+    let fixtures = npy_fixtures();
+    let dtypes = fixtures.path().join("dtypes");
+    let shards = fixtures.path().join("shards");
+    let loader = start_loader(&[spec_of("dtypes", &dtypes), spec_of("shards", &shards)], &[]).await.expect("loader");
+    for shuffle in ["none", "full"] {
+        let report = stream_and_check(&loader.addr, "dtypes", &dtypes, &["--batch-size", "7", "--shuffle", shuffle]);
+        assert_eq!(report["rows"], 53, "{shuffle}: {report}");
+        assert_eq!(report["distinct"], 53, "{shuffle}: {report}");
+        // 12 little-endian + 9 big-endian (multi-byte types) + scalar + v2 + v3 files.
+        assert_eq!(report["fields"].as_object().map(|f| f.len()), Some(24), "{report}");
+        let report = stream_and_check(&loader.addr, "shards", &shards, &["--batch-size", "6", "--shuffle", shuffle]);
+        assert_eq!((report["rows"].as_u64(), report["distinct"].as_u64()), (Some(40), Some(40)), "{report}");
+    }
+}
+
+#[tokio::test]
+async fn data_parallel_ranks_split_the_epoch_evenly_and_disjointly() {
+    let fixtures = npy_fixtures();
+    let dtypes = fixtures.path().join("dtypes");
+    let loader = start_loader(&[spec_of("dtypes", &dtypes)], &[]).await.expect("loader");
+    let mut seen = Vec::new();
+    for rank in ["0", "1", "2"] {
+        let extra = ["--batch-size", "4", "--rank", rank, "--world-size", "3", "--drop-last", "--seed", "5"];
+        let report = stream_and_check(&loader.addr, "dtypes", &dtypes, &extra);
+        // 53 samples over 3 ranks with drop-last: 17 each, 4 whole batches of 4 = 16 rows.
+        assert_eq!(report["rows"], 16, "rank {rank}: {report}");
+        seen.push(report["distinct"].as_u64());
+    }
+    assert_eq!(seen, vec![Some(16); 3]);
+}
+
+async fn epoch_indices(loaders: &mut Loaders, dataset: &str, spec: &PlanSpec, epoch: u64) -> Vec<u64> {
+    let plan = EpochPlan::new(spec.clone(), epoch).expect("plan");
+    let mut stream = loaders.epoch(dataset, plan, 0).expect("epoch");
+    let mut indices = Vec::new();
+    while let Some(batch) = stream.next().await.expect("batch") {
+        indices.extend(batch.indices);
+    }
+    indices
+}
+
+#[tokio::test]
+async fn shuffled_epochs_are_deterministic_permutations() {
+    let fixtures = npy_fixtures();
+    let loader = start_loader(&[spec_of("d", &fixtures.path().join("dtypes"))], &[]).await.expect("loader");
+    let mut loaders =
+        Loaders::connect(std::slice::from_ref(&loader.addr), StreamOptions::default()).await.expect("connect");
+    let spec = PlanSpec {
+        num_samples: 53,
+        batch_size: 5,
+        drop_last: false,
+        shuffle: Shuffle::Full,
+        seed: 11,
+        rank: 0,
+        world_size: 1,
+    };
+    let first = epoch_indices(&mut loaders, "d", &spec, 0).await;
+    let again = epoch_indices(&mut loaders, "d", &spec, 0).await;
+    let next_epoch = epoch_indices(&mut loaders, "d", &spec, 1).await;
+    let other_seed = epoch_indices(&mut loaders, "d", &PlanSpec { seed: 12, ..spec.clone() }, 0).await;
+    let mut sorted = first.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, (0..53).collect::<Vec<u64>>(), "an epoch is a permutation");
+    assert_ne!(first, (0..53).collect::<Vec<u64>>(), "full shuffle changes the order");
+    assert_eq!(first, again, "same seed and epoch, same order");
+    assert_ne!(first, next_epoch, "another epoch, another order");
+    assert_ne!(first, other_seed, "another seed, another order");
+    let unshuffled = epoch_indices(&mut loaders, "d", &PlanSpec { shuffle: Shuffle::None, ..spec }, 0).await;
+    assert_eq!(unshuffled, (0..53).collect::<Vec<u64>>());
+}
+
+#[test]
+fn rejected_inputs_stop_the_loader_with_a_message_naming_the_file() {
+    let fixtures = npy_fixtures();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixtures.path().join("manifest.json")).expect("manifest")).expect("json");
+    let cases = manifest.as_object().expect("object");
+    assert!(cases.len() >= 9);
+    for (dir, expected) in cases {
+        let output = std::process::Command::new(conveyor_tests::binary("loader-server"))
+            .args(["--listen", "127.0.0.1:0", "--dataset", &format!("bad={}", fixtures.path().join(dir).display())])
+            .output()
+            .expect("loader-server runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{dir}: the loader started: {stderr}");
+        assert!(output.stdout.is_empty(), "{dir}: the loader listened before failing");
+        for needle in expected.as_array().expect("list") {
+            let needle = needle.as_str().expect("string");
+            assert!(stderr.contains(needle), "{dir}: stderr lacks '{needle}': {stderr}");
+        }
+    }
+}
+
+/// A loader running inside the test process on a free port.
+struct InProcessLoader {
+    addr: String,
+    stop_tx: Option<oneshot::Sender<()>>,
+    server: tokio::task::JoinHandle<Result<(), loader_server::ServeError>>,
+}
+
+impl InProcessLoader {
+    async fn start(config: loader_server::Config) -> InProcessLoader {
+        let state = loader_server::open(config).expect("datasets open");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let server = tokio::spawn(loader_server::serve(listener, state, async {
+            let _ = stop_rx.await;
+        }));
+        InProcessLoader { addr, stop_tx: Some(stop_tx), server }
+    }
+
+    async fn health(&self) -> ServingStatus {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect");
+        let mut health = HealthClient::new(channel);
+        let request = HealthCheckRequest { service: "conveyor.v1.Loader".into() };
+        let status = health.check(request).await.expect("health check").into_inner().status;
+        ServingStatus::try_from(status).expect("known status")
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop_tx.take().map(|tx| tx.send(()));
+        self.server.await.expect("server task").expect("server exits cleanly");
+    }
+}
+
+fn request(batch_id: u64, dataset: &str, indices: Vec<u64>) -> BatchRequest {
+    BatchRequest { batch_id, dataset: dataset.into(), indices }
+}
+
+#[tokio::test]
+async fn bad_requests_get_named_errors_and_the_stream_and_server_carry_on() {
+    let fixtures = npy_fixtures();
+    let mut config = loader_server::Config::for_datasets([spec_of("shards", &fixtures.path().join("shards"))]);
+    config.max_batch_samples = 16;
+    let loader = InProcessLoader::start(config).await;
+    let mut client = LoaderClient::connect(format!("http://{}", loader.addr)).await.expect("connect");
+    let (requests_tx, requests_rx) = mpsc::channel(8);
+    let mut responses = client.stream_batches(ReceiverStream::new(requests_rx)).await.expect("stream").into_inner();
+    let plan = [
+        request(1, "shards", vec![0, 39, 7]),
+        request(2, "shards", vec![3, 40]),
+        request(3, "nope", vec![1]),
+        request(4, "shards", (0..17).collect()),
+        request(5, "shards", vec![]),
+        request(6, "shards", vec![8, 9]),
+    ];
+    for r in plan {
+        requests_tx.send(r).await.expect("send");
+    }
+    let mut answers = std::collections::BTreeMap::new();
+    while answers.len() < 6 {
+        let response = responses.next().await.expect("an answer per request").expect("stream stays up");
+        answers.insert(response.batch_id, response);
+    }
+    let ok = |id: u64| {
+        let r = &answers[&id];
+        assert!(r.error.is_none(), "batch {id}: {:?}", r.error);
+        r.tensors.iter().map(|t| (t.field.clone(), t.shape.clone(), t.data.len())).collect::<Vec<_>>()
+    };
+    assert_eq!(ok(1), vec![("x".into(), vec![3, 5], 60), ("y".into(), vec![3], 24)]);
+    let y: Vec<i64> =
+        answers[&1].tensors[1].data.chunks(8).map(|c| i64::from_le_bytes(c.try_into().expect("8"))).collect();
+    assert_eq!(y, vec![0, 39, 7]);
+    let error = |id: u64| answers[&id].error.clone().expect("an error");
+    let e = error(2);
+    assert_eq!(
+        (e.kind(), e.message.contains("40") && e.message.contains("'shards'")),
+        (Kind::IndexOutOfRange, true),
+        "{e:?}"
+    );
+    let e = error(3);
+    assert_eq!((e.kind(), e.message.contains("'nope'") && e.message.contains("shards")), (Kind::UnknownDataset, true));
+    let e = error(4);
+    assert_eq!((e.kind(), e.message.contains("16 samples")), (Kind::BatchTooLarge, true), "{e:?}");
+    assert_eq!(error(5).kind(), Kind::EmptyBatch);
+    assert_eq!(ok(6).len(), 2);
+    // The same stream still serves after the errors.
+    requests_tx.send(request(7, "shards", vec![5])).await.expect("send");
+    let response = responses.next().await.expect("answer").expect("ok");
+    assert_eq!((response.batch_id, response.error.is_none()), (7, true));
+    assert_eq!(loader.health().await, ServingStatus::Serving);
+    drop(requests_tx);
+    assert!(responses.next().await.is_none(), "the stream ends when the client closes its side");
+    loader.stop().await;
+}
+
+#[tokio::test]
+async fn streams_over_the_limit_are_refused_with_resource_exhausted() {
+    let fixtures = npy_fixtures();
+    let mut config = loader_server::Config::for_datasets([spec_of("shards", &fixtures.path().join("shards"))]);
+    config.max_streams = 2.try_into().expect("nonzero");
+    let loader = InProcessLoader::start(config).await;
+    let mut client = LoaderClient::connect(format!("http://{}", loader.addr)).await.expect("connect");
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let (tx, rx) = mpsc::channel(1);
+        let responses = client.stream_batches(ReceiverStream::new(rx)).await.expect("within the limit").into_inner();
+        open.push((tx, responses));
+    }
+    for _ in 0..3 {
+        let (_tx, rx) = mpsc::channel::<BatchRequest>(1);
+        let refused = client.stream_batches(ReceiverStream::new(rx)).await.expect_err("over the limit");
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(refused.message().contains("--max-streams"), "{}", refused.message());
+    }
+    assert_eq!(loader.health().await, ServingStatus::Serving);
+    let (tx, responses) = &mut open[0];
+    tx.send(request(1, "shards", vec![1, 2])).await.expect("send");
+    let answer = responses.next().await.expect("answer").expect("ok");
+    assert!(answer.error.is_none());
+    // Closing a stream frees its place.
+    open.pop();
+    let mut indices = BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (tx, rx) = mpsc::channel(1);
+        match client.stream_batches(ReceiverStream::new(rx)).await {
+            Ok(response) => {
+                tx.send(request(2, "shards", vec![3])).await.expect("send");
+                let mut responses = response.into_inner();
+                indices.extend(responses.next().await.expect("answer").expect("ok").indices);
+                break;
+            }
+            // The server notices the closed stream asynchronously; retry until it has.
+            Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                assert!(tokio::time::Instant::now() < deadline, "the freed stream place never came back");
+                tokio::task::yield_now().await;
+            }
+            Err(status) => panic!("unexpected {status}"),
+        }
+    }
+    assert_eq!(indices, BTreeSet::from([3]));
+    drop(open);
+    loader.stop().await;
+}

@@ -1,0 +1,198 @@
+//! End-to-end: several loader processes; replicas are killed, drained, restarted and added
+//! mid-epoch, and every epoch still arrives complete, once, in the single-replica order.
+
+use std::{path::Path, time::Duration};
+
+use conveyor_tests::{LoaderProcess, start_loader, start_loader_on, trainer};
+use trainer_client::{ClientError, EpochPlan, Loaders, PlanSpec, Shuffle, StreamOptions, demo};
+
+const SAMPLES: u64 = 20_000;
+const BATCH: u64 = 50;
+
+fn chess_dataset() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    demo::write_chess_dataset(dir.path(), SAMPLES, 7_000).expect("demo data");
+    dir
+}
+
+fn spec() -> PlanSpec {
+    PlanSpec {
+        num_samples: SAMPLES,
+        batch_size: BATCH,
+        drop_last: false,
+        shuffle: Shuffle::Full,
+        seed: 42,
+        rank: 0,
+        world_size: 1,
+    }
+}
+
+fn options(unavailable_timeout: Duration) -> StreamOptions {
+    StreamOptions {
+        prefetch: 8.try_into().expect("nonzero"),
+        unavailable_timeout,
+        backoff_max: Duration::from_millis(500),
+        ..StreamOptions::default()
+    }
+}
+
+async fn loader(dir: &Path) -> LoaderProcess {
+    start_loader(&[format!("chess={}", dir.display())], &[]).await.expect("loader starts")
+}
+
+/// Indices of a whole epoch streamed from one replica.
+async fn single_replica_order(addr: &str) -> Vec<u64> {
+    let mut loaders = Loaders::connect(&[addr.to_owned()], options(Duration::from_secs(30))).await.expect("connect");
+    let mut epoch = loaders.epoch("chess", EpochPlan::new(spec(), 3).expect("plan"), 0).expect("epoch");
+    let mut order = Vec::new();
+    while let Some(batch) = epoch.next().await.expect("batch") {
+        order.extend(batch.indices);
+    }
+    order
+}
+
+fn kill_9(replica: &mut LoaderProcess) {
+    replica.child.start_kill().expect("SIGKILL");
+}
+
+fn send_sigterm(replica: &LoaderProcess) {
+    let pid = replica.child.id().expect("running").to_string();
+    let status = std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill runs");
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn replicas_killed_drained_and_added_mid_epoch_lose_and_repeat_nothing() {
+    let data = chess_dataset();
+    let mut a = loader(data.path()).await;
+    let b = loader(data.path()).await;
+    let mut c = loader(data.path()).await;
+    let reference = single_replica_order(&a.addr).await;
+    assert_eq!(reference.len() as u64, SAMPLES);
+
+    let addrs = vec![a.addr.clone(), b.addr.clone(), c.addr.clone()];
+    let mut loaders = Loaders::connect(&addrs, options(Duration::from_secs(30))).await.expect("connect");
+    let mut d = None;
+    let mut order = Vec::new();
+    {
+        let mut epoch = loaders.epoch("chess", EpochPlan::new(spec(), 3).expect("plan"), 0).expect("epoch");
+        let mut b = Some(b);
+        while let Some(batch) = epoch.next().await.expect("the epoch survives replica failures") {
+            demo::check_chess_batch(&batch).expect("content");
+            order.extend(batch.indices.iter().copied());
+            match batch.index {
+                40 => kill_9(&mut a),
+                80 => send_sigterm(b.as_ref().expect("b")),
+                _ => {}
+            }
+            if batch.index == 80 {
+                let fresh = loader(data.path()).await;
+                // The Epoch borrows the pool; add through it.
+                epoch_add(&mut epoch, &fresh.addr).await;
+                d = Some(fresh);
+            }
+            if batch.index == 120 {
+                kill_9(&mut c);
+            }
+        }
+        let status = b.take().expect("b").child.wait().await.expect("b exits");
+        assert!(status.success(), "a SIGTERM'd loader drains and exits cleanly, got {status}");
+    }
+    assert_eq!(order, reference, "same batches in the same order as with one replica");
+    let stats = loaders.stats();
+    let d = d.expect("fresh replica");
+    assert!(stats.replicas[&a.addr].failures >= 1, "{stats:?}");
+    assert!(stats.replicas[&d.addr].batches > 0, "the added replica served the end of the epoch: {stats:?}");
+    let served: u64 = stats.replicas.values().map(|r| r.batches).sum();
+    assert_eq!(served, SAMPLES.div_ceil(BATCH), "every batch delivered once: {stats:?}");
+}
+
+async fn epoch_add(epoch: &mut trainer_client::Epoch<'_>, addr: &str) {
+    epoch.add_loader(addr).await.expect("valid address");
+}
+
+#[tokio::test]
+async fn all_replicas_down_then_one_back_within_the_timeout_completes_the_epoch() {
+    let data = chess_dataset();
+    let mut a = loader(data.path()).await;
+    let reference = single_replica_order(&a.addr).await;
+    let mut loaders =
+        Loaders::connect(std::slice::from_ref(&a.addr), options(Duration::from_secs(60))).await.expect("connect");
+    let mut epoch = loaders.epoch("chess", EpochPlan::new(spec(), 3).expect("plan"), 0).expect("epoch");
+    let mut order = Vec::new();
+    let mut revived = None;
+    while let Some(batch) = epoch.next().await.expect("completes once the replica is back") {
+        order.extend(batch.indices.iter().copied());
+        if batch.index == 20 {
+            kill_9(&mut a);
+            a.child.wait().await.expect("a exits");
+            // Same address: the client keeps retrying it with backoff.
+            revived = Some(
+                start_loader_on(&a.addr, &[format!("chess={}", data.path().display())], &[]).await.expect("restart"),
+            );
+        }
+    }
+    assert!(revived.is_some());
+    assert_eq!(order, reference);
+}
+
+#[tokio::test]
+async fn all_replicas_down_past_the_timeout_fails_with_a_clear_error() {
+    let data = chess_dataset();
+    let mut a = loader(data.path()).await;
+    let mut loaders =
+        Loaders::connect(std::slice::from_ref(&a.addr), options(Duration::from_secs(1))).await.expect("connect");
+    let mut epoch = loaders.epoch("chess", EpochPlan::new(spec(), 0).expect("plan"), 0).expect("epoch");
+    let started = std::time::Instant::now();
+    let error = loop {
+        match epoch.next().await {
+            Ok(Some(batch)) if batch.index == 5 => {
+                kill_9(&mut a);
+                a.child.wait().await.expect("a exits");
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the epoch cannot finish without a loader"),
+            Err(error) => break error,
+        }
+    };
+    assert!(matches!(error, ClientError::Unavailable { .. }), "{error}");
+    let message = error.to_string();
+    assert!(message.contains("--unavailable-timeout") && message.contains(&a.addr), "{message}");
+    assert!(started.elapsed() < Duration::from_secs(30), "gave up after {:?}", started.elapsed());
+}
+
+fn dumped_indices(dir: &Path) -> Vec<i64> {
+    let bytes = std::fs::read(dir.join("indices.npy")).expect("indices.npy");
+    let header = loader_server::npy::parse_header(&bytes).expect("valid npy");
+    bytes[header.data_offset..].chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8"))).collect()
+}
+
+#[tokio::test]
+async fn resuming_from_a_cursor_saved_mid_epoch_delivers_exactly_the_rest() {
+    let data = chess_dataset();
+    let a = loader(data.path()).await;
+    let work = tempfile::tempdir().expect("tempdir");
+    let path = |name: &str| work.path().join(name).to_str().expect("utf-8").to_owned();
+    let common =
+        ["stream", "--loader", &a.addr, "--dataset", "chess", "--batch-size", "64", "--seed", "9", "--epoch", "2"];
+    let run = |extra: &[&str]| {
+        let args: Vec<&str> = common.iter().copied().chain(extra.iter().copied()).collect();
+        let output = trainer(&args).expect("trainer-client runs");
+        assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    };
+    run(&["--dump", &path("full")]);
+    run(&["--max-batches", "37", "--save-cursor", &path("cursor.json"), "--dump", &path("first")]);
+    let cursor: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(path("cursor.json")).expect("cursor")).expect("json");
+    assert_eq!((cursor["epoch"].as_u64(), cursor["next_batch"].as_u64()), (Some(2), Some(37)), "{cursor}");
+    // The cursor's settings win over the command line's.
+    let resume = ["stream", "--loader", &a.addr, "--resume-from", &path("cursor.json"), "--dump", &path("rest")];
+    let output = trainer(&resume).expect("runs");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let full = dumped_indices(&work.path().join("full"));
+    let first = dumped_indices(&work.path().join("first"));
+    let rest = dumped_indices(&work.path().join("rest"));
+    assert_eq!(first.len(), 37 * 64);
+    assert_eq!(full.len() as u64, SAMPLES);
+    assert_eq!([first, rest].concat(), full);
+}
