@@ -57,6 +57,10 @@ pub struct Config {
     #[arg(long, env = "LOADER_HTTP2_MAX_FRAME", default_value_t = 1 << 20)]
     pub http2_max_frame: u32,
 
+    /// Serve Prometheus metrics at http://ADDR/metrics (off unless given).
+    #[arg(long, env = "LOADER_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// On SIGTERM, how long in-flight batches may take to finish before the loader exits.
     #[arg(long, env = "LOADER_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,

@@ -8,6 +8,7 @@
 pub mod config;
 pub mod dataset;
 pub mod error;
+pub mod metrics;
 pub mod mmap;
 pub mod npy;
 pub mod service;

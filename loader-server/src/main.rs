@@ -24,7 +24,15 @@ async fn main() -> ExitCode {
 
 async fn run(config: Config) -> anyhow::Result<()> {
     let listen = config.listen;
+    let metrics_listen = config.metrics_listen;
     let state = loader_server::open(config)?;
+    if let Some(addr) = metrics_listen {
+        let metrics = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (--metrics-listen)"))?;
+        tracing::info!(local = %metrics.local_addr()?, "metrics at /metrics");
+        tokio::spawn(loader_server::metrics::serve_metrics(metrics, state.clone()));
+    }
     let listener =
         tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen} (--listen)"))?;
     let local = listener.local_addr()?;

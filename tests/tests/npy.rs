@@ -125,6 +125,7 @@ fn rejected_inputs_stop_the_loader_with_a_message_naming_the_file() {
 /// A loader running inside the test process on a free port.
 struct InProcessLoader {
     addr: String,
+    state: std::sync::Arc<loader_server::LoaderState>,
     stop_tx: Option<oneshot::Sender<()>>,
     server: tokio::task::JoinHandle<Result<(), loader_server::ServeError>>,
 }
@@ -135,10 +136,10 @@ impl InProcessLoader {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let server = tokio::spawn(loader_server::serve(listener, state, async {
+        let server = tokio::spawn(loader_server::serve(listener, state.clone(), async {
             let _ = stop_rx.await;
         }));
-        InProcessLoader { addr, stop_tx: Some(stop_tx), server }
+        InProcessLoader { addr, state, stop_tx: Some(stop_tx), server }
     }
 
     async fn health(&self) -> ServingStatus {
@@ -157,6 +158,21 @@ impl InProcessLoader {
         let _ = self.stop_tx.take().map(|tx| tx.send(()));
         self.server.await.expect("server task").expect("server exits cleanly");
     }
+}
+
+/// `GET /metrics` over a real socket from the metrics endpoint on a free port.
+async fn scrape_metrics(loader: &InProcessLoader) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = tokio::spawn(loader_server::metrics::serve_metrics(listener, loader.state.clone()));
+    let mut socket = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    socket.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").await.expect("write");
+    let mut response = String::new();
+    socket.read_to_string(&mut response).await.expect("read");
+    server.abort();
+    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+    response
 }
 
 fn request(batch_id: u64, dataset: &str, indices: Vec<u64>) -> BatchRequest {
@@ -215,6 +231,18 @@ async fn bad_requests_get_named_errors_and_the_stream_and_server_carry_on() {
     let response = responses.next().await.expect("answer").expect("ok");
     assert_eq!((response.batch_id, response.error.is_none()), (7, true));
     assert_eq!(loader.health().await, ServingStatus::Serving);
+    let metrics = scrape_metrics(&loader).await;
+    for line in [
+        "conveyor_loader_batches_served_total 3",
+        "conveyor_loader_request_errors_total{kind=\"index_out_of_range\"} 1",
+        "conveyor_loader_request_errors_total{kind=\"unknown_dataset\"} 1",
+        "conveyor_loader_request_errors_total{kind=\"batch_too_large\"} 1",
+        "conveyor_loader_request_errors_total{kind=\"empty_batch\"} 1",
+        "conveyor_loader_bytes_served_total 168", // 6 samples x (5 x f32 + i64)
+        "conveyor_loader_active_streams 1",
+    ] {
+        assert!(metrics.contains(line), "metrics lack '{line}':\n{metrics}");
+    }
     drop(requests_tx);
     assert!(responses.next().await.is_none(), "the stream ends when the client closes its side");
     loader.stop().await;

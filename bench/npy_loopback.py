@@ -1,0 +1,181 @@
+"""Foundation benchmark: image-like .npy samples from one loader to one client over loopback,
+beside the raw TCP loopback limit (iperf3) measured in the same run.
+
+usage: python bench/npy_loopback.py [--gib 3] [--runs 3] [--prefetch 8] [--out bench/out]
+
+Writes OUT/npy_loopback.json and OUT/npy_loopback.md. Needs release binaries
+(cargo build --release --workspace), numpy, and iperf3 (apt-get install iperf3).
+"""
+
+import argparse
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import threading
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release")
+SAMPLE_SHAPE = (3, 64, 64)
+
+
+def make_dataset(path, gib):
+    n = int(gib * (1 << 30)) // int(np.prod(SAMPLE_SHAPE))
+    image = os.path.join(path, "image.npy")
+    if os.path.exists(image) and np.load(image, mmap_mode="r").shape[0] == n:
+        return n
+    os.makedirs(path, exist_ok=True)
+    arr = np.lib.format.open_memmap(image, mode="w+", dtype=np.uint8, shape=(n, *SAMPLE_SHAPE))
+    rng = np.random.default_rng(0)
+    step = 8192
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        arr[start:stop] = rng.integers(0, 256, size=(stop - start, *SAMPLE_SHAPE), dtype=np.uint8)
+    arr.flush()
+    del arr
+    np.save(os.path.join(path, "label.npy"), (np.arange(n) % 1000).astype(np.int64))
+    return n
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def iperf3(seconds=5):
+    port = free_port()
+    server = subprocess.Popen(["iperf3", "-s", "-1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-J"],
+                                     capture_output=True, text=True, check=True).stdout
+                return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 8
+            except subprocess.CalledProcessError:
+                time.sleep(0.05)  # the server is still starting
+        raise RuntimeError("iperf3 server never answered")
+    finally:
+        server.wait(timeout=10)
+
+
+def proc_kib(pid, key):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1])
+    except FileNotFoundError:
+        pass
+    return 0
+
+
+class AnonSampler(threading.Thread):
+    """Samples a process's anonymous RSS (mapped dataset pages are file-backed and excluded)."""
+
+    def __init__(self, pid):
+        super().__init__(daemon=True)
+        self.pid, self.peak_kib, self.stop = pid, 0, threading.Event()
+
+    def run(self):
+        while not self.stop.is_set():
+            self.peak_kib = max(self.peak_kib, proc_kib(self.pid, "RssAnon:"))
+            self.stop.wait(0.05)
+
+
+def start_loader(dataset_dir, extra=()):
+    env = dict(os.environ, LOADER_LOG="warn")
+    proc = subprocess.Popen([os.path.join(BIN, "loader-server"), "--listen", "127.0.0.1:0",
+                             "--dataset", f"images={dataset_dir}", *extra], stdout=subprocess.PIPE, text=True, env=env)
+    line = proc.stdout.readline()
+    m = re.match(r"listening on (\S+)", line)
+    if not m:
+        raise RuntimeError(f"loader did not start: {line!r}")
+    return proc, m.group(1)
+
+
+def conveyor_run(addrs, out_dir, prefetch, batch, run):
+    stats = os.path.join(out_dir, f"stats-{run}.json")
+    cmd = [os.path.join(BIN, "trainer-client"), "stream", "--dataset", "images", "--batch-size", str(batch),
+           "--shuffle", "full", "--seed", str(run), "--prefetch", str(prefetch), "--stats-json", stats]
+    for a in addrs:
+        cmd += ["--loader", a]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    with open(stats) as f:
+        return json.load(f)
+
+
+def summary(values):
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gib", type=float, default=3.0)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--prefetch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "out"))
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    data = os.path.join(args.out, "data", "images")
+    n = make_dataset(data, args.gib)
+    sample_bytes = int(np.prod(SAMPLE_SHAPE)) + 8
+    batch_bytes = args.batch * sample_bytes
+    # Warm the page cache so both runs read memory, not the disk.
+    subprocess.run(["cat", os.path.join(data, "image.npy")], stdout=subprocess.DEVNULL, check=True)
+
+    loopback, conveyor, rss, anon = [], [], [], []
+    for run in range(args.runs):
+        loopback.append(iperf3())
+        loader, addr = start_loader(data)
+        sampler = AnonSampler(loader.pid)
+        sampler.start()
+        report = conveyor_run([addr], args.out, args.prefetch, args.batch, run)
+        sampler.stop.set()
+        sampler.join()
+        loader.terminate()
+        loader.wait(timeout=30)
+        conveyor.append(report["bytes_per_s"])
+        rss.append(report["peak_rss_bytes"])
+        anon.append(sampler.peak_kib * 1024)
+        print(f"run {run}: loopback {loopback[-1] / 1e9:.2f} GB/s, conveyor {conveyor[-1] / 1e9:.2f} GB/s "
+              f"({report['samples_per_s']:.0f} samples/s), client peak RSS {rss[-1] / 2**20:.0f} MiB, "
+              f"loader peak anon RSS {anon[-1] / 2**20:.0f} MiB", flush=True)
+
+    bound = (args.prefetch + 2) * batch_bytes + 64 * 2**20
+    result = {
+        "samples": n, "dataset_bytes": n * sample_bytes, "batch": args.batch, "prefetch": args.prefetch,
+        "loopback_bytes_per_s": summary(loopback), "conveyor_bytes_per_s": summary(conveyor),
+        "ratio": summary([c / l for c, l in zip(conveyor, loopback)]),
+        "client_peak_rss_bytes": summary(rss), "client_rss_bound_bytes": bound,
+        "loader_peak_anon_bytes": summary(anon),
+    }
+    with open(os.path.join(args.out, "npy_loopback.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    gb = lambda s: f"{s['min'] / 1e9:.2f} / {s['median'] / 1e9:.2f} / {s['max'] / 1e9:.2f}"
+    mib = lambda s: f"{s['min'] / 2**20:.0f} / {s['median'] / 2**20:.0f} / {s['max'] / 2**20:.0f}"
+    table = "\n".join([
+        f"Dataset: {n} samples of [3,64,64] uint8 + int64 label ({n * sample_bytes / 2**30:.1f} GiB), "
+        f"batch {args.batch}, full shuffle, prefetch {args.prefetch}, {args.runs} runs (min / median / max)",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f"| raw TCP loopback (iperf3), GB/s | {gb(result['loopback_bytes_per_s'])} |",
+        f"| Conveyor delivered, GB/s | {gb(result['conveyor_bytes_per_s'])} |",
+        f"| Conveyor / loopback | {result['ratio']['min']:.2f} / {result['ratio']['median']:.2f} / {result['ratio']['max']:.2f} |",
+        f"| client peak RSS, MiB (bound {bound / 2**20:.0f}) | {mib(result['client_peak_rss_bytes'])} |",
+        f"| loader peak anonymous RSS, MiB | {mib(result['loader_peak_anon_bytes'])} |",
+    ])
+    with open(os.path.join(args.out, "npy_loopback.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+//! Prometheus metrics over plain HTTP (`--metrics-listen ADDR`, path `/metrics`): what an
+//! operator asks first — batches and bytes served, errors by kind, in-flight bytes against the
+//! limit, open streams.
+
+use std::{fmt::Write as _, sync::Arc, sync::atomic::Ordering::Relaxed};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
+
+use crate::service::LoaderState;
+
+/// Renders the metrics in the Prometheus text exposition format.
+pub fn render(state: &LoaderState) -> String {
+    let stats = &state.stats;
+    let config = state.config();
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    metric(
+        "conveyor_loader_batches_served_total",
+        "counter",
+        "Batches answered with data.",
+        &[("", stats.batches_served.load(Relaxed))],
+    );
+    metric(
+        "conveyor_loader_bytes_served_total",
+        "counter",
+        "Tensor bytes answered.",
+        &[("", stats.bytes_served.load(Relaxed))],
+    );
+    metric(
+        "conveyor_loader_request_errors_total",
+        "counter",
+        "Batch requests refused, by kind.",
+        &[
+            ("{kind=\"unknown_dataset\"}", stats.errors_unknown_dataset.load(Relaxed)),
+            ("{kind=\"index_out_of_range\"}", stats.errors_index_out_of_range.load(Relaxed)),
+            ("{kind=\"batch_too_large\"}", stats.errors_batch_too_large.load(Relaxed)),
+            ("{kind=\"empty_batch\"}", stats.errors_empty_batch.load(Relaxed)),
+        ],
+    );
+    metric(
+        "conveyor_loader_streams_refused_total",
+        "counter",
+        "Streams refused at --max-streams.",
+        &[("", stats.streams_refused.load(Relaxed))],
+    );
+    metric(
+        "conveyor_loader_inflight_bytes",
+        "gauge",
+        "Batch bytes assembled or queued now.",
+        &[("", state.inflight_bytes())],
+    );
+    metric(
+        "conveyor_loader_inflight_bytes_limit",
+        "gauge",
+        "--max-inflight-bytes.",
+        &[("", config.max_inflight_bytes)],
+    );
+    metric(
+        "conveyor_loader_active_streams",
+        "gauge",
+        "Batch streams open now.",
+        &[("", state.active_streams() as u64)],
+    );
+    metric("conveyor_loader_max_streams", "gauge", "--max-streams.", &[("", config.max_streams.get() as u64)]);
+    out
+}
+
+/// Serves `GET /metrics` on `listener` until the task is dropped. Requests are read into a
+/// fixed 4 KiB buffer; anything else gets 404.
+pub async fn serve_metrics(listener: TcpListener, state: Arc<LoaderState>) {
+    loop {
+        let Ok((mut socket, _)) = listener.accept().await else { continue };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let mut request = [0u8; 4096];
+            let Ok(len) = socket.read(&mut request).await else { return };
+            let head = String::from_utf8_lossy(&request[..len]);
+            let response = if head.starts_with("GET /metrics") {
+                let body = render(&state);
+                format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+            } else {
+                "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".to_owned()
+            };
+            let _ = socket.write_all(response.as_bytes()).await;
+            let _ = socket.shutdown().await;
+        });
+    }
+}
