@@ -3,7 +3,7 @@
 
 use std::{net::SocketAddr, num::NonZeroUsize, path::PathBuf, time::Duration};
 
-use crate::error::LoadError;
+use crate::{error::LoadError, zarr::MissingChunks};
 
 /// `loader-server` flags.
 #[derive(Debug, Clone, clap::Parser)]
@@ -40,6 +40,18 @@ pub struct Config {
     /// Batches one stream may have being gathered at once.
     #[arg(long, env = "LOADER_STREAM_PARALLELISM", default_value = "4")]
     pub stream_parallelism: NonZeroUsize,
+
+    /// Bytes of decoded Zarr chunks kept for reuse, shared by all streams and datasets.
+    #[arg(long, env = "LOADER_CHUNK_CACHE_BYTES", default_value_t = 1 << 30)]
+    pub chunk_cache_bytes: u64,
+
+    /// Zarr chunks being decoded at once.
+    #[arg(long, env = "LOADER_DECODE_THREADS", default_value = "2")]
+    pub decode_threads: NonZeroUsize,
+
+    /// What an absent Zarr chunk means: an error for the batches that need it, or the fill value.
+    #[arg(long, env = "LOADER_ZARR_MISSING_CHUNKS", value_enum, default_value_t = MissingChunks::Error)]
+    pub zarr_missing_chunks: MissingChunks,
 
     /// Concurrent batch streams; more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "LOADER_MAX_STREAMS", default_value = "64")]

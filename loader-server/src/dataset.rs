@@ -7,6 +7,10 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use conveyor_proto::{
@@ -15,9 +19,11 @@ use conveyor_proto::{
 };
 
 use crate::{
-    error::LoadError,
+    cache::ChunkCache,
+    error::{LoadError, ReadError},
     mmap::MappedFile,
     npy::{self, NpyHeader},
+    zarr::{self, MissingChunks, ZarrSource},
 };
 
 /// One `.npy` file of a field.
@@ -33,10 +39,23 @@ struct Shard {
     big_endian: bool,
 }
 
-/// One named array of a dataset, possibly split into shards.
+/// Where a field's rows live.
+#[derive(Debug)]
+enum Source {
+    /// Memory-mapped `.npy` shards in axis-0 order; `shard_starts[i]` is the global index of
+    /// shard `i`'s first row.
+    Npy { shards: Vec<Shard>, shard_starts: Vec<u64> },
+    /// A Zarr array read in chunk-aligned blocks through the shared cache.
+    Zarr(ZarrSource),
+}
+
+/// Gives every field a distinct id for cache keys.
+static NEXT_FIELD_ID: AtomicU64 = AtomicU64::new(0);
+
+/// One named array of a dataset.
 #[derive(Debug)]
 pub struct Field {
-    /// Field name (file name without `.npy` and shard suffix).
+    /// Field name (`.npy` file name without extension and shard suffix, or Zarr array name).
     pub name: String,
     /// Element type.
     pub dtype: DType,
@@ -44,32 +63,60 @@ pub struct Field {
     pub sample_shape: Vec<u64>,
     /// Bytes of one sample.
     pub bytes_per_sample: usize,
-    /// Shards in axis-0 order.
-    shards: Vec<Shard>,
-    /// `shard_starts[i]` is the global index of shard `i`'s first row.
-    shard_starts: Vec<u64>,
+    /// Rows decoded together (Zarr chunk length along axis 0; 1 for `.npy`).
+    pub chunk_len: u64,
     /// Total rows.
     num_samples: u64,
+    /// Cache key prefix.
+    id: u64,
+    source: Source,
 }
 
 impl Field {
     /// Copies the rows `indices` (all `< num_samples`) into `out`, converted to little-endian.
-    fn gather_into(&self, indices: &[u64], out: &mut Vec<u8>) {
+    /// Returns the bytes decoded from storage for this call (0 for `.npy`, cache misses for Zarr).
+    fn gather_into(&self, indices: &[u64], out: &mut Vec<u8>, cache: &ChunkCache) -> Result<u64, (u64, String)> {
         let row = self.bytes_per_sample;
         out.reserve_exact(indices.len() * row);
-        for &index in indices {
-            let shard_index =
-                if self.shards.len() == 1 { 0 } else { self.shard_starts.partition_point(|&start| start <= index) - 1 };
-            let shard = &self.shards[shard_index];
-            let local = (index - self.shard_starts[shard_index]) as usize;
-            let start = shard.data_offset + local * row;
-            let begin = out.len();
-            out.extend_from_slice(&shard.map[start..start + row]);
-            if shard.big_endian {
-                let width = self.dtype.size_bytes();
-                for element in out[begin..].chunks_exact_mut(width) {
-                    element.reverse();
+        match &self.source {
+            Source::Npy { shards, shard_starts } => {
+                for &index in indices {
+                    let shard_index =
+                        if shards.len() == 1 { 0 } else { shard_starts.partition_point(|&start| start <= index) - 1 };
+                    let shard = &shards[shard_index];
+                    let local = (index - shard_starts[shard_index]) as usize;
+                    let start = shard.data_offset + local * row;
+                    let begin = out.len();
+                    out.extend_from_slice(&shard.map[start..start + row]);
+                    if shard.big_endian {
+                        let width = self.dtype.size_bytes();
+                        for element in out[begin..].chunks_exact_mut(width) {
+                            element.reverse();
+                        }
+                    }
                 }
+                Ok(0)
+            }
+            Source::Zarr(zarr) => {
+                let mut decoded = 0;
+                let mut current: Option<(u64, Arc<Vec<u8>>)> = None;
+                for &index in indices {
+                    let block = index / zarr.block_len;
+                    let data = match &current {
+                        Some((b, data)) if *b == block => data.clone(),
+                        _ => {
+                            let (data, bytes) = cache
+                                .get_or_decode((self.id, block), || zarr.decode_block(block))
+                                .map_err(|reason| (block, reason))?;
+                            decoded += bytes;
+                            current = Some((block, data.clone()));
+                            data
+                        }
+                    };
+                    let start = (index - block * zarr.block_len) as usize * row;
+                    out.extend_from_slice(&data[start..start + row]);
+                }
+                Ok(decoded)
             }
         }
     }
@@ -81,7 +128,7 @@ impl Field {
             dtype: self.dtype as i32,
             sample_shape: self.sample_shape.clone(),
             bytes_per_sample: self.bytes_per_sample as u64,
-            chunk_len: 1,
+            chunk_len: self.chunk_len,
         }
     }
 }
@@ -100,46 +147,18 @@ pub struct Dataset {
 }
 
 impl Dataset {
-    /// Opens every `.npy` field in `dir`, checking headers, lengths and shard agreement.
+    /// Opens the dataset at `path`: a Zarr array or group when it holds Zarr metadata, else a
+    /// directory of `.npy` fields. Checks headers, lengths and shard agreement.
     ///
     /// # Errors
     /// A [`LoadError`] naming the file and the problem.
-    pub fn open(name: &str, dir: &Path) -> Result<Dataset, LoadError> {
-        let io_error = |error| LoadError::Io { path: dir.to_owned(), error };
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(io_error)?
-            .map(|entry| entry.map(|e| e.path()))
-            .collect::<Result<_, _>>()
-            .map_err(io_error)?;
-        files.retain(|p| p.extension().is_some_and(|e| e == "npy") && p.is_file());
-        files.sort();
-
-        // field name -> (is a single FIELD.npy, its files in name order)
-        let mut groups: BTreeMap<String, (bool, Vec<PathBuf>)> = BTreeMap::new();
-        for path in files {
-            let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-            let (field, sharded) = match stem.rsplit_once('-') {
-                Some((field, number))
-                    if !field.is_empty() && !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit()) =>
-                {
-                    (field.to_owned(), true)
-                }
-                _ => (stem, false),
-            };
-            let entry = groups.entry(field.clone()).or_insert((!sharded, Vec::new()));
-            if entry.0 == sharded {
-                return Err(LoadError::AmbiguousField { field, dir: dir.to_owned() });
-            }
-            entry.1.push(path);
-        }
-        if groups.is_empty() {
-            return Err(LoadError::NoFields { dataset: name.to_owned(), dir: dir.to_owned() });
-        }
-
-        let mut fields = Vec::with_capacity(groups.len());
-        for (field_name, (_, paths)) in groups {
-            fields.push(open_field(&field_name, &paths)?);
-        }
+    pub fn open(name: &str, path: &Path, missing: MissingChunks) -> Result<Dataset, LoadError> {
+        let fields = if zarr::is_zarr(path) {
+            let default_name = path.file_stem().map_or_else(|| name.to_owned(), |s| s.to_string_lossy().into_owned());
+            zarr::open(path, &default_name, missing)?.into_iter().map(zarr_field).collect()
+        } else {
+            open_npy_dir(name, path)?
+        };
         let first = &fields[0];
         for field in &fields[1..] {
             if field.num_samples != first.num_samples {
@@ -152,7 +171,7 @@ impl Dataset {
                 });
             }
         }
-        Ok(Dataset { name: name.to_owned(), dir: dir.to_owned(), num_samples: first.num_samples, fields })
+        Ok(Dataset { name: name.to_owned(), dir: path.to_owned(), num_samples: first.num_samples, fields })
     }
 
     /// Bytes of one sample across all fields.
@@ -160,17 +179,27 @@ impl Dataset {
         self.fields.iter().map(|f| f.bytes_per_sample).sum()
     }
 
-    /// Gathers `indices` (already checked `< num_samples`) into one buffer per field.
-    /// Touches mapped pages, so call it off the async runtime.
-    pub fn gather(&self, indices: &[u64]) -> Vec<Vec<u8>> {
-        self.fields
-            .iter()
-            .map(|field| {
-                let mut out = Vec::new();
-                field.gather_into(indices, &mut out);
-                out
-            })
-            .collect()
+    /// Gathers `indices` (already checked `< num_samples`) into one buffer per field, and
+    /// returns the bytes decoded from storage. Touches mapped pages and decodes chunks, so call
+    /// it off the async runtime.
+    ///
+    /// # Errors
+    /// [`ReadError`] naming the dataset, field and chunk that could not be read.
+    pub fn gather(&self, indices: &[u64], cache: &ChunkCache) -> Result<(Vec<Vec<u8>>, u64), ReadError> {
+        let mut decoded = 0;
+        let mut buffers = Vec::with_capacity(self.fields.len());
+        for field in &self.fields {
+            let mut out = Vec::new();
+            decoded += field.gather_into(indices, &mut out, cache).map_err(|(block, reason)| ReadError {
+                dataset: self.name.clone(),
+                field: field.name.clone(),
+                first_row: block * field.chunk_len,
+                last_row: ((block + 1) * field.chunk_len).min(field.num_samples),
+                reason,
+            })?;
+            buffers.push(out);
+        }
+        Ok((buffers, decoded))
     }
 
     /// Wire description, given the server's per-batch sample limit.
@@ -182,6 +211,61 @@ impl Dataset {
             max_batch_samples,
         }
     }
+}
+
+fn zarr_field(opened: zarr::OpenedArray) -> Field {
+    let sample_shape = opened.shape[1..].to_vec();
+    let bytes_per_sample = sample_shape.iter().product::<u64>() as usize * opened.dtype.size_bytes();
+    Field {
+        name: opened.name,
+        dtype: opened.dtype,
+        sample_shape,
+        bytes_per_sample,
+        chunk_len: opened.source.block_len,
+        num_samples: opened.shape[0],
+        id: NEXT_FIELD_ID.fetch_add(1, Ordering::Relaxed),
+        source: Source::Zarr(opened.source),
+    }
+}
+
+/// Opens every `.npy` field in `dir`.
+fn open_npy_dir(name: &str, dir: &Path) -> Result<Vec<Field>, LoadError> {
+    let io_error = |error| LoadError::Io { path: dir.to_owned(), error };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(io_error)?
+        .map(|entry| entry.map(|e| e.path()))
+        .collect::<Result<_, _>>()
+        .map_err(io_error)?;
+    files.retain(|p| p.extension().is_some_and(|e| e == "npy") && p.is_file());
+    files.sort();
+
+    // field name -> (is a single FIELD.npy, its files in name order)
+    let mut groups: BTreeMap<String, (bool, Vec<PathBuf>)> = BTreeMap::new();
+    for path in files {
+        let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let (field, sharded) = match stem.rsplit_once('-') {
+            Some((field, number))
+                if !field.is_empty() && !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                (field.to_owned(), true)
+            }
+            _ => (stem, false),
+        };
+        let entry = groups.entry(field.clone()).or_insert((!sharded, Vec::new()));
+        if entry.0 == sharded {
+            return Err(LoadError::AmbiguousField { field, dir: dir.to_owned() });
+        }
+        entry.1.push(path);
+    }
+    if groups.is_empty() {
+        return Err(LoadError::NoFields { dataset: name.to_owned(), dir: dir.to_owned() });
+    }
+
+    let mut fields = Vec::with_capacity(groups.len());
+    for (field_name, (_, paths)) in groups {
+        fields.push(open_field(&field_name, &paths)?);
+    }
+    Ok(fields)
 }
 
 fn describe(header: &NpyHeader) -> String {
@@ -232,9 +316,10 @@ fn open_field(name: &str, paths: &[PathBuf]) -> Result<Field, LoadError> {
         dtype: header.dtype,
         sample_shape,
         bytes_per_sample,
-        shards,
-        shard_starts,
+        chunk_len: 1,
         num_samples: total,
+        id: NEXT_FIELD_ID.fetch_add(1, Ordering::Relaxed),
+        source: Source::Npy { shards, shard_starts },
     })
 }
 
@@ -257,10 +342,11 @@ mod tests {
         write_npy(dir.path(), "x-00001.npy", DType::Uint16, &[0], &[]);
         write_npy(dir.path(), "x-00002.npy", DType::Uint16, &[7], &le(&rows[3..10]));
         write_npy(dir.path(), "y.npy", DType::Uint8, &[10, 2], &(0..20).collect::<Vec<u8>>());
-        let ds = Dataset::open("d", dir.path()).expect("opens");
+        let ds = Dataset::open("d", dir.path(), MissingChunks::Error).expect("opens");
         assert_eq!(ds.num_samples, 10);
         assert_eq!(ds.fields.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(), ["x", "y"]);
-        let out = ds.gather(&[9, 0, 3, 2]);
+        let (out, decoded) = ds.gather(&[9, 0, 3, 2], &ChunkCache::new(0, 1)).expect("gather");
+        assert_eq!(decoded, 0);
         assert_eq!(out[0], le(&[9, 0, 3, 2]));
         assert_eq!(out[1], vec![18, 19, 0, 1, 6, 7, 4, 5]);
     }
@@ -270,7 +356,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         write_npy(dir.path(), "x.npy", DType::Uint8, &[1], &[0]);
         write_npy(dir.path(), "x-00000.npy", DType::Uint8, &[1], &[0]);
-        let err = Dataset::open("d", dir.path()).expect_err("ambiguous");
+        let err = Dataset::open("d", dir.path(), MissingChunks::Error).expect_err("ambiguous");
         assert!(matches!(err, LoadError::AmbiguousField { ref field, .. } if field == "x"), "{err}");
     }
 }

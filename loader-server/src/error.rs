@@ -84,6 +84,14 @@ pub enum LoadError {
         /// What this shard has.
         found: String,
     },
+    /// A Zarr array or group that cannot be served.
+    #[error("{}: {problem}", path.display())]
+    Zarr {
+        /// The array or group path.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
     /// Fields with different sample counts.
     #[error(
         "dataset '{dataset}': field '{field}' has {len} samples but field '{first_field}' has {first_len}; \
@@ -101,6 +109,22 @@ pub enum LoadError {
         /// Its length.
         len: u64,
     },
+}
+
+/// A chunk of a dataset could not be read or decoded; only the batches that need it fail.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("dataset '{dataset}', field '{field}': cannot read the chunk holding rows {first_row}..{last_row}: {reason}")]
+pub struct ReadError {
+    /// Dataset name.
+    pub dataset: String,
+    /// Field name.
+    pub field: String,
+    /// First row of the chunk.
+    pub first_row: u64,
+    /// One past its last row.
+    pub last_row: u64,
+    /// What failed.
+    pub reason: String,
 }
 
 /// Why one batch request cannot be served. The stream and the server carry on.

@@ -5,6 +5,7 @@
 //! [`open`] loads and validates every dataset (start-up errors name the file and the fix);
 //! [`serve`] runs on an already bound listener until `shutdown` resolves, then drains.
 
+pub mod cache;
 pub mod config;
 pub mod dataset;
 pub mod error;
@@ -13,6 +14,7 @@ pub mod mmap;
 pub mod npy;
 pub mod service;
 pub mod stats;
+pub mod zarr;
 
 use std::{future::Future, sync::Arc};
 
@@ -48,7 +50,7 @@ pub fn open(config: Config) -> Result<Arc<LoaderState>, ServeError> {
     config.validate().map_err(ServeError::Config)?;
     let mut datasets = Vec::new();
     for (name, dir) in config.dataset_specs()? {
-        let dataset = Dataset::open(&name, &dir)?;
+        let dataset = Dataset::open(&name, &dir, config.zarr_missing_chunks)?;
         tracing::info!(
             dataset = %name,
             dir = %dir.display(),

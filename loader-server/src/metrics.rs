@@ -43,6 +43,7 @@ pub fn render(state: &LoaderState) -> String {
             ("{kind=\"index_out_of_range\"}", stats.errors_index_out_of_range.load(Relaxed)),
             ("{kind=\"batch_too_large\"}", stats.errors_batch_too_large.load(Relaxed)),
             ("{kind=\"empty_batch\"}", stats.errors_empty_batch.load(Relaxed)),
+            ("{kind=\"read_failed\"}", stats.errors_read_failed.load(Relaxed)),
         ],
     );
     metric(
@@ -70,7 +71,48 @@ pub fn render(state: &LoaderState) -> String {
         &[("", state.active_streams() as u64)],
     );
     metric("conveyor_loader_max_streams", "gauge", "--max-streams.", &[("", config.max_streams.get() as u64)]);
+    let per_dataset = |pick: fn(&crate::stats::DatasetCounters) -> u64| -> Vec<(String, u64)> {
+        stats.datasets.iter().map(|(name, c)| (format!("{{dataset=\"{name}\"}}"), pick(c))).collect()
+    };
+    let delivered = per_dataset(|c| c.delivered_bytes.load(Relaxed));
+    let decoded = per_dataset(|c| c.decoded_bytes.load(Relaxed));
+    metric(
+        "conveyor_loader_dataset_delivered_bytes_total",
+        "counter",
+        "Tensor bytes sent, per dataset.",
+        &as_refs(&delivered),
+    );
+    metric(
+        "conveyor_loader_dataset_decoded_bytes_total",
+        "counter",
+        "Bytes decoded from storage, per dataset.",
+        &as_refs(&decoded),
+    );
+    let cache = state.cache.stats();
+    metric(
+        "conveyor_loader_chunk_cache_hits_total",
+        "counter",
+        "Chunk lookups served from the cache.",
+        &[("", cache.hits)],
+    );
+    metric("conveyor_loader_chunk_cache_misses_total", "counter", "Chunk lookups that decoded.", &[("", cache.misses)]);
+    metric(
+        "conveyor_loader_chunk_cache_bytes",
+        "gauge",
+        "Decoded bytes held by the chunk cache.",
+        &[("", cache.bytes)],
+    );
+    metric(
+        "conveyor_loader_chunk_cache_budget_bytes",
+        "gauge",
+        "--chunk-cache-bytes.",
+        &[("", config.chunk_cache_bytes)],
+    );
     out
+}
+
+fn as_refs(samples: &[(String, u64)]) -> Vec<(&str, u64)> {
+    samples.iter().map(|(labels, value)| (labels.as_str(), *value)).collect()
 }
 
 /// Serves `GET /metrics` on `listener` until the task is dropped. Requests are read into a

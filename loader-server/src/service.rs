@@ -13,7 +13,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::{config::Config, dataset::Dataset, error::RequestError, stats::Stats};
+use crate::{cache::ChunkCache, config::Config, dataset::Dataset, error::RequestError, stats::Stats};
 
 /// A response ready to send, holding its share of the in-flight byte budget until tonic takes it.
 type Outgoing = (BatchResponse, Option<OwnedSemaphorePermit>);
@@ -31,6 +31,8 @@ pub struct LoaderState {
     inflight_bytes: Arc<Semaphore>,
     /// One permit per batch being gathered (`--assemble-threads`).
     assemble_slots: Arc<Semaphore>,
+    /// Decoded Zarr chunks shared by all streams (`--chunk-cache-bytes`).
+    pub cache: ChunkCache,
     /// Counters the metrics endpoint and logs read.
     pub stats: Stats,
 }
@@ -39,11 +41,12 @@ impl LoaderState {
     /// Builds the state over already opened datasets.
     pub fn new(datasets: Vec<Dataset>, config: Config) -> LoaderState {
         LoaderState {
+            stats: Stats::new(datasets.iter().map(|d| d.name.clone())),
             datasets: datasets.into_iter().map(|d| (d.name.clone(), Arc::new(d))).collect(),
             streams: Arc::new(Semaphore::new(config.max_streams.get())),
             inflight_bytes: Arc::new(Semaphore::new(config.max_inflight_bytes as usize)),
             assemble_slots: Arc::new(Semaphore::new(config.assemble_threads.get())),
-            stats: Stats::default(),
+            cache: ChunkCache::new(config.chunk_cache_bytes, config.decode_threads.get()),
             config,
         }
     }
@@ -122,25 +125,28 @@ impl LoaderState {
         let Ok(slot) = self.assemble_slots.clone().acquire_owned().await else {
             unreachable!("assemble semaphore is never closed")
         };
+        let state = self.clone();
         let gather_dataset = dataset.clone();
         let gathered = tokio::task::spawn_blocking(move || {
             let _slot = slot;
-            let buffers = gather_dataset.gather(&indices);
-            (indices, buffers)
+            let result = gather_dataset.gather(&indices, &state.cache);
+            (indices, result)
         })
         .await;
-        let (indices, buffers) = match gathered {
-            Ok(done) => done,
+        let read_failed = |message: String| BatchError { kind: Kind::ReadFailed as i32, message };
+        let (indices, buffers, decoded_bytes) = match gathered {
+            Ok((indices, Ok((buffers, decoded)))) => (indices, buffers, decoded),
+            Ok((indices, Err(error))) => {
+                tracing::error!(batch_id, %error, "a chunk could not be read; failing this batch only");
+                self.stats.record_read_error();
+                return (error_response(batch_id, indices, read_failed(error.to_string())), None);
+            }
             Err(join_error) => {
                 tracing::error!(batch_id, dataset = %dataset.name, %join_error, "gathering a batch failed");
-                let error = BatchError {
-                    kind: Kind::ReadFailed as i32,
-                    message: format!(
-                        "loader failed to read batch {batch_id} of dataset '{}': {join_error}",
-                        dataset.name
-                    ),
-                };
-                return (error_response(batch_id, Vec::new(), error), None);
+                self.stats.record_read_error();
+                let message =
+                    format!("loader failed to read batch {batch_id} of dataset '{}': {join_error}", dataset.name);
+                return (error_response(batch_id, Vec::new(), read_failed(message)), None);
             }
         };
         let batch = indices.len() as u64;
@@ -155,13 +161,13 @@ impl LoaderState {
                 data: Bytes::from(data),
             })
             .collect();
-        self.stats.record_batch(bytes);
-        (BatchResponse { batch_id, indices, tensors, error: None }, Some(budget))
+        self.stats.record_batch(&dataset.name, bytes, decoded_bytes);
+        (BatchResponse { batch_id, indices, tensors, error: None, decoded_bytes }, Some(budget))
     }
 }
 
 fn error_response(batch_id: u64, indices: Vec<u64>, error: BatchError) -> BatchResponse {
-    BatchResponse { batch_id, indices, tensors: Vec::new(), error: Some(error) }
+    BatchResponse { batch_id, indices, tensors: Vec::new(), error: Some(error), decoded_bytes: 0 }
 }
 
 /// The gRPC handler over a shared [`LoaderState`].

@@ -1,6 +1,9 @@
 //! Counters of what the loader served, read by the metrics endpoint and the periodic log line.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::{
+    collections::BTreeMap,
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
+};
 
 use crate::error::RequestError;
 
@@ -21,13 +24,57 @@ pub struct Stats {
     pub errors_empty_batch: AtomicU64,
     /// Streams refused because `--max-streams` were open.
     pub streams_refused: AtomicU64,
+    /// Batches failed because a chunk could not be read.
+    pub errors_read_failed: AtomicU64,
+    /// Per dataset: bytes delivered and bytes decoded from storage.
+    pub datasets: BTreeMap<String, DatasetCounters>,
+}
+
+/// Bytes delivered and decoded for one dataset; decoded / delivered is the read amplification.
+#[derive(Debug, Default)]
+pub struct DatasetCounters {
+    /// Tensor bytes sent.
+    pub delivered_bytes: AtomicU64,
+    /// Bytes decoded from storage (chunk cache misses).
+    pub decoded_bytes: AtomicU64,
 }
 
 impl Stats {
-    /// Counts one served batch of `bytes` tensor bytes.
-    pub fn record_batch(&self, bytes: u64) {
+    /// Counters for these datasets.
+    pub fn new(datasets: impl IntoIterator<Item = String>) -> Stats {
+        Stats { datasets: datasets.into_iter().map(|d| (d, DatasetCounters::default())).collect(), ..Stats::default() }
+    }
+
+    /// Counts one served batch of `bytes` tensor bytes that needed `decoded` bytes decoded.
+    pub fn record_batch(&self, dataset: &str, bytes: u64, decoded: u64) {
         self.batches_served.fetch_add(1, Relaxed);
         self.bytes_served.fetch_add(bytes, Relaxed);
+        if let Some(counters) = self.datasets.get(dataset) {
+            counters.delivered_bytes.fetch_add(bytes, Relaxed);
+            counters.decoded_bytes.fetch_add(decoded, Relaxed);
+        }
+    }
+
+    /// Counts one batch failed by an unreadable chunk.
+    pub fn record_read_error(&self) {
+        self.errors_read_failed.fetch_add(1, Relaxed);
+    }
+
+    /// Logs decoded / delivered bytes per dataset that decoded anything.
+    pub fn log_read_amplification(&self) {
+        for (dataset, counters) in &self.datasets {
+            let decoded = counters.decoded_bytes.load(Relaxed);
+            let delivered = counters.delivered_bytes.load(Relaxed);
+            if decoded > 0 && delivered > 0 {
+                tracing::info!(
+                    %dataset,
+                    decoded_bytes = decoded,
+                    delivered_bytes = delivered,
+                    read_amplification = format!("{:.3}", decoded as f64 / delivered as f64),
+                    "read amplification"
+                );
+            }
+        }
     }
 
     /// Counts one rejected request by cause.

@@ -84,6 +84,8 @@ async fn shuffled_epochs_are_deterministic_permutations() {
         seed: 11,
         rank: 0,
         world_size: 1,
+        block_len: 1,
+        shuffle_window: 1,
     };
     let first = epoch_indices(&mut loaders, "d", &spec, 0).await;
     let again = epoch_indices(&mut loaders, "d", &spec, 0).await;

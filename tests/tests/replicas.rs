@@ -24,6 +24,8 @@ fn spec() -> PlanSpec {
         seed: 42,
         rank: 0,
         world_size: 1,
+        block_len: 1,
+        shuffle_window: 1,
     }
 }
 

@@ -31,6 +31,8 @@ pub struct Batch {
     pub indices: Vec<u64>,
     /// One entry per field, in the dataset's field order.
     pub fields: Vec<FieldBatch>,
+    /// Bytes the loader decoded from storage for this batch (chunk cache misses).
+    pub decoded_bytes: u64,
 }
 
 impl Batch {
@@ -87,6 +89,6 @@ impl Batch {
             }
             fields.push(FieldBatch { name: tensor.field, dtype, shape: tensor.shape, data: tensor.data });
         }
-        Ok(Batch { epoch, index, indices: response.indices, fields })
+        Ok(Batch { epoch, index, indices: response.indices, fields, decoded_bytes: response.decoded_bytes })
     }
 }

@@ -67,6 +67,8 @@ mod tests {
                 seed: 1,
                 rank: 0,
                 world_size: 1,
+                block_len: 1,
+                shuffle_window: 1,
             },
             epoch: 2,
             next_batch: 1,

@@ -116,6 +116,10 @@ pub struct DispatchStats {
     pub retried_batches: u64,
     /// Seconds the caller spent waiting for a batch that was not there yet.
     pub wait_seconds: f64,
+    /// Tensor bytes delivered.
+    pub delivered_bytes: u64,
+    /// Bytes the loaders decoded from storage for those batches.
+    pub decoded_bytes: u64,
     /// Per replica address.
     pub replicas: BTreeMap<String, ReplicaStats>,
 }
@@ -623,6 +627,8 @@ impl Epoch<'_> {
                     replica.stats.batches += 1;
                     replica.stats.bytes += batch.num_bytes();
                 }
+                self.loaders.stats.delivered_bytes += batch.num_bytes();
+                self.loaders.stats.decoded_bytes += batch.decoded_bytes;
                 self.ready.insert(batch.index, batch);
             }
             // Answers and losses of an abandoned epoch stream.

@@ -7,7 +7,8 @@
 //! let mut loaders = Loaders::connect(&["127.0.0.1:7070".into()], StreamOptions::default()).await?;
 //! let info = loaders.dataset("chess")?;
 //! let spec = PlanSpec { num_samples: info.num_samples, batch_size: 256, drop_last: false,
-//!                       shuffle: Shuffle::Full, seed: 0, rank: 0, world_size: 1 };
+//!                       shuffle: Shuffle::Full, seed: 0, rank: 0, world_size: 1,
+//!                       block_len: 1, shuffle_window: 1 };
 //! let mut epoch = loaders.epoch("chess", EpochPlan::new(spec, 0)?, 0)?;
 //! while let Some(batch) = epoch.next().await? {
 //!     let board = batch.field("board").expect("field exists");

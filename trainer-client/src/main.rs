@@ -105,6 +105,10 @@ struct StreamArgs {
     /// Sample order within an epoch.
     #[arg(long, value_enum, default_value_t = Shuffle::Full)]
     shuffle: Shuffle,
+    /// Blocks of chunks shuffled together with `--shuffle block`: larger mixes more, and needs
+    /// that many decoded chunks in the loader's cache.
+    #[arg(long, default_value_t = 8)]
+    shuffle_window: u64,
     /// Shuffle seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -203,6 +207,8 @@ async fn stream(args: StreamArgs) -> anyhow::Result<RunReport> {
                 seed: args.seed,
                 rank: args.rank,
                 world_size: args.world_size,
+                block_len: info.fields.iter().map(|f| f.chunk_len).max().unwrap_or(1).max(1),
+                shuffle_window: args.shuffle_window,
             };
             (dataset, spec, args.epoch, 0)
         }
@@ -301,14 +307,16 @@ async fn stream(args: StreamArgs) -> anyhow::Result<RunReport> {
     }
     let report = RunReport::new(samples, batches, bytes, started.elapsed().as_secs_f64(), loaders.stats());
     println!(
-        "streamed {} samples ({:.1} MB) in {:.2}s: {:.0} samples/s, {:.1} MB/s, peak RSS {:.1} MiB, {} batches retried",
+        "streamed {} samples ({:.1} MB) in {:.2}s: {:.0} samples/s, {:.1} MB/s, peak RSS {:.1} MiB, {} batches retried, \
+         read amplification {:.3}",
         report.samples,
         report.bytes as f64 / 1e6,
         report.seconds,
         report.samples_per_s,
         report.bytes_per_s / 1e6,
         report.peak_rss_bytes as f64 / (1 << 20) as f64,
-        report.retried_batches
+        report.retried_batches,
+        report.read_amplification
     );
     if let Some(path) = &args.stats_json {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)
@@ -353,6 +361,7 @@ async fn run_demo(num_samples: u64, dir: Option<PathBuf>, batch_size: u64) -> an
         dataset: Some("chess".into()),
         batch_size,
         shuffle: Shuffle::Full,
+        shuffle_window: 8,
         seed: 0,
         epoch: 0,
         epochs: 1,

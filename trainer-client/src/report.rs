@@ -47,6 +47,11 @@ pub struct RunReport {
     pub retried_batches: u64,
     /// Seconds the caller waited for data.
     pub wait_seconds: f64,
+    /// Bytes the loaders decoded from storage for the delivered batches.
+    pub decoded_bytes: u64,
+    /// Decoded / delivered bytes (0 for memory-mapped `.npy`, ~1 when each chunk is decoded
+    /// once, more when chunks are decoded again for other batches).
+    pub read_amplification: f64,
     /// Per-replica counts.
     pub replicas: BTreeMap<String, ReplicaStats>,
 }
@@ -65,6 +70,12 @@ impl RunReport {
             peak_rss_bytes: peak_rss_bytes(),
             retried_batches: dispatch.retried_batches,
             wait_seconds: dispatch.wait_seconds,
+            decoded_bytes: dispatch.decoded_bytes,
+            read_amplification: if dispatch.delivered_bytes == 0 {
+                0.0
+            } else {
+                dispatch.decoded_bytes as f64 / dispatch.delivered_bytes as f64
+            },
             replicas: dispatch.replicas,
         }
     }

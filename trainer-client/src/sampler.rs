@@ -21,6 +21,22 @@
 //! dozen multiplications per sample, so a billion-sample epoch needs no index array and any
 //! batch can be computed directly (which is what resuming and retrying rely on).
 //!
+//! # Block shuffle (chunked storage)
+//! `block` shuffle serves chunked, compressed data (Zarr), where reading one sample means
+//! decoding its whole chunk. The epoch visits chunk-aligned blocks of `block_len` samples in a
+//! random order (a keyed permutation of the blocks, as above), taken `window` blocks at a time;
+//! the samples of each window are shuffled by a permutation keyed by (seed, epoch, window).
+//! Each chunk is then needed during one window only, so the loader's cache decodes it about
+//! once per epoch (read amplification ≈ 1), while every batch still mixes samples of `window`
+//! chunks. The trade-off against `full`: two samples of one chunk always land in the same
+//! window, i.e. within `window × block_len` positions of each other, so correlations inside a
+//! chunk (neighbouring EEG windows of one recording) reach a batch more often. A larger window
+//! mixes more at the cost of `window` decoded chunks in the loader's cache.
+//!
+//! Position → sample is computed directly, without lists: the window of a position follows
+//! from the window sizes (all `window × block_len` except the window holding the short last
+//! block, found with the inverse block permutation, and the final window).
+//!
 //! # Splitting between ranks
 //! Like PyTorch's `DistributedSampler`: the permuted epoch is padded by wrapping around to a
 //! multiple of the world size (or cut down to one when `drop_last`), and rank `r` takes
@@ -40,6 +56,9 @@ pub enum Shuffle {
     None,
     /// A uniform-looking permutation of the whole epoch.
     Full,
+    /// Chunk-aligned blocks in random order, shuffled within windows of blocks (for chunked
+    /// storage such as Zarr: each chunk is decoded about once per epoch).
+    Block,
 }
 
 /// SplitMix64 step: a fast, well-mixed 64-bit hash.
@@ -81,6 +100,26 @@ impl Permutation {
         (left << self.half_bits) | right
     }
 
+    fn feistel_inverse(&self, y: u64) -> u64 {
+        let mask = (1u64 << self.half_bits) - 1;
+        let (mut left, mut right) = (y >> self.half_bits, y & mask);
+        for key in self.round_keys.iter().rev() {
+            let f = mix64(left ^ key) & mask;
+            (left, right) = (right ^ f, left);
+        }
+        (left << self.half_bits) | right
+    }
+
+    /// The position holding sample `sample` (`< len`): the inverse of [`Permutation::apply`].
+    pub fn invert(&self, sample: u64) -> u64 {
+        debug_assert!(sample < self.len);
+        let mut x = self.feistel_inverse(sample);
+        while x >= self.len {
+            x = self.feistel_inverse(x);
+        }
+        x
+    }
+
     /// The sample at position `position` (`< len`).
     pub fn apply(&self, position: u64) -> u64 {
         debug_assert!(position < self.len);
@@ -109,6 +148,77 @@ pub struct PlanSpec {
     pub rank: u64,
     /// Number of data-parallel ranks.
     pub world_size: u64,
+    /// Samples per storage block (the dataset's chunk length), for `block` shuffle.
+    #[serde(default = "one")]
+    pub block_len: u64,
+    /// Blocks shuffled together, for `block` shuffle.
+    #[serde(default = "one")]
+    pub shuffle_window: u64,
+}
+
+fn one() -> u64 {
+    1
+}
+
+/// The `block` order of one epoch; see the module docs.
+#[derive(Debug, Clone)]
+struct BlockOrder {
+    num_samples: u64,
+    block_len: u64,
+    window: u64,
+    num_blocks: u64,
+    /// Length of the last block (`1..=block_len`).
+    last_len: u64,
+    /// Window holding the last block.
+    last_window: u64,
+    blocks: Permutation,
+    seed: u64,
+    epoch: u64,
+}
+
+impl BlockOrder {
+    fn new(num_samples: u64, block_len: u64, window: u64, seed: u64, epoch: u64) -> BlockOrder {
+        let num_blocks = num_samples.div_ceil(block_len);
+        let blocks = Permutation::new(num_blocks, seed, epoch);
+        let last_len = num_samples - (num_blocks - 1) * block_len;
+        let last_window = blocks.invert(num_blocks - 1) / window;
+        BlockOrder { num_samples, block_len, window, num_blocks, last_len, last_window, blocks, seed, epoch }
+    }
+
+    fn apply(&self, position: u64) -> u64 {
+        debug_assert!(position < self.num_samples);
+        let full = self.window * self.block_len;
+        // Windows after the one with the short last block start `deficit` positions earlier.
+        let deficit = self.block_len - self.last_len;
+        let window = if position + deficit >= (self.last_window + 1) * full {
+            (position + deficit) / full
+        } else {
+            position / full
+        };
+        let start = window * full - if window > self.last_window { deficit } else { 0 };
+        let first_block = window * self.window;
+        let num_blocks = self.window.min(self.num_blocks - first_block);
+        let size = num_blocks * self.block_len - if window == self.last_window { deficit } else { 0 };
+        let inner = Permutation::new(size, self.seed ^ mix64(window.wrapping_add(0xb10c)), self.epoch);
+        let mut offset = inner.apply(position - start);
+        for k in 0..num_blocks {
+            let block = self.blocks.apply(first_block + k);
+            let len = if block == self.num_blocks - 1 { self.last_len } else { self.block_len };
+            if offset < len {
+                return block * self.block_len + offset;
+            }
+            offset -= len;
+        }
+        unreachable!("window sizes add up to the samples of their blocks")
+    }
+}
+
+/// How positions map to samples in one epoch.
+#[derive(Debug, Clone)]
+enum Order {
+    Identity,
+    Full(Permutation),
+    Block(BlockOrder),
 }
 
 /// Why a plan cannot be made.
@@ -117,6 +227,9 @@ pub enum PlanError {
     /// `--batch-size 0`.
     #[error("--batch-size must be at least 1")]
     ZeroBatchSize,
+    /// `--shuffle-window 0` or a zero block length.
+    #[error("--shuffle-window and the dataset's chunk length must be at least 1")]
+    ZeroWindow,
     /// A rank outside the world.
     #[error("--rank {rank} is not below --world-size {world_size}; ranks count from 0")]
     BadRank {
@@ -132,7 +245,7 @@ pub enum PlanError {
 pub struct EpochPlan {
     spec: PlanSpec,
     epoch: u64,
-    permutation: Option<Permutation>,
+    order: Order,
     samples_per_rank: u64,
     num_batches: u64,
 }
@@ -157,11 +270,16 @@ impl EpochPlan {
         } else {
             samples_per_rank.div_ceil(spec.batch_size)
         };
-        let permutation = match spec.shuffle {
-            Shuffle::None => None,
-            Shuffle::Full => Some(Permutation::new(n, spec.seed, epoch)),
+        if spec.shuffle == Shuffle::Block && (spec.shuffle_window == 0 || spec.block_len == 0) {
+            return Err(PlanError::ZeroWindow);
+        }
+        let order = match spec.shuffle {
+            _ if n == 0 => Order::Identity,
+            Shuffle::None => Order::Identity,
+            Shuffle::Full => Order::Full(Permutation::new(n, spec.seed, epoch)),
+            Shuffle::Block => Order::Block(BlockOrder::new(n, spec.block_len, spec.shuffle_window, spec.seed, epoch)),
         };
-        Ok(EpochPlan { spec, epoch, permutation, samples_per_rank, num_batches })
+        Ok(EpochPlan { spec, epoch, order, samples_per_rank, num_batches })
     }
 
     /// The settings.
@@ -194,9 +312,10 @@ impl EpochPlan {
     /// The sample this rank sees at its local position `k`.
     fn sample_at(&self, k: u64) -> u64 {
         let position = (k * self.spec.world_size + self.spec.rank) % self.spec.num_samples;
-        match &self.permutation {
-            Some(permutation) => permutation.apply(position),
-            None => position,
+        match &self.order {
+            Order::Identity => position,
+            Order::Full(permutation) => permutation.apply(position),
+            Order::Block(blocks) => blocks.apply(position),
         }
     }
 }
@@ -214,7 +333,17 @@ mod tests {
         world_size: u64,
         drop_last: bool,
     ) -> PlanSpec {
-        PlanSpec { num_samples, batch_size, drop_last, shuffle, seed: 7, rank, world_size }
+        PlanSpec {
+            num_samples,
+            batch_size,
+            drop_last,
+            shuffle,
+            seed: 7,
+            rank,
+            world_size,
+            block_len: 1,
+            shuffle_window: 1,
+        }
     }
 
     fn all_indices(plan: &EpochPlan) -> Vec<u64> {
@@ -261,6 +390,58 @@ mod tests {
                 prop_assert_eq!(total, n.div_ceil(world) * world);
             }
         }
+    }
+
+    proptest! {
+        #[test]
+        fn invert_undoes_apply(len in 1u64..100_000, seed: u64, position_seed: u64) {
+            let p = Permutation::new(len, seed, 1);
+            let position = position_seed % len;
+            prop_assert_eq!(p.invert(p.apply(position)), position);
+        }
+
+        #[test]
+        fn block_shuffle_visits_every_sample_once_window_by_window(
+            n in 1u64..3000, block_len in 1u64..70, window in 1u64..9, seed: u64, epoch in 0u64..5,
+        ) {
+            let order = BlockOrder::new(n, block_len, window, seed, epoch);
+            let mut seen = vec![false; n as usize];
+            let span = window * block_len;
+            for position in 0..n {
+                let sample = order.apply(position);
+                prop_assert!(sample < n);
+                prop_assert!(!seen[sample as usize], "{} twice", sample);
+                seen[sample as usize] = true;
+            }
+            // Chunk locality: all samples of one block are served within one window, i.e.
+            // within `window * block_len` consecutive positions.
+            let mut first_last = vec![(u64::MAX, 0u64); n.div_ceil(block_len) as usize];
+            for position in 0..n {
+                let entry = &mut first_last[(order.apply(position) / block_len) as usize];
+                *entry = (entry.0.min(position), entry.1.max(position));
+            }
+            for (block, (first, last)) in first_last.into_iter().enumerate() {
+                prop_assert!(last - first < span, "block {} spread over positions {}..={}", block, first, last);
+            }
+        }
+    }
+
+    #[test]
+    fn block_shuffle_mixes_blocks_within_batches() {
+        let spec = PlanSpec {
+            shuffle: Shuffle::Block,
+            block_len: 64,
+            shuffle_window: 8,
+            ..spec(64 * 100, 64, Shuffle::Block, 0, 1, false)
+        };
+        let plan = EpochPlan::new(spec.clone(), 0).expect("valid");
+        let first = plan.batch(0);
+        let blocks: std::collections::BTreeSet<u64> = first.iter().map(|i| i / 64).collect();
+        assert!(blocks.len() >= 5, "a batch of 64 draws from several of the window's 8 blocks: {blocks:?}");
+        let again = EpochPlan::new(spec.clone(), 0).expect("valid").batch(0);
+        let next = EpochPlan::new(spec, 1).expect("valid").batch(0);
+        assert_eq!(first, again);
+        assert_ne!(first, next);
     }
 
     #[test]
