@@ -46,7 +46,7 @@ enum Source {
     /// shard `i`'s first row.
     Npy { shards: Vec<Shard>, shard_starts: Vec<u64> },
     /// A Zarr array read in chunk-aligned blocks through the shared cache.
-    Zarr(ZarrSource),
+    Zarr(Box<ZarrSource>),
 }
 
 /// Gives every field a distinct id for cache keys.
@@ -224,7 +224,7 @@ fn zarr_field(opened: zarr::OpenedArray) -> Field {
         chunk_len: opened.source.block_len,
         num_samples: opened.shape[0],
         id: NEXT_FIELD_ID.fetch_add(1, Ordering::Relaxed),
-        source: Source::Zarr(opened.source),
+        source: Source::Zarr(Box::new(opened.source)),
     }
 }
 
@@ -285,15 +285,15 @@ fn open_field(name: &str, paths: &[PathBuf]) -> Result<Field, LoadError> {
         if actual_bytes < expected_bytes {
             return Err(LoadError::Truncated { path: path.clone(), expected_bytes, actual_bytes });
         }
-        if let Some(first) = &first_header {
-            if first.dtype != header.dtype || first.shape[1..] != header.shape[1..] {
-                return Err(LoadError::ShardMismatch {
-                    field: name.to_owned(),
-                    path: path.clone(),
-                    expected: describe(first),
-                    found: describe(&header),
-                });
-            }
+        if let Some(first) =
+            first_header.as_ref().filter(|f| f.dtype != header.dtype || f.shape[1..] != header.shape[1..])
+        {
+            return Err(LoadError::ShardMismatch {
+                field: name.to_owned(),
+                path: path.clone(),
+                expected: describe(first),
+                found: describe(&header),
+            });
         }
         shard_starts.push(total);
         total += header.shape[0];

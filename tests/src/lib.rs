@@ -8,6 +8,8 @@ use std::{
 };
 
 use anyhow::{Context, bail};
+use tokio::sync::oneshot;
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 pub use trainer_client::demo::LoaderProcess;
 
 /// The directory holding the workspace's built binaries (`target/debug` or `target/release`),
@@ -57,6 +59,13 @@ pub fn npy_fixtures() -> tempfile::TempDir {
     dir
 }
 
+/// Fixtures written by zarr-python (see `fixtures/make_zarr.py`) in a fresh temporary directory.
+pub fn zarr_fixtures() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    run_python("make_zarr.py", &[dir.path()]).expect("zarr fixtures (is zarr-python installed? see README)");
+    dir
+}
+
 /// Starts a loader-server process on a free loopback port serving `datasets` (`NAME=DIR`).
 ///
 /// # Errors
@@ -85,4 +94,62 @@ pub async fn start_loader_on(listen: &str, datasets: &[String], extra_args: &[&s
 /// When it cannot be started.
 pub fn trainer(args: &[&str]) -> anyhow::Result<Output> {
     Ok(std::process::Command::new(binary("trainer-client")).args(args).output()?)
+}
+
+/// A loader running inside the test process on a free port.
+pub struct InProcessLoader {
+    /// Its address.
+    pub addr: String,
+    /// Its shared state (cache, counters).
+    pub state: std::sync::Arc<loader_server::LoaderState>,
+    stop_tx: Option<oneshot::Sender<()>>,
+    server: tokio::task::JoinHandle<Result<(), loader_server::ServeError>>,
+}
+
+impl InProcessLoader {
+    /// Opens `config`'s datasets and serves them on a free port.
+    pub async fn start(config: loader_server::Config) -> InProcessLoader {
+        let state = loader_server::open(config).expect("datasets open");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let server = tokio::spawn(loader_server::serve(listener, state.clone(), async {
+            let _ = stop_rx.await;
+        }));
+        InProcessLoader { addr, state, stop_tx: Some(stop_tx), server }
+    }
+
+    /// The health service's answer for `conveyor.v1.Loader`.
+    pub async fn health(&self) -> ServingStatus {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect");
+        let mut health = HealthClient::new(channel);
+        let request = HealthCheckRequest { service: "conveyor.v1.Loader".into() };
+        let status = health.check(request).await.expect("health check").into_inner().status;
+        ServingStatus::try_from(status).expect("known status")
+    }
+
+    /// Stops (drains) the server and waits for it.
+    pub async fn stop(mut self) {
+        let _ = self.stop_tx.take().map(|tx| tx.send(()));
+        self.server.await.expect("server task").expect("server exits cleanly");
+    }
+}
+
+/// `GET /metrics` over a real socket from the metrics endpoint on a free port.
+pub async fn scrape_metrics(loader: &InProcessLoader) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = tokio::spawn(loader_server::metrics::serve_metrics(listener, loader.state.clone()));
+    let mut socket = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    socket.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").await.expect("write");
+    let mut response = String::new();
+    socket.read_to_string(&mut response).await.expect("read");
+    server.abort();
+    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+    response
 }

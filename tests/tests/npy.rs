@@ -3,11 +3,11 @@
 use std::{collections::BTreeSet, path::Path};
 
 use conveyor_proto::v1::{BatchRequest, batch_error::Kind, loader_client::LoaderClient};
-use conveyor_tests::{npy_fixtures, run_python, start_loader, trainer};
+use conveyor_tests::{InProcessLoader, npy_fixtures, run_python, scrape_metrics, start_loader, trainer};
 use futures::StreamExt;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+use tonic_health::pb::health_check_response::ServingStatus;
 use trainer_client::{EpochPlan, Loaders, PlanSpec, Shuffle, StreamOptions};
 
 fn spec_of(name: &str, dir: &Path) -> String {
@@ -122,59 +122,6 @@ fn rejected_inputs_stop_the_loader_with_a_message_naming_the_file() {
             assert!(stderr.contains(needle), "{dir}: stderr lacks '{needle}': {stderr}");
         }
     }
-}
-
-/// A loader running inside the test process on a free port.
-struct InProcessLoader {
-    addr: String,
-    state: std::sync::Arc<loader_server::LoaderState>,
-    stop_tx: Option<oneshot::Sender<()>>,
-    server: tokio::task::JoinHandle<Result<(), loader_server::ServeError>>,
-}
-
-impl InProcessLoader {
-    async fn start(config: loader_server::Config) -> InProcessLoader {
-        let state = loader_server::open(config).expect("datasets open");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr").to_string();
-        let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let server = tokio::spawn(loader_server::serve(listener, state.clone(), async {
-            let _ = stop_rx.await;
-        }));
-        InProcessLoader { addr, state, stop_tx: Some(stop_tx), server }
-    }
-
-    async fn health(&self) -> ServingStatus {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
-            .expect("uri")
-            .connect()
-            .await
-            .expect("connect");
-        let mut health = HealthClient::new(channel);
-        let request = HealthCheckRequest { service: "conveyor.v1.Loader".into() };
-        let status = health.check(request).await.expect("health check").into_inner().status;
-        ServingStatus::try_from(status).expect("known status")
-    }
-
-    async fn stop(mut self) {
-        let _ = self.stop_tx.take().map(|tx| tx.send(()));
-        self.server.await.expect("server task").expect("server exits cleanly");
-    }
-}
-
-/// `GET /metrics` over a real socket from the metrics endpoint on a free port.
-async fn scrape_metrics(loader: &InProcessLoader) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let server = tokio::spawn(loader_server::metrics::serve_metrics(listener, loader.state.clone()));
-    let mut socket = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    socket.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").await.expect("write");
-    let mut response = String::new();
-    socket.read_to_string(&mut response).await.expect("read");
-    server.abort();
-    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
-    response
 }
 
 fn request(batch_id: u64, dataset: &str, indices: Vec<u64>) -> BatchRequest {

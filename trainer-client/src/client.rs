@@ -92,7 +92,8 @@ pub fn catalog_difference(expected: &[DatasetInfo], found: &[DatasetInfo]) -> Op
     if a == b {
         return None;
     }
-    let summary = |v: &[(String, u64, Vec<(String, i32, Vec<u64>)>)]| {
+    type Key = (String, u64, Vec<(String, i32, Vec<u64>)>);
+    let summary = |v: &[Key]| {
         v.iter().map(|(name, n, f)| format!("{name}({n} samples, {} fields)", f.len())).collect::<Vec<_>>().join(", ")
     };
     Some(format!("expected [{}] but it serves [{}]", summary(&a), summary(&b)))

@@ -454,21 +454,21 @@ impl Loaders {
             let error = format!("no answer within {:?} (--request-timeout)", self.options.request_timeout);
             outcomes.extend(self.fail_replica(addr, error, false));
         }
-        if let Some(since) = self.down_since {
-            if now.duration_since(since) >= self.options.unavailable_timeout {
-                let mut last_errors: Vec<String> = self
-                    .replicas
-                    .iter()
-                    .map(|(addr, r)| format!("{addr}: {}", r.last_error.as_deref().unwrap_or("not connected yet")))
-                    .collect();
-                if last_errors.is_empty() {
-                    last_errors.push("no --loader name resolved to any address".into());
-                }
-                return Err(ClientError::Unavailable {
-                    waited: now.duration_since(since),
-                    last_errors: last_errors.join("; "),
-                });
+        if let Some(since) =
+            self.down_since.filter(|since| now.duration_since(*since) >= self.options.unavailable_timeout)
+        {
+            let mut last_errors: Vec<String> = self
+                .replicas
+                .iter()
+                .map(|(addr, r)| format!("{addr}: {}", r.last_error.as_deref().unwrap_or("not connected yet")))
+                .collect();
+            if last_errors.is_empty() {
+                last_errors.push("no --loader name resolved to any address".into());
             }
+            return Err(ClientError::Unavailable {
+                waited: now.duration_since(since),
+                last_errors: last_errors.join("; "),
+            });
         }
         Ok(outcomes)
     }

@@ -35,7 +35,7 @@ enum Command {
         loader: String,
     },
     /// Stream epochs of a dataset from one or more loaders.
-    Stream(StreamArgs),
+    Stream(Box<StreamArgs>),
     /// Write a built-in example dataset, start two loaders on free ports and stream one shuffled
     /// epoch across them, checking every sample arrived exactly once with the right content.
     Demo {
@@ -158,7 +158,7 @@ async fn main() -> ExitCode {
         .init();
     let result = match Cli::parse().command {
         Command::Info { loader } => info(&loader).await,
-        Command::Stream(args) => stream(args).await.map(|_| ()),
+        Command::Stream(args) => stream(*args).await.map(|_| ()),
         Command::Demo { samples, dir, batch_size } => run_demo(samples, dir, batch_size).await,
     };
     match result {

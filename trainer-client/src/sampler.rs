@@ -82,7 +82,7 @@ impl Permutation {
     pub fn new(len: u64, seed: u64, epoch: u64) -> Permutation {
         let bits = (64 - len.saturating_sub(1).leading_zeros()).max(2);
         let half_bits = bits.div_ceil(2);
-        let mut state = mix64(seed ^ mix64(epoch ^ 0x5eed_0f_e90c));
+        let mut state = mix64(seed ^ mix64(epoch ^ 0x5eed_0fe9_0c00));
         let round_keys = std::array::from_fn(|_| {
             state = mix64(state);
             state

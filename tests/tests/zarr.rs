@@ -1,0 +1,175 @@
+//! End-to-end: Zarr arrays and groups written by zarr-python (format 2 and 3, every codec users
+//! use, sharded and not, chunked along any axis), served by real loaders.
+
+use std::collections::BTreeMap;
+
+use conveyor_proto::v1::{BatchRequest, batch_error::Kind, loader_client::LoaderClient};
+use conveyor_tests::{InProcessLoader, run_python, start_loader, trainer, zarr_fixtures};
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+fn cases(dir: &std::path::Path) -> serde_json::Map<String, serde_json::Value> {
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("cases.json")).expect("cases.json")).expect("json");
+    json.as_object().expect("object").clone()
+}
+
+/// Streams one epoch of `dataset` through the CLI; returns the stats JSON and numpy's check of
+/// the dump against zarr-python's reading of the source.
+fn stream(addr: &str, dataset: &str, source: &str, extra: &[&str]) -> (serde_json::Value, serde_json::Value) {
+    let out = tempfile::tempdir().expect("tempdir");
+    let dump = out.path().join("dump");
+    let stats = out.path().join("stats.json");
+    let (dump_arg, stats_arg) = (dump.to_str().expect("utf-8"), stats.to_str().expect("utf-8"));
+    let mut args =
+        vec!["stream", "--loader", addr, "--dataset", dataset, "--dump", dump_arg, "--stats-json", stats_arg];
+    args.extend_from_slice(extra);
+    let output = trainer(&args).expect("trainer-client runs");
+    assert!(output.status.success(), "{dataset} {extra:?}: {}", String::from_utf8_lossy(&output.stderr));
+    let check = run_python("check_dump.py", &[std::path::Path::new(source), &dump]).expect("dump matches zarr-python");
+    let stats = serde_json::from_slice(&std::fs::read(&stats).expect("stats")).expect("json");
+    (stats, serde_json::from_str(&check).expect("json"))
+}
+
+/// [`stream`] on a blocking thread, so a loader in this test's runtime keeps serving.
+async fn stream_off_runtime(
+    addr: &str,
+    dataset: &str,
+    source: &str,
+    extra: &[&str],
+) -> (serde_json::Value, serde_json::Value) {
+    let (addr, dataset, source) = (addr.to_owned(), dataset.to_owned(), source.to_owned());
+    let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        stream(&addr, &dataset, &source, &extra)
+    })
+    .await
+    .expect("stream thread")
+}
+
+#[tokio::test]
+async fn every_format_codec_and_chunking_round_trips_bit_exactly_under_every_shuffle() {
+    let fixtures = zarr_fixtures();
+    let cases: BTreeMap<String, serde_json::Value> =
+        cases(fixtures.path()).into_iter().filter(|(_, c)| c.get("corrupt_rows").is_none()).collect();
+    assert!(cases.len() >= 15, "{}", cases.len());
+    let specs: Vec<String> =
+        cases.iter().map(|(name, c)| format!("{name}={}", c["path"].as_str().expect("path"))).collect();
+    let loader = start_loader(&specs, &[]).await.expect("loader");
+    for (name, case) in &cases {
+        let path = case["path"].as_str().expect("path");
+        let fields = case["fields"].as_object().expect("fields").len();
+        for shuffle in [["--shuffle", "none"], ["--shuffle", "full"], ["--shuffle", "block"]] {
+            let (stats, check) = stream(
+                &loader.addr,
+                name,
+                path,
+                &[&shuffle[..], &["--batch-size", "9", "--shuffle-window", "3"]].concat(),
+            );
+            // 203 samples: every one exactly once, every field bit-exact.
+            assert_eq!(
+                (check["rows"].as_u64(), check["distinct"].as_u64()),
+                (Some(203), Some(203)),
+                "{name} {shuffle:?}: {check}"
+            );
+            assert_eq!(check["fields"].as_object().map(|f| f.len()), Some(fields), "{name}: {check}");
+            assert!(stats["decoded_bytes"].as_u64().is_some(), "{stats}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn block_shuffle_decodes_each_chunk_about_once_where_full_shuffle_thrashes_a_small_cache() {
+    let fixtures = zarr_fixtures();
+    let path = fixtures.path().join("v3-zstd");
+    // 203 rows in chunks of 16 rows x 120 bytes = 1920 bytes; the cache holds 5 chunks.
+    let mut config = loader_server::Config::for_datasets([format!("eeg={}", path.display())]);
+    config.chunk_cache_bytes = 5 * 1920;
+    let loader = InProcessLoader::start(config).await;
+    let common = ["--batch-size", "8", "--prefetch", "1", "--shuffle-window", "2"];
+    let (block, check) = stream_off_runtime(
+        &loader.addr,
+        "eeg",
+        path.to_str().expect("utf-8"),
+        &[&common[..], &["--shuffle", "block"]].concat(),
+    )
+    .await;
+    assert_eq!(check["distinct"].as_u64(), Some(203));
+    let block_amplification = block["read_amplification"].as_f64().expect("number");
+    let (full, _) = stream_off_runtime(
+        &loader.addr,
+        "eeg",
+        path.to_str().expect("utf-8"),
+        &[&common[..], &["--shuffle", "full"]].concat(),
+    )
+    .await;
+    let full_amplification = full["read_amplification"].as_f64().expect("number");
+    assert!((1.0..1.1).contains(&block_amplification), "block: {block_amplification}");
+    assert!(full_amplification > 2.0, "full shuffle over a 5-chunk cache re-decodes: {full_amplification}");
+    let cache = loader.state.cache.stats();
+    assert!(cache.peak_bytes <= 5 * 1920, "the cache held {} bytes over its budget", cache.peak_bytes);
+    assert!(cache.peak_bytes >= 4 * 1920, "the cache was used: {cache:?}");
+    let metrics = conveyor_tests::scrape_metrics(&loader).await;
+    assert!(metrics.contains("conveyor_loader_chunk_cache_budget_bytes 9600"), "{metrics}");
+    assert!(metrics.contains("conveyor_loader_dataset_decoded_bytes_total{dataset=\"eeg\"}"), "{metrics}");
+    loader.stop().await;
+}
+
+#[tokio::test]
+async fn a_corrupt_or_missing_chunk_fails_only_the_batches_that_need_it() {
+    let fixtures = zarr_fixtures();
+    let cases = cases(fixtures.path());
+    let specs = ["corrupt", "missing"].map(|name| format!("{name}={}", cases[name]["path"].as_str().expect("path")));
+    let loader = InProcessLoader::start(loader_server::Config::for_datasets(specs)).await;
+    let mut client = LoaderClient::connect(format!("http://{}", loader.addr)).await.expect("connect");
+    for (dataset, bad_row, rows) in [("corrupt", 33, "32..48"), ("missing", 50, "48..64")] {
+        let (requests_tx, requests_rx) = mpsc::channel(8);
+        let mut responses = client.stream_batches(ReceiverStream::new(requests_rx)).await.expect("stream").into_inner();
+        let requests = [vec![0, 1, 100], vec![5, bad_row, 7], vec![202, 150], vec![bad_row + 1]];
+        for (id, indices) in requests.into_iter().enumerate() {
+            requests_tx
+                .send(BatchRequest { batch_id: id as u64, dataset: dataset.into(), indices })
+                .await
+                .expect("send");
+        }
+        let mut answers = BTreeMap::new();
+        while answers.len() < 4 {
+            let answer = responses.next().await.expect("an answer per request").expect("the stream stays up");
+            answers.insert(answer.batch_id, answer);
+        }
+        for ok in [0, 2] {
+            assert!(answers[&ok].error.is_none(), "{dataset} batch {ok}: {:?}", answers[&ok].error);
+            assert_eq!(answers[&ok].tensors[0].data.len(), answers[&ok].indices.len() * 120);
+        }
+        for bad in [1, 3] {
+            let error = answers[&bad].error.clone().expect("the batch needing the bad chunk fails");
+            assert_eq!(error.kind(), Kind::ReadFailed);
+            for needle in [format!("dataset '{dataset}'"), format!("field '{dataset}'"), format!("rows {rows}")] {
+                assert!(error.message.contains(&needle), "{dataset}: '{needle}' missing from: {}", error.message);
+            }
+        }
+    }
+    let metrics = conveyor_tests::scrape_metrics(&loader).await;
+    assert!(metrics.contains("conveyor_loader_request_errors_total{kind=\"read_failed\"} 4"), "{metrics}");
+    loader.stop().await;
+}
+
+#[test]
+fn bad_zarr_inputs_stop_the_loader_with_a_message_naming_the_array() {
+    let fixtures = zarr_fixtures();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixtures.path().join("manifest.json")).expect("manifest")).expect("json");
+    for (dir, expected) in manifest.as_object().expect("object") {
+        let output = std::process::Command::new(conveyor_tests::binary("loader-server"))
+            .args(["--listen", "127.0.0.1:0", "--dataset", &format!("bad={}", fixtures.path().join(dir).display())])
+            .output()
+            .expect("loader-server runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{dir}: the loader started");
+        for needle in expected.as_array().expect("list") {
+            assert!(stderr.contains(needle.as_str().expect("string")), "{dir}: stderr lacks {needle}: {stderr}");
+        }
+    }
+}
