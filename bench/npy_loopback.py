@@ -10,17 +10,15 @@ Writes OUT/npy_loopback.json and OUT/npy_loopback.md. Needs release binaries
 import argparse
 import json
 import os
-import re
 import socket
-import statistics
 import subprocess
-import threading
 import time
 
 import numpy as np
 
+from common import AnonSampler, conveyor_run, start_loader, summary
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release")
 SAMPLE_SHAPE = (3, 64, 64)
 
 
@@ -64,56 +62,6 @@ def iperf3(seconds=5):
         server.wait(timeout=10)
 
 
-def proc_kib(pid, key):
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(key):
-                    return int(line.split()[1])
-    except FileNotFoundError:
-        pass
-    return 0
-
-
-class AnonSampler(threading.Thread):
-    """Samples a process's anonymous RSS (mapped dataset pages are file-backed and excluded)."""
-
-    def __init__(self, pid):
-        super().__init__(daemon=True)
-        self.pid, self.peak_kib, self.stop = pid, 0, threading.Event()
-
-    def run(self):
-        while not self.stop.is_set():
-            self.peak_kib = max(self.peak_kib, proc_kib(self.pid, "RssAnon:"))
-            self.stop.wait(0.05)
-
-
-def start_loader(dataset_dir, extra=()):
-    env = dict(os.environ, LOADER_LOG="warn")
-    proc = subprocess.Popen([os.path.join(BIN, "loader-server"), "--listen", "127.0.0.1:0",
-                             "--dataset", f"images={dataset_dir}", *extra], stdout=subprocess.PIPE, text=True, env=env)
-    line = proc.stdout.readline()
-    m = re.match(r"listening on (\S+)", line)
-    if not m:
-        raise RuntimeError(f"loader did not start: {line!r}")
-    return proc, m.group(1)
-
-
-def conveyor_run(addrs, out_dir, prefetch, batch, run):
-    stats = os.path.join(out_dir, f"stats-{run}.json")
-    cmd = [os.path.join(BIN, "trainer-client"), "stream", "--dataset", "images", "--batch-size", str(batch),
-           "--shuffle", "full", "--seed", str(run), "--prefetch", str(prefetch), "--stats-json", stats]
-    for a in addrs:
-        cmd += ["--loader", a]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    with open(stats) as f:
-        return json.load(f)
-
-
-def summary(values):
-    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--gib", type=float, default=3.0)
@@ -133,10 +81,12 @@ def main():
     loopback, conveyor, rss, anon = [], [], [], []
     for run in range(args.runs):
         loopback.append(iperf3())
-        loader, addr = start_loader(data)
+        loader, addr = start_loader({"images": data})
         sampler = AnonSampler(loader.pid)
         sampler.start()
-        report = conveyor_run([addr], args.out, args.prefetch, args.batch, run)
+        stats = os.path.join(args.out, f"stats-{run}.json")
+        report = conveyor_run([addr], "images", stats, ["--batch-size", str(args.batch), "--shuffle", "full",
+                                                         "--seed", str(run), "--prefetch", str(args.prefetch)])
         sampler.stop.set()
         sampler.join()
         loader.terminate()

@@ -7,6 +7,13 @@ use anyhow::Context;
 use clap::Parser;
 use loader_server::Config;
 
+/// jemalloc returns freed batch and chunk buffers to the OS, where glibc's malloc keeps large
+/// freed blocks in per-thread arenas: with multi-MiB batches that held the loader's anonymous
+/// memory hundreds of MiB above its configured bounds.
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()

@@ -1,0 +1,65 @@
+"""Helpers shared by the benchmarks: release binaries, loaders on free ports, memory sampling."""
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import threading
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release")
+
+
+def proc_kib(pid, key):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1])
+    except FileNotFoundError:
+        pass
+    return 0
+
+
+class AnonSampler(threading.Thread):
+    """Samples a process's anonymous RSS (mapped dataset pages are file-backed and excluded)."""
+
+    def __init__(self, pid):
+        super().__init__(daemon=True)
+        self.pid, self.peak_kib, self.stop = pid, 0, threading.Event()
+
+    def run(self):
+        while not self.stop.is_set():
+            self.peak_kib = max(self.peak_kib, proc_kib(self.pid, "RssAnon:"))
+            self.stop.wait(0.05)
+
+
+def start_loader(datasets, extra=()):
+    """Starts a release loader-server on a free port serving {name: path}; returns (process, address)."""
+    env = dict(os.environ, LOADER_LOG="warn")
+    args = [os.path.join(BIN, "loader-server"), "--listen", "127.0.0.1:0"]
+    for name, path in datasets.items():
+        args += ["--dataset", f"{name}={path}"]
+    proc = subprocess.Popen([*args, *extra], stdout=subprocess.PIPE, text=True, env=env)
+    line = proc.stdout.readline()
+    m = re.match(r"listening on (\S+)", line)
+    if not m:
+        raise RuntimeError(f"loader did not start: {line!r}")
+    return proc, m.group(1)
+
+
+def conveyor_run(addrs, dataset, stats_path, extra):
+    """Streams with the release trainer-client; returns its --stats-json report."""
+    cmd = [os.path.join(BIN, "trainer-client"), "stream", "--dataset", dataset, "--stats-json", stats_path, *extra]
+    for a in addrs:
+        cmd += ["--loader", a]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    with open(stats_path) as f:
+        return json.load(f)
+
+
+def summary(values):
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
