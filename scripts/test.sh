@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace: unit tests, service tests and the end-to-end tests, whose
-# fixtures are written by numpy (installed here into .venv, so a fresh machine needs only Rust
-# and Python 3).
+# fixtures are written by numpy and zarr-python (installed here into .venv, so a fresh machine
+# needs only Rust and Python 3), then the libtorch tests of trainer-client's `torch` feature
+# (PyTorch 2.13.0 from PyPI, about 5 GB; CONVEYOR_SKIP_TORCH=1 skips them, saying so).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,3 +15,10 @@ export CONVEYOR_PYTHON="$PWD/.venv/bin/python"
 # The end-to-end tests start the real binaries, so build them first.
 cargo build --workspace --locked
 cargo test --workspace --locked
+
+if [ "${CONVEYOR_SKIP_TORCH:-0}" = "1" ]; then
+    echo "SKIPPED: torch feature tests (CONVEYOR_SKIP_TORCH=1)"
+    exit 0
+fi
+# The torch tests start a loader-server from the same target directory (built above).
+bash scripts/setup-torch.sh cargo test --locked -p trainer-client --features torch

@@ -53,9 +53,17 @@ pub fn move_label(index: u64) -> i64 {
     (mix64(index ^ 0xabcd) % NUM_MOVES) as i64
 }
 
-/// Game result of sample `index`: -1, 0 or 1.
+/// Game result of sample `index`: the sign of the material balance (pieces on planes 0-5 minus
+/// planes 6-11), so a model can learn it from the board.
 pub fn result_label(index: u64) -> i8 {
-    (mix64(index ^ 0x1234) % 3) as i8 - 1
+    result_of(&board(index))
+}
+
+/// The result label of a board: -1, 0 or 1.
+pub fn result_of(board: &[i16; 768]) -> i8 {
+    let (white, black) = board.split_at(384);
+    let balance: i32 = white.iter().map(|&v| i32::from(v)).sum::<i32>() - black.iter().map(|&v| i32::from(v)).sum::<i32>();
+    balance.signum() as i8
 }
 
 /// Writes `board.npy` (`[n,12,8,8] int16`), `move.npy` (`int64`) and `result.npy` (`int8`)
@@ -109,11 +117,12 @@ pub fn check_chess_batch(batch: &Batch) -> anyhow::Result<()> {
         bail!("batch {} lacks a board, move or result field", batch.index);
     };
     for (row, &index) in batch.indices.iter().enumerate() {
-        let expected: Vec<u8> = board(index).iter().flat_map(|v| v.to_le_bytes()).collect();
+        let expected_board = board(index);
+        let expected: Vec<u8> = expected_board.iter().flat_map(|v| v.to_le_bytes()).collect();
         let got_board = &boards.data[row * 1536..(row + 1) * 1536];
         let got_move = i64::from_le_bytes(moves.data[row * 8..(row + 1) * 8].try_into().expect("8 bytes"));
         let got_result = results.data[row] as i8;
-        if got_board != expected.as_slice() || got_move != move_label(index) || got_result != result_label(index) {
+        if got_board != expected.as_slice() || got_move != move_label(index) || got_result != result_of(&expected_board) {
             bail!("sample {index} (row {row} of batch {}) has the wrong content", batch.index);
         }
     }

@@ -26,6 +26,10 @@ pub mod dump;
 pub mod error;
 pub mod report;
 pub mod sampler;
+#[cfg(feature = "torch")]
+pub mod tensor;
+#[cfg(feature = "torch")]
+pub mod train;
 
 pub use batch::{Batch, FieldBatch};
 pub use client::ConnectOptions;

@@ -36,6 +36,9 @@ enum Command {
     },
     /// Stream epochs of a dataset from one or more loaders.
     Stream(Box<StreamArgs>),
+    /// Train a small model on a stream (built with the `torch` feature).
+    #[cfg(feature = "torch")]
+    Train(Box<TrainArgs>),
     /// Write a built-in example dataset, start two loaders on free ports and stream one shuffled
     /// epoch across them, checking every sample arrived exactly once with the right content.
     Demo {
@@ -49,6 +52,68 @@ enum Command {
         #[arg(long, default_value_t = 256)]
         batch_size: u64,
     },
+}
+
+/// `train` flags (cargo feature `torch`).
+#[cfg(feature = "torch")]
+#[derive(Debug, Args)]
+struct TrainArgs {
+    #[command(flatten)]
+    loader: LoaderArgs,
+    /// Dataset to train on (the demo's chess positions by default).
+    #[arg(long, env = "TRAINER_DATASET", default_value = "chess")]
+    dataset: String,
+    /// Field holding the model input.
+    #[arg(long, default_value = "board")]
+    input_field: String,
+    /// Field holding the class label.
+    #[arg(long, default_value = "result")]
+    label_field: String,
+    /// Added to labels to make them 0-based.
+    #[arg(long, default_value_t = 1, allow_hyphen_values = true)]
+    label_offset: i64,
+    /// Number of classes.
+    #[arg(long, default_value_t = 3)]
+    num_classes: i64,
+    /// Samples per batch.
+    #[arg(long, env = "TRAINER_BATCH_SIZE", default_value_t = 256)]
+    batch_size: u64,
+    /// Sample order within an epoch.
+    #[arg(long, value_enum, default_value_t = Shuffle::Full)]
+    shuffle: Shuffle,
+    /// Shuffle seed (also seeds the model's initialisation).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Epochs to train.
+    #[arg(long, default_value_t = 2)]
+    epochs: u64,
+    /// Adam learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// auto (CUDA when available), cpu, cuda or cuda:N.
+    #[arg(long, env = "TRAINER_DEVICE", default_value = "auto", value_parser = trainer_client::tensor::parse_device)]
+    device: tch::Device,
+    /// This process's rank in data-parallel training.
+    #[arg(long, env = "TRAINER_RANK", default_value_t = 0)]
+    rank: u64,
+    /// Number of data-parallel ranks.
+    #[arg(long, env = "TRAINER_WORLD_SIZE", default_value_t = 1)]
+    world_size: u64,
+    /// Directory for model weights + stream cursor; a restart resumes from it.
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Checkpoint every this many batches (and at each epoch end).
+    #[arg(long, default_value_t = 100)]
+    checkpoint_every: u64,
+    /// Stop after this many batches (with a checkpoint), as a run that is interrupted.
+    #[arg(long)]
+    max_batches: Option<u64>,
+    /// Append every trained sample index (int64 little-endian) to this file.
+    #[arg(long)]
+    indices_log: Option<PathBuf>,
+    /// Write per-epoch loss, throughput, wait share and memory as JSON.
+    #[arg(long)]
+    stats_json: Option<PathBuf>,
 }
 
 /// Connection and flow-control flags shared by the streaming commands.
@@ -160,6 +225,8 @@ async fn main() -> ExitCode {
         Command::Info { loader } => info(&loader).await,
         Command::Stream(args) => stream(*args).await.map(|_| ()),
         Command::Demo { samples, dir, batch_size } => run_demo(samples, dir, batch_size).await,
+        #[cfg(feature = "torch")]
+        Command::Train(args) => train(*args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -323,6 +390,45 @@ async fn stream(args: StreamArgs) -> anyhow::Result<RunReport> {
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(report)
+}
+
+#[cfg(feature = "torch")]
+async fn train(args: TrainArgs) -> anyhow::Result<()> {
+    let mut loaders = Loaders::connect(&args.loader.loaders, args.loader.options()?).await?;
+    let info = loaders.dataset(&args.dataset)?;
+    let plan = PlanSpec {
+        num_samples: info.num_samples,
+        batch_size: args.batch_size,
+        drop_last: false,
+        shuffle: args.shuffle,
+        seed: args.seed,
+        rank: args.rank,
+        world_size: args.world_size,
+        block_len: info.fields.iter().map(|f| f.chunk_len).max().unwrap_or(1).max(1),
+        shuffle_window: 8,
+    };
+    let options = trainer_client::train::TrainOptions {
+        dataset: args.dataset,
+        input_field: args.input_field,
+        label_field: args.label_field,
+        label_offset: args.label_offset,
+        num_classes: args.num_classes,
+        plan,
+        epochs: args.epochs,
+        lr: args.lr,
+        device: args.device,
+        checkpoint: args.checkpoint,
+        checkpoint_every: args.checkpoint_every,
+        max_batches: args.max_batches,
+        indices_log: args.indices_log,
+        ring_len: args.loader.prefetch.get() + 2,
+    };
+    println!("training on {:?} (CUDA available: {})", options.device, tch::Cuda::is_available());
+    let report = trainer_client::train::train(&mut loaders, options).await?;
+    if let Some(path) = &args.stats_json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
 }
 
 async fn run_demo(num_samples: u64, dir: Option<PathBuf>, batch_size: u64) -> anyhow::Result<()> {

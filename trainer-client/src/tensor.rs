@@ -1,0 +1,241 @@
+//! Batches as named libtorch tensors on the training device (cargo feature `torch`).
+//!
+//! Element types map to libtorch kinds one to one, except the unsigned types libtorch lacks:
+//! `uint16` widens to `int32` and `uint32` to `int64` (every value is kept exactly);
+//! `uint64` has no wider signed type and is refused with an error naming the field — store such
+//! fields as `int64`.
+//!
+//! Copies: on CPU, one copy from the received message into the tensor. With CUDA, one copy into
+//! a pinned host buffer taken from a small ring (reused, so page-locked memory is allocated once
+//! per field), then an asynchronous copy to the device. A ring slot is written again only
+//! `ring_len` batches later; the training loop synchronises with the device every step
+//! (reading the loss), long before that.
+
+use conveyor_proto::DType;
+use tch::{Device, Kind, Tensor};
+
+use crate::batch::{Batch, FieldBatch};
+
+/// Why a batch cannot become tensors.
+#[derive(Debug, thiserror::Error)]
+pub enum TensorError {
+    /// A dtype libtorch cannot hold without losing values.
+    #[error("field '{field}' is {dtype}, which libtorch has no type for; store it as int64 (or a smaller type)")]
+    Unsupported {
+        /// Field name.
+        field: String,
+        /// Its dtype name.
+        dtype: &'static str,
+    },
+    /// libtorch refused an operation.
+    #[error("libtorch failed on field '{field}': {error}")]
+    Torch {
+        /// Field name.
+        field: String,
+        /// The error.
+        error: tch::TchError,
+    },
+}
+
+/// The libtorch kind a dtype arrives as.
+///
+/// # Errors
+/// [`TensorError::Unsupported`] for `uint64`.
+pub fn kind_of(field: &str, dtype: DType) -> Result<Kind, TensorError> {
+    Ok(match dtype {
+        DType::Bool => Kind::Bool,
+        DType::Uint8 => Kind::Uint8,
+        DType::Int8 => Kind::Int8,
+        DType::Int16 => Kind::Int16,
+        DType::Int32 | DType::Uint16 => Kind::Int,
+        DType::Int64 | DType::Uint32 => Kind::Int64,
+        DType::Float16 => Kind::Half,
+        DType::Float32 => Kind::Float,
+        DType::Float64 => Kind::Double,
+        DType::Uint64 | DType::Unspecified => {
+            return Err(TensorError::Unsupported { field: field.to_owned(), dtype: dtype.name() });
+        }
+    })
+}
+
+/// One batch as tensors on the device.
+#[derive(Debug)]
+pub struct TensorBatch {
+    /// Global sample indices, in order.
+    pub indices: Vec<u64>,
+    /// `(field name, tensor of shape [batch, ...sample shape])`.
+    pub fields: Vec<(String, Tensor)>,
+}
+
+impl TensorBatch {
+    /// The tensor of field `name`.
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.fields.iter().find(|(n, _)| n == name).map(|(_, t)| t)
+    }
+}
+
+/// Converts batches into tensors on one device, reusing pinned host buffers.
+#[derive(Debug)]
+pub struct TensorConverter {
+    device: Device,
+    ring_len: usize,
+    /// Per field, the pinned host buffers of the ring (CUDA only).
+    pinned: Vec<Vec<Tensor>>,
+    next_slot: usize,
+}
+
+impl TensorConverter {
+    /// A converter for `device` with a ring of `ring_len` pinned buffers per field (use the
+    /// prefetch window + 2).
+    pub fn new(device: Device, ring_len: usize) -> TensorConverter {
+        TensorConverter { device, ring_len: ring_len.max(2), pinned: Vec::new(), next_slot: 0 }
+    }
+
+    /// The batch's fields as tensors on the device.
+    ///
+    /// # Errors
+    /// [`TensorError`] for a dtype libtorch lacks or a libtorch failure.
+    pub fn convert(&mut self, batch: &Batch) -> Result<TensorBatch, TensorError> {
+        let slot = self.next_slot;
+        self.next_slot = (self.next_slot + 1) % self.ring_len;
+        if self.pinned.len() < batch.fields.len() {
+            self.pinned.resize_with(batch.fields.len(), Vec::new);
+        }
+        let mut fields = Vec::with_capacity(batch.fields.len());
+        for (i, field) in batch.fields.iter().enumerate() {
+            let tensor = if self.device == Device::Cpu {
+                host_tensor(field)?
+            } else {
+                let ring = &mut self.pinned[i];
+                device_tensor(field, self.device, ring, slot)?
+            };
+            fields.push((field.name.clone(), tensor));
+        }
+        Ok(TensorBatch { indices: batch.indices.clone(), fields })
+    }
+}
+
+fn shape_of(field: &FieldBatch) -> Vec<i64> {
+    field.shape.iter().map(|&d| d as i64).collect()
+}
+
+/// A CPU tensor holding the field: one copy (widening the unsigned types libtorch lacks).
+pub fn host_tensor(field: &FieldBatch) -> Result<Tensor, TensorError> {
+    let kind = kind_of(&field.name, field.dtype)?;
+    let shape = shape_of(field);
+    let torch = |error| TensorError::Torch { field: field.name.clone(), error };
+    match field.dtype {
+        DType::Uint16 => {
+            let wide: Vec<i32> = field.data.chunks_exact(2).map(|c| i32::from(u16::from_le_bytes([c[0], c[1]]))).collect();
+            Tensor::from_slice(&wide).f_view(shape.as_slice()).map_err(torch)
+        }
+        DType::Uint32 => {
+            let wide: Vec<i64> =
+                field.data.chunks_exact(4).map(|c| i64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]]))).collect();
+            Tensor::from_slice(&wide).f_view(shape.as_slice()).map_err(torch)
+        }
+        _ => Tensor::f_from_data_size(&field.data, &shape, kind).map_err(torch),
+    }
+}
+
+fn device_tensor(field: &FieldBatch, device: Device, ring: &mut Vec<Tensor>, slot: usize) -> Result<Tensor, TensorError> {
+    let kind = kind_of(&field.name, field.dtype)?;
+    let torch = |error| TensorError::Torch { field: field.name.clone(), error };
+    if matches!(field.dtype, DType::Uint16 | DType::Uint32) {
+        // Widening already copies; pin that copy and send it.
+        let host = host_tensor(field)?.f_pin_memory(device).map_err(torch)?;
+        return host.f_to_device_(device, kind, true, false).map_err(torch);
+    }
+    let shape = shape_of(field);
+    while ring.len() <= slot {
+        ring.push(Tensor::new());
+    }
+    if ring[slot].size() != shape || !ring[slot].defined() || ring[slot].kind() != kind {
+        ring[slot] = Tensor::f_empty(shape.as_slice(), (kind, Device::Cpu)).and_then(|t| t.f_pin_memory(device)).map_err(torch)?;
+    }
+    let pinned = &ring[slot];
+    let bytes = field.data.len();
+    debug_assert_eq!(bytes, pinned.numel() * kind.elt_size_in_bytes());
+    // SAFETY: `pinned` is a contiguous CPU tensor allocated above with exactly `shape` and
+    // `kind`, i.e. `bytes` bytes (checked against the dataset description when the batch was
+    // received); nothing else references it while we write, and the source is a separate buffer.
+    #[allow(unsafe_code)]
+    unsafe {
+        std::ptr::copy_nonoverlapping(field.data.as_ptr(), pinned.data_ptr().cast::<u8>(), bytes);
+    }
+    pinned.f_to_device_(device, kind, true, false).map_err(torch)
+}
+
+/// Parses `--device`: `auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`.
+///
+/// # Errors
+/// A message naming the accepted values.
+pub fn parse_device(text: &str) -> Result<Device, String> {
+    match text {
+        "auto" => Ok(Device::cuda_if_available()),
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(0)),
+        _ => text
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(Device::Cuda)
+            .ok_or_else(|| format!("--device '{text}' is not auto, cpu, cuda or cuda:N")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use conveyor_proto::ALL_DTYPES;
+
+    fn field(dtype: DType, data: Vec<u8>, shape: Vec<u64>) -> FieldBatch {
+        FieldBatch { name: dtype.name().into(), dtype, shape, data: Bytes::from(data) }
+    }
+
+    /// Bytes of a tensor, read back through libtorch.
+    fn tensor_bytes(tensor: &Tensor) -> Vec<u8> {
+        let numel = tensor.numel();
+        let mut out = vec![0u8; numel * tensor.kind().elt_size_in_bytes()];
+        tensor.copy_data_u8(&mut out, numel);
+        out
+    }
+
+    #[test]
+    fn every_dtype_round_trips_bit_exactly_on_cpu() {
+        for dtype in ALL_DTYPES {
+            let size = dtype.size_bytes();
+            // 2 samples of shape [3]: bytes 0..6*size, with values valid for every type.
+            let data: Vec<u8> = (0..6 * size as u8).map(|b| if dtype == DType::Bool { b % 2 } else { b.wrapping_mul(37) }).collect();
+            let batch = field(dtype, data.clone(), vec![2, 3]);
+            match dtype {
+                DType::Uint64 => {
+                    let error = host_tensor(&batch).expect_err("uint64 has no libtorch type");
+                    assert!(error.to_string().contains("'uint64'") && error.to_string().contains("int64"), "{error}");
+                }
+                DType::Uint16 | DType::Uint32 => {
+                    let tensor = host_tensor(&batch).expect("widened");
+                    assert_eq!(tensor.size(), vec![2, 3]);
+                    let back: Vec<i64> = Vec::<i64>::try_from(tensor.to_kind(Kind::Int64).flatten(0, -1)).expect("values");
+                    let want: Vec<i64> = data
+                        .chunks_exact(size)
+                        .map(|c| if size == 2 { i64::from(u16::from_le_bytes([c[0], c[1]])) } else { i64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]])) })
+                        .collect();
+                    assert_eq!(back, want, "{dtype:?}");
+                }
+                _ => {
+                    let tensor = host_tensor(&batch).expect("converts");
+                    assert_eq!((tensor.size(), tensor.kind()), (vec![2, 3], kind_of("x", dtype).expect("kind")));
+                    assert_eq!(tensor_bytes(&tensor), data, "{dtype:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn devices_parse() {
+        assert_eq!(parse_device("cpu"), Ok(Device::Cpu));
+        assert_eq!(parse_device("cuda:1"), Ok(Device::Cuda(1)));
+        assert!(parse_device("gpu").is_err());
+    }
+}
