@@ -62,7 +62,8 @@ pub fn result_label(index: u64) -> i8 {
 /// The result label of a board: -1, 0 or 1.
 pub fn result_of(board: &[i16; 768]) -> i8 {
     let (white, black) = board.split_at(384);
-    let balance: i32 = white.iter().map(|&v| i32::from(v)).sum::<i32>() - black.iter().map(|&v| i32::from(v)).sum::<i32>();
+    let balance: i32 =
+        white.iter().map(|&v| i32::from(v)).sum::<i32>() - black.iter().map(|&v| i32::from(v)).sum::<i32>();
     balance.signum() as i8
 }
 
@@ -122,7 +123,8 @@ pub fn check_chess_batch(batch: &Batch) -> anyhow::Result<()> {
         let got_board = &boards.data[row * 1536..(row + 1) * 1536];
         let got_move = i64::from_le_bytes(moves.data[row * 8..(row + 1) * 8].try_into().expect("8 bytes"));
         let got_result = results.data[row] as i8;
-        if got_board != expected.as_slice() || got_move != move_label(index) || got_result != result_of(&expected_board) {
+        if got_board != expected.as_slice() || got_move != move_label(index) || got_result != result_of(&expected_board)
+        {
             bail!("sample {index} (row {row} of batch {}) has the wrong content", batch.index);
         }
     }

@@ -34,6 +34,21 @@ enum Command {
         #[arg(long, env = "TRAINER_LOADER")]
         loader: String,
     },
+    /// Exit 0 when the loader's gRPC health service reports SERVING (for container healthchecks).
+    Health {
+        /// Loader address, host:port or http://host:port.
+        #[arg(long, env = "TRAINER_LOADER")]
+        loader: String,
+    },
+    /// Write the built-in example dataset (chess-like positions) into a directory and exit.
+    WriteDemoData {
+        /// Directory to write (created if missing).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Number of samples.
+        #[arg(long, default_value_t = 500_000)]
+        samples: u64,
+    },
     /// Stream epochs of a dataset from one or more loaders.
     Stream(Box<StreamArgs>),
     /// Train a small model on a stream (built with the `torch` feature).
@@ -223,6 +238,9 @@ async fn main() -> ExitCode {
         .init();
     let result = match Cli::parse().command {
         Command::Info { loader } => info(&loader).await,
+        Command::Health { loader } => health(&loader).await,
+        Command::WriteDemoData { dir, samples } => demo::write_chess_dataset(&dir, samples, 100_000)
+            .map(|()| println!("wrote {samples} samples to {}", dir.display())),
         Command::Stream(args) => stream(*args).await.map(|_| ()),
         Command::Demo { samples, dir, batch_size } => run_demo(samples, dir, batch_size).await,
         #[cfg(feature = "torch")]
@@ -254,6 +272,24 @@ async fn info(loader: &str) -> anyhow::Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+async fn health(loader: &str) -> anyhow::Result<()> {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    let addr = parse_loader(loader)?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {addr}"))?;
+    let request = HealthCheckRequest { service: "conveyor.v1.Loader".into() };
+    let status = HealthClient::new(channel).check(request).await?.into_inner().status();
+    if status != ServingStatus::Serving {
+        bail!("loader {addr} is {}", status.as_str_name());
+    }
+    println!("{addr}: SERVING");
     Ok(())
 }
 
@@ -426,7 +462,8 @@ async fn train(args: TrainArgs) -> anyhow::Result<()> {
     println!("training on {:?} (CUDA available: {})", options.device, tch::Cuda::is_available());
     let report = trainer_client::train::train(&mut loaders, options).await?;
     if let Some(path) = &args.stats_json {
-        std::fs::write(path, serde_json::to_vec_pretty(&report)?).with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(())
 }

@@ -126,7 +126,8 @@ pub fn host_tensor(field: &FieldBatch) -> Result<Tensor, TensorError> {
     let torch = |error| TensorError::Torch { field: field.name.clone(), error };
     match field.dtype {
         DType::Uint16 => {
-            let wide: Vec<i32> = field.data.chunks_exact(2).map(|c| i32::from(u16::from_le_bytes([c[0], c[1]]))).collect();
+            let wide: Vec<i32> =
+                field.data.chunks_exact(2).map(|c| i32::from(u16::from_le_bytes([c[0], c[1]]))).collect();
             Tensor::from_slice(&wide).f_view(shape.as_slice()).map_err(torch)
         }
         DType::Uint32 => {
@@ -138,7 +139,12 @@ pub fn host_tensor(field: &FieldBatch) -> Result<Tensor, TensorError> {
     }
 }
 
-fn device_tensor(field: &FieldBatch, device: Device, ring: &mut Vec<Tensor>, slot: usize) -> Result<Tensor, TensorError> {
+fn device_tensor(
+    field: &FieldBatch,
+    device: Device,
+    ring: &mut Vec<Tensor>,
+    slot: usize,
+) -> Result<Tensor, TensorError> {
     let kind = kind_of(&field.name, field.dtype)?;
     let torch = |error| TensorError::Torch { field: field.name.clone(), error };
     if matches!(field.dtype, DType::Uint16 | DType::Uint32) {
@@ -151,7 +157,9 @@ fn device_tensor(field: &FieldBatch, device: Device, ring: &mut Vec<Tensor>, slo
         ring.push(Tensor::new());
     }
     if ring[slot].size() != shape || !ring[slot].defined() || ring[slot].kind() != kind {
-        ring[slot] = Tensor::f_empty(shape.as_slice(), (kind, Device::Cpu)).and_then(|t| t.f_pin_memory(device)).map_err(torch)?;
+        ring[slot] = Tensor::f_empty(shape.as_slice(), (kind, Device::Cpu))
+            .and_then(|t| t.f_pin_memory(device))
+            .map_err(torch)?;
     }
     let pinned = &ring[slot];
     let bytes = field.data.len();
@@ -206,7 +214,8 @@ mod tests {
         for dtype in ALL_DTYPES {
             let size = dtype.size_bytes();
             // 2 samples of shape [3]: bytes 0..6*size, with values valid for every type.
-            let data: Vec<u8> = (0..6 * size as u8).map(|b| if dtype == DType::Bool { b % 2 } else { b.wrapping_mul(37) }).collect();
+            let data: Vec<u8> =
+                (0..6 * size as u8).map(|b| if dtype == DType::Bool { b % 2 } else { b.wrapping_mul(37) }).collect();
             let batch = field(dtype, data.clone(), vec![2, 3]);
             match dtype {
                 DType::Uint64 => {
@@ -216,10 +225,17 @@ mod tests {
                 DType::Uint16 | DType::Uint32 => {
                     let tensor = host_tensor(&batch).expect("widened");
                     assert_eq!(tensor.size(), vec![2, 3]);
-                    let back: Vec<i64> = Vec::<i64>::try_from(tensor.to_kind(Kind::Int64).flatten(0, -1)).expect("values");
+                    let back: Vec<i64> =
+                        Vec::<i64>::try_from(tensor.to_kind(Kind::Int64).flatten(0, -1)).expect("values");
                     let want: Vec<i64> = data
                         .chunks_exact(size)
-                        .map(|c| if size == 2 { i64::from(u16::from_le_bytes([c[0], c[1]])) } else { i64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]])) })
+                        .map(|c| {
+                            if size == 2 {
+                                i64::from(u16::from_le_bytes([c[0], c[1]]))
+                            } else {
+                                i64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                            }
+                        })
                         .collect();
                     assert_eq!(back, want, "{dtype:?}");
                 }

@@ -103,7 +103,11 @@ pub async fn train(loaders: &mut Loaders, options: TrainOptions) -> anyhow::Resu
     let info = loaders.dataset(&options.dataset)?;
     let field = |name: &str| {
         info.fields.iter().find(|f| f.name == name).with_context(|| {
-            format!("dataset '{}' has no field '{name}'; its fields: {}", info.name, info.fields.iter().map(|f| f.name.as_str()).collect::<Vec<_>>().join(", "))
+            format!(
+                "dataset '{}' has no field '{name}'; its fields: {}",
+                info.name,
+                info.fields.iter().map(|f| f.name.as_str()).collect::<Vec<_>>().join(", ")
+            )
         })
     };
     let input_dim: i64 = field(&options.input_field)?.sample_shape.iter().product::<u64>().max(1) as i64;
@@ -126,7 +130,10 @@ pub async fn train(loaders: &mut Loaders, options: TrainOptions) -> anyhow::Resu
             vs.load(&model_path).with_context(|| format!("cannot load {}", model_path.display()))?;
             let cursor = Cursor::load(&cursor_path)?;
             if cursor.plan != options.plan || cursor.dataset != options.dataset {
-                bail!("{} was written for other stream settings; use a fresh --checkpoint directory", cursor_path.display());
+                bail!(
+                    "{} was written for other stream settings; use a fresh --checkpoint directory",
+                    cursor_path.display()
+                );
             }
             start = (cursor.epoch, cursor.next_batch);
             resumed_from = Some(start);
@@ -135,13 +142,18 @@ pub async fn train(loaders: &mut Loaders, options: TrainOptions) -> anyhow::Resu
     }
     let mut indices_log = match &options.indices_log {
         Some(path) => Some(
-            std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("cannot open {}", path.display()))?,
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("cannot open {}", path.display()))?,
         ),
         None => None,
     };
 
     let mut converter = TensorConverter::new(options.device, options.ring_len);
-    let mut report = TrainReport { device: format!("{:?}", options.device), resumed_from, epochs: Vec::new(), stopped_early: false };
+    let mut report =
+        TrainReport { device: format!("{:?}", options.device), resumed_from, epochs: Vec::new(), stopped_early: false };
     let mut batches_here = 0u64;
     for epoch in start.0..options.epochs {
         let plan = EpochPlan::new(options.plan.clone(), epoch)?;
@@ -153,7 +165,8 @@ pub async fn train(loaders: &mut Loaders, options: TrainOptions) -> anyhow::Resu
         while let Some(batch) = stream.next().await? {
             let tensors = converter.convert(&batch)?;
             let inputs = tensors.get(&options.input_field).context("input field")?.to_kind(Kind::Float).flatten(1, -1);
-            let labels = tensors.get(&options.label_field).context("label field")?.to_kind(Kind::Int64) + options.label_offset;
+            let labels =
+                tensors.get(&options.label_field).context("label field")?.to_kind(Kind::Int64) + options.label_offset;
             let loss = model.forward(&inputs).cross_entropy_for_logits(&labels);
             optimizer.backward_step(&loss);
             let n = batch.indices.len() as u64;
@@ -165,7 +178,12 @@ pub async fn train(loaders: &mut Loaders, options: TrainOptions) -> anyhow::Resu
                 let bytes: Vec<u8> = batch.indices.iter().flat_map(|&i| (i as i64).to_le_bytes()).collect();
                 log.write_all(&bytes).context("writing --indices-log")?;
             }
-            let cursor = Cursor { dataset: options.dataset.clone(), plan: options.plan.clone(), epoch, next_batch: batch.index + 1 };
+            let cursor = Cursor {
+                dataset: options.dataset.clone(),
+                plan: options.plan.clone(),
+                epoch,
+                next_batch: batch.index + 1,
+            };
             let stop = options.max_batches.is_some_and(|max| batches_here >= max);
             if let Some(dir) = &options.checkpoint {
                 if stop || (batch.index + 1) % options.checkpoint_every.max(1) == 0 {
@@ -200,7 +218,12 @@ pub async fn train(loaders: &mut Loaders, options: TrainOptions) -> anyhow::Resu
             break;
         }
         if let Some(dir) = &options.checkpoint {
-            let cursor = Cursor { dataset: options.dataset.clone(), plan: options.plan.clone(), epoch: epoch + 1, next_batch: 0 };
+            let cursor = Cursor {
+                dataset: options.dataset.clone(),
+                plan: options.plan.clone(),
+                epoch: epoch + 1,
+                next_batch: 0,
+            };
             save_checkpoint(dir, &vs, &cursor)?;
         }
     }

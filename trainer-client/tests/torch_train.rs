@@ -54,7 +54,11 @@ async fn training_lowers_the_loss_and_keeps_memory_flat_across_epochs() {
 }
 
 fn logged_indices(path: &Path) -> Vec<u64> {
-    std::fs::read(path).expect("indices log").chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8")) as u64).collect()
+    std::fs::read(path)
+        .expect("indices log")
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().expect("8")) as u64)
+        .collect()
 }
 
 #[tokio::test]
@@ -66,9 +70,30 @@ async fn a_run_stopped_mid_epoch_resumes_model_and_stream_with_exactly_the_remai
     let checkpoint = work.path().join("ckpt");
     let (first_log, second_log) = (work.path().join("first.bin"), work.path().join("second.bin"));
     let path = |p: &Path| p.to_str().expect("utf-8").to_owned();
-    let common = ["train", "--loader", &loader.addr, "--epochs", "1", "--batch-size", "100", "--seed", "3", "--checkpoint-every", "10"];
-    let with = |extra: &[String]| -> Vec<String> { common.iter().map(|s| s.to_string()).chain(extra.iter().cloned()).collect() };
-    let first = with(&["--checkpoint".into(), path(&checkpoint), "--max-batches".into(), "37".into(), "--indices-log".into(), path(&first_log)]);
+    let common = [
+        "train",
+        "--loader",
+        &loader.addr,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "100",
+        "--seed",
+        "3",
+        "--checkpoint-every",
+        "10",
+    ];
+    let with = |extra: &[String]| -> Vec<String> {
+        common.iter().map(|s| s.to_string()).chain(extra.iter().cloned()).collect()
+    };
+    let first = with(&[
+        "--checkpoint".into(),
+        path(&checkpoint),
+        "--max-batches".into(),
+        "37".into(),
+        "--indices-log".into(),
+        path(&first_log),
+    ]);
     let report = run(&first.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(report["stopped_early"], true);
     assert!(checkpoint.join("model.ot").is_file() && checkpoint.join("cursor.json").is_file());

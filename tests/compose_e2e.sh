@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Compose end-to-end test: 3 loader replicas behind one service name; during the trainer's
+# epochs one loader is killed (docker kill) and the service is scaled to 4; every epoch must
+# still deliver every sample exactly once. Then a loader replica with a tiny memory limit is
+# OOM-killed by the kernel while serving, and training carries on. Cleans up with `down -v`.
+# Skips, saying so, when no Docker engine or compose tool answers.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! docker info >/dev/null 2>&1; then
+    echo "SKIPPED: compose end-to-end test (no Docker engine answers)"
+    exit 0
+fi
+if docker compose version >/dev/null 2>&1; then
+    compose() { docker compose -p conveyor-e2e "$@"; }
+elif command -v docker-compose >/dev/null 2>&1; then
+    compose() { docker-compose -p conveyor-e2e "$@"; }
+else
+    echo "SKIPPED: compose end-to-end test (neither 'docker compose' nor 'docker-compose' is installed)"
+    exit 0
+fi
+
+export CONVEYOR_DOCKERFILE=docker/Dockerfile.local CONVEYOR_SAMPLES=400000 CONVEYOR_LOADERS=3 CONVEYOR_EPOCHS=6
+bash scripts/docker-local.sh
+oom_container=conveyor-e2e-oom-loader
+cleanup() {
+    docker rm -f "$oom_container" >/dev/null 2>&1 || true
+    compose down -v --remove-orphans >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+cleanup
+
+fail() { echo "FAIL: $*"; compose logs --tail 30 trainer || true; exit 1; }
+
+# Waits (bounded) until `$1` succeeds.
+wait_for() {
+    local what=$1 deadline=$((SECONDS + ${2:-120}))
+    until eval "$what"; do
+        [ "$SECONDS" -lt "$deadline" ] || fail "timed out waiting for: $what"
+        sleep 0.2
+    done
+}
+healthy_loaders() {
+    local n=0
+    for c in $(compose ps -q loader); do
+        [ "$(docker inspect -f '{{.State.Health.Status}}' "$c" 2>/dev/null)" = healthy ] && n=$((n + 1))
+    done
+    echo "$n"
+}
+trainer_log() { compose logs --no-color trainer 2>/dev/null; }
+
+echo "== up: datagen and 3 loaders"
+compose up -d loader
+wait_for '[ "$(healthy_loaders)" -ge 3 ]'
+
+echo "== trainer streams 6 epochs; kill a loader during epoch 1, scale to 4 during epoch 2"
+compose up -d --no-deps trainer
+wait_for 'trainer_log | grep -q "epoch 0: every sample exactly once"'
+victim=$(compose ps -q loader | head -n 1)
+docker kill "$victim" >/dev/null
+echo "killed loader container ${victim:0:12}"
+wait_for 'trainer_log | grep -q "epoch 1: every sample exactly once"'
+compose up -d --no-deps --no-recreate --scale loader=4 loader
+trainer=$(compose ps -q trainer)
+code=$(timeout 300 docker wait "$trainer") || fail "trainer did not finish"
+[ "$code" = 0 ] || fail "trainer exited with $code"
+epochs_ok=$(trainer_log | grep -c "every sample exactly once" || true)
+[ "$epochs_ok" = 6 ] || fail "only $epochs_ok of 6 epochs were exactly once"
+trainer_log | grep "streamed" || true
+echo "PASS: 6 epochs exactly once through a killed loader and a scale-up"
+
+echo "== OOM: a replica with a 40 MiB limit serving 30 MB batches is killed by the kernel"
+network=$(docker inspect -f '{{range $k, $v := .NetworkSettings.Networks}}{{$k}}{{end}}' "$(compose ps -q loader | head -n 1)")
+volume=$(docker volume ls -q | grep 'conveyor-e2e_data$')
+docker run -d --name "$oom_container" --network "$network" --network-alias loader --memory 40m --memory-swap 40m \
+    -v "$volume":/data:ro -e LOADER_DATASET=chess=/data/chess -e LOADER_MAX_BATCH_BYTES=33554432 \
+    -e LOADER_MAX_INFLIGHT_BYTES=268435456 conveyor:local >/dev/null
+wait_for "docker exec $oom_container /usr/local/bin/trainer-client health --loader 127.0.0.1:7070 >/dev/null 2>&1" 60
+compose run --rm --no-deps trainer stream --dataset chess --batch-size 20000 --epochs 2 --prefetch 8 \
+    --check-exactly-once >/tmp/conveyor-oom-run.log 2>&1 || { cat /tmp/conveyor-oom-run.log; fail "training stopped"; }
+cat /tmp/conveyor-oom-run.log | grep -E "exactly once|streamed"
+[ "$(grep -c 'every sample exactly once' /tmp/conveyor-oom-run.log)" = 2 ] || fail "OOM run lost or repeated samples"
+oom=$(docker inspect -f '{{.State.OOMKilled}}' "$oom_container")
+[ "$oom" = true ] || fail "the small loader was not OOM-killed (OOMKilled=$oom); the test proved nothing"
+echo "PASS: the kernel OOM-killed a loader replica and both epochs still arrived exactly once"
+
+echo "== down -v"
+docker rm -f "$oom_container" >/dev/null
+compose down -v --remove-orphans
+trap - EXIT
+[ -z "$(docker volume ls -q | grep 'conveyor-e2e_data$' || true)" ] || fail "volume left behind"
+echo "PASS: compose end-to-end"
