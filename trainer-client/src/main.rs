@@ -222,6 +222,10 @@ struct StreamArgs {
     /// Stop after this many batches in all (a partial run; with --save-cursor, resume later).
     #[arg(long)]
     max_batches: Option<u64>,
+    /// Turn every batch into libtorch CPU tensors, as a training loop would (benchmarks).
+    #[cfg(feature = "torch")]
+    #[arg(long)]
+    tensors: bool,
     /// Check every sample's content against the built-in demo generator.
     #[arg(long, hide = true)]
     check_demo: bool,
@@ -346,6 +350,8 @@ async fn stream(args: StreamArgs) -> anyhow::Result<RunReport> {
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> "),
     );
+    #[cfg(feature = "torch")]
+    let mut converter = args.tensors.then(|| trainer_client::tensor::TensorConverter::new(tch::Device::Cpu, 2));
     let started = Instant::now();
     let (mut samples, mut batches, mut bytes) = (0u64, 0u64, 0u64);
     for (i, plan) in plans.into_iter().enumerate() {
@@ -361,6 +367,10 @@ async fn stream(args: StreamArgs) -> anyhow::Result<RunReport> {
             }
             if args.check_demo {
                 demo::check_chess_batch(&batch)?;
+            }
+            #[cfg(feature = "torch")]
+            if let Some(converter) = converter.as_mut() {
+                std::hint::black_box(converter.convert(&batch)?);
             }
             if let Some(seen) = seen.as_mut() {
                 for &index in &batch.indices {
@@ -516,6 +526,8 @@ async fn run_demo(num_samples: u64, dir: Option<PathBuf>, batch_size: u64) -> an
         save_cursor: None,
         resume_from: None,
         max_batches: None,
+        #[cfg(feature = "torch")]
+        tensors: false,
         check_demo: true,
         check_exactly_once: true,
     })

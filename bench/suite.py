@@ -1,0 +1,222 @@
+"""Benchmark suite: Conveyor against what users run today, side by side in one run.
+
+usage: python bench/suite.py [--runs 3] [--batches 300] [--gib 3] [--out bench/out]
+
+Datasets (generated once under OUT/data, several GiB each):
+  chess  [N,12,8,8] int16 + int64 label (.npy)
+  images [N,3,64,64] uint8 + int64 label (.npy)
+  eeg    [N,129,200] float32, zstd, 64 samples per chunk (Zarr)
+Contenders, each consuming `--batches` batches of 256 shuffled samples into CPU tensors:
+  conveyor-1, conveyor-2    trainer-client (torch build, --tensors) from 1 or 2 loaders on loopback
+  dataloader-per-sample     torch DataLoader over np.load(mmap_mode='r'), __getitem__ per sample, 2 workers
+  dataloader-batched        DataLoader with a batch sampler and fancy indexing, 2 workers
+  zarr-dataloader-full      zarr-python in a DataLoader (2 workers), full shuffle, per-sample reads
+  zarr-dataloader-chunked   zarr-python in a DataLoader (2 workers), chunk-aware shuffle, batched reads
+Limits measured in the same run: raw TCP loopback (iperf3) and memcpy bandwidth.
+Writes OUT/suite.json, OUT/suite.md and OUT/suite.png.
+Needs: release loader-server, trainer-client built with --features torch, torch, zarr, matplotlib, iperf3.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from common import AnonSampler, ROOT, conveyor_run, proc_kib, start_loader, summary
+
+BATCH = 256
+
+
+def gen_npy(path, n, fields, make):
+    marker = os.path.join(path, f"done-{n}")
+    if os.path.exists(marker):
+        return
+    os.makedirs(path, exist_ok=True)
+    maps = {name: np.lib.format.open_memmap(os.path.join(path, f"{name}.npy"), mode="w+", dtype=dt, shape=(n, *shape))
+            for name, (dt, shape) in fields.items()}
+    rng = np.random.default_rng(0)
+    step = 65536
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        for name, arr in make(start, stop, rng).items():
+            maps[name][start:stop] = arr
+    for m in maps.values():
+        m.flush()
+    open(marker, "w").close()
+
+
+def datasets(out, gib):
+    data = os.path.join(out, "data")
+    n_chess = int(gib * 2**30) // (12 * 8 * 8 * 2 + 8)
+    gen_npy(os.path.join(data, "chess"), n_chess, {"board": (np.int16, (12, 8, 8)), "label": (np.int64, ())},
+            lambda a, b, rng: {"board": rng.integers(0, 2, size=(b - a, 12, 8, 8), dtype=np.int16),
+                               "label": np.arange(a, b, dtype=np.int64) % 4672})
+    n_img = int(gib * 2**30) // (3 * 64 * 64 + 8)
+    gen_npy(os.path.join(data, "images"), n_img, {"image": (np.uint8, (3, 64, 64)), "label": (np.int64, ())},
+            lambda a, b, rng: {"image": rng.integers(0, 256, size=(b - a, 3, 64, 64), dtype=np.uint8),
+                               "label": np.arange(a, b, dtype=np.int64) % 1000})
+    sys.path.insert(0, os.path.dirname(__file__))
+    import zarr_eeg
+    n_eeg, zpath, _ = zarr_eeg.make(data, gib)
+    return {
+        "chess": {"kind": "npy", "path": os.path.join(data, "chess"), "n": n_chess, "sample_bytes": 1544},
+        "images": {"kind": "npy", "path": os.path.join(data, "images"), "n": n_img, "sample_bytes": 12296},
+        "eeg": {"kind": "zarr", "path": zpath, "n": n_eeg, "sample_bytes": 129 * 200 * 4},
+    }
+
+
+def tree_rss_kib(pid):
+    """RSS of a process and all its descendants (DataLoader workers)."""
+    total, stack = 0, [pid]
+    while stack:
+        p = stack.pop()
+        total += proc_kib(p, "VmRSS:")
+        try:
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                stack += [int(c) for c in f.read().split()]
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def run_python_contender(kind, ds, batches, seed, out):
+    """Runs bench/dataloader_contender.py in its own process tree; samples the tree's RSS."""
+    result_path = os.path.join(out, "contender.json")
+    proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "dataloader_contender.py"),
+                             kind, ds["path"], str(batches), str(seed), result_path])
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, tree_rss_kib(proc.pid))
+        time.sleep(0.05)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{kind} failed")
+    with open(result_path) as f:
+        result = json.load(f)
+    result["peak_rss_bytes"] = peak * 1024
+    result["loader_anon_bytes"] = 0
+    return result
+
+
+def run_conveyor(replicas, name, ds, batches, seed, out):
+    shuffle = ["--shuffle", "block", "--shuffle-window", "8"] if ds["kind"] == "zarr" else ["--shuffle", "full"]
+    loaders = [start_loader({name: ds["path"]}, ["--max-inflight-bytes", str(128 << 20), "--chunk-cache-bytes", str(512 << 20)])
+               for _ in range(replicas)]
+    samplers = [AnonSampler(p.pid) for p, _ in loaders]
+    for s in samplers:
+        s.start()
+    try:
+        report = conveyor_run([a for _, a in loaders], name, os.path.join(out, "conveyor-stats.json"),
+                              ["--batch-size", str(BATCH), "--seed", str(seed), "--max-batches", str(batches),
+                               "--tensors", *shuffle])
+    finally:
+        for s in samplers:
+            s.stop.set()
+            s.join()
+        for p, _ in loaders:
+            p.terminate()
+            p.wait(timeout=30)
+    return {"samples_per_s": report["samples_per_s"], "bytes_per_s": report["bytes_per_s"],
+            "peak_rss_bytes": report["peak_rss_bytes"], "loader_anon_bytes": sum(s.peak_kib for s in samplers) * 1024}
+
+
+def memcpy_bandwidth():
+    a = np.ones(1 << 28, dtype=np.uint8)
+    b = np.empty_like(a)
+    best = 0.0
+    for _ in range(5):
+        t = time.perf_counter()
+        np.copyto(b, a)
+        best = max(best, a.nbytes / (time.perf_counter() - t))
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--batches", type=int, default=300)
+    ap.add_argument("--gib", type=float, default=3.0)
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "out"))
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    all_ds = datasets(args.out, args.gib)
+    from npy_loopback import iperf3
+
+    contenders = {
+        "chess": ["conveyor-1", "conveyor-2", "dataloader-per-sample", "dataloader-batched"],
+        "images": ["conveyor-1", "conveyor-2", "dataloader-per-sample", "dataloader-batched"],
+        "eeg": ["conveyor-1", "conveyor-2", "zarr-dataloader-full", "zarr-dataloader-chunked"],
+    }
+    results = {d: {c: [] for c in cs} for d, cs in contenders.items()}
+    limits = {"loopback_bytes_per_s": [], "memcpy_bytes_per_s": []}
+    for run in range(args.runs):
+        limits["loopback_bytes_per_s"].append(iperf3(3))
+        limits["memcpy_bytes_per_s"].append(memcpy_bandwidth())
+        for name, cs in contenders.items():
+            ds = all_ds[name]
+            # Full-shuffle zarr decodes a chunk per sample: fewer batches keep the run short.
+            for c in cs:
+                batches = args.batches // 10 if c == "zarr-dataloader-full" else args.batches
+                if c.startswith("conveyor"):
+                    r = run_conveyor(int(c[-1]), name, ds, batches, run, args.out)
+                else:
+                    r = run_python_contender(c, ds, batches, run, args.out)
+                results[name][c].append(r)
+                print(f"run {run} {name} {c}: {r['samples_per_s']:.0f} samples/s, {r['bytes_per_s'] / 1e6:.0f} MB/s, "
+                      f"trainer RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB, loaders anon {r['loader_anon_bytes'] / 2**20:.0f} MiB",
+                      flush=True)
+    write_report(args, all_ds, contenders, results, limits)
+
+
+def write_report(args, all_ds, contenders, results, limits):
+    table = {}
+    lines = [f"{args.runs} runs of {args.batches} batches x {BATCH} shuffled samples into CPU tensors; "
+             "min / median / max. Ratios are Conveyor (1 loader) / contender, per run.", ""]
+    lo = summary(limits["loopback_bytes_per_s"])
+    mc = summary(limits["memcpy_bytes_per_s"])
+    lines.append(f"Limits in the same runs: TCP loopback {lo['min'] / 1e9:.2f} / {lo['median'] / 1e9:.2f} / {lo['max'] / 1e9:.2f} GB/s, "
+                 f"memcpy {mc['min'] / 1e9:.1f} / {mc['median'] / 1e9:.1f} / {mc['max'] / 1e9:.1f} GB/s")
+    for name, cs in contenders.items():
+        ds = all_ds[name]
+        lines += ["", f"**{name}** ({ds['n']} samples, {ds['n'] * ds['sample_bytes'] / 2**30:.1f} GiB)", "",
+                  "| contender | samples/s | MB/s | trainer peak RSS MiB | loaders peak anon MiB | Conveyor-1 / this |",
+                  "|---|---|---|---|---|---|"]
+        base = [r["samples_per_s"] for r in results[name]["conveyor-1"]]
+        table[name] = {}
+        for c in cs:
+            rs = results[name][c]
+            sps = summary([r["samples_per_s"] for r in rs])
+            mbs = summary([r["bytes_per_s"] / 1e6 for r in rs])
+            rss = summary([r["peak_rss_bytes"] / 2**20 for r in rs])
+            anon = summary([r["loader_anon_bytes"] / 2**20 for r in rs])
+            ratio = summary([b / r["samples_per_s"] for b, r in zip(base, rs)])
+            table[name][c] = {"samples_per_s": sps, "mb_per_s": mbs, "trainer_rss_mib": rss, "loader_anon_mib": anon, "ratio": ratio}
+            f = lambda s, p=0: f"{s['min']:.{p}f} / {s['median']:.{p}f} / {s['max']:.{p}f}"
+            lines.append(f"| {c} | {f(sps)} | {f(mbs)} | {f(rss)} | {f(anon)} | {f(ratio, 2)} |")
+    with open(os.path.join(args.out, "suite.json"), "w") as fh:
+        json.dump({"results": table, "limits": {"loopback": lo, "memcpy": mc}}, fh, indent=2)
+    with open(os.path.join(args.out, "suite.md"), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(contenders), figsize=(5 * len(contenders), 4))
+    for ax, (name, cs) in zip(axes, contenders.items()):
+        med = [table[name][c]["samples_per_s"]["median"] for c in cs]
+        err = [[m - table[name][c]["samples_per_s"]["min"] for c, m in zip(cs, med)],
+               [table[name][c]["samples_per_s"]["max"] - m for c, m in zip(cs, med)]]
+        ax.bar(range(len(cs)), med, yerr=err, color=["#1f77b4", "#1f77b4", "#999999", "#666666"])
+        ax.set_xticks(range(len(cs)))
+        ax.set_xticklabels(cs, rotation=30, ha="right", fontsize=8)
+        ax.set_title(name)
+        ax.set_ylabel("samples/s (median, min-max)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "suite.png"), dpi=100)
+
+
+if __name__ == "__main__":
+    main()
