@@ -66,6 +66,29 @@ pub fn zarr_fixtures() -> tempfile::TempDir {
     dir
 }
 
+/// For every `bad-*` case in `fixtures/manifest.json` (`{dir: [expected substrings]}`), starts
+/// a loader on it and asserts it exits non-zero before listening, with every expected substring
+/// on stderr. Returns the number of cases.
+pub fn assert_loader_rejects_each_bad_case(fixtures: &Path) -> usize {
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixtures.join("manifest.json")).expect("manifest")).expect("json");
+    let cases = manifest.as_object().expect("object");
+    for (dir, expected) in cases {
+        let output = std::process::Command::new(binary("loader-server"))
+            .args(["--listen", "127.0.0.1:0", "--dataset", &format!("bad={}", fixtures.join(dir).display())])
+            .output()
+            .expect("loader-server runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{dir}: the loader started: {stderr}");
+        assert!(output.stdout.is_empty(), "{dir}: the loader listened before failing");
+        for needle in expected.as_array().expect("list") {
+            let needle = needle.as_str().expect("string");
+            assert!(stderr.contains(needle), "{dir}: stderr lacks '{needle}': {stderr}");
+        }
+    }
+    cases.len()
+}
+
 /// Starts a loader-server process on a free loopback port serving `datasets` (`NAME=DIR`).
 ///
 /// # Errors

@@ -105,23 +105,7 @@ async fn shuffled_epochs_are_deterministic_permutations() {
 #[test]
 fn rejected_inputs_stop_the_loader_with_a_message_naming_the_file() {
     let fixtures = npy_fixtures();
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(fixtures.path().join("manifest.json")).expect("manifest")).expect("json");
-    let cases = manifest.as_object().expect("object");
-    assert!(cases.len() >= 9);
-    for (dir, expected) in cases {
-        let output = std::process::Command::new(conveyor_tests::binary("loader-server"))
-            .args(["--listen", "127.0.0.1:0", "--dataset", &format!("bad={}", fixtures.path().join(dir).display())])
-            .output()
-            .expect("loader-server runs");
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(!output.status.success(), "{dir}: the loader started: {stderr}");
-        assert!(output.stdout.is_empty(), "{dir}: the loader listened before failing");
-        for needle in expected.as_array().expect("list") {
-            let needle = needle.as_str().expect("string");
-            assert!(stderr.contains(needle), "{dir}: stderr lacks '{needle}': {stderr}");
-        }
-    }
+    assert!(conveyor_tests::assert_loader_rejects_each_bad_case(fixtures.path()) >= 9);
 }
 
 fn request(batch_id: u64, dataset: &str, indices: Vec<u64>) -> BatchRequest {

@@ -159,17 +159,5 @@ async fn a_corrupt_or_missing_chunk_fails_only_the_batches_that_need_it() {
 #[test]
 fn bad_zarr_inputs_stop_the_loader_with_a_message_naming_the_array() {
     let fixtures = zarr_fixtures();
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(fixtures.path().join("manifest.json")).expect("manifest")).expect("json");
-    for (dir, expected) in manifest.as_object().expect("object") {
-        let output = std::process::Command::new(conveyor_tests::binary("loader-server"))
-            .args(["--listen", "127.0.0.1:0", "--dataset", &format!("bad={}", fixtures.path().join(dir).display())])
-            .output()
-            .expect("loader-server runs");
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(!output.status.success(), "{dir}: the loader started");
-        for needle in expected.as_array().expect("list") {
-            assert!(stderr.contains(needle.as_str().expect("string")), "{dir}: stderr lacks {needle}: {stderr}");
-        }
-    }
+    assert!(conveyor_tests::assert_loader_rejects_each_bad_case(fixtures.path()) >= 2);
 }
