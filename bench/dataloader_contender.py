@@ -70,9 +70,13 @@ class ZarrBatched(ZarrPerSample):
     def __getitem__(self, indices):
         self._open()
         idx = np.sort(np.asarray(indices))
-        lo, hi = idx[0], idx[-1] + 1
-        # One contiguous read of the chunks the batch spans, then select rows.
-        return torch.from_numpy(self.arr[lo:hi][idx - lo])
+        # One read per chunk the batch touches (a window's 8 chunks), then select rows.
+        parts = []
+        for chunk in np.unique(idx // 64):
+            rows = idx[idx // 64 == chunk]
+            lo = chunk * 64
+            parts.append(self.arr[lo:min(lo + 64, self.n)][rows - lo])
+        return torch.from_numpy(np.concatenate(parts))
 
 
 class ChunkAwareBatches(Sampler):
