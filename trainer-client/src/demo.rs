@@ -17,19 +17,12 @@ use tokio::{
     process::{Child, Command},
 };
 
-use crate::batch::Batch;
+use crate::{batch::Batch, sampler::mix64};
 
 /// Piece planes x ranks x files of one position.
 pub const BOARD_SHAPE: [u64; 3] = [12, 8, 8];
 /// Number of distinct moves (AlphaZero's 8x8x73 move encoding).
 pub const NUM_MOVES: u64 = 4672;
-
-fn mix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
 
 /// Board of sample `index`: plane `p` has a piece (1) on square `s` when bit `s` of a hash of
 /// `(index, p)` is set and the square is not taken by an earlier plane.

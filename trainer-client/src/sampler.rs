@@ -61,8 +61,8 @@ pub enum Shuffle {
     Block,
 }
 
-/// SplitMix64 step: a fast, well-mixed 64-bit hash.
-fn mix64(mut z: u64) -> u64 {
+/// SplitMix64 step: a fast, well-mixed 64-bit hash (also the demo data's generator).
+pub(crate) fn mix64(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
