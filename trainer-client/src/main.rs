@@ -222,10 +222,14 @@ struct StreamArgs {
     /// Stop after this many batches in all (a partial run; with --save-cursor, resume later).
     #[arg(long)]
     max_batches: Option<u64>,
-    /// Turn every batch into libtorch CPU tensors, as a training loop would (benchmarks).
+    /// Turn every batch into libtorch tensors on --device, as a training loop would (benchmarks).
     #[cfg(feature = "torch")]
     #[arg(long)]
     tensors: bool,
+    /// Where --tensors puts them: cpu, cuda or cuda:N (auto: CUDA when available).
+    #[cfg(feature = "torch")]
+    #[arg(long, env = "TRAINER_DEVICE", default_value = "cpu", value_parser = trainer_client::tensor::parse_device)]
+    device: tch::Device,
     /// Check every sample's content against the built-in demo generator.
     #[arg(long, hide = true)]
     check_demo: bool,
@@ -351,7 +355,7 @@ async fn stream(args: StreamArgs) -> anyhow::Result<RunReport> {
         .progress_chars("=> "),
     );
     #[cfg(feature = "torch")]
-    let mut converter = args.tensors.then(|| trainer_client::tensor::TensorConverter::new(tch::Device::Cpu, 2));
+    let converter = args.tensors.then(|| trainer_client::tensor::TensorConverter::new(args.device));
     let started = Instant::now();
     let (mut samples, mut batches, mut bytes) = (0u64, 0u64, 0u64);
     for (i, plan) in plans.into_iter().enumerate() {
@@ -369,7 +373,7 @@ async fn stream(args: StreamArgs) -> anyhow::Result<RunReport> {
                 demo::check_chess_batch(&batch)?;
             }
             #[cfg(feature = "torch")]
-            if let Some(converter) = converter.as_mut() {
+            if let Some(converter) = &converter {
                 std::hint::black_box(converter.convert(&batch)?);
             }
             if let Some(seen) = seen.as_mut() {
@@ -417,6 +421,11 @@ async fn stream(args: StreamArgs) -> anyhow::Result<RunReport> {
     progress.finish_and_clear();
     if let Some(dump) = dump {
         dump.finish()?;
+    }
+    // Tensors copied to a GPU count as delivered once the copies have finished.
+    #[cfg(feature = "torch")]
+    if let (true, tch::Device::Cuda(ordinal)) = (args.tensors, args.device) {
+        tch::Cuda::synchronize(ordinal as i64);
     }
     let report = RunReport::new(samples, batches, bytes, started.elapsed().as_secs_f64(), loaders.stats());
     println!(
@@ -467,7 +476,6 @@ async fn train(args: TrainArgs) -> anyhow::Result<()> {
         checkpoint_every: args.checkpoint_every,
         max_batches: args.max_batches,
         indices_log: args.indices_log,
-        ring_len: args.loader.prefetch.get() + 2,
     };
     println!("training on {:?} (CUDA available: {})", options.device, tch::Cuda::is_available());
     let report = trainer_client::train::train(&mut loaders, options).await?;
@@ -528,6 +536,8 @@ async fn run_demo(num_samples: u64, dir: Option<PathBuf>, batch_size: u64) -> an
         max_batches: None,
         #[cfg(feature = "torch")]
         tensors: false,
+        #[cfg(feature = "torch")]
+        device: tch::Device::Cpu,
         check_demo: true,
         check_exactly_once: true,
     })

@@ -5,11 +5,10 @@
 //! `uint64` has no wider signed type and is refused with an error naming the field — store such
 //! fields as `int64`.
 //!
-//! Copies: on CPU, one copy from the received message into the tensor. With CUDA, one copy into
-//! a pinned host buffer taken from a small ring (reused, so page-locked memory is allocated once
-//! per field), then an asynchronous copy to the device. A ring slot is written again only
-//! `ring_len` batches later; the training loop synchronises with the device every step
-//! (reading the loss), long before that.
+//! Copies: on CPU, one copy from the received message into the tensor. With CUDA, that tensor
+//! is copied into page-locked memory from libtorch's caching host allocator and from there to
+//! the device asynchronously; the allocator reuses a block only once its copy has finished, so
+//! page-locked memory stays bounded by the batches whose copies are in flight.
 
 use conveyor_proto::DType;
 use tch::{Device, Kind, Tensor};
@@ -74,43 +73,32 @@ impl TensorBatch {
     }
 }
 
-/// Converts batches into tensors on one device, reusing pinned host buffers.
-#[derive(Debug)]
+/// Converts batches into tensors on one device.
+#[derive(Debug, Clone, Copy)]
 pub struct TensorConverter {
     device: Device,
-    ring_len: usize,
-    /// Per field, the pinned host buffers of the ring (CUDA only).
-    pinned: Vec<Vec<Tensor>>,
-    next_slot: usize,
 }
 
 impl TensorConverter {
-    /// A converter for `device` with a ring of `ring_len` pinned buffers per field (use the
-    /// prefetch window + 2).
-    pub fn new(device: Device, ring_len: usize) -> TensorConverter {
-        TensorConverter { device, ring_len: ring_len.max(2), pinned: Vec::new(), next_slot: 0 }
+    /// A converter for `device`.
+    pub fn new(device: Device) -> TensorConverter {
+        TensorConverter { device }
     }
 
     /// The batch's fields as tensors on the device.
     ///
     /// # Errors
     /// [`TensorError`] for a dtype libtorch lacks or a libtorch failure.
-    pub fn convert(&mut self, batch: &Batch) -> Result<TensorBatch, TensorError> {
-        let slot = self.next_slot;
-        self.next_slot = (self.next_slot + 1) % self.ring_len;
-        if self.pinned.len() < batch.fields.len() {
-            self.pinned.resize_with(batch.fields.len(), Vec::new);
-        }
-        let mut fields = Vec::with_capacity(batch.fields.len());
-        for (i, field) in batch.fields.iter().enumerate() {
-            let tensor = if self.device == Device::Cpu {
-                host_tensor(field)?
-            } else {
-                let ring = &mut self.pinned[i];
-                device_tensor(field, self.device, ring, slot)?
-            };
-            fields.push((field.name.clone(), tensor));
-        }
+    pub fn convert(&self, batch: &Batch) -> Result<TensorBatch, TensorError> {
+        let fields = batch
+            .fields
+            .iter()
+            .map(|field| {
+                let tensor =
+                    if self.device == Device::Cpu { host_tensor(field) } else { device_tensor(field, self.device) };
+                tensor.map(|t| (field.name.clone(), t))
+            })
+            .collect::<Result<_, _>>()?;
         Ok(TensorBatch { indices: batch.indices.clone(), fields })
     }
 }
@@ -139,39 +127,17 @@ pub fn host_tensor(field: &FieldBatch) -> Result<Tensor, TensorError> {
     }
 }
 
-fn device_tensor(
-    field: &FieldBatch,
-    device: Device,
-    ring: &mut Vec<Tensor>,
-    slot: usize,
-) -> Result<Tensor, TensorError> {
+/// The field on `device`: copied into page-locked memory, then copied to the device
+/// asynchronously. The page-locked block comes from libtorch's caching host allocator, which
+/// records the copy on the block and hands it out again only once the copy has finished, so the
+/// host tensor can be dropped at once and no later batch overwrites bytes still in flight.
+fn device_tensor(field: &FieldBatch, device: Device) -> Result<Tensor, TensorError> {
     let kind = kind_of(&field.name, field.dtype)?;
-    let torch = |error| TensorError::Torch { field: field.name.clone(), error };
-    if matches!(field.dtype, DType::Uint16 | DType::Uint32) {
-        // Widening already copies; pin that copy and send it.
-        let host = host_tensor(field)?.f_pin_memory(device).map_err(torch)?;
-        return host.f_to_device_(device, kind, true, false).map_err(torch);
-    }
-    let shape = shape_of(field);
-    while ring.len() <= slot {
-        ring.push(Tensor::new());
-    }
-    if ring[slot].size() != shape || !ring[slot].defined() || ring[slot].kind() != kind {
-        ring[slot] = Tensor::f_empty(shape.as_slice(), (kind, Device::Cpu))
-            .and_then(|t| t.f_pin_memory(device))
-            .map_err(torch)?;
-    }
-    let pinned = &ring[slot];
-    let bytes = field.data.len();
-    debug_assert_eq!(bytes, pinned.numel() * kind.elt_size_in_bytes());
-    // SAFETY: `pinned` is a contiguous CPU tensor allocated above with exactly `shape` and
-    // `kind`, i.e. `bytes` bytes (checked against the dataset description when the batch was
-    // received); nothing else references it while we write, and the source is a separate buffer.
-    #[allow(unsafe_code)]
-    unsafe {
-        std::ptr::copy_nonoverlapping(field.data.as_ptr(), pinned.data_ptr().cast::<u8>(), bytes);
-    }
-    pinned.f_to_device_(device, kind, true, false).map_err(torch)
+    // `_pin_memory`: `pin_memory` with a device argument logs a deprecation warning per call.
+    host_tensor(field)?
+        .f_internal_pin_memory(device)
+        .and_then(|pinned| pinned.f_to_device_(device, kind, true, false))
+        .map_err(|error| TensorError::Torch { field: field.name.clone(), error })
 }
 
 /// Parses `--device`: `auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`.

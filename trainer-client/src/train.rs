@@ -51,8 +51,6 @@ pub struct TrainOptions {
     pub max_batches: Option<u64>,
     /// Append every trained sample index (i64 little-endian) to this file.
     pub indices_log: Option<PathBuf>,
-    /// Pinned buffers per field (the prefetch window + 2).
-    pub ring_len: usize,
 }
 
 /// One epoch's measurements.
@@ -151,7 +149,7 @@ pub async fn train(loaders: &mut Loaders, options: TrainOptions) -> anyhow::Resu
         None => None,
     };
 
-    let mut converter = TensorConverter::new(options.device, options.ring_len);
+    let converter = TensorConverter::new(options.device);
     let mut report =
         TrainReport { device: format!("{:?}", options.device), resumed_from, epochs: Vec::new(), stopped_early: false };
     let mut batches_here = 0u64;

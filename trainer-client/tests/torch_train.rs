@@ -1,12 +1,15 @@
 //! The `train` command end to end (cargo feature `torch`): a real loader process, the demo
-//! dataset, libtorch on the CPU.
+//! dataset, libtorch on the CPU. The CUDA tests are `#[ignore]`d, since CI has no GPU; on a
+//! machine with one: `cargo test -p trainer-client --features torch -- --ignored`.
 #![cfg(feature = "torch")]
 
 use std::{path::Path, process::Command, time::Duration};
 
+use tch::{Device, Kind, Tensor};
 use trainer_client::{
-    EpochPlan, PlanSpec, Shuffle,
+    EpochPlan, Loaders, PlanSpec, Shuffle, StreamOptions,
     demo::{self, LoaderProcess},
+    tensor::{TensorConverter, host_tensor},
 };
 
 const SAMPLES: u64 = 20_000;
@@ -23,10 +26,14 @@ async fn loader(dir: &Path) -> LoaderProcess {
 }
 
 fn run(args: &[&str]) -> serde_json::Value {
+    run_on("cpu", args)
+}
+
+fn run_on(device: &str, args: &[&str]) -> serde_json::Value {
     let stats = tempfile::NamedTempFile::new().expect("temp file");
     let output = trainer()
         .args(args)
-        .args(["--device", "cpu", "--stats-json", stats.path().to_str().expect("utf-8")])
+        .args(["--device", device, "--stats-json", stats.path().to_str().expect("utf-8")])
         .output()
         .expect("trainer-client runs");
     assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
@@ -116,4 +123,67 @@ async fn a_run_stopped_mid_epoch_resumes_model_and_stream_with_exactly_the_remai
     let (first, rest) = (logged_indices(&first_log), logged_indices(&second_log));
     assert_eq!(first.len(), 3700);
     assert_eq!([first, rest].concat(), epoch, "the two runs together are the epoch, once, in order");
+}
+
+#[tokio::test]
+#[ignore = "needs a CUDA device"]
+async fn cuda_tensors_hold_exactly_the_received_bytes_while_copies_queue_behind_compute() {
+    assert!(tch::Cuda::is_available(), "this test needs a CUDA device");
+    let device = Device::Cuda(0);
+    let data = tempfile::tempdir().expect("tempdir");
+    demo::write_chess_dataset(data.path(), SAMPLES, 8_000).expect("demo data");
+    let loader = loader(data.path()).await;
+    let mut loaders = Loaders::connect(&[loader.addr.clone()], StreamOptions::default()).await.expect("connects");
+    let spec = PlanSpec {
+        num_samples: SAMPLES,
+        batch_size: 256,
+        drop_last: false,
+        shuffle: Shuffle::Full,
+        seed: 1,
+        rank: 0,
+        world_size: 1,
+        block_len: 1,
+        shuffle_window: 8,
+    };
+    let mut epoch = loaders.epoch("chess", EpochPlan::new(spec, 0).expect("plan"), 0).expect("epoch");
+    let converter = TensorConverter::new(device);
+    let busy = Tensor::randn([4096, 4096], (Kind::Float, device));
+    let mut kept = Vec::new();
+    while let Some(batch) = epoch.next().await.expect("batch") {
+        // Queue device work ahead of each copy, so the copies lag far behind the host: a
+        // page-locked block handed out again before its copy ran would send another batch's bytes.
+        let _ = busy.matmul(&busy);
+        let tensors = converter.convert(&batch).expect("converts");
+        kept.push((batch, tensors));
+    }
+    assert_eq!(kept.iter().map(|(b, _)| b.indices.len() as u64).sum::<u64>(), SAMPLES);
+    for (batch, tensors) in &kept {
+        for field in &batch.fields {
+            let on_device = tensors.get(&field.name).expect("field converted");
+            assert_eq!(on_device.device(), device);
+            let want = host_tensor(field).expect("host tensor");
+            assert!(
+                on_device.to_device(Device::Cpu).equal(&want),
+                "field '{}' of batch {} differs on the device",
+                field.name,
+                batch.index
+            );
+        }
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs a CUDA device"]
+async fn training_on_cuda_lowers_the_loss() {
+    assert!(tch::Cuda::is_available(), "this test needs a CUDA device");
+    let data = tempfile::tempdir().expect("tempdir");
+    demo::write_chess_dataset(data.path(), SAMPLES, 8_000).expect("demo data");
+    let loader = loader(data.path()).await;
+    let report =
+        run_on("cuda", &["train", "--loader", &loader.addr, "--epochs", "3", "--batch-size", "128", "--lr", "0.002"]);
+    assert_eq!(report["device"], "Cuda(0)", "{report}");
+    let epochs = report["epochs"].as_array().expect("epochs");
+    let loss = |e: usize| epochs[e]["mean_loss"].as_f64().expect("loss");
+    assert!(epochs.iter().all(|e| e["samples"] == SAMPLES), "{report}");
+    assert!(loss(1) < loss(0) && loss(2) < 0.5, "losses {} {} {}", loss(0), loss(1), loss(2));
 }
