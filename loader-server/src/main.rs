@@ -14,13 +14,16 @@ use loader_server::Config;
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("LOADER_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
-    match run(Config::parse()).await {
+    let config = Config::parse();
+    // Named threads, so `top -H` and `perf report --sort comm` tell the loader's workers apart
+    // from a trainer's on the same host.
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("loader").build();
+    match runtime.context("cannot start the async runtime").and_then(|runtime| runtime.block_on(run(config))) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("loader-server: error: {error:#}");

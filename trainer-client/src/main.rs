@@ -238,13 +238,30 @@ struct StreamArgs {
     check_exactly_once: bool,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("TRAINER_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
-    let result = match Cli::parse().command {
+    let command = Cli::parse().command;
+    // Named threads, so `top -H` and `perf report --sort comm` tell them from a loader's.
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("trainer")
+        .build()
+        .context("cannot start the async runtime")
+        .and_then(|runtime| runtime.block_on(run_command(command)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("trainer-client: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_command(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Info { loader } => info(&loader).await,
         Command::Health { loader } => health(&loader).await,
         Command::WriteDemoData { dir, samples } => demo::write_chess_dataset(&dir, samples, 100_000)
@@ -253,13 +270,6 @@ async fn main() -> ExitCode {
         Command::Demo { samples, dir, batch_size } => run_demo(samples, dir, batch_size).await,
         #[cfg(feature = "torch")]
         Command::Train(args) => train(*args).await,
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("trainer-client: error: {error:#}");
-            ExitCode::FAILURE
-        }
     }
 }
 
