@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Where the time goes when one loader streams a dataset to one client on this machine: a
 # system-wide perf profile (both processes and the kernel) of `trainer-client stream --tensors`.
-#   bash bench/profile.sh DATASET_NAME DATASET_DIR [BATCHES]     (after bench/suite.py made the data)
+#   bash bench/profile.sh DATASET_NAME DATASET_DIR [BATCHES [STREAM FLAGS...]]
+#   e.g. bash bench/profile.sh images bench/out/data/images 1500
+#        bash bench/profile.sh eeg bench/out/data/eeg.zarr 200 --shuffle block --shuffle-window 8
+# (after bench/suite.py made the data)
 # Writes bench/out/profile-NAME.txt: time per process, per shared object, and the top symbols.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 name=$1 dir=$2 batches=${3:-1500}
+shift $(($# < 3 ? $# : 3))
 out=bench/out; mkdir -p "$out"
 bin=target/release
 log=$(mktemp); trap 'kill "$loader" 2>/dev/null || true; rm -f "$log"' EXIT
@@ -15,9 +19,9 @@ for _ in $(seq 100); do grep -q "listening on" "$log" && break; sleep 0.1; done
 addr=$(awk '/listening on/ {print $3}' "$log")
 # Warm the page cache for the pages this run touches (same seed), so the profile shows the
 # steady state rather than disk reads.
-"$bin/trainer-client" stream --loader "$addr" --dataset "$name" --max-batches "$batches" --seed 7 >/dev/null
+"$bin/trainer-client" stream --loader "$addr" --dataset "$name" --max-batches "$batches" --seed 7 "$@" >/dev/null
 perf record -a -g -F 999 -o "$out/perf-$name.data" -- \
-    "$bin/trainer-client" stream --loader "$addr" --dataset "$name" --max-batches "$batches" --seed 7 --tensors \
+    "$bin/trainer-client" stream --loader "$addr" --dataset "$name" --max-batches "$batches" --seed 7 --tensors "$@" \
     2>/dev/null | tee "$out/profile-$name.txt"
 report() {  # perf report rows only, at most $1 of them
     local rows=$1; shift

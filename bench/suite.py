@@ -13,6 +13,7 @@ Contenders, each consuming `--batches` batches of 256 shuffled samples into CPU 
   zarr-dataloader-full      zarr-python in a DataLoader (2 workers), full shuffle, per-sample reads
   zarr-dataloader-chunked   zarr-python in a DataLoader (2 workers), chunk-aware shuffle, batched reads
 Limits measured in the same run: raw TCP loopback (iperf3) and memcpy bandwidth.
+Every contender starts with its dataset read once into the page cache (see warm_page_cache).
 Writes OUT/suite.json, OUT/suite.md and OUT/suite.png.
 Needs: release loader-server, trainer-client built with --features torch, torch, zarr, matplotlib, iperf3.
 """
@@ -67,6 +68,18 @@ def datasets(out, gib):
         "images": {"kind": "npy", "path": os.path.join(data, "images"), "n": n_img, "sample_bytes": 12296},
         "eeg": {"kind": "zarr", "path": zpath, "n": n_eeg, "sample_bytes": 129 * 200 * 4},
     }
+
+
+def warm_page_cache(path):
+    """Reads every file of a dataset once, so that each contender starts with it in the page
+    cache: this VM hands idle page cache back to the host, so data read minutes earlier may be
+    gone, and the first contender would pay the disk reads for the ones after it."""
+    buf = bytearray(16 << 20)
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb", buffering=0) as fh:
+                while fh.readinto(buf):
+                    pass
 
 
 def tree_rss_kib(pid):
@@ -159,6 +172,7 @@ def main():
             ds = all_ds[name]
             # Full-shuffle zarr decodes a chunk per sample (~0.5 s a batch): 30 batches are enough.
             for c in cs:
+                warm_page_cache(ds["path"])
                 batches = min(30, args.batches) if c == "zarr-dataloader-full" else args.batches
                 if c.startswith("conveyor"):
                     r = run_conveyor(int(c[-1]), name, ds, batches, run, args.out)

@@ -27,7 +27,9 @@ pub enum TensorError {
         dtype: &'static str,
     },
     /// The bytes received do not match the field's shape and dtype.
-    #[error("field '{field}' holds {got} bytes where its shape and dtype need {expected}; the loader sent a malformed batch")]
+    #[error(
+        "field '{field}' holds {got} bytes where its shape and dtype need {expected}; the loader sent a malformed batch"
+    )]
     Length {
         /// Field name.
         field: String,
@@ -243,7 +245,10 @@ mod tests {
     #[test]
     fn a_field_whose_bytes_do_not_fill_its_shape_is_refused_by_name() {
         let error = host_tensor(&field(DType::Int16, vec![0; 5], vec![2, 3])).expect_err("5 bytes are not 2x3 int16");
-        assert!(error.to_string().contains("'int16' holds 5 bytes") && error.to_string().contains("need 12"), "{error}");
+        assert!(
+            error.to_string().contains("'int16' holds 5 bytes") && error.to_string().contains("need 12"),
+            "{error}"
+        );
     }
 
     #[test]
