@@ -118,6 +118,36 @@ async fn block_shuffle_decodes_each_chunk_about_once_where_full_shuffle_thrashes
 }
 
 #[tokio::test]
+async fn two_loaders_under_block_shuffle_decode_each_chunk_about_once_between_them() {
+    let fixtures = zarr_fixtures();
+    let path = fixtures.path().join("aligned-4096");
+    // 4096 rows in 64 chunks of 64; a window of 2 chunks holds 2 batches of 64, and 4 batches
+    // in flight reach both loaders. Sent to whichever loader is least busy, the two batches of
+    // a window would often make both loaders decode the window's chunks.
+    // Each cache holds 8 of the 2 KiB chunks, so every epoch decodes again; three epochs, so the
+    // second loader is serving well before the end however late it connects.
+    let mut config = loader_server::Config::for_datasets([format!("eeg={}", path.display())]);
+    config.chunk_cache_bytes = 8 * 64 * 8 * 4;
+    let first = InProcessLoader::start(config.clone()).await;
+    let second = InProcessLoader::start(config).await;
+    let both = format!("{},{}", first.addr, second.addr);
+    let args =
+        ["--batch-size", "64", "--prefetch", "4", "--shuffle", "block", "--shuffle-window", "2", "--epochs", "3"];
+    let (stats, check) = stream_off_runtime(&both, "eeg", path.to_str().expect("utf-8"), &args).await;
+    assert_eq!((check["rows"].as_u64(), check["distinct"].as_u64()), (Some(3 * 4096), Some(4096)), "{check}");
+    let replicas = stats["replicas"].as_object().expect("replicas");
+    assert!(
+        replicas.values().all(|r| r["batches"].as_u64().is_some_and(|n| n >= 8)),
+        "both loaders served batches: {stats}"
+    );
+    let amplification = stats["read_amplification"].as_f64().expect("number");
+    // Slightly under 1 is possible: a chunk can still be cached when the next epoch needs it.
+    assert!((0.9..1.1).contains(&amplification), "two loaders decoded chunks twice: {amplification}");
+    first.stop().await;
+    second.stop().await;
+}
+
+#[tokio::test]
 async fn a_corrupt_or_missing_chunk_fails_only_the_batches_that_need_it() {
     let fixtures = zarr_fixtures();
     let cases = cases(fixtures.path());
