@@ -79,6 +79,13 @@ pub async fn list_datasets(client: &mut LoaderClient<Channel>, addr: &str) -> Re
     Ok(response.into_inner().datasets)
 }
 
+/// Samples per block of a dataset: its longest chunk along the sample axis (1 when unchunked).
+/// Block shuffle keeps chunks together in blocks of this length, and dispatch sends batches
+/// sharing a block to the same replica.
+pub fn block_len(info: &DatasetInfo) -> u64 {
+    info.fields.iter().map(|f| f.chunk_len).max().unwrap_or(1).max(1)
+}
+
 /// Why two loaders' catalogs differ, if they do (ignoring per-loader limits).
 pub fn catalog_difference(expected: &[DatasetInfo], found: &[DatasetInfo]) -> Option<String> {
     let key = |d: &DatasetInfo| {

@@ -32,7 +32,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::{
     batch::Batch,
-    client::{ConnectOptions, catalog_difference, connect, list_datasets, parse_loader},
+    client::{ConnectOptions, block_len, catalog_difference, connect, list_datasets, parse_loader},
     error::ClientError,
     sampler::EpochPlan,
 };
@@ -363,6 +363,7 @@ impl Loaders {
         self.next_epoch_key += 1;
         let start = start_batch.min(plan.num_batches());
         self.affinity.clear();
+        let block_len = block_len(&info);
         Ok(Epoch {
             loaders: self,
             info,
@@ -372,6 +373,7 @@ impl Loaders {
             next_deliver: start,
             retry: VecDeque::new(),
             ready: BTreeMap::new(),
+            block_len,
         })
     }
 
@@ -600,6 +602,8 @@ pub struct Epoch<'a> {
     retry: VecDeque<u64>,
     /// Answers that arrived ahead of `next_deliver`; at most `prefetch` of them.
     ready: BTreeMap<u64, Batch>,
+    /// Samples per block of the dataset, for replica affinity (1: unchunked).
+    block_len: u64,
 }
 
 impl Epoch<'_> {
@@ -672,8 +676,7 @@ impl Epoch<'_> {
                 None => return,
             };
             let indices = self.plan.batch(batch);
-            let block_len = self.info.fields.iter().map(|f| f.chunk_len).max().unwrap_or(1);
-            if self.loaders.send(&self.info.name, self.epoch_key, batch, indices, block_len).is_none() {
+            if self.loaders.send(&self.info.name, self.epoch_key, batch, indices, self.block_len).is_none() {
                 return;
             }
             if self.retry.front() == Some(&batch) {

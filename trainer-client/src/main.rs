@@ -328,7 +328,7 @@ async fn stream(args: StreamArgs) -> anyhow::Result<RunReport> {
                 seed: args.seed,
                 rank: args.rank,
                 world_size: args.world_size,
-                block_len: info.fields.iter().map(|f| f.chunk_len).max().unwrap_or(1).max(1),
+                block_len: trainer_client::client::block_len(&info),
                 shuffle_window: args.shuffle_window,
             };
             (dataset, spec, args.epoch, 0)
@@ -469,7 +469,7 @@ async fn train(args: TrainArgs) -> anyhow::Result<()> {
         seed: args.seed,
         rank: args.rank,
         world_size: args.world_size,
-        block_len: info.fields.iter().map(|f| f.chunk_len).max().unwrap_or(1).max(1),
+        block_len: trainer_client::client::block_len(&info),
         shuffle_window: 8,
     };
     let options = trainer_client::train::TrainOptions {

@@ -123,36 +123,44 @@ fn shape_of(field: &FieldBatch) -> Vec<i64> {
 pub fn host_tensor(field: &FieldBatch) -> Result<Tensor, TensorError> {
     let kind = kind_of(&field.name, field.dtype)?;
     let shape = shape_of(field);
-    let torch = |error| TensorError::Torch { field: field.name.clone(), error };
-    match field.dtype {
-        DType::Uint16 => {
-            let wide: Vec<i32> =
-                field.data.chunks_exact(2).map(|c| i32::from(u16::from_le_bytes([c[0], c[1]]))).collect();
-            Tensor::from_slice(&wide).f_view(shape.as_slice()).map_err(torch)
-        }
-        DType::Uint32 => {
-            let wide: Vec<i64> =
-                field.data.chunks_exact(4).map(|c| i64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]]))).collect();
-            Tensor::from_slice(&wide).f_view(shape.as_slice()).map_err(torch)
-        }
-        _ => {
-            // Not `Tensor::from_data_size`: that zero-fills a fresh tensor (on libtorch's OpenMP
-            // threads, whose spin-waiting took a quarter of the CPU in a profile) before copying.
-            let expected = shape.iter().product::<i64>() as usize * kind.elt_size_in_bytes();
-            if field.data.len() != expected {
-                return Err(TensorError::Length { field: field.name.clone(), expected, got: field.data.len() });
-            }
-            let tensor = Tensor::f_empty(shape.as_slice(), (kind, Device::Cpu)).map_err(torch)?;
-            // SAFETY: `tensor` was just allocated, contiguous, on the CPU, with exactly
-            // `expected` bytes (its shape and kind), and nothing else references it yet;
-            // `field.data` holds `expected` bytes (checked above) in a separate allocation.
-            #[allow(unsafe_code)]
-            unsafe {
-                std::ptr::copy_nonoverlapping(field.data.as_ptr(), tensor.data_ptr().cast::<u8>(), expected);
-            }
-            Ok(tensor)
-        }
+    let num_elements = shape.iter().product::<i64>() as usize;
+    let expected = num_elements * field.dtype.size_bytes();
+    if field.data.len() != expected {
+        return Err(TensorError::Length { field: field.name.clone(), expected, got: field.data.len() });
     }
+    // The tensor's memory holds native-endian values of `kind`.
+    let widened: Option<Vec<u8>> = match field.dtype {
+        DType::Uint16 => Some(
+            field
+                .data
+                .chunks_exact(2)
+                .flat_map(|c| i32::from(u16::from_le_bytes([c[0], c[1]])).to_ne_bytes())
+                .collect(),
+        ),
+        DType::Uint32 => Some(
+            field
+                .data
+                .chunks_exact(4)
+                .flat_map(|c| i64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]])).to_ne_bytes())
+                .collect(),
+        ),
+        _ => None,
+    };
+    let bytes = widened.as_deref().unwrap_or(&field.data);
+    debug_assert_eq!(bytes.len(), num_elements * kind.elt_size_in_bytes());
+    // Not `Tensor::from_data_size`: that zero-fills a fresh tensor (on libtorch's OpenMP
+    // threads, whose spin-waiting took a quarter of the CPU in a profile) before copying.
+    let tensor = Tensor::f_empty(shape.as_slice(), (kind, Device::Cpu))
+        .map_err(|error| TensorError::Torch { field: field.name.clone(), error })?;
+    // SAFETY: `tensor` was just allocated, contiguous, on the CPU, with `num_elements` values of
+    // `kind`, which is `bytes.len()` bytes (the received length was checked above and widening
+    // turns each value into exactly one of `kind`); nothing else references it yet, and `bytes`
+    // is a separate allocation.
+    #[allow(unsafe_code)]
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), tensor.data_ptr().cast::<u8>(), bytes.len());
+    }
+    Ok(tensor)
 }
 
 /// The field on `device`: copied into page-locked memory, then copied to the device

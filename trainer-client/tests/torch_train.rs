@@ -60,6 +60,21 @@ async fn training_lowers_the_loss_and_keeps_memory_flat_across_epochs() {
     assert!(rss(2) <= rss(1) + 16.0 * 1048576.0, "RSS grew from {} to {} MiB", rss(1) / 1048576.0, rss(2) / 1048576.0);
 }
 
+/// The plan `train` and `stream` make for the demo data with the default full shuffle.
+fn full_shuffle(batch_size: u64, seed: u64) -> PlanSpec {
+    PlanSpec {
+        num_samples: SAMPLES,
+        batch_size,
+        drop_last: false,
+        shuffle: Shuffle::Full,
+        seed,
+        rank: 0,
+        world_size: 1,
+        block_len: 1,
+        shuffle_window: 8,
+    }
+}
+
 fn logged_indices(path: &Path) -> Vec<u64> {
     std::fs::read(path)
         .expect("indices log")
@@ -107,17 +122,7 @@ async fn a_run_stopped_mid_epoch_resumes_model_and_stream_with_exactly_the_remai
     let second = with(&["--checkpoint".into(), path(&checkpoint), "--indices-log".into(), path(&second_log)]);
     let report = run(&second.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(report["resumed_from"], serde_json::json!([0, 37]), "{report}");
-    let spec = PlanSpec {
-        num_samples: SAMPLES,
-        batch_size: 100,
-        drop_last: false,
-        shuffle: Shuffle::Full,
-        seed: 3,
-        rank: 0,
-        world_size: 1,
-        block_len: 1,
-        shuffle_window: 8,
-    };
+    let spec = full_shuffle(100, 3);
     let plan = EpochPlan::new(spec, 0).expect("plan");
     let epoch: Vec<u64> = (0..plan.num_batches()).flat_map(|b| plan.batch(b)).collect();
     let (first, rest) = (logged_indices(&first_log), logged_indices(&second_log));
@@ -134,17 +139,7 @@ async fn cuda_tensors_hold_exactly_the_received_bytes_while_copies_queue_behind_
     demo::write_chess_dataset(data.path(), SAMPLES, 8_000).expect("demo data");
     let loader = loader(data.path()).await;
     let mut loaders = Loaders::connect(&[loader.addr.clone()], StreamOptions::default()).await.expect("connects");
-    let spec = PlanSpec {
-        num_samples: SAMPLES,
-        batch_size: 256,
-        drop_last: false,
-        shuffle: Shuffle::Full,
-        seed: 1,
-        rank: 0,
-        world_size: 1,
-        block_len: 1,
-        shuffle_window: 8,
-    };
+    let spec = full_shuffle(256, 1);
     let mut epoch = loaders.epoch("chess", EpochPlan::new(spec, 0).expect("plan"), 0).expect("epoch");
     let converter = TensorConverter::new(device);
     let busy = Tensor::randn([4096, 4096], (Kind::Float, device));
