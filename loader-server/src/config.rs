@@ -7,14 +7,15 @@ use crate::{error::LoadError, zarr::MissingChunks};
 
 /// `loader-server` flags.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "loader-server", version, about = "Serve .npy datasets as ready-made batches over gRPC")]
+#[command(name = "loader-server", version, about = "Serve .npy and Zarr datasets as ready-made batches over gRPC")]
 pub struct Config {
     /// Address to listen on; port 0 picks a free port (the chosen address is printed as
     /// `listening on ADDR` on stdout).
     #[arg(long, env = "LOADER_LISTEN", default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
 
-    /// A dataset to serve, as NAME=DIR (repeat the flag for more; in the environment variable,
+    /// A dataset to serve, as NAME=PATH: a directory of .npy fields (FIELD.npy or FIELD-00000.npy
+    /// shards), or a Zarr array or group (repeat the flag for more; in the environment variable,
     /// separate several with commas).
     #[arg(long = "dataset", env = "LOADER_DATASET", value_delimiter = ',', required = true)]
     pub datasets: Vec<String>,
@@ -74,26 +75,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
 
     /// On SIGTERM, how long in-flight batches may take to finish before the loader exits.
-    #[arg(long, env = "LOADER_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "LOADER_DRAIN_TIMEOUT", default_value = "10s", value_parser = conveyor_proto::parse_duration)]
     pub drain_timeout: Duration,
-}
-
-/// Parses `500ms`, `10s`, `2m` or a bare number of seconds.
-///
-/// # Errors
-/// A message naming the accepted forms.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let bad = || format!("'{text}' is not a duration; write for example 500ms, 10s or 2m");
-    let (number, unit) = text.find(|c: char| !c.is_ascii_digit() && c != '.').map_or((text, "s"), |i| text.split_at(i));
-    let value: f64 = number.parse().map_err(|_| bad())?;
-    let seconds = match unit {
-        "ms" => value / 1000.0,
-        "s" => value,
-        "m" => value * 60.0,
-        _ => return Err(bad()),
-    };
-    Ok(Duration::from_secs_f64(seconds))
 }
 
 impl Config {
@@ -156,16 +139,6 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_parse_with_units() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
-        assert!(parse_duration("ten").is_err());
-        assert!(parse_duration("5h").is_err());
-    }
 
     #[test]
     fn dataset_specs_are_checked() {

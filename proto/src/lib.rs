@@ -118,9 +118,40 @@ pub fn npy_header(dtype: DType, shape: &[u64]) -> Vec<u8> {
     out
 }
 
+/// Parses a duration flag the same way in both binaries: `500ms`, `10s`, `2m`, or a plain
+/// number of seconds (`3`, `0.5`).
+///
+/// # Errors
+/// A message naming the value and the accepted forms.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let bad = || format!("'{text}' is not a duration; write for example 500ms, 10s, 2m or a number of seconds");
+    let (number, unit) = text.find(|c: char| !c.is_ascii_digit() && c != '.').map_or((text, "s"), |i| text.split_at(i));
+    let value: f64 = number.parse().map_err(|_| bad())?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        _ => return Err(bad()),
+    };
+    std::time::Duration::try_from_secs_f64(seconds).map_err(|_| bad())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_parse_with_units_or_as_seconds() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("0.5"), Ok(Duration::from_millis(500)));
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("5h").expect_err("unknown unit").contains("500ms"));
+    }
 
     #[test]
     fn numpy_codes_round_trip_and_sizes_match_codes() {

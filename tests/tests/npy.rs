@@ -8,7 +8,7 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic_health::pb::health_check_response::ServingStatus;
-use trainer_client::{EpochPlan, Loaders, PlanSpec, Shuffle, StreamOptions};
+use trainer_client::{Loaders, PlanSpec, Shuffle, StreamOptions};
 
 fn spec_of(name: &str, dir: &Path) -> String {
     format!("{name}={}", dir.display())
@@ -60,13 +60,15 @@ async fn data_parallel_ranks_split_the_epoch_evenly_and_disjointly() {
     assert_eq!(seen, vec![Some(16); 3]);
 }
 
-async fn epoch_indices(loaders: &mut Loaders, dataset: &str, spec: &PlanSpec, epoch: u64) -> Vec<u64> {
-    let plan = EpochPlan::new(spec.clone(), epoch).expect("plan");
-    let mut stream = loaders.epoch(dataset, plan, 0).expect("epoch");
+/// One epoch's indices; the connections come back for the next call.
+async fn epoch_indices(loaders: &mut Option<Loaders>, dataset: &str, spec: &PlanSpec, epoch: u64) -> Vec<u64> {
+    let pool = loaders.take().expect("connected");
+    let mut stream = pool.epoch(dataset, spec.clone(), epoch).expect("epoch");
     let mut indices = Vec::new();
-    while let Some(batch) = stream.next().await.expect("batch") {
+    while let Some(batch) = stream.next_batch().await.expect("batch") {
         indices.extend(batch.indices);
     }
+    *loaders = Some(stream.into_loaders());
     indices
 }
 
@@ -75,7 +77,7 @@ async fn shuffled_epochs_are_deterministic_permutations() {
     let fixtures = npy_fixtures();
     let loader = start_loader(&[spec_of("d", &fixtures.path().join("dtypes"))], &[]).await.expect("loader");
     let mut loaders =
-        Loaders::connect(std::slice::from_ref(&loader.addr), StreamOptions::default()).await.expect("connect");
+        Some(Loaders::connect(std::slice::from_ref(&loader.addr), StreamOptions::default()).await.expect("connect"));
     let spec = PlanSpec {
         num_samples: 53,
         batch_size: 5,

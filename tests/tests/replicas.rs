@@ -4,7 +4,7 @@
 use std::{path::Path, time::Duration};
 
 use conveyor_tests::{LoaderProcess, start_loader, start_loader_on, trainer};
-use trainer_client::{ClientError, EpochPlan, Loaders, PlanSpec, Shuffle, StreamOptions, demo};
+use trainer_client::{ClientError, Loaders, PlanSpec, Shuffle, StreamOptions, demo};
 
 const SAMPLES: u64 = 20_000;
 const BATCH: u64 = 50;
@@ -44,10 +44,10 @@ async fn loader(dir: &Path) -> LoaderProcess {
 
 /// Indices of a whole epoch streamed from one replica.
 async fn single_replica_order(addr: &str) -> Vec<u64> {
-    let mut loaders = Loaders::connect(&[addr.to_owned()], options(Duration::from_secs(30))).await.expect("connect");
-    let mut epoch = loaders.epoch("chess", EpochPlan::new(spec(), 3).expect("plan"), 0).expect("epoch");
+    let loaders = Loaders::connect(&[addr.to_owned()], options(Duration::from_secs(30))).await.expect("connect");
+    let mut epoch = loaders.epoch("chess", spec(), 3).expect("epoch");
     let mut order = Vec::new();
-    while let Some(batch) = epoch.next().await.expect("batch") {
+    while let Some(batch) = epoch.next_batch().await.expect("batch") {
         order.extend(batch.indices);
     }
     order
@@ -73,13 +73,13 @@ async fn replicas_killed_drained_and_added_mid_epoch_lose_and_repeat_nothing() {
     assert_eq!(reference.len() as u64, SAMPLES);
 
     let addrs = vec![a.addr.clone(), b.addr.clone(), c.addr.clone()];
-    let mut loaders = Loaders::connect(&addrs, options(Duration::from_secs(30))).await.expect("connect");
+    let loaders = Loaders::connect(&addrs, options(Duration::from_secs(30))).await.expect("connect");
     let mut d = None;
     let mut order = Vec::new();
-    {
-        let mut epoch = loaders.epoch("chess", EpochPlan::new(spec(), 3).expect("plan"), 0).expect("epoch");
+    let loaders = {
+        let mut epoch = loaders.epoch("chess", spec(), 3).expect("epoch");
         let mut b = Some(b);
-        while let Some(batch) = epoch.next().await.expect("the epoch survives replica failures") {
+        while let Some(batch) = epoch.next_batch().await.expect("the epoch survives replica failures") {
             demo::check_chess_batch(&batch).expect("content");
             order.extend(batch.indices.iter().copied());
             match batch.index {
@@ -89,8 +89,7 @@ async fn replicas_killed_drained_and_added_mid_epoch_lose_and_repeat_nothing() {
             }
             if batch.index == 80 {
                 let fresh = loader(data.path()).await;
-                // The Epoch borrows the pool; add through it.
-                epoch_add(&mut epoch, &fresh.addr).await;
+                epoch.add_loader(&fresh.addr).expect("valid address");
                 d = Some(fresh);
             }
             if batch.index == 120 {
@@ -99,7 +98,8 @@ async fn replicas_killed_drained_and_added_mid_epoch_lose_and_repeat_nothing() {
         }
         let status = b.take().expect("b").child.wait().await.expect("b exits");
         assert!(status.success(), "a SIGTERM'd loader drains and exits cleanly, got {status}");
-    }
+        epoch.into_loaders()
+    };
     assert_eq!(order, reference, "same batches in the same order as with one replica");
     let stats = loaders.stats();
     let d = d.expect("fresh replica");
@@ -109,21 +109,17 @@ async fn replicas_killed_drained_and_added_mid_epoch_lose_and_repeat_nothing() {
     assert_eq!(served, SAMPLES.div_ceil(BATCH), "every batch delivered once: {stats:?}");
 }
 
-async fn epoch_add(epoch: &mut trainer_client::Epoch<'_>, addr: &str) {
-    epoch.add_loader(addr).await.expect("valid address");
-}
-
 #[tokio::test]
 async fn all_replicas_down_then_one_back_within_the_timeout_completes_the_epoch() {
     let data = chess_dataset();
     let mut a = loader(data.path()).await;
     let reference = single_replica_order(&a.addr).await;
-    let mut loaders =
+    let loaders =
         Loaders::connect(std::slice::from_ref(&a.addr), options(Duration::from_secs(60))).await.expect("connect");
-    let mut epoch = loaders.epoch("chess", EpochPlan::new(spec(), 3).expect("plan"), 0).expect("epoch");
+    let mut epoch = loaders.epoch("chess", spec(), 3).expect("epoch");
     let mut order = Vec::new();
     let mut revived = None;
-    while let Some(batch) = epoch.next().await.expect("completes once the replica is back") {
+    while let Some(batch) = epoch.next_batch().await.expect("completes once the replica is back") {
         order.extend(batch.indices.iter().copied());
         if batch.index == 20 {
             kill_9(&mut a);
@@ -142,12 +138,12 @@ async fn all_replicas_down_then_one_back_within_the_timeout_completes_the_epoch(
 async fn all_replicas_down_past_the_timeout_fails_with_a_clear_error() {
     let data = chess_dataset();
     let mut a = loader(data.path()).await;
-    let mut loaders =
+    let loaders =
         Loaders::connect(std::slice::from_ref(&a.addr), options(Duration::from_secs(1))).await.expect("connect");
-    let mut epoch = loaders.epoch("chess", EpochPlan::new(spec(), 0).expect("plan"), 0).expect("epoch");
+    let mut epoch = loaders.epoch("chess", spec(), 0).expect("epoch");
     let started = std::time::Instant::now();
     let error = loop {
-        match epoch.next().await {
+        match epoch.next_batch().await {
             Ok(Some(batch)) if batch.index == 5 => {
                 kill_9(&mut a);
                 a.child.wait().await.expect("a exits");

@@ -6,6 +6,8 @@ use conveyor_proto::{
     v1::{BatchResponse, DatasetInfo},
 };
 
+use crate::error::ResponseError;
+
 /// One field of a batch: `shape` is `[batch, ...sample shape]` and `data` holds its elements as
 /// little-endian C-order bytes, a slice of the received message (no copy was made).
 #[derive(Debug, Clone)]
@@ -50,43 +52,47 @@ impl Batch {
     /// tensors without copying.
     ///
     /// # Errors
-    /// A description of the first mismatch.
+    /// The first mismatch.
     pub fn from_response(
         response: BatchResponse,
         requested: &[u64],
         info: &DatasetInfo,
         epoch: u64,
         index: u64,
-    ) -> Result<Batch, String> {
+    ) -> Result<Batch, ResponseError> {
         if response.indices != requested {
-            return Err(format!("batch {index} came back with other sample indices than requested"));
+            return Err(ResponseError::WrongIndices { batch: index });
         }
         if response.tensors.len() != info.fields.len() {
-            return Err(format!(
-                "batch {index} has {} tensors for {} fields",
-                response.tensors.len(),
-                info.fields.len()
-            ));
+            return Err(ResponseError::TensorCount {
+                batch: index,
+                tensors: response.tensors.len(),
+                fields: info.fields.len(),
+            });
         }
         let rows = requested.len() as u64;
         let mut fields = Vec::with_capacity(info.fields.len());
         for (tensor, field) in response.tensors.into_iter().zip(&info.fields) {
-            let dtype = DType::try_from(tensor.dtype).unwrap_or(DType::Unspecified);
             let expected_shape: Vec<u64> = std::iter::once(rows).chain(field.sample_shape.iter().copied()).collect();
             if tensor.field != field.name || tensor.dtype != field.dtype || tensor.shape != expected_shape {
-                return Err(format!(
-                    "batch {index}: tensor '{}' {:?} {:?} does not match field '{}' {:?}",
-                    tensor.field, dtype, tensor.shape, field.name, expected_shape
-                ));
+                return Err(ResponseError::TensorMismatch {
+                    batch: index,
+                    tensor: tensor.field,
+                    dtype: tensor.dtype,
+                    shape: tensor.shape,
+                    field: field.name.clone(),
+                    expected_shape,
+                });
             }
             if tensor.data.len() as u64 != rows * field.bytes_per_sample {
-                return Err(format!(
-                    "batch {index}: field '{}' has {} bytes, expected {}",
-                    field.name,
-                    tensor.data.len(),
-                    rows * field.bytes_per_sample
-                ));
+                return Err(ResponseError::ByteCount {
+                    batch: index,
+                    field: field.name.clone(),
+                    got: tensor.data.len() as u64,
+                    expected: rows * field.bytes_per_sample,
+                });
             }
+            let dtype = DType::try_from(tensor.dtype).unwrap_or(DType::Unspecified);
             fields.push(FieldBatch { name: tensor.field, dtype, shape: tensor.shape, data: tensor.data });
         }
         Ok(Batch { epoch, index, indices: response.indices, fields, decoded_bytes: response.decoded_bytes })

@@ -49,11 +49,22 @@ pub fn parse_loader(spec: &str) -> Result<String, ClientError> {
     Ok(rest.to_owned())
 }
 
+/// The datasets one loader serves (`host:port` or `http://host:port`), as `trainer-client info`
+/// prints them.
+///
+/// # Errors
+/// [`ClientError::BadAddress`], [`ClientError::Connect`] or [`ClientError::Rpc`], naming it.
+pub async fn fetch_catalog(loader: &str, options: &ConnectOptions) -> Result<Vec<DatasetInfo>, ClientError> {
+    let addr = parse_loader(loader)?;
+    let mut client = connect(&addr, options).await?;
+    list_datasets(&mut client, &addr).await
+}
+
 /// Opens a tuned connection to the loader at `host:port`.
 ///
 /// # Errors
 /// [`ClientError::Connect`] when the loader cannot be reached.
-pub async fn connect(addr: &str, options: &ConnectOptions) -> Result<LoaderClient<Channel>, ClientError> {
+pub(crate) async fn connect(addr: &str, options: &ConnectOptions) -> Result<LoaderClient<Channel>, ClientError> {
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|_| ClientError::BadAddress { spec: addr.to_owned() })?
         .connect_timeout(options.connect_timeout)
@@ -71,11 +82,14 @@ pub async fn connect(addr: &str, options: &ConnectOptions) -> Result<LoaderClien
 ///
 /// # Errors
 /// [`ClientError::Rpc`] when the call fails.
-pub async fn list_datasets(client: &mut LoaderClient<Channel>, addr: &str) -> Result<Vec<DatasetInfo>, ClientError> {
+pub(crate) async fn list_datasets(
+    client: &mut LoaderClient<Channel>,
+    addr: &str,
+) -> Result<Vec<DatasetInfo>, ClientError> {
     let response = client
         .list_datasets(ListDatasetsRequest {})
         .await
-        .map_err(|status| ClientError::Rpc { addr: addr.to_owned(), status })?;
+        .map_err(|source| ClientError::Rpc { addr: addr.to_owned(), source })?;
     Ok(response.into_inner().datasets)
 }
 
@@ -87,7 +101,7 @@ pub fn block_len(info: &DatasetInfo) -> u64 {
 }
 
 /// Why two loaders' catalogs differ, if they do (ignoring per-loader limits).
-pub fn catalog_difference(expected: &[DatasetInfo], found: &[DatasetInfo]) -> Option<String> {
+pub(crate) fn catalog_difference(expected: &[DatasetInfo], found: &[DatasetInfo]) -> Option<String> {
     let key = |d: &DatasetInfo| {
         let fields: Vec<_> = d.fields.iter().map(|f| (f.name.clone(), f.dtype, f.sample_shape.clone())).collect();
         (d.name.clone(), d.num_samples, fields)

@@ -1,14 +1,19 @@
-//! A small serialisable position in the stream: enough to continue exactly where a training
-//! run stopped. A training script stores it in its own checkpoint, beside the model weights.
+//! A small serialisable position in a run: enough to continue exactly where training stopped.
+//! A training script stores it in its own checkpoint, beside the model weights; the CLI writes
+//! it with a [`CursorWriter`], off the streaming path.
 
-use std::path::Path;
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Condvar, Mutex},
+    thread::JoinHandle,
+};
 
 use serde::{Deserialize, Serialize};
 
-use crate::sampler::PlanSpec;
+use crate::{error::CursorError, sampler::PlanSpec};
 
-/// Where a run is: the plan settings, the epoch, and the next batch the trainer has not yet
-/// consumed.
+/// Where a run is: the plan settings, the epoch, the next batch the trainer has not consumed
+/// yet, and where the run ends.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cursor {
     /// Dataset streamed.
@@ -19,32 +24,139 @@ pub struct Cursor {
     pub epoch: u64,
     /// First batch of `epoch` not yet consumed.
     pub next_batch: u64,
+    /// The epoch the run stops before (`--epoch` + `--epochs`); `None` in cursors written
+    /// before it was stored, which resume for `--epochs` from their epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_epoch: Option<u64>,
 }
 
 impl Cursor {
+    /// Whether the run this cursor belongs to has nothing left to stream.
+    pub fn is_finished(&self) -> bool {
+        self.end_epoch.is_some_and(|end| self.epoch >= end)
+    }
+
     /// Writes the cursor as JSON, atomically (a reader sees the old or the new one, never half).
     ///
     /// # Errors
-    /// The I/O error, naming the file.
-    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
-        use anyhow::Context;
-        let tmp = path.with_extension("tmp");
-        let json = serde_json::to_vec_pretty(self).context("serialising the cursor")?;
-        std::fs::write(&tmp, json).with_context(|| format!("cannot write cursor {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("cannot write cursor {}", path.display()))?;
-        Ok(())
+    /// [`CursorError::Io`] naming the file.
+    pub fn save(&self, path: &Path) -> Result<(), CursorError> {
+        let io = |source| CursorError::Io { action: "write", path: path.to_owned(), source };
+        let json = serde_json::to_vec_pretty(self).map_err(|e| io(std::io::Error::other(e)))?;
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        std::fs::write(&tmp, json).map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
     }
 
     /// Reads a cursor written by [`Cursor::save`].
     ///
     /// # Errors
-    /// A message naming the file when it is missing or not a cursor.
-    pub fn load(path: &Path) -> anyhow::Result<Cursor> {
-        use anyhow::Context;
+    /// [`CursorError`] naming the file when it is missing or not a cursor.
+    pub fn load(path: &Path) -> Result<Cursor, CursorError> {
         let bytes =
-            std::fs::read(path).with_context(|| format!("cannot read cursor {} (--resume-from)", path.display()))?;
-        serde_json::from_slice(&bytes)
-            .with_context(|| format!("{} is not a cursor written by --save-cursor", path.display()))
+            std::fs::read(path).map_err(|source| CursorError::Io { action: "read", path: path.to_owned(), source })?;
+        serde_json::from_slice(&bytes).map_err(|source| CursorError::Parse { path: path.to_owned(), source })
+    }
+}
+
+/// Saves the latest offered cursor to a file on its own thread, so that saving after every batch
+/// costs the streaming path one small clone: while a write is in progress, newer cursors replace
+/// each other and only the newest is written next. [`CursorWriter::finish`] writes the last one
+/// and reports any error.
+#[derive(Debug)]
+pub struct CursorWriter {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    state: Mutex<WriterState>,
+    wake: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct WriterState {
+    /// The newest cursor not yet written.
+    pending: Option<Cursor>,
+    /// Set by `finish`: write what is pending and stop.
+    closing: bool,
+    /// The first write error, reported by `finish`.
+    error: Option<CursorError>,
+    /// Cursors written so far.
+    num_written: u64,
+}
+
+impl CursorWriter {
+    /// Starts the writer thread for `path`.
+    pub fn new(path: PathBuf) -> CursorWriter {
+        let shared = Arc::new(Shared::default());
+        let thread_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("cursor-writer".into())
+            .spawn(move || write_latest(&thread_shared, &path))
+            .ok();
+        CursorWriter { shared, thread }
+    }
+
+    /// Hands over the newest cursor; returns at once.
+    pub fn offer(&self, cursor: Cursor) {
+        let mut state = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.pending = Some(cursor);
+        self.shared.wake.notify_one();
+    }
+
+    /// Writes the last offered cursor, stops the thread and returns how many cursors were written.
+    ///
+    /// # Errors
+    /// The first write that failed.
+    pub fn finish(mut self) -> Result<u64, CursorError> {
+        self.close();
+        let mut state = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        match state.error.take() {
+            Some(error) => Err(error),
+            None => Ok(state.num_written),
+        }
+    }
+
+    fn close(&mut self) {
+        {
+            let mut state = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+            state.closing = true;
+            self.shared.wake.notify_one();
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for CursorWriter {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn write_latest(shared: &Shared, path: &Path) {
+    let mut state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        if let Some(cursor) = state.pending.take() {
+            drop(state);
+            let result = cursor.save(path);
+            state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+            match result {
+                Ok(()) => state.num_written += 1,
+                Err(error) => {
+                    state.error.get_or_insert(error);
+                }
+            }
+            continue;
+        }
+        if state.closing {
+            return;
+        }
+        state = shared.wake.wait(state).unwrap_or_else(|e| e.into_inner());
     }
 }
 
@@ -53,11 +165,8 @@ mod tests {
     use super::*;
     use crate::sampler::Shuffle;
 
-    #[test]
-    fn cursor_round_trips_through_a_file() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("cursor.json");
-        let cursor = Cursor {
+    fn cursor(next_batch: u64) -> Cursor {
+        Cursor {
             dataset: "chess".into(),
             plan: PlanSpec {
                 num_samples: 10,
@@ -71,11 +180,55 @@ mod tests {
                 shuffle_window: 1,
             },
             epoch: 2,
-            next_batch: 1,
-        };
-        cursor.save(&path).expect("save");
-        assert_eq!(Cursor::load(&path).expect("load"), cursor);
+            next_batch,
+            end_epoch: Some(3),
+        }
+    }
+
+    #[test]
+    fn cursor_round_trips_through_a_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("cursor.json");
+        cursor(1).save(&path).expect("save");
+        assert_eq!(Cursor::load(&path).expect("load"), cursor(1));
         std::fs::write(&path, b"{}").expect("write");
-        assert!(format!("{:#}", Cursor::load(&path).expect_err("not a cursor")).contains("--save-cursor"));
+        let error = Cursor::load(&path).expect_err("not a cursor");
+        assert!(matches!(error, CursorError::Parse { .. }) && error.to_string().contains("--save-cursor"), "{error}");
+        let missing = Cursor::load(&dir.path().join("nope.json")).expect_err("missing");
+        assert!(missing.to_string().contains("nope.json"), "{missing}");
+    }
+
+    #[test]
+    fn cursors_written_before_the_end_epoch_was_stored_still_load() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("old.json");
+        let mut json = serde_json::to_value(cursor(1)).expect("json");
+        json.as_object_mut().expect("object").remove("end_epoch");
+        std::fs::write(&path, json.to_string()).expect("write");
+        let old = Cursor::load(&path).expect("an old cursor loads");
+        assert_eq!(old.end_epoch, None);
+        assert!(!old.is_finished());
+    }
+
+    #[test]
+    fn the_writer_ends_with_the_newest_cursor_on_disk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("cursor.json");
+        let writer = CursorWriter::new(path.clone());
+        for batch in 0..1000 {
+            writer.offer(cursor(batch));
+        }
+        let written = writer.finish().expect("writes");
+        assert!((1..=1000).contains(&written), "{written}");
+        assert_eq!(Cursor::load(&path).expect("load").next_batch, 999);
+    }
+
+    #[test]
+    fn the_writer_reports_a_failed_write() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let writer = CursorWriter::new(dir.path().join("missing-dir").join("cursor.json"));
+        writer.offer(cursor(1));
+        let error = writer.finish().expect_err("cannot write into a missing directory");
+        assert!(error.to_string().contains("missing-dir"), "{error}");
     }
 }

@@ -1,5 +1,6 @@
-//! The built-in example: a chess-like dataset whose every value is a function of its sample
-//! index (so a receiver can check each sample's content, not just its count), and loader-server
+//! The built-in example, for the command-line tool and the tests (feature `cli`; not part of
+//! the embedding API): a chess-like dataset whose every value is a function of its sample index
+//! (so a receiver can check each sample's content, not just its count), and loader-server
 //! processes started on free ports.
 
 use std::{
@@ -99,6 +100,32 @@ pub fn write_chess_dataset(dir: &Path, num_samples: u64, shard_len: u64) -> anyh
     moves.flush()?;
     results.flush()?;
     Ok(())
+}
+
+/// Whether `dir` already holds the example dataset with `num_samples` samples (the headers of
+/// its files say so and the files are complete), so that it need not be written again.
+pub fn holds_chess_dataset(dir: &Path, num_samples: u64) -> bool {
+    let boards: Option<u64> = (0..)
+        .map(|shard| dir.join(format!("board-{shard:05}.npy")))
+        .take_while(|path| path.is_file())
+        .map(|path| complete_rows(&path, 1536))
+        .sum();
+    boards == Some(num_samples)
+        && complete_rows(&dir.join("move.npy"), 8) == Some(num_samples)
+        && complete_rows(&dir.join("result.npy"), 1) == Some(num_samples)
+}
+
+/// The rows of a `.npy` file written by [`write_chess_dataset`], if the file holds all of them.
+fn complete_rows(path: &Path, row_bytes: u64) -> Option<u64> {
+    use std::io::Read;
+    let mut head = [0u8; 4096];
+    let mut file = File::open(path).ok()?;
+    let len = file.read(&mut head).ok()?;
+    let header_len = head[..len].iter().position(|&b| b == b'\n')? as u64 + 1;
+    let text = String::from_utf8_lossy(&head[..header_len as usize]);
+    let rest = &text[text.find("'shape': (")? + "'shape': (".len()..];
+    let rows: u64 = rest[..rest.find([',', ')'])?].trim().parse().ok()?;
+    (file.metadata().ok()?.len() == header_len + rows * row_bytes).then_some(rows)
 }
 
 /// Checks every sample of a chess batch against the generator.

@@ -1,39 +1,53 @@
 //! Conveyor's trainer client: connects to loader replicas, plans deterministic epochs, and
 //! streams their batches in order, exactly once, through replica failures.
 //!
+//! The embedding API is what this page lists at the top level: [`Loaders`] (connect, catalog,
+//! plan), [`PlanSettings`] → [`PlanSpec`], [`RunSpec`] (epochs, resume from a [`Cursor`], a
+//! batch limit), [`Run`] (an owned `Stream` of [`Batch`]es, `Send + 'static`), [`DispatchStats`],
+//! [`ClientError`], and [`blocking`] for callers without an async runtime. With the `torch`
+//! feature, [`tensor`] turns batches into libtorch tensors. Embedders can turn off the default
+//! `cli` feature, which only adds the command-line tool and its built-in example.
+//!
 //! ```no_run
 //! # async fn example() -> Result<(), trainer_client::ClientError> {
-//! use trainer_client::{Loaders, StreamOptions, EpochPlan, PlanSpec, Shuffle};
-//! let mut loaders = Loaders::connect(&["127.0.0.1:7070".into()], StreamOptions::default()).await?;
-//! let info = loaders.dataset("chess")?;
-//! let spec = PlanSpec { num_samples: info.num_samples, batch_size: 256, drop_last: false,
-//!                       shuffle: Shuffle::Full, seed: 0, rank: 0, world_size: 1,
-//!                       block_len: 1, shuffle_window: 1 };
-//! let mut epoch = loaders.epoch("chess", EpochPlan::new(spec, 0)?, 0)?;
-//! while let Some(batch) = epoch.next().await? {
-//!     let board = batch.field("board").expect("field exists");
+//! use futures::StreamExt;
+//! use trainer_client::{Loaders, PlanSettings, RunSpec, StreamOptions};
+//!
+//! let loaders = Loaders::connect(&["127.0.0.1:7070".into()], StreamOptions::default()).await?;
+//! let plan = loaders.plan("chess", &PlanSettings { batch_size: 256, seed: 7, ..PlanSettings::default() })?;
+//! // Epochs 0..3; the next epoch's first batches are requested while this one's last are used.
+//! let mut run = loaders.run(RunSpec::new("chess", plan, 0..3))?;
+//! while let Some(batch) = run.next().await {
+//!     let batch = batch?;
+//!     let board = batch.field("board").expect("the dataset has a board field");
 //!     // board.data: little-endian bytes of shape board.shape
+//!     let _checkpoint = run.cursor(); // store beside the model; RunSpec::resume continues there
 //! }
+//! println!("{:?}", run.stats().replicas);
 //! # Ok(()) }
 //! ```
 
-pub mod batch;
-pub mod client;
-pub mod cursor;
+mod batch;
+pub mod blocking;
+mod client;
+mod cursor;
+#[cfg(feature = "cli")]
 pub mod demo;
-pub mod dispatch;
-pub mod dump;
-pub mod error;
-pub mod report;
-pub mod sampler;
+mod dispatch;
+mod error;
+mod plan;
+mod sampler;
 #[cfg(feature = "torch")]
 pub mod tensor;
-#[cfg(feature = "torch")]
-pub mod train;
 
 pub use batch::{Batch, FieldBatch};
-pub use client::ConnectOptions;
-pub use cursor::Cursor;
-pub use dispatch::{Epoch, Loaders, StreamOptions};
-pub use error::ClientError;
-pub use sampler::{EpochPlan, PlanSpec, Shuffle};
+pub use client::{ConnectOptions, block_len, fetch_catalog, parse_loader};
+pub use conveyor_proto::{
+    DType,
+    v1::{DatasetInfo, FieldInfo},
+};
+pub use cursor::{Cursor, CursorWriter};
+pub use dispatch::{DispatchStats, EpochBoundary, Loaders, ReplicaStats, Run, StreamOptions};
+pub use error::{BatchErrorKind, ClientError, CursorError, ReplicaFailure, ResponseError, chain as error_chain};
+pub use plan::{PlanSettings, RunSpec};
+pub use sampler::{EpochPlan, PlanError, PlanSpec, Shuffle};

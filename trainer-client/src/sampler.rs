@@ -49,7 +49,7 @@ use serde::{Deserialize, Serialize};
 pub const ROUNDS: usize = 6;
 
 /// How the samples of an epoch are ordered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Shuffle {
     /// Dataset order.
@@ -59,6 +59,36 @@ pub enum Shuffle {
     /// Chunk-aligned blocks in random order, shuffled within windows of blocks (for chunked
     /// storage such as Zarr: each chunk is decoded about once per epoch).
     Block,
+}
+
+impl Shuffle {
+    /// The name used by flags, cursors and the Python package.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Shuffle::None => "none",
+            Shuffle::Full => "full",
+            Shuffle::Block => "block",
+        }
+    }
+}
+
+impl std::fmt::Display for Shuffle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Shuffle {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Shuffle, String> {
+        match text {
+            "none" => Ok(Shuffle::None),
+            "full" => Ok(Shuffle::Full),
+            "block" => Ok(Shuffle::Block),
+            _ => Err(format!("'{text}' is not a shuffle; use none, full or block")),
+        }
+    }
 }
 
 /// SplitMix64 step: a fast, well-mixed 64-bit hash (also the demo data's generator).

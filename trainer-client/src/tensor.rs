@@ -97,6 +97,11 @@ impl TensorConverter {
         TensorConverter { device }
     }
 
+    /// The device tensors go to.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
     /// The batch's fields as tensors on the device.
     ///
     /// # Errors

@@ -138,13 +138,13 @@ async fn cuda_tensors_hold_exactly_the_received_bytes_while_copies_queue_behind_
     let data = tempfile::tempdir().expect("tempdir");
     demo::write_chess_dataset(data.path(), SAMPLES, 8_000).expect("demo data");
     let loader = loader(data.path()).await;
-    let mut loaders = Loaders::connect(&[loader.addr.clone()], StreamOptions::default()).await.expect("connects");
+    let loaders = Loaders::connect(&[loader.addr.clone()], StreamOptions::default()).await.expect("connects");
     let spec = full_shuffle(256, 1);
-    let mut epoch = loaders.epoch("chess", EpochPlan::new(spec, 0).expect("plan"), 0).expect("epoch");
+    let mut epoch = loaders.epoch("chess", spec, 0).expect("epoch");
     let converter = TensorConverter::new(device);
     let busy = Tensor::randn([4096, 4096], (Kind::Float, device));
     let mut kept = Vec::new();
-    while let Some(batch) = epoch.next().await.expect("batch") {
+    while let Some(batch) = epoch.next_batch().await.expect("batch") {
         // Queue device work ahead of each copy, so the copies lag far behind the host: a
         // page-locked block handed out again before its copy ran would send another batch's bytes.
         let _ = busy.matmul(&busy);

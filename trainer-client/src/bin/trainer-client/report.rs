@@ -1,10 +1,10 @@
-//! Run measurements: the process's memory and the `--stats-json` report.
+//! Run measurements: the process's memory and what `--stats-json` writes.
 
 use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::dispatch::{DispatchStats, ReplicaStats};
+use trainer_client::{DispatchStats, EpochBoundary, ReplicaStats};
 
 /// Reads a `kB` field of `/proc/self/status` in bytes (0 where /proc is missing).
 fn proc_status_bytes(key: &str) -> u64 {
@@ -22,6 +22,7 @@ pub fn peak_rss_bytes() -> u64 {
 }
 
 /// Resident set size of this process now.
+#[cfg_attr(not(feature = "torch"), allow(dead_code))]
 pub fn rss_bytes() -> u64 {
     proc_status_bytes("VmRSS:")
 }
@@ -52,6 +53,9 @@ pub struct RunReport {
     /// Decoded / delivered bytes (0 for memory-mapped `.npy`, ~1 when each chunk is decoded
     /// once, more when chunks are decoded again for other batches).
     pub read_amplification: f64,
+    /// How each epoch boundary was crossed: the gap between the last batch of one epoch and
+    /// the first of the next, and how much of it was spent waiting for data.
+    pub epoch_boundaries: Vec<EpochBoundary>,
     /// Per-replica counts.
     pub replicas: BTreeMap<String, ReplicaStats>,
 }
@@ -76,6 +80,7 @@ impl RunReport {
             } else {
                 dispatch.decoded_bytes as f64 / dispatch.delivered_bytes as f64
             },
+            epoch_boundaries: dispatch.epoch_boundaries,
             replicas: dispatch.replicas,
         }
     }

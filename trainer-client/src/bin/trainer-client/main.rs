@@ -1,0 +1,235 @@
+//! `trainer-client`: `info`, `health`, `stream`, `train` and `demo` over the trainer-client
+//! library.
+
+mod args;
+mod check;
+mod dump;
+mod progress;
+mod report;
+mod stream;
+#[cfg(feature = "torch")]
+mod train;
+
+use std::{
+    io::IsTerminal,
+    path::PathBuf,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use trainer_client::{
+    ConnectOptions, DType,
+    demo::{self, LoaderProcess},
+    fetch_catalog, parse_loader,
+};
+
+use crate::{
+    args::{LoaderArgs, PlanArgs},
+    stream::StreamArgs,
+};
+
+#[derive(Debug, Parser)]
+#[command(name = "trainer-client", version, about = "Stream training batches from Conveyor loader servers")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List the datasets, fields, dtypes, shapes and sample counts of a loader.
+    Info {
+        /// Loader address, host:port or http://host:port.
+        #[arg(long, env = "TRAINER_LOADER")]
+        loader: String,
+    },
+    /// Exit 0 when the loader's gRPC health service reports SERVING (for container healthchecks).
+    Health {
+        /// Loader address, host:port or http://host:port.
+        #[arg(long, env = "TRAINER_LOADER")]
+        loader: String,
+    },
+    /// Write the built-in example dataset (chess-like positions) into a directory and exit.
+    /// Data already there with the same number of samples is kept (loaders may be serving it).
+    WriteDemoData {
+        /// Directory to write (created if missing).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Number of samples.
+        #[arg(long, default_value_t = 500_000)]
+        samples: u64,
+    },
+    /// Stream epochs of a dataset from one or more loaders.
+    Stream(Box<StreamArgs>),
+    /// Train a small model on a stream (needs a build with `--features torch`).
+    Train(Box<TrainArgs>),
+    /// Write a built-in example dataset, start two loaders on free ports and stream one shuffled
+    /// epoch across them, checking every sample arrived exactly once with the right content.
+    Demo {
+        /// Samples in the example dataset ([N,12,8,8] int16 boards + move + result labels).
+        #[arg(long, default_value_t = 500_000)]
+        samples: u64,
+        /// Where to write it (default: a fresh temporary directory, removed afterwards).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Samples per batch.
+        #[arg(long, default_value_t = 256)]
+        batch_size: u64,
+    },
+}
+
+#[cfg(feature = "torch")]
+use train::TrainArgs;
+
+/// Without the `torch` feature `train` takes any arguments and explains how to get it.
+#[cfg(not(feature = "torch"))]
+#[derive(Debug, clap::Args)]
+struct TrainArgs {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    rest: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let stderr_is_terminal = std::io::stderr().is_terminal();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("TRAINER_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(stderr_is_terminal)
+        .init();
+    let command = Cli::parse().command;
+    // Named threads, so `top -H` and `perf report --sort comm` tell them from a loader's.
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("trainer")
+        .build()
+        .context("cannot start the async runtime")
+        .and_then(|runtime| runtime.block_on(run_command(command)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("trainer-client: error: {}", error_chain(&error));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes, each said once (transport errors repeat their causes' text).
+fn error_chain(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let line = cause.to_string();
+        if !text.contains(&line) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&line);
+        }
+    }
+    text
+}
+
+async fn run_command(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Info { loader } => info(&loader).await,
+        Command::Health { loader } => health(&loader).await,
+        Command::WriteDemoData { dir, samples } => write_demo_data(&dir, samples),
+        Command::Stream(args) => stream::stream(*args).await.map(|_| ()),
+        Command::Demo { samples, dir, batch_size } => run_demo(samples, dir, batch_size).await,
+        #[cfg(feature = "torch")]
+        Command::Train(args) => train::run(*args).await,
+        #[cfg(not(feature = "torch"))]
+        Command::Train(_) => bail!(
+            "this trainer-client was built without libtorch; build it with \
+             `bash scripts/setup-torch.sh cargo build --release -p trainer-client --features torch` (see the README)"
+        ),
+    }
+}
+
+async fn info(loader: &str) -> anyhow::Result<()> {
+    for dataset in fetch_catalog(loader, &ConnectOptions::default()).await? {
+        println!("dataset {}: {} samples", dataset.name, dataset.num_samples);
+        for field in dataset.fields {
+            let dtype = DType::try_from(field.dtype).unwrap_or(DType::Unspecified);
+            let storage = match field.chunk_len {
+                0 | 1 => "unchunked (memory-mapped .npy)".to_owned(),
+                n => format!("chunks of {n} samples (block shuffle keeps them together)"),
+            };
+            println!(
+                "  {:<16} {:<8} sample shape {:?}  {} bytes/sample  {storage}",
+                field.name,
+                dtype.name(),
+                field.sample_shape,
+                field.bytes_per_sample,
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn health(loader: &str) -> anyhow::Result<()> {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    let addr = parse_loader(loader)?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {addr}"))?;
+    let request = HealthCheckRequest { service: "conveyor.v1.Loader".into() };
+    let status = HealthClient::new(channel).check(request).await?.into_inner().status();
+    if status != ServingStatus::Serving {
+        bail!("loader {addr} is {}", status.as_str_name());
+    }
+    println!("{addr}: SERVING");
+    Ok(())
+}
+
+fn write_demo_data(dir: &std::path::Path, samples: u64) -> anyhow::Result<()> {
+    if demo::holds_chess_dataset(dir, samples) {
+        println!("{} already holds {samples} samples; kept as they are", dir.display());
+        return Ok(());
+    }
+    demo::write_chess_dataset(dir, samples, 100_000)?;
+    println!("wrote {samples} samples to {}", dir.display());
+    Ok(())
+}
+
+async fn run_demo(num_samples: u64, dir: Option<PathBuf>, batch_size: u64) -> anyhow::Result<()> {
+    let temp;
+    let dir = match dir {
+        Some(dir) => dir,
+        None => {
+            temp = tempfile::Builder::new().prefix("conveyor-demo-").tempdir()?;
+            temp.path().to_owned()
+        }
+    };
+    let written = Instant::now();
+    demo::write_chess_dataset(&dir, num_samples, 100_000)?;
+    println!(
+        "wrote {num_samples} chess positions ([N,12,8,8] int16 board + move + result) to {} in {:.1}s",
+        dir.display(),
+        written.elapsed().as_secs_f64()
+    );
+    let binary = demo::sibling_loader_binary()?;
+    let args = vec!["--listen".into(), "127.0.0.1:0".into(), "--dataset".into(), format!("chess={}", dir.display())];
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        replicas.push(LoaderProcess::start(&binary, &args, Duration::from_secs(60)).await?);
+    }
+    let addrs: Vec<String> = replicas.iter().map(|r| r.addr.clone()).collect();
+    println!("started 2 loader-server processes on {}", addrs.join(" and "));
+    let mut args = StreamArgs::new(LoaderArgs::new(addrs), PlanArgs::dataset("chess", batch_size));
+    args.check_demo = true;
+    args.check_exactly_once = true;
+    let report = stream::stream(args).await?;
+    if report.replicas.values().filter(|r| r.batches > 0).count() < 2 {
+        println!("  note: one replica served every batch (the other was slower to connect)");
+    }
+    for mut replica in replicas {
+        replica.terminate().await?;
+    }
+    println!("demo ok: every sample arrived exactly once with the right content");
+    Ok(())
+}

@@ -1,0 +1,113 @@
+//! One replica's connection: the [`Connector`] seam ("open a batch stream to this address",
+//! "resolve this name"), its gRPC implementation, and the task that runs one connection attempt
+//! and reports what happens to the pool as [`Event`]s.
+
+use std::{net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
+
+use conveyor_proto::v1::{BatchRequest, BatchResponse, DatasetInfo};
+use futures::{Stream, StreamExt, future::BoxFuture};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::{
+    client::{ConnectOptions, connect, list_datasets},
+    error::ClientError,
+};
+
+/// Answers arriving on one replica's batch stream.
+pub(crate) type Responses = Pin<Box<dyn Stream<Item = Result<BatchResponse, tonic::Status>> + Send>>;
+
+/// An open batch stream to one replica, with the datasets it said it serves.
+pub(crate) struct ReplicaStream {
+    /// The replica's catalog; the pool decides whether it agrees with the others.
+    pub datasets: Vec<DatasetInfo>,
+    /// Where requests go; holds up to the prefetch window.
+    pub requests_tx: mpsc::Sender<BatchRequest>,
+    /// Where answers come from.
+    pub responses: Responses,
+}
+
+/// How the pool reaches replicas: the real one speaks gRPC, the unit tests' one is in memory.
+pub(crate) trait Connector: Send + Sync + 'static {
+    /// Connects to `addr`, asks for its catalog and opens a batch stream whose request channel
+    /// holds `window` requests.
+    fn open(&self, addr: SocketAddr, window: usize) -> BoxFuture<'static, Result<ReplicaStream, ClientError>>;
+
+    /// The addresses `name` (`host:port`) resolves to now.
+    fn resolve(&self, name: &str) -> BoxFuture<'static, std::io::Result<Vec<SocketAddr>>> {
+        let name = name.to_owned();
+        Box::pin(async move { Ok(tokio::net::lookup_host(name).await?.collect()) })
+    }
+}
+
+/// The gRPC connector.
+pub(crate) struct GrpcConnector {
+    /// Transport settings for every connection.
+    pub options: ConnectOptions,
+}
+
+impl Connector for GrpcConnector {
+    fn open(&self, addr: SocketAddr, window: usize) -> BoxFuture<'static, Result<ReplicaStream, ClientError>> {
+        let options = self.options.clone();
+        Box::pin(async move {
+            let name = addr.to_string();
+            let mut client = connect(&name, &options).await?;
+            let datasets = list_datasets(&mut client, &name).await?;
+            let (requests_tx, requests_rx) = mpsc::channel(window);
+            let responses = client
+                .stream_batches(ReceiverStream::new(requests_rx))
+                .await
+                .map_err(|source| ClientError::Rpc { addr: name, source })?
+                .into_inner();
+            Ok(ReplicaStream { datasets, requests_tx, responses: Box::pin(responses) })
+        })
+    }
+}
+
+/// What connection tasks and the resolver report to the pool.
+#[derive(Debug)]
+pub(crate) enum Event {
+    /// A `--loader` name (by position) resolved.
+    Resolved { spec: usize, addrs: Vec<SocketAddr> },
+    /// A connection is open; the pool checks its catalog before using it.
+    Up { addr: SocketAddr, generation: u64, datasets: Vec<DatasetInfo>, requests_tx: mpsc::Sender<BatchRequest> },
+    /// An answer arrived.
+    Answer { addr: SocketAddr, generation: u64, response: BatchResponse },
+    /// A connection failed or ended.
+    Down { addr: SocketAddr, generation: u64, error: ClientError },
+}
+
+/// One connection attempt to one replica: after `delay`, open it and forward its answers until
+/// the stream ends. The pool aborts the task when it drops the connection.
+pub(crate) async fn run_connection(
+    connector: Arc<dyn Connector>,
+    addr: SocketAddr,
+    generation: u64,
+    delay: Duration,
+    window: usize,
+    events_tx: mpsc::Sender<Event>,
+) {
+    tokio::time::sleep(delay).await;
+    let ReplicaStream { datasets, requests_tx, mut responses } = match connector.open(addr, window).await {
+        Ok(opened) => opened,
+        Err(error) => {
+            let _ = events_tx.send(Event::Down { addr, generation, error }).await;
+            return;
+        }
+    };
+    if events_tx.send(Event::Up { addr, generation, datasets, requests_tx }).await.is_err() {
+        return;
+    }
+    let error = loop {
+        match responses.next().await {
+            Some(Ok(response)) => {
+                if events_tx.send(Event::Answer { addr, generation, response }).await.is_err() {
+                    return;
+                }
+            }
+            None => break ClientError::StreamEnded { addr: addr.to_string() },
+            Some(Err(source)) => break ClientError::Rpc { addr: addr.to_string(), source },
+        }
+    };
+    let _ = events_tx.send(Event::Down { addr, generation, error }).await;
+}

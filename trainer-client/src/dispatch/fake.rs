@@ -1,0 +1,192 @@
+//! An in-memory replica set behind the [`Connector`] seam, for the dispatcher's unit tests: each
+//! replica answers every request with the requested indices as an `int64` field `x`, after a
+//! scripted delay, and can fail, stall, refuse or serve another catalog.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use conveyor_proto::v1::{BatchRequest, BatchResponse, DatasetInfo, FieldInfo, Tensor};
+use futures::future::BoxFuture;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::connection::{Connector, ReplicaStream};
+use crate::error::ClientError;
+
+/// The dataset every fake replica serves: `num_samples` int64 samples, chunks of `chunk_len`.
+pub fn catalog(num_samples: u64, chunk_len: u64) -> Vec<DatasetInfo> {
+    vec![DatasetInfo {
+        name: "d".into(),
+        num_samples,
+        fields: vec![FieldInfo {
+            name: "x".into(),
+            dtype: conveyor_proto::DType::Int64 as i32,
+            sample_shape: Vec::new(),
+            bytes_per_sample: 8,
+            chunk_len,
+        }],
+        max_batch_samples: 1 << 20,
+    }]
+}
+
+/// How one fake replica behaves.
+#[derive(Debug, Clone)]
+pub struct Behaviour {
+    /// Time to answer a request.
+    pub delay: Duration,
+    /// Extra delay of requests whose first index is even, so answers overtake each other.
+    pub even_extra_delay: Duration,
+    /// After answering this many requests, end the stream with UNAVAILABLE.
+    pub fail_after: Option<usize>,
+    /// Answers nothing at all.
+    pub silent: bool,
+    /// Refuses connections.
+    pub down: bool,
+    /// What it says it serves.
+    pub catalog: Vec<DatasetInfo>,
+}
+
+impl Behaviour {
+    /// Answers every request after `delay`.
+    pub fn answering(delay: Duration, catalog: Vec<DatasetInfo>) -> Behaviour {
+        Behaviour { delay, even_extra_delay: Duration::ZERO, fail_after: None, silent: false, down: false, catalog }
+    }
+}
+
+/// The fake replica set: addresses, what names resolve to, and a log of requests received.
+#[derive(Debug, Default)]
+pub struct FakeReplicas {
+    behaviours: Mutex<HashMap<SocketAddr, Behaviour>>,
+    names: Mutex<HashMap<String, Vec<SocketAddr>>>,
+    /// Every request a replica received: (replica, indices).
+    log: Log,
+}
+
+/// `127.0.0.1:port`.
+pub fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+impl FakeReplicas {
+    /// A set with these replicas, each also resolvable by its `127.0.0.1:port` literal.
+    pub fn new(replicas: impl IntoIterator<Item = (SocketAddr, Behaviour)>) -> Arc<FakeReplicas> {
+        let fake = FakeReplicas::default();
+        fake.behaviours.lock().expect("lock").extend(replicas);
+        Arc::new(fake)
+    }
+
+    /// Makes `name` resolve to `addrs`.
+    pub fn set_name(&self, name: &str, addrs: Vec<SocketAddr>) {
+        self.names.lock().expect("lock").insert(name.to_owned(), addrs);
+    }
+
+    /// Adds or changes a replica.
+    pub fn set(&self, addr: SocketAddr, behaviour: Behaviour) {
+        self.behaviours.lock().expect("lock").insert(addr, behaviour);
+    }
+
+    /// Requests each replica received so far, by replica.
+    pub fn requests(&self) -> Vec<(SocketAddr, Vec<u64>)> {
+        self.log.lock().expect("lock").clone()
+    }
+
+    /// Number of requests `addr` received.
+    pub fn num_requests(&self, addr: SocketAddr) -> usize {
+        self.log.lock().expect("lock").iter().filter(|(a, _)| *a == addr).count()
+    }
+}
+
+impl Connector for FakeReplicas {
+    fn open(&self, addr: SocketAddr, window: usize) -> BoxFuture<'static, Result<ReplicaStream, ClientError>> {
+        let behaviour = self.behaviours.lock().expect("lock").get(&addr).cloned();
+        let log = self.log.clone();
+        Box::pin(async move {
+            let Some(behaviour) = behaviour.filter(|b| !b.down) else {
+                return Err(ClientError::Rpc {
+                    addr: addr.to_string(),
+                    source: tonic::Status::unavailable("connection refused"),
+                });
+            };
+            let (requests_tx, requests_rx) = mpsc::channel::<BatchRequest>(window);
+            let (responses_tx, responses_rx) = mpsc::channel(window + 1);
+            tokio::spawn(serve(addr, behaviour.clone(), requests_rx, responses_tx, log));
+            Ok(ReplicaStream {
+                datasets: behaviour.catalog,
+                requests_tx,
+                responses: Box::pin(ReceiverStream::new(responses_rx)),
+            })
+        })
+    }
+
+    fn resolve(&self, name: &str) -> BoxFuture<'static, std::io::Result<Vec<SocketAddr>>> {
+        let answer = match self.names.lock().expect("lock").get(name) {
+            Some(addrs) => Ok(addrs.clone()),
+            None => name.parse::<SocketAddr>().map(|a| vec![a]).map_err(std::io::Error::other),
+        };
+        Box::pin(async move { answer })
+    }
+}
+
+/// Requests received, shared with the replica tasks.
+type Log = Arc<Mutex<Vec<(SocketAddr, Vec<u64>)>>>;
+
+async fn serve(
+    addr: SocketAddr,
+    behaviour: Behaviour,
+    mut requests_rx: mpsc::Receiver<BatchRequest>,
+    responses_tx: mpsc::Sender<Result<BatchResponse, tonic::Status>>,
+    log: Log,
+) {
+    let mut num_answered = 0;
+    let mut pending = futures::stream::FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            request = requests_rx.recv() => {
+                let Some(request) = request else { return };
+                log.lock().expect("lock").push((addr, request.indices.clone()));
+                if behaviour.silent {
+                    continue;
+                }
+                let mut delay = behaviour.delay;
+                if request.indices.first().is_some_and(|i| i % 2 == 0) {
+                    delay += behaviour.even_extra_delay;
+                }
+                pending.push(async move {
+                    tokio::time::sleep(delay).await;
+                    answer(request)
+                });
+            }
+            Some(response) = futures::StreamExt::next(&mut pending), if !pending.is_empty() => {
+                if behaviour.fail_after.is_some_and(|n| num_answered >= n) {
+                    let _ = responses_tx.send(Err(tonic::Status::unavailable("replica crashed"))).await;
+                    return;
+                }
+                num_answered += 1;
+                if responses_tx.send(Ok(response)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn answer(request: BatchRequest) -> BatchResponse {
+    let data: Vec<u8> = request.indices.iter().flat_map(|&i| (i as i64).to_le_bytes()).collect();
+    BatchResponse {
+        batch_id: request.batch_id,
+        tensors: vec![Tensor {
+            field: "x".into(),
+            dtype: conveyor_proto::DType::Int64 as i32,
+            shape: vec![request.indices.len() as u64],
+            data: Bytes::from(data),
+        }],
+        indices: request.indices,
+        error: None,
+        decoded_bytes: 0,
+    }
+}
