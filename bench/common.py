@@ -8,7 +8,8 @@ import subprocess
 import threading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release")
+# CONVEYOR_BIN points the benchmarks at other builds (for before/after comparisons).
+BIN = os.environ.get("CONVEYOR_BIN", os.path.join(ROOT, "target", "release"))
 
 
 def proc_kib(pid, key):

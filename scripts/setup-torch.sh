@@ -10,7 +10,8 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 if ! .venv/bin/python -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' 2>/dev/null; then
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
+    echo "installing torch==2.13.0 into .venv: about 5 GB of wheels (CUDA libraries included), a few minutes" >&2
+    .venv/bin/python -m pip install --disable-pip-version-check --progress-bar on torch==2.13.0
 fi
 # torch-sys finds libtorch through this Python; the trainer-client build script then bakes its
 # directory into the binary's rpath, so no LD_LIBRARY_PATH is needed to run it.

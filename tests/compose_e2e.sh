@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Compose end-to-end test: 3 loader replicas behind one service name; during the trainer's
-# epochs one loader is killed (docker kill) and the service is scaled to 4; every epoch must
-# still deliver every sample exactly once. Then a loader replica with a tiny memory limit is
-# OOM-killed by the kernel while serving, and training carries on. Cleans up with `down -v`.
+# Compose end-to-end test. First the README's command: `up --scale loader=2 trainer` must return
+# when training ends, with the trainer's exit code. Then 3 loader replicas behind one service
+# name; during the trainer's epochs datagen runs again (it must keep the live dataset), one
+# loader is killed (docker kill) and the service is scaled to 4; every epoch must still deliver
+# every sample exactly once, and the trainer and loaders must report per-replica and per-stream
+# counts. Then a loader replica with a tiny memory limit is OOM-killed by the kernel while
+# serving, and training carries on. Cleans up with `down -v`.
 # Skips, saying so, when no Docker engine or compose tool answers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,6 +52,14 @@ healthy_loaders() {
 }
 trainer_log() { compose logs --no-color trainer 2>/dev/null; }
 
+echo "== the README's command returns when training ends"
+CONVEYOR_EPOCHS=1 timeout 300 compose up --scale loader=2 trainer >/tmp/conveyor-up.log 2>&1 \
+    || { tail -30 /tmp/conveyor-up.log; fail "'up --scale loader=2 trainer' did not return 0 within 300 s"; }
+grep -q "epoch 0: every sample exactly once" /tmp/conveyor-up.log || { tail -30 /tmp/conveyor-up.log; fail "no epoch check"; }
+[ "$(docker inspect -f '{{.State.ExitCode}}' "$(compose ps -q trainer)")" = 0 ] || fail "trainer exit code"
+compose down -v --remove-orphans >/dev/null 2>&1
+echo "PASS: up ... trainer returned after one exactly-once epoch"
+
 echo "== up: datagen and 3 loaders"
 compose up -d loader
 wait_for '[ "$(healthy_loaders)" -ge 3 ]'
@@ -56,6 +67,9 @@ wait_for '[ "$(healthy_loaders)" -ge 3 ]'
 echo "== trainer streams 6 epochs; kill a loader during epoch 1, scale to 4 during epoch 2"
 compose up -d --no-deps trainer
 wait_for 'trainer_log | grep -q "epoch 0: every sample exactly once"'
+compose run --rm datagen >/tmp/conveyor-datagen.log 2>&1 || fail "datagen failed on existing data"
+grep -q "already holds 400000 samples; kept" /tmp/conveyor-datagen.log \
+    || { cat /tmp/conveyor-datagen.log; fail "datagen rewrote the dataset under live loaders"; }
 victim=$(compose ps -q loader | head -n 1)
 docker kill "$victim" >/dev/null
 echo "killed loader container ${victim:0:12}"
@@ -66,8 +80,11 @@ code=$(timeout 300 docker wait "$trainer") || fail "trainer did not finish"
 [ "$code" = 0 ] || fail "trainer exited with $code"
 epochs_ok=$(trainer_log | grep -c "every sample exactly once" || true)
 [ "$epochs_ok" = 6 ] || fail "only $epochs_ok of 6 epochs were exactly once"
-trainer_log | grep "streamed" || true
-echo "PASS: 6 epochs exactly once through a killed loader and a scale-up"
+trainer_log | grep -A 8 "streamed" || true
+replicas=$(trainer_log | grep -c "  replica .* batches" || true)
+[ "$replicas" -ge 4 ] || fail "the trainer reported $replicas replicas, expected every one of the 4 that served"
+compose logs --no-color loader | grep -q "stream ended" || fail "loaders logged no per-stream line"
+echo "PASS: 6 epochs exactly once through a killed loader, datagen re-run and a scale-up"
 
 echo "== OOM: a replica with a 40 MiB limit serving 30 MB batches is killed by the kernel"
 network=$(docker inspect -f '{{range $k, $v := .NetworkSettings.Networks}}{{$k}}{{end}}' "$(compose ps -q loader | head -n 1)")

@@ -171,18 +171,36 @@ pub enum RequestError {
         /// Dataset name.
         dataset: String,
     },
+    /// A chunk the batch needs could not be read or decoded.
+    #[error(transparent)]
+    ReadFailed(#[from] ReadError),
+    /// Gathering the batch failed unexpectedly (the reader panicked); the loader carries on.
+    #[error("loader failed to read batch {batch_id} of dataset '{dataset}': {reason}")]
+    GatherFailed {
+        /// Dataset name.
+        dataset: String,
+        /// The request's batch id.
+        batch_id: u64,
+        /// What failed.
+        reason: String,
+    },
 }
 
 impl RequestError {
-    /// The wire form sent in a `BatchResponse`.
-    pub fn to_batch_error(&self) -> BatchError {
-        let kind = match self {
+    /// The wire kind of this cause: the one mapping every batch error goes through.
+    pub fn kind(&self) -> Kind {
+        match self {
             RequestError::UnknownDataset { .. } => Kind::UnknownDataset,
             RequestError::IndexOutOfRange { .. } => Kind::IndexOutOfRange,
             RequestError::BatchTooLarge { .. } => Kind::BatchTooLarge,
             RequestError::EmptyBatch { .. } => Kind::EmptyBatch,
-        };
-        BatchError { kind: kind as i32, message: self.to_string() }
+            RequestError::ReadFailed(_) | RequestError::GatherFailed { .. } => Kind::ReadFailed,
+        }
+    }
+
+    /// The wire form sent in a `BatchResponse`.
+    pub fn to_batch_error(&self) -> BatchError {
+        BatchError { kind: self.kind() as i32, message: self.to_string() }
     }
 }
 
@@ -194,6 +212,8 @@ impl From<RequestError> for tonic::Status {
             RequestError::IndexOutOfRange { .. } => tonic::Status::out_of_range(message),
             RequestError::BatchTooLarge { .. } => tonic::Status::resource_exhausted(message),
             RequestError::EmptyBatch { .. } => tonic::Status::invalid_argument(message),
+            RequestError::ReadFailed(_) => tonic::Status::data_loss(message),
+            RequestError::GatherFailed { .. } => tonic::Status::internal(message),
         }
     }
 }

@@ -1,6 +1,6 @@
-//! Conveyor's loader server: opens datasets of memory-mapped `.npy` fields and serves
-//! ready-made batches over the `conveyor.v1.Loader` gRPC service, with the standard gRPC health
-//! service beside it.
+//! Conveyor's loader server: opens datasets — directories of memory-mapped `.npy` fields, or
+//! chunked, compressed Zarr arrays and groups — and serves ready-made batches over the
+//! `conveyor.v1.Loader` gRPC service, with the standard gRPC health service beside it.
 //!
 //! [`open`] loads and validates every dataset (start-up errors name the file and the fix);
 //! [`serve`] runs on an already bound listener until `shutdown` resolves, then drains.
@@ -79,6 +79,9 @@ pub async fn serve(
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<LoaderServer<LoaderService>>().await;
     let (draining_tx, draining_rx) = watch::channel(false);
+    // Held until `serve` returns, so that streams read only `true` as the drain, never a drop.
+    let draining_tx = Arc::new(draining_tx);
+    let signal_draining_tx = draining_tx.clone();
     let (drain_started_tx, drain_started_rx) = tokio::sync::oneshot::channel::<()>();
 
     let loader = LoaderServer::new(LoaderService::new(state, draining_rx))
@@ -88,10 +91,8 @@ pub async fn serve(
         shutdown.await;
         tracing::info!(drain_timeout = ?config.drain_timeout, "draining: refusing new streams, finishing in-flight batches");
         health_reporter.set_not_serving::<LoaderServer<LoaderService>>().await;
-        let _ = draining_tx.send(true);
+        signal_draining_tx.send_replace(true);
         let _ = drain_started_tx.send(());
-        // Keep the sender alive so streams do not read the drop as a change.
-        std::mem::forget(draining_tx);
     };
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
@@ -102,15 +103,16 @@ pub async fn serve(
         .add_service(loader)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
     tokio::pin!(server);
-    tokio::select! {
-        result = &mut server => return result.map_err(ServeError::from),
-        _ = drain_started_rx => {}
-    }
-    match tokio::time::timeout(config.drain_timeout, server).await {
-        Ok(result) => result.map_err(ServeError::from),
-        Err(_) => {
-            tracing::warn!(drain_timeout = ?config.drain_timeout, "drain timeout reached; exiting with streams still open");
-            Ok(())
-        }
-    }
+    let result = tokio::select! {
+        result = &mut server => result.map_err(ServeError::from),
+        _ = drain_started_rx => match tokio::time::timeout(config.drain_timeout, server).await {
+            Ok(result) => result.map_err(ServeError::from),
+            Err(_) => {
+                tracing::warn!(drain_timeout = ?config.drain_timeout, "drain timeout reached; exiting with streams still open");
+                Ok(())
+            }
+        },
+    };
+    drop(draining_tx);
+    result
 }

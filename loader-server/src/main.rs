@@ -1,7 +1,7 @@
 //! `loader-server`: parses flags, sets up logging, opens datasets, binds, and serves until
 //! SIGTERM or Ctrl-C, then drains.
 
-use std::process::ExitCode;
+use std::{io::IsTerminal, process::ExitCode};
 
 use anyhow::Context;
 use clap::Parser;
@@ -18,6 +18,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("LOADER_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let config = Config::parse();
     // Named threads, so `top -H` and `perf report --sort comm` tell the loader's workers apart
@@ -36,12 +37,23 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let listen = config.listen;
     let metrics_listen = config.metrics_listen;
     let state = loader_server::open(config)?;
+    // SIGTERM or Ctrl-C stops the metrics endpoint and drains the gRPC server.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        stop_tx.send_replace(true);
+    });
+    let stopped = |mut stop_rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stop_rx.wait_for(|stop| *stop).await;
+    };
+    let mut metrics_task = None;
     if let Some(addr) = metrics_listen {
         let metrics = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr} (--metrics-listen)"))?;
         tracing::info!(local = %metrics.local_addr()?, "metrics at /metrics");
-        tokio::spawn(loader_server::metrics::serve_metrics(metrics, state.clone()));
+        let serve = loader_server::metrics::serve_metrics(metrics, state.clone(), stopped(stop_rx.clone()));
+        metrics_task = Some(tokio::spawn(serve));
     }
     let listener =
         tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen} (--listen)"))?;
@@ -49,7 +61,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(%local, "listening");
     // Machine-readable line for scripts and tests that start the loader on port 0.
     println!("listening on {local}");
-    loader_server::serve(listener, state, shutdown_signal()).await?;
+    loader_server::serve(listener, state, stopped(stop_rx)).await?;
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
     tracing::info!("loader stopped");
     Ok(())
 }

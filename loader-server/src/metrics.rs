@@ -2,11 +2,12 @@
 //! operator asks first — batches and bytes served, errors by kind, in-flight bytes against the
 //! limit, open streams.
 
-use std::{fmt::Write as _, sync::Arc, sync::atomic::Ordering::Relaxed};
+use std::{fmt::Write as _, future::Future, sync::Arc, sync::atomic::Ordering::Relaxed, time::Duration};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
 };
 
 use crate::service::LoaderState;
@@ -115,27 +116,56 @@ fn as_refs(samples: &[(String, u64)]) -> Vec<(&str, u64)> {
     samples.iter().map(|(labels, value)| (labels.as_str(), *value)).collect()
 }
 
-/// Serves `GET /metrics` on `listener` until the task is dropped. Requests are read into a
-/// fixed 4 KiB buffer; anything else gets 404.
-pub async fn serve_metrics(listener: TcpListener, state: Arc<LoaderState>) {
+/// Scrapes answered at once; more connections are closed unanswered.
+pub const MAX_CONNECTIONS: usize = 16;
+/// How long one scrape may take, reading the request and writing the answer.
+pub const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves `GET /metrics` on `listener` until `shutdown` resolves. At most [`MAX_CONNECTIONS`]
+/// scrapes at once, each within [`SCRAPE_TIMEOUT`]; requests are read into a fixed 4 KiB buffer;
+/// anything else gets 404. Accept errors (out of file descriptors) are logged and retried after a
+/// pause rather than in a busy loop.
+pub async fn serve_metrics(listener: TcpListener, state: Arc<LoaderState>, shutdown: impl Future<Output = ()>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    tokio::pin!(shutdown);
     loop {
-        let Ok((mut socket, _)) = listener.accept().await else { continue };
+        let accepted = tokio::select! {
+            () = &mut shutdown => return,
+            accepted = listener.accept() => accepted,
+        };
+        let socket = match accepted {
+            Ok((socket, _)) => socket,
+            Err(error) => {
+                tracing::warn!(%error, "metrics endpoint cannot accept a connection; retrying in 100ms");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!("metrics endpoint busy; closing a connection");
+            continue;
+        };
         let state = state.clone();
         tokio::spawn(async move {
-            let mut request = [0u8; 4096];
-            let Ok(len) = socket.read(&mut request).await else { return };
-            let head = String::from_utf8_lossy(&request[..len]);
-            let response = if head.starts_with("GET /metrics") {
-                let body = render(&state);
-                format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                )
-            } else {
-                "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".to_owned()
-            };
-            let _ = socket.write_all(response.as_bytes()).await;
-            let _ = socket.shutdown().await;
+            let _slot = slot;
+            let _ = tokio::time::timeout(SCRAPE_TIMEOUT, answer(socket, &state)).await;
         });
     }
+}
+
+async fn answer(mut socket: TcpStream, state: &LoaderState) {
+    let mut request = [0u8; 4096];
+    let Ok(len) = socket.read(&mut request).await else { return };
+    let head = String::from_utf8_lossy(&request[..len]);
+    let response = if head.starts_with("GET /metrics") {
+        let body = render(state);
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    } else {
+        "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".to_owned()
+    };
+    let _ = socket.write_all(response.as_bytes()).await;
+    let _ = socket.shutdown().await;
 }

@@ -5,8 +5,8 @@ use std::{collections::BTreeMap, pin::Pin, sync::Arc};
 
 use bytes::Bytes;
 use conveyor_proto::v1::{
-    BatchError, BatchRequest, BatchResponse, DatasetInfo, DescribeDatasetRequest, ListDatasetsRequest,
-    ListDatasetsResponse, Tensor, batch_error::Kind, loader_server::Loader,
+    BatchRequest, BatchResponse, DatasetInfo, DescribeDatasetRequest, ListDatasetsRequest, ListDatasetsResponse,
+    Tensor, loader_server::Loader,
 };
 use futures::{Stream, StreamExt, stream::FuturesUnordered};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
@@ -114,8 +114,7 @@ impl LoaderState {
             Ok(ok) => ok,
             Err(error) => {
                 tracing::warn!(batch_id, %error, "rejected batch request");
-                self.stats.record_error(&error);
-                return (error_response(batch_id, indices, error.to_batch_error()), None);
+                return self.refuse(batch_id, indices, error);
             }
         };
         // Both semaphores live as long as the state and are never closed.
@@ -133,20 +132,20 @@ impl LoaderState {
             (indices, result)
         })
         .await;
-        let read_failed = |message: String| BatchError { kind: Kind::ReadFailed as i32, message };
         let (indices, buffers, decoded_bytes) = match gathered {
             Ok((indices, Ok((buffers, decoded)))) => (indices, buffers, decoded),
             Ok((indices, Err(error))) => {
                 tracing::error!(batch_id, %error, "a chunk could not be read; failing this batch only");
-                self.stats.record_read_error();
-                return (error_response(batch_id, indices, read_failed(error.to_string())), None);
+                return self.refuse(batch_id, indices, RequestError::from(error));
             }
             Err(join_error) => {
                 tracing::error!(batch_id, dataset = %dataset.name, %join_error, "gathering a batch failed");
-                self.stats.record_read_error();
-                let message =
-                    format!("loader failed to read batch {batch_id} of dataset '{}': {join_error}", dataset.name);
-                return (error_response(batch_id, Vec::new(), read_failed(message)), None);
+                let error = RequestError::GatherFailed {
+                    dataset: dataset.name.clone(),
+                    batch_id,
+                    reason: join_error.to_string(),
+                };
+                return self.refuse(batch_id, Vec::new(), error);
             }
         };
         let batch = indices.len() as u64;
@@ -166,8 +165,19 @@ impl LoaderState {
     }
 }
 
-fn error_response(batch_id: u64, indices: Vec<u64>, error: BatchError) -> BatchResponse {
-    BatchResponse { batch_id, indices, tensors: Vec::new(), error: Some(error), decoded_bytes: 0 }
+impl LoaderState {
+    /// The answer to a request that cannot be served; the stream carries on.
+    fn refuse(&self, batch_id: u64, indices: Vec<u64>, error: RequestError) -> Outgoing {
+        self.stats.record_error(&error);
+        let response = BatchResponse {
+            batch_id,
+            indices,
+            tensors: Vec::new(),
+            error: Some(error.to_batch_error()),
+            decoded_bytes: 0,
+        };
+        (response, None)
+    }
 }
 
 /// The gRPC handler over a shared [`LoaderState`].
@@ -198,7 +208,9 @@ async fn serve_stream(
     let mut assembling = FuturesUnordered::new();
     let mut reading = true;
     let mut drained = *draining_rx.borrow();
-    loop {
+    let (mut num_batches, mut num_bytes, mut num_refused) = (0u64, 0u64, 0u64);
+    tracing::info!("stream opened");
+    let ended = loop {
         tokio::select! {
             message = inbound.message(), if reading && !drained && assembling.len() < parallelism => match message {
                 Ok(Some(request)) => assembling.push(state.clone().assemble(request)),
@@ -209,23 +221,31 @@ async fn serve_stream(
                 }
             },
             Some(outgoing) = assembling.next(), if !assembling.is_empty() => {
+                match &outgoing.0.error {
+                    None => {
+                        num_batches += 1;
+                        num_bytes += outgoing.0.tensors.iter().map(|t| t.data.len() as u64).sum::<u64>();
+                    }
+                    Some(_) => num_refused += 1,
+                }
                 if out_tx.send(Ok(outgoing)).await.is_err() {
-                    tracing::debug!("client left; dropping its stream");
-                    return;
+                    break "the client left";
                 }
             },
             // Only while reading: once the client closed its side, `else` must be able to end the loop.
             changed = draining_rx.changed(), if reading && !drained => {
                 drained = changed.is_err() || *draining_rx.borrow();
             },
-            else => break,
+            else => break if drained { "the loader is draining" } else { "the client closed it" },
         }
-    }
+    };
     if drained {
         let _ = out_tx
             .send(Err(Status::unavailable("loader is draining; send the remaining batches to another replica")))
             .await;
     }
+    tracing::info!(batches = num_batches, bytes = num_bytes, refused = num_refused, "stream ended: {ended}");
+    state.stats.log_read_amplification();
 }
 
 type BatchStream = Pin<Box<dyn Stream<Item = Result<BatchResponse, Status>> + Send>>;

@@ -1,4 +1,5 @@
-//! Counters of what the loader served, read by the metrics endpoint and the periodic log line.
+//! Counters of what the loader served, read by the metrics endpoint and the log line at the end
+//! of each stream.
 
 use std::{
     collections::BTreeMap,
@@ -55,11 +56,6 @@ impl Stats {
         }
     }
 
-    /// Counts one batch failed by an unreadable chunk.
-    pub fn record_read_error(&self) {
-        self.errors_read_failed.fetch_add(1, Relaxed);
-    }
-
     /// Logs decoded / delivered bytes per dataset that decoded anything.
     pub fn log_read_amplification(&self) {
         for (dataset, counters) in &self.datasets {
@@ -84,6 +80,7 @@ impl Stats {
             RequestError::IndexOutOfRange { .. } => &self.errors_index_out_of_range,
             RequestError::BatchTooLarge { .. } => &self.errors_batch_too_large,
             RequestError::EmptyBatch { .. } => &self.errors_empty_batch,
+            RequestError::ReadFailed(_) | RequestError::GatherFailed { .. } => &self.errors_read_failed,
         };
         counter.fetch_add(1, Relaxed);
     }

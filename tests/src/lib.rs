@@ -167,12 +167,16 @@ pub async fn scrape_metrics(loader: &InProcessLoader) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let server = tokio::spawn(loader_server::metrics::serve_metrics(listener, loader.state.clone()));
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(loader_server::metrics::serve_metrics(listener, loader.state.clone(), async {
+        let _ = stop_rx.await;
+    }));
     let mut socket = tokio::net::TcpStream::connect(addr).await.expect("connect");
     socket.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").await.expect("write");
     let mut response = String::new();
     socket.read_to_string(&mut response).await.expect("read");
-    server.abort();
+    let _ = stop_tx.send(());
+    server.await.expect("the metrics endpoint stops on shutdown");
     assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
     response
 }

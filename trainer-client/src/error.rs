@@ -31,9 +31,9 @@ pub enum ClientError {
     Rpc {
         /// The loader address.
         addr: String,
-        /// The gRPC status.
+        /// The gRPC status (boxed: it is large, and errors travel in every `Result`).
         #[source]
-        source: tonic::Status,
+        source: Box<tonic::Status>,
     },
     /// A loader closed its batch stream without an error.
     #[error("loader {addr} ended its batch stream")]
@@ -127,7 +127,7 @@ pub enum ClientError {
         addr: String,
         /// What is wrong.
         #[source]
-        source: ResponseError,
+        source: Box<ResponseError>,
     },
     /// No loader answered for too long.
     #[error(

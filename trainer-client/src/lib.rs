@@ -5,7 +5,7 @@
 //! plan), [`PlanSettings`] → [`PlanSpec`], [`RunSpec`] (epochs, resume from a [`Cursor`], a
 //! batch limit), [`Run`] (an owned `Stream` of [`Batch`]es, `Send + 'static`), [`DispatchStats`],
 //! [`ClientError`], and [`blocking`] for callers without an async runtime. With the `torch`
-//! feature, [`tensor`] turns batches into libtorch tensors. Embedders can turn off the default
+//! feature, `tensor` turns batches into libtorch tensors. Embedders can turn off the default
 //! `cli` feature, which only adds the command-line tool and its built-in example.
 //!
 //! ```no_run

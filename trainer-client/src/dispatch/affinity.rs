@@ -51,6 +51,21 @@ impl BlockAffinity {
     }
 }
 
+/// Where a request goes, given the replicas with credit and their requests in flight: the one
+/// its blocks went to (`preferred`) while that one has at most a little more work than the least
+/// loaded — half an even share of the prefetch window over the `num_up` replicas, at least one
+/// batch — else the least loaded. `None` when no replica has credit.
+pub(crate) fn choose_replica(
+    loads: &[(SocketAddr, usize)],
+    preferred: Option<SocketAddr>,
+    window: usize,
+    num_up: usize,
+) -> Option<SocketAddr> {
+    let &(least, least_in_flight) = loads.iter().min_by_key(|(_, n)| *n)?;
+    let slack = (window / (2 * num_up.max(1))).max(1);
+    preferred.filter(|p| loads.iter().any(|(a, n)| a == p && *n <= least_in_flight + slack)).or(Some(least))
+}
+
 /// The distinct blocks of `block_len` samples that `indices` touch (none when `block_len` is 1:
 /// unchunked data has nothing to share).
 pub(crate) fn blocks_of(indices: &[u64], block_len: u64) -> Vec<u64> {
@@ -69,6 +84,17 @@ mod tests {
 
     fn addr(port: u16) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn a_preferred_replica_gets_the_request_unless_it_is_too_far_ahead() {
+        let loads = [(addr(1), 3), (addr(2), 1)];
+        // Window 8 over 2 replicas: slack 2.
+        assert_eq!(choose_replica(&loads, Some(addr(1)), 8, 2), Some(addr(1)));
+        assert_eq!(choose_replica(&[(addr(1), 4), (addr(2), 1)], Some(addr(1)), 8, 2), Some(addr(2)));
+        assert_eq!(choose_replica(&loads, None, 8, 2), Some(addr(2)), "no preference: the least loaded");
+        assert_eq!(choose_replica(&loads, Some(addr(9)), 8, 2), Some(addr(2)), "a preferred replica without credit");
+        assert_eq!(choose_replica(&[], Some(addr(1)), 8, 2), None);
     }
 
     #[test]

@@ -21,6 +21,7 @@ mod connection;
 #[cfg(test)]
 mod fake;
 mod pool;
+mod replica;
 mod resolve;
 mod run;
 #[cfg(test)]

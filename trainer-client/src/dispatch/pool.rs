@@ -22,33 +22,15 @@ use tokio::{
 
 use super::{
     DispatchStats, ReplicaStats, StreamOptions,
-    affinity::{BlockAffinity, blocks_of},
+    affinity::{BlockAffinity, blocks_of, choose_replica},
     connection::{Connector, Event, run_connection},
+    replica::Replica,
     resolve::resolve_forever,
 };
 use crate::{
     client::{catalog_difference, parse_loader},
     error::{ClientError, ReplicaFailure},
 };
-
-/// A replica as the pool sees it.
-#[derive(Debug)]
-struct Replica {
-    /// Bumped on every new connection attempt, so events of older ones are ignored.
-    generation: u64,
-    /// The connection task of this generation.
-    task: JoinHandle<()>,
-    /// Set while the connection is up and its catalog agrees.
-    requests_tx: Option<mpsc::Sender<BatchRequest>>,
-    /// Requests sent on this connection and not answered yet.
-    num_in_flight: usize,
-    /// Consecutive failures, for the backoff.
-    failures: u32,
-    /// Last failure, for [`ClientError::Unavailable`].
-    last_error: Option<Arc<ClientError>>,
-    /// Counters for the stats.
-    stats: ReplicaStats,
-}
 
 /// A request in flight.
 #[derive(Debug)]
@@ -294,7 +276,7 @@ impl Pool {
                     .collect()
             }
             Event::Up { addr, generation, datasets, requests_tx } => {
-                if !self.replicas.get(&addr).is_some_and(|r| r.generation == generation) {
+                if self.replicas.get(&addr).is_none_or(|r| r.generation != generation) {
                     return Vec::new();
                 }
                 // The catalog is decided here, by the owner: the first replica up sets it, and
@@ -343,10 +325,7 @@ impl Pool {
         tracing::info!(replica = %addr, "replica joined");
         let task = self.spawn_connection(addr, 0, Duration::ZERO);
         let stats = self.departed.remove(&addr.to_string()).unwrap_or_default();
-        self.replicas.insert(
-            addr,
-            Replica { generation: 0, task, requests_tx: None, num_in_flight: 0, failures: 0, last_error: None, stats },
-        );
+        self.replicas.insert(addr, Replica::new(task, stats));
     }
 
     fn spawn_connection(&self, addr: SocketAddr, generation: u64, delay: Duration) -> JoinHandle<()> {
@@ -366,17 +345,7 @@ impl Pool {
         let Some(replica) = self.replicas.get_mut(&addr) else {
             return Vec::new();
         };
-        replica.task.abort();
-        replica.requests_tx = None;
-        replica.num_in_flight = 0;
-        replica.generation += 1;
-        replica.failures = replica.failures.saturating_add(1);
-        replica.stats.failures += 1;
-        let delay = self
-            .options
-            .backoff_min
-            .saturating_mul(1u32 << replica.failures.min(16).saturating_sub(1))
-            .min(self.options.backoff_max);
+        let delay = replica.drop_connection(&self.options);
         if leaving {
             tracing::info!(replica = %addr, "replica left");
         } else {
@@ -420,27 +389,15 @@ impl Pool {
         let blocks = blocks_of(&indices, block_len);
         let mut skip: Vec<SocketAddr> = Vec::new();
         loop {
-            let usable =
-                |a: &SocketAddr, r: &Replica| r.requests_tx.is_some() && r.num_in_flight < window && !skip.contains(a);
-            let Some((least, least_in_flight)) = self
+            let loads: Vec<(SocketAddr, usize)> = self
                 .replicas
                 .iter()
-                .filter(|(a, r)| usable(a, r))
-                .min_by_key(|(_, r)| r.num_in_flight)
+                .filter(|(a, r)| r.requests_tx.is_some() && r.num_in_flight < window && !skip.contains(a))
                 .map(|(a, r)| (*a, r.num_in_flight))
-            else {
+                .collect();
+            let Some(addr) = choose_replica(&loads, self.affinity.preferred(&blocks), window, self.num_up()) else {
                 return false;
             };
-            // How much more work than the least loaded a replica may take for cache locality:
-            // half an even share of the prefetch window, at least one batch.
-            let slack = (window / (2 * self.num_up().max(1))).max(1);
-            let addr = self
-                .affinity
-                .preferred(&blocks)
-                .filter(|a| {
-                    self.replicas.get(a).is_some_and(|r| usable(a, r) && r.num_in_flight <= least_in_flight + slack)
-                })
-                .unwrap_or(least);
             let batch_id = self.next_batch_id;
             let Some(replica) = self.replicas.get_mut(&addr) else { return false };
             let Some(requests_tx) = replica.requests_tx.as_ref() else { return false };

@@ -221,16 +221,15 @@ impl Run {
         let waited = self.waiting_since.take().map(|since| (now - since).as_secs_f64()).unwrap_or(0.0);
         let stats = &mut self.loaders.pool.stats;
         stats.wait_seconds += waited;
-        if batch.index == 0 && self.next_deliver > 0 {
-            if let Some(last) = self.last_delivery {
-                if stats.epoch_boundaries.len() < DispatchStats::MAX_EPOCH_BOUNDARIES {
-                    stats.epoch_boundaries.push(EpochBoundary {
-                        epoch: batch.epoch,
-                        gap_seconds: (now - last).as_secs_f64(),
-                        wait_seconds: waited,
-                    });
-                }
-            }
+        let boundary = batch.index == 0 && self.next_deliver > 0;
+        if let Some(last) = self.last_delivery.filter(|_| boundary)
+            && stats.epoch_boundaries.len() < DispatchStats::MAX_EPOCH_BOUNDARIES
+        {
+            stats.epoch_boundaries.push(EpochBoundary {
+                epoch: batch.epoch,
+                gap_seconds: (now - last).as_secs_f64(),
+                wait_seconds: waited,
+            });
         }
         self.last_delivery = Some(now);
         self.next_deliver += 1;
@@ -311,7 +310,7 @@ impl Run {
         }
         let requested = self.indices(seq);
         Batch::from_response(response, &requested, &self.info, epoch, batch)
-            .map_err(|source| ClientError::BadResponse { addr: addr.to_string(), source })
+            .map_err(|source| ClientError::BadResponse { addr: addr.to_string(), source: Box::new(source) })
     }
 }
 

@@ -233,3 +233,24 @@ async fn run_demo(num_samples: u64, dir: Option<PathBuf>, batch_size: u64) -> an
     println!("demo ok: every sample arrived exactly once with the right content");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(not(feature = "torch"))]
+    #[tokio::test]
+    async fn train_without_libtorch_says_how_to_build_it() {
+        let cli = Cli::try_parse_from(["trainer-client", "train", "--loader", "127.0.0.1:7070", "--epochs", "2"]);
+        let command = cli.expect("train parses on every build").command;
+        let error = run_command(command).await.expect_err("no libtorch in this build");
+        assert!(error.to_string().contains("--features torch") && error.to_string().contains("README"), "{error}");
+    }
+
+    #[test]
+    fn an_error_chain_says_each_cause_once() {
+        let error =
+            anyhow::anyhow!("tcp connect error").context("tcp connect error").context("cannot connect to loader a:1");
+        assert_eq!(error_chain(&error), "cannot connect to loader a:1: tcp connect error");
+    }
+}

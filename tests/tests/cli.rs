@@ -1,0 +1,215 @@
+//! End-to-end: the command line as a newcomer uses it — resuming runs, dumps that survive a
+//! killed client, exactly-once checks that say what they checked, errors and logs that read well.
+
+use std::{path::Path, process::Stdio, time::Duration};
+
+use conveyor_tests::{binary, run_python, start_loader, trainer};
+use trainer_client::demo;
+
+const SAMPLES: u64 = 20_000;
+
+fn chess_dataset() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    demo::write_chess_dataset(dir.path(), SAMPLES, 7_000).expect("demo data");
+    dir
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Runs `trainer-client` and asserts it succeeded; returns stdout.
+fn ok(args: &[&str]) -> String {
+    let output = trainer(args).expect("trainer-client runs");
+    assert!(output.status.success(), "{args:?} failed: {}", text(&output.stderr));
+    text(&output.stdout)
+}
+
+/// `indices.npy` and `epochs.npy` of a dump, row for row.
+fn dumped(dir: &Path) -> Vec<(i64, i64)> {
+    let read = |name: &str| -> Vec<i64> {
+        let bytes = std::fs::read(dir.join(name)).expect("dump file");
+        let header = loader_server::npy::parse_header(&bytes).expect("valid npy");
+        bytes[header.data_offset..].chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8"))).collect()
+    };
+    let (epochs, indices) = (read("epochs.npy"), read("indices.npy"));
+    assert_eq!(epochs.len(), indices.len(), "one epoch per row");
+    epochs.into_iter().zip(indices).collect()
+}
+
+#[tokio::test]
+async fn a_resumed_run_finishes_its_epochs_keeps_its_cursor_current_and_refuses_conflicting_flags() {
+    let data = chess_dataset();
+    let loader = start_loader(&[format!("chess={}", data.path().display())], &[]).await.expect("loader");
+    let work = tempfile::tempdir().expect("tempdir");
+    let path = |name: &str| work.path().join(name).to_str().expect("utf-8").to_owned();
+    let common = ["stream", "--loader", &loader.addr, "--dataset", "chess", "--batch-size", "1000", "--seed", "4"];
+    let with = |extra: &[&str]| -> Vec<String> { common.iter().chain(extra).map(|s| s.to_string()).collect() };
+    let run = |args: Vec<String>| ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    run(with(&["--epochs", "3", "--dump", &path("full")]));
+    run(with(&[
+        "--epochs",
+        "3",
+        "--max-batches",
+        "25",
+        "--save-cursor",
+        &path("cursor.json"),
+        "--dump",
+        &path("first"),
+    ]));
+    let cursor: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(path("cursor.json")).expect("cursor")).expect("json");
+    assert_eq!(
+        (cursor["epoch"].as_u64(), cursor["next_batch"].as_u64(), cursor["end_epoch"].as_u64()),
+        (Some(1), Some(5), Some(3))
+    );
+
+    // Conflicting plan flags are refused, naming both values; the cursor is untouched.
+    let conflict =
+        trainer(&["stream", "--loader", &loader.addr, "--resume-from", &path("cursor.json"), "--batch-size", "500"])
+            .expect("runs");
+    let stderr = text(&conflict.stderr);
+    assert!(
+        !conflict.status.success()
+            && stderr.contains("--batch-size 500 conflicts")
+            && stderr.contains("--batch-size 1000"),
+        "{stderr}"
+    );
+
+    // No --epochs and no --save-cursor: the run goes on to its end and the cursor follows it.
+    let stdout = ok(&[
+        "stream",
+        "--loader",
+        &loader.addr,
+        "--resume-from",
+        &path("cursor.json"),
+        "--dump",
+        &path("rest"),
+        "--check-exactly-once",
+    ]);
+    assert!(
+        stdout.contains("epoch 1: batches 5..20 of 20 arrived, each of their 15000 samples exactly once"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("epoch 2: every sample exactly once"), "{stdout}");
+    assert!(stdout.contains(&format!("  replica {}: 35 batches", loader.addr)), "per-replica counts: {stdout}");
+    let cursor: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(path("cursor.json")).expect("cursor")).expect("json");
+    assert_eq!((cursor["epoch"].as_u64(), cursor["next_batch"].as_u64()), (Some(3), Some(0)), "{cursor}");
+    let (full, first, rest) =
+        (dumped(&work.path().join("full")), dumped(&work.path().join("first")), dumped(&work.path().join("rest")));
+    assert_eq!(full.len() as u64, 3 * SAMPLES);
+    assert_eq!(first.len(), 25_000);
+    assert_eq!([first, rest].concat(), full, "the two runs together are the three epochs, in order");
+
+    let again = ok(&["stream", "--loader", &loader.addr, "--resume-from", &path("cursor.json")]);
+    assert!(again.contains("is complete (epoch 3); nothing to stream"), "{again}");
+}
+
+#[tokio::test]
+async fn a_killed_client_leaves_dump_files_numpy_reads_and_a_used_dump_directory_is_refused() {
+    let data = chess_dataset();
+    let loader = start_loader(&[format!("chess={}", data.path().display())], &[]).await.expect("loader");
+    let work = tempfile::tempdir().expect("tempdir");
+    let dump = work.path().join("dump");
+    let mut child = std::process::Command::new(binary("trainer-client"))
+        .args(["stream", "--loader", &loader.addr, "--dataset", "chess", "--batch-size", "100", "--prefetch", "1"])
+        .args(["--epochs", "1000", "--dump", dump.to_str().expect("utf-8")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starts");
+    // Kill it once a few batches are on disk (bounded wait; the header tells the rows).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while dumped_rows(&dump) < 500 {
+        assert!(std::time::Instant::now() < deadline, "the dump never grew");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill().expect("SIGKILL");
+    child.wait().expect("exits");
+    let report: serde_json::Value =
+        serde_json::from_str(&run_python("check_dump.py", &[data.path(), &dump]).expect("numpy reads every file"))
+            .expect("json");
+    assert!(report["rows"].as_u64().is_some_and(|rows| rows >= 500 && rows % 100 == 0), "{report}");
+    assert_eq!(report["fields"].as_object().map(|f| f.len()), Some(3), "{report}");
+
+    let refused =
+        trainer(&["stream", "--loader", &loader.addr, "--dataset", "chess", "--dump", dump.to_str().expect("utf-8")])
+            .expect("runs");
+    let stderr = text(&refused.stderr);
+    assert!(!refused.status.success() && stderr.contains("already holds files"), "{stderr}");
+}
+
+/// Rows the header of `dir/indices.npy` states (0 while it does not exist).
+fn dumped_rows(dir: &Path) -> u64 {
+    let Ok(bytes) = std::fs::read(dir.join("indices.npy")) else { return 0 };
+    loader_server::npy::parse_header(&bytes).map_or(0, |h| h.shape.first().copied().unwrap_or(0))
+}
+
+#[tokio::test]
+async fn exactly_once_with_ranks_checks_the_ranks_share_and_says_so() {
+    let data = chess_dataset();
+    let loader = start_loader(&[format!("chess={}", data.path().display())], &[]).await.expect("loader");
+    let stdout = ok(&[
+        "stream",
+        "--loader",
+        &loader.addr,
+        "--dataset",
+        "chess",
+        "--world-size",
+        "2",
+        "--rank",
+        "1",
+        "--check-exactly-once",
+    ]);
+    assert!(
+        stdout.contains("epoch 0: every sample of rank 1's share exactly once (10000 of 20000 samples"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("every sample exactly once"), "{stdout}");
+}
+
+#[tokio::test]
+async fn info_errors_and_logs_read_well_and_datagen_keeps_existing_data() {
+    let data = chess_dataset();
+    let loader = start_loader(&[format!("chess={}", data.path().display())], &[]).await.expect("loader");
+    let info = ok(&["info", "--loader", &loader.addr]);
+    assert!(info.contains("unchunked (memory-mapped .npy)") && !info.contains("chunk 1"), "{info}");
+
+    let unreachable = trainer(&["info", "--loader", "127.0.0.1:1"]).expect("runs");
+    let stderr = text(&unreachable.stderr);
+    assert!(!unreachable.status.success() && stderr.contains("cannot connect to loader 127.0.0.1:1"), "{stderr}");
+    assert!(stderr.matches("tcp connect error").count() <= 1, "a cause said twice: {stderr}");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let target = dir.path().join("chess");
+    let write = ["write-demo-data", "--dir", target.to_str().expect("utf-8"), "--samples", "3000"];
+    assert!(ok(&write).contains("wrote 3000 samples"));
+    let before = std::fs::metadata(target.join("move.npy")).and_then(|m| m.modified()).expect("written");
+    assert!(ok(&write).contains("already holds 3000 samples; kept"));
+    assert_eq!(std::fs::metadata(target.join("move.npy")).and_then(|m| m.modified()).expect("kept"), before);
+    let other = ["write-demo-data", "--dir", target.to_str().expect("utf-8"), "--samples", "2000"];
+    assert!(ok(&other).contains("wrote 2000 samples"), "another size is written anew");
+
+    // A loader whose stderr is a file logs without colour codes, and logs each stream.
+    let mut child = tokio::process::Command::new(binary("loader-server"))
+        .args(["--listen", "127.0.0.1:0", "--dataset", &format!("chess={}", data.path().display())])
+        .env("LOADER_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starts");
+    let mut stdout = tokio::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    tokio::io::AsyncBufReadExt::read_line(&mut stdout, &mut line).await.expect("listening line");
+    let addr = line.trim().strip_prefix("listening on ").expect("address").to_owned();
+    let streamed = ok(&["stream", "--loader", &addr, "--dataset", "chess", "--max-batches", "3"]);
+    assert!(streamed.contains("streamed 768 samples"), "{streamed}");
+    let pid = child.id().expect("running").to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success());
+    let output = child.wait_with_output().await.expect("exits");
+    let log = text(&output.stderr);
+    assert!(log.contains("listening") && !log.contains('\u{1b}'), "{log}");
+    assert!(log.contains("stream ended") && log.contains("batches=3"), "{log}");
+}
