@@ -15,13 +15,14 @@ if ! docker info >/dev/null 2>&1; then
     exit 0
 fi
 if docker compose version >/dev/null 2>&1; then
-    compose() { docker compose -p conveyor-e2e "$@"; }
+    compose_cmd=(docker compose -p conveyor-e2e)
 elif command -v docker-compose >/dev/null 2>&1; then
-    compose() { docker-compose -p conveyor-e2e "$@"; }
+    compose_cmd=(docker-compose -p conveyor-e2e)
 else
     echo "SKIPPED: compose end-to-end test (neither 'docker compose' nor 'docker-compose' is installed)"
     exit 0
 fi
+compose() { "${compose_cmd[@]}" "$@"; }
 
 export CONVEYOR_DOCKERFILE=docker/Dockerfile.local CONVEYOR_SAMPLES=400000 CONVEYOR_LOADERS=3 CONVEYOR_EPOCHS=6
 bash scripts/docker-local.sh
@@ -53,7 +54,7 @@ healthy_loaders() {
 trainer_log() { compose logs --no-color trainer 2>/dev/null; }
 
 echo "== the README's command returns when training ends"
-CONVEYOR_EPOCHS=1 timeout 300 compose up --scale loader=2 trainer >/tmp/conveyor-up.log 2>&1 \
+CONVEYOR_EPOCHS=1 timeout 300 "${compose_cmd[@]}" up --scale loader=2 trainer >/tmp/conveyor-up.log 2>&1 \
     || { tail -30 /tmp/conveyor-up.log; fail "'up --scale loader=2 trainer' did not return 0 within 300 s"; }
 grep -q "epoch 0: every sample exactly once" /tmp/conveyor-up.log || { tail -30 /tmp/conveyor-up.log; fail "no epoch check"; }
 [ "$(docker inspect -f '{{.State.ExitCode}}' "$(compose ps -q trainer)")" = 0 ] || fail "trainer exit code"
@@ -81,8 +82,12 @@ code=$(timeout 300 docker wait "$trainer") || fail "trainer did not finish"
 epochs_ok=$(trainer_log | grep -c "every sample exactly once" || true)
 [ "$epochs_ok" = 6 ] || fail "only $epochs_ok of 6 epochs were exactly once"
 trainer_log | grep -A 8 "streamed" || true
+# One line per replica address (docker may give a scaled-up replica the killed one's address);
+# together they served every batch of the 6 epochs once: 6 x ceil(400000 / 256).
 replicas=$(trainer_log | grep -c "  replica .* batches" || true)
-[ "$replicas" -ge 4 ] || fail "the trainer reported $replicas replicas, expected every one of the 4 that served"
+[ "$replicas" -ge 3 ] || fail "the trainer reported $replicas replicas, expected at least the 3 it started with"
+served=$(trainer_log | sed -n 's/.*  replica .*: \([0-9]*\) batches.*/\1/p' | awk '{s += $1} END {print s + 0}')
+[ "$served" = 9378 ] || fail "the replicas' counts add up to $served batches, not 9378"
 compose logs --no-color loader | grep -q "stream ended" || fail "loaders logged no per-stream line"
 echo "PASS: 6 epochs exactly once through a killed loader, datagen re-run and a scale-up"
 

@@ -8,7 +8,7 @@ use std::{
     time::Instant,
 };
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::Args;
 use futures::StreamExt;
 use serde::Serialize;
@@ -105,7 +105,7 @@ fn save_checkpoint(dir: &Path, vs: &nn::VarStore, cursor: &Cursor) -> anyhow::Re
     std::fs::rename(&tmp, dir.join("model.ot")).context("cannot move the model checkpoint in place")?;
     // The cursor is written last: a crash in between leaves the new weights with the old cursor,
     // which only repeats a few batches, never skips one.
-    cursor.save(&dir.join("cursor.json"))
+    Ok(cursor.save(&dir.join("cursor.json"))?)
 }
 
 /// Trains on the stream; the demo's chess dataset and 2 epochs unless the flags say otherwise.
