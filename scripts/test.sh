@@ -2,7 +2,8 @@
 # Runs every test of the workspace: unit tests, service tests and the end-to-end tests, whose
 # fixtures are written by numpy and zarr-python (installed here into .venv, so a fresh machine
 # needs only Rust and Python 3), then the libtorch tests of trainer-client's `torch` feature
-# (PyTorch 2.13.0 from PyPI, about 5 GB; CONVEYOR_SKIP_TORCH=1 skips them, saying so).
+# (PyTorch 2.13.0 from PyPI, about 5 GB; CONVEYOR_SKIP_TORCH=1 skips them, saying so), then the
+# `conveyor` Python package's pytest suite (built into .venv by pip + maturin).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,9 +17,15 @@ export CONVEYOR_PYTHON="$PWD/.venv/bin/python"
 cargo build --workspace --locked
 cargo test --workspace --locked
 
+# The Python package, built the way users install it; its tests start the debug loader above.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check ./python
+python_tests() { CONVEYOR_BIN_DIR="$PWD/target/debug" .venv/bin/python -m pytest -q python/tests "$@"; }
+
 if [ "${CONVEYOR_SKIP_TORCH:-0}" = "1" ]; then
-    echo "SKIPPED: torch feature tests (CONVEYOR_SKIP_TORCH=1)"
+    echo "SKIPPED: torch feature tests and the Python package's torch tests (CONVEYOR_SKIP_TORCH=1)"
+    python_tests -rs
     exit 0
 fi
 # The torch tests start a loader-server from the same target directory (built above).
 bash scripts/setup-torch.sh cargo test --locked -p trainer-client --features torch
+python_tests

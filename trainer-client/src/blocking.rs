@@ -123,9 +123,17 @@ impl Run {
         self.run.num_batches()
     }
 
-    /// The async run inside.
-    pub fn as_async(&mut self) -> &mut crate::Run {
-        &mut self.run
+    /// The next batch if one arrives within `timeout`; `None` when none did (call again: nothing
+    /// is lost). Lets a caller check for interrupts (Python's Ctrl-C) while it waits.
+    pub fn next_timeout(&mut self, timeout: std::time::Duration) -> Option<Option<Result<Batch, ClientError>>> {
+        let run = &mut self.run;
+        self.runtime
+            .block_on(async { tokio::time::timeout(timeout, std::future::poll_fn(|cx| run.poll_batch(cx))).await.ok() })
+    }
+
+    /// Batches per epoch for this rank.
+    pub fn batches_per_epoch(&self) -> u64 {
+        self.run.batches_per_epoch()
     }
 
     /// Ends the run and gives the connections back.

@@ -116,12 +116,16 @@ pub struct RunSpec {
     pub start_batch: u64,
     /// Stop after this many batches (a partial run).
     pub max_batches: Option<u64>,
+    /// Take only every `count`-th batch from the `index`-th on (`(index, count)`), so that
+    /// `count` workers — PyTorch DataLoader workers — share one sequence and a round-robin over
+    /// them restores its order. `None`: every batch.
+    pub worker: Option<(u64, u64)>,
 }
 
 impl RunSpec {
     /// Epochs `epochs` from their start.
     pub fn new(dataset: impl Into<String>, plan: PlanSpec, epochs: Range<u64>) -> RunSpec {
-        RunSpec { dataset: dataset.into(), plan, epochs, start_batch: 0, max_batches: None }
+        RunSpec { dataset: dataset.into(), plan, epochs, start_batch: 0, max_batches: None, worker: None }
     }
 
     /// The rest of the run `cursor` was saved in. A cursor from before the end epoch was stored
@@ -134,6 +138,7 @@ impl RunSpec {
             epochs: cursor.epoch..end.max(cursor.epoch),
             start_batch: cursor.next_batch,
             max_batches: None,
+            worker: None,
         }
     }
 
@@ -143,16 +148,27 @@ impl RunSpec {
         self
     }
 
+    /// The same run, for worker `index` of `count` (see [`RunSpec::worker`]).
+    pub fn for_worker(mut self, index: u64, count: u64) -> RunSpec {
+        self.worker = (count > 1).then_some((index, count));
+        self
+    }
+
     /// The batch positions of the run.
     ///
     /// # Errors
-    /// [`crate::sampler::PlanError`] for a plan that cannot be made.
+    /// [`crate::sampler::PlanError`] for a plan that cannot be made, or a worker index that is
+    /// not below the worker count.
     pub(crate) fn schedule(&self) -> Result<Schedule, crate::sampler::PlanError> {
         let per_epoch = EpochPlan::new(self.plan.clone(), self.epochs.start)?.num_batches();
-        let start = self.epochs.start.saturating_mul(per_epoch) + self.start_batch.min(per_epoch);
+        let (offset, step) = self.worker.unwrap_or((0, 1));
+        if offset >= step {
+            return Err(crate::sampler::PlanError::BadWorker { index: offset, count: step });
+        }
+        let first = self.epochs.start.saturating_mul(per_epoch) + self.start_batch.min(per_epoch);
         let end = self.epochs.end.max(self.epochs.start).saturating_mul(per_epoch);
-        let len = end.saturating_sub(start).min(self.max_batches.unwrap_or(u64::MAX));
-        Ok(Schedule { per_epoch, start, len })
+        let len = end.saturating_sub(first + offset).div_ceil(step).min(self.max_batches.unwrap_or(u64::MAX));
+        Ok(Schedule { per_epoch, start: first + offset, step, len })
     }
 
     /// The cursor of this run before its batch number `seq` (0-based within the run).
@@ -168,14 +184,16 @@ impl RunSpec {
     }
 }
 
-/// A run's batches numbered `0..len` in delivery order; number `seq` is batch
-/// `(start + seq) % per_epoch` of epoch `(start + seq) / per_epoch`.
+/// A run's batches numbered `0..len` in delivery order; number `seq` is absolute batch
+/// `start + seq × step`, that is batch `abs % per_epoch` of epoch `abs / per_epoch`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Schedule {
     /// Batches per epoch (the same for every epoch of a plan).
     pub per_epoch: u64,
     /// Absolute batch number of the run's first batch.
     pub start: u64,
+    /// Distance between consecutive batches of the run (the worker count; 1 without workers).
+    pub step: u64,
     /// Batches in the run.
     pub len: u64,
 }
@@ -186,7 +204,7 @@ impl Schedule {
         if self.per_epoch == 0 {
             return (self.start, 0);
         }
-        let absolute = self.start + seq;
+        let absolute = self.start + seq * self.step;
         (absolute / self.per_epoch, absolute % self.per_epoch)
     }
 }
@@ -255,5 +273,14 @@ mod tests {
         assert_eq!((resumed.epochs, resumed.start_batch), (3..5, 0));
         let old = Cursor { end_epoch: None, ..cursor };
         assert_eq!(RunSpec::resume(&old, 2).epochs, 3..5, "old cursors run for the given number of epochs");
+        // Three workers share the 23 batches: 8, 8 and 7, interleaved.
+        let positions = |index| {
+            let schedule = run.clone().for_worker(index, 3).schedule().expect("schedule");
+            (0..schedule.len).map(|seq| schedule.position(seq)).collect::<Vec<_>>()
+        };
+        let (w0, w1, w2) = (positions(0), positions(1), positions(2));
+        assert_eq!((w0.len(), w1.len(), w2.len()), (8, 8, 7));
+        assert_eq!((w0[0], w1[0], w2[0], w0[1]), ((2, 7), (2, 8), (2, 9), (3, 0)));
+        assert!(run.clone().for_worker(3, 3).schedule().is_err());
     }
 }

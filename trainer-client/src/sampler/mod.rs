@@ -260,6 +260,14 @@ pub enum PlanError {
     /// `--shuffle-window 0` or a zero block length.
     #[error("--shuffle-window and the dataset's chunk length must be at least 1")]
     ZeroWindow,
+    /// A data-loading worker outside the worker count.
+    #[error("worker {index} is not below the number of workers {count}")]
+    BadWorker {
+        /// The worker index.
+        index: u64,
+        /// The number of workers.
+        count: u64,
+    },
     /// A rank outside the world.
     #[error("--rank {rank} is not below --world-size {world_size}; ranks count from 0")]
     BadRank {

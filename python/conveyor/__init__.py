@@ -1,0 +1,323 @@
+"""Conveyor for Python training scripts: batches streamed from Conveyor loader servers.
+
+The data workers run in the loader processes (other containers or hosts), not in the training
+process: a loader that dies, is OOM-killed, added or removed does not stop training, and every
+sample of an epoch still arrives exactly once, in an order fixed by (seed, epoch, rank).
+
+    import conveyor
+    ds = conveyor.StreamingDataset(loaders=["127.0.0.1:7070"], dataset="chess", batch_size=256)
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        for batch in ds:          # {"board": array [256, 12, 8, 8], ..., "__index__": int64 [256]}
+            ...
+    state = ds.state_dict()       # save beside the model; ds.load_state_dict(state) resumes there
+
+The sampling, dispatch, failover and exactly-once logic are the Rust client library's; this
+package is a thin layer over it (``conveyor._native``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import weakref
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import _native
+from ._native import (
+    BatchError,
+    ConveyorError,
+    InvalidSettingsError,
+    LoaderUnavailableError,
+    UnknownDatasetError,
+)
+
+__all__ = [
+    "BatchError",
+    "ConveyorError",
+    "DatasetInfo",
+    "InvalidSettingsError",
+    "LoaderUnavailableError",
+    "StreamingDataset",
+    "UnknownDatasetError",
+    "datasets",
+]
+
+try:  # torch is optional: numpy alone works.
+    import torch
+    from torch.utils.data import IterableDataset as _Base
+except ImportError:  # pragma: no cover - exercised where torch is absent
+    torch = None
+    _Base = object
+
+INDEX_KEY = "__index__"
+_SHUFFLES = ("none", "full", "block")
+_OUTPUTS = ("numpy", "torch")
+
+# Native clients of this process. A forked child (DataLoader workers, torch.multiprocessing)
+# inherits them without their runtime threads: it abandons them and connects anew.
+_clients: "weakref.WeakSet[_native.Client]" = weakref.WeakSet()
+_clients_lock = threading.Lock()
+
+
+def _abandon_inherited_clients() -> None:
+    for client in list(_clients):
+        client.abandon()
+    _clients.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_abandon_inherited_clients)
+
+
+def _connect(loaders: Sequence[str], **options: Any) -> "_native.Client":
+    client = _native.Client(list(loaders), **options)
+    with _clients_lock:
+        _clients.add(client)
+    return client
+
+
+class DatasetInfo(NamedTuple):
+    """A dataset as the loaders describe it."""
+
+    num_samples: int
+    """Samples in the dataset."""
+    fields: Dict[str, Tuple[np.dtype, Tuple[int, ...]]]
+    """Per field: its numpy dtype and the shape of one sample."""
+
+
+def _numpy_dtype(code: str) -> np.dtype:
+    return np.dtype(("|" if code[1:] == "1" else "<") + code)
+
+
+def datasets(loaders: Sequence[str], unavailable_timeout: float = 10.0) -> Dict[str, DatasetInfo]:
+    """The datasets the loaders serve: ``{name: DatasetInfo(num_samples, fields)}``.
+
+    Raises LoaderUnavailableError when no loader answers within ``unavailable_timeout`` seconds.
+    """
+    _check_loaders(loaders)
+    catalog = json.loads(_native.datasets(list(loaders), float(unavailable_timeout)))
+    return {d["name"]: _info(d) for d in catalog}
+
+
+def _info(entry: Dict[str, Any]) -> DatasetInfo:
+    fields = {f["name"]: (_numpy_dtype(f["dtype"]), tuple(f["sample_shape"])) for f in entry["fields"]}
+    return DatasetInfo(entry["num_samples"], fields)
+
+
+def _check_loaders(loaders: Any) -> None:
+    if isinstance(loaders, str) or not all(isinstance(a, str) for a in loaders) or not loaders:
+        raise InvalidSettingsError(
+            f"loaders={loaders!r}: give a list of 'host:port' strings, e.g. loaders=['127.0.0.1:7070']"
+        )
+
+
+def _default_rank_and_world(rank: Optional[int], world_size: Optional[int]) -> Tuple[int, int]:
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        found = (torch.distributed.get_rank(), torch.distributed.get_world_size())
+    elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        found = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
+    else:
+        found = (0, 1)
+    return (found[0] if rank is None else rank, found[1] if world_size is None else world_size)
+
+
+class StreamingDataset(_Base):  # type: ignore[misc, valid-type]
+    """Batches of a dataset served by Conveyor loaders, in a deterministic order, each sample of
+    an epoch exactly once (for this rank), through loader failures.
+
+    Iterating yields one dict per batch: one array per field, shape ``[batch, *sample_shape]``,
+    plus ``"__index__"``, the int64 global sample indices. With ``output="numpy"`` the arrays
+    borrow the received message (no copy). With ``output="torch"`` they are tensors (no copy on
+    the CPU; uint16 and uint32 widen to int32 and int64, uint64 is refused); ``device="cuda"``
+    copies them through page-locked memory, asynchronously.
+
+    It is a ``torch.utils.data.IterableDataset`` when torch is importable. DataLoader workers are
+    not needed (the data workers are the loaders); with ``DataLoader(ds, batch_size=None,
+    num_workers=k)`` worker w takes batches w, w+k, ..., and the DataLoader's round-robin gives the
+    same sequence as iterating ``ds`` directly.
+
+    Arguments:
+        loaders: loader addresses, ``"host:port"``; a name that resolves to several addresses is
+            one replica per address.
+        dataset: the dataset's name on the loaders.
+        batch_size: samples per batch.
+        shuffle: ``"none"``, ``"full"`` (a permutation of the epoch) or ``"block"`` (chunked
+            storage: windows of ``shuffle_window`` chunks shuffled together).
+        seed: shuffle seed; with the epoch it fixes the order.
+        shuffle_window: chunks shuffled together with ``shuffle="block"``.
+        drop_last: drop samples that do not fill a whole batch (and an even share across ranks).
+        rank, world_size: this process's data-parallel split; default: torch.distributed when
+            initialised, else the RANK and WORLD_SIZE environment variables, else 0 and 1.
+        prefetch: batches requested ahead of the training loop (client memory is about
+            ``prefetch + 2`` batches).
+        output: ``"numpy"`` or ``"torch"``.
+        device: with ``output="torch"``: ``"cpu"`` (default), ``"cuda"`` or ``"cuda:N"``.
+        request_timeout, unavailable_timeout: seconds before a silent loader is dropped, and
+            before no reachable loader at all is an error.
+    """
+
+    def __init__(
+        self,
+        loaders: Sequence[str],
+        dataset: str,
+        batch_size: int = 256,
+        shuffle: str = "full",
+        seed: int = 0,
+        shuffle_window: int = 8,
+        drop_last: bool = False,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+        prefetch: int = 8,
+        output: str = "numpy",
+        device: Optional[str] = None,
+        request_timeout: float = 30.0,
+        unavailable_timeout: float = 60.0,
+    ) -> None:
+        _check_loaders(loaders)
+        if shuffle not in _SHUFFLES:
+            raise InvalidSettingsError(f"shuffle={shuffle!r}: use one of {', '.join(_SHUFFLES)}")
+        if output not in _OUTPUTS:
+            raise InvalidSettingsError(f"output={output!r}: use 'numpy' or 'torch'")
+        if output == "torch" and torch is None:
+            raise InvalidSettingsError("output='torch' needs PyTorch: pip install torch (or use output='numpy')")
+        if device is not None and output != "torch":
+            raise InvalidSettingsError(f"device={device!r} needs output='torch'")
+        self._device = None
+        if device is not None:
+            try:
+                self._device = torch.device(device)
+            except RuntimeError as error:
+                raise InvalidSettingsError(f"device={device!r}: {error}") from None
+        for name, value in (("batch_size", batch_size), ("prefetch", prefetch), ("shuffle_window", shuffle_window)):
+            if not isinstance(value, int) or value < 1:
+                raise InvalidSettingsError(f"{name}={value!r}: must be an integer >= 1")
+        rank, world_size = _default_rank_and_world(rank, world_size)
+        self.loaders = list(loaders)
+        self.dataset = dataset
+        self.output = output
+        self._options = dict(
+            prefetch=prefetch, request_timeout=float(request_timeout), unavailable_timeout=float(unavailable_timeout)
+        )
+        client = self._client()
+        self._plan = client.plan(dataset, batch_size, shuffle, seed, shuffle_window, rank, world_size, drop_last)
+        self.info = _info(next(d for d in json.loads(client.catalog()) if d["name"] == dataset))
+        self._batches_per_epoch = _native.Client.batches_per_epoch(self._plan)
+        self._epoch = 0
+        self._resume: Optional[Dict[str, Any]] = None
+        self._state: Optional[Dict[str, Any]] = None
+
+    # Connections are made per process: a forked child (a DataLoader worker) makes its own.
+    def _client(self) -> "_native.Client":
+        client = self.__dict__.get("_native_client")
+        if client is None or self.__dict__.get("_native_pid") != os.getpid():
+            client = _connect(self.loaders, **self._options)
+            self.__dict__["_native_client"] = client
+            self.__dict__["_native_pid"] = os.getpid()
+        return client
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_native_client", None)
+        state.pop("_native_pid", None)
+        return state
+
+    def __len__(self) -> int:
+        """Batches per epoch for this rank."""
+        return self._batches_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Makes the next iteration stream epoch ``epoch`` (like DistributedSampler.set_epoch).
+        Without it, each iteration after a finished epoch streams the next one."""
+        self._epoch = int(epoch)
+        self._resume = None
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Where the stream is (JSON-serialisable): the next iteration after ``load_state_dict``
+        starts with the batch after the last one this dataset yielded."""
+        cursor = self._state or {"epoch": self._epoch, "next_batch": 0}
+        return {"version": 1, "dataset": self.dataset, "plan": json.loads(self._plan),
+                "epoch": cursor["epoch"], "next_batch": cursor["next_batch"]}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Resumes at a ``state_dict()``: the same dataset and plan settings are required."""
+        try:
+            version, dataset, plan = state["version"], state["dataset"], state["plan"]
+            epoch, next_batch = int(state["epoch"]), int(state["next_batch"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise InvalidSettingsError(f"not a StreamingDataset state_dict: missing or bad {error}") from None
+        if version != 1:
+            raise InvalidSettingsError(f"state_dict version {version!r} is not supported (expected 1)")
+        if dataset != self.dataset:
+            raise InvalidSettingsError(f"state_dict is for dataset {dataset!r}, this dataset streams {self.dataset!r}")
+        mine = json.loads(self._plan)
+        for key in sorted(set(mine) | set(plan)):
+            if mine.get(key) != plan.get(key):
+                raise InvalidSettingsError(
+                    f"state_dict was taken with {key}={plan.get(key)!r} but this dataset has {key}={mine.get(key)!r}"
+                )
+        self._epoch = epoch
+        self._resume = {"epoch": epoch, "next_batch": next_batch}
+        self._state = dict(self._resume)
+
+    def stats(self) -> Dict[str, Any]:
+        """Counters of the current or last iteration: samples, batches, bytes delivered, seconds
+        waited for data, batches retried after a loader failed, epoch boundaries, per replica."""
+        return json.loads(self._client().stats())
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        worker, num_workers = 0, 1
+        if torch is not None:
+            info = torch.utils.data.get_worker_info()
+            if info is not None:
+                worker, num_workers = info.id, info.num_workers
+        start = self._resume or {"epoch": self._epoch, "next_batch": 0}
+        self._resume = None
+        epoch = start["epoch"]
+        client = self._client()
+        client.start(self.dataset, self._plan, epoch, epoch + 1, start["next_batch"], worker, num_workers)
+        finished = False
+        try:
+            while True:
+                batch = client.next()
+                if batch is None:
+                    finished = True
+                    break
+                _, index, indices, fields = batch
+                self._state = {"epoch": epoch, "next_batch": index + 1}
+                yield self._convert(indices, fields)
+        finally:
+            client.stop()
+            if finished:
+                # The next iteration streams the next epoch unless set_epoch says otherwise.
+                self._epoch = epoch + 1
+                self._state = {"epoch": epoch + 1, "next_batch": 0}
+
+    def _convert(self, indices: np.ndarray, fields: List[Tuple[str, np.ndarray, str, List[int]]]) -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        for name, data, code, shape in fields:
+            array = data.view(_numpy_dtype(code)).reshape(shape)
+            out[name] = array if self.output == "numpy" else self._tensor(name, array)
+        index = indices.view(np.int64)
+        out[INDEX_KEY] = index if self.output == "numpy" else torch.from_numpy(index)
+        return out
+
+    def _tensor(self, name: str, array: np.ndarray) -> Any:
+        if array.dtype == np.uint16:
+            array = array.astype(np.int32)
+        elif array.dtype == np.uint32:
+            array = array.astype(np.int64)
+        elif array.dtype == np.uint64:
+            raise BatchError(f"field {name!r} is uint64, which torch cannot hold exactly; store it as int64")
+        tensor = torch.from_numpy(array)
+        if self._device is None or self._device.type == "cpu":
+            return tensor
+        return tensor.pin_memory().to(self._device, non_blocking=True)
+
+    def __repr__(self) -> str:
+        return f"StreamingDataset(dataset={self.dataset!r}, loaders={self.loaders!r}, batches_per_epoch={len(self)})"

@@ -1,0 +1,365 @@
+//! `conveyor._native`: the thin Python-facing layer over the trainer-client library's blocking
+//! API. The Pythonic API (`StreamingDataset`, output conversion, ranks, state) is in
+//! `conveyor/__init__.py`; this module only connects, plans, streams and hands out each field as
+//! a `uint8` numpy array that borrows the received message (no copy).
+
+use std::{sync::Mutex, time::Duration};
+
+use bytes::Bytes;
+use numpy::{PyArray1, ndarray::ArrayView1};
+use pyo3::{create_exception, exceptions::PyException, prelude::*};
+use trainer_client::{
+    Batch, ClientError, ConnectOptions, DType, PlanSettings, PlanSpec, RunSpec, Shuffle, StreamOptions, blocking,
+    error_chain,
+};
+
+create_exception!(_native, ConveyorError, PyException, "Base class of every Conveyor error.");
+create_exception!(
+    _native,
+    LoaderUnavailableError,
+    ConveyorError,
+    "No loader could be reached (or none stayed reachable for the unavailable timeout)."
+);
+create_exception!(_native, UnknownDatasetError, ConveyorError, "The loaders serve no dataset of that name.");
+create_exception!(
+    _native,
+    InvalidSettingsError,
+    ConveyorError,
+    "Settings the loaders cannot serve: a bad address, batch size, rank, window or state."
+);
+create_exception!(_native, BatchError, ConveyorError, "A loader refused a batch or sent a malformed one.");
+
+/// The Python exception for a client error, with the whole cause chain as its message.
+fn to_py(error: ClientError) -> PyErr {
+    let message = error_chain(&error);
+    match error {
+        ClientError::UnknownDataset { .. } => UnknownDatasetError::new_err(message),
+        ClientError::NoLoaders
+        | ClientError::Connect { .. }
+        | ClientError::Rpc { .. }
+        | ClientError::StreamEnded { .. }
+        | ClientError::RequestTimeout { .. }
+        | ClientError::Departed { .. }
+        | ClientError::CatalogMismatch { .. }
+        | ClientError::Unavailable { .. }
+        | ClientError::Runtime(_) => LoaderUnavailableError::new_err(message),
+        ClientError::BatchRefused { .. } | ClientError::BadResponse { .. } => BatchError::new_err(message),
+        ClientError::BadAddress { .. }
+        | ClientError::BatchOverMessageLimit { .. }
+        | ClientError::BatchOverLoaderLimit { .. }
+        | ClientError::DatasetSizeChanged { .. }
+        | ClientError::Plan(_)
+        | ClientError::Cursor(_) => InvalidSettingsError::new_err(message),
+    }
+}
+
+fn json_error(error: serde_json::Error) -> PyErr {
+    InvalidSettingsError::new_err(format!("not a Conveyor plan or cursor: {error}"))
+}
+
+/// Received bytes kept alive for as long as numpy arrays view them.
+#[pyclass(module = "conveyor._native", frozen)]
+struct Buffer {
+    data: Bytes,
+}
+
+/// A field's bytes as a `uint8` array borrowing them.
+fn borrowed_array<'py>(py: Python<'py>, data: Bytes) -> PyResult<Bound<'py, PyArray1<u8>>> {
+    let owner = Bound::new(py, Buffer { data })?;
+    let view = ArrayView1::from(&owner.get().data[..]);
+    // SAFETY: the array's memory is the `Bytes` held by `owner`, which becomes the array's base
+    // object: it lives as long as the array, and `Bytes` never moves or reallocates its memory.
+    #[allow(unsafe_code)]
+    let array = unsafe { PyArray1::borrow_from_array(&view, owner.clone().into_any()) };
+    Ok(array)
+}
+
+/// One batch as Python values: `(epoch, index, indices, [(field, uint8 array, dtype, shape)])`.
+type PyBatch<'py> =
+    (u64, u64, Bound<'py, PyArray1<u64>>, Vec<(String, Bound<'py, PyArray1<u8>>, &'static str, Vec<u64>)>);
+
+fn to_python(py: Python<'_>, batch: Batch) -> PyResult<PyBatch<'_>> {
+    let indices = PyArray1::from_vec(py, batch.indices);
+    let fields = batch
+        .fields
+        .into_iter()
+        .map(|f| {
+            let dtype = if f.dtype == DType::Unspecified { "V0" } else { f.dtype.numpy_code() };
+            Ok((f.name, borrowed_array(py, f.data)?, dtype, f.shape))
+        })
+        .collect::<PyResult<_>>()?;
+    Ok((batch.epoch, batch.index, indices, fields))
+}
+
+/// What a client holds: connections, or a run that owns them for a while.
+enum State {
+    Idle(Box<blocking::Loaders>),
+    Running(Box<blocking::Run>),
+    /// Given up (forked child, or closed).
+    Gone,
+}
+
+/// Connections to loader replicas and at most one run at a time.
+#[pyclass(module = "conveyor._native", weakref)]
+struct Client {
+    state: Mutex<State>,
+    /// Samples and batches delivered by the current run.
+    delivered: Mutex<(u64, u64)>,
+}
+
+/// How often a waiting `next()` checks for Ctrl-C.
+const SIGNAL_CHECK: Duration = Duration::from_millis(50);
+
+impl Client {
+    fn with_state<T>(&self, f: impl FnOnce(&mut State) -> PyResult<T>) -> PyResult<T> {
+        let mut state =
+            self.state.lock().map_err(|_| ConveyorError::new_err("the client is poisoned; make a new one"))?;
+        f(&mut state)
+    }
+}
+
+fn closed() -> PyErr {
+    ConveyorError::new_err("the client was closed (or inherited across fork); make a new one")
+}
+
+#[pymethods]
+impl Client {
+    /// Connects to `loaders` (`host:port`); waits until one replica has described its datasets.
+    #[new]
+    #[pyo3(signature = (loaders, prefetch=8, request_timeout=30.0, unavailable_timeout=60.0, resolve_interval=3.0, max_message_bytes=None))]
+    fn new(
+        py: Python<'_>,
+        loaders: Vec<String>,
+        prefetch: usize,
+        request_timeout: f64,
+        unavailable_timeout: f64,
+        resolve_interval: f64,
+        max_message_bytes: Option<usize>,
+    ) -> PyResult<Client> {
+        let seconds = |value: f64, name: &str| {
+            Duration::try_from_secs_f64(value)
+                .map_err(|_| InvalidSettingsError::new_err(format!("{name}={value} is not a number of seconds >= 0")))
+        };
+        let options = StreamOptions {
+            connect: ConnectOptions {
+                max_message_bytes: max_message_bytes.unwrap_or(ConnectOptions::default().max_message_bytes),
+                ..ConnectOptions::default()
+            },
+            prefetch: prefetch
+                .try_into()
+                .map_err(|_| InvalidSettingsError::new_err("prefetch=0: request at least 1 batch ahead"))?,
+            request_timeout: seconds(request_timeout, "request_timeout")?,
+            unavailable_timeout: seconds(unavailable_timeout, "unavailable_timeout")?,
+            resolve_interval: seconds(resolve_interval, "resolve_interval")?,
+            ..StreamOptions::default()
+        };
+        let loaders = py.detach(|| blocking::Loaders::connect(&loaders, options)).map_err(to_py)?;
+        Ok(Client { state: Mutex::new(State::Idle(Box::new(loaders))), delivered: Mutex::new((0, 0)) })
+    }
+
+    /// The datasets the loaders serve, as JSON (a list of `DatasetInfo`).
+    fn catalog(&self) -> PyResult<String> {
+        self.with_state(|state| match state {
+            State::Idle(loaders) => Ok(catalog_json(loaders.catalog())),
+            State::Running(_) => Err(ConveyorError::new_err("a run is in progress; finish or stop it first")),
+            State::Gone => Err(closed()),
+        })
+    }
+
+    /// The plan for `dataset` (JSON), validated against the loaders' catalog.
+    #[allow(clippy::too_many_arguments)]
+    fn plan(
+        &self,
+        dataset: &str,
+        batch_size: u64,
+        shuffle: &str,
+        seed: u64,
+        shuffle_window: u64,
+        rank: u64,
+        world_size: u64,
+        drop_last: bool,
+    ) -> PyResult<String> {
+        let shuffle: Shuffle =
+            shuffle.parse().map_err(|e: String| InvalidSettingsError::new_err(format!("shuffle: {e}")))?;
+        let settings = PlanSettings { batch_size, shuffle, seed, shuffle_window, rank, world_size, drop_last };
+        self.with_state(|state| match state {
+            State::Idle(loaders) => {
+                let plan = loaders.plan(dataset, &settings).map_err(to_py)?;
+                serde_json::to_string(&plan).map_err(json_error)
+            }
+            State::Running(_) => Err(ConveyorError::new_err("a run is in progress; finish or stop it first")),
+            State::Gone => Err(closed()),
+        })
+    }
+
+    /// Batches per epoch of a plan (JSON) for its rank.
+    #[staticmethod]
+    fn batches_per_epoch(plan: &str) -> PyResult<u64> {
+        let plan: PlanSpec = serde_json::from_str(plan).map_err(json_error)?;
+        Ok(trainer_client::EpochPlan::new(plan, 0).map_err(|e| to_py(e.into()))?.num_batches())
+    }
+
+    /// Starts streaming epochs `first_epoch..end_epoch` of `plan` from `start_batch`, as worker
+    /// `worker` of `num_workers` (each takes every `num_workers`-th batch).
+    #[pyo3(signature = (dataset, plan, first_epoch, end_epoch, start_batch=0, worker=0, num_workers=1))]
+    #[allow(clippy::too_many_arguments)]
+    fn start(
+        &self,
+        dataset: &str,
+        plan: &str,
+        first_epoch: u64,
+        end_epoch: u64,
+        start_batch: u64,
+        worker: u64,
+        num_workers: u64,
+    ) -> PyResult<()> {
+        let plan: PlanSpec = serde_json::from_str(plan).map_err(json_error)?;
+        let spec = RunSpec { start_batch, ..RunSpec::new(dataset, plan, first_epoch..end_epoch) }
+            .for_worker(worker, num_workers.max(1));
+        *self.delivered.lock().map_err(|_| closed())? = (0, 0);
+        self.with_state(|state| {
+            let loaders = match std::mem::replace(state, State::Gone) {
+                State::Idle(loaders) => *loaders,
+                State::Running(run) => run.into_loaders(),
+                State::Gone => return Err(closed()),
+            };
+            // The connections survive a refused spec only if the check comes first.
+            let info = loaders.dataset(&spec.dataset).map(|_| ());
+            if let Err(error) = info {
+                *state = State::Idle(Box::new(loaders));
+                return Err(to_py(error));
+            }
+            match loaders.run(spec) {
+                Ok(run) => {
+                    *state = State::Running(Box::new(run));
+                    Ok(())
+                }
+                Err(error) => Err(to_py(error)),
+            }
+        })
+    }
+
+    /// The next batch of the run, or `None` at its end. Waits with the GIL released and checks
+    /// for Ctrl-C every 50 ms.
+    fn next<'py>(&self, py: Python<'py>) -> PyResult<Option<PyBatch<'py>>> {
+        loop {
+            let waited = py.detach(|| {
+                self.with_state(|state| match state {
+                    State::Running(run) => Ok(run.next_timeout(SIGNAL_CHECK)),
+                    State::Idle(_) => Ok(Some(None)),
+                    State::Gone => Err(closed()),
+                })
+            })?;
+            match waited {
+                Some(Some(Ok(batch))) => {
+                    if let Ok(mut delivered) = self.delivered.lock() {
+                        delivered.0 += batch.indices.len() as u64;
+                        delivered.1 += 1;
+                    }
+                    return to_python(py, batch).map(Some);
+                }
+                Some(Some(Err(error))) => return Err(to_py(error)),
+                Some(None) => return Ok(None),
+                None => py.check_signals()?,
+            }
+        }
+    }
+
+    /// The position after the last batch delivered (cursor JSON), while a run is active.
+    fn cursor(&self) -> PyResult<Option<String>> {
+        self.with_state(|state| match state {
+            State::Running(run) => serde_json::to_string(&run.cursor()).map(Some).map_err(json_error),
+            _ => Ok(None),
+        })
+    }
+
+    /// Counters (JSON): the dispatcher's stats plus samples and batches of the current run.
+    fn stats(&self) -> PyResult<String> {
+        let (samples, batches) = *self.delivered.lock().map_err(|_| closed())?;
+        self.with_state(|state| {
+            let stats = match state {
+                State::Running(run) => run.stats(),
+                State::Idle(loaders) => loaders.stats(),
+                State::Gone => return Err(closed()),
+            };
+            let mut json = serde_json::to_value(stats).map_err(json_error)?;
+            json["samples"] = samples.into();
+            json["batches"] = batches.into();
+            Ok(json.to_string())
+        })
+    }
+
+    /// Ends the current run, keeping the connections.
+    fn stop(&self) -> PyResult<()> {
+        self.with_state(|state| {
+            *state = match std::mem::replace(state, State::Gone) {
+                State::Running(run) => State::Idle(Box::new(run.into_loaders())),
+                other => other,
+            };
+            Ok(())
+        })
+    }
+
+    /// Closes the connections and stops the client's runtime.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let state = self.with_state(|state| Ok(std::mem::replace(state, State::Gone)))?;
+        py.detach(move || drop(state));
+        Ok(())
+    }
+
+    /// Forgets the client without stopping anything: for a forked child, whose copy of the
+    /// client's runtime has no threads (stopping it would wait for them forever).
+    fn abandon(&self) {
+        if let Ok(mut state) = self.state.lock() {
+            std::mem::forget(std::mem::replace(&mut *state, State::Gone));
+        }
+    }
+}
+
+fn catalog_json(catalog: &[trainer_client::DatasetInfo]) -> String {
+    let datasets: Vec<serde_json::Value> = catalog
+        .iter()
+        .map(|d| {
+            let fields: Vec<serde_json::Value> = d
+                .fields
+                .iter()
+                .map(|f| {
+                    let dtype = DType::try_from(f.dtype).unwrap_or(DType::Unspecified);
+                    serde_json::json!({
+                        "name": f.name,
+                        "dtype": dtype.numpy_code(),
+                        "sample_shape": f.sample_shape,
+                        "bytes_per_sample": f.bytes_per_sample,
+                        "chunk_len": f.chunk_len,
+                    })
+                })
+                .collect();
+            serde_json::json!({"name": d.name, "num_samples": d.num_samples, "fields": fields})
+        })
+        .collect();
+    serde_json::Value::from(datasets).to_string()
+}
+
+/// The datasets the loaders at `loaders` serve (JSON), without keeping a connection.
+#[pyfunction]
+#[pyo3(signature = (loaders, unavailable_timeout=10.0))]
+fn datasets(py: Python<'_>, loaders: Vec<String>, unavailable_timeout: f64) -> PyResult<String> {
+    let client = Client::new(py, loaders, 1, 30.0, unavailable_timeout, 3.0, None)?;
+    let catalog = client.catalog();
+    client.close(py)?;
+    catalog
+}
+
+/// The native part of the `conveyor` package.
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Client>()?;
+    m.add_function(wrap_pyfunction!(datasets, m)?)?;
+    let py = m.py();
+    m.add("ConveyorError", py.get_type::<ConveyorError>())?;
+    m.add("LoaderUnavailableError", py.get_type::<LoaderUnavailableError>())?;
+    m.add("UnknownDatasetError", py.get_type::<UnknownDatasetError>())?;
+    m.add("InvalidSettingsError", py.get_type::<InvalidSettingsError>())?;
+    m.add("BatchError", py.get_type::<BatchError>())?;
+    Ok(())
+}

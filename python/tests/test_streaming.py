@@ -1,0 +1,235 @@
+"""The conveyor package against real loader processes and datasets written by numpy."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+
+import numpy as np
+import pytest
+
+import conveyor
+from conftest import binary, write_chess_like, write_dtypes
+
+
+def epoch_indices(ds):
+    return np.concatenate([batch["__index__"] for batch in ds])
+
+
+def test_every_dtype_round_trips_bit_exactly_into_numpy(tmp_path, start_loader):
+    fields = write_dtypes(tmp_path / "d")
+    loader = start_loader({"d": tmp_path / "d"})
+    info = conveyor.datasets([loader.addr])["d"]
+    assert info.num_samples == 53 and len(info.fields) == len(fields)
+    ds = conveyor.StreamingDataset([loader.addr], "d", batch_size=7, shuffle="full", seed=3)
+    assert len(ds) == 8
+    rows = 0
+    for batch in ds:
+        index = batch["__index__"]
+        assert index.dtype == np.int64
+        for name, source in fields.items():
+            got, want = batch[name], source[index]
+            assert got.dtype == want.dtype.newbyteorder("<") or got.dtype == want.dtype, (name, got.dtype)
+            assert got.shape == want.shape, name
+            assert got.tobytes() == want.astype(got.dtype).tobytes(), name
+        rows += len(index)
+    assert rows == 53
+
+
+def test_the_order_is_the_command_lines_for_the_same_settings(tmp_path, start_loader):
+    write_chess_like(tmp_path / "c", 5000)
+    loader = start_loader({"c": tmp_path / "c"})
+    dump = tmp_path / "dump"
+    subprocess.run([binary("trainer-client"), "stream", "--loader", loader.addr, "--dataset", "c", "--batch-size", "64",
+                    "--seed", "9", "--epoch", "2", "--dump", str(dump)], check=True, capture_output=True)
+    ds = conveyor.StreamingDataset([loader.addr], "c", batch_size=64, seed=9)
+    ds.set_epoch(2)
+    assert np.array_equal(epoch_indices(ds), np.load(dump / "indices.npy"))
+
+
+def test_epochs_are_exactly_once_and_ranks_split_them_disjointly(tmp_path, start_loader):
+    write_chess_like(tmp_path / "c", 1001)
+    loader = start_loader({"c": tmp_path / "c"})
+    ds = conveyor.StreamingDataset([loader.addr], "c", batch_size=50, seed=1)
+    first = epoch_indices(ds)
+    second = epoch_indices(ds)  # no set_epoch: the next epoch
+    assert sorted(first) == list(range(1001)) and sorted(second) == list(range(1001))
+    assert not np.array_equal(first, second)
+    def rank(r, drop_last):
+        return epoch_indices(conveyor.StreamingDataset([loader.addr], "c", batch_size=50, seed=1, rank=r,
+                                                       world_size=2, drop_last=drop_last))
+
+    dropped = [rank(0, True), rank(1, True)]
+    assert len(dropped[0]) == len(dropped[1]) == 500 and not set(dropped[0]) & set(dropped[1])
+    # Without drop_last the epoch is padded by wrapping, as DistributedSampler does: 501 each,
+    # one sample twice, the union the whole epoch.
+    padded = [rank(0, False), rank(1, False)]
+    assert len(padded[0]) == len(padded[1]) == 501
+    assert len(set(padded[0]) | set(padded[1])) == 1001 and len(set(padded[0]) & set(padded[1])) == 1
+
+
+def test_a_state_dict_taken_mid_epoch_resumes_in_a_fresh_process(tmp_path, start_loader):
+    write_chess_like(tmp_path / "c", 3000)
+    loader = start_loader({"c": tmp_path / "c"})
+    ds = conveyor.StreamingDataset([loader.addr], "c", batch_size=100, seed=5)
+    ds.set_epoch(4)
+    full = epoch_indices(ds)
+    ds.set_epoch(4)
+    taken = []
+    for i, batch in enumerate(ds):
+        taken.append(batch["__index__"])
+        if i == 11:
+            state = ds.state_dict()
+            break
+    state_path = tmp_path / "state.json"
+    state_path.write_text(json.dumps(state))
+    script = textwrap.dedent(f"""
+        import json, numpy as np, conveyor
+        ds = conveyor.StreamingDataset([{loader.addr!r}], "c", batch_size=100, seed=5)
+        ds.load_state_dict(json.load(open({str(state_path)!r})))
+        np.save({str(tmp_path / 'rest.npy')!r}, np.concatenate([b["__index__"] for b in ds]))
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True)
+    rest = np.load(tmp_path / "rest.npy")
+    assert np.array_equal(np.concatenate(taken + [rest]), full), "the rest of the epoch exactly, nothing twice"
+    other = conveyor.StreamingDataset([loader.addr], "c", batch_size=50, seed=5)
+    with pytest.raises(conveyor.InvalidSettingsError, match="batch_size=100"):
+        other.load_state_dict(state)
+
+
+def test_a_loader_killed_mid_epoch_loses_and_repeats_nothing(tmp_path, start_loader):
+    write_chess_like(tmp_path / "c", 20000)
+    a = start_loader({"c": tmp_path / "c"})
+    b = start_loader({"c": tmp_path / "c"})
+    ds = conveyor.StreamingDataset([a.addr, b.addr], "c", batch_size=100, seed=2, request_timeout=5.0)
+    seen = []
+    for i, batch in enumerate(ds):
+        assert np.array_equal(batch["label"], batch["__index__"] * 3), "content matches the indices"
+        seen.append(batch["__index__"])
+        if i == 30:
+            a.kill()
+    seen = np.concatenate(seen)
+    assert len(seen) == 20000 and len(np.unique(seen)) == 20000
+    stats = ds.stats()
+    assert stats["samples"] == 20000 and stats["replicas"][a.addr]["failures"] >= 1, stats
+
+
+def test_bad_arguments_and_unreachable_loaders_raise_promptly(tmp_path, start_loader):
+    write_chess_like(tmp_path / "c", 100)
+    loader = start_loader({"c": tmp_path / "c"})
+    with pytest.raises(conveyor.UnknownDatasetError, match="the loaders serve: c"):
+        conveyor.StreamingDataset([loader.addr], "nope")
+    with pytest.raises(conveyor.InvalidSettingsError, match="shuffle='random'"):
+        conveyor.StreamingDataset([loader.addr], "c", shuffle="random")
+    with pytest.raises(conveyor.InvalidSettingsError, match="batch_size=0"):
+        conveyor.StreamingDataset([loader.addr], "c", batch_size=0)
+    with pytest.raises(conveyor.InvalidSettingsError, match="--rank 3"):
+        conveyor.StreamingDataset([loader.addr], "c", rank=3, world_size=2)
+    with pytest.raises(conveyor.InvalidSettingsError, match="loaders="):
+        conveyor.StreamingDataset(loader.addr, "c")
+    with pytest.raises(conveyor.InvalidSettingsError, match="host:port"):
+        conveyor.StreamingDataset(["no-port"], "c")
+    started = time.monotonic()
+    with pytest.raises(conveyor.LoaderUnavailableError, match="127.0.0.1:1"):
+        conveyor.StreamingDataset(["127.0.0.1:1"], "c", unavailable_timeout=1.0)
+    assert time.monotonic() - started < 5
+    assert issubclass(conveyor.LoaderUnavailableError, conveyor.ConveyorError)
+
+
+def test_ctrl_c_interrupts_a_waiting_iteration(tmp_path, start_loader):
+    write_chess_like(tmp_path / "c", 2000)
+    loader = start_loader({"c": tmp_path / "c"})
+    script = textwrap.dedent(f"""
+        import sys, traceback, conveyor
+        ds = conveyor.StreamingDataset([{loader.addr!r}], "c", batch_size=10, request_timeout=600)
+        print("connected", flush=True)
+        sys.stdin.readline()  # the loader is stopped now: no batch will come
+        print("waiting", flush=True)
+        try:
+            next(iter(ds))
+        except KeyboardInterrupt:
+            print("interrupted in", traceback.extract_tb(sys.exc_info()[2])[-1].line, flush=True)
+    """)
+    child = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "connected"
+    loader.proc.send_signal(signal.SIGSTOP)
+    try:
+        child.stdin.write("\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "waiting"
+        # Interrupt once the child's main thread sleeps: parked in the client's wait.
+        deadline = time.monotonic() + 10
+        while open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "S":
+            assert time.monotonic() < deadline, "the child never blocked waiting for a batch"
+        sent = time.monotonic()
+        child.send_signal(signal.SIGINT)
+        out, _ = child.communicate(timeout=10)
+        assert "interrupted in batch = client.next()" in out, out
+        assert time.monotonic() - sent < 2, "Ctrl-C took too long"
+    finally:
+        loader.proc.send_signal(signal.SIGCONT)
+
+
+def test_torch_tensors_hold_the_same_bytes_widened_where_torch_lacks_the_type(tmp_path, start_loader):
+    torch = pytest.importorskip("torch")
+    fields = write_dtypes(tmp_path / "d")
+    loader = start_loader({"d": tmp_path / "d"})
+    with pytest.raises(conveyor.BatchError, match="'f_uint64' is uint64"):
+        next(iter(conveyor.StreamingDataset([loader.addr], "d", batch_size=9, output="torch")))
+    os.remove(tmp_path / "d" / "f_uint64.npy")
+    del fields["f_uint64"]
+    loader = start_loader({"d": tmp_path / "d"})
+    ds = conveyor.StreamingDataset([loader.addr], "d", batch_size=9, output="torch", seed=4)
+    widened = {np.dtype("uint16"): torch.int32, np.dtype("uint32"): torch.int64, np.dtype(">u4"): torch.int64}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. PyTorch's warning about non-writable arrays
+        rows = 0
+        for batch in ds:
+            index = batch["__index__"].numpy()
+            rows += len(index)
+            for name, source in fields.items():
+                got, want = batch[name], source[index]
+                assert isinstance(got, torch.Tensor) and got.device.type == "cpu", name
+                if want.dtype in widened:
+                    assert got.dtype == widened[want.dtype], name
+                    assert np.array_equal(got.numpy(), want.astype(np.int64)), name
+                else:
+                    assert got.numpy().tobytes() == want.astype(want.dtype.newbyteorder("<")).tobytes(), name
+    assert rows == 53
+
+
+def test_dataloader_workers_give_the_same_sequence_as_direct_iteration(tmp_path, start_loader):
+    torch = pytest.importorskip("torch")
+    write_chess_like(tmp_path / "c", 4000)
+    loader = start_loader({"c": tmp_path / "c"})
+    ds = conveyor.StreamingDataset([loader.addr], "c", batch_size=64, seed=8, output="torch")
+    ds.set_epoch(1)
+    direct = [b["__index__"].numpy() for b in ds]
+    ds.set_epoch(1)
+    loader_batches = [b["__index__"].numpy() for b in torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)]
+    assert len(loader_batches) == len(direct) == len(ds)
+    assert np.array_equal(np.concatenate(loader_batches), np.concatenate(direct))
+
+
+def test_streaming_a_large_dataset_keeps_memory_bounded(tmp_path, start_loader):
+    # 256 MiB of boards: the process's RSS grows by about (prefetch + 2) batches, not the dataset.
+    n = 256 * 1024 * 1024 // 1536
+    write_chess_like(tmp_path / "c", n)
+    loader = start_loader({"c": tmp_path / "c"})
+    script = textwrap.dedent(f"""
+        import resource, conveyor
+        ds = conveyor.StreamingDataset([{loader.addr!r}], "c", batch_size=256, prefetch=8)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rows = sum(len(b["__index__"]) for b in ds)
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(rows, (after - before) * 1024)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout.split()
+    rows, growth = int(out[0]), int(out[1])
+    batch_bytes = 256 * (1536 + 8)
+    assert rows == n
+    assert growth < 10 * batch_bytes + 64 * 2**20, f"RSS grew by {growth / 2**20:.0f} MiB"
