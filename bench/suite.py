@@ -8,6 +8,7 @@ Datasets (generated once under OUT/data, several GiB each):
   eeg    [N,129,200] float32, zstd, 64 samples per chunk (Zarr)
 Contenders, each consuming `--batches` batches of 256 shuffled samples into CPU tensors:
   conveyor-1, conveyor-2    trainer-client (torch build, --tensors) from 1 or 2 loaders on loopback
+  conveyor-python           the conveyor Python package (torch tensors in a Python loop), 1 loader
   dataloader-per-sample     torch DataLoader over np.load(mmap_mode='r'), __getitem__ per sample, 2 workers
   dataloader-batched        DataLoader with a batch sampler and fancy indexing, 2 workers
   zarr-dataloader-full      zarr-python in a DataLoader (2 workers), full shuffle, per-sample reads
@@ -15,7 +16,8 @@ Contenders, each consuming `--batches` batches of 256 shuffled samples into CPU 
 Limits measured in the same run: raw TCP loopback (iperf3) and memcpy bandwidth.
 Every contender starts with its dataset read once into the page cache (see warm_page_cache).
 Writes OUT/suite.json, OUT/suite.md and OUT/suite.png.
-Needs: release loader-server, trainer-client built with --features torch, torch, zarr, matplotlib, iperf3.
+Needs: release loader-server, trainer-client built with --features torch, the conveyor package
+(pip install ./python), torch, zarr, matplotlib, iperf3. --only chess,images runs a subset.
 """
 
 import argparse
@@ -96,11 +98,11 @@ def tree_rss_kib(pid):
     return total
 
 
-def run_python_contender(kind, ds, batches, seed, out):
-    """Runs bench/dataloader_contender.py in its own process tree; samples the tree's RSS."""
+def run_python_contender(kind, ds, batches, seed, out, script="dataloader_contender.py", args=None):
+    """Runs a contender script in its own process tree; samples the tree's RSS."""
     result_path = os.path.join(out, "contender.json")
-    proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "dataloader_contender.py"),
-                             kind, ds["path"], str(batches), str(seed), result_path])
+    args = args or [kind, ds["path"], str(batches), str(seed)]
+    proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), script), *args, result_path])
     peak = 0
     while proc.poll() is None:
         peak = max(peak, tree_rss_kib(proc.pid))
@@ -111,6 +113,25 @@ def run_python_contender(kind, ds, batches, seed, out):
         result = json.load(f)
     result["peak_rss_bytes"] = peak * 1024
     result["loader_anon_bytes"] = 0
+    return result
+
+
+def run_conveyor_python(name, ds, batches, seed, out):
+    """The conveyor Python package against one loader; RSS of the training process tree."""
+    shuffle = "block" if ds["kind"] == "zarr" else "full"
+    loader, addr = start_loader({name: ds["path"]}, ["--max-inflight-bytes", str(128 << 20),
+                                                     "--chunk-cache-bytes", str(512 << 20)])
+    sampler = AnonSampler(loader.pid)
+    sampler.start()
+    try:
+        result = run_python_contender("conveyor-python", ds, batches, seed, out, "conveyor_python_contender.py",
+                                      [addr, name, shuffle, str(batches), str(seed)])
+    finally:
+        sampler.stop.set()
+        sampler.join()
+        loader.terminate()
+        loader.wait(timeout=30)
+    result["loader_anon_bytes"] = sampler.peak_kib * 1024
     return result
 
 
@@ -153,16 +174,18 @@ def main():
     ap.add_argument("--batches", type=int, default=1000)
     ap.add_argument("--gib", type=float, default=3.0)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "out"))
+    ap.add_argument("--only", default="chess,images,eeg", help="comma-separated datasets to run")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     all_ds = datasets(args.out, args.gib)
     from npy_loopback import iperf3
 
     contenders = {
-        "chess": ["conveyor-1", "conveyor-2", "dataloader-per-sample", "dataloader-batched"],
-        "images": ["conveyor-1", "conveyor-2", "dataloader-per-sample", "dataloader-batched"],
-        "eeg": ["conveyor-1", "conveyor-2", "zarr-dataloader-full", "zarr-dataloader-chunked"],
+        "chess": ["conveyor-1", "conveyor-2", "conveyor-python", "dataloader-per-sample", "dataloader-batched"],
+        "images": ["conveyor-1", "conveyor-2", "conveyor-python", "dataloader-per-sample", "dataloader-batched"],
+        "eeg": ["conveyor-1", "conveyor-2", "conveyor-python", "zarr-dataloader-full", "zarr-dataloader-chunked"],
     }
+    contenders = {name: cs for name, cs in contenders.items() if name in args.only.split(",")}
     results = {d: {c: [] for c in cs} for d, cs in contenders.items()}
     limits = {"loopback_bytes_per_s": [], "memcpy_bytes_per_s": []}
     for run in range(args.runs):
@@ -174,7 +197,9 @@ def main():
             for c in cs:
                 warm_page_cache(ds["path"])
                 batches = min(30, args.batches) if c == "zarr-dataloader-full" else args.batches
-                if c.startswith("conveyor"):
+                if c == "conveyor-python":
+                    r = run_conveyor_python(name, ds, batches, run, args.out)
+                elif c.startswith("conveyor"):
                     r = run_conveyor(int(c[-1]), name, ds, batches, run, args.out)
                 else:
                     r = run_python_contender(c, ds, batches, run, args.out)
@@ -197,22 +222,34 @@ def aim_lines(results, limits):
 
     loopback = limits["loopback_bytes_per_s"]
     out = []
-    for c in ("conveyor-1", "conveyor-2"):
-        out.append(line(f"chess, {c} / per-sample DataLoader", ratio("chess", c, "dataloader-per-sample"), 5))
-        out.append(line(f"chess, {c} / batched DataLoader", ratio("chess", c, "dataloader-batched"), 1.5))
-    for c in ("conveyor-1", "conveyor-2"):
-        share = [r["bytes_per_s"] / lb for r, lb in zip(results["images"][c], loopback)]
-        out.append(line(f"images, {c} MB/s / TCP loopback", share, 0.6))
-    for c in ("conveyor-1", "conveyor-2"):
-        out.append(line(f"eeg, {c} (block) / zarr-python DataLoader, full shuffle",
-                        ratio("eeg", c, "zarr-dataloader-full"), 3))
-        out.append(line(f"eeg, {c} (block) / zarr-python DataLoader, chunk-aware",
-                        ratio("eeg", c, "zarr-dataloader-chunked"), 3))
+    if "chess" in results:
+        for c in ("conveyor-1", "conveyor-2", "conveyor-python"):
+            out.append(line(f"chess, {c} / per-sample DataLoader", ratio("chess", c, "dataloader-per-sample"), 5))
+            out.append(line(f"chess, {c} / batched DataLoader", ratio("chess", c, "dataloader-batched"), 1.5))
+    if "images" in results:
+        for c in ("conveyor-1", "conveyor-2"):
+            share = [r["bytes_per_s"] / lb for r, lb in zip(results["images"][c], loopback)]
+            out.append(line(f"images, {c} MB/s / TCP loopback", share, 0.6))
+    if "eeg" in results:
+        for c in ("conveyor-1", "conveyor-2"):
+            out.append(line(f"eeg, {c} (block) / zarr-python DataLoader, full shuffle",
+                            ratio("eeg", c, "zarr-dataloader-full"), 3))
+            out.append(line(f"eeg, {c} (block) / zarr-python DataLoader, chunk-aware",
+                            ratio("eeg", c, "zarr-dataloader-chunked"), 3))
+    for name in ("chess", "images"):
+        if name in results:
+            out.append(line(f"{name}, conveyor-python / conveyor-1 (Rust stream --tensors)",
+                            ratio(name, "conveyor-python", "conveyor-1"), 0.9))
     for name, contender in (("chess", "dataloader-per-sample"), ("images", "dataloader-per-sample"),
                             ("eeg", "zarr-dataloader-chunked")):
+        if name not in results:
+            continue
         # The aim is trainer RSS at most half the DataLoader tree's: the inverse ratio at least 2.
         out.append(line(f"{name}, {contender} tree peak RSS / Conveyor-2 trainer peak RSS",
                         ratio(name, contender, "conveyor-2", "peak_rss_bytes"), 2))
+        # The Python package's training process: at most a quarter of the DataLoader tree's.
+        out.append(line(f"{name}, {contender} tree peak RSS / conveyor-python process peak RSS",
+                        ratio(name, contender, "conveyor-python", "peak_rss_bytes"), 4))
     return out
 
 
@@ -251,12 +288,13 @@ def write_report(args, all_ds, contenders, results, limits):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(contenders), figsize=(5 * len(contenders), 4))
+    fig, axes = plt.subplots(1, len(contenders), figsize=(5 * len(contenders), 4), squeeze=False)
+    axes = axes[0]
     for ax, (name, cs) in zip(axes, contenders.items()):
         med = [table[name][c]["samples_per_s"]["median"] for c in cs]
         err = [[m - table[name][c]["samples_per_s"]["min"] for c, m in zip(cs, med)],
                [table[name][c]["samples_per_s"]["max"] - m for c, m in zip(cs, med)]]
-        ax.bar(range(len(cs)), med, yerr=err, color=["#1f77b4", "#1f77b4", "#999999", "#666666"])
+        ax.bar(range(len(cs)), med, yerr=err, color=["#1f77b4", "#1f77b4", "#2ca02c", "#999999", "#666666"])
         ax.set_xticks(range(len(cs)))
         ax.set_xticklabels(cs, rotation=30, ha="right", fontsize=8)
         ax.set_title(name)
