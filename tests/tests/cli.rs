@@ -127,11 +127,15 @@ async fn a_killed_client_leaves_dump_files_numpy_reads_and_a_used_dump_directory
     }
     child.kill().expect("SIGKILL");
     child.wait().expect("exits");
-    let report: serde_json::Value =
-        serde_json::from_str(&run_python("check_dump.py", &[data.path(), &dump]).expect("numpy reads every file"))
-            .expect("json");
+    let killed = Path::new("--killed");
+    let report: serde_json::Value = serde_json::from_str(
+        &run_python("check_dump.py", &[data.path(), &dump, killed]).expect("numpy reads every file"),
+    )
+    .expect("json");
     assert!(report["rows"].as_u64().is_some_and(|rows| rows >= 500 && rows % 100 == 0), "{report}");
     assert_eq!(report["fields"].as_object().map(|f| f.len()), Some(3), "{report}");
+    let uncommitted = report["uncommitted_rows"].as_object().expect("per file");
+    assert!(uncommitted.values().all(|rows| rows.as_u64().is_some_and(|r| r == 0 || r == 100)), "{report}");
 
     let refused =
         trainer(&["stream", "--loader", &loader.addr, "--dataset", "chess", "--dump", dump.to_str().expect("utf-8")])

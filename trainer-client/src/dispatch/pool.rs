@@ -220,6 +220,16 @@ impl Pool {
         }
     }
 
+    /// Handles every event that has already arrived, without waiting: answers free credit, so
+    /// the next requests are placed on current counts rather than on counts a backlog left stale.
+    pub fn drain_ready(&mut self) -> Vec<Outcome> {
+        let mut outcomes = Vec::new();
+        while let Ok(event) = self.events_rx.try_recv() {
+            outcomes.extend(self.handle(event));
+        }
+        outcomes
+    }
+
     /// The next request or unavailable timeout.
     fn next_deadline(&self) -> Option<Instant> {
         let oldest = self.in_flight.values().map(|f| f.sent_at + self.options.request_timeout).min();

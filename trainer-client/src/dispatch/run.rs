@@ -178,6 +178,11 @@ impl Run {
         }
         self.report_consumed();
         loop {
+            for outcome in self.loaders.pool.drain_ready() {
+                if let Err(error) = self.take(outcome) {
+                    return self.fail(error);
+                }
+            }
             if let Some(batch) = self.ready.remove(&self.next_deliver) {
                 self.deliver(&batch);
                 return Poll::Ready(Some(Ok(batch)));

@@ -2,8 +2,10 @@
 //! `indices.npy` and `epochs.npy` (int64, the sample index and epoch of every row) and
 //! `FIELD.npy` per field. After every batch, each file's header is rewritten in place with the
 //! rows written so far (the header is padded to the length the run's total needs), so a client
-//! killed at any moment leaves files numpy reads, holding every batch written until then. Memory
-//! stays at one batch whatever the run's length.
+//! killed at any moment leaves files numpy reads, holding every batch written until then.
+//! `indices.npy` is committed last: its rows are complete in every other file, which may hold one
+//! batch more if the client was killed between two commits. Memory stays at one batch whatever
+//! the run's length.
 
 use std::{
     fs::File,
@@ -130,7 +132,8 @@ impl Dump {
         for (writer, field) in self.fields.iter_mut().zip(&batch.fields) {
             writer.append(&field.data, rows)?;
         }
-        for writer in std::iter::once(&mut self.indices).chain([&mut self.epochs]).chain(&mut self.fields) {
+        // indices.npy last: a reader trusts its row count (see the module docs).
+        for writer in self.fields.iter_mut().chain([&mut self.epochs, &mut self.indices]) {
             writer.commit()?;
         }
         Ok(())
