@@ -28,4 +28,6 @@ if [ "${CONVEYOR_SKIP_TORCH:-0}" = "1" ]; then
 fi
 # The torch tests start a loader-server from the same target directory (built above).
 bash scripts/setup-torch.sh cargo test --locked -p trainer-client --features torch
+# torchdata's StatefulDataLoader, for the test of its state protocol (needs the torch above).
+.venv/bin/python -m pip install --quiet --disable-pip-version-check torchdata==0.11.0
 python_tests

@@ -140,7 +140,8 @@ class StreamingDataset(_Base):  # type: ignore[misc, valid-type]
     It is a ``torch.utils.data.IterableDataset`` when torch is importable. DataLoader workers are
     not needed (the data workers are the loaders); with ``DataLoader(ds, batch_size=None,
     num_workers=k)`` worker w takes batches w, w+k, ..., and the DataLoader's round-robin gives the
-    same sequence as iterating ``ds`` directly.
+    same sequence as iterating ``ds`` directly. ``state_dict``/``load_state_dict`` follow
+    torchdata's ``StatefulDataLoader`` protocol, with or without workers.
 
     Arguments:
         loaders: loader addresses, ``"host:port"``; a name that resolves to several addresses is
@@ -239,7 +240,8 @@ class StreamingDataset(_Base):  # type: ignore[misc, valid-type]
 
     def state_dict(self) -> Dict[str, Any]:
         """Where the stream is (JSON-serialisable): the next iteration after ``load_state_dict``
-        starts with the batch after the last one this dataset yielded."""
+        starts with the batch after the last one this dataset yielded (inside a DataLoader
+        worker: that worker's next batch, which torchdata's StatefulDataLoader keeps per worker)."""
         cursor = self._state or {"epoch": self._epoch, "next_batch": 0}
         return {"version": 1, "dataset": self.dataset, "plan": json.loads(self._plan),
                 "epoch": cursor["epoch"], "next_batch": cursor["next_batch"]}
@@ -279,8 +281,10 @@ class StreamingDataset(_Base):  # type: ignore[misc, valid-type]
         start = self._resume or {"epoch": self._epoch, "next_batch": 0}
         self._resume = None
         epoch = start["epoch"]
+        # Worker w streams batches w, w + k, ...: a state it saved names its own next batch.
+        start_batch = start["next_batch"] - worker if start["next_batch"] >= worker else 0
         client = self._client()
-        client.start(self.dataset, self._plan, epoch, epoch + 1, start["next_batch"], worker, num_workers)
+        client.start(self.dataset, self._plan, epoch, epoch + 1, start_batch, worker, num_workers)
         finished = False
         try:
             while True:
@@ -289,7 +293,7 @@ class StreamingDataset(_Base):  # type: ignore[misc, valid-type]
                     finished = True
                     break
                 _, index, indices, fields = batch
-                self._state = {"epoch": epoch, "next_batch": index + 1}
+                self._state = {"epoch": epoch, "next_batch": index + num_workers}
                 yield self._convert(indices, fields)
         finally:
             client.stop()

@@ -233,3 +233,28 @@ def test_streaming_a_large_dataset_keeps_memory_bounded(tmp_path, start_loader):
     batch_bytes = 256 * (1536 + 8)
     assert rows == n
     assert growth < 10 * batch_bytes + 64 * 2**20, f"RSS grew by {growth / 2**20:.0f} MiB"
+
+
+def test_torchdatas_stateful_dataloader_resumes_with_workers(tmp_path, start_loader):
+    pytest.importorskip("torch")
+    stateful = pytest.importorskip("torchdata.stateful_dataloader")
+    write_chess_like(tmp_path / "c", 3000)
+    loader = start_loader({"c": tmp_path / "c"})
+
+    def make():
+        ds = conveyor.StreamingDataset([loader.addr], "c", batch_size=50, seed=6, output="torch")
+        return stateful.StatefulDataLoader(ds, batch_size=None, num_workers=2)
+
+    full = [b["__index__"].numpy() for b in make()]
+    assert len(full) == 60
+    first = make()
+    taken = []
+    for i, batch in enumerate(first):
+        taken.append(batch["__index__"].numpy())
+        if i == 24:
+            state = first.state_dict()
+            break
+    resumed = make()
+    resumed.load_state_dict(state)
+    rest = [b["__index__"].numpy() for b in resumed]
+    assert np.array_equal(np.concatenate(taken + rest), np.concatenate(full)), "the rest exactly, nothing twice"
