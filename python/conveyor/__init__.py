@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 import weakref
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -268,9 +269,16 @@ class StreamingDataset(_Base):  # type: ignore[misc, valid-type]
         self._state = dict(self._resume)
 
     def stats(self) -> Dict[str, Any]:
-        """Counters of the current or last iteration: samples, batches, bytes delivered, seconds
-        waited for data, batches retried after a loader failed, epoch boundaries, per replica."""
-        return json.loads(self._client().stats())
+        """Counters of the current or last iteration: samples, batches, bytes delivered (also per
+        second), seconds waited for data, batches retried after a loader failed, epoch boundaries,
+        per replica (batches, bytes, failures)."""
+        stats = json.loads(self._client().stats())
+        started, ended = self.__dict__.get("_started"), self.__dict__.get("_ended")
+        seconds = ((ended or time.monotonic()) - started) if started is not None else 0.0
+        stats["seconds"] = seconds
+        stats["samples_per_s"] = stats["samples"] / seconds if seconds > 0 else 0.0
+        stats["bytes_per_s"] = stats["delivered_bytes"] / seconds if seconds > 0 else 0.0
+        return stats
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
         worker, num_workers = 0, 1
@@ -285,6 +293,7 @@ class StreamingDataset(_Base):  # type: ignore[misc, valid-type]
         start_batch = start["next_batch"] - worker if start["next_batch"] >= worker else 0
         client = self._client()
         client.start(self.dataset, self._plan, epoch, epoch + 1, start_batch, worker, num_workers)
+        self.__dict__["_started"], self.__dict__["_ended"] = time.monotonic(), None
         finished = False
         try:
             while True:
@@ -296,6 +305,7 @@ class StreamingDataset(_Base):  # type: ignore[misc, valid-type]
                 self._state = {"epoch": epoch, "next_batch": index + num_workers}
                 yield self._convert(indices, fields)
         finally:
+            self.__dict__["_ended"] = time.monotonic()
             client.stop()
             if finished:
                 # The next iteration streams the next epoch unless set_epoch says otherwise.

@@ -19,7 +19,7 @@ impl BlockAffinity {
     pub const CAPACITY: usize = 4096;
 
     /// The replica most of `blocks` were sent to, if any was.
-    pub fn preferred(&self, blocks: &[u64]) -> Option<SocketAddr> {
+    pub fn preferred(&self, blocks: &[u64]) -> Option<Preferred> {
         let mut votes: Vec<(SocketAddr, usize)> = Vec::new();
         for addr in blocks.iter().filter_map(|b| self.owner.get(b)) {
             match votes.iter_mut().find(|(a, _)| a == addr) {
@@ -27,7 +27,7 @@ impl BlockAffinity {
                 None => votes.push((*addr, 1)),
             }
         }
-        votes.into_iter().max_by_key(|&(_, n)| n).map(|(addr, _)| addr)
+        votes.into_iter().max_by_key(|&(_, n)| n).map(|(addr, n)| Preferred { addr, owns_all: n == blocks.len() })
     }
 
     /// Remembers that `blocks` went to `addr`.
@@ -51,19 +51,34 @@ impl BlockAffinity {
     }
 }
 
+/// The replica a batch's blocks went to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Preferred {
+    /// The replica most of the blocks went to.
+    pub addr: SocketAddr,
+    /// Every block of the batch went there: the batch continues a window that replica has begun
+    /// decoding.
+    pub owns_all: bool,
+}
+
 /// Where a request goes, given the replicas with credit and their requests in flight: the one
-/// its blocks went to (`preferred`) while that one has at most a little more work than the least
+/// its blocks went to (`preferred`) while it has credit, if the batch continues a window that
+/// replica owns entirely; otherwise while that one has at most a little more work than the least
 /// loaded — half an even share of the prefetch window over the `num_up` replicas, at least one
-/// batch — else the least loaded. `None` when no replica has credit.
+/// batch; else the least loaded. `None` when no replica has credit. Windows that nobody owns yet
+/// go to the least loaded, which is what keeps the load even.
 pub(crate) fn choose_replica(
     loads: &[(SocketAddr, usize)],
-    preferred: Option<SocketAddr>,
+    preferred: Option<Preferred>,
     window: usize,
     num_up: usize,
 ) -> Option<SocketAddr> {
     let &(least, least_in_flight) = loads.iter().min_by_key(|(_, n)| *n)?;
     let slack = (window / (2 * num_up.max(1))).max(1);
-    preferred.filter(|p| loads.iter().any(|(a, n)| a == p && *n <= least_in_flight + slack)).or(Some(least))
+    preferred
+        .filter(|p| loads.iter().any(|(a, n)| *a == p.addr && (p.owns_all || *n <= least_in_flight + slack)))
+        .map(|p| p.addr)
+        .or(Some(least))
 }
 
 /// The distinct blocks of `block_len` samples that `indices` touch (none when `block_len` is 1:
@@ -89,12 +104,19 @@ mod tests {
     #[test]
     fn a_preferred_replica_gets_the_request_unless_it_is_too_far_ahead() {
         let loads = [(addr(1), 3), (addr(2), 1)];
+        let part = |port| Some(Preferred { addr: addr(port), owns_all: false });
         // Window 8 over 2 replicas: slack 2.
-        assert_eq!(choose_replica(&loads, Some(addr(1)), 8, 2), Some(addr(1)));
-        assert_eq!(choose_replica(&[(addr(1), 4), (addr(2), 1)], Some(addr(1)), 8, 2), Some(addr(2)));
+        assert_eq!(choose_replica(&loads, part(1), 8, 2), Some(addr(1)));
+        assert_eq!(choose_replica(&[(addr(1), 4), (addr(2), 1)], part(1), 8, 2), Some(addr(2)));
+        let all = Some(Preferred { addr: addr(1), owns_all: true });
+        assert_eq!(
+            choose_replica(&[(addr(1), 7), (addr(2), 0)], all, 8, 2),
+            Some(addr(1)),
+            "a window's owner keeps it"
+        );
         assert_eq!(choose_replica(&loads, None, 8, 2), Some(addr(2)), "no preference: the least loaded");
-        assert_eq!(choose_replica(&loads, Some(addr(9)), 8, 2), Some(addr(2)), "a preferred replica without credit");
-        assert_eq!(choose_replica(&[], Some(addr(1)), 8, 2), None);
+        assert_eq!(choose_replica(&loads, part(9), 8, 2), Some(addr(2)), "a preferred replica without credit");
+        assert_eq!(choose_replica(&[], part(1), 8, 2), None);
     }
 
     #[test]
@@ -109,8 +131,9 @@ mod tests {
         assert_eq!(affinity.preferred(&[1, 2]), None);
         affinity.record(&[1, 2], addr(1));
         affinity.record(&[3], addr(2));
-        assert_eq!(affinity.preferred(&[1, 2, 3]), Some(addr(1)));
-        assert_eq!(affinity.preferred(&[3, 9]), Some(addr(2)));
+        assert_eq!(affinity.preferred(&[1, 2, 3]), Some(Preferred { addr: addr(1), owns_all: false }));
+        assert_eq!(affinity.preferred(&[3, 9]), Some(Preferred { addr: addr(2), owns_all: false }));
+        assert_eq!(affinity.preferred(&[1, 2]), Some(Preferred { addr: addr(1), owns_all: true }));
         let many: Vec<u64> = (100..100 + BlockAffinity::CAPACITY as u64).collect();
         affinity.record(&many, addr(3));
         assert_eq!(affinity.owner.len(), BlockAffinity::CAPACITY);
