@@ -67,14 +67,14 @@ wait_for '[ "$(healthy_loaders)" -ge 3 ]'
 
 echo "== trainer streams 6 epochs; kill a loader during epoch 1, scale to 4 during epoch 2"
 compose up -d --no-deps trainer
-wait_for 'trainer_log | grep -q "epoch 0: every sample exactly once"'
+wait_for 'trainer_log | grep "epoch 0: every sample exactly once" >/dev/null'
 compose run --rm datagen >/tmp/conveyor-datagen.log 2>&1 || fail "datagen failed on existing data"
-grep -q "already holds 400000 samples; kept" /tmp/conveyor-datagen.log \
+grep "already holds 400000 samples; kept" /tmp/conveyor-datagen.log >/dev/null \
     || { cat /tmp/conveyor-datagen.log; fail "datagen rewrote the dataset under live loaders"; }
 victim=$(compose ps -q loader | head -n 1)
 docker kill "$victim" >/dev/null
 echo "killed loader container ${victim:0:12}"
-wait_for 'trainer_log | grep -q "epoch 1: every sample exactly once"'
+wait_for 'trainer_log | grep "epoch 1: every sample exactly once" >/dev/null'
 compose up -d --no-deps --no-recreate --scale loader=4 loader
 trainer=$(compose ps -q trainer)
 code=$(timeout 300 docker wait "$trainer") || fail "trainer did not finish"
@@ -88,7 +88,10 @@ replicas=$(trainer_log | grep -c "  replica .* batches" || true)
 [ "$replicas" -ge 3 ] || fail "the trainer reported $replicas replicas, expected at least the 3 it started with"
 served=$(trainer_log | sed -n 's/.*  replica .*: \([0-9]*\) batches.*/\1/p' | awk '{s += $1} END {print s + 0}')
 [ "$served" = 9378 ] || fail "the replicas' counts add up to $served batches, not 9378"
-compose logs --no-color loader | grep -q "stream ended" || fail "loaders logged no per-stream line"
+# grep reads all of the logs (no -q): with pipefail, an early exit would fail the pipeline.
+compose logs --no-color loader | grep "stream opened" >/dev/null || fail "loaders logged no line when a stream opened"
+# A loader notices the trainer's exit a moment after it: wait (bounded) for the line.
+wait_for 'compose logs --no-color loader | grep "stream ended" | grep "batches=" >/dev/null' 30
 echo "PASS: 6 epochs exactly once through a killed loader, datagen re-run and a scale-up"
 
 echo "== OOM: a replica with a 40 MiB limit serving 30 MB batches is killed by the kernel"

@@ -89,7 +89,7 @@ pub(crate) async fn list_datasets(
     let response = client
         .list_datasets(ListDatasetsRequest {})
         .await
-        .map_err(|source| ClientError::Rpc { addr: addr.to_owned(), source: Box::new(source) })?;
+        .map_err(|source| ClientError::Rpc { addr: addr.to_owned(), status: Box::new(source) })?;
     Ok(response.into_inner().datasets)
 }
 

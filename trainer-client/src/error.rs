@@ -27,13 +27,14 @@ pub enum ClientError {
         source: tonic::transport::Error,
     },
     /// A loader answered a call, or ended its batch stream, with an error status.
-    #[error("loader {addr} failed: {}: {}", source.code(), source.message())]
+    #[error("loader {addr} failed: {}: {}", status.code(), status.message())]
     Rpc {
         /// The loader address.
         addr: String,
-        /// The gRPC status (boxed: it is large, and errors travel in every `Result`).
-        #[source]
-        source: Box<tonic::Status>,
+        /// The gRPC status (boxed: it is large, and errors travel in every `Result`). Not a
+        /// `source`: its code and message are this error's text already, and its own `Display`
+        /// repeats them.
+        status: Box<tonic::Status>,
     },
     /// A loader closed its batch stream without an error.
     #[error("loader {addr} ended its batch stream")]

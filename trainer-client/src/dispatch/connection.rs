@@ -57,7 +57,7 @@ impl Connector for GrpcConnector {
             let responses = client
                 .stream_batches(ReceiverStream::new(requests_rx))
                 .await
-                .map_err(|source| ClientError::Rpc { addr: name, source: Box::new(source) })?
+                .map_err(|source| ClientError::Rpc { addr: name, status: Box::new(source) })?
                 .into_inner();
             Ok(ReplicaStream { datasets, requests_tx, responses: Box::pin(responses) })
         })
@@ -106,7 +106,7 @@ pub(crate) async fn run_connection(
                 }
             }
             None => break ClientError::StreamEnded { addr: addr.to_string() },
-            Some(Err(source)) => break ClientError::Rpc { addr: addr.to_string(), source: Box::new(source) },
+            Some(Err(source)) => break ClientError::Rpc { addr: addr.to_string(), status: Box::new(source) },
         }
     };
     let _ = events_tx.send(Event::Down { addr, generation, error }).await;

@@ -109,7 +109,7 @@ impl Connector for FakeReplicas {
             let Some(behaviour) = behaviour.filter(|b| !b.down) else {
                 return Err(ClientError::Rpc {
                     addr: addr.to_string(),
-                    source: Box::new(tonic::Status::unavailable("connection refused")),
+                    status: Box::new(tonic::Status::unavailable("connection refused")),
                 });
             };
             let (requests_tx, requests_rx) = mpsc::channel::<BatchRequest>(window);
