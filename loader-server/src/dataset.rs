@@ -296,7 +296,10 @@ fn open_field(name: &str, paths: &[PathBuf]) -> Result<Field, LoadError> {
             });
         }
         shard_starts.push(total);
-        total += header.shape[0];
+        total = total.checked_add(header.shape[0]).ok_or_else(|| LoadError::TooManySamples {
+            field: name.to_owned(),
+            dir: path.parent().map(Path::to_owned).unwrap_or_default(),
+        })?;
         shards.push(Shard {
             data_offset: header.data_offset,
             num_samples: header.shape[0],
@@ -349,6 +352,17 @@ mod tests {
         assert_eq!(decoded, 0);
         assert_eq!(out[0], le(&[9, 0, 3, 2]));
         assert_eq!(out[1], vec![18, 19, 0, 1, 6, 7, 4, 5]);
+    }
+
+    #[test]
+    fn shards_whose_sample_counts_overflow_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Zero-byte samples: each header is possible on its own, their sum is not.
+        write_npy(dir.path(), "x-00000.npy", DType::Uint8, &[1 << 63, 0], &[]);
+        write_npy(dir.path(), "x-00001.npy", DType::Uint8, &[1 << 63, 0], &[]);
+        let error = Dataset::open("d", dir.path(), MissingChunks::Error).expect_err("overflow");
+        assert!(matches!(error, LoadError::TooManySamples { .. }), "{error}");
+        assert!(error.to_string().contains("field 'x'"), "{error}");
     }
 
     #[test]

@@ -69,6 +69,14 @@ pub enum LoadError {
         /// The directory.
         dir: PathBuf,
     },
+    /// Shards of a field whose sample counts add up past 2^64.
+    #[error("field '{field}': its shards hold more than 2^64 samples together; a shard header in {} is corrupt", dir.display())]
+    TooManySamples {
+        /// Field name.
+        field: String,
+        /// The directory.
+        dir: PathBuf,
+    },
     /// Shards of a field disagree on dtype or per-sample shape.
     #[error(
         "{}: shard of field '{field}' has {found} but earlier shards have {expected}; \

@@ -72,6 +72,16 @@ pub enum HeaderError {
     /// A 0-d array has no samples axis.
     #[error("array is 0-dimensional; axis 0 must index samples, so save at least a 1-D array")]
     ZeroDimensional,
+    /// A shape whose byte size does not fit in 64 bits: no file can hold it.
+    #[error(
+        "shape {shape:?} of {dtype} elements is larger than any file can be (its byte size overflows 64 bits); the header is corrupt"
+    )]
+    TooLarge {
+        /// The shape as written.
+        shape: Vec<u64>,
+        /// The element type name.
+        dtype: &'static str,
+    },
 }
 
 /// Parses the header at the start of `bytes` (the whole file, or at least its header).
@@ -181,6 +191,10 @@ fn parse_dict(dict: &str, data_offset: usize) -> Result<NpyHeader, HeaderError> 
     if shape.is_empty() {
         return Err(HeaderError::ZeroDimensional);
     }
+    // Every size derived from the shape (elements, bytes, bytes per sample) is then exact.
+    if shape.iter().try_fold(dtype.size_bytes() as u64, |bytes, &dim| bytes.checked_mul(dim)).is_none() {
+        return Err(HeaderError::TooLarge { shape, dtype: dtype.name() });
+    }
     Ok(NpyHeader { dtype, big_endian, shape, data_offset })
 }
 
@@ -289,12 +303,30 @@ mod tests {
         assert_eq!(h.shape, vec![5]);
     }
 
+    #[test]
+    fn shapes_whose_byte_size_overflows_are_refused() {
+        for shape in ["(9223372036854775808, 3)", "(100, 4611686018427387904)", "(4294967296, 4294967296)"] {
+            let dict = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}\n");
+            let error = parse_header(&file(1, &dict)).expect_err(shape);
+            assert!(matches!(error, HeaderError::TooLarge { .. }), "{shape}: {error}");
+            assert!(error.to_string().contains("overflows 64 bits"), "{error}");
+        }
+        let fits = "{'descr': '|u1', 'fortran_order': False, 'shape': (4294967296, 4294967295), }\n";
+        assert!(parse_header(&file(1, fits)).is_ok(), "just under 2^64 bytes is a valid header");
+    }
+
     proptest! {
         #[test]
         fn encoded_headers_parse_back(dtype_index in 0usize..12, shape in prop::collection::vec(0u64..100_000, 1..5)) {
             let dtype = ALL_DTYPES[dtype_index];
             let bytes = conveyor_proto::npy_header(dtype, &shape);
             prop_assert_eq!(bytes.len() % 64, 0);
+            let fits = shape.iter().try_fold(dtype.size_bytes() as u64, |b, &d| b.checked_mul(d)).is_some();
+            if !fits {
+                let too_large = matches!(parse_header(&bytes), Err(HeaderError::TooLarge { .. }));
+                prop_assert!(too_large, "a shape over 2^64 bytes must be refused as too large");
+                return Ok(());
+            }
             let h = parse_header(&bytes).expect("own header parses");
             prop_assert_eq!(h.dtype, dtype);
             prop_assert_eq!(h.shape, shape);
