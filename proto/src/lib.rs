@@ -95,6 +95,13 @@ pub fn message_overhead_bytes(num_samples: usize, num_fields: usize) -> usize {
 /// little-endian array of `shape`; the data follows it directly. Used to write dumps, demo data
 /// and test fixtures in the exact layout Conveyor delivers.
 pub fn npy_header(dtype: DType, shape: &[u64]) -> Vec<u8> {
+    npy_header_padded(dtype, shape, 0)
+}
+
+/// [`npy_header`] padded with spaces to at least `min_len` bytes (a length another header of the
+/// same array took, say for a larger row count), so that a header can be rewritten in place as
+/// rows are appended.
+pub fn npy_header_padded(dtype: DType, shape: &[u64], min_len: usize) -> Vec<u8> {
     let order = if dtype.size_bytes() == 1 { '|' } else { '<' };
     let dims: Vec<String> = shape.iter().map(u64::to_string).collect();
     let shape_text = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
@@ -102,7 +109,7 @@ pub fn npy_header(dtype: DType, shape: &[u64]) -> Vec<u8> {
         format!("{{'descr': '{order}{}', 'fortran_order': False, 'shape': {shape_text}, }}", dtype.numpy_code());
     let v1 = dict.len() + 11 < u16::MAX as usize;
     let prefix_len = if v1 { 10 } else { 12 };
-    let total = (prefix_len + dict.len() + 1).div_ceil(64) * 64;
+    let total = ((prefix_len + dict.len() + 1).div_ceil(64) * 64).max(min_len);
     dict.push_str(&" ".repeat(total - prefix_len - dict.len() - 1));
     dict.push('\n');
     let mut out = Vec::with_capacity(total);
@@ -140,6 +147,19 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn padded_headers_keep_the_layout_and_state_their_length() {
+        let natural = npy_header(DType::Int16, &[3, 12, 8, 8]);
+        let padded = npy_header_padded(DType::Int16, &[3, 12, 8, 8], 256);
+        assert_eq!((natural.len(), padded.len()), (128, 256));
+        assert_eq!(u16::from_le_bytes([padded[8], padded[9]]) as usize + 10, padded.len());
+        let dict_end = natural.iter().position(|&b| b == b'}').expect("a dict") + 1;
+        assert_eq!((&padded[..8], &padded[10..dict_end]), (&natural[..8], &natural[10..dict_end]), "the same dict");
+        assert!(padded[dict_end..255].iter().all(|&b| b == b' '), "then spaces");
+        assert_eq!(*padded.last().expect("non-empty"), b'\n');
+        assert_eq!(npy_header_padded(DType::Int16, &[3, 12, 8, 8], 10), natural, "never shorter than needed");
+    }
 
     #[test]
     fn durations_parse_with_units_or_as_seconds() {

@@ -70,20 +70,7 @@ impl NpyWriter {
 /// The `.npy` header for `rows` rows, padded with spaces to `len` bytes when `len` is larger.
 fn header(dtype: DType, sample_shape: &[u64], rows: u64, len: usize) -> Vec<u8> {
     let shape: Vec<u64> = std::iter::once(rows).chain(sample_shape.iter().copied()).collect();
-    let mut bytes = conveyor_proto::npy_header(dtype, &shape);
-    if bytes.len() < len {
-        // The dict's length field covers the padding; the newline stays last.
-        bytes.pop();
-        bytes.resize(len - 1, b' ');
-        bytes.push(b'\n');
-        let dict_len = len - if bytes[6] == 1 { 10 } else { 12 };
-        if bytes[6] == 1 {
-            bytes[8..10].copy_from_slice(&(dict_len as u16).to_le_bytes());
-        } else {
-            bytes[8..12].copy_from_slice(&(dict_len as u32).to_le_bytes());
-        }
-    }
-    bytes
+    conveyor_proto::npy_header_padded(dtype, &shape, len)
 }
 
 /// Open writers for the indices, the epochs and every field.
