@@ -223,9 +223,8 @@ impl Client {
                 State::Running(run) => run.into_loaders(),
                 State::Gone => return Err(closed()),
             };
-            // The connections survive a refused spec only if the check comes first.
-            let info = loaders.dataset(&spec.dataset).map(|_| ());
-            if let Err(error) = info {
+            // Checked before `run` consumes the connections, so a refused spec keeps them.
+            if let Err(error) = loaders.check(&spec) {
                 *state = State::Idle(Box::new(loaders));
                 return Err(to_py(error));
             }

@@ -81,6 +81,14 @@ impl Loaders {
         self.loaders.stats()
     }
 
+    /// See [`crate::Loaders::check`].
+    ///
+    /// # Errors
+    /// As [`crate::Loaders::run`].
+    pub fn check(&self, spec: &RunSpec) -> Result<(), ClientError> {
+        self.loaders.check(spec)
+    }
+
     /// Streams `spec` as an iterator; see [`crate::Loaders::run`].
     ///
     /// # Errors

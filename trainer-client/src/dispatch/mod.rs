@@ -40,7 +40,7 @@ use self::{
 use crate::{
     client::{ConnectOptions, parse_loader},
     error::ClientError,
-    plan::{PlanSettings, RunSpec},
+    plan::{PlanSettings, RunSpec, Schedule, check_plan},
     sampler::PlanSpec,
 };
 
@@ -186,6 +186,22 @@ impl Loaders {
     /// [`ClientError::UnknownDataset`], or see [`PlanSettings::plan_for`].
     pub fn plan(&self, dataset: &str, settings: &PlanSettings) -> Result<PlanSpec, ClientError> {
         settings.plan_for(self.dataset(dataset)?, self.pool.options().connect.max_message_bytes)
+    }
+
+    /// Checks that `spec` can be streamed, without starting it: what [`Loaders::run`] checks
+    /// first, for callers that must keep the connections when a spec is refused.
+    ///
+    /// # Errors
+    /// As [`Loaders::run`].
+    pub fn check(&self, spec: &RunSpec) -> Result<(), ClientError> {
+        self.check_run(spec).map(|_| ())
+    }
+
+    /// The dataset and the schedule of a spec the loaders can serve.
+    fn check_run(&self, spec: &RunSpec) -> Result<(DatasetInfo, Schedule), ClientError> {
+        let info = self.dataset(&spec.dataset)?;
+        check_plan(&spec.plan, info, self.pool.options().connect.max_message_bytes)?;
+        Ok((info.clone(), spec.schedule()?))
     }
 
     /// Streams `spec`; the returned [`Run`] owns the connections until

@@ -20,7 +20,7 @@ use crate::{
     client::block_len,
     cursor::Cursor,
     error::{BatchErrorKind, ClientError},
-    plan::{RunSpec, Schedule, check_plan},
+    plan::{RunSpec, Schedule},
     sampler::EpochPlan,
 };
 
@@ -76,9 +76,7 @@ impl Run {
     /// Checks `spec` against the catalog and starts nothing yet: requests go out when the
     /// stream is first polled.
     pub(crate) fn new(mut loaders: Loaders, spec: RunSpec) -> Result<Run, ClientError> {
-        let info = loaders.dataset(&spec.dataset)?.clone();
-        check_plan(&spec.plan, &info, loaders.pool.options().connect.max_message_bytes)?;
-        let schedule = spec.schedule()?;
+        let (info, schedule) = loaders.check_run(&spec)?;
         let key = loaders.pool.new_run();
         Ok(Run {
             block_len: block_len(&info),
@@ -178,10 +176,9 @@ impl Run {
         }
         self.report_consumed();
         loop {
-            for outcome in self.loaders.pool.drain_ready() {
-                if let Err(error) = self.take(outcome) {
-                    return self.fail(error);
-                }
+            let arrived = self.loaders.pool.drain_ready();
+            if let Err(error) = self.take_all(arrived) {
+                return self.fail(error);
             }
             if let Some(batch) = self.ready.remove(&self.next_deliver) {
                 self.deliver(&batch);
@@ -193,15 +190,13 @@ impl Run {
             }
             self.waiting_since.get_or_insert_with(Instant::now);
             self.fill();
-            let outcomes = match self.loaders.pool.poll_event(cx) {
-                Poll::Ready(Ok(outcomes)) => outcomes,
-                Poll::Ready(Err(error)) => return self.fail(error),
+            let taken = match self.loaders.pool.poll_event(cx) {
+                Poll::Ready(Ok(outcomes)) => self.take_all(outcomes),
+                Poll::Ready(Err(error)) => Err(error),
                 Poll::Pending => return Poll::Pending,
             };
-            for outcome in outcomes {
-                if let Err(error) = self.take(outcome) {
-                    return self.fail(error);
-                }
+            if let Err(error) = taken {
+                return self.fail(error);
             }
         }
     }
@@ -283,6 +278,10 @@ impl Run {
                 self.next_send += 1;
             }
         }
+    }
+
+    fn take_all(&mut self, outcomes: Vec<Outcome>) -> Result<(), ClientError> {
+        outcomes.into_iter().try_for_each(|outcome| self.take(outcome))
     }
 
     fn take(&mut self, outcome: Outcome) -> Result<(), ClientError> {
