@@ -18,6 +18,7 @@ package is a thin layer over it (``conveyor._native``).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -90,6 +91,7 @@ class DatasetInfo(NamedTuple):
     """Per field: its numpy dtype and the shape of one sample."""
 
 
+@functools.lru_cache(maxsize=None)  # a dozen codes; called per field of every batch
 def _numpy_dtype(code: str) -> np.dtype:
     return np.dtype(("|" if code[1:] == "1" else "<") + code)
 
