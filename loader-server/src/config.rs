@@ -74,6 +74,64 @@ pub struct Config {
     #[arg(long, env = "LOADER_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
 
+    /// A stream whose client takes no response for this long, while the loader has one ready,
+    /// is ended with DEADLINE_EXCEEDED and its share of --max-inflight-bytes released (a client
+    /// that stops reading cannot hold the budget other clients need).
+    #[arg(long, env = "LOADER_WRITE_TIMEOUT", default_value = "60s", value_parser = conveyor_proto::parse_duration)]
+    pub write_timeout: Duration,
+
+    /// A batch stream that sends no request for this long is ended with DEADLINE_EXCEEDED
+    /// (clients reconnect when they need batches again), so idle streams cannot hold every
+    /// --max-streams slot.
+    #[arg(long, env = "LOADER_STREAM_IDLE_TIMEOUT", default_value = "10m", value_parser = conveyor_proto::parse_duration)]
+    pub stream_idle_timeout: Duration,
+
+    /// A connection that has not made its first Loader call this long after it was accepted
+    /// (TCP, TLS and HTTP/2 handshakes included) is closed.
+    #[arg(long, env = "LOADER_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = conveyor_proto::parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// A connection with no Loader call in progress for this long is closed.
+    #[arg(long, env = "LOADER_IDLE_TIMEOUT", default_value = "5m", value_parser = conveyor_proto::parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Open connections; more are accepted and closed at once, with a warning (each costs a
+    /// file descriptor and HTTP/2 buffers).
+    #[arg(long, env = "LOADER_MAX_CONNECTIONS", default_value = "256")]
+    pub max_connections: NonZeroUsize,
+
+    /// Concurrent HTTP/2 streams (calls) on one connection.
+    #[arg(long, env = "LOADER_MAX_STREAMS_PER_CONNECTION", default_value = "16")]
+    pub max_streams_per_connection: NonZeroUsize,
+
+    /// Interval of HTTP/2 pings on a connection; a peer that does not answer within
+    /// --keepalive-timeout is treated as gone and its streams end.
+    #[arg(long, env = "LOADER_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = conveyor_proto::parse_duration)]
+    pub keepalive_interval: Duration,
+
+    /// How long a keepalive ping may go unanswered.
+    #[arg(long, env = "LOADER_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = conveyor_proto::parse_duration)]
+    pub keepalive_timeout: Duration,
+
+    /// PEM certificate chain to serve TLS with (with --tls-key); clients then connect to
+    /// https://HOST:PORT.
+    #[arg(long, env = "LOADER_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "LOADER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA certificate(s): clients must present a certificate signed by one (mutual TLS).
+    #[arg(long, env = "LOADER_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// File of accepted bearer tokens, one per line (blank lines and lines starting with # are
+    /// ignored); reread on SIGHUP. Loader calls without one of them get UNAUTHENTICATED; the
+    /// health service stays open.
+    #[arg(long, env = "LOADER_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
+
     /// On SIGTERM, how long in-flight batches may take to finish before the loader exits.
     #[arg(long, env = "LOADER_DRAIN_TIMEOUT", default_value = "10s", value_parser = conveyor_proto::parse_duration)]
     pub drain_timeout: Duration,

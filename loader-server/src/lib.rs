@@ -5,8 +5,11 @@
 //! [`open`] loads and validates every dataset (start-up errors name the file and the fix);
 //! [`serve`] runs on an already bound listener until `shutdown` resolves, then drains.
 
+pub mod auth;
+pub mod budget;
 pub mod cache;
 pub mod config;
+pub mod connection;
 pub mod dataset;
 pub mod error;
 pub mod metrics;
@@ -16,11 +19,14 @@ pub mod service;
 pub mod stats;
 pub mod zarr;
 
-use std::{future::Future, sync::Arc};
+use std::{future::Future, path::Path, sync::Arc};
 
 use conveyor_proto::v1::loader_server::LoaderServer;
 use tokio::{net::TcpListener, sync::watch};
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{
+    service::interceptor::InterceptedService,
+    transport::{Certificate, Identity, ServerTlsConfig},
+};
 
 pub use config::Config;
 pub use dataset::Dataset;
@@ -36,6 +42,12 @@ pub enum ServeError {
     /// The flags contradict each other.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The token file cannot be used.
+    #[error(transparent)]
+    Tokens(#[from] auth::TokenFileError),
+    /// A TLS file cannot be read or used.
+    #[error("{0}")]
+    Tls(String),
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -61,7 +73,71 @@ pub fn open(config: Config) -> Result<Arc<LoaderState>, ServeError> {
         );
         datasets.push(dataset);
     }
-    Ok(Arc::new(LoaderState::new(datasets, config)))
+    let tokens = match &config.auth_token_file {
+        Some(path) => Some(Arc::new(auth::Tokens::load(path)?)),
+        None => None,
+    };
+    let mut state = LoaderState::new(datasets, config);
+    state.tokens = tokens;
+    // Read the TLS files now, so that a wrong path or PEM stops the loader at start-up.
+    tls_config(state.config())?;
+    Ok(Arc::new(state))
+}
+
+/// The TLS settings of `--tls-cert`, `--tls-key` and `--tls-client-ca`, or `None` without them.
+///
+/// # Errors
+/// [`ServeError::Tls`] naming the flag and file that cannot be read.
+pub fn tls_config(config: &Config) -> Result<Option<ServerTlsConfig>, ServeError> {
+    let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
+        return Ok(None);
+    };
+    let read = |flag: &str, path: &Path| {
+        let pem = std::fs::read(path)
+            .map_err(|error| ServeError::Tls(format!("cannot read {flag} {}: {error}", path.display())))?;
+        if !String::from_utf8_lossy(&pem).contains("-----BEGIN ") {
+            return Err(ServeError::Tls(format!(
+                "{flag} {} is not a PEM file; give a PEM certificate or key",
+                path.display()
+            )));
+        }
+        Ok(pem)
+    };
+    let mut tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(read("--tls-cert", cert)?, read("--tls-key", key)?))
+        .timeout(config.handshake_timeout);
+    if let Some(ca) = &config.tls_client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read("--tls-client-ca", ca)?));
+    }
+    Ok(Some(tls))
+}
+
+/// Says loudly at start-up when the loader can be reached from other hosts without TLS or
+/// without tokens.
+fn warn_if_exposed(listener: &TcpListener, config: &Config, has_tokens: bool) {
+    let Ok(local) = listener.local_addr() else { return };
+    if local.ip().is_loopback() {
+        return;
+    }
+    let tls = config.tls_cert.is_some();
+    match (tls, has_tokens) {
+        (false, false) => tracing::warn!(
+            %local,
+            "THIS LOADER IS OPEN: it listens beyond loopback with neither TLS nor tokens, so anyone who reaches \
+             {local} can list and stream every dataset in clear text; set --tls-cert/--tls-key and --auth-token-file, \
+             or listen on 127.0.0.1"
+        ),
+        (false, true) => tracing::warn!(
+            %local,
+            "tokens and batches travel in clear text: this loader listens beyond loopback without TLS; set --tls-cert/--tls-key"
+        ),
+        (true, false) => tracing::warn!(
+            %local,
+            "this loader listens beyond loopback with TLS but no tokens or client certificates: anyone who reaches it \
+             can stream every dataset; set --auth-token-file or --tls-client-ca"
+        ),
+        (true, true) => {}
+    }
 }
 
 /// Serves `state` on `listener` until `shutdown` resolves, then drains: health turns
@@ -84,9 +160,11 @@ pub async fn serve(
     let signal_draining_tx = draining_tx.clone();
     let (drain_started_tx, drain_started_rx) = tokio::sync::oneshot::channel::<()>();
 
-    let loader = LoaderServer::new(LoaderService::new(state, draining_rx))
+    warn_if_exposed(&listener, &config, state.tokens.is_some() || config.tls_client_ca.is_some());
+    let loader = LoaderServer::new(LoaderService::new(state.clone(), draining_rx))
         .max_encoding_message_size(config.max_message_bytes())
-        .max_decoding_message_size(config.max_message_bytes());
+        .max_decoding_message_size(service::request_limit_bytes(&config));
+    let loader = InterceptedService::new(loader, auth::TokenCheck::new(state.clone()));
     let signal = async move {
         shutdown.await;
         tracing::info!(drain_timeout = ?config.drain_timeout, "draining: refusing new streams, finishing in-flight batches");
@@ -94,14 +172,26 @@ pub async fn serve(
         signal_draining_tx.send_replace(true);
         let _ = drain_started_tx.send(());
     };
-    let server = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls_config(&config)? {
+        builder = builder.tls_config(tls)?;
+    }
+    let limits = connection::ConnectionLimits {
+        max_connections: config.max_connections.get(),
+        handshake_timeout: config.handshake_timeout,
+        idle_timeout: config.idle_timeout,
+    };
+    let incoming = connection::incoming(listener, limits, state.clone());
+    let server = builder
+        .http2_keepalive_interval(Some(config.keepalive_interval))
+        .http2_keepalive_timeout(Some(config.keepalive_timeout))
+        .max_concurrent_streams(u32::try_from(config.max_streams_per_connection.get()).unwrap_or(u32::MAX))
         .initial_stream_window_size(config.http2_stream_window)
         .initial_connection_window_size(config.http2_connection_window)
         .max_frame_size(config.http2_max_frame)
         .add_service(health_service)
         .add_service(loader)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+        .serve_with_incoming_shutdown(incoming, signal);
     tokio::pin!(server);
     let result = tokio::select! {
         result = &mut server => result.map_err(ServeError::from),

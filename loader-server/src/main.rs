@@ -46,6 +46,19 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let stopped = |mut stop_rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = stop_rx.wait_for(|stop| *stop).await;
     };
+    #[cfg(unix)]
+    if let Some(tokens) = state.tokens.clone() {
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("cannot listen for SIGHUP (--auth-token-file reloads)")?;
+        tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                match tokens.reload() {
+                    Ok(count) => tracing::info!(file = %tokens.path().display(), count, "SIGHUP: reloaded the tokens"),
+                    Err(error) => tracing::error!(%error, "SIGHUP: keeping the tokens in use"),
+                }
+            }
+        });
+    }
     let mut metrics_task = None;
     if let Some(addr) = metrics_listen {
         let metrics = tokio::net::TcpListener::bind(addr)

@@ -54,6 +54,33 @@ pub fn render(state: &LoaderState) -> String {
         &[("", stats.streams_refused.load(Relaxed))],
     );
     metric(
+        "conveyor_loader_connections_refused_total",
+        "counter",
+        "Connections closed at once at --max-connections.",
+        &[("", stats.connections_refused.load(Relaxed))],
+    );
+    metric(
+        "conveyor_loader_timeouts_total",
+        "counter",
+        "Connections and streams ended by a timeout, by kind.",
+        &[
+            ("{kind=\"connection\"}", stats.connections_timed_out.load(Relaxed)),
+            ("{kind=\"stream\"}", stats.streams_timed_out.load(Relaxed)),
+        ],
+    );
+    metric(
+        "conveyor_loader_requests_malformed_total",
+        "counter",
+        "Request messages over the size limit or not decodable.",
+        &[("", stats.requests_malformed.load(Relaxed))],
+    );
+    metric(
+        "conveyor_loader_auth_refused_total",
+        "counter",
+        "Calls refused for a missing or wrong token.",
+        &[("", stats.auth_refused.load(Relaxed))],
+    );
+    metric(
         "conveyor_loader_inflight_bytes",
         "gauge",
         "Batch bytes assembled or queued now.",

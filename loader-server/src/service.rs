@@ -1,7 +1,15 @@
 //! The `conveyor.v1.Loader` gRPC service: dataset descriptions and the bidirectional batch
 //! stream, with its bounds (streams, batches being gathered, bytes in flight) and draining.
 
-use std::{collections::BTreeMap, pin::Pin, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    task::{Context, Poll},
+};
 
 use bytes::Bytes;
 use conveyor_proto::v1::{
@@ -10,13 +18,21 @@ use conveyor_proto::v1::{
 };
 use futures::{Stream, StreamExt, stream::FuturesUnordered};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::{cache::ChunkCache, config::Config, dataset::Dataset, error::RequestError, stats::Stats};
+use crate::{
+    auth::Tokens,
+    budget::{BudgetPermit, FairBudget},
+    cache::ChunkCache,
+    config::Config,
+    connection::{CallGuard, ConnInfo},
+    dataset::Dataset,
+    error::RequestError,
+    stats::Stats,
+};
 
 /// A response ready to send, holding its share of the in-flight byte budget until tonic takes it.
-type Outgoing = (BatchResponse, Option<OwnedSemaphorePermit>);
+type Outgoing = (BatchResponse, Option<BudgetPermit>);
 
 /// Shared state of all streams of one loader.
 #[derive(Debug)]
@@ -27,8 +43,12 @@ pub struct LoaderState {
     config: Config,
     /// One permit per concurrent stream (`--max-streams`).
     streams: Arc<Semaphore>,
-    /// One permit per byte of batch data assembled or queued (`--max-inflight-bytes`).
-    inflight_bytes: Arc<Semaphore>,
+    /// Bytes of batch data assembled or queued (`--max-inflight-bytes`), shared fairly.
+    inflight_bytes: Arc<FairBudget>,
+    /// Numbers streams for the budget's accounting.
+    next_stream_id: AtomicU64,
+    /// Accepted bearer tokens (`--auth-token-file`), when the loader requires one.
+    pub tokens: Option<Arc<Tokens>>,
     /// One permit per batch being gathered (`--assemble-threads`).
     assemble_slots: Arc<Semaphore>,
     /// Decoded Zarr chunks shared by all streams (`--chunk-cache-bytes`).
@@ -44,7 +64,9 @@ impl LoaderState {
             stats: Stats::new(datasets.iter().map(|d| d.name.clone())),
             datasets: datasets.into_iter().map(|d| (d.name.clone(), Arc::new(d))).collect(),
             streams: Arc::new(Semaphore::new(config.max_streams.get())),
-            inflight_bytes: Arc::new(Semaphore::new(config.max_inflight_bytes as usize)),
+            inflight_bytes: Arc::new(FairBudget::new(config.max_inflight_bytes)),
+            next_stream_id: AtomicU64::new(0),
+            tokens: None,
             assemble_slots: Arc::new(Semaphore::new(config.assemble_threads.get())),
             cache: ChunkCache::new(config.chunk_cache_bytes, config.decode_threads.get()),
             config,
@@ -63,7 +85,7 @@ impl LoaderState {
 
     /// Bytes of batch data currently assembled or queued.
     pub fn inflight_bytes(&self) -> u64 {
-        self.config.max_inflight_bytes - self.inflight_bytes.available_permits() as u64
+        self.inflight_bytes.used()
     }
 
     /// Streams currently open.
@@ -107,7 +129,7 @@ impl LoaderState {
     }
 
     /// Serves one request: checks it, waits for budget, gathers rows off the runtime.
-    async fn assemble(self: Arc<Self>, request: BatchRequest) -> Outgoing {
+    async fn assemble(self: Arc<Self>, stream_id: u64, request: BatchRequest) -> Outgoing {
         let checked = self.check(&request);
         let BatchRequest { batch_id, indices, .. } = request;
         let (dataset, bytes) = match checked {
@@ -117,10 +139,8 @@ impl LoaderState {
                 return self.refuse(batch_id, indices, error);
             }
         };
-        // Both semaphores live as long as the state and are never closed.
-        let Ok(budget) = self.inflight_bytes.clone().acquire_many_owned(bytes as u32).await else {
-            unreachable!("in-flight semaphore is never closed")
-        };
+        let budget = self.inflight_bytes.acquire(stream_id, bytes).await;
+        // The semaphore lives as long as the state and is never closed.
         let Ok(slot) = self.assemble_slots.clone().acquire_owned().await else {
             unreachable!("assemble semaphore is never closed")
         };
@@ -197,26 +217,40 @@ impl LoaderService {
 
 /// Reads requests of one stream and answers each exactly once, at most
 /// `--stream-parallelism` at a time; on drain, finishes what it has read and ends the stream.
+/// Ends the stream with a status when its client stops reading (`--write-timeout`), sends no
+/// request for `--stream-idle-timeout`, or sends a request that cannot be decoded.
 async fn serve_stream(
     state: Arc<LoaderState>,
     mut inbound: Streaming<BatchRequest>,
+    outbox: Arc<Outbox>,
     out_tx: mpsc::Sender<Result<Outgoing, Status>>,
     mut draining_rx: watch::Receiver<bool>,
     _stream_permit: OwnedSemaphorePermit,
+    _call: Option<CallGuard>,
 ) {
-    let parallelism = state.config.stream_parallelism.get();
+    let config = &state.config;
+    let parallelism = config.stream_parallelism.get();
+    let stream_id = state.next_stream_id.fetch_add(1, Relaxed);
     let mut assembling = FuturesUnordered::new();
     let mut reading = true;
     let mut drained = *draining_rx.borrow();
+    let mut last_request = tokio::time::Instant::now();
+    let mut failure: Option<Status> = None;
     let (mut num_batches, mut num_bytes, mut num_refused) = (0u64, 0u64, 0u64);
     tracing::info!("stream opened");
     let ended = loop {
+        let idle_deadline = last_request + config.stream_idle_timeout;
         tokio::select! {
             message = inbound.message(), if reading && !drained && assembling.len() < parallelism => match message {
-                Ok(Some(request)) => assembling.push(state.clone().assemble(request)),
+                Ok(Some(request)) => {
+                    last_request = tokio::time::Instant::now();
+                    assembling.push(state.clone().assemble(stream_id, request));
+                }
                 Ok(None) => reading = false,
                 Err(status) => {
-                    tracing::debug!(%status, "client stream ended with an error");
+                    state.stats.requests_malformed.fetch_add(1, Relaxed);
+                    tracing::warn!(%status, "refusing a request message that cannot be decoded; ending the stream after the batches it has read");
+                    failure = Some(undecodable_request(&status, config));
                     reading = false;
                 }
             },
@@ -228,24 +262,174 @@ async fn serve_stream(
                     }
                     Some(_) => num_refused += 1,
                 }
-                if out_tx.send(Ok(outgoing)).await.is_err() {
-                    break "the client left";
+                outbox.note_queued();
+                match tokio::time::timeout(config.write_timeout, out_tx.send(Ok(outgoing))).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => break "the client left",
+                    Err(_) => {
+                        state.stats.streams_timed_out.fetch_add(1, Relaxed);
+                        outbox.abort(write_timeout_status(config));
+                        break "the client stopped reading (--write-timeout)";
+                    }
                 }
+            },
+            // Responses are queued and the client has taken none for --write-timeout.
+            () = tokio::time::sleep_until(outbox.stall_deadline(config.write_timeout)), if outbox.has_queued() => {
+                if outbox.stalled(config.write_timeout) {
+                    state.stats.streams_timed_out.fetch_add(1, Relaxed);
+                    outbox.abort(write_timeout_status(config));
+                    break "the client stopped reading (--write-timeout)";
+                }
+            },
+            () = tokio::time::sleep_until(idle_deadline), if reading && !drained && assembling.is_empty() => {
+                state.stats.streams_timed_out.fetch_add(1, Relaxed);
+                outbox.abort(Status::deadline_exceeded(format!(
+                    "no batch request for {:?} (--stream-idle-timeout on the loader); open a new stream when you need batches",
+                    config.stream_idle_timeout
+                )));
+                break "no request for --stream-idle-timeout";
             },
             // Only while reading: once the client closed its side, `else` must be able to end the loop.
             changed = draining_rx.changed(), if reading && !drained => {
                 drained = changed.is_err() || *draining_rx.borrow();
             },
-            else => break if drained { "the loader is draining" } else { "the client closed it" },
+            else => break if failure.is_some() {
+                "a request could not be decoded"
+            } else if drained {
+                "the loader is draining"
+            } else {
+                "the client closed it"
+            },
         }
     };
-    if drained {
-        let _ = out_tx
-            .send(Err(Status::unavailable("loader is draining; send the remaining batches to another replica")))
-            .await;
+    let last = match failure {
+        Some(status) => Some(status),
+        None if drained => {
+            Some(Status::unavailable("loader is draining; send the remaining batches to another replica"))
+        }
+        None => None,
+    };
+    if let Some(status) = last {
+        let _ = tokio::time::timeout(config.write_timeout, out_tx.send(Err(status))).await;
     }
     tracing::info!(batches = num_batches, bytes = num_bytes, refused = num_refused, "stream ended: {ended}");
     state.stats.log_read_amplification();
+}
+
+fn write_timeout_status(config: &Config) -> Status {
+    Status::deadline_exceeded(format!(
+        "the client read no response for {:?} (--write-timeout on the loader); \
+         the stream ended and its share of --max-inflight-bytes went to other clients",
+        config.write_timeout
+    ))
+}
+
+/// The status that ends a stream whose request message could not be decoded (over the size
+/// limit, or not a `BatchRequest`).
+fn undecodable_request(status: &Status, config: &Config) -> Status {
+    let limit = request_limit_bytes(config);
+    if status.code() == tonic::Code::OutOfRange {
+        Status::out_of_range(format!(
+            "a batch request message is over this loader's {limit}-byte request limit ({}); \
+             send at most --max-batch-samples ({}) indices per request",
+            status.message(),
+            config.max_batch_samples
+        ))
+    } else {
+        Status::invalid_argument(format!(
+            "a batch request message could not be decoded ({}); send conveyor.v1.BatchRequest messages of at most {limit} bytes",
+            status.message()
+        ))
+    }
+}
+
+/// Largest request message a loader decodes: the indices of the largest batch as varints plus
+/// room for the dataset name and the other fields.
+pub fn request_limit_bytes(config: &Config) -> usize {
+    (config.max_batch_samples as usize).saturating_mul(10).saturating_add(64 << 10)
+}
+
+/// One stream's responses on their way to tonic. The stream task can empty it and end the call
+/// with a status, which releases the budget held by responses the client never read.
+#[derive(Debug)]
+struct Outbox {
+    state: Mutex<OutboxState>,
+}
+
+#[derive(Debug)]
+struct OutboxState {
+    responses_rx: mpsc::Receiver<Result<Outgoing, Status>>,
+    /// Sent after the queue is emptied by [`Outbox::abort`].
+    ending: Option<Status>,
+    /// Responses queued and not yet taken by tonic.
+    queued: usize,
+    /// When tonic last took a response, or the queue last became non-empty.
+    progress_at: tokio::time::Instant,
+}
+
+impl Outbox {
+    fn new(responses_rx: mpsc::Receiver<Result<Outgoing, Status>>) -> Outbox {
+        let state = OutboxState { responses_rx, ending: None, queued: 0, progress_at: tokio::time::Instant::now() };
+        Outbox { state: Mutex::new(state) }
+    }
+
+    /// Counts a response about to be queued.
+    fn note_queued(&self) {
+        let mut state = self.lock();
+        if state.queued == 0 {
+            state.progress_at = tokio::time::Instant::now();
+        }
+        state.queued += 1;
+    }
+
+    fn has_queued(&self) -> bool {
+        self.lock().queued > 0
+    }
+
+    /// When the queue counts as stalled if tonic takes nothing before.
+    fn stall_deadline(&self, write_timeout: std::time::Duration) -> tokio::time::Instant {
+        self.lock().progress_at + write_timeout
+    }
+
+    /// Whether responses have waited `write_timeout` with none taken.
+    fn stalled(&self, write_timeout: std::time::Duration) -> bool {
+        let state = self.lock();
+        state.queued > 0 && state.progress_at.elapsed() >= write_timeout
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, OutboxState> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Drops every queued response (releasing its budget) and ends the call with `status`.
+    fn abort(&self, status: Status) {
+        let mut state = self.lock();
+        state.responses_rx.close();
+        while state.responses_rx.try_recv().is_ok() {}
+        state.ending = Some(status);
+    }
+}
+
+/// The response stream tonic polls; the budget of a response is released as tonic takes it.
+struct OutboxStream(Arc<Outbox>);
+
+impl Stream for OutboxStream {
+    type Item = Result<BatchResponse, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let mut state = self.0.lock();
+        match state.responses_rx.poll_recv(cx) {
+            Poll::Ready(Some(item)) => {
+                if item.is_ok() {
+                    state.queued = state.queued.saturating_sub(1);
+                    state.progress_at = tokio::time::Instant::now();
+                }
+                Poll::Ready(Some(item.map(|(response, _budget)| response)))
+            }
+            Poll::Ready(None) => Poll::Ready(state.ending.take().map(Err)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
 }
 
 type BatchStream = Pin<Box<dyn Stream<Item = Result<BatchResponse, Status>> + Send>>;
@@ -254,8 +438,9 @@ type BatchStream = Pin<Box<dyn Stream<Item = Result<BatchResponse, Status>> + Se
 impl Loader for LoaderService {
     async fn list_datasets(
         &self,
-        _request: Request<ListDatasetsRequest>,
+        request: Request<ListDatasetsRequest>,
     ) -> Result<Response<ListDatasetsResponse>, Status> {
+        let _call = ConnInfo::of(&request).map(|c| c.activity.begin());
         let max = self.state.config.max_batch_samples;
         let datasets = self.state.datasets().map(|d| d.info(max)).collect();
         Ok(Response::new(ListDatasetsResponse { datasets }))
@@ -265,6 +450,7 @@ impl Loader for LoaderService {
         &self,
         request: Request<DescribeDatasetRequest>,
     ) -> Result<Response<DatasetInfo>, Status> {
+        let _call = ConnInfo::of(&request).map(|c| c.activity.begin());
         let dataset = self.state.dataset(&request.get_ref().dataset)?;
         Ok(Response::new(dataset.info(self.state.config.max_batch_samples)))
     }
@@ -282,14 +468,22 @@ impl Loader for LoaderService {
                 self.state.config.max_streams
             ))
         })?;
-        let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let conn = ConnInfo::of(&request);
+        let peer = conn.and_then(|c| c.remote).map(|a| a.to_string()).unwrap_or_default();
+        let call = conn.map(|c| c.activity.begin());
         let (out_tx, out_rx) = mpsc::channel(self.state.config.stream_parallelism.get());
+        let outbox = Arc::new(Outbox::new(out_rx));
         let span = tracing::info_span!("stream", %peer);
-        let task =
-            serve_stream(self.state.clone(), request.into_inner(), out_tx, self.draining_rx.clone(), stream_permit);
+        let task = serve_stream(
+            self.state.clone(),
+            request.into_inner(),
+            outbox.clone(),
+            out_tx,
+            self.draining_rx.clone(),
+            stream_permit,
+            call,
+        );
         tokio::spawn(tracing::Instrument::instrument(task, span));
-        // The byte budget is released as tonic takes each response for encoding.
-        let responses = ReceiverStream::new(out_rx).map(|item| item.map(|(response, _budget)| response));
-        Ok(Response::new(Box::pin(responses)))
+        Ok(Response::new(Box::pin(OutboxStream(outbox))))
     }
 }

@@ -27,6 +27,16 @@ pub struct Stats {
     pub streams_refused: AtomicU64,
     /// Batches failed because a chunk could not be read.
     pub errors_read_failed: AtomicU64,
+    /// Connections closed at once because `--max-connections` were open.
+    pub connections_refused: AtomicU64,
+    /// Connections closed by `--handshake-timeout` or `--idle-timeout`.
+    pub connections_timed_out: AtomicU64,
+    /// Streams ended by `--write-timeout` or `--stream-idle-timeout`.
+    pub streams_timed_out: AtomicU64,
+    /// Request messages that could not be decoded (over the limit or malformed).
+    pub requests_malformed: AtomicU64,
+    /// Calls refused for a missing or wrong token.
+    pub auth_refused: AtomicU64,
     /// Per dataset: bytes delivered and bytes decoded from storage.
     pub datasets: BTreeMap<String, DatasetCounters>,
 }

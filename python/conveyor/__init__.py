@@ -30,6 +30,7 @@ import numpy as np
 
 from . import _native
 from ._native import (
+    AuthenticationError,
     BatchError,
     ConveyorError,
     InvalidSettingsError,
@@ -38,6 +39,7 @@ from ._native import (
 )
 
 __all__ = [
+    "AuthenticationError",
     "BatchError",
     "ConveyorError",
     "DatasetInfo",
@@ -96,13 +98,25 @@ def _numpy_dtype(code: str) -> np.dtype:
     return np.dtype(("|" if code[1:] == "1" else "<") + code)
 
 
-def datasets(loaders: Sequence[str], unavailable_timeout: float = 10.0) -> Dict[str, DatasetInfo]:
+_SECURITY_OPTIONS = ("tls_ca", "tls_cert", "tls_key", "tls_domain", "auth_token", "auth_token_file")
+
+
+def _security(options: Dict[str, Any]) -> Dict[str, Any]:
+    unknown = set(options) - set(_SECURITY_OPTIONS)
+    if unknown:
+        raise InvalidSettingsError(f"unknown option(s) {sorted(unknown)}; the TLS and token options are {_SECURITY_OPTIONS}")
+    return {k: (os.fspath(v) if k not in ("tls_domain", "auth_token") else v) for k, v in options.items() if v is not None}
+
+
+def datasets(loaders: Sequence[str], unavailable_timeout: float = 10.0, **security: Any) -> Dict[str, DatasetInfo]:
     """The datasets the loaders serve: ``{name: DatasetInfo(num_samples, fields)}``.
 
-    Raises LoaderUnavailableError when no loader answers within ``unavailable_timeout`` seconds.
+    Takes the TLS and token options of :class:`StreamingDataset`. Raises LoaderUnavailableError
+    when no loader answers within ``unavailable_timeout`` seconds, AuthenticationError when every
+    loader refuses the credentials.
     """
     _check_loaders(loaders)
-    catalog = json.loads(_native.datasets(list(loaders), float(unavailable_timeout)))
+    catalog = json.loads(_native.datasets(list(loaders), float(unavailable_timeout), **_security(security)))
     return {d["name"]: _info(d) for d in catalog}
 
 
@@ -164,6 +178,13 @@ class StreamingDataset(_Base):  # type: ignore[misc, valid-type]
         device: with ``output="torch"``: ``"cpu"`` (default), ``"cuda"`` or ``"cuda:N"``.
         request_timeout, unavailable_timeout: seconds before a silent loader is dropped, and
             before no reachable loader at all is an error.
+        tls_ca: PEM file of the CA that signs the loaders' certificates; turns TLS on (as
+            ``"https://host:port"`` loader addresses do, which otherwise trust the system's roots).
+        tls_cert, tls_key: PEM client certificate and key, for loaders that require mutual TLS.
+        tls_domain: the name in the loaders' certificates, when it is not the host in ``loaders``.
+        auth_token, auth_token_file: the token for loaders started with ``--auth-token-file``
+            (the file's first line); default: the ``CONVEYOR_AUTH_TOKEN`` environment variable.
+            Every loader refusing it raises AuthenticationError.
     """
 
     def __init__(
@@ -182,6 +203,12 @@ class StreamingDataset(_Base):  # type: ignore[misc, valid-type]
         device: Optional[str] = None,
         request_timeout: float = 30.0,
         unavailable_timeout: float = 60.0,
+        tls_ca: Optional[str] = None,
+        tls_cert: Optional[str] = None,
+        tls_key: Optional[str] = None,
+        tls_domain: Optional[str] = None,
+        auth_token: Optional[str] = None,
+        auth_token_file: Optional[str] = None,
     ) -> None:
         _check_loaders(loaders)
         if shuffle not in _SHUFFLES:
@@ -206,7 +233,19 @@ class StreamingDataset(_Base):  # type: ignore[misc, valid-type]
         self.dataset = dataset
         self.output = output
         self._options = dict(
-            prefetch=prefetch, request_timeout=float(request_timeout), unavailable_timeout=float(unavailable_timeout)
+            prefetch=prefetch,
+            request_timeout=float(request_timeout),
+            unavailable_timeout=float(unavailable_timeout),
+            **_security(
+                dict(
+                    tls_ca=tls_ca,
+                    tls_cert=tls_cert,
+                    tls_key=tls_key,
+                    tls_domain=tls_domain,
+                    auth_token=auth_token,
+                    auth_token_file=auth_token_file,
+                )
+            ),
         )
         client = self._client()
         self._plan = client.plan(dataset, batch_size, shuffle, seed, shuffle_window, rank, world_size, drop_last)

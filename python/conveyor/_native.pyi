@@ -20,6 +20,9 @@ class InvalidSettingsError(ConveyorError):
 class BatchError(ConveyorError):
     """A loader refused a batch or sent a malformed one."""
 
+class AuthenticationError(ConveyorError):
+    """Every loader refused the client's credentials: a missing or wrong token or client certificate."""
+
 Field = Tuple[str, npt.NDArray[np.uint8], str, List[int]]
 
 class Client:
@@ -31,6 +34,12 @@ class Client:
         unavailable_timeout: float = 60.0,
         resolve_interval: float = 3.0,
         max_message_bytes: Optional[int] = None,
+        tls_ca: Optional[str] = None,
+        tls_cert: Optional[str] = None,
+        tls_key: Optional[str] = None,
+        tls_domain: Optional[str] = None,
+        auth_token: Optional[str] = None,
+        auth_token_file: Optional[str] = None,
     ) -> None: ...
     def catalog(self) -> str: ...
     def plan(
@@ -63,4 +72,13 @@ class Client:
     def close(self) -> None: ...
     def abandon(self) -> None: ...
 
-def datasets(loaders: List[str], unavailable_timeout: float = 10.0) -> str: ...
+def datasets(
+    loaders: List[str],
+    unavailable_timeout: float = 10.0,
+    tls_ca: Optional[str] = None,
+    tls_cert: Optional[str] = None,
+    tls_key: Optional[str] = None,
+    tls_domain: Optional[str] = None,
+    auth_token: Optional[str] = None,
+    auth_token_file: Optional[str] = None,
+) -> str: ...

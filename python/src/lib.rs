@@ -3,14 +3,14 @@
 //! `conveyor/__init__.py`; this module only connects, plans, streams and hands out each field as
 //! a `uint8` numpy array that borrows the received message (no copy).
 
-use std::{sync::Mutex, time::Duration};
+use std::{path::PathBuf, sync::Mutex, time::Duration};
 
 use bytes::Bytes;
 use numpy::{PyArray1, ndarray::ArrayView1};
 use pyo3::{create_exception, exceptions::PyException, prelude::*};
 use trainer_client::{
-    Batch, ClientError, ConnectOptions, DType, PlanSettings, PlanSpec, RunSpec, Shuffle, StreamOptions, blocking,
-    error_chain,
+    AuthToken, Batch, ClientError, ConnectOptions, DType, PlanSettings, PlanSpec, RunSpec, Shuffle, StreamOptions,
+    TlsOptions, blocking, error_chain,
 };
 
 create_exception!(_native, ConveyorError, PyException, "Base class of every Conveyor error.");
@@ -28,6 +28,12 @@ create_exception!(
     "Settings the loaders cannot serve: a bad address, batch size, rank, window or state."
 );
 create_exception!(_native, BatchError, ConveyorError, "A loader refused a batch or sent a malformed one.");
+create_exception!(
+    _native,
+    AuthenticationError,
+    ConveyorError,
+    "Every loader refused the client's credentials: a missing or wrong token or client certificate."
+);
 
 /// The Python exception for a client error, with the whole cause chain as its message.
 fn to_py(error: ClientError) -> PyErr {
@@ -43,12 +49,18 @@ fn to_py(error: ClientError) -> PyErr {
         | ClientError::CatalogMismatch { .. }
         | ClientError::Unavailable { .. }
         | ClientError::Runtime(_) => LoaderUnavailableError::new_err(message),
+        ClientError::Refused { .. } => AuthenticationError::new_err(message),
         ClientError::BatchRefused { .. } | ClientError::BadResponse { .. } => BatchError::new_err(message),
         ClientError::BadAddress { .. }
         | ClientError::BatchOverMessageLimit { .. }
         | ClientError::BatchOverLoaderLimit { .. }
         | ClientError::DatasetSizeChanged { .. }
         | ClientError::Plan(_)
+        | ClientError::TlsFile { .. }
+        | ClientError::TlsIdentityHalf
+        | ClientError::MixedTls { .. }
+        | ClientError::TokenFile { .. }
+        | ClientError::BadToken { .. }
         | ClientError::Cursor(_) => InvalidSettingsError::new_err(message),
     }
 }
@@ -126,7 +138,8 @@ fn closed() -> PyErr {
 impl Client {
     /// Connects to `loaders` (`host:port`); waits until one replica has described its datasets.
     #[new]
-    #[pyo3(signature = (loaders, prefetch=8, request_timeout=30.0, unavailable_timeout=60.0, resolve_interval=3.0, max_message_bytes=None))]
+    #[pyo3(signature = (loaders, prefetch=8, request_timeout=30.0, unavailable_timeout=60.0, resolve_interval=3.0, max_message_bytes=None, tls_ca=None, tls_cert=None, tls_key=None, tls_domain=None, auth_token=None, auth_token_file=None))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         loaders: Vec<String>,
@@ -135,14 +148,38 @@ impl Client {
         unavailable_timeout: f64,
         resolve_interval: f64,
         max_message_bytes: Option<usize>,
+        tls_ca: Option<PathBuf>,
+        tls_cert: Option<PathBuf>,
+        tls_key: Option<PathBuf>,
+        tls_domain: Option<String>,
+        auth_token: Option<String>,
+        auth_token_file: Option<PathBuf>,
     ) -> PyResult<Client> {
         let seconds = |value: f64, name: &str| {
             Duration::try_from_secs_f64(value)
                 .map_err(|_| InvalidSettingsError::new_err(format!("{name}={value} is not a number of seconds >= 0")))
         };
+        let tls = if tls_ca.is_some() || tls_cert.is_some() || tls_key.is_some() || tls_domain.is_some() {
+            let mut tls =
+                TlsOptions::from_files(tls_ca.as_deref(), tls_cert.as_deref(), tls_key.as_deref()).map_err(to_py)?;
+            tls.domain = tls_domain;
+            Some(tls)
+        } else {
+            None
+        };
+        let auth_token = match (auth_token, auth_token_file) {
+            (Some(_), Some(_)) => {
+                return Err(InvalidSettingsError::new_err("give auth_token or auth_token_file, not both"));
+            }
+            (Some(token), None) => Some(AuthToken::new(&token).map_err(to_py)?),
+            (None, Some(path)) => Some(AuthToken::from_file(&path).map_err(to_py)?),
+            (None, None) => AuthToken::from_env().map_err(to_py)?,
+        };
         let options = StreamOptions {
             connect: ConnectOptions {
                 max_message_bytes: max_message_bytes.unwrap_or(ConnectOptions::default().max_message_bytes),
+                tls,
+                auth_token,
                 ..ConnectOptions::default()
             },
             prefetch: prefetch
@@ -341,9 +378,34 @@ fn catalog_json(catalog: &[trainer_client::DatasetInfo]) -> String {
 
 /// The datasets the loaders at `loaders` serve (JSON), without keeping a connection.
 #[pyfunction]
-#[pyo3(signature = (loaders, unavailable_timeout=10.0))]
-fn datasets(py: Python<'_>, loaders: Vec<String>, unavailable_timeout: f64) -> PyResult<String> {
-    let client = Client::new(py, loaders, 1, 30.0, unavailable_timeout, 3.0, None)?;
+#[pyo3(signature = (loaders, unavailable_timeout=10.0, tls_ca=None, tls_cert=None, tls_key=None, tls_domain=None, auth_token=None, auth_token_file=None))]
+#[allow(clippy::too_many_arguments)]
+fn datasets(
+    py: Python<'_>,
+    loaders: Vec<String>,
+    unavailable_timeout: f64,
+    tls_ca: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_domain: Option<String>,
+    auth_token: Option<String>,
+    auth_token_file: Option<PathBuf>,
+) -> PyResult<String> {
+    let client = Client::new(
+        py,
+        loaders,
+        1,
+        30.0,
+        unavailable_timeout,
+        3.0,
+        None,
+        tls_ca,
+        tls_cert,
+        tls_key,
+        tls_domain,
+        auth_token,
+        auth_token_file,
+    )?;
     let catalog = client.catalog();
     client.close(py)?;
     catalog
@@ -360,5 +422,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("UnknownDatasetError", py.get_type::<UnknownDatasetError>())?;
     m.add("InvalidSettingsError", py.get_type::<InvalidSettingsError>())?;
     m.add("BatchError", py.get_type::<BatchError>())?;
+    m.add("AuthenticationError", py.get_type::<AuthenticationError>())?;
     Ok(())
 }

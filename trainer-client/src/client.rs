@@ -1,11 +1,136 @@
-//! Connections to one loader: address parsing, transport tuning, and the describe calls.
+//! Connections to one loader: address parsing, transport tuning (TLS, tokens, HTTP/2 windows),
+//! and the describe calls.
 
-use std::time::Duration;
+use std::{path::Path, time::Duration};
 
 use conveyor_proto::v1::{DatasetInfo, ListDatasetsRequest, loader_client::LoaderClient};
-use tonic::transport::{Channel, Endpoint};
+use tonic::{
+    metadata::{Ascii, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+};
 
 use crate::error::ClientError;
+
+/// A client whose every call carries the bearer token, when there is one.
+pub(crate) type Client = LoaderClient<InterceptedService<Channel, AuthHeader>>;
+
+/// TLS settings for loader connections, as PEM bytes.
+#[derive(Clone, Default)]
+pub struct TlsOptions {
+    /// CA certificates that sign the loaders' certificates; the system's roots when `None`.
+    pub ca_pem: Option<Vec<u8>>,
+    /// Client certificate chain and private key, for loaders that require mutual TLS.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// The name the loaders' certificates must carry; each loader's host name when `None`.
+    pub domain: Option<String>,
+}
+
+impl std::fmt::Debug for TlsOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsOptions")
+            .field("ca_pem", &self.ca_pem.as_ref().map(|pem| pem.len()))
+            .field("identity", &self.identity.as_ref().map(|_| "<certificate and key>"))
+            .field("domain", &self.domain)
+            .finish()
+    }
+}
+
+impl TlsOptions {
+    /// Reads the PEM files of `--tls-ca`, `--tls-cert` and `--tls-key`.
+    ///
+    /// # Errors
+    /// [`ClientError::TlsFile`] naming the flag and file.
+    pub fn from_files(ca: Option<&Path>, cert: Option<&Path>, key: Option<&Path>) -> Result<TlsOptions, ClientError> {
+        let read = |flag: &'static str, path: &Path| {
+            std::fs::read(path).map_err(|error| ClientError::TlsFile { flag, path: path.to_owned(), error })
+        };
+        let identity = match (cert, key) {
+            (Some(cert), Some(key)) => Some((read("--tls-cert", cert)?, read("--tls-key", key)?)),
+            (None, None) => None,
+            (Some(_), None) | (None, Some(_)) => return Err(ClientError::TlsIdentityHalf),
+        };
+        Ok(TlsOptions { ca_pem: ca.map(|ca| read("--tls-ca", ca)).transpose()?, identity, domain: None })
+    }
+
+    fn config(&self, host: &str) -> ClientTlsConfig {
+        let mut config = ClientTlsConfig::new().domain_name(self.domain.clone().unwrap_or_else(|| host.to_owned()));
+        config = match &self.ca_pem {
+            Some(pem) => config.ca_certificate(Certificate::from_pem(pem)),
+            None => config.with_native_roots(),
+        };
+        if let Some((cert, key)) = &self.identity {
+            config = config.identity(Identity::from_pem(cert, key));
+        }
+        config
+    }
+}
+
+/// A bearer token sent with every call (`authorization: Bearer ...`); never printed.
+#[derive(Clone)]
+pub struct AuthToken(MetadataValue<Ascii>);
+
+impl std::fmt::Debug for AuthToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AuthToken(<redacted>)")
+    }
+}
+
+impl AuthToken {
+    /// Environment variable read when no token file is given.
+    pub const ENV: &'static str = "CONVEYOR_AUTH_TOKEN";
+
+    /// A token given as text.
+    ///
+    /// # Errors
+    /// [`ClientError::BadToken`] when it is empty or not printable ASCII.
+    pub fn new(token: &str) -> Result<AuthToken, ClientError> {
+        let token = token.trim();
+        let value = format!("Bearer {token}");
+        match MetadataValue::try_from(value.as_str()) {
+            Ok(value) if !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic()) => Ok(AuthToken(value)),
+            _ => Err(ClientError::BadToken { source_name: "the token".into() }),
+        }
+    }
+
+    /// The first token in `path` (blank lines and `#` comments skipped).
+    ///
+    /// # Errors
+    /// [`ClientError::TlsFile`]-like [`ClientError::TokenFile`] when it cannot be read,
+    /// [`ClientError::BadToken`] when it holds no usable token.
+    pub fn from_file(path: &Path) -> Result<AuthToken, ClientError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|error| ClientError::TokenFile { path: path.to_owned(), error })?;
+        let token = text.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with('#')).unwrap_or("");
+        AuthToken::new(token).map_err(|_| ClientError::BadToken { source_name: path.display().to_string() })
+    }
+
+    /// The token in `$CONVEYOR_AUTH_TOKEN`, if set.
+    ///
+    /// # Errors
+    /// [`ClientError::BadToken`] when it is set but unusable.
+    pub fn from_env() -> Result<Option<AuthToken>, ClientError> {
+        match std::env::var(Self::ENV) {
+            Ok(token) => {
+                AuthToken::new(&token).map(Some).map_err(|_| ClientError::BadToken { source_name: Self::ENV.into() })
+            }
+            Err(_) => Ok(None),
+        }
+    }
+}
+
+/// Adds the token to every call.
+#[derive(Debug, Clone)]
+pub(crate) struct AuthHeader(Option<AuthToken>);
+
+impl Interceptor for AuthHeader {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(AuthToken(value)) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
 
 /// Transport settings for every loader connection.
 #[derive(Debug, Clone)]
@@ -21,6 +146,10 @@ pub struct ConnectOptions {
     /// Largest HTTP/2 frame the client accepts; the loader sends data frames up to this size,
     /// so large frames cut per-frame overhead on big batches.
     pub http2_max_frame: u32,
+    /// TLS for every loader connection (`https://` loaders); plain HTTP/2 when `None`.
+    pub tls: Option<TlsOptions>,
+    /// Bearer token for loaders started with `--auth-token-file`.
+    pub auth_token: Option<AuthToken>,
 }
 
 impl Default for ConnectOptions {
@@ -31,17 +160,41 @@ impl Default for ConnectOptions {
             http2_stream_window: 16 << 20,
             http2_connection_window: 64 << 20,
             http2_max_frame: 1 << 20,
+            tls: None,
+            auth_token: None,
         }
     }
 }
 
-/// Strips an optional `http://` from a `--loader` value and checks it is `host:port`.
+/// Whether a `--loader` value asks for TLS (`https://host:port`).
+pub fn loader_uses_tls(spec: &str) -> bool {
+    spec.starts_with("https://")
+}
+
+/// Turns TLS on for every loader when one is given as `https://` (with the system's roots unless
+/// `options` already has TLS settings), and refuses a plain `http://` loader beside TLS.
+///
+/// # Errors
+/// [`ClientError::MixedTls`] naming the plain loader.
+pub fn settle_tls(loaders: &[String], options: &mut ConnectOptions) -> Result<(), ClientError> {
+    if options.tls.is_none() && loaders.iter().any(|l| loader_uses_tls(l)) {
+        options.tls = Some(TlsOptions::default());
+    }
+    if let Some(plain) = loaders.iter().find(|l| options.tls.is_some() && l.starts_with("http://")) {
+        return Err(ClientError::MixedTls { spec: plain.clone() });
+    }
+    Ok(())
+}
+
+/// Strips an optional `http://` or `https://` from a `--loader` value and checks it is
+/// `host:port`.
 ///
 /// # Errors
 /// [`ClientError::BadAddress`] naming the value.
 pub fn parse_loader(spec: &str) -> Result<String, ClientError> {
     let bad = || ClientError::BadAddress { spec: spec.to_owned() };
-    let rest = spec.strip_prefix("http://").unwrap_or(spec).trim_end_matches('/');
+    let rest =
+        spec.strip_prefix("http://").or_else(|| spec.strip_prefix("https://")).unwrap_or(spec).trim_end_matches('/');
     let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
     if host.is_empty() || port.parse::<u16>().is_err() || rest.contains('/') {
         return Err(bad());
@@ -55,37 +208,67 @@ pub fn parse_loader(spec: &str) -> Result<String, ClientError> {
 /// # Errors
 /// [`ClientError::BadAddress`], [`ClientError::Connect`] or [`ClientError::Rpc`], naming it.
 pub async fn fetch_catalog(loader: &str, options: &ConnectOptions) -> Result<Vec<DatasetInfo>, ClientError> {
+    let mut options = options.clone();
+    settle_tls(&[loader.to_owned()], &mut options)?;
     let addr = parse_loader(loader)?;
-    let mut client = connect(&addr, options).await?;
+    let host = host_of(&addr);
+    let mut client = connect(&addr, &host, &options).await?;
     list_datasets(&mut client, &addr).await
 }
 
-/// Opens a tuned connection to the loader at `host:port`.
+/// The host part of `host:port` (without the brackets of an IPv6 address).
+pub(crate) fn host_of(addr: &str) -> String {
+    let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
+    host.trim_start_matches('[').trim_end_matches(']').to_owned()
+}
+
+/// A channel to one loader (`host:port`, `http://` or `https://host:port`) with `options`'
+/// transport settings, for calls outside the Loader service (the health check).
+///
+/// # Errors
+/// [`ClientError::BadAddress`], [`ClientError::MixedTls`] or [`ClientError::Connect`].
+pub async fn open_channel(loader: &str, options: &ConnectOptions) -> Result<Channel, ClientError> {
+    let mut options = options.clone();
+    settle_tls(&[loader.to_owned()], &mut options)?;
+    let addr = parse_loader(loader)?;
+    channel(&addr, &host_of(&addr), &options).await
+}
+
+/// Opens a tuned connection to the loader at `addr` (`host:port` or `ip:port`); `host` is the
+/// name its TLS certificate must carry.
 ///
 /// # Errors
 /// [`ClientError::Connect`] when the loader cannot be reached.
-pub(crate) async fn connect(addr: &str, options: &ConnectOptions) -> Result<LoaderClient<Channel>, ClientError> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|_| ClientError::BadAddress { spec: addr.to_owned() })?
+pub(crate) async fn connect(addr: &str, host: &str, options: &ConnectOptions) -> Result<Client, ClientError> {
+    let channel = channel(addr, host, options).await?;
+    Ok(LoaderClient::with_interceptor(channel, AuthHeader(options.auth_token.clone()))
+        .max_decoding_message_size(options.max_message_bytes)
+        .max_encoding_message_size(options.max_message_bytes))
+}
+
+async fn channel(addr: &str, host: &str, options: &ConnectOptions) -> Result<Channel, ClientError> {
+    let scheme = if options.tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+        .map_err(|_| ClientError::BadAddress { spec: addr.to_owned() })?;
+    if let Some(tls) = &options.tls {
+        endpoint = endpoint
+            .tls_config(tls.config(host))
+            .map_err(|source| ClientError::Connect { addr: addr.to_owned(), source })?;
+    }
+    let endpoint = endpoint
         .connect_timeout(options.connect_timeout)
         .tcp_nodelay(true)
         .initial_stream_window_size(options.http2_stream_window)
         .initial_connection_window_size(options.http2_connection_window)
         .max_frame_size(options.http2_max_frame);
-    let channel = endpoint.connect().await.map_err(|source| ClientError::Connect { addr: addr.to_owned(), source })?;
-    Ok(LoaderClient::new(channel)
-        .max_decoding_message_size(options.max_message_bytes)
-        .max_encoding_message_size(options.max_message_bytes))
+    endpoint.connect().await.map_err(|source| ClientError::Connect { addr: addr.to_owned(), source })
 }
 
 /// The datasets a loader serves.
 ///
 /// # Errors
 /// [`ClientError::Rpc`] when the call fails.
-pub(crate) async fn list_datasets(
-    client: &mut LoaderClient<Channel>,
-    addr: &str,
-) -> Result<Vec<DatasetInfo>, ClientError> {
+pub(crate) async fn list_datasets(client: &mut Client, addr: &str) -> Result<Vec<DatasetInfo>, ClientError> {
     let response = client
         .list_datasets(ListDatasetsRequest {})
         .await
@@ -131,5 +314,28 @@ mod tests {
         assert!(parse_loader("loader").is_err());
         assert!(parse_loader("loader:port").is_err());
         assert!(parse_loader("http://a:1/x").is_err());
+        assert_eq!(parse_loader("https://loader:7070").expect("valid"), "loader:7070");
+        assert_eq!(host_of("loader-0.loader:7070"), "loader-0.loader");
+        assert_eq!(host_of("[::1]:7070"), "::1");
+    }
+
+    #[test]
+    fn https_turns_tls_on_and_plain_http_beside_it_is_refused() {
+        let mut options = ConnectOptions::default();
+        settle_tls(&["a:1".into()], &mut options).expect("plain");
+        assert!(options.tls.is_none());
+        settle_tls(&["https://a:1".into(), "b:1".into()], &mut options).expect("tls");
+        assert!(options.tls.is_some());
+        let error = settle_tls(&["https://a:1".into(), "http://b:1".into()], &mut options).expect_err("mixed");
+        assert!(error.to_string().contains("http://b:1"), "{error}");
+    }
+
+    #[test]
+    fn tokens_are_never_printed() {
+        let token = AuthToken::new(" s3cret-token ").expect("token");
+        let options = ConnectOptions { auth_token: Some(token), ..ConnectOptions::default() };
+        assert!(!format!("{options:?}").contains("s3cret"));
+        assert!(AuthToken::new("").is_err());
+        assert!(AuthToken::new("two words").is_err());
     }
 }

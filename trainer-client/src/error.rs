@@ -12,10 +12,45 @@ pub enum ClientError {
     #[error("no --loader given; name at least one loader as host:port")]
     NoLoaders,
     /// A loader address is not `host:port` or `http://host:port`.
-    #[error("--loader '{spec}' is not host:port or http://host:port")]
+    #[error("--loader '{spec}' is not host:port, http://host:port or https://host:port")]
     BadAddress {
         /// The value as given.
         spec: String,
+    },
+    /// A TLS file cannot be read.
+    #[error("cannot read {flag} {}: {error}", path.display())]
+    TlsFile {
+        /// The option naming the file.
+        flag: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        error: std::io::Error,
+    },
+    /// Only one of the client certificate and its key was given.
+    #[error("--tls-cert and --tls-key go together (mutual TLS); give both or neither")]
+    TlsIdentityHalf,
+    /// A plain `http://` loader beside TLS settings.
+    #[error(
+        "--loader '{spec}' is plain http:// but TLS is on (an https:// loader or --tls-ca is given); use https:// for every loader or for none"
+    )]
+    MixedTls {
+        /// The plain loader.
+        spec: String,
+    },
+    /// The token file cannot be read.
+    #[error("cannot read --auth-token-file {}: {error}", path.display())]
+    TokenFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        error: std::io::Error,
+    },
+    /// A token that cannot be sent in a gRPC header.
+    #[error("{source_name} holds no usable token; give one token of printable ASCII without spaces")]
+    BadToken {
+        /// Where the token came from (a file or the environment variable).
+        source_name: String,
     },
     /// A loader could not be reached.
     #[error("cannot connect to loader {addr}")]
@@ -142,6 +177,12 @@ pub enum ClientError {
         /// The last error of each replica.
         last_errors: Vec<ReplicaFailure>,
     },
+    /// Every loader refused the client's credentials (token or certificate).
+    #[error("every loader refused this client's credentials: {}", Failures(last_errors))]
+    Refused {
+        /// The last error of each replica.
+        last_errors: Vec<ReplicaFailure>,
+    },
     /// An epoch plan could not be made.
     #[error(transparent)]
     Plan(#[from] crate::sampler::PlanError),
@@ -160,6 +201,15 @@ pub struct ReplicaFailure {
     pub addr: String,
     /// Its last error; `None` when it never connected and never failed yet.
     pub error: Option<Arc<ClientError>>,
+}
+
+impl ClientError {
+    /// Whether a loader refused the credentials (UNAUTHENTICATED or PERMISSION_DENIED), which
+    /// retrying cannot fix.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, ClientError::Rpc { status, .. }
+            if matches!(status.code(), tonic::Code::Unauthenticated | tonic::Code::PermissionDenied))
+    }
 }
 
 struct Failures<'a>(&'a [ReplicaFailure]);

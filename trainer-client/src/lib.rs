@@ -41,7 +41,7 @@ mod sampler;
 pub mod tensor;
 
 pub use batch::{Batch, FieldBatch};
-pub use client::{ConnectOptions, block_len, fetch_catalog, parse_loader};
+pub use client::{AuthToken, ConnectOptions, TlsOptions, block_len, fetch_catalog, open_channel, parse_loader};
 pub use conveyor_proto::{
     DType,
     v1::{DatasetInfo, FieldInfo},

@@ -2,7 +2,13 @@
 //! "resolve this name"), its gRPC implementation, and the task that runs one connection attempt
 //! and reports what happens to the pool as [`Event`]s.
 
-use std::{net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use conveyor_proto::v1::{BatchRequest, BatchResponse, DatasetInfo};
 use futures::{Stream, StreamExt, future::BoxFuture};
@@ -10,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::{
-    client::{ConnectOptions, connect, list_datasets},
+    client::{ConnectOptions, connect, host_of, list_datasets},
     error::ClientError,
 };
 
@@ -43,15 +49,27 @@ pub(crate) trait Connector: Send + Sync + 'static {
 /// The gRPC connector.
 pub(crate) struct GrpcConnector {
     /// Transport settings for every connection.
-    pub options: ConnectOptions,
+    options: ConnectOptions,
+    /// The host name each resolved address came from: a TLS certificate is checked against
+    /// the name the user gave, not the address it resolved to.
+    hosts: Arc<Mutex<HashMap<SocketAddr, String>>>,
+}
+
+impl GrpcConnector {
+    /// A connector with these transport settings.
+    pub fn new(options: ConnectOptions) -> GrpcConnector {
+        GrpcConnector { options, hosts: Arc::default() }
+    }
 }
 
 impl Connector for GrpcConnector {
     fn open(&self, addr: SocketAddr, window: usize) -> BoxFuture<'static, Result<ReplicaStream, ClientError>> {
         let options = self.options.clone();
+        let host = self.hosts.lock().unwrap_or_else(|p| p.into_inner()).get(&addr).cloned();
+        let host = host.unwrap_or_else(|| addr.ip().to_string());
         Box::pin(async move {
             let name = addr.to_string();
-            let mut client = connect(&name, &options).await?;
+            let mut client = connect(&name, &host, &options).await?;
             let datasets = list_datasets(&mut client, &name).await?;
             let (requests_tx, requests_rx) = mpsc::channel(window);
             let responses = client
@@ -60,6 +78,20 @@ impl Connector for GrpcConnector {
                 .map_err(|source| ClientError::Rpc { addr: name, status: Box::new(source) })?
                 .into_inner();
             Ok(ReplicaStream { datasets, requests_tx, responses: Box::pin(responses) })
+        })
+    }
+
+    fn resolve(&self, name: &str) -> BoxFuture<'static, std::io::Result<Vec<SocketAddr>>> {
+        let name = name.to_owned();
+        let hosts = self.hosts.clone();
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&name).await?.collect();
+            let host = host_of(&name);
+            let mut hosts = hosts.lock().unwrap_or_else(|p| p.into_inner());
+            for addr in &addrs {
+                hosts.insert(*addr, host.clone());
+            }
+            Ok(addrs)
         })
     }
 }

@@ -47,6 +47,8 @@ pub struct Behaviour {
     pub silent: bool,
     /// Refuses connections.
     pub down: bool,
+    /// Refuses every call with UNAUTHENTICATED, as a loader whose token the client lacks.
+    pub refuses_token: bool,
     /// What it says it serves.
     pub catalog: Vec<DatasetInfo>,
 }
@@ -54,7 +56,15 @@ pub struct Behaviour {
 impl Behaviour {
     /// Answers every request after `delay`.
     pub fn answering(delay: Duration, catalog: Vec<DatasetInfo>) -> Behaviour {
-        Behaviour { delay, even_extra_delay: Duration::ZERO, fail_after: None, silent: false, down: false, catalog }
+        Behaviour {
+            delay,
+            even_extra_delay: Duration::ZERO,
+            fail_after: None,
+            silent: false,
+            down: false,
+            refuses_token: false,
+            catalog,
+        }
     }
 }
 
@@ -106,6 +116,12 @@ impl Connector for FakeReplicas {
         let behaviour = self.behaviours.lock().expect("lock").get(&addr).cloned();
         let log = self.log.clone();
         Box::pin(async move {
+            if behaviour.as_ref().is_some_and(|b| b.refuses_token) {
+                return Err(ClientError::Rpc {
+                    addr: addr.to_string(),
+                    status: Box::new(tonic::Status::unauthenticated("this loader requires a token")),
+                });
+            }
             let Some(behaviour) = behaviour.filter(|b| !b.down) else {
                 return Err(ClientError::Rpc {
                     addr: addr.to_string(),

@@ -38,7 +38,7 @@ use self::{
     pool::Pool,
 };
 use crate::{
-    client::{ConnectOptions, parse_loader},
+    client::{ConnectOptions, parse_loader, settle_tls},
     error::ClientError,
     plan::{PlanSettings, RunSpec, Schedule, check_plan},
     sampler::PlanSpec,
@@ -136,7 +136,9 @@ impl Loaders {
     /// [`ClientError::NoLoaders`], [`ClientError::BadAddress`] for a malformed value,
     /// [`ClientError::Unavailable`] when no replica comes up within the unavailable timeout.
     pub async fn connect(loaders: &[String], options: StreamOptions) -> Result<Loaders, ClientError> {
-        let connector = Arc::new(GrpcConnector { options: options.connect.clone() });
+        let mut options = options;
+        settle_tls(loaders, &mut options.connect)?;
+        let connector = Arc::new(GrpcConnector::new(options.connect.clone()));
         Loaders::connect_with(loaders, options, connector).await
     }
 

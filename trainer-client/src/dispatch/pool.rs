@@ -248,7 +248,20 @@ impl Pool {
             let error = ClientError::RequestTimeout { addr: addr.to_string(), timeout };
             outcomes.extend(self.fail_replica(addr, error, false));
         }
-        if let Some(since) = self.down_since.filter(|since| now >= *since + self.options.unavailable_timeout) {
+        // Every replica refused the credentials (a missing or wrong token): waiting changes nothing.
+        let all_refused = !self.replicas.is_empty()
+            && self.replicas.values().all(|r| r.last_error.as_ref().is_some_and(|e| e.is_refusal()));
+        if let Some(since) =
+            self.down_since.filter(|since| all_refused || now >= *since + self.options.unavailable_timeout)
+        {
+            if all_refused {
+                let last_errors = self
+                    .replicas
+                    .iter()
+                    .map(|(addr, r)| ReplicaFailure { addr: addr.to_string(), error: r.last_error.clone() })
+                    .collect();
+                return Err(ClientError::Refused { last_errors });
+            }
             let last_errors = if self.replicas.is_empty() {
                 Vec::new()
             } else {

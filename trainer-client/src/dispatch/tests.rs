@@ -295,3 +295,30 @@ async fn the_hook_sees_the_cursor_after_each_consumed_batch_and_a_resumed_run_co
     let rest = drain(&mut rest).await;
     assert_eq!(delivered(&[first, rest].concat()), planned(&plan, 1..3)[1..].to_vec());
 }
+
+#[tokio::test(start_paused = true)]
+async fn replicas_that_all_refuse_the_token_fail_the_connect_at_once_instead_of_after_the_unavailable_timeout() {
+    let mut refusing = answering(1, 100);
+    refusing.refuses_token = true;
+    let fake = FakeReplicas::new([(addr(1), refusing.clone()), (addr(2), refusing)]);
+    let names = vec!["127.0.0.1:1".to_owned(), "127.0.0.1:2".to_owned()];
+    let started = Instant::now();
+    let error = Loaders::connect_with(&names, options(), fake.clone()).await.expect_err("refused");
+    assert!(matches!(error, ClientError::Refused { .. }), "{error}");
+    assert!(started.elapsed() < Duration::from_secs(1), "waited {:?}", started.elapsed());
+    let message = error.to_string();
+    assert!(message.contains("127.0.0.1:1") && message.contains("127.0.0.1:2"), "{message}");
+    assert!(message.contains("requires a token"), "{message}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_replica_refusing_the_token_does_not_stop_the_others() {
+    let mut refusing = answering(1, 100);
+    refusing.refuses_token = true;
+    let fake = FakeReplicas::new([(addr(1), refusing), (addr(2), answering(1, 100))]);
+    let loaders = connect(&fake, &["127.0.0.1:1", "127.0.0.1:2"]).await;
+    let plan = loaders.plan("d", &settings(10, Shuffle::None)).expect("plan");
+    let mut run = loaders.epoch("d", plan.clone(), 0).expect("run");
+    let batches = drain(&mut run).await;
+    assert_eq!(delivered(&batches), planned(&plan, 0..1));
+}

@@ -2,16 +2,75 @@
 //! flags are optional so that a resumed run can tell a flag the user gave (which must agree with
 //! the cursor) from a default.
 
-use std::{num::NonZeroUsize, path::Path, time::Duration};
+use std::{
+    num::NonZeroUsize,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{Context, bail};
 use clap::Args;
-use trainer_client::{ConnectOptions, Cursor, Loaders, PlanSettings, RunSpec, Shuffle, StreamOptions};
+use trainer_client::{
+    AuthToken, ConnectOptions, Cursor, Loaders, PlanSettings, RunSpec, Shuffle, StreamOptions, TlsOptions,
+};
+
+/// How the client proves who it is and checks who the loaders are.
+#[derive(Debug, Clone, Default, Args)]
+pub struct SecurityArgs {
+    /// PEM CA certificate that signs the loaders' certificates; turns TLS on for every loader
+    /// (as an https:// loader address does, which otherwise trusts the system's roots).
+    #[arg(long, env = "TRAINER_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate for loaders that require mutual TLS (with --tls-key).
+    #[arg(long, env = "TRAINER_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "TRAINER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Name the loaders' certificates carry, when it differs from the host in --loader (for
+    /// example when loaders are given by IP address).
+    #[arg(long, env = "TRAINER_TLS_DOMAIN")]
+    pub tls_domain: Option<String>,
+    /// File whose first line is the token sent to loaders started with --auth-token-file;
+    /// without it, $CONVEYOR_AUTH_TOKEN is used when set.
+    #[arg(long, env = "TRAINER_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
+}
+
+impl SecurityArgs {
+    /// Adds TLS settings and the token to `options`.
+    ///
+    /// # Errors
+    /// A file that cannot be read or holds no usable token, named.
+    pub fn apply(&self, options: &mut ConnectOptions) -> anyhow::Result<()> {
+        if self.tls_ca.is_some() || self.tls_cert.is_some() || self.tls_domain.is_some() {
+            let mut tls =
+                TlsOptions::from_files(self.tls_ca.as_deref(), self.tls_cert.as_deref(), self.tls_key.as_deref())?;
+            tls.domain = self.tls_domain.clone();
+            options.tls = Some(tls);
+        }
+        options.auth_token = match &self.auth_token_file {
+            Some(path) => Some(AuthToken::from_file(path)?),
+            None => AuthToken::from_env()?,
+        };
+        Ok(())
+    }
+
+    /// Transport settings with these credentials.
+    ///
+    /// # Errors
+    /// See [`SecurityArgs::apply`].
+    pub fn connect_options(&self) -> anyhow::Result<ConnectOptions> {
+        let mut options = ConnectOptions::default();
+        self.apply(&mut options)?;
+        Ok(options)
+    }
+}
 
 /// Connection and flow-control flags.
 #[derive(Debug, Clone, Args)]
 pub struct LoaderArgs {
-    /// Loader address (host:port or http://host:port). Repeat for several replicas; a name that
+    /// Loader address (host:port, http://host:port, or https://host:port for TLS). Repeat for several replicas; a name that
     /// resolves to several addresses is one replica per address.
     #[arg(long = "loader", env = "TRAINER_LOADER", value_delimiter = ',', required = true)]
     pub loaders: Vec<String>,
@@ -32,6 +91,9 @@ pub struct LoaderArgs {
     /// Re-resolve loader names this often.
     #[arg(long, env = "TRAINER_RESOLVE_INTERVAL", default_value = "3s", value_parser = conveyor_proto::parse_duration)]
     pub resolve_interval: Duration,
+    /// TLS and token.
+    #[command(flatten)]
+    pub security: SecurityArgs,
 }
 
 impl LoaderArgs {
@@ -45,19 +107,25 @@ impl LoaderArgs {
             request_timeout: defaults.request_timeout,
             unavailable_timeout: Duration::from_secs(30),
             resolve_interval: defaults.resolve_interval,
+            security: SecurityArgs::default(),
         }
     }
 
     /// The library's settings.
-    pub fn options(&self) -> StreamOptions {
-        StreamOptions {
-            connect: ConnectOptions { max_message_bytes: self.max_message_bytes, ..ConnectOptions::default() },
+    ///
+    /// # Errors
+    /// A TLS or token file that cannot be used.
+    pub fn options(&self) -> anyhow::Result<StreamOptions> {
+        let mut connect = ConnectOptions { max_message_bytes: self.max_message_bytes, ..ConnectOptions::default() };
+        self.security.apply(&mut connect)?;
+        Ok(StreamOptions {
+            connect,
             prefetch: self.prefetch,
             request_timeout: self.request_timeout,
             unavailable_timeout: self.unavailable_timeout,
             resolve_interval: self.resolve_interval,
             ..StreamOptions::default()
-        }
+        })
     }
 }
 

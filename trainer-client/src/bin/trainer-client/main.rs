@@ -22,7 +22,7 @@ use clap::{Parser, Subcommand};
 use trainer_client::{
     ConnectOptions, DType,
     demo::{self, LoaderProcess},
-    fetch_catalog, parse_loader,
+    fetch_catalog, open_channel, parse_loader,
 };
 
 use crate::{
@@ -41,15 +41,21 @@ struct Cli {
 enum Command {
     /// List the datasets, fields, dtypes, shapes and sample counts of a loader.
     Info {
-        /// Loader address, host:port or http://host:port.
+        /// Loader address: host:port, http://host:port, or https://host:port for TLS.
         #[arg(long, env = "TRAINER_LOADER")]
         loader: String,
+        /// TLS and token.
+        #[command(flatten)]
+        security: args::SecurityArgs,
     },
     /// Exit 0 when the loader's gRPC health service reports SERVING (for container healthchecks).
     Health {
-        /// Loader address, host:port or http://host:port.
+        /// Loader address: host:port, http://host:port, or https://host:port for TLS.
         #[arg(long, env = "TRAINER_LOADER")]
         loader: String,
+        /// TLS and token.
+        #[command(flatten)]
+        security: args::SecurityArgs,
     },
     /// Write the built-in example dataset (chess-like positions) into a directory and exit.
     /// Data already there with the same number of samples is kept (loaders may be serving it).
@@ -132,8 +138,8 @@ fn error_chain(error: &anyhow::Error) -> String {
 
 async fn run_command(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Info { loader } => info(&loader).await,
-        Command::Health { loader } => health(&loader).await,
+        Command::Info { loader, security } => info(&loader, &security.connect_options()?).await,
+        Command::Health { loader, security } => health(&loader, &security.connect_options()?).await,
         Command::WriteDemoData { dir, samples } => write_demo_data(&dir, samples),
         Command::Stream(args) => stream::stream(*args).await.map(|_| ()),
         Command::Demo { samples, dir, batch_size } => run_demo(samples, dir, batch_size).await,
@@ -147,8 +153,8 @@ async fn run_command(command: Command) -> anyhow::Result<()> {
     }
 }
 
-async fn info(loader: &str) -> anyhow::Result<()> {
-    for dataset in fetch_catalog(loader, &ConnectOptions::default()).await? {
+async fn info(loader: &str, options: &ConnectOptions) -> anyhow::Result<()> {
+    for dataset in fetch_catalog(loader, options).await? {
         println!("dataset {}: {} samples", dataset.name, dataset.num_samples);
         for field in dataset.fields {
             let dtype = DType::try_from(field.dtype).unwrap_or(DType::Unspecified);
@@ -168,17 +174,20 @@ async fn info(loader: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn health(loader: &str) -> anyhow::Result<()> {
+async fn health(loader: &str, options: &ConnectOptions) -> anyhow::Result<()> {
     use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
     let addr = parse_loader(loader)?;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(2))
-        .connect()
+    let options = ConnectOptions { connect_timeout: Duration::from_secs(2), ..options.clone() };
+    let channel = tokio::time::timeout(Duration::from_secs(4), open_channel(loader, &options))
         .await
+        .with_context(|| format!("{addr} did not answer within 4s"))?
         .with_context(|| format!("cannot connect to {addr}"))?;
     let request = HealthCheckRequest { service: "conveyor.v1.Loader".into() };
-    let status = HealthClient::new(channel).check(request).await?.into_inner().status();
+    let status = tokio::time::timeout(Duration::from_secs(2), HealthClient::new(channel).check(request))
+        .await
+        .with_context(|| format!("{addr} did not answer the health check within 2s"))??
+        .into_inner()
+        .status();
     if status != ServingStatus::Serving {
         bail!("loader {addr} is {}", status.as_str_name());
     }

@@ -92,7 +92,7 @@ pub async fn stream(args: StreamArgs) -> anyhow::Result<RunReport> {
              `bash scripts/setup-torch.sh cargo build --release -p trainer-client --features torch` (see the README)"
         );
     }
-    let loaders = Loaders::connect(&args.loader.loaders, args.loader.options()).await?;
+    let loaders = Loaders::connect(&args.loader.loaders, args.loader.options()?).await?;
     let resume = args.resume_from.as_deref().map(|path| Cursor::load(path).map(|c| (c, path))).transpose()?;
     let spec =
         args.plan.run_spec(&loaders, 1, resume.as_ref().map(|(c, p)| (c, *p)))?.with_max_batches(args.max_batches);

@@ -115,7 +115,7 @@ fn save_checkpoint(dir: &Path, vs: &nn::VarStore, cursor: &Cursor) -> anyhow::Re
 pub async fn run(mut args: TrainArgs) -> anyhow::Result<()> {
     println!("training on {:?} (CUDA available: {})", args.device, tch::Cuda::is_available());
     args.plan.dataset.get_or_insert_with(|| "chess".into());
-    let loaders = Loaders::connect(&args.loader.loaders, args.loader.options()).await?;
+    let loaders = Loaders::connect(&args.loader.loaders, args.loader.options()?).await?;
     let cursor_path = args.checkpoint.as_ref().map(|dir| dir.join("cursor.json"));
     let model_path = args.checkpoint.as_ref().map(|dir| dir.join("model.ot"));
     let resume = match (&cursor_path, &model_path) {

@@ -1,0 +1,265 @@
+//! Accepted connections and their bounds: at most `--max-connections` open at once, and each one
+//! closed when it has made no Loader call within `--handshake-timeout` of being accepted (a peer
+//! that never completes the TCP/TLS/HTTP/2 handshakes, or only probes health) or has had no call
+//! in progress for `--idle-timeout`.
+//!
+//! The bound is enforced in the socket's read path: hyper always has a read pending on a live
+//! connection, so a deadline polled there wakes it, and the read error it returns makes hyper
+//! close the connection.
+
+use std::{
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use futures::Stream;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore},
+    time::{Instant, Sleep},
+};
+use tonic::transport::server::{Connected, TlsConnectInfo};
+
+use crate::service::LoaderState;
+
+/// The timeouts and the cap that apply to every connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// Connections open at once (`--max-connections`).
+    pub max_connections: usize,
+    /// Time from accept to the first Loader call (`--handshake-timeout`).
+    pub handshake_timeout: Duration,
+    /// Time with no Loader call in progress (`--idle-timeout`).
+    pub idle_timeout: Duration,
+}
+
+/// What the service knows about the connection a call arrived on (tonic puts it in the
+/// request's extensions).
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// The peer's address.
+    pub remote: Option<SocketAddr>,
+    /// Calls in progress on this connection.
+    pub activity: Arc<Activity>,
+}
+
+impl ConnInfo {
+    /// The connection a call arrived on, over TCP or TLS.
+    pub fn of<T>(request: &tonic::Request<T>) -> Option<&ConnInfo> {
+        let extensions = request.extensions();
+        extensions.get::<ConnInfo>().or_else(|| extensions.get::<TlsConnectInfo<ConnInfo>>().map(|tls| tls.get_ref()))
+    }
+}
+
+/// Calls in progress on one connection and when it last had none.
+#[derive(Debug)]
+pub struct Activity {
+    /// When the connection was accepted.
+    accepted: Instant,
+    /// Loader calls in progress.
+    calls: AtomicUsize,
+    /// Whether any Loader call was made.
+    used: AtomicBool,
+    /// Milliseconds after `accepted` when `calls` last dropped to zero.
+    idle_since_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            accepted: Instant::now(),
+            calls: AtomicUsize::new(0),
+            used: AtomicBool::new(false),
+            idle_since_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Marks a call in progress until the guard is dropped.
+    pub fn begin(self: &Arc<Self>) -> CallGuard {
+        self.calls.fetch_add(1, Relaxed);
+        self.used.store(true, Relaxed);
+        CallGuard(self.clone())
+    }
+
+    /// Why the connection must close now, or when to look again.
+    fn expiry(&self, now: Instant, limits: &ConnectionLimits) -> Result<Instant, &'static str> {
+        if !self.used.load(Relaxed) {
+            let deadline = self.accepted + limits.handshake_timeout;
+            return if now >= deadline { Err("no Loader call within --handshake-timeout") } else { Ok(deadline) };
+        }
+        if self.calls.load(Relaxed) > 0 {
+            return Ok(now + limits.idle_timeout);
+        }
+        let deadline = self.accepted + Duration::from_millis(self.idle_since_ms.load(Relaxed)) + limits.idle_timeout;
+        if now >= deadline { Err("no Loader call in progress for --idle-timeout") } else { Ok(deadline) }
+    }
+}
+
+/// A Loader call in progress; dropping it ends the call.
+#[derive(Debug)]
+pub struct CallGuard(Arc<Activity>);
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        // Stamp the idle start before the count can read zero, so that the deadline check never
+        // sees zero calls with an older stamp.
+        let elapsed = u64::try_from(self.0.accepted.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.0.idle_since_ms.store(elapsed, Relaxed);
+        self.0.calls.fetch_sub(1, Relaxed);
+    }
+}
+
+/// An accepted TCP connection with its slot under `--max-connections` and its deadlines.
+#[derive(Debug)]
+pub struct Guarded {
+    stream: TcpStream,
+    info: ConnInfo,
+    limits: ConnectionLimits,
+    /// When to check the deadlines again.
+    deadline: Pin<Box<Sleep>>,
+    state: Arc<LoaderState>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Guarded {
+    /// Returns an error once a deadline has passed; otherwise arms the timer for the next check.
+    fn check_deadline(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        while self.deadline.as_mut().poll(cx).is_ready() {
+            match self.info.activity.expiry(Instant::now(), &self.limits) {
+                Ok(next) => self.deadline.as_mut().reset(next),
+                Err(reason) => {
+                    tracing::info!(peer = ?self.info.remote, "closing connection: {reason}");
+                    self.state.stats.connections_timed_out.fetch_add(1, Relaxed);
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, reason));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl AsyncRead for Guarded {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if let Err(error) = self.check_deadline(cx) {
+            return Poll::Ready(Err(error));
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Guarded {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+impl Connected for Guarded {
+    type ConnectInfo = ConnInfo;
+
+    fn connect_info(&self) -> ConnInfo {
+        self.info.clone()
+    }
+}
+
+/// Accepts connections on `listener` forever, closing at once those past `--max-connections`.
+pub fn incoming(
+    listener: TcpListener,
+    limits: ConnectionLimits,
+    state: Arc<LoaderState>,
+) -> impl Stream<Item = io::Result<Guarded>> {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    futures::stream::unfold((listener, slots), move |(listener, slots)| {
+        let state = state.clone();
+        async move {
+            loop {
+                let (stream, remote) = match listener.accept().await {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        // Out of file descriptors and the like: pause instead of spinning, and
+                        // keep serving the connections already open.
+                        tracing::warn!(%error, "cannot accept a connection");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    state.stats.connections_refused.fetch_add(1, Relaxed);
+                    tracing::warn!(peer = %remote, max = limits.max_connections, "refusing a connection: --max-connections are open");
+                    drop(stream);
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let activity = Arc::new(Activity::new());
+                let deadline = Box::pin(tokio::time::sleep(limits.handshake_timeout));
+                let info = ConnInfo { remote: Some(remote), activity };
+                let guarded = Guarded { stream, info, limits, deadline, state, _slot: slot };
+                return Some((Ok(guarded), (listener, slots)));
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> ConnectionLimits {
+        ConnectionLimits {
+            max_connections: 4,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unused_connection_expires_at_the_handshake_timeout() {
+        let activity = Activity::new();
+        let start = Instant::now();
+        assert_eq!(activity.expiry(start, &limits()), Ok(start + Duration::from_secs(10)));
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(activity.expiry(Instant::now(), &limits()).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_in_progress_keeps_the_connection_and_its_end_starts_the_idle_clock() {
+        let activity = Arc::new(Activity::new());
+        let call = activity.begin();
+        tokio::time::advance(Duration::from_secs(600)).await;
+        assert!(activity.expiry(Instant::now(), &limits()).is_ok(), "busy for longer than both timeouts");
+        drop(call);
+        let ended = Instant::now();
+        assert_eq!(activity.expiry(ended, &limits()), Ok(ended + Duration::from_secs(60)));
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert!(activity.expiry(Instant::now(), &limits()).is_ok());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(activity.expiry(Instant::now(), &limits()), Err("no Loader call in progress for --idle-timeout"));
+    }
+}
