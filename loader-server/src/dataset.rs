@@ -80,10 +80,17 @@ impl Field {
         out.reserve_exact(indices.len() * row);
         match &self.source {
             Source::Npy { shards, shard_starts } => {
+                // Each shard a batch touches is checked once, before any of its rows is read: a
+                // file truncated under its map would raise SIGBUS instead of failing the batch.
+                let mut checked = vec![false; shards.len()];
                 for &index in indices {
                     let shard_index =
                         if shards.len() == 1 { 0 } else { shard_starts.partition_point(|&start| start <= index) - 1 };
                     let shard = &shards[shard_index];
+                    if !checked[shard_index] {
+                        shard.map.check().map_err(|reason| (index, reason))?;
+                        checked[shard_index] = true;
+                    }
                     let local = (index - shard_starts[shard_index]) as usize;
                     let start = shard.data_offset + local * row;
                     let begin = out.len();

@@ -232,3 +232,71 @@ async fn streams_over_the_limit_are_refused_with_resource_exhausted() {
     drop(open);
     loader.stop().await;
 }
+
+#[tokio::test]
+async fn a_file_truncated_or_edited_while_served_fails_its_batches_and_the_loader_keeps_serving() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    trainer_client::demo::write_chess_dataset(dir.path(), 3_000, 1_000).expect("demo data");
+    let loader = InProcessLoader::start(loader_server::Config::for_datasets([spec_of("chess", dir.path())])).await;
+    let mut client = LoaderClient::connect(format!("http://{}", loader.addr)).await.expect("connect");
+    let (requests_tx, requests_rx) = mpsc::channel(8);
+    let mut responses = client.stream_batches(ReceiverStream::new(requests_rx)).await.expect("stream").into_inner();
+    let mut ask = async |batch_id: u64, index: u64| {
+        requests_tx.send(request(batch_id, "chess", vec![index])).await.expect("send");
+        responses.next().await.expect("an answer").expect("the stream stays up")
+    };
+    assert!(ask(1, 1_500).await.error.is_none());
+
+    // Cut shard 1 of `board` to 1000 bytes: its pages past that would raise SIGBUS.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.path().join("board-00001.npy"))
+        .expect("open")
+        .set_len(1_000)
+        .expect("truncate");
+    let failed = ask(2, 1_500).await;
+    let error = failed.error.expect("a batch over the truncated shard fails");
+    assert_eq!(error.kind(), Kind::ReadFailed);
+    assert!(error.message.contains("board-00001.npy") && error.message.contains("shrank"), "{}", error.message);
+
+    // Edit shard 2 in place, size unchanged.
+    let shard2 = dir.path().join("board-00002.npy");
+    let file = std::fs::OpenOptions::new().write(true).open(&shard2).expect("open");
+    std::os::unix::fs::FileExt::write_at(&file, &[1], 4_000).expect("edit");
+    file.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(2)).expect("mtime");
+    let edited = ask(3, 2_500).await.error.expect("a batch over the edited shard fails");
+    assert!(
+        edited.message.contains("board-00002.npy") && edited.message.contains("modified in place"),
+        "{}",
+        edited.message
+    );
+
+    // Rows in the untouched shard are still served, on the same stream.
+    let fine = ask(4, 5).await;
+    assert!(fine.error.is_none() && fine.indices == vec![5]);
+    drop(requests_tx);
+    loader.stop().await;
+}
+
+#[test]
+fn a_file_that_cannot_be_mapped_is_refused_not_read_into_memory() {
+    // 400 MB (sparse) under a 200 MB address-space limit: the map fails; the old fallback read
+    // the whole file into memory.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("x.npy");
+    let mut bytes = conveyor_proto::npy_header(conveyor_proto::DType::Float32, &[100_000, 1_000]);
+    let header_len = bytes.len() as u64;
+    std::io::Write::write_all(&mut std::fs::File::create(&path).expect("create"), &bytes).expect("header");
+    std::fs::OpenOptions::new().write(true).open(&path).expect("open").set_len(header_len + 400_000_000).expect("size");
+    bytes.clear();
+    let script = format!(
+        "ulimit -v 200000 && exec {} --listen 127.0.0.1:0 --dataset x={}",
+        conveyor_tests::binary("loader-server").display(),
+        dir.path().display()
+    );
+    let output = std::process::Command::new("bash").args(["-c", &script]).output().expect("bash");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("x.npy") && stderr.contains("cannot memory-map it"), "{stderr}");
+    assert!(stderr.contains("never by reading them whole into memory"), "{stderr}");
+}
