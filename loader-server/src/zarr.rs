@@ -33,11 +33,27 @@ pub struct ZarrSource {
     /// Rows per block (axis-0 chunk length, or inner chunk length when sharded).
     pub block_len: u64,
     missing: MissingChunks,
+    /// Bytes of one element.
+    element_bytes: u64,
 }
 
 /// Whether `path` holds Zarr metadata (an array or a group, format 2 or 3).
 pub fn is_zarr(path: &Path) -> bool {
     ["zarr.json", ".zarray", ".zgroup"].iter().any(|f| path.join(f).is_file())
+}
+
+/// `array` or `group` as the node's metadata says (`.zarray`/`.zgroup` for format 2, the
+/// `node_type` of `zarr.json` for format 3); `None` when it says neither.
+fn node_type(path: &Path) -> Option<String> {
+    if path.join(".zarray").is_file() {
+        return Some("array".into());
+    }
+    if path.join(".zgroup").is_file() {
+        return Some("group".into());
+    }
+    let text = std::fs::read(path.join("zarr.json")).ok()?;
+    let metadata: serde_json::Value = serde_json::from_slice(&text).ok()?;
+    metadata.get("node_type")?.as_str().map(str::to_owned)
 }
 
 /// A field's facts plus its source.
@@ -76,15 +92,14 @@ fn dtype_of(array: &Array<FilesystemStore>) -> Option<DType> {
 }
 
 fn open_one(
-    path: &Path,
+    array_path: &Path,
     name: String,
     array: Array<FilesystemStore>,
     missing: MissingChunks,
 ) -> Result<OpenedArray, LoadError> {
-    let array_path = path.join(name.as_str());
     let dtype = dtype_of(&array).ok_or_else(|| {
         zarr_error(
-            &array_path,
+            array_path,
             format_args!(
                 "unsupported data type {}; use bool, int8/16/32/64, uint8/16/32/64 or float16/32/64",
                 array.data_type()
@@ -93,13 +108,18 @@ fn open_one(
     })?;
     let shape = array.shape().to_vec();
     if shape.is_empty() {
-        return Err(zarr_error(&array_path, "array is 0-dimensional; axis 0 must index samples"));
+        return Err(zarr_error(array_path, "array is 0-dimensional; axis 0 must index samples"));
     }
     let zeros = vec![0u64; shape.len()];
-    let outer = array.chunk_shape(&zeros).map_err(|e| zarr_error(&array_path, e))?;
+    let outer = array.chunk_shape(&zeros).map_err(|e| zarr_error(array_path, e))?;
     let inner = array.effective_subchunk_shape().unwrap_or(outer);
     let block_len = inner[0].get();
-    Ok(OpenedArray { name, dtype, shape, source: ZarrSource { array, block_len, missing } })
+    Ok(OpenedArray {
+        name,
+        dtype,
+        shape,
+        source: ZarrSource { array, block_len, missing, element_bytes: dtype.size_bytes() as u64 },
+    })
 }
 
 /// Opens a Zarr array (one field, named `default_name`) or group (one field per child array).
@@ -108,11 +128,25 @@ fn open_one(
 /// [`LoadError::Zarr`] naming the path and the problem.
 pub fn open(path: &Path, default_name: &str, missing: MissingChunks) -> Result<Vec<OpenedArray>, LoadError> {
     let store = Arc::new(FilesystemStore::new(path).map_err(|e| zarr_error(path, e))?);
-    if let Ok(array) = Array::open(store.clone(), "/") {
+    // Decide array or group from the metadata first, so that a broken array is reported with
+    // the array's problem rather than as "not a group".
+    if node_type(path).as_deref() == Some("array") {
+        let array =
+            Array::open(store, "/").map_err(|e| zarr_error(path, format_args!("invalid array metadata: {e}")))?;
         return Ok(vec![open_one(path, default_name.to_owned(), array, missing)?]);
     }
-    let group = Group::open(store, "/").map_err(|e| zarr_error(path, e))?;
-    let mut arrays = group.child_arrays().map_err(|e| zarr_error(path, e))?;
+    let group = Group::open(store, "/").map_err(|e| zarr_error(path, format_args!("invalid group metadata: {e}")))?;
+    let mut arrays = group.child_arrays().map_err(|e| {
+        // Name the child whose metadata is broken.
+        let children = std::fs::read_dir(path).into_iter().flatten().flatten().map(|entry| entry.path());
+        for child in children.filter(|child| node_type(child).as_deref() == Some("array")) {
+            let name = child.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            if let Err(error) = Array::open(group.storage(), &format!("/{name}")) {
+                return zarr_error(&child, format_args!("invalid array metadata: {error}"));
+            }
+        }
+        zarr_error(path, format_args!("invalid metadata of an array in the group: {e}"))
+    })?;
     arrays.sort_by(|a, b| a.path().as_str().cmp(b.path().as_str()));
     if arrays.is_empty() {
         return Err(zarr_error(path, "the group holds no arrays; each array of a group is a field"));
@@ -121,12 +155,50 @@ pub fn open(path: &Path, default_name: &str, missing: MissingChunks) -> Result<V
         .into_iter()
         .map(|array| {
             let name = array.path().as_str().trim_start_matches('/').to_owned();
-            open_one(path, name, array, missing)
+            open_one(&path.join(&name), name, array, missing)
         })
         .collect()
 }
 
+/// The zstd frame magic number, as it starts a zstd-compressed chunk.
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
 impl ZarrSource {
+    /// Refuses a zstd chunk whose frames declare more decoded bytes than a chunk of its shape
+    /// holds: the decoder would allocate and fill that much before any size check (a 98 KB
+    /// chunk declaring 3 GiB would take 3 GiB of memory), whatever the cache budget says.
+    fn check_declared_size(&self, raw: &[u8], chunk_indices: &[u64]) -> Result<(), String> {
+        if !raw.starts_with(&ZSTD_MAGIC) {
+            return Ok(());
+        }
+        let shape = self.array.chunk_shape(chunk_indices).map_err(|e| e.to_string())?;
+        let elements = shape.iter().try_fold(1u64, |n, d| n.checked_mul(d.get()));
+        let holds = elements.and_then(|n| n.checked_mul(self.element_bytes)).unwrap_or(u64::MAX);
+        match zstd::bulk::Decompressor::upper_bound(raw) {
+            Some(declared) if declared as u64 > holds => Err(format!(
+                "its zstd frames declare {declared} decoded bytes but a chunk of shape {:?} holds {holds}; \
+                 the chunk is corrupt or hostile and was not decoded (rewrite it)",
+                shape.iter().map(|d| d.get()).collect::<Vec<_>>()
+            )),
+            Some(_) => Ok(()),
+            // Frames without a declared size: zarrs decodes them in full, so decode once here
+            // into nothing, stopping one byte past what the chunk may hold.
+            None => {
+                use std::io::Read;
+                let decoder = zstd::stream::read::Decoder::new(raw).map_err(|e| e.to_string())?;
+                let decoded = std::io::copy(&mut decoder.take(holds.saturating_add(1)), &mut std::io::sink())
+                    .map_err(|e| format!("cannot decode: {e}"))?;
+                if decoded > holds {
+                    return Err(format!(
+                        "it decodes to more than the {holds} bytes a chunk of its shape holds; the chunk is corrupt or \
+                         hostile and was not decoded (rewrite it)"
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// Decodes block `block` (rows `block * block_len ..`) into C-order native-endian bytes.
     ///
     /// # Errors
@@ -138,12 +210,30 @@ impl ZarrSource {
         let ranges: Vec<std::ops::Range<u64>> =
             std::iter::once(start..end).chain(shape[1..].iter().map(|&d| 0..d)).collect();
         let subset = ArraySubset::new_with_ranges(&ranges);
-        if self.missing == MissingChunks::Error {
+        let sharded = self.array.is_sharded();
+        if self.missing == MissingChunks::Error || !sharded {
             let chunks = self.array.chunks_in_array_subset(&subset).map_err(|e| e.to_string())?;
             for indices in chunks.iter().flat_map(|c| c.indices().into_iter()) {
                 let key = self.array.chunk_key(&indices);
-                let size = self.array.storage().size_key(&key).map_err(|e| format!("cannot read chunk {key}: {e}"))?;
-                if size.is_none() {
+                let present = if sharded {
+                    self.array.storage().size_key(&key).map_err(|e| format!("cannot read chunk {key}: {e}"))?.is_some()
+                } else {
+                    // Unsharded chunks are read raw first, so that a compressed chunk declaring
+                    // more bytes than its shape holds is refused before anything is decoded.
+                    match self
+                        .array
+                        .retrieve_encoded_chunk(&indices)
+                        .map_err(|e| format!("cannot read chunk {key}: {e}"))?
+                    {
+                        Some(raw) => {
+                            self.check_declared_size(&raw, &indices)
+                                .map_err(|problem| format!("chunk {key}: {problem}"))?;
+                            true
+                        }
+                        None => false,
+                    }
+                };
+                if !present && self.missing == MissingChunks::Error {
                     return Err(format!(
                         "chunk {key} is missing (pass --zarr-missing-chunks fill if absent chunks mean the fill value)"
                     ));

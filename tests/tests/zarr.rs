@@ -191,3 +191,116 @@ fn bad_zarr_inputs_stop_the_loader_with_a_message_naming_the_array() {
     let fixtures = zarr_fixtures();
     assert!(conveyor_tests::assert_loader_rejects_each_bad_case(fixtures.path()) >= 2);
 }
+
+/// A valid zstd frame of `len` copies of one byte, declaring its size: RLE blocks of 128 KiB,
+/// 4 bytes each, so 3 GiB take 98 KB.
+fn zstd_rle_frame(len: u64) -> Vec<u8> {
+    const BLOCK: u64 = 128 << 10;
+    let mut frame = vec![0x28, 0xb5, 0x2f, 0xfd, 0xe0]; // magic; 8-byte content size, single segment
+    frame.extend_from_slice(&len.to_le_bytes());
+    let mut left = len;
+    while left > 0 {
+        let size = left.min(BLOCK);
+        left -= size;
+        let header = u32::from(left == 0) | (1 << 1) | ((size as u32) << 3); // last flag, RLE, size
+        frame.extend_from_slice(&header.to_le_bytes()[..3]);
+        frame.push(7);
+    }
+    frame
+}
+
+#[tokio::test]
+async fn a_zstd_chunk_declaring_gigabytes_fails_its_batches_without_being_decoded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let array = dir.path().join("bomb");
+    std::fs::create_dir_all(array.join("c/0")).expect("dirs");
+    std::fs::create_dir_all(array.join("c/1")).expect("dirs");
+    let metadata = serde_json::json!({
+        "zarr_format": 3, "node_type": "array", "shape": [16, 4], "data_type": "uint8",
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [8, 4]}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "fill_value": 0,
+        "codecs": [{"name": "bytes"}, {"name": "zstd", "configuration": {"level": 0, "checksum": false}}],
+    });
+    std::fs::write(array.join("zarr.json"), metadata.to_string()).expect("metadata");
+    let bomb = zstd_rle_frame(3 << 30);
+    assert!(bomb.len() < 100_000, "{}", bomb.len());
+    std::fs::write(array.join("c/0/0"), &bomb).expect("bomb chunk");
+    std::fs::write(array.join("c/1/0"), zstd::bulk::compress(&[5u8; 32], 3).expect("zstd")).expect("good chunk");
+
+    let loader = start_loader(&[format!("bomb={}", array.display())], &[]).await.expect("loader starts");
+    let mut client = LoaderClient::connect(format!("http://{}", loader.addr)).await.expect("connect");
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut responses =
+        client.stream_batches(tokio_stream::wrappers::ReceiverStream::new(rx)).await.expect("stream").into_inner();
+    tx.send(BatchRequest { batch_id: 1, dataset: "bomb".into(), indices: vec![1] }).await.expect("send");
+    let failed = responses.message().await.expect("answer").expect("response");
+    let error = failed.error.expect("the bomb chunk's batch fails");
+    assert_eq!(error.kind(), Kind::ReadFailed);
+    assert!(
+        error.message.contains("c/0/0") && error.message.contains("declare 3221225472 decoded bytes"),
+        "{}",
+        error.message
+    );
+    tx.send(BatchRequest { batch_id: 2, dataset: "bomb".into(), indices: vec![9] }).await.expect("send");
+    let served = responses.message().await.expect("answer").expect("the loader lives on");
+    assert!(served.error.is_none());
+    assert_eq!(served.tensors[0].data.as_ref(), &[5u8; 4]);
+    // Peak resident memory of the loader stayed far below the 3 GiB the chunk declares.
+    let pid = loader.child.id().expect("pid");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let peak_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM");
+    assert!(peak_kb < 300 << 10, "the loader peaked at {peak_kb} kB");
+}
+
+#[test]
+fn refused_zarr_metadata_is_reported_with_its_real_problem() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let array = |data_type: &str, fill: serde_json::Value, chunk_shape: [u64; 2]| {
+        serde_json::json!({
+            "zarr_format": 3, "node_type": "array", "shape": [16, 4], "data_type": data_type,
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunk_shape}},
+            "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+            "fill_value": fill, "codecs": [{"name": "bytes"}],
+        })
+        .to_string()
+    };
+    let write = |rel: &str, text: String| {
+        let path = dir.path().join(rel);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("dirs");
+        std::fs::write(path, text).expect("write");
+    };
+    write("complex/zarr.json", array("complex64", serde_json::json!([0.0, 0.0]), [8, 4]));
+    write("zero-chunk/zarr.json", array("uint8", serde_json::json!(0), [0, 3]));
+    write(
+        "object-v2/.zarray",
+        r#"{"zarr_format": 2, "shape": [4], "chunks": [2], "dtype": "|O", "compressor": null, "fill_value": 0, "order": "C", "filters": null}"#.into(),
+    );
+    write("group/zarr.json", r#"{"zarr_format": 3, "node_type": "group"}"#.into());
+    write("group/broken/zarr.json", array("uint8", serde_json::json!(0), [0, 3]));
+    let cases = [
+        ("complex", vec!["unsupported data type complex64"]),
+        ("zero-chunk", vec!["invalid array metadata", "nonzero"]),
+        ("object-v2", vec!["unsupported data type", "|O"]),
+        ("group", vec!["group/broken", "invalid array metadata", "nonzero"]),
+    ];
+    for (case, needles) in cases {
+        let output = std::process::Command::new(conveyor_tests::binary("loader-server"))
+            .args(["--listen", "127.0.0.1:0", "--dataset", &format!("t={}", dir.path().join(case).display())])
+            .output()
+            .expect("loader-server runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{case}: started");
+        for needle in needles {
+            assert!(stderr.contains(needle), "{case}: stderr lacks '{needle}': {stderr}");
+        }
+        assert!(
+            !stderr.contains("expected string \"group\"") && !stderr.contains("group metadata is missing"),
+            "{case}: {stderr}"
+        );
+    }
+}
