@@ -4,7 +4,8 @@
 # name; during the trainer's epochs datagen runs again (it must keep the live dataset), one
 # loader is killed (docker kill) and the service is scaled to 4; every epoch must still deliver
 # every sample exactly once, and the trainer and loaders must report per-replica and per-stream
-# counts. Then a loader replica with a tiny memory limit is OOM-killed by the kernel while
+# counts. The secure override (TLS + token from mounted secrets) trains too and refuses callers
+# without the token. Then a loader replica with a tiny memory limit is OOM-killed by the kernel while
 # serving, and training carries on. Cleans up with `down -v`.
 # Skips, saying so, when no Docker engine or compose tool answers.
 set -euo pipefail
@@ -60,6 +61,31 @@ grep -q "epoch 0: every sample exactly once" /tmp/conveyor-up.log || { tail -30 
 [ "$(docker inspect -f '{{.State.ExitCode}}' "$(compose ps -q trainer)")" = 0 ] || fail "trainer exit code"
 compose down -v --remove-orphans >/dev/null 2>&1
 echo "PASS: up ... trainer returned after one exactly-once epoch"
+
+echo "== the secure setup: TLS from mounted secrets, a token, and callers without it refused"
+bash scripts/make-dev-secrets.sh >/dev/null
+secure=("${compose_cmd[@]}" -f docker-compose.yml -f docker-compose.secure.yml)
+CONVEYOR_EPOCHS=1 timeout 300 "${secure[@]}" up --scale loader=2 trainer >/tmp/conveyor-secure.log 2>&1 \
+    || { tail -30 /tmp/conveyor-secure.log; fail "the secure setup did not train"; }
+grep "epoch 0: every sample exactly once" /tmp/conveyor-secure.log >/dev/null \
+    || { tail -30 /tmp/conveyor-secure.log; fail "no exactly-once epoch over TLS with a token"; }
+"${secure[@]}" up -d loader
+wait_for '[ "$(healthy_loaders)" -ge 2 ]'
+network=$(docker inspect -f '{{range $k, $v := .NetworkSettings.Networks}}{{$k}}{{end}}' "$(compose ps -q loader | head -n 1)")
+outsider() {
+    docker run --rm --network "$network" -v "$PWD/deploy/secrets/ca.pem:/ca.pem:ro" "$@" \
+        --entrypoint /usr/local/bin/trainer-client conveyor:local info --loader https://loader:7070 --tls-ca /ca.pem 2>&1 || true
+}
+outsider | tee /tmp/conveyor-outsider.log | grep "requires a token" >/dev/null \
+    || { cat /tmp/conveyor-outsider.log; fail "a caller without a token was not refused"; }
+outsider -e CONVEYOR_AUTH_TOKEN=not-the-token | tee /tmp/conveyor-outsider.log | grep "does not accept the token" >/dev/null \
+    || { cat /tmp/conveyor-outsider.log; fail "a caller with a wrong token was not refused"; }
+docker run --rm --network "$network" --entrypoint /usr/local/bin/trainer-client conveyor:local info --loader loader:7070 \
+    >/tmp/conveyor-outsider.log 2>&1 && { cat /tmp/conveyor-outsider.log; fail "a plain-text caller was served"; }
+compose logs --no-color loader | grep "refused an unauthenticated call" >/dev/null || fail "the loaders logged no refusal"
+if compose logs --no-color loader | grep -F "$(cat deploy/secrets/token)" >/dev/null; then fail "a loader logged the token"; fi
+"${secure[@]}" down -v --remove-orphans >/dev/null 2>&1
+echo "PASS: secure setup: an exactly-once epoch over TLS with a token; no token, a wrong token and plain text refused"
 
 echo "== up: datagen and 3 loaders"
 compose up -d loader

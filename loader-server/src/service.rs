@@ -168,6 +168,19 @@ impl LoaderState {
                 return self.refuse(batch_id, Vec::new(), error);
             }
         };
+        (self.respond(&dataset, batch_id, indices, buffers, bytes, decoded_bytes), Some(budget))
+    }
+
+    /// The answer carrying a gathered batch.
+    fn respond(
+        &self,
+        dataset: &Dataset,
+        batch_id: u64,
+        indices: Vec<u64>,
+        buffers: Vec<Vec<u8>>,
+        bytes: u64,
+        decoded_bytes: u64,
+    ) -> BatchResponse {
         let batch = indices.len() as u64;
         let tensors = dataset
             .fields
@@ -181,7 +194,23 @@ impl LoaderState {
             })
             .collect();
         self.stats.record_batch(&dataset.name, bytes, decoded_bytes);
-        (BatchResponse { batch_id, indices, tensors, error: None, decoded_bytes }, Some(budget))
+        BatchResponse { batch_id, indices, tensors, error: None, decoded_bytes }
+    }
+
+    /// Serves one request on the calling thread with the same checks and gather as a stream,
+    /// but outside the stream bounds (budget, gather threads): for the fuzz targets and tests
+    /// that drive the handler without a server.
+    pub fn answer_blocking(&self, request: BatchRequest) -> BatchResponse {
+        let checked = self.check(&request);
+        let BatchRequest { batch_id, indices, .. } = request;
+        let (dataset, bytes) = match checked {
+            Ok(ok) => ok,
+            Err(error) => return self.refuse(batch_id, indices, error).0,
+        };
+        match dataset.gather(&indices, &self.cache) {
+            Ok((buffers, decoded)) => self.respond(&dataset, batch_id, indices, buffers, bytes, decoded),
+            Err(error) => self.refuse(batch_id, indices, RequestError::from(error)).0,
+        }
     }
 }
 
@@ -247,10 +276,15 @@ async fn serve_stream(
                     assembling.push(state.clone().assemble(stream_id, request));
                 }
                 Ok(None) => reading = false,
-                Err(status) => {
+                Err(status) if is_decode_error(&status) => {
                     state.stats.requests_malformed.fetch_add(1, Relaxed);
                     tracing::warn!(%status, "refusing a request message that cannot be decoded; ending the stream after the batches it has read");
                     failure = Some(undecodable_request(&status, config));
+                    reading = false;
+                }
+                // The client reset its side or the connection broke: nobody is left to answer.
+                Err(status) => {
+                    tracing::debug!(%status, "client stream ended with an error");
                     reading = false;
                 }
             },
@@ -322,6 +356,12 @@ fn write_timeout_status(config: &Config) -> Status {
          the stream ended and its share of --max-inflight-bytes went to other clients",
         config.write_timeout
     ))
+}
+
+/// Whether tonic failed to decode a request message (over the size limit, or not protobuf of the
+/// request's type), as opposed to the stream breaking.
+fn is_decode_error(status: &Status) -> bool {
+    status.code() == tonic::Code::OutOfRange || status.message().starts_with("failed to decode Protobuf message")
 }
 
 /// The status that ends a stream whose request message could not be decoded (over the size

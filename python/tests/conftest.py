@@ -27,10 +27,11 @@ def binary(name):
 class Loader:
     """A loader-server process on a free loopback port."""
 
-    def __init__(self, datasets):
+    def __init__(self, datasets, extra_args=()):
         args = [binary("loader-server"), "--listen", "127.0.0.1:0"]
         for name, path in datasets.items():
             args += ["--dataset", f"{name}={path}"]
+        args += [str(a) for a in extra_args]
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True,
                                      env=dict(os.environ, LOADER_LOG="warn"))
         line = self.proc.stdout.readline()
@@ -39,6 +40,7 @@ class Loader:
             self.proc.kill()
             raise RuntimeError(f"loader did not start: {line!r}")
         self.addr = match.group(1)
+        self.port = int(self.addr.rsplit(":", 1)[1])
 
     def kill(self):
         self.proc.send_signal(signal.SIGKILL)
@@ -54,8 +56,8 @@ class Loader:
 def start_loader():
     started = []
 
-    def start(datasets):
-        loader = Loader(datasets)
+    def start(datasets, *extra_args):
+        loader = Loader(datasets, extra_args)
         started.append(loader)
         return loader
 
