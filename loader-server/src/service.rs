@@ -308,7 +308,8 @@ async fn serve_stream(
                 }
             },
             // Responses are queued and the client has taken none for --write-timeout.
-            () = tokio::time::sleep_until(outbox.stall_deadline(config.write_timeout)), if outbox.has_queued() => {
+            () = tokio::time::sleep_until(outbox.stall_deadline(config.write_timeout)),
+                if outbox.has_queued() && (reading || !assembling.is_empty()) => {
                 if outbox.stalled(config.write_timeout) {
                     state.stats.streams_timed_out.fetch_add(1, Relaxed);
                     outbox.abort(write_timeout_status(config));
@@ -345,6 +346,26 @@ async fn serve_stream(
     };
     if let Some(status) = last {
         let _ = tokio::time::timeout(config.write_timeout, out_tx.send(Err(status))).await;
+    }
+    // What is queued still holds budget: a client that closed its side but reads nothing loses
+    // it after the write timeout too.
+    loop {
+        let emptied = outbox.emptied.notified();
+        tokio::pin!(emptied);
+        emptied.as_mut().enable();
+        if !outbox.has_queued() {
+            break;
+        }
+        tokio::select! {
+            () = emptied => {}
+            () = tokio::time::sleep_until(outbox.stall_deadline(config.write_timeout)) => {
+                if outbox.stalled(config.write_timeout) {
+                    state.stats.streams_timed_out.fetch_add(1, Relaxed);
+                    outbox.abort(write_timeout_status(config));
+                    break;
+                }
+            }
+        }
     }
     tracing::info!(batches = num_batches, bytes = num_bytes, refused = num_refused, "stream ended: {ended}");
     state.stats.log_read_amplification();
@@ -394,6 +415,8 @@ pub fn request_limit_bytes(config: &Config) -> usize {
 #[derive(Debug)]
 struct Outbox {
     state: Mutex<OutboxState>,
+    /// Woken when tonic takes the last queued response.
+    emptied: tokio::sync::Notify,
 }
 
 #[derive(Debug)]
@@ -410,7 +433,7 @@ struct OutboxState {
 impl Outbox {
     fn new(responses_rx: mpsc::Receiver<Result<Outgoing, Status>>) -> Outbox {
         let state = OutboxState { responses_rx, ending: None, queued: 0, progress_at: tokio::time::Instant::now() };
-        Outbox { state: Mutex::new(state) }
+        Outbox { state: Mutex::new(state), emptied: tokio::sync::Notify::new() }
     }
 
     /// Counts a response about to be queued.
@@ -446,6 +469,7 @@ impl Outbox {
         let mut state = self.lock();
         state.responses_rx.close();
         while state.responses_rx.try_recv().is_ok() {}
+        state.queued = 0;
         state.ending = Some(status);
     }
 }
@@ -463,6 +487,9 @@ impl Stream for OutboxStream {
                 if item.is_ok() {
                     state.queued = state.queued.saturating_sub(1);
                     state.progress_at = tokio::time::Instant::now();
+                    if state.queued == 0 {
+                        self.0.emptied.notify_waiters();
+                    }
                 }
                 Poll::Ready(Some(item.map(|(response, _budget)| response)))
             }

@@ -107,6 +107,7 @@ async fn an_oversize_request_message_is_answered_with_a_status_naming_the_limit(
     assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
     assert!(status.message().contains("--max-batch-samples (1000)"), "{status:?}");
     assert_eq!(loader.state.stats.requests_malformed.load(Relaxed), 1);
+    drop((tx, responses, client));
     loader.stop().await;
 }
 
@@ -178,6 +179,7 @@ async fn connections_past_max_connections_are_closed_at_once() {
     let read = tokio::time::timeout(Duration::from_secs(20), third.read(&mut buf)).await.expect("third left open");
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     assert_eq!(loader.state.stats.connections_refused.load(Relaxed), 1);
+    drop((_a, _b, third));
     loader.stop().await;
 }
 
