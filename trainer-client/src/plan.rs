@@ -131,7 +131,7 @@ impl RunSpec {
     /// The rest of the run `cursor` was saved in. A cursor from before the end epoch was stored
     /// continues for `epochs_if_unknown` epochs from its own.
     pub fn resume(cursor: &Cursor, epochs_if_unknown: u64) -> RunSpec {
-        let end = cursor.end_epoch.unwrap_or(cursor.epoch + epochs_if_unknown.max(1));
+        let end = cursor.end_epoch.unwrap_or(cursor.epoch.saturating_add(epochs_if_unknown.max(1)));
         RunSpec {
             dataset: cursor.dataset.clone(),
             plan: cursor.plan.clone(),
@@ -212,6 +212,26 @@ impl Schedule {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found while writing the `cursor` fuzz target: a cursor from before `end_epoch` was stored, at the
+    /// last epoch, overflowed the end of its run.
+    #[test]
+    fn a_cursor_at_the_last_epoch_resumes_without_overflow() {
+        let plan = crate::sampler::PlanSpec {
+            num_samples: 10,
+            batch_size: 3,
+            drop_last: false,
+            shuffle: crate::Shuffle::None,
+            seed: 0,
+            rank: 0,
+            world_size: 1,
+            block_len: 1,
+            shuffle_window: 1,
+        };
+        let cursor = crate::Cursor { dataset: "d".into(), plan, epoch: u64::MAX, next_batch: 0, end_epoch: None };
+        let spec = RunSpec::resume(&cursor, 3);
+        assert_eq!(spec.epochs, u64::MAX..u64::MAX);
+    }
 
     fn info(num_samples: u64) -> DatasetInfo {
         DatasetInfo {
