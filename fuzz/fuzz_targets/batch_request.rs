@@ -32,7 +32,7 @@ fn state() -> &'static Arc<LoaderState> {
             (dir, state)
         })
         .1
-});
+}
 
 fuzz_target!(|data: &[u8]| {
     let Ok(request) = BatchRequest::decode(data) else { return };

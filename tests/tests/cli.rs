@@ -217,3 +217,50 @@ async fn info_errors_and_logs_read_well_and_datagen_keeps_existing_data() {
     assert!(log.contains("listening") && !log.contains('\u{1b}'), "{log}");
     assert!(log.contains("stream ended") && log.contains("batches=3"), "{log}");
 }
+
+/// Reads the loader's log lines until one contains `needle` (or the process closes stderr).
+fn loader_log_until(args: &[&str], needle: &str) -> (bool, String) {
+    use std::io::BufRead;
+    // `timeout` bounds the wait: the loader is killed after 30 s, which closes its stderr.
+    let mut child = std::process::Command::new("timeout")
+        .arg("30")
+        .arg(conveyor_tests::binary("loader-server"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("loader-server runs");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut seen = String::new();
+    let mut found = false;
+    for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains(needle) {
+            found = true;
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    (found, seen)
+}
+
+#[test]
+fn a_loader_open_beyond_loopback_without_tls_or_tokens_says_so_loudly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    trainer_client::demo::write_chess_dataset(dir.path(), 100, 100).expect("demo data");
+    let dataset = format!("c={}", dir.path().display());
+    let (found, log) = loader_log_until(&["--listen", "0.0.0.0:0", "--dataset", &dataset], "THIS LOADER IS OPEN");
+    assert!(found, "no warning: {log}");
+    assert!(log.contains("--tls-cert") && log.contains("--auth-token-file"), "{log}");
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "t0ken\n").expect("tokens");
+    let tokens = tokens.display().to_string();
+    let (found, log) = loader_log_until(
+        &["--listen", "0.0.0.0:0", "--dataset", &dataset, "--auth-token-file", &tokens],
+        "travel in clear text",
+    );
+    assert!(found, "no clear-text warning with tokens but no TLS: {log}");
+    assert!(!log.contains("t0ken"), "the token was logged: {log}");
+}
