@@ -184,3 +184,27 @@ mod tests {
         assert_eq!(DType::from_numpy_code("c8"), None);
     }
 }
+
+/// Standard error for both binaries' logs, dropping what cannot be written: a log reader that
+/// went away (a closed pipe, a stopped collector) must not fail the call being logged, which
+/// the standard writer did by panicking inside it.
+#[derive(Debug)]
+pub struct LogWriter(std::io::Stderr);
+
+impl LogWriter {
+    /// The writer over the process's standard error.
+    pub fn stderr() -> LogWriter {
+        LogWriter(std::io::stderr())
+    }
+}
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        Ok(self.0.write(buf).unwrap_or(buf.len()))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = self.0.flush();
+        Ok(())
+    }
+}

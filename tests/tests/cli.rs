@@ -264,3 +264,56 @@ fn a_loader_open_beyond_loopback_without_tls_or_tokens_says_so_loudly() {
     assert!(found, "no clear-text warning with tokens but no TLS: {log}");
     assert!(!log.contains("t0ken"), "the token was logged: {log}");
 }
+
+#[test]
+fn sighup_reloads_the_token_file() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().expect("tempdir");
+    trainer_client::demo::write_chess_dataset(dir.path(), 100, 100).expect("demo data");
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "old-token\n").expect("tokens");
+    let mut loader = std::process::Command::new("timeout")
+        .arg("60")
+        .arg(conveyor_tests::binary("loader-server"))
+        .args(["--listen", "127.0.0.1:0", "--dataset", &format!("c={}", dir.path().display())])
+        .arg("--auth-token-file")
+        .arg(&tokens)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("loader-server runs");
+    let mut stdout = std::io::BufReader::new(loader.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("listening line");
+    let addr = line.trim().strip_prefix("listening on ").expect("listening on ADDR").to_owned();
+    let info = |token: &str| {
+        std::process::Command::new(conveyor_tests::binary("trainer-client"))
+            .args(["info", "--loader", &addr])
+            .env("CONVEYOR_AUTH_TOKEN", token)
+            .output()
+            .expect("trainer-client runs")
+    };
+    assert!(info("old-token").status.success());
+    assert!(!info("new-token").status.success());
+
+    std::fs::write(&tokens, "new-token\n").expect("tokens");
+    // `timeout` runs the loader as its child: signal the loader itself.
+    let pgrep = std::process::Command::new("pgrep").args(["-P", &loader.id().to_string()]).output().expect("pgrep");
+    let pid = String::from_utf8_lossy(&pgrep.stdout).trim().to_owned();
+    let status = std::process::Command::new("kill").args(["-HUP", &pid]).status().expect("kill");
+    assert!(status.success(), "kill -HUP {pid}");
+    // Wait for the loader to say it reloaded (bounded by `timeout` above).
+    let stderr = std::io::BufReader::new(loader.stderr.take().expect("stderr"));
+    let reloaded = stderr.lines().map_while(Result::ok).any(|l| l.contains("SIGHUP: reloaded the tokens"));
+    assert!(reloaded, "no reload line");
+    // Standard error is closed from here on, as when a log collector goes away: the loader must
+    // drop the log lines of the calls below, not fail the calls (it did: every logged call got
+    // an h2 error).
+    assert!(info("new-token").status.success(), "the new token is refused after SIGHUP");
+    let refused = info("old-token");
+    assert!(!refused.status.success(), "the old token still works");
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(message.contains("does not accept the token"), "{message}");
+    let _ = loader.kill();
+    let _ = loader.wait();
+}

@@ -101,7 +101,7 @@ fn main() -> ExitCode {
     let stderr_is_terminal = std::io::stderr().is_terminal();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("TRAINER_LOG").unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
+        .with_writer(conveyor_proto::LogWriter::stderr)
         .with_ansi(stderr_is_terminal)
         .init();
     let command = Cli::parse().command;
