@@ -102,6 +102,8 @@ async fn tls_serves_an_epoch_and_refuses_plain_and_untrusted_clients() {
     // Plain HTTP/2 to a TLS port.
     let plain = stream_epoch(&loader.addr, options(ConnectOptions::default())).await;
     assert!(matches!(plain, Err(ClientError::Unavailable { .. })), "{plain:?}");
+    let hint = plain.expect_err("refused").to_string();
+    assert!(hint.contains(&format!("https://{}", loader.addr)), "no hint to use https://: {hint}");
 
     // A CA that did not sign the loader's certificate.
     let other = TlsOptions::from_files(Some(&pki.path("other-ca.pem")), None, None).expect("tls");

@@ -213,7 +213,7 @@ pub async fn fetch_catalog(loader: &str, options: &ConnectOptions) -> Result<Vec
     let addr = parse_loader(loader)?;
     let host = host_of(&addr);
     let mut client = connect(&addr, &host, &options).await?;
-    list_datasets(&mut client, &addr).await
+    list_datasets(&mut client, &addr, options.tls.is_some()).await
 }
 
 /// The host part of `host:port` (without the brackets of an IPv6 address).
@@ -268,11 +268,23 @@ async fn channel(addr: &str, host: &str, options: &ConnectOptions) -> Result<Cha
 ///
 /// # Errors
 /// [`ClientError::Rpc`] when the call fails.
-pub(crate) async fn list_datasets(client: &mut Client, addr: &str) -> Result<Vec<DatasetInfo>, ClientError> {
-    let response = client
-        .list_datasets(ListDatasetsRequest {})
-        .await
-        .map_err(|source| ClientError::Rpc { addr: addr.to_owned(), status: Box::new(source) })?;
+pub(crate) async fn list_datasets(client: &mut Client, addr: &str, tls: bool) -> Result<Vec<DatasetInfo>, ClientError> {
+    let response = client.list_datasets(ListDatasetsRequest {}).await.map_err(|status| {
+        // What a plain-text client sees of a TLS loader: say what to change.
+        let message = status.message();
+        let status = if !tls && (message.contains("h2 protocol error") || message.contains("transport error")) {
+            tonic::Status::new(
+                status.code(),
+                format!(
+                    "{}; if this loader serves TLS, give it as https://{addr} (with --tls-ca when its CA is not a system root)",
+                    status.message()
+                ),
+            )
+        } else {
+            status
+        };
+        ClientError::Rpc { addr: addr.to_owned(), status: Box::new(status) }
+    })?;
     Ok(response.into_inner().datasets)
 }
 

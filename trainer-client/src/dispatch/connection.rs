@@ -70,7 +70,7 @@ impl Connector for GrpcConnector {
         Box::pin(async move {
             let name = addr.to_string();
             let mut client = connect(&name, &host, &options).await?;
-            let datasets = list_datasets(&mut client, &name).await?;
+            let datasets = list_datasets(&mut client, &name, options.tls.is_some()).await?;
             let (requests_tx, requests_rx) = mpsc::channel(window);
             let responses = client
                 .stream_batches(ReceiverStream::new(requests_rx))
