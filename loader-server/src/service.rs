@@ -299,7 +299,10 @@ async fn serve_stream(
                 outbox.note_queued();
                 match tokio::time::timeout(config.write_timeout, out_tx.send(Ok(outgoing))).await {
                     Ok(Ok(())) => {}
-                    Ok(Err(_)) => break "the client left",
+                    Ok(Err(_)) => {
+                        outbox.abort(Status::cancelled("the client left"));
+                        break "the client left";
+                    }
                     Err(_) => {
                         state.stats.streams_timed_out.fetch_add(1, Relaxed);
                         outbox.abort(write_timeout_status(config));
@@ -476,6 +479,19 @@ impl Outbox {
 
 /// The response stream tonic polls; the budget of a response is released as tonic takes it.
 struct OutboxStream(Arc<Outbox>);
+
+impl Drop for OutboxStream {
+    /// The call is over (the client left or reset it): queued responses release their budget
+    /// now, and the stream task's next send fails, which ends it.
+    fn drop(&mut self) {
+        let mut state = self.0.lock();
+        state.responses_rx.close();
+        while state.responses_rx.try_recv().is_ok() {}
+        state.queued = 0;
+        drop(state);
+        self.0.emptied.notify_waiters();
+    }
+}
 
 impl Stream for OutboxStream {
     type Item = Result<BatchResponse, Status>;

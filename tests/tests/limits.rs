@@ -198,3 +198,46 @@ async fn a_stream_with_no_request_for_the_idle_timeout_ends_with_a_status() {
     drop(tx);
     loader.stop().await;
 }
+
+#[tokio::test]
+async fn a_client_that_disconnects_with_batches_queued_releases_its_budget_and_stream_at_once() {
+    let data = chess();
+    // The default --write-timeout (60 s): the release must not wait for it.
+    let loader = InProcessLoader::start(config(
+        data.path(),
+        &["--max-inflight-bytes", "2000000", "--max-batch-bytes", "500000"],
+    ))
+    .await;
+    let per_sample = loader.state.datasets().next().expect("dataset").bytes_per_sample() as u64;
+    let batch = 500_000 / per_sample;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", loader.addr))
+        .expect("uri")
+        .initial_stream_window_size(65_535)
+        .connect()
+        .await
+        .expect("connect");
+    let mut client = LoaderClient::new(channel);
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    for batch_id in 0..32 {
+        let indices = (0..batch).map(|i| (batch_id * batch + i) % SAMPLES).collect();
+        tx.send(BatchRequest { batch_id, dataset: "chess".into(), indices }).await.expect("queue");
+    }
+    let mut responses = client.stream_batches(ReceiverStream::new(rx)).await.expect("stream").into_inner();
+    responses.message().await.expect("first answer").expect("a response");
+    assert!(loader.state.inflight_bytes() > 0, "the loader holds nothing; the test proves nothing");
+    drop((responses, client, tx));
+    // A bounded wait for the loader to notice, far below the 60 s write timeout.
+    let released = tokio::time::timeout(Duration::from_secs(10), async {
+        while loader.state.inflight_bytes() > 0 || loader.state.active_streams() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(
+        released.is_ok(),
+        "still {} bytes and {} streams held",
+        loader.state.inflight_bytes(),
+        loader.state.active_streams()
+    );
+    loader.stop().await;
+}
