@@ -71,7 +71,7 @@ grep "epoch 0: every sample exactly once" /tmp/conveyor-secure.log >/dev/null \
     || { tail -30 /tmp/conveyor-secure.log; fail "no exactly-once epoch over TLS with a token"; }
 "${secure[@]}" up -d loader
 wait_for '[ "$(healthy_loaders)" -ge 2 ]'
-network=$(docker inspect -f '{{range $k, $v := .NetworkSettings.Networks}}{{$k}}{{end}}' "$(compose ps -q loader | head -n 1)")
+network=$(docker inspect -f '{{range $k, $v := .NetworkSettings.Networks}}{{$k}}{{end}}' "$(compose ps -q loader | sed -n 1p)")
 outsider() {
     docker run --rm --network "$network" -v "$PWD/deploy/secrets/ca.pem:/ca.pem:ro" "$@" \
         --entrypoint /usr/local/bin/trainer-client conveyor:local info --loader https://loader:7070 --tls-ca /ca.pem 2>&1 || true
@@ -97,7 +97,7 @@ wait_for 'trainer_log | grep "epoch 0: every sample exactly once" >/dev/null'
 compose run --rm datagen >/tmp/conveyor-datagen.log 2>&1 || fail "datagen failed on existing data"
 grep "already holds 400000 samples; kept" /tmp/conveyor-datagen.log >/dev/null \
     || { cat /tmp/conveyor-datagen.log; fail "datagen rewrote the dataset under live loaders"; }
-victim=$(compose ps -q loader | head -n 1)
+victim=$(compose ps -q loader | sed -n 1p)
 docker kill "$victim" >/dev/null
 echo "killed loader container ${victim:0:12}"
 wait_for 'trainer_log | grep "epoch 1: every sample exactly once" >/dev/null'
@@ -121,7 +121,7 @@ wait_for 'compose logs --no-color loader | grep "stream ended" | grep "batches="
 echo "PASS: 6 epochs exactly once through a killed loader, datagen re-run and a scale-up"
 
 echo "== OOM: a replica with a 40 MiB limit serving 30 MB batches is killed by the kernel"
-network=$(docker inspect -f '{{range $k, $v := .NetworkSettings.Networks}}{{$k}}{{end}}' "$(compose ps -q loader | head -n 1)")
+network=$(docker inspect -f '{{range $k, $v := .NetworkSettings.Networks}}{{$k}}{{end}}' "$(compose ps -q loader | sed -n 1p)")
 volume=$(docker volume ls -q | grep 'conveyor-e2e_data$')
 docker run -d --name "$oom_container" --network "$network" --network-alias loader --memory 40m --memory-swap 40m \
     -v "$volume":/data:ro -e LOADER_DATASET=chess=/data/chess -e LOADER_MAX_BATCH_BYTES=33554432 \
