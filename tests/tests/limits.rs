@@ -25,6 +25,27 @@ fn config(data: &std::path::Path, extra: &[&str]) -> loader_server::Config {
     <loader_server::Config as clap::Parser>::parse_from(args)
 }
 
+/// Opens a stream with a small HTTP/2 window (so the loader's side backs up at once) and sends
+/// 32 requests for 500 kB batches; returns the request sender and the unread responses.
+async fn flood(loader: &InProcessLoader) -> (tokio::sync::mpsc::Sender<BatchRequest>, tonic::Streaming<BatchResponse>) {
+    let per_sample = loader.state.datasets().next().expect("dataset").bytes_per_sample() as u64;
+    let batch = 500_000 / per_sample;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", loader.addr))
+        .expect("uri")
+        .initial_stream_window_size(65_535)
+        .connect()
+        .await
+        .expect("connect");
+    let mut client = LoaderClient::new(channel);
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    for batch_id in 0..32 {
+        let indices = (0..batch).map(|i| (batch_id * batch + i) % SAMPLES).collect();
+        tx.send(BatchRequest { batch_id, dataset: "chess".into(), indices }).await.expect("queue");
+    }
+    let responses = client.stream_batches(ReceiverStream::new(rx)).await.expect("stream").into_inner();
+    (tx, responses)
+}
+
 #[tokio::test]
 async fn a_client_that_stops_reading_loses_its_stream_after_the_write_timeout_and_others_are_served() {
     let data = chess();
@@ -33,24 +54,8 @@ async fn a_client_that_stops_reading_loses_its_stream_after_the_write_timeout_an
         &["--max-inflight-bytes", "2000000", "--max-batch-bytes", "500000", "--write-timeout", "2s"],
     ))
     .await;
-    let per_sample = loader.state.datasets().next().expect("dataset").bytes_per_sample() as u64;
-    let batch = 500_000 / per_sample;
-
-    // The hog: asks for the largest batches, many of them, and never reads an answer. A small
-    // HTTP/2 window makes the loader's side back up at once.
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", loader.addr))
-        .expect("uri")
-        .initial_stream_window_size(65_535)
-        .connect()
-        .await
-        .expect("connect");
-    let mut hog = LoaderClient::new(channel);
-    let (hog_tx, hog_rx) = tokio::sync::mpsc::channel(64);
-    for batch_id in 0..32 {
-        let indices = (0..batch).map(|i| (batch_id * batch + i) % SAMPLES).collect();
-        hog_tx.send(BatchRequest { batch_id, dataset: "chess".into(), indices }).await.expect("queue");
-    }
-    let mut hog_stream = hog.stream_batches(ReceiverStream::new(hog_rx)).await.expect("hog stream").into_inner();
+    // The hog: asks for the largest batches, many of them, and never reads an answer.
+    let (hog_tx, mut hog_stream) = flood(&loader).await;
 
     // Another client streams a whole epoch. Its requests would wait behind the hog's budget
     // forever; with a 4s request timeout and no retry target, any wait that long fails it.
@@ -208,24 +213,10 @@ async fn a_client_that_disconnects_with_batches_queued_releases_its_budget_and_s
         &["--max-inflight-bytes", "2000000", "--max-batch-bytes", "500000"],
     ))
     .await;
-    let per_sample = loader.state.datasets().next().expect("dataset").bytes_per_sample() as u64;
-    let batch = 500_000 / per_sample;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", loader.addr))
-        .expect("uri")
-        .initial_stream_window_size(65_535)
-        .connect()
-        .await
-        .expect("connect");
-    let mut client = LoaderClient::new(channel);
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    for batch_id in 0..32 {
-        let indices = (0..batch).map(|i| (batch_id * batch + i) % SAMPLES).collect();
-        tx.send(BatchRequest { batch_id, dataset: "chess".into(), indices }).await.expect("queue");
-    }
-    let mut responses = client.stream_batches(ReceiverStream::new(rx)).await.expect("stream").into_inner();
+    let (tx, mut responses) = flood(&loader).await;
     responses.message().await.expect("first answer").expect("a response");
     assert!(loader.state.inflight_bytes() > 0, "the loader holds nothing; the test proves nothing");
-    drop((responses, client, tx));
+    drop((responses, tx));
     // A bounded wait for the loader to notice, far below the 60 s write timeout.
     let released = tokio::time::timeout(Duration::from_secs(10), async {
         while loader.state.inflight_bytes() > 0 || loader.state.active_streams() > 0 {
