@@ -20,6 +20,57 @@ pub struct Config {
     #[arg(long = "dataset", env = "LOADER_DATASET", value_delimiter = ',', required = true)]
     pub datasets: Vec<String>,
 
+    /// A dataset derived by a Python function, as NAME=SOURCE:module:function: clients request
+    /// NAME; the loader gathers SOURCE's rows and runs `function(batch, indices, rng)` from
+    /// `module` in its worker processes (see --transform-workers). Repeat for more.
+    #[arg(long = "transform", env = "LOADER_TRANSFORM", value_delimiter = ',')]
+    pub transforms: Vec<String>,
+
+    /// A dataset derived by built-in operators, as NAME=SOURCE:PIPELINE, where PIPELINE gives
+    /// fields their operators: 'image: random_crop(56, 56) | flip(axis=-1) | cast(float32,
+    /// scale=1/255) | normalize(mean=[...], std=[...]); eeg: random_window(200)', or @FILE to
+    /// read it from a file. Repeat for more.
+    #[arg(long = "pipeline", env = "LOADER_PIPELINE")]
+    pub pipelines: Vec<String>,
+
+    /// Worker processes of each --transform (each runs one batch at a time).
+    #[arg(long, env = "LOADER_TRANSFORM_WORKERS", default_value = "2")]
+    pub transform_workers: NonZeroUsize,
+
+    /// Address space of each transform worker in bytes (its Python, numpy, the user's module and
+    /// its --transform-shm-bytes region included), enforced by the kernel (RLIMIT_AS). A batch
+    /// that allocates past it is retried once on a fresh worker. 0: no cap.
+    #[arg(long, env = "LOADER_TRANSFORM_WORKER_MEMORY", default_value_t = 4 << 30)]
+    pub transform_worker_memory: u64,
+
+    /// Shared memory of each transform worker in bytes, holding one batch in and out
+    /// (anonymous memory shared between the loader and the worker).
+    #[arg(long, env = "LOADER_TRANSFORM_SHM_BYTES", default_value_t = 256 << 20)]
+    pub transform_shm_bytes: u64,
+
+    /// A transform worker that takes longer on one batch is killed and replaced, and the batch
+    /// retried once.
+    #[arg(long, env = "LOADER_TRANSFORM_TIMEOUT", default_value = "60s", value_parser = conveyor_proto::parse_duration)]
+    pub transform_timeout: Duration,
+
+    /// Batches after which a transform worker is replaced by a fresh one, so that memory the
+    /// user's code leaks stays bounded. 0: never.
+    #[arg(long, env = "LOADER_TRANSFORM_MAX_BATCHES", default_value_t = 1000)]
+    pub transform_max_batches: u64,
+
+    /// Batches waiting for a transform worker, per --transform (each holds its gathered rows).
+    #[arg(long, env = "LOADER_TRANSFORM_QUEUE", default_value = "4")]
+    pub transform_queue: NonZeroUsize,
+
+    /// Python interpreter of the transform workers (it needs numpy).
+    #[arg(long, env = "LOADER_PYTHON", default_value = "python3")]
+    pub python: PathBuf,
+
+    /// Directories searched for --transform modules, before PYTHONPATH (repeat, or separate
+    /// with ':' in the environment variable).
+    #[arg(long = "transform-pythonpath", env = "LOADER_TRANSFORM_PYTHONPATH", value_delimiter = ':')]
+    pub transform_pythonpath: Vec<PathBuf>,
+
     /// Largest batch, in bytes of tensor data, one request may ask for. Bounds the size of one
     /// response message (the gRPC message limit is set from it).
     #[arg(long, env = "LOADER_MAX_BATCH_BYTES", default_value_t = 64 << 20)]

@@ -216,6 +216,7 @@ impl Dataset {
             num_samples: self.num_samples,
             fields: self.fields.iter().map(Field::info).collect(),
             max_batch_samples,
+            derivation: String::new(),
         }
     }
 }

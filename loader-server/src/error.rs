@@ -100,6 +100,26 @@ pub enum LoadError {
         /// What is wrong.
         problem: String,
     },
+    /// A `--transform` or `--pipeline` value that is not `NAME=SOURCE:...`.
+    #[error("{flag} '{value}' is not {example}")]
+    BadDerivedSpec {
+        /// The flag.
+        flag: &'static str,
+        /// Its value as given.
+        value: String,
+        /// The form it needs, with an example.
+        example: &'static str,
+    },
+    /// A derived dataset that cannot be set up.
+    #[error("dataset '{name}' ({flag}): {problem}")]
+    Derived {
+        /// The derived dataset's name.
+        name: String,
+        /// `--transform` or `--pipeline`.
+        flag: &'static str,
+        /// What is wrong, naming the field, operator or function.
+        problem: String,
+    },
     /// Fields with different sample counts.
     #[error(
         "dataset '{dataset}': field '{field}' has {len} samples but field '{first_field}' has {first_len}; \
@@ -182,6 +202,46 @@ pub enum RequestError {
     /// A chunk the batch needs could not be read or decoded.
     #[error(transparent)]
     ReadFailed(#[from] ReadError),
+    /// The dataset's transform refused the batch: the function raised or broke the schema.
+    #[error("dataset '{dataset}': {function} failed on {samples}: {message}")]
+    TransformFailed {
+        /// Derived dataset name.
+        dataset: String,
+        /// The function or pipeline.
+        function: String,
+        /// Which samples, for example `4 samples (indices 8, 3, 9, 1)`.
+        samples: String,
+        /// The exception or what broke the schema.
+        message: String,
+    },
+    /// Transform workers failed twice on the batch (out of memory, crash, timeout); another
+    /// replica may serve it.
+    #[error("dataset '{dataset}': the workers running {function} failed on {samples}: {detail}")]
+    WorkerFailed {
+        /// Derived dataset name.
+        dataset: String,
+        /// The function.
+        function: String,
+        /// Which samples.
+        samples: String,
+        /// What happened to each worker.
+        detail: String,
+    },
+    /// A batch whose data would not fit a transform worker's shared region.
+    #[error(
+        "batch of {num_samples} samples from dataset '{dataset}' needs {bytes} bytes of a transform worker's shared \
+         region, which holds {shm_bytes}; request smaller batches or raise --transform-shm-bytes"
+    )]
+    RegionTooSmall {
+        /// Dataset name.
+        dataset: String,
+        /// Requested samples.
+        num_samples: u64,
+        /// Bytes the region would need.
+        bytes: u64,
+        /// `--transform-shm-bytes`.
+        shm_bytes: u64,
+    },
     /// Gathering the batch failed unexpectedly (the reader panicked); the loader carries on.
     #[error("loader failed to read batch {batch_id} of dataset '{dataset}': {reason}")]
     GatherFailed {
@@ -200,9 +260,11 @@ impl RequestError {
         match self {
             RequestError::UnknownDataset { .. } => Kind::UnknownDataset,
             RequestError::IndexOutOfRange { .. } => Kind::IndexOutOfRange,
-            RequestError::BatchTooLarge { .. } => Kind::BatchTooLarge,
+            RequestError::BatchTooLarge { .. } | RequestError::RegionTooSmall { .. } => Kind::BatchTooLarge,
             RequestError::EmptyBatch { .. } => Kind::EmptyBatch,
             RequestError::ReadFailed(_) | RequestError::GatherFailed { .. } => Kind::ReadFailed,
+            RequestError::TransformFailed { .. } => Kind::TransformFailed,
+            RequestError::WorkerFailed { .. } => Kind::WorkerFailed,
         }
     }
 
@@ -218,10 +280,22 @@ impl From<RequestError> for tonic::Status {
         match error {
             RequestError::UnknownDataset { .. } => tonic::Status::not_found(message),
             RequestError::IndexOutOfRange { .. } => tonic::Status::out_of_range(message),
-            RequestError::BatchTooLarge { .. } => tonic::Status::resource_exhausted(message),
+            RequestError::BatchTooLarge { .. } | RequestError::RegionTooSmall { .. } => {
+                tonic::Status::resource_exhausted(message)
+            }
+            RequestError::TransformFailed { .. } => tonic::Status::failed_precondition(message),
+            RequestError::WorkerFailed { .. } => tonic::Status::unavailable(message),
             RequestError::EmptyBatch { .. } => tonic::Status::invalid_argument(message),
             RequestError::ReadFailed(_) => tonic::Status::data_loss(message),
             RequestError::GatherFailed { .. } => tonic::Status::internal(message),
         }
     }
+}
+
+/// A batch's samples for messages: the count and the first few indices in request order.
+pub fn describe_samples(indices: &[u64]) -> String {
+    const SHOWN: usize = 6;
+    let shown: Vec<String> = indices.iter().take(SHOWN).map(u64::to_string).collect();
+    let more = if indices.len() > SHOWN { ", ..." } else { "" };
+    format!("{} samples (indices {}{more})", indices.len(), shown.join(", "))
 }

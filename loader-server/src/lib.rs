@@ -17,6 +17,7 @@ pub mod mmap;
 pub mod npy;
 pub mod service;
 pub mod stats;
+pub mod transform;
 pub mod zarr;
 
 use std::{future::Future, path::Path, sync::Arc};
@@ -78,6 +79,15 @@ pub fn open(config: Config) -> Result<Arc<LoaderState>, ServeError> {
         None => None,
     };
     let mut state = LoaderState::new(datasets, config);
+    for derived in transform::open_derived(&state)? {
+        tracing::info!(
+            dataset = %derived.name,
+            derivation = %derived.derivation,
+            fields = ?derived.schema.iter().map(transform::FieldSchema::describe).collect::<Vec<_>>(),
+            "derived dataset ready"
+        );
+        state.add_derived(derived);
+    }
     state.tokens = tokens;
     // Read the TLS files now, so that a wrong path or PEM stops the loader at start-up.
     tls_config(state.config())?;

@@ -45,6 +45,8 @@ pub fn render(state: &LoaderState) -> String {
             ("{kind=\"batch_too_large\"}", stats.errors_batch_too_large.load(Relaxed)),
             ("{kind=\"empty_batch\"}", stats.errors_empty_batch.load(Relaxed)),
             ("{kind=\"read_failed\"}", stats.errors_read_failed.load(Relaxed)),
+            ("{kind=\"transform_failed\"}", stats.errors_transform_failed.load(Relaxed)),
+            ("{kind=\"worker_failed\"}", stats.errors_worker_failed.load(Relaxed)),
         ],
     );
     metric(
@@ -115,6 +117,48 @@ pub fn render(state: &LoaderState) -> String {
         "counter",
         "Bytes decoded from storage, per dataset.",
         &as_refs(&decoded),
+    );
+    let transform_batches = per_dataset(|c| c.transform_batches.load(Relaxed));
+    let transform_nanos = per_dataset(|c| c.transform_nanos.load(Relaxed));
+    let derived: Vec<String> = state.derived().map(|d| format!("{{dataset=\"{}\"}}", d.name)).collect();
+    let only_derived =
+        |all: Vec<(String, u64)>| all.into_iter().filter(|(l, _)| derived.contains(l)).collect::<Vec<_>>();
+    metric(
+        "conveyor_loader_transform_batches_total",
+        "counter",
+        "Batches transformed, per derived dataset.",
+        &as_refs(&only_derived(transform_batches)),
+    );
+    metric(
+        "conveyor_loader_transform_nanoseconds_total",
+        "counter",
+        "Time spent transforming batches, per derived dataset (Python: queue wait, copies and the function).",
+        &as_refs(&only_derived(transform_nanos)),
+    );
+    let mut restarts = Vec::new();
+    let mut queued = Vec::new();
+    for derived in state.derived() {
+        if let crate::transform::Transform::Python(pool) = &derived.transform {
+            for cause in crate::transform::python::RestartCause::ALL {
+                restarts.push((
+                    format!("{{dataset=\"{}\",cause=\"{}\"}}", derived.name, cause.label()),
+                    pool.stats.restarts_for(cause),
+                ));
+            }
+            queued.push((format!("{{dataset=\"{}\"}}", derived.name), pool.stats.queued.load(Relaxed)));
+        }
+    }
+    metric(
+        "conveyor_loader_transform_worker_restarts_total",
+        "counter",
+        "Python transform workers replaced, by cause (memory, crashed, timeout, recycled).",
+        &as_refs(&restarts),
+    );
+    metric(
+        "conveyor_loader_transform_queue_depth",
+        "gauge",
+        "Batches waiting for a Python transform worker (bounded by --transform-queue).",
+        &as_refs(&queued),
     );
     let cache = state.cache.stats();
     metric(

@@ -29,7 +29,75 @@ use crate::{
     dataset::Dataset,
     error::RequestError,
     stats::Stats,
+    transform::{Derived, FieldSchema, Transform, python::TransformError, schema_of},
 };
+
+/// A dataset clients can request: stored, or derived from a stored one by a transform.
+#[derive(Debug, Clone)]
+pub enum Served {
+    /// Served as stored.
+    Stored {
+        /// The dataset.
+        dataset: Arc<Dataset>,
+        /// Its fields' schema, for the responses.
+        schema: Arc<Vec<FieldSchema>>,
+    },
+    /// Transformed on the way out.
+    Derived(Arc<Derived>),
+}
+
+impl Served {
+    /// A stored dataset.
+    pub fn stored(dataset: Arc<Dataset>) -> Served {
+        Served::Stored { schema: Arc::new(schema_of(&dataset)), dataset }
+    }
+
+    /// Name clients use.
+    pub fn name(&self) -> &str {
+        match self {
+            Served::Stored { dataset, .. } => &dataset.name,
+            Served::Derived(derived) => &derived.name,
+        }
+    }
+
+    /// The stored dataset whose rows are gathered.
+    pub fn source(&self) -> &Arc<Dataset> {
+        match self {
+            Served::Stored { dataset, .. } => dataset,
+            Served::Derived(derived) => &derived.source,
+        }
+    }
+
+    /// The fields of its batches.
+    pub fn schema(&self) -> &[FieldSchema] {
+        match self {
+            Served::Stored { schema, .. } => schema,
+            Served::Derived(derived) => &derived.schema,
+        }
+    }
+
+    /// Bytes of one sample as sent.
+    pub fn bytes_per_sample(&self) -> usize {
+        self.schema().iter().map(FieldSchema::bytes_per_sample).sum()
+    }
+
+    /// Bytes one sample holds while its batch is assembled: as sent, plus the gathered source
+    /// rows for a derived dataset.
+    fn budget_bytes_per_sample(&self) -> usize {
+        match self {
+            Served::Stored { .. } => self.bytes_per_sample(),
+            Served::Derived(derived) => self.bytes_per_sample() + derived.source.bytes_per_sample(),
+        }
+    }
+
+    /// Wire description, given the server's per-batch sample limit.
+    pub fn info(&self, max_batch_samples: u64) -> DatasetInfo {
+        match self {
+            Served::Stored { dataset, .. } => dataset.info(max_batch_samples),
+            Served::Derived(derived) => derived.info(max_batch_samples),
+        }
+    }
+}
 
 /// A response ready to send, holding its share of the in-flight byte budget until tonic takes it.
 type Outgoing = (BatchResponse, Option<BudgetPermit>);
@@ -37,8 +105,8 @@ type Outgoing = (BatchResponse, Option<BudgetPermit>);
 /// Shared state of all streams of one loader.
 #[derive(Debug)]
 pub struct LoaderState {
-    /// Datasets by name.
-    datasets: BTreeMap<String, Arc<Dataset>>,
+    /// Datasets by name, stored and derived.
+    datasets: BTreeMap<String, Served>,
     /// Limits from the flags.
     config: Config,
     /// One permit per concurrent stream (`--max-streams`).
@@ -62,7 +130,7 @@ impl LoaderState {
     pub fn new(datasets: Vec<Dataset>, config: Config) -> LoaderState {
         LoaderState {
             stats: Stats::new(datasets.iter().map(|d| d.name.clone())),
-            datasets: datasets.into_iter().map(|d| (d.name.clone(), Arc::new(d))).collect(),
+            datasets: datasets.into_iter().map(|d| (d.name.clone(), Served::stored(Arc::new(d)))).collect(),
             streams: Arc::new(Semaphore::new(config.max_streams.get())),
             inflight_bytes: Arc::new(FairBudget::new(config.max_inflight_bytes)),
             next_stream_id: AtomicU64::new(0),
@@ -73,9 +141,23 @@ impl LoaderState {
         }
     }
 
-    /// Datasets by name.
-    pub fn datasets(&self) -> impl Iterator<Item = &Arc<Dataset>> {
+    /// Adds a derived dataset (before the state is shared).
+    pub fn add_derived(&mut self, derived: Derived) {
+        self.stats.add_dataset(&derived.name);
+        self.datasets.insert(derived.name.clone(), Served::Derived(Arc::new(derived)));
+    }
+
+    /// Datasets by name, stored and derived.
+    pub fn datasets(&self) -> impl Iterator<Item = &Served> {
         self.datasets.values()
+    }
+
+    /// The derived datasets.
+    pub fn derived(&self) -> impl Iterator<Item = &Arc<Derived>> {
+        self.datasets.values().filter_map(|d| match d {
+            Served::Derived(derived) => Some(derived),
+            Served::Stored { .. } => None,
+        })
     }
 
     /// The flags the loader runs with.
@@ -93,7 +175,7 @@ impl LoaderState {
         self.config.max_streams.get() - self.streams.available_permits()
     }
 
-    fn dataset(&self, name: &str) -> Result<&Arc<Dataset>, RequestError> {
+    fn dataset(&self, name: &str) -> Result<&Served, RequestError> {
         self.datasets.get(name).ok_or_else(|| RequestError::UnknownDataset {
             name: name.to_owned(),
             available: self.datasets.keys().cloned().collect(),
@@ -101,38 +183,48 @@ impl LoaderState {
     }
 
     /// Checks a request against the dataset and the limits; returns the dataset and the bytes
-    /// the batch will take.
-    fn check(&self, request: &BatchRequest) -> Result<(Arc<Dataset>, u64), RequestError> {
-        let dataset = self.dataset(&request.dataset)?;
+    /// the batch holds while it is assembled and queued.
+    fn check(&self, request: &BatchRequest) -> Result<(Served, u64), RequestError> {
+        let served = self.dataset(&request.dataset)?;
+        let name = served.name();
         let num_samples = request.indices.len() as u64;
         if num_samples == 0 {
-            return Err(RequestError::EmptyBatch { dataset: dataset.name.clone() });
+            return Err(RequestError::EmptyBatch { dataset: name.to_owned() });
         }
-        let bytes = num_samples * dataset.bytes_per_sample() as u64;
+        let bytes = num_samples * served.bytes_per_sample() as u64;
         if num_samples > self.config.max_batch_samples || bytes > self.config.max_batch_bytes {
             return Err(RequestError::BatchTooLarge {
-                dataset: dataset.name.clone(),
+                dataset: name.to_owned(),
                 num_samples,
                 bytes,
                 max_samples: self.config.max_batch_samples,
                 max_bytes: self.config.max_batch_bytes,
             });
         }
-        if let Some(&index) = request.indices.iter().find(|&&i| i >= dataset.num_samples) {
-            return Err(RequestError::IndexOutOfRange {
-                dataset: dataset.name.clone(),
-                index,
-                len: dataset.num_samples,
+        let len = served.source().num_samples;
+        if let Some(&index) = request.indices.iter().find(|&&i| i >= len) {
+            return Err(RequestError::IndexOutOfRange { dataset: name.to_owned(), index, len });
+        }
+        if let Served::Derived(derived) = served
+            && let Transform::Python(pool) = &derived.transform
+            && pool.region_bytes(num_samples) > pool.shm_bytes()
+        {
+            return Err(RequestError::RegionTooSmall {
+                dataset: name.to_owned(),
+                num_samples,
+                bytes: pool.region_bytes(num_samples),
+                shm_bytes: pool.shm_bytes(),
             });
         }
-        Ok((dataset.clone(), bytes))
+        Ok((served.clone(), num_samples * served.budget_bytes_per_sample() as u64))
     }
 
-    /// Serves one request: checks it, waits for budget, gathers rows off the runtime.
+    /// Serves one request: checks it, waits for budget, gathers rows off the runtime, and
+    /// transforms them for a derived dataset.
     async fn assemble(self: Arc<Self>, stream_id: u64, request: BatchRequest) -> Outgoing {
         let checked = self.check(&request);
-        let BatchRequest { batch_id, indices, .. } = request;
-        let (dataset, bytes) = match checked {
+        let BatchRequest { batch_id, indices, seed, epoch, .. } = request;
+        let (served, bytes) = match checked {
             Ok(ok) => ok,
             Err(error) => {
                 tracing::warn!(batch_id, %error, "rejected batch request");
@@ -145,10 +237,23 @@ impl LoaderState {
             unreachable!("assemble semaphore is never closed")
         };
         let state = self.clone();
-        let gather_dataset = dataset.clone();
+        let gather_served = served.clone();
         let gathered = tokio::task::spawn_blocking(move || {
             let _slot = slot;
-            let result = gather_dataset.gather(&indices, &state.cache);
+            let result = gather_served.source().gather(&indices, &state.cache);
+            // Built-in pipelines run here too: they are CPU work like the gather.
+            let result = match (&gather_served, result) {
+                (Served::Derived(derived), Ok((buffers, decoded))) => match &derived.transform {
+                    Transform::Pipeline(pipeline) => {
+                        let started = std::time::Instant::now();
+                        let out = pipeline.apply(buffers, &indices, seed, epoch);
+                        state.stats.record_transform(&derived.name, started.elapsed());
+                        Ok((out, decoded))
+                    }
+                    Transform::Python(_) => Ok((buffers, decoded)),
+                },
+                (_, result) => result,
+            };
             (indices, result)
         })
         .await;
@@ -159,31 +264,53 @@ impl LoaderState {
                 return self.refuse(batch_id, indices, RequestError::from(error));
             }
             Err(join_error) => {
-                tracing::error!(batch_id, dataset = %dataset.name, %join_error, "gathering a batch failed");
+                tracing::error!(batch_id, dataset = %served.name(), %join_error, "gathering a batch failed");
                 let error = RequestError::GatherFailed {
-                    dataset: dataset.name.clone(),
+                    dataset: served.name().to_owned(),
                     batch_id,
                     reason: join_error.to_string(),
                 };
                 return self.refuse(batch_id, Vec::new(), error);
             }
         };
-        (self.respond(&dataset, batch_id, indices, buffers, bytes, decoded_bytes), Some(budget))
+        let python = match &served {
+            Served::Derived(derived) => match &derived.transform {
+                Transform::Python(pool) => Some((derived, pool)),
+                Transform::Pipeline(_) => None,
+            },
+            Served::Stored { .. } => None,
+        };
+        let buffers = match python {
+            Some((derived, pool)) => {
+                let started = std::time::Instant::now();
+                let result = pool.run(buffers, indices.clone(), seed, epoch).await;
+                self.stats.record_transform(&derived.name, started.elapsed());
+                match transformed(derived, &pool.function, &indices, result) {
+                    Ok(buffers) => buffers,
+                    Err(error) => {
+                        tracing::warn!(batch_id, %error, "transform failed; failing this batch only");
+                        return self.refuse(batch_id, indices, error);
+                    }
+                }
+            }
+            None => buffers,
+        };
+        (self.respond(&served, batch_id, indices, buffers, decoded_bytes), Some(budget))
     }
 
     /// The answer carrying a gathered batch.
     fn respond(
         &self,
-        dataset: &Dataset,
+        served: &Served,
         batch_id: u64,
         indices: Vec<u64>,
         buffers: Vec<Vec<u8>>,
-        bytes: u64,
         decoded_bytes: u64,
     ) -> BatchResponse {
         let batch = indices.len() as u64;
-        let tensors = dataset
-            .fields
+        let bytes = buffers.iter().map(|b| b.len() as u64).sum();
+        let tensors = served
+            .schema()
             .iter()
             .zip(buffers)
             .map(|(field, data)| Tensor {
@@ -193,7 +320,7 @@ impl LoaderState {
                 data: Bytes::from(data),
             })
             .collect();
-        self.stats.record_batch(&dataset.name, bytes, decoded_bytes);
+        self.stats.record_batch(served.name(), bytes, decoded_bytes);
         BatchResponse { batch_id, indices, tensors, error: None, decoded_bytes }
     }
 
@@ -202,15 +329,55 @@ impl LoaderState {
     /// that drive the handler without a server.
     pub fn answer_blocking(&self, request: BatchRequest) -> BatchResponse {
         let checked = self.check(&request);
-        let BatchRequest { batch_id, indices, .. } = request;
-        let (dataset, bytes) = match checked {
+        let BatchRequest { batch_id, indices, seed, epoch, .. } = request;
+        let (served, _) = match checked {
             Ok(ok) => ok,
             Err(error) => return self.refuse(batch_id, indices, error).0,
         };
-        match dataset.gather(&indices, &self.cache) {
-            Ok((buffers, decoded)) => self.respond(&dataset, batch_id, indices, buffers, bytes, decoded),
-            Err(error) => self.refuse(batch_id, indices, RequestError::from(error)).0,
-        }
+        let (buffers, decoded) = match served.source().gather(&indices, &self.cache) {
+            Ok(ok) => ok,
+            Err(error) => return self.refuse(batch_id, indices, RequestError::from(error)).0,
+        };
+        let buffers = match &served {
+            Served::Stored { .. } => buffers,
+            Served::Derived(derived) => match &derived.transform {
+                Transform::Pipeline(pipeline) => pipeline.apply(buffers, &indices, seed, epoch),
+                Transform::Python(pool) => {
+                    let result = pool.run_blocking(buffers, indices.clone(), seed, epoch);
+                    match transformed(derived, &pool.function, &indices, result) {
+                        Ok(buffers) => buffers,
+                        Err(error) => return self.refuse(batch_id, indices, error).0,
+                    }
+                }
+            },
+        };
+        self.respond(&served, batch_id, indices, buffers, decoded)
+    }
+}
+
+/// A Python transform's result as the dataset's buffers, or the batch's error.
+fn transformed(
+    derived: &Derived,
+    function: &str,
+    indices: &[u64],
+    result: Result<crate::transform::Columns, TransformError>,
+) -> Result<Vec<Vec<u8>>, RequestError> {
+    let failed = |message: String| RequestError::TransformFailed {
+        dataset: derived.name.clone(),
+        function: function.to_owned(),
+        samples: crate::error::describe_samples(indices),
+        message,
+    };
+    match result {
+        Ok(columns) => columns.into_schema(&derived.schema).map_err(failed),
+        Err(TransformError::Raised { message, traceback }) => Err(failed(format!("{message}\n{traceback}"))),
+        Err(TransformError::Schema(message)) => Err(failed(message)),
+        Err(TransformError::WorkerFailed(detail)) => Err(RequestError::WorkerFailed {
+            dataset: derived.name.clone(),
+            function: function.to_owned(),
+            samples: crate::error::describe_samples(indices),
+            detail,
+        }),
     }
 }
 

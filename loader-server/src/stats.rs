@@ -27,6 +27,10 @@ pub struct Stats {
     pub streams_refused: AtomicU64,
     /// Batches failed because a chunk could not be read.
     pub errors_read_failed: AtomicU64,
+    /// Batches failed by their transform (the function raised or broke the schema).
+    pub errors_transform_failed: AtomicU64,
+    /// Batches failed because transform workers died on them twice.
+    pub errors_worker_failed: AtomicU64,
     /// Connections closed at once because `--max-connections` were open.
     pub connections_refused: AtomicU64,
     /// Connections closed by `--handshake-timeout` or `--idle-timeout`.
@@ -48,12 +52,29 @@ pub struct DatasetCounters {
     pub delivered_bytes: AtomicU64,
     /// Bytes decoded from storage (chunk cache misses).
     pub decoded_bytes: AtomicU64,
+    /// Batches a transform ran on (derived datasets).
+    pub transform_batches: AtomicU64,
+    /// Nanoseconds spent transforming, summed (for Python: queue wait, copies and the function).
+    pub transform_nanos: AtomicU64,
 }
 
 impl Stats {
     /// Counters for these datasets.
     pub fn new(datasets: impl IntoIterator<Item = String>) -> Stats {
         Stats { datasets: datasets.into_iter().map(|d| (d, DatasetCounters::default())).collect(), ..Stats::default() }
+    }
+
+    /// Adds counters for a dataset (a derived one, added after start-up).
+    pub fn add_dataset(&mut self, dataset: &str) {
+        self.datasets.entry(dataset.to_owned()).or_default();
+    }
+
+    /// Counts one transformed batch that took `elapsed`.
+    pub fn record_transform(&self, dataset: &str, elapsed: std::time::Duration) {
+        if let Some(counters) = self.datasets.get(dataset) {
+            counters.transform_batches.fetch_add(1, Relaxed);
+            counters.transform_nanos.fetch_add(elapsed.as_nanos() as u64, Relaxed);
+        }
     }
 
     /// Counts one served batch of `bytes` tensor bytes that needed `decoded` bytes decoded.
@@ -88,7 +109,9 @@ impl Stats {
         let counter = match error {
             RequestError::UnknownDataset { .. } => &self.errors_unknown_dataset,
             RequestError::IndexOutOfRange { .. } => &self.errors_index_out_of_range,
-            RequestError::BatchTooLarge { .. } => &self.errors_batch_too_large,
+            RequestError::BatchTooLarge { .. } | RequestError::RegionTooSmall { .. } => &self.errors_batch_too_large,
+            RequestError::TransformFailed { .. } => &self.errors_transform_failed,
+            RequestError::WorkerFailed { .. } => &self.errors_worker_failed,
             RequestError::EmptyBatch { .. } => &self.errors_empty_batch,
             RequestError::ReadFailed(_) | RequestError::GatherFailed { .. } => &self.errors_read_failed,
         };

@@ -40,7 +40,9 @@ async fn flood(loader: &InProcessLoader) -> (tokio::sync::mpsc::Sender<BatchRequ
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     for batch_id in 0..32 {
         let indices = (0..batch).map(|i| (batch_id * batch + i) % SAMPLES).collect();
-        tx.send(BatchRequest { batch_id, dataset: "chess".into(), indices }).await.expect("queue");
+        tx.send(BatchRequest { batch_id, dataset: "chess".into(), indices, ..Default::default() })
+            .await
+            .expect("queue");
     }
     let responses = client.stream_batches(ReceiverStream::new(rx)).await.expect("stream").into_inner();
     (tx, responses)
@@ -101,10 +103,14 @@ async fn an_oversize_request_message_is_answered_with_a_status_naming_the_limit(
     let loader = InProcessLoader::start(config(data.path(), &["--max-batch-samples", "1000"])).await;
     let mut client = LoaderClient::connect(format!("http://{}", loader.addr)).await.expect("connect");
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(BatchRequest { batch_id: 1, dataset: "chess".into(), indices: vec![1, 2, 3] }).await.expect("send");
+    tx.send(BatchRequest { batch_id: 1, dataset: "chess".into(), indices: vec![1, 2, 3], ..Default::default() })
+        .await
+        .expect("send");
     // 100 000 indices of 3 varint bytes each: far over the 10 x 1000 + 64 KiB request limit.
     let huge = (0..100_000).map(|i| 20_000 + i).collect();
-    tx.send(BatchRequest { batch_id: 2, dataset: "chess".into(), indices: huge }).await.expect("send");
+    tx.send(BatchRequest { batch_id: 2, dataset: "chess".into(), indices: huge, ..Default::default() })
+        .await
+        .expect("send");
     let mut responses = client.stream_batches(ReceiverStream::new(rx)).await.expect("stream").into_inner();
     let first = responses.message().await.expect("first answer").expect("a response");
     assert_eq!((first.batch_id, first.indices), (1, vec![1, 2, 3]));
@@ -194,7 +200,9 @@ async fn a_stream_with_no_request_for_the_idle_timeout_ends_with_a_status() {
     let loader = InProcessLoader::start(config(data.path(), &["--stream-idle-timeout", "500ms"])).await;
     let mut client = LoaderClient::connect(format!("http://{}", loader.addr)).await.expect("connect");
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(BatchRequest { batch_id: 1, dataset: "chess".into(), indices: vec![5] }).await.expect("send");
+    tx.send(BatchRequest { batch_id: 1, dataset: "chess".into(), indices: vec![5], ..Default::default() })
+        .await
+        .expect("send");
     let mut responses = client.stream_batches(ReceiverStream::new(rx)).await.expect("stream").into_inner();
     assert_eq!(responses.message().await.expect("answer").expect("response").batch_id, 1);
     let status = responses.message().await.expect_err("the idle stream ends with a status");

@@ -111,7 +111,7 @@ fn rejected_inputs_stop_the_loader_with_a_message_naming_the_file() {
 }
 
 fn request(batch_id: u64, dataset: &str, indices: Vec<u64>) -> BatchRequest {
-    BatchRequest { batch_id, dataset: dataset.into(), indices }
+    BatchRequest { batch_id, dataset: dataset.into(), indices, ..Default::default() }
 }
 
 #[tokio::test]

@@ -160,7 +160,7 @@ async fn a_corrupt_or_missing_chunk_fails_only_the_batches_that_need_it() {
         let requests = [vec![0, 1, 100], vec![5, bad_row, 7], vec![202, 150], vec![bad_row + 1]];
         for (id, indices) in requests.into_iter().enumerate() {
             requests_tx
-                .send(BatchRequest { batch_id: id as u64, dataset: dataset.into(), indices })
+                .send(BatchRequest { batch_id: id as u64, dataset: dataset.into(), indices, ..Default::default() })
                 .await
                 .expect("send");
         }
@@ -233,7 +233,9 @@ async fn a_zstd_chunk_declaring_gigabytes_fails_its_batches_without_being_decode
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let mut responses =
         client.stream_batches(tokio_stream::wrappers::ReceiverStream::new(rx)).await.expect("stream").into_inner();
-    tx.send(BatchRequest { batch_id: 1, dataset: "bomb".into(), indices: vec![1] }).await.expect("send");
+    tx.send(BatchRequest { batch_id: 1, dataset: "bomb".into(), indices: vec![1], ..Default::default() })
+        .await
+        .expect("send");
     let failed = responses.message().await.expect("answer").expect("response");
     let error = failed.error.expect("the bomb chunk's batch fails");
     assert_eq!(error.kind(), Kind::ReadFailed);
@@ -242,7 +244,9 @@ async fn a_zstd_chunk_declaring_gigabytes_fails_its_batches_without_being_decode
         "{}",
         error.message
     );
-    tx.send(BatchRequest { batch_id: 2, dataset: "bomb".into(), indices: vec![9] }).await.expect("send");
+    tx.send(BatchRequest { batch_id: 2, dataset: "bomb".into(), indices: vec![9], ..Default::default() })
+        .await
+        .expect("send");
     let served = responses.message().await.expect("answer").expect("the loader lives on");
     assert!(served.error.is_none());
     assert_eq!(served.tensors[0].data.as_ref(), &[5u8; 4]);

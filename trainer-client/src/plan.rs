@@ -245,6 +245,7 @@ mod tests {
                 chunk_len: 10,
             }],
             max_batch_samples: 100,
+            derivation: String::new(),
         }
     }
 

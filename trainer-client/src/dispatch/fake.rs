@@ -10,7 +10,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use conveyor_proto::v1::{BatchRequest, BatchResponse, DatasetInfo, FieldInfo, Tensor};
+use conveyor_proto::v1::{BatchError, BatchRequest, BatchResponse, DatasetInfo, FieldInfo, Tensor, batch_error::Kind};
 use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -31,6 +31,7 @@ pub fn catalog(num_samples: u64, chunk_len: u64) -> Vec<DatasetInfo> {
             chunk_len,
         }],
         max_batch_samples: 1 << 20,
+        derivation: String::new(),
     }]
 }
 
@@ -49,6 +50,8 @@ pub struct Behaviour {
     pub down: bool,
     /// Refuses every call with UNAUTHENTICATED, as a loader whose token the client lacks.
     pub refuses_token: bool,
+    /// Answers every request with `KIND_WORKER_FAILED`, as a loader whose transform workers die.
+    pub workers_fail: bool,
     /// What it says it serves.
     pub catalog: Vec<DatasetInfo>,
 }
@@ -63,6 +66,7 @@ impl Behaviour {
             silent: false,
             down: false,
             refuses_token: false,
+            workers_fail: false,
             catalog,
         }
     }
@@ -75,6 +79,8 @@ pub struct FakeReplicas {
     names: Mutex<HashMap<String, Vec<SocketAddr>>>,
     /// Every request a replica received: (replica, indices).
     log: Log,
+    /// `(seed, epoch)` of every request received, in the order of `log`.
+    seeds: Arc<Mutex<Vec<(u64, u64)>>>,
 }
 
 /// `127.0.0.1:port`.
@@ -105,6 +111,11 @@ impl FakeReplicas {
         self.log.lock().expect("lock").clone()
     }
 
+    /// `(seed, epoch)` of every request received.
+    pub fn seeds(&self) -> Vec<(u64, u64)> {
+        self.seeds.lock().expect("lock").clone()
+    }
+
     /// Number of requests `addr` received.
     pub fn num_requests(&self, addr: SocketAddr) -> usize {
         self.log.lock().expect("lock").iter().filter(|(a, _)| *a == addr).count()
@@ -115,6 +126,7 @@ impl Connector for FakeReplicas {
     fn open(&self, addr: SocketAddr, window: usize) -> BoxFuture<'static, Result<ReplicaStream, ClientError>> {
         let behaviour = self.behaviours.lock().expect("lock").get(&addr).cloned();
         let log = self.log.clone();
+        let seeds = self.seeds.clone();
         Box::pin(async move {
             if behaviour.as_ref().is_some_and(|b| b.refuses_token) {
                 return Err(ClientError::Rpc {
@@ -130,7 +142,7 @@ impl Connector for FakeReplicas {
             };
             let (requests_tx, requests_rx) = mpsc::channel::<BatchRequest>(window);
             let (responses_tx, responses_rx) = mpsc::channel(window + 1);
-            tokio::spawn(serve(addr, behaviour.clone(), requests_rx, responses_tx, log));
+            tokio::spawn(serve(addr, behaviour.clone(), requests_rx, responses_tx, (log, seeds)));
             Ok(ReplicaStream {
                 datasets: behaviour.catalog,
                 requests_tx,
@@ -156,7 +168,7 @@ async fn serve(
     behaviour: Behaviour,
     mut requests_rx: mpsc::Receiver<BatchRequest>,
     responses_tx: mpsc::Sender<Result<BatchResponse, tonic::Status>>,
-    log: Log,
+    (log, seeds): (Log, Arc<Mutex<Vec<(u64, u64)>>>),
 ) {
     let mut num_answered = 0;
     let mut pending = futures::stream::FuturesUnordered::new();
@@ -165,6 +177,7 @@ async fn serve(
             request = requests_rx.recv() => {
                 let Some(request) = request else { return };
                 log.lock().expect("lock").push((addr, request.indices.clone()));
+                seeds.lock().expect("lock").push((request.seed, request.epoch));
                 if behaviour.silent {
                     continue;
                 }
@@ -172,8 +185,12 @@ async fn serve(
                 if request.indices.first().is_some_and(|i| i % 2 == 0) {
                     delay += behaviour.even_extra_delay;
                 }
+                let workers_fail = behaviour.workers_fail;
                 pending.push(async move {
                     tokio::time::sleep(delay).await;
+                    if workers_fail {
+                        return worker_failed(request);
+                    }
                     answer(request)
                 });
             }
@@ -188,6 +205,19 @@ async fn serve(
                 }
             }
         }
+    }
+}
+
+fn worker_failed(request: BatchRequest) -> BatchResponse {
+    BatchResponse {
+        batch_id: request.batch_id,
+        indices: request.indices,
+        tensors: Vec::new(),
+        error: Some(BatchError {
+            kind: Kind::WorkerFailed as i32,
+            message: "the workers running t:f failed: killed by SIGKILL".into(),
+        }),
+        decoded_bytes: 0,
     }
 }
 

@@ -32,6 +32,26 @@ use crate::{
     error::{ClientError, ReplicaFailure},
 };
 
+/// One batch request for [`Pool::send`].
+#[derive(Debug)]
+pub(crate) struct Ask<'a> {
+    /// Dataset name.
+    pub dataset: &'a str,
+    /// Key of the run asking.
+    pub run: u64,
+    /// The batch's position in its run.
+    pub seq: u64,
+    /// Global sample indices, in order.
+    pub indices: Vec<u64>,
+    /// Samples per storage block, for replica affinity.
+    pub block_len: u64,
+    /// Shuffle seed and epoch of the run, which derived datasets seed their transforms from.
+    pub seed: u64,
+    pub epoch: u64,
+    /// A replica that failed this batch with a retryable error.
+    pub avoid: Option<SocketAddr>,
+}
+
 /// A request in flight.
 #[derive(Debug)]
 struct InFlight {
@@ -407,10 +427,13 @@ impl Pool {
     /// Sends request `seq` of run `run` to an up replica with credit: the one its blocks went to
     /// (see [`BlockAffinity`]) unless that one has more than a little more work than the least
     /// loaded, else the least loaded. `false` when no replica has credit.
-    pub fn send(&mut self, dataset: &str, run: u64, seq: u64, indices: Vec<u64>, block_len: u64) -> bool {
+    /// A replica named in `ask.avoid` (it failed this batch) is passed over while another one
+    /// is up.
+    pub fn send(&mut self, ask: Ask<'_>) -> bool {
+        let Ask { dataset, run, seq, indices, block_len, seed, epoch, avoid } = ask;
         let window = self.options.prefetch.get();
         let blocks = blocks_of(&indices, block_len);
-        let mut skip: Vec<SocketAddr> = Vec::new();
+        let mut skip: Vec<SocketAddr> = avoid.filter(|_| self.num_up() > 1).into_iter().collect();
         loop {
             let loads: Vec<(SocketAddr, usize)> = self
                 .replicas
@@ -424,7 +447,7 @@ impl Pool {
             let batch_id = self.next_batch_id;
             let Some(replica) = self.replicas.get_mut(&addr) else { return false };
             let Some(requests_tx) = replica.requests_tx.as_ref() else { return false };
-            let request = BatchRequest { batch_id, dataset: dataset.to_owned(), indices: indices.clone() };
+            let request = BatchRequest { batch_id, dataset: dataset.to_owned(), indices: indices.clone(), seed, epoch };
             match requests_tx.try_send(request) {
                 Ok(()) => {
                     self.next_batch_id += 1;

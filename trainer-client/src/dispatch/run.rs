@@ -14,7 +14,10 @@ use conveyor_proto::v1::{BatchResponse, DatasetInfo};
 use futures::Stream;
 use tokio::time::Instant;
 
-use super::{DispatchStats, EpochBoundary, Loaders, pool::Outcome};
+use super::{
+    DispatchStats, EpochBoundary, Loaders,
+    pool::{Ask, Outcome},
+};
 use crate::{
     batch::Batch,
     client::block_len,
@@ -49,6 +52,9 @@ pub struct Run {
     next_deliver: u64,
     /// Batches whose replica failed, to send again (lowest first).
     retry: BTreeSet<u64>,
+    /// Batches a replica answered with a retryable error (`KIND_WORKER_FAILED`): the replica
+    /// that failed each last, and how many times it has failed.
+    worker_failures: BTreeMap<u64, (SocketAddr, u32)>,
     /// Answers that arrived ahead of `next_deliver`; at most `prefetch` of them.
     ready: BTreeMap<u64, Batch>,
     /// Batches reported to the hook as consumed.
@@ -89,6 +95,7 @@ impl Run {
             next_send: 0,
             next_deliver: 0,
             retry: BTreeSet::new(),
+            worker_failures: BTreeMap::new(),
             ready: BTreeMap::new(),
             num_reported: 0,
             hook: None,
@@ -269,7 +276,17 @@ impl Run {
                 None => return,
             };
             let indices = self.indices(seq);
-            if !self.loaders.pool.send(&self.info.name, self.key, seq, indices, self.block_len) {
+            let ask = Ask {
+                dataset: &self.info.name,
+                run: self.key,
+                seq,
+                indices,
+                block_len: self.block_len,
+                seed: self.spec.plan.seed,
+                epoch: self.schedule.position(seq).0,
+                avoid: self.worker_failures.get(&seq).map(|(addr, _)| *addr),
+            };
+            if !self.loaders.pool.send(ask) {
                 return;
             }
             if self.retry.first() == Some(&seq) {
@@ -291,6 +308,9 @@ impl Run {
                 self.retry.insert(seq);
             }
             Outcome::Answered { run, seq, addr, response } if run == self.key => {
+                if self.retry_elsewhere(seq, addr, &response) {
+                    return Ok(());
+                }
                 let batch = self.check(seq, addr, response)?;
                 self.loaders.pool.record_delivery(addr, batch.num_bytes(), batch.decoded_bytes);
                 self.ready.insert(seq, batch);
@@ -301,7 +321,29 @@ impl Run {
         Ok(())
     }
 
+    /// Queues `seq` again when its answer is a retryable failure of that replica's own
+    /// (`KIND_WORKER_FAILED`), at most [`Run::MAX_WORKER_FAILURES`] times per batch, on another
+    /// replica when one is up.
+    fn retry_elsewhere(&mut self, seq: u64, addr: SocketAddr, response: &BatchResponse) -> bool {
+        let retryable = response.error.as_ref().is_some_and(|e| e.kind() == BatchErrorKind::WorkerFailed);
+        let failures = self.worker_failures.get(&seq).map_or(0, |(_, n)| *n);
+        if !retryable || failures + 1 >= Self::MAX_WORKER_FAILURES {
+            self.worker_failures.remove(&seq);
+            return false;
+        }
+        let message = response.error.as_ref().map(|e| e.message.as_str()).unwrap_or_default();
+        tracing::warn!(replica = %addr, seq, message, "a loader failed a batch on its side; sending it again");
+        self.worker_failures.insert(seq, (addr, failures + 1));
+        self.loaders.pool.stats.retried_batches += 1;
+        self.retry.insert(seq);
+        true
+    }
+
+    /// Answers with `KIND_WORKER_FAILED` one batch may get before the run fails.
+    const MAX_WORKER_FAILURES: u32 = 3;
+
     fn check(&mut self, seq: u64, addr: SocketAddr, response: BatchResponse) -> Result<Batch, ClientError> {
+        self.worker_failures.remove(&seq);
         let (epoch, batch) = self.schedule.position(seq);
         if let Some(error) = response.error {
             return Err(ClientError::BatchRefused {

@@ -104,6 +104,44 @@ async fn a_replica_failing_mid_epoch_has_its_batches_resent_and_each_delivered_o
 }
 
 #[tokio::test(start_paused = true)]
+async fn batches_a_replica_fails_on_its_side_are_sent_to_another_and_carry_seed_and_epoch() {
+    let mut failing = answering(2, 100);
+    failing.workers_fail = true;
+    let fake = FakeReplicas::new([(addr(1), failing), (addr(2), answering(3, 100))]);
+    let loaders = connect(&fake, &["127.0.0.1:1", "127.0.0.1:2"]).await;
+    let plan = loaders.plan("d", &settings(10, Shuffle::Full)).expect("plan");
+    let mut run = loaders.run(RunSpec::new("d", plan.clone(), 0..2)).expect("run");
+    let batches = drain(&mut run).await;
+    assert_eq!(delivered(&batches), planned(&plan, 0..2), "every batch once, in order");
+    assert!(fake.num_requests(addr(1)) > 0, "the failing replica got work");
+    assert!(run.stats().retried_batches >= fake.num_requests(addr(1)) as u64, "{:?}", run.stats());
+    let seeds: BTreeSet<(u64, u64)> = fake.seeds().into_iter().collect();
+    assert_eq!(seeds, BTreeSet::from([(3, 0), (3, 1)]), "requests carry the run's seed and each epoch");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_every_replica_fails_on_its_side_ends_the_run_with_the_loaders_message() {
+    let mut failing = answering(2, 100);
+    failing.workers_fail = true;
+    let fake = FakeReplicas::new([(addr(1), failing.clone()), (addr(2), failing)]);
+    let loaders = connect(&fake, &["127.0.0.1:1", "127.0.0.1:2"]).await;
+    let plan = loaders.plan("d", &settings(10, Shuffle::None)).expect("plan");
+    let mut run = loaders.epoch("d", plan, 0).expect("run");
+    let error = run.next().await.expect("an item").expect_err("refused");
+    match &error {
+        ClientError::BatchRefused { kind, message, .. } => {
+            assert_eq!(*kind, crate::BatchErrorKind::WorkerFailed);
+            assert!(message.contains("killed by SIGKILL"), "{message}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    // Three answers for the first batch: sent, then retried twice, alternating replicas.
+    let first: Vec<_> = fake.requests().into_iter().filter(|(_, i)| i[0] == 0).map(|(a, _)| a).collect();
+    assert_eq!(first.len(), 3, "{first:?}");
+    assert!(first.windows(2).all(|w| w[0] != w[1]), "each retry goes to the other replica: {first:?}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_request_unanswered_past_the_timeout_goes_to_another_replica() {
     let mut silent = answering(1, 100);
     silent.silent = true;

@@ -1,0 +1,728 @@
+//! Built-in operators, composed into named pipelines with `--pipeline NAME=SOURCE:TEXT`.
+//!
+//! The text gives each field its chain of operators; fields not named pass through unchanged:
+//!
+//! ```text
+//! image: random_crop(56, 56) | flip(axis=-1, p=0.5) | cast(float32, scale=1/255) | normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]);
+//! eeg: random_window(200, axis=-1)
+//! ```
+//!
+//! Axes count within one sample (the batch axis is not one of them); negative axes count from
+//! the end. Random operators draw from a stream keyed by (seed, epoch, sample index, field,
+//! step) only ([`super::sample_key`]), so a sample is augmented the same way whichever batch,
+//! replica or retry serves it. Shapes and dtypes are worked out when the loader starts, so a
+//! pipeline that cannot apply to its source fails then, naming the field and the operator.
+
+use conveyor_proto::DType;
+
+use super::{Column, Columns, FieldSchema, SampleRng, mix64, sample_key};
+
+/// One operator as written, before it meets a field's shape.
+#[derive(Debug, Clone, PartialEq)]
+enum Op {
+    /// `center_crop(..)` / `random_crop(..)`: the last `sizes.len()` axes cut to `sizes`.
+    Crop { sizes: Vec<u64>, random: bool },
+    /// `random_window(length, axis=-1)`: `length` consecutive entries along `axis`.
+    Window { axis: i64, length: u64 },
+    /// `flip(axis=-1, p=0.5)`: reversed along `axis` with probability `p`.
+    Flip { axis: i64, p: f64 },
+    /// `cast(dtype, scale=1, offset=0)`: `x * scale + offset`, rounded and saturated for integers.
+    Cast { dtype: DType, scale: f64, offset: f64 },
+    /// `normalize(mean=[..], std=[..], axis=0)`: `(x - mean[c]) / std[c]` along `axis`, to float32
+    /// (float64 stays float64).
+    Normalize { axis: i64, mean: Vec<f64>, std: Vec<f64> },
+    /// `clip(min=.., max=..)`: values limited to `[min, max]`, dtype kept.
+    Clip { min: f64, max: f64 },
+}
+
+/// An operator fitted to its input: axes resolved, shapes known.
+#[derive(Debug, Clone, PartialEq)]
+enum Step {
+    /// Copy a region (`starts` fixed, or drawn per sample where `random`), optionally
+    /// reversed along one axis with probability `flip_p`.
+    Region {
+        out_shape: Vec<u64>,
+        random_axes: Vec<usize>,
+        flip_axis: Option<usize>,
+        flip_p: f64,
+    },
+    Cast {
+        dtype: DType,
+        scale: f64,
+        offset: f64,
+    },
+    Normalize {
+        axis: usize,
+        mean: Vec<f64>,
+        inv_std: Vec<f64>,
+    },
+    Clip {
+        min: f64,
+        max: f64,
+    },
+}
+
+/// A field's chain of steps, with the schema before and after each.
+#[derive(Debug, Clone)]
+struct FieldChain {
+    /// Position of the field in the source dataset.
+    field: usize,
+    /// `(step, its input schema)` in order.
+    steps: Vec<(Step, FieldSchema)>,
+    /// What the chain gives.
+    output: FieldSchema,
+}
+
+/// A parsed, checked pipeline over a source schema.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    /// Chains of the fields it changes.
+    chains: Vec<FieldChain>,
+    /// Output schema: the source's fields, changed where a chain applies.
+    schema: Vec<FieldSchema>,
+}
+
+impl Pipeline {
+    /// Parses `text` and fits it to `source` (the source dataset's fields).
+    ///
+    /// # Errors
+    /// A message naming the field, the operator and what to change.
+    pub fn new(text: &str, source: &[FieldSchema]) -> Result<Pipeline, String> {
+        let mut chains: Vec<FieldChain> = Vec::new();
+        for part in text.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+            let (field_name, ops_text) = part.split_once(':').ok_or_else(|| {
+                format!("'{part}' does not name its field; write FIELD: op | op, for example image: flip(axis=-1)")
+            })?;
+            let field_name = field_name.trim();
+            let field = source.iter().position(|f| f.name == field_name).ok_or_else(|| {
+                format!(
+                    "the source has no field '{field_name}'; its fields are {}",
+                    source.iter().map(|f| format!("'{}'", f.name)).collect::<Vec<_>>().join(", ")
+                )
+            })?;
+            if chains.iter().any(|c| c.field == field) {
+                return Err(format!("field '{field_name}' has two chains; join them with |"));
+            }
+            let mut schema = source[field].clone();
+            let mut steps = Vec::new();
+            for op_text in ops_text.split('|').map(str::trim) {
+                let op = parse_op(op_text).map_err(|e| format!("field '{field_name}', '{op_text}': {e}"))?;
+                let (step, output) =
+                    fit(&op, &schema).map_err(|e| format!("field '{field_name}', '{op_text}': {e}"))?;
+                steps.push((step, schema));
+                schema = output;
+            }
+            chains.push(FieldChain { field, steps, output: schema });
+        }
+        if chains.is_empty() {
+            return Err("the pipeline names no field; write FIELD: op | op".into());
+        }
+        let mut schema = source.to_vec();
+        for chain in &chains {
+            schema[chain.field] = chain.output.clone();
+        }
+        Ok(Pipeline { chains, schema })
+    }
+
+    /// The fields this pipeline gives.
+    pub fn schema(&self) -> &[FieldSchema] {
+        &self.schema
+    }
+
+    /// Applies the pipeline to a gathered batch of the source (`columns` in the source's field
+    /// order) whose samples are `indices`.
+    pub fn apply(&self, mut columns: Vec<Vec<u8>>, indices: &[u64], seed: u64, epoch: u64) -> Vec<Vec<u8>> {
+        for (chain_no, chain) in self.chains.iter().enumerate() {
+            let mut data = std::mem::take(&mut columns[chain.field]);
+            for (step_no, (step, input)) in chain.steps.iter().enumerate() {
+                let stream = mix64(((chain.field as u64) << 32 | step_no as u64) ^ (chain_no as u64) << 48);
+                data = run_step(step, input, &data, indices, |index| {
+                    SampleRng::new(sample_key(seed, epoch, index) ^ stream)
+                });
+            }
+            columns[chain.field] = data;
+        }
+        columns
+    }
+
+    /// Applies the pipeline to whole [`Columns`] (tests and examples).
+    pub fn apply_columns(&self, batch: Columns, indices: &[u64], seed: u64, epoch: u64) -> Columns {
+        let data = self.apply(batch.columns.into_iter().map(|c| c.data).collect(), indices, seed, epoch);
+        Columns {
+            num_samples: batch.num_samples,
+            columns: self.schema.iter().cloned().zip(data).map(|(schema, data)| Column { schema, data }).collect(),
+        }
+    }
+}
+
+/// A parsed argument value.
+#[derive(Debug, Clone, PartialEq)]
+enum Value {
+    Number(f64),
+    List(Vec<f64>),
+    Word(String),
+}
+
+fn parse_number(text: &str) -> Result<f64, String> {
+    let text = text.trim();
+    let parse = |t: &str| t.trim().parse::<f64>().map_err(|_| format!("'{t}' is not a number"));
+    match text.split_once('/') {
+        Some((a, b)) => Ok(parse(a)? / parse(b)?),
+        None => parse(text),
+    }
+}
+
+/// Splits `name(a, b=[1, 2], c=x)` into the name, positional and keyword values.
+fn parse_call(text: &str) -> Result<(String, Vec<Value>, Vec<(String, Value)>), String> {
+    let open = text.find('(').ok_or("write the operator as name(arguments), for example flip(axis=-1)")?;
+    let name = text[..open].trim().to_owned();
+    let inner = text[open + 1..].strip_suffix(')').ok_or("the argument list does not end with ')'")?;
+    let mut args = Vec::new();
+    let (mut depth, mut start) = (0, 0);
+    for (i, c) in inner.char_indices() {
+        match c {
+            '[' => depth += 1,
+            ']' => depth -= 1,
+            ',' if depth == 0 => {
+                args.push(&inner[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    args.push(&inner[start..]);
+    let (mut positional, mut keywords) = (Vec::new(), Vec::new());
+    for arg in args.into_iter().map(str::trim).filter(|a| !a.is_empty()) {
+        let (key, value) = match arg.split_once('=') {
+            Some((k, v)) => (Some(k.trim().to_owned()), v.trim()),
+            None => (None, arg),
+        };
+        let value = if let Some(list) = value.strip_prefix('[') {
+            let list = list.strip_suffix(']').ok_or_else(|| format!("'{value}' does not end with ']'"))?;
+            Value::List(list.split(',').map(parse_number).collect::<Result<_, _>>()?)
+        } else if value.starts_with(|c: char| c.is_ascii_digit() || c == '-' || c == '.' || c == '+') {
+            Value::Number(parse_number(value)?)
+        } else {
+            Value::Word(value.to_owned())
+        };
+        match key {
+            Some(key) => keywords.push((key, value)),
+            None if keywords.is_empty() => positional.push(value),
+            None => return Err(format!("positional argument '{arg}' after keyword arguments")),
+        }
+    }
+    Ok((name, positional, keywords))
+}
+
+/// Arguments of one call, taken by position or keyword.
+struct Args {
+    positional: std::vec::IntoIter<Value>,
+    keywords: Vec<(String, Value)>,
+}
+
+impl Args {
+    fn take(&mut self, key: &str) -> Option<Value> {
+        match self.keywords.iter().position(|(k, _)| k == key) {
+            Some(at) => Some(self.keywords.remove(at).1),
+            None => self.positional.next(),
+        }
+    }
+
+    fn number(&mut self, key: &str, default: Option<f64>) -> Result<f64, String> {
+        match self.take(key) {
+            Some(Value::Number(n)) => Ok(n),
+            Some(other) => Err(format!("{key} must be a number, not {other:?}")),
+            None => default.ok_or_else(|| format!("missing argument {key}")),
+        }
+    }
+
+    fn whole(&mut self, key: &str, default: Option<i64>) -> Result<i64, String> {
+        let n = self.number(key, default.map(|d| d as f64))?;
+        if n.fract() != 0.0 {
+            return Err(format!("{key} must be a whole number, not {n}"));
+        }
+        Ok(n as i64)
+    }
+
+    fn list(&mut self, key: &str) -> Result<Vec<f64>, String> {
+        match self.take(key) {
+            Some(Value::List(l)) => Ok(l),
+            Some(Value::Number(n)) => Ok(vec![n]),
+            Some(other) => Err(format!("{key} must be a list of numbers, not {other:?}")),
+            None => Err(format!("missing argument {key}")),
+        }
+    }
+
+    fn finish(mut self) -> Result<(), String> {
+        if let Some(extra) = self.positional.next() {
+            return Err(format!("unexpected argument {extra:?}"));
+        }
+        match self.keywords.first() {
+            Some((key, _)) => Err(format!("unknown argument '{key}'")),
+            None => Ok(()),
+        }
+    }
+}
+
+fn parse_op(text: &str) -> Result<Op, String> {
+    let (name, positional, keywords) = parse_call(text)?;
+    let mut args = Args { positional: positional.into_iter(), keywords };
+    let op = match name.as_str() {
+        "center_crop" | "random_crop" => {
+            let mut sizes = Vec::new();
+            while let Some(value) = args.positional.next() {
+                match value {
+                    Value::Number(n) if n >= 1.0 && n.fract() == 0.0 => sizes.push(n as u64),
+                    other => return Err(format!("crop sizes must be whole numbers >= 1, not {other:?}")),
+                }
+            }
+            if let Some(Value::List(list)) = args.take("size") {
+                sizes.extend(list.iter().map(|&n| n as u64));
+            }
+            if sizes.is_empty() {
+                return Err("give the sizes of the last axes, for example random_crop(56, 56)".into());
+            }
+            Op::Crop { sizes, random: name == "random_crop" }
+        }
+        "random_window" => {
+            let length = args.whole("length", None)?;
+            if length < 1 {
+                return Err("length must be at least 1".into());
+            }
+            Op::Window { length: length as u64, axis: args.whole("axis", Some(-1))? }
+        }
+        "flip" => {
+            let axis = args.whole("axis", Some(-1))?;
+            let p = args.number("p", Some(0.5))?;
+            if !(0.0..=1.0).contains(&p) {
+                return Err(format!("p must be within 0..1, not {p}"));
+            }
+            Op::Flip { axis, p }
+        }
+        "cast" => {
+            let dtype = match args.take("dtype") {
+                Some(Value::Word(word)) => dtype_named(&word)?,
+                _ => return Err("give the dtype first, for example cast(float32, scale=1/255)".into()),
+            };
+            Op::Cast { dtype, scale: args.number("scale", Some(1.0))?, offset: args.number("offset", Some(0.0))? }
+        }
+        "normalize" => {
+            let mean = args.list("mean")?;
+            let std = args.list("std")?;
+            if let Some(bad) = std.iter().find(|s| **s == 0.0 || !s.is_finite()) {
+                return Err(format!("std must be finite and non-zero, not {bad}"));
+            }
+            Op::Normalize { mean, std, axis: args.whole("axis", Some(0))? }
+        }
+        "clip" => {
+            let min = args.number("min", Some(f64::NEG_INFINITY))?;
+            let max = args.number("max", Some(f64::INFINITY))?;
+            if min > max {
+                return Err(format!("min {min} is above max {max}"));
+            }
+            Op::Clip { min, max }
+        }
+        other => {
+            return Err(format!(
+                "unknown operator '{other}'; the built-in operators are center_crop, random_crop, random_window, flip, \
+                 cast, normalize, clip"
+            ));
+        }
+    };
+    args.finish()?;
+    Ok(op)
+}
+
+fn dtype_named(word: &str) -> Result<DType, String> {
+    conveyor_proto::ALL_DTYPES.into_iter().find(|d| d.name() == word).ok_or_else(|| {
+        format!(
+            "unknown dtype '{word}'; use one of {}",
+            conveyor_proto::ALL_DTYPES.iter().map(|d| d.name()).collect::<Vec<_>>().join(", ")
+        )
+    })
+}
+
+fn resolve_axis(axis: i64, shape: &[u64]) -> Result<usize, String> {
+    let rank = shape.len() as i64;
+    let resolved = if axis < 0 { axis + rank } else { axis };
+    if !(0..rank).contains(&resolved) {
+        return Err(format!("axis {axis} is outside a sample of shape {shape:?} (axes count within one sample)"));
+    }
+    Ok(resolved as usize)
+}
+
+fn numeric(schema: &FieldSchema) -> Result<(), String> {
+    match schema.dtype {
+        DType::Bool | DType::Float16 | DType::Unspecified => Err(format!(
+            "this operator works on integer and float32/float64 fields, and the field is {}",
+            schema.dtype.name()
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Fits `op` to a field of `input` schema: the step and its output schema.
+fn fit(op: &Op, input: &FieldSchema) -> Result<(Step, FieldSchema), String> {
+    let shape = &input.sample_shape;
+    let with = |dtype: DType, sample_shape: Vec<u64>| FieldSchema { name: input.name.clone(), dtype, sample_shape };
+    Ok(match op {
+        Op::Crop { sizes, random } => {
+            if sizes.len() > shape.len() {
+                return Err(format!("{} sizes given but a sample has shape {shape:?}", sizes.len()));
+            }
+            let first = shape.len() - sizes.len();
+            let mut out_shape = shape.clone();
+            for (axis, &size) in (first..).zip(sizes) {
+                if size > shape[axis] {
+                    return Err(format!("size {size} is larger than axis {axis} of a sample of shape {shape:?}"));
+                }
+                out_shape[axis] = size;
+            }
+            let random_axes = if *random { (first..shape.len()).collect() } else { Vec::new() };
+            (
+                Step::Region { out_shape: out_shape.clone(), random_axes, flip_axis: None, flip_p: 0.0 },
+                with(input.dtype, out_shape),
+            )
+        }
+        Op::Window { axis, length } => {
+            let axis = resolve_axis(*axis, shape)?;
+            if *length > shape[axis] {
+                return Err(format!("length {length} is longer than axis {axis} of a sample of shape {shape:?}"));
+            }
+            let mut out_shape = shape.clone();
+            out_shape[axis] = *length;
+            (
+                Step::Region { out_shape: out_shape.clone(), random_axes: vec![axis], flip_axis: None, flip_p: 0.0 },
+                with(input.dtype, out_shape),
+            )
+        }
+        Op::Flip { axis, p } => {
+            let axis = resolve_axis(*axis, shape)?;
+            (
+                Step::Region { out_shape: shape.clone(), random_axes: Vec::new(), flip_axis: Some(axis), flip_p: *p },
+                input.clone(),
+            )
+        }
+        Op::Cast { dtype, scale, offset } => {
+            numeric(input)?;
+            numeric(&with(*dtype, Vec::new()))?;
+            (Step::Cast { dtype: *dtype, scale: *scale, offset: *offset }, with(*dtype, shape.clone()))
+        }
+        Op::Normalize { axis, mean, std } => {
+            numeric(input)?;
+            let axis = resolve_axis(*axis, shape)?;
+            let len = shape[axis] as usize;
+            let widen = |v: &Vec<f64>, what: &str| match v.len() {
+                1 => Ok(vec![v[0]; len]),
+                n if n == len => Ok(v.clone()),
+                n => Err(format!(
+                    "{what} has {n} values but axis {axis} of a sample of shape {shape:?} has {len} entries"
+                )),
+            };
+            let mean = widen(mean, "mean")?;
+            let inv_std = widen(std, "std")?.iter().map(|s| 1.0 / s).collect();
+            let dtype = if input.dtype == DType::Float64 { DType::Float64 } else { DType::Float32 };
+            (Step::Normalize { axis, mean, inv_std }, with(dtype, shape.clone()))
+        }
+        Op::Clip { min, max } => {
+            numeric(input)?;
+            (Step::Clip { min: *min, max: *max }, input.clone())
+        }
+    })
+}
+
+/// Runs one step over a batch whose rows are `data` (schema `input`).
+fn run_step(
+    step: &Step,
+    input: &FieldSchema,
+    data: &[u8],
+    indices: &[u64],
+    rng_of: impl Fn(u64) -> SampleRng,
+) -> Vec<u8> {
+    let in_bytes = input.bytes_per_sample();
+    match step {
+        Step::Region { out_shape, random_axes, flip_axis, flip_p } => {
+            let elem = input.dtype.size_bytes();
+            let shape = &input.sample_shape;
+            let out_bytes = out_shape.iter().product::<u64>() as usize * elem;
+            let mut out = Vec::with_capacity(indices.len() * out_bytes);
+            let mut starts = vec![0u64; shape.len()];
+            for (row, &index) in indices.iter().enumerate() {
+                let mut rng = rng_of(index);
+                for axis in 0..shape.len() {
+                    let slack = shape[axis] - out_shape[axis];
+                    starts[axis] = if random_axes.contains(&axis) { rng.below(slack + 1) } else { slack / 2 };
+                }
+                let flip = flip_axis.filter(|_| *flip_p >= 1.0 || (*flip_p > 0.0 && rng.unit() < *flip_p));
+                let sample = &data[row * in_bytes..(row + 1) * in_bytes];
+                copy_region(sample, shape, elem, &starts, out_shape, flip, &mut out);
+            }
+            out
+        }
+        Step::Cast { dtype, scale, offset } => {
+            let (scale, offset) = (*scale, *offset);
+            map_elements(input.dtype, *dtype, data, |x, _| x * scale + offset)
+        }
+        Step::Normalize { axis, mean, inv_std } => {
+            let shape = &input.sample_shape;
+            let inner: u64 = shape[axis + 1..].iter().product();
+            let len = shape[*axis];
+            let out = if input.dtype == DType::Float64 { DType::Float64 } else { DType::Float32 };
+            map_elements(input.dtype, out, data, |x, position| {
+                let channel = ((position as u64 / inner) % len) as usize;
+                (x - mean[channel]) * inv_std[channel]
+            })
+        }
+        Step::Clip { min, max } => map_elements(input.dtype, input.dtype, data, |x, _| x.clamp(*min, *max)),
+    }
+}
+
+/// Appends to `out` the region of one sample (`shape`, elements of `elem` bytes) that starts at
+/// `starts` and has `out_shape`, reversed along `flip` when given.
+fn copy_region(
+    sample: &[u8],
+    shape: &[u64],
+    elem: usize,
+    starts: &[u64],
+    out_shape: &[u64],
+    flip: Option<usize>,
+    out: &mut Vec<u8>,
+) {
+    let rank = shape.len();
+    if rank == 0 {
+        out.extend_from_slice(sample);
+        return;
+    }
+    // Element strides of the sample.
+    let mut strides = vec![1u64; rank];
+    for axis in (0..rank - 1).rev() {
+        strides[axis] = strides[axis + 1] * shape[axis + 1];
+    }
+    let last = rank - 1;
+    let run = out_shape[last] as usize;
+    let mut position = vec![0u64; rank]; // odometer over the output's axes before the last
+    loop {
+        let mut offset = 0u64;
+        for axis in 0..last {
+            let i = if flip == Some(axis) { out_shape[axis] - 1 - position[axis] } else { position[axis] };
+            offset += (starts[axis] + i) * strides[axis];
+        }
+        let begin = (offset + starts[last]) as usize * elem;
+        let source = &sample[begin..begin + run * elem];
+        if flip == Some(last) {
+            for element in source.chunks_exact(elem).rev() {
+                out.extend_from_slice(element);
+            }
+        } else {
+            out.extend_from_slice(source);
+        }
+        // Advance the odometer over axes 0..last.
+        let mut axis = last;
+        loop {
+            if axis == 0 {
+                return;
+            }
+            axis -= 1;
+            position[axis] += 1;
+            if position[axis] < out_shape[axis] {
+                break;
+            }
+            position[axis] = 0;
+        }
+    }
+}
+
+/// A numeric element type (not bool or float16) read from and written to little-endian bytes.
+trait Element: Copy {
+    const SIZE: usize;
+    fn read(bytes: &[u8]) -> Self;
+    fn write(self, out: &mut Vec<u8>);
+    fn to_f64(self) -> f64;
+    /// Floats convert as `as` does; integers round to nearest and saturate (NaN gives 0).
+    fn from_f64(value: f64) -> Self;
+}
+
+macro_rules! element {
+    ($t:ty, float) => {
+        element!(@impl $t, |v: f64| v as $t);
+    };
+    ($t:ty, int) => {
+        element!(@impl $t, |v: f64| v.round() as $t);
+    };
+    (@impl $t:ty, $from:expr) => {
+        impl Element for $t {
+            const SIZE: usize = std::mem::size_of::<$t>();
+            fn read(bytes: &[u8]) -> Self {
+                let mut raw = [0u8; std::mem::size_of::<$t>()];
+                raw.copy_from_slice(bytes);
+                <$t>::from_le_bytes(raw)
+            }
+            fn write(self, out: &mut Vec<u8>) {
+                out.extend_from_slice(&self.to_le_bytes());
+            }
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
+            fn from_f64(value: f64) -> Self {
+                ($from)(value)
+            }
+        }
+    };
+}
+element!(i8, int);
+element!(i16, int);
+element!(i32, int);
+element!(i64, int);
+element!(u8, int);
+element!(u16, int);
+element!(u32, int);
+element!(u64, int);
+element!(f32, float);
+element!(f64, float);
+
+/// Calls `$body` with `$t` bound to the Rust type of `$dtype` (numeric dtypes only; the
+/// pipeline refuses the others when it starts).
+macro_rules! with_element {
+    ($dtype:expr, $t:ident => $body:expr) => {
+        match $dtype {
+            DType::Int8 => {
+                type $t = i8;
+                $body
+            }
+            DType::Int16 => {
+                type $t = i16;
+                $body
+            }
+            DType::Int32 => {
+                type $t = i32;
+                $body
+            }
+            DType::Int64 => {
+                type $t = i64;
+                $body
+            }
+            DType::Uint8 => {
+                type $t = u8;
+                $body
+            }
+            DType::Uint16 => {
+                type $t = u16;
+                $body
+            }
+            DType::Uint32 => {
+                type $t = u32;
+                $body
+            }
+            DType::Uint64 => {
+                type $t = u64;
+                $body
+            }
+            DType::Float32 => {
+                type $t = f32;
+                $body
+            }
+            DType::Float64 => {
+                type $t = f64;
+                $body
+            }
+            DType::Bool | DType::Float16 | DType::Unspecified => unreachable!("refused when the pipeline was built"),
+        }
+    };
+}
+
+/// `f(value, element index in the batch)` over every element, from `from` to `to`. (Normalize
+/// finds an element's channel from its index in the batch: samples are whole multiples of the
+/// channel period.)
+fn map_elements(from: DType, to: DType, data: &[u8], f: impl Fn(f64, usize) -> f64) -> Vec<u8> {
+    fn typed<I: Element, O: Element>(data: &[u8], f: impl Fn(f64, usize) -> f64) -> Vec<u8> {
+        let mut out = Vec::with_capacity(data.len() / I::SIZE * O::SIZE);
+        for (i, bytes) in data.chunks_exact(I::SIZE).enumerate() {
+            O::from_f64(f(I::read(bytes).to_f64(), i)).write(&mut out);
+        }
+        out
+    }
+    with_element!(from, I => with_element!(to, O => typed::<I, O>(data, &f)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn schema(name: &str, dtype: DType, shape: &[u64]) -> FieldSchema {
+        FieldSchema { name: name.into(), dtype, sample_shape: shape.to_vec() }
+    }
+
+    #[test]
+    fn output_schema_follows_the_chain() {
+        let source = [schema("image", DType::Uint8, &[3, 64, 64]), schema("label", DType::Int64, &[])];
+        let pipeline = Pipeline::new(
+            "image: random_crop(56, 56) | flip(axis=-1, p=0.5) | cast(float32, scale=1/255) | normalize(mean=[0.5,0.4,0.3], std=[0.2, 0.2, 0.2])",
+            &source,
+        )
+        .expect("valid");
+        assert_eq!(pipeline.schema()[0], schema("image", DType::Float32, &[3, 56, 56]));
+        assert_eq!(pipeline.schema()[1], source[1], "fields not named pass through");
+    }
+
+    #[test]
+    fn mistakes_name_the_field_and_operator() {
+        let source = [schema("x", DType::Uint8, &[4, 8]), schema("b", DType::Bool, &[2])];
+        let cases = [
+            ("y: flip()", "no field 'y'; its fields are 'x', 'b'"),
+            ("x: random_crop(9)", "field 'x', 'random_crop(9)': size 9 is larger than axis 1"),
+            ("x: flip(axis=2)", "axis 2 is outside a sample of shape [4, 8]"),
+            ("x: rotate(90)", "unknown operator 'rotate'"),
+            ("x: normalize(mean=[1,2,3], std=[1])", "mean has 3 values but axis 0"),
+            ("x: cast(float99)", "unknown dtype 'float99'"),
+            ("b: clip(min=0, max=1)", "the field is bool"),
+            ("x: flip(p=2)", "p must be within 0..1"),
+            ("x: flip(axis=0, wobble=1)", "unknown argument 'wobble'"),
+            ("x: flip() ; x: flip()", "field 'x' has two chains"),
+        ];
+        for (text, expected) in cases {
+            let error = Pipeline::new(text, &source).expect_err(text);
+            assert!(error.contains(expected), "{text}: {error}");
+        }
+    }
+
+    #[test]
+    fn centre_crop_picks_the_middle_and_flip_one_reverses() {
+        let source = [schema("x", DType::Uint16, &[4, 5])];
+        let rows: Vec<u16> = (0..20).collect();
+        let data: Vec<u8> = rows.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let pipeline = Pipeline::new("x: center_crop(2, 3) | flip(axis=0, p=1)", &source).expect("valid");
+        let out = pipeline.apply(vec![data], &[0], 0, 0);
+        let values: Vec<u16> = out[0].chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
+        // Rows 1..3, columns 1..4, then rows reversed.
+        assert_eq!(values, [11, 12, 13, 6, 7, 8]);
+    }
+
+    #[test]
+    fn random_steps_depend_on_seed_epoch_and_index_only() {
+        let source = [schema("x", DType::Uint8, &[32])];
+        let pipeline = Pipeline::new("x: random_window(8) | flip()", &source).expect("valid");
+        let data: Vec<u8> = (0..64).map(|i| (i % 32) as u8).collect();
+        let a = pipeline.apply(vec![data.clone()], &[3, 9], 1, 2);
+        // Sample 9 alone, in another batch position: the same bytes as in the pair.
+        let b = pipeline.apply(vec![data[32..].to_vec()], &[9], 1, 2);
+        assert_eq!(a[0][8..], b[0][..]);
+        let other_epoch = (0..20).any(|e| pipeline.apply(vec![data.clone()], &[3, 9], 1, e) != a);
+        assert!(other_epoch, "another epoch draws other windows");
+    }
+
+    #[test]
+    fn elementwise_ops_match_their_formulas() {
+        let source = [schema("x", DType::Int16, &[2, 2])];
+        let values: [i16; 4] = [-300, 0, 100, 30000];
+        let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let pipeline =
+            Pipeline::new("x: clip(min=-100, max=200) | cast(uint8, scale=0.5, offset=100)", &source).expect("valid");
+        let out = pipeline.apply(vec![data.clone()], &[0], 0, 0);
+        // clip: -100, 0, 100, 200; then x/2 + 100 = 50, 100, 150, 200.
+        assert_eq!(out[0], [50, 100, 150, 200]);
+        let normalize = Pipeline::new("x: normalize(mean=[10, 20], std=[2, 4])", &source).expect("valid");
+        let out = normalize.apply(vec![data], &[0], 0, 0);
+        let floats: Vec<f32> = out[0].chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        assert_eq!(floats, [-155.0, -5.0, 20.0, 7495.0]);
+    }
+}

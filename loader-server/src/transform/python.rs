@@ -1,0 +1,669 @@
+//! Python transforms: a pool of worker processes that the loader starts, feeds and supervises.
+//! The loader process never runs user code.
+//!
+//! Each worker is `python -c worker.py MODULE FUNCTION CAP` with two inherited descriptors: fd 0
+//! is its shared-memory region (an anonymous `memfd`, `--transform-shm-bytes`), fd 1 one end of
+//! a Unix socket pair for control messages (4-byte little-endian length + JSON). For a batch the
+//! loader writes the gathered fields and the indices into the region, sends their offsets, and
+//! the worker hands the function numpy arrays that are views of the region (no copy), then
+//! writes the returned arrays back into the region's output part. Memory: each worker's address
+//! space is capped by `RLIMIT_AS` (`--transform-worker-memory`), set by the worker itself after
+//! its imports, before any batch.
+//!
+//! Supervision: one thread per worker takes jobs from a bounded queue (`--transform-queue`). A
+//! worker that runs out of memory, crashes, or does not answer within `--transform-timeout` is
+//! killed and replaced, and its batch runs once more on the fresh worker; a second failure
+//! answers the batch with `KIND_WORKER_FAILED`, which clients send to another replica. A worker
+//! is also replaced after `--transform-max-batches` batches (leaks stay bounded). The worker's
+//! exceptions and schema mistakes fail only their batch (`KIND_TRANSFORM_FAILED`).
+
+use std::{
+    fs::File,
+    io::{ErrorKind, Read, Write},
+    os::unix::{fs::FileExt, net::UnixStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
+};
+
+use conveyor_proto::DType;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Column, Columns, FieldSchema, indices_digest};
+
+/// The worker's program, run with `python -c`.
+const WORKER_SCRIPT: &str = include_str!("worker.py");
+
+/// Alignment of arrays in the shared region (cache lines; numpy needs at most 8).
+const ALIGN: u64 = 64;
+
+/// How the workers are started and bounded (from the `--transform-*` flags).
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// Interpreter (`--python`).
+    pub python: PathBuf,
+    /// Directories put in front of `PYTHONPATH` (`--transform-pythonpath`).
+    pub pythonpath: Vec<PathBuf>,
+    /// Worker processes (`--transform-workers`).
+    pub workers: usize,
+    /// Address-space cap of each worker in bytes, 0 for none (`--transform-worker-memory`).
+    pub memory_cap_bytes: u64,
+    /// Size of each worker's shared region (`--transform-shm-bytes`).
+    pub shm_bytes: u64,
+    /// Longest a batch may take (`--transform-timeout`).
+    pub timeout: Duration,
+    /// Batches after which a worker is replaced, 0 for never (`--transform-max-batches`).
+    pub max_batches: u64,
+    /// Batches waiting for a worker (`--transform-queue`).
+    pub queue: usize,
+}
+
+/// Why a worker was replaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartCause {
+    /// It allocated past `--transform-worker-memory` (or was SIGKILLed, as the OOM killer does).
+    Memory,
+    /// It died otherwise (a segfault, `os._exit`, a signal).
+    Crashed,
+    /// It did not answer within `--transform-timeout`.
+    Timeout,
+    /// It served `--transform-max-batches` batches.
+    Recycled,
+}
+
+impl RestartCause {
+    /// Every cause, for the metrics.
+    pub const ALL: [RestartCause; 4] =
+        [RestartCause::Memory, RestartCause::Crashed, RestartCause::Timeout, RestartCause::Recycled];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            RestartCause::Memory => "memory",
+            RestartCause::Crashed => "crashed",
+            RestartCause::Timeout => "timeout",
+            RestartCause::Recycled => "recycled",
+        }
+    }
+}
+
+/// Counters of one pool.
+#[derive(Debug, Default)]
+pub struct PoolStats {
+    /// Worker replacements, by [`RestartCause`] in `ALL` order.
+    pub restarts: [AtomicU64; 4],
+    /// Batches waiting for a worker.
+    pub queued: AtomicU64,
+    /// Batches the function ran on successfully.
+    pub batches: AtomicU64,
+    /// Nanoseconds spent in the function, summed.
+    pub function_nanos: AtomicU64,
+    /// Nanoseconds per batch from queueing to answer, summed (queue wait and copies included).
+    pub total_nanos: AtomicU64,
+}
+
+impl PoolStats {
+    fn restarted(&self, cause: RestartCause) {
+        let at = RestartCause::ALL.iter().position(|c| *c == cause).unwrap_or(0);
+        self.restarts[at].fetch_add(1, Relaxed);
+    }
+
+    /// Replacements for `cause` so far.
+    pub fn restarts_for(&self, cause: RestartCause) -> u64 {
+        let at = RestartCause::ALL.iter().position(|c| *c == cause).unwrap_or(0);
+        self.restarts[at].load(Relaxed)
+    }
+}
+
+/// Why a batch came back without data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TransformError {
+    /// The function raised (every replica would too).
+    Raised {
+        /// `Type: message`.
+        message: String,
+        /// The last lines of the traceback.
+        traceback: String,
+    },
+    /// The output broke the rules (not a dict of arrays, wrong rows, too large, unservable dtype).
+    Schema(String),
+    /// Workers failed twice on this batch (memory, crash, timeout); another replica may succeed.
+    WorkerFailed(String),
+}
+
+/// A job for a worker thread.
+#[derive(Debug)]
+struct Job {
+    /// Gathered source rows, one buffer per source field.
+    input: Vec<Vec<u8>>,
+    indices: Vec<u64>,
+    entropy: [u64; 3],
+    queued_at: Instant,
+    reply_tx: oneshot::Sender<Result<Columns, TransformError>>,
+}
+
+/// A pool of Python workers running one function.
+#[derive(Debug)]
+pub struct Pool {
+    /// `module:function`.
+    pub function: String,
+    /// Bounded queue to the worker threads (`--transform-queue`).
+    jobs_tx: mpsc::Sender<Job>,
+    /// Counters.
+    pub stats: Arc<PoolStats>,
+    /// The layout every job needs, to refuse batches that cannot fit.
+    layout: Arc<Layout>,
+}
+
+/// What the workers need to know, shared by the pool's threads.
+#[derive(Debug)]
+struct Layout {
+    module: String,
+    function: String,
+    options: WorkerOptions,
+    /// The source's fields, in order.
+    source: Vec<FieldSchema>,
+    /// Output bytes per sample (0 until the probe ran).
+    out_bytes_per_sample: u64,
+}
+
+impl Layout {
+    /// Offsets of the input fields, the indices and the output area for `n` samples, and the
+    /// end of the output area.
+    fn offsets(&self, n: u64) -> (Vec<u64>, u64, u64, u64) {
+        let mut at = 0;
+        let mut fields = Vec::with_capacity(self.source.len());
+        for field in &self.source {
+            fields.push(at);
+            at = align(at + n * field.bytes_per_sample() as u64);
+        }
+        let indices = at;
+        let out = align(indices + 8 * n);
+        let end = out + n * self.out_bytes_per_sample + ALIGN * self.source.len().max(1) as u64 * 4;
+        (fields, indices, out, end)
+    }
+}
+
+fn align(at: u64) -> u64 {
+    at.div_ceil(ALIGN) * ALIGN
+}
+
+impl Pool {
+    /// Starts `options.workers` workers for `module:function`, runs the function once on
+    /// `probe` (the first samples of the source, seed 0, epoch 0) to learn the output schema,
+    /// and returns the pool and that schema.
+    ///
+    /// # Errors
+    /// A message naming the function and what failed (import, the probe's exception, output).
+    pub fn start(
+        spec: &str,
+        options: WorkerOptions,
+        source: Vec<FieldSchema>,
+        probe: (Vec<Vec<u8>>, Vec<u64>),
+    ) -> Result<(Pool, Vec<FieldSchema>), String> {
+        let (module, function) = spec
+            .rsplit_once(':')
+            .filter(|(m, f)| !m.is_empty() && !f.is_empty())
+            .ok_or_else(|| format!("'{spec}' is not module:function; write for example my_transforms:augment"))?;
+        let mut layout = Layout {
+            module: module.to_owned(),
+            function: function.to_owned(),
+            options: options.clone(),
+            source,
+            out_bytes_per_sample: 0,
+        };
+        let mut workers = Vec::with_capacity(options.workers);
+        for _ in 0..options.workers {
+            workers.push(Worker::spawn(&layout).map_err(|e| format!("{spec}: {e}"))?);
+        }
+        let (input, indices) = probe;
+        let job_input = JobInput { input: &input, indices: &indices, entropy: [0, 0, indices_digest(&indices)] };
+        let probed = workers[0].run(&layout, &job_input).map_err(|failure| match failure {
+            Failure::Raised { message, traceback } => {
+                format!("{spec} raised on the probe batch (samples {indices:?}): {message}\n{traceback}")
+            }
+            Failure::Schema(message) => format!("{spec} on the probe batch (samples {indices:?}): {message}"),
+            Failure::Died { detail, .. } => format!("{spec}: the worker died on the probe batch: {detail}"),
+        })?;
+        let schema: Vec<FieldSchema> = probed.columns.into_iter().map(|c| c.schema).collect();
+        layout.out_bytes_per_sample = schema.iter().map(|f| f.bytes_per_sample() as u64).sum();
+
+        let layout = Arc::new(layout);
+        let stats = Arc::new(PoolStats::default());
+        let (jobs_tx, jobs_rx) = mpsc::channel(options.queue.max(1));
+        let jobs_rx = Arc::new(Mutex::new(jobs_rx));
+        for (slot, worker) in workers.into_iter().enumerate() {
+            let (layout, stats, jobs_rx) = (layout.clone(), stats.clone(), jobs_rx.clone());
+            std::thread::Builder::new()
+                .name(format!("transform-{slot}"))
+                .spawn(move || serve_jobs(slot, worker, &layout, &stats, &jobs_rx))
+                .map_err(|e| format!("cannot start a transform thread: {e}"))?;
+        }
+        Ok((Pool { function: spec.to_owned(), jobs_tx, stats, layout }, schema))
+    }
+
+    /// Bytes of shared region a batch of `n` samples needs.
+    pub fn region_bytes(&self, n: u64) -> u64 {
+        self.layout.offsets(n).3
+    }
+
+    /// Size of each worker's region.
+    pub fn shm_bytes(&self) -> u64 {
+        self.layout.options.shm_bytes
+    }
+
+    fn job(&self, input: Vec<Vec<u8>>, indices: Vec<u64>, seed: u64, epoch: u64) -> (Job, JobReply) {
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let entropy = [seed, epoch, indices_digest(&indices)];
+        (Job { input, indices, entropy, queued_at: Instant::now(), reply_tx }, reply_rx)
+    }
+
+    /// Runs the function on a gathered batch of the source; waits for a place in the queue,
+    /// then for a worker.
+    pub async fn run(
+        &self,
+        input: Vec<Vec<u8>>,
+        indices: Vec<u64>,
+        seed: u64,
+        epoch: u64,
+    ) -> Result<Columns, TransformError> {
+        let (job, reply_rx) = self.job(input, indices, seed, epoch);
+        self.stats.queued.fetch_add(1, Relaxed);
+        let sent = self.jobs_tx.send(job).await;
+        let result = match sent {
+            Ok(()) => reply_rx.await.unwrap_or_else(|_| Err(gone())),
+            Err(_) => Err(gone()),
+        };
+        result
+    }
+
+    /// [`Pool::run`] for callers outside an async runtime (the fuzz targets).
+    pub fn run_blocking(
+        &self,
+        input: Vec<Vec<u8>>,
+        indices: Vec<u64>,
+        seed: u64,
+        epoch: u64,
+    ) -> Result<Columns, TransformError> {
+        let (job, reply_rx) = self.job(input, indices, seed, epoch);
+        self.stats.queued.fetch_add(1, Relaxed);
+        if self.jobs_tx.blocking_send(job).is_err() {
+            return Err(gone());
+        }
+        reply_rx.blocking_recv().unwrap_or_else(|_| Err(gone()))
+    }
+}
+
+type JobReply = oneshot::Receiver<Result<Columns, TransformError>>;
+
+fn gone() -> TransformError {
+    TransformError::WorkerFailed("the transform pool has stopped".into())
+}
+
+/// One worker thread: takes jobs until the pool is dropped, replacing its worker as needed.
+fn serve_jobs(slot: usize, first: Worker, layout: &Layout, stats: &PoolStats, jobs_rx: &Mutex<mpsc::Receiver<Job>>) {
+    let mut worker = Some(first);
+    loop {
+        // One thread waits in the queue at a time; the others wait for the lock.
+        let job = match jobs_rx.lock() {
+            Ok(mut rx) => rx.blocking_recv(),
+            Err(_) => None,
+        };
+        let Some(job) = job else { break };
+        stats.queued.fetch_sub(1, Relaxed);
+        let input = JobInput { input: &job.input, indices: &job.indices, entropy: job.entropy };
+        let mut result = Err(TransformError::WorkerFailed(String::new()));
+        let mut failures = Vec::new();
+        for _attempt in 0..2 {
+            let mut current = match worker.take() {
+                Some(w) => w,
+                None => match Worker::spawn(layout) {
+                    Ok(w) => w,
+                    Err(e) => {
+                        failures.push(format!("a new worker could not start: {e}"));
+                        break;
+                    }
+                },
+            };
+            match current.run(layout, &input) {
+                Ok(columns) => {
+                    stats.batches.fetch_add(1, Relaxed);
+                    stats.function_nanos.fetch_add((current.last_function_seconds * 1e9) as u64, Relaxed);
+                    current.batches += 1;
+                    if layout.options.max_batches > 0 && current.batches >= layout.options.max_batches {
+                        current.stop();
+                        stats.restarted(RestartCause::Recycled);
+                        tracing::debug!(slot, "transform worker recycled after --transform-max-batches");
+                    } else {
+                        worker = Some(current);
+                    }
+                    result = Ok(columns);
+                    break;
+                }
+                Err(Failure::Raised { message, traceback }) => {
+                    worker = Some(current);
+                    result = Err(TransformError::Raised { message, traceback });
+                    break;
+                }
+                Err(Failure::Schema(message)) => {
+                    worker = Some(current);
+                    result = Err(TransformError::Schema(message));
+                    break;
+                }
+                Err(Failure::Died { cause, detail }) => {
+                    stats.restarted(cause);
+                    tracing::warn!(slot, cause = cause.label(), %detail, "transform worker replaced");
+                    failures.push(detail);
+                }
+            }
+        }
+        if result.as_ref().is_err_and(|e| matches!(e, TransformError::WorkerFailed(_))) {
+            result = Err(TransformError::WorkerFailed(failures.join("; then, on a fresh worker: ")));
+        }
+        stats.total_nanos.fetch_add(job.queued_at.elapsed().as_nanos() as u64, Relaxed);
+        let _ = job.reply_tx.send(result);
+    }
+    if let Some(worker) = worker {
+        worker.stop();
+    }
+}
+
+/// A job's data, borrowed for each attempt.
+struct JobInput<'a> {
+    input: &'a [Vec<u8>],
+    indices: &'a [u64],
+    entropy: [u64; 3],
+}
+
+/// How one attempt failed.
+#[derive(Debug)]
+enum Failure {
+    Raised { message: String, traceback: String },
+    Schema(String),
+    Died { cause: RestartCause, detail: String },
+}
+
+#[derive(Serialize)]
+struct RunMessage<'a> {
+    op: &'static str,
+    num_samples: u64,
+    fields: Vec<FieldPlacement<'a>>,
+    indices_offset: u64,
+    entropy: [u64; 3],
+    out_offset: u64,
+    out_capacity: u64,
+}
+
+#[derive(Serialize)]
+struct FieldPlacement<'a> {
+    name: &'a str,
+    dtype: String,
+    shape: &'a [u64],
+    offset: u64,
+}
+
+#[derive(Deserialize, Default)]
+struct Reply {
+    status: String,
+    #[serde(default)]
+    message: String,
+    #[serde(default)]
+    traceback: String,
+    #[serde(default)]
+    fields: Vec<OutputPlacement>,
+    #[serde(default)]
+    seconds: f64,
+}
+
+#[derive(Deserialize)]
+struct OutputPlacement {
+    name: String,
+    dtype: String,
+    shape: Vec<u64>,
+    offset: u64,
+    nbytes: u64,
+}
+
+/// One worker process and its two channels.
+#[derive(Debug)]
+struct Worker {
+    child: Child,
+    control: UnixStream,
+    region: File,
+    /// Batches this worker has served.
+    batches: u64,
+    /// Seconds the function took on the last batch, as the worker measured.
+    last_function_seconds: f64,
+}
+
+impl Worker {
+    /// Starts a worker and waits until it has imported the function.
+    fn spawn(layout: &Layout) -> Result<Worker, String> {
+        let options = &layout.options;
+        let memfd = rustix::fs::memfd_create("conveyor-transform", rustix::fs::MemfdFlags::CLOEXEC)
+            .map_err(|e| format!("cannot create the shared region (memfd_create): {e}"))?;
+        let region = File::from(memfd);
+        region.set_len(options.shm_bytes).map_err(|e| {
+            format!("cannot size the shared region to --transform-shm-bytes {}: {e}", options.shm_bytes)
+        })?;
+        let (control, theirs) = UnixStream::pair().map_err(|e| format!("cannot create the control socket: {e}"))?;
+        let region_for_child = region.try_clone().map_err(|e| format!("cannot share the region: {e}"))?;
+        let mut pythonpath: Vec<PathBuf> = options.pythonpath.clone();
+        if let Some(existing) = std::env::var_os("PYTHONPATH") {
+            pythonpath.extend(std::env::split_paths(&existing));
+        }
+        let mut command = Command::new(&options.python);
+        command
+            .arg("-c")
+            .arg(WORKER_SCRIPT)
+            .arg(&layout.module)
+            .arg(&layout.function)
+            .arg(options.memory_cap_bytes.to_string())
+            .stdin(Stdio::from(region_for_child))
+            .stdout(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
+            .stderr(Stdio::inherit())
+            .env("PYTHONUNBUFFERED", "1")
+            // One thread per worker for the math libraries: the pool is the parallelism, and
+            // each extra thread pool costs address space under the cap.
+            .env("OMP_NUM_THREADS", "1")
+            .env("OPENBLAS_NUM_THREADS", "1")
+            .env("MKL_NUM_THREADS", "1");
+        if !pythonpath.is_empty() {
+            let joined = std::env::join_paths(&pythonpath).map_err(|e| format!("bad --transform-pythonpath: {e}"))?;
+            command.env("PYTHONPATH", joined);
+        }
+        let child =
+            command.spawn().map_err(|e| format!("cannot start {} (--python): {e}", options.python.display()))?;
+        // The child's ends are closed here when `command` drops, so that a dead worker reads
+        // as end-of-file on the control socket.
+        drop(command);
+        let mut worker = Worker { child, control, region, batches: 0, last_function_seconds: 0.0 };
+        let startup = options.timeout.max(Duration::from_secs(60));
+        match worker.receive(startup) {
+            Ok(reply) if reply.status == "ready" => Ok(worker),
+            Ok(reply) if reply.status == "import_failed" => {
+                worker.kill();
+                Err(format!(
+                    "cannot load {}:{}: {} (the module is looked up on --transform-pythonpath and PYTHONPATH, with {})",
+                    layout.module,
+                    layout.function,
+                    reply.message,
+                    options.python.display()
+                ))
+            }
+            Ok(reply) => {
+                worker.kill();
+                Err(format!("the worker said '{}' instead of ready", reply.status))
+            }
+            Err(failure) => Err(match failure {
+                Failure::Died { detail, .. } => format!("the worker did not start: {detail}"),
+                Failure::Raised { message, .. } | Failure::Schema(message) => message,
+            }),
+        }
+    }
+
+    /// Runs one batch.
+    fn run(&mut self, layout: &Layout, job: &JobInput<'_>) -> Result<Columns, Failure> {
+        let n = job.indices.len() as u64;
+        let (field_offsets, indices_offset, out_offset, _) = layout.offsets(n);
+        let shm_bytes = layout.options.shm_bytes;
+        let mut fields = Vec::with_capacity(layout.source.len());
+        for ((schema, data), &offset) in layout.source.iter().zip(job.input).zip(&field_offsets) {
+            self.write_region(data, offset)?;
+            fields.push(FieldPlacement {
+                name: &schema.name,
+                dtype: format!("<{}", schema.dtype.numpy_code()),
+                shape: &schema.sample_shape,
+                offset,
+            });
+        }
+        let indices: Vec<u8> = job.indices.iter().flat_map(|i| i.to_le_bytes()).collect();
+        self.write_region(&indices, indices_offset)?;
+        let message = RunMessage {
+            op: "run",
+            num_samples: n,
+            fields,
+            indices_offset,
+            entropy: job.entropy,
+            out_offset,
+            out_capacity: shm_bytes.saturating_sub(out_offset),
+        };
+        let body = serde_json::to_vec(&message).map_err(|e| died(RestartCause::Crashed, format!("encoding: {e}")))?;
+        self.send(&body)?;
+        let reply = self.receive(layout.options.timeout)?;
+        match reply.status.as_str() {
+            "ok" => self.read_output(reply, n, shm_bytes),
+            "error" => Err(Failure::Raised { message: reply.message, traceback: reply.traceback }),
+            "schema" => Err(Failure::Schema(reply.message)),
+            "memory" => {
+                let _ = self.child.wait();
+                Err(died(RestartCause::Memory, reply.message))
+            }
+            other => {
+                self.kill();
+                Err(died(RestartCause::Crashed, format!("unexpected reply status '{other}'")))
+            }
+        }
+    }
+
+    fn read_output(&mut self, reply: Reply, n: u64, shm_bytes: u64) -> Result<Columns, Failure> {
+        self.last_function_seconds = reply.seconds;
+        let mut columns = Vec::with_capacity(reply.fields.len());
+        for field in reply.fields {
+            let Some(dtype) = DType::from_numpy_code(&field.dtype) else {
+                return Err(Failure::Schema(format!("output field '{}' has dtype {}", field.name, field.dtype)));
+            };
+            let schema = FieldSchema { name: field.name, dtype, sample_shape: field.shape };
+            let expected = n * schema.bytes_per_sample() as u64;
+            if field.nbytes != expected || field.offset.checked_add(field.nbytes).is_none_or(|end| end > shm_bytes) {
+                self.kill();
+                return Err(died(
+                    RestartCause::Crashed,
+                    format!("the worker placed output field '{}' outside its region", schema.name),
+                ));
+            }
+            let mut data = vec![0u8; field.nbytes as usize];
+            self.region
+                .read_exact_at(&mut data, field.offset)
+                .map_err(|e| died(RestartCause::Crashed, format!("reading the shared region: {e}")))?;
+            columns.push(Column { schema, data });
+        }
+        Ok(Columns { num_samples: n as usize, columns })
+    }
+
+    fn write_region(&mut self, data: &[u8], offset: u64) -> Result<(), Failure> {
+        self.region
+            .write_all_at(data, offset)
+            .map_err(|e| died(RestartCause::Crashed, format!("writing the shared region: {e}")))
+    }
+
+    fn send(&mut self, body: &[u8]) -> Result<(), Failure> {
+        let length = u32::try_from(body.len()).unwrap_or(u32::MAX).to_le_bytes();
+        let sent = self.control.write_all(&length).and_then(|()| self.control.write_all(body));
+        sent.map_err(|e| self.exit_failure(format!("sending: {e}")))
+    }
+
+    /// The next reply, or how the worker failed: it died (end of file), or said nothing for
+    /// `timeout` (it is killed).
+    fn receive(&mut self, timeout: Duration) -> Result<Reply, Failure> {
+        let deadline = Instant::now() + timeout;
+        let mut length = [0u8; 4];
+        self.read_until(&mut length, deadline)?;
+        let length = u32::from_le_bytes(length) as usize;
+        if length > 16 << 20 {
+            self.kill();
+            return Err(died(RestartCause::Crashed, format!("a reply of {length} bytes")));
+        }
+        let mut body = vec![0u8; length];
+        self.read_until(&mut body, deadline)?;
+        serde_json::from_slice(&body).map_err(|e| {
+            self.kill();
+            died(RestartCause::Crashed, format!("an unreadable reply: {e}"))
+        })
+    }
+
+    fn read_until(&mut self, buf: &mut [u8], deadline: Instant) -> Result<(), Failure> {
+        let mut filled = 0;
+        while filled < buf.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                self.kill();
+                return Err(died(
+                    RestartCause::Timeout,
+                    "no answer within --transform-timeout; the worker was killed".to_owned(),
+                ));
+            }
+            let _ = self.control.set_read_timeout(Some(left));
+            match self.control.read(&mut buf[filled..]) {
+                Ok(0) => return Err(self.exit_failure("the worker exited".into())),
+                Ok(read) => filled += read,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {}
+                Err(e) => return Err(self.exit_failure(format!("reading its reply: {e}"))),
+            }
+        }
+        Ok(())
+    }
+
+    /// How a worker that closed its socket ended.
+    fn exit_failure(&mut self, what: String) -> Failure {
+        use std::os::unix::process::ExitStatusExt;
+        let status = self.child.wait();
+        let (cause, how) = match status {
+            Ok(status) => match status.signal() {
+                Some(9) => (
+                    RestartCause::Memory,
+                    "killed by SIGKILL (the kernel's OOM killer sends it when memory runs out)".to_owned(),
+                ),
+                Some(signal) => (RestartCause::Crashed, format!("killed by signal {signal}")),
+                None => (RestartCause::Crashed, format!("exited with {status}")),
+            },
+            Err(e) => (RestartCause::Crashed, format!("could not be waited for: {e}")),
+        };
+        died(cause, format!("{what}: {how}"))
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Asks the worker to exit and waits up to a second for it to close its socket (it does
+    /// as it exits); kills it otherwise.
+    fn stop(mut self) {
+        if self.send(br#"{"op":"exit"}"#).is_ok() {
+            let _ = self.control.set_read_timeout(Some(Duration::from_secs(1)));
+            let mut rest = [0u8; 64];
+            while matches!(self.control.read(&mut rest), Ok(n) if n > 0) {}
+        }
+        self.kill();
+    }
+}
+
+fn died(cause: RestartCause, detail: String) -> Failure {
+    Failure::Died { cause, detail }
+}
