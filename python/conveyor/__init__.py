@@ -91,6 +91,9 @@ class DatasetInfo(NamedTuple):
     """Samples in the dataset."""
     fields: Dict[str, Tuple[np.dtype, Tuple[int, ...]]]
     """Per field: its numpy dtype and the shape of one sample."""
+    derivation: str = ""
+    """For a dataset the loaders derive with a transform: ``"SOURCE | pipeline ..."`` or
+    ``"SOURCE | python module:function"``; empty for a stored dataset."""
 
 
 @functools.lru_cache(maxsize=None)  # a dozen codes; called per field of every batch
@@ -122,7 +125,7 @@ def datasets(loaders: Sequence[str], unavailable_timeout: float = 10.0, **securi
 
 def _info(entry: Dict[str, Any]) -> DatasetInfo:
     fields = {f["name"]: (_numpy_dtype(f["dtype"]), tuple(f["sample_shape"])) for f in entry["fields"]}
-    return DatasetInfo(entry["num_samples"], fields)
+    return DatasetInfo(entry["num_samples"], fields, entry.get("derivation", ""))
 
 
 def _check_loaders(loaders: Any) -> None:

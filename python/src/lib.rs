@@ -370,7 +370,7 @@ fn catalog_json(catalog: &[trainer_client::DatasetInfo]) -> String {
                     })
                 })
                 .collect();
-            serde_json::json!({"name": d.name, "num_samples": d.num_samples, "fields": fields})
+            serde_json::json!({"name": d.name, "num_samples": d.num_samples, "fields": fields, "derivation": d.derivation})
         })
         .collect();
     serde_json::Value::from(datasets).to_string()

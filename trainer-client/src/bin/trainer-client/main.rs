@@ -156,9 +156,14 @@ async fn run_command(command: Command) -> anyhow::Result<()> {
 async fn info(loader: &str, options: &ConnectOptions) -> anyhow::Result<()> {
     for dataset in fetch_catalog(loader, options).await? {
         println!("dataset {}: {} samples", dataset.name, dataset.num_samples);
+        let derived = !dataset.derivation.is_empty();
+        if derived {
+            println!("  derived on the loader: {}", dataset.derivation);
+        }
         for field in dataset.fields {
             let dtype = DType::try_from(field.dtype).unwrap_or(DType::Unspecified);
             let storage = match field.chunk_len {
+                0 | 1 if derived => "transformed on the loader".to_owned(),
                 0 | 1 => "unchunked (memory-mapped .npy)".to_owned(),
                 n => format!("chunks of {n} samples (block shuffle keeps them together)"),
             };
