@@ -60,3 +60,37 @@ def test_the_jax_example_trains(tmp_path, chess):
     assert run.returncode == 0, run.stderr[-3000:]
     losses = [float(line.rsplit(" ", 1)[1]) for line in run.stdout.splitlines() if "mean loss" in line]
     assert len(losses) == 3 and losses[2] < losses[0], run.stdout
+
+
+TRANSFORMS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples",
+                          "transforms")
+
+
+def test_the_transform_examples_serve_augmented_batches(tmp_path, start_loader):
+    subprocess.run([sys.executable, os.path.join(TRANSFORMS, "write_data.py"), str(tmp_path), "--samples", "96"],
+                   check=True, capture_output=True)
+    images = np.load(tmp_path / "images" / "image.npy")
+    loader = start_loader(
+        {"images": tmp_path / "images", "eeg": tmp_path / "eeg"},
+        "--pipeline", f"aug=images:@{TRANSFORMS}/image.pipeline",
+        "--pipeline", f"windows=eeg:@{TRANSFORMS}/eeg.pipeline",
+        "--transform", "aug_py=images:augment:image_augment", "--transform", "windows_py=eeg:augment:eeg_window",
+        "--transform-pythonpath", TRANSFORMS, "--python", sys.executable, "--transform-shm-bytes", 64 << 20)
+    catalog = conveyor.datasets([loader.addr])
+    assert catalog["aug"].fields["image"] == catalog["aug_py"].fields["image"] == (np.dtype("<f4"), (3, 56, 56))
+    assert catalog["windows"].fields["eeg"] == catalog["windows_py"].fields["eeg"] == (np.dtype("<f4"), (16, 200))
+    mean = np.array([0.485, 0.456, 0.406], dtype=np.float32)[:, None, None]
+    std = np.array([0.229, 0.224, 0.225], dtype=np.float32)[:, None, None]
+    for name in ["aug", "aug_py", "windows", "windows_py"]:
+        seen = 0
+        for batch in conveyor.StreamingDataset([loader.addr], name, batch_size=32, seed=1):
+            seen += len(batch["__index__"])
+            if name != "aug_py":
+                continue
+            for row, index in enumerate(batch["__index__"][:8]):
+                # The Python function's output is some crop and flip of its source image.
+                original = (batch["image"][row] * std + mean) * 255
+                candidates = [images[index, :, t:t + 56, l:l + 56] for t in range(9) for l in range(9)]
+                candidates += [c[..., ::-1] for c in candidates]
+                assert min(np.abs(original - c).max() for c in candidates) < 0.01, index
+        assert seen == 96, name

@@ -205,6 +205,29 @@ def test_a_worker_allocating_past_its_cap_is_replaced_and_the_epoch_stays_exactl
     assert vm_rss(loader.proc.pid) < 150 << 20
 
 
+def test_a_worker_that_segfaults_is_replaced_and_its_batch_retried(tmp_path, start_loader):
+    write_images(tmp_path / "d", n=60)
+    marker = tmp_path / "crashed-once"
+    modules = write_module(tmp_path, "crash", f"""
+        import ctypes, os
+
+        def f(batch, indices, rng):
+            if 42 in indices and not os.path.exists({str(marker)!r}):
+                open({str(marker)!r}, "w").close()
+                ctypes.string_at(0)  # SIGSEGV
+            return {{"label": batch["label"]}}
+    """)
+    metrics_addr = f"127.0.0.1:{free_port()}"
+    loader = start_loader({"d": tmp_path / "d"}, *python_args(
+        modules, "--transform", "c=d:crash:f", "--metrics-listen", metrics_addr))
+    seen = by_index(conveyor.StreamingDataset([loader.addr], "c", batch_size=8, shuffle="full", seed=3))
+    assert sorted(seen) == list(range(60)) and all(seen[i]["label"] == i for i in seen)
+    assert marker.exists()
+    text = metrics(metrics_addr)
+    assert metric(text, "conveyor_loader_transform_worker_restarts_total", dataset="c", cause="crashed") == 1
+    assert metric(text, "conveyor_loader_request_errors_total", kind="worker_failed") == 0
+
+
 def test_a_hanging_function_hits_the_timeout_and_workers_are_recycled(tmp_path, start_loader):
     write_images(tmp_path / "d", n=40)
     modules = write_module(tmp_path, "slow", """

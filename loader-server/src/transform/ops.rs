@@ -89,6 +89,9 @@ impl Pipeline {
     /// A message naming the field, the operator and what to change.
     pub fn new(text: &str, source: &[FieldSchema]) -> Result<Pipeline, String> {
         let mut chains: Vec<FieldChain> = Vec::new();
+        // Lines starting with # are comments (pipeline files).
+        let text: String =
+            text.lines().filter(|line| !line.trim_start().starts_with('#')).collect::<Vec<_>>().join("\n");
         for part in text.split(';').map(str::trim).filter(|p| !p.is_empty()) {
             let (field_name, ops_text) = part.split_once(':').ok_or_else(|| {
                 format!("'{part}' does not name its field; write FIELD: op | op, for example image: flip(axis=-1)")
@@ -662,6 +665,9 @@ mod tests {
         .expect("valid");
         assert_eq!(pipeline.schema()[0], schema("image", DType::Float32, &[3, 56, 56]));
         assert_eq!(pipeline.schema()[1], source[1], "fields not named pass through");
+        let file = "# a comment\nimage: center_crop(32, 32)\n     | flip(axis=1)\n# another\n;label: clip(min=0)";
+        let pipeline = Pipeline::new(file, &source).expect("valid");
+        assert_eq!(pipeline.schema()[0], schema("image", DType::Uint8, &[3, 32, 32]));
     }
 
     #[test]
