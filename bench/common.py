@@ -23,6 +23,20 @@ def proc_kib(pid, key):
     return 0
 
 
+def tree_rss_kib(pid):
+    """RSS of a process and all its descendants (DataLoader workers, transform workers)."""
+    total, stack = 0, [pid]
+    while stack:
+        p = stack.pop()
+        total += proc_kib(p, "VmRSS:")
+        try:
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                stack += [int(c) for c in f.read().split()]
+        except FileNotFoundError:
+            pass
+    return total
+
+
 class AnonSampler(threading.Thread):
     """Samples a process's anonymous RSS (mapped dataset pages are file-backed and excluded)."""
 

@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 
-from common import AnonSampler, ROOT, conveyor_run, proc_kib, start_loader, summary
+from common import AnonSampler, ROOT, conveyor_run, start_loader, summary, tree_rss_kib
 
 BATCH = 256
 
@@ -82,20 +82,6 @@ def warm_page_cache(path):
             with open(os.path.join(root, name), "rb", buffering=0) as fh:
                 while fh.readinto(buf):
                     pass
-
-
-def tree_rss_kib(pid):
-    """RSS of a process and all its descendants (DataLoader workers)."""
-    total, stack = 0, [pid]
-    while stack:
-        p = stack.pop()
-        total += proc_kib(p, "VmRSS:")
-        try:
-            with open(f"/proc/{p}/task/{p}/children") as f:
-                stack += [int(c) for c in f.read().split()]
-        except FileNotFoundError:
-            pass
-    return total
 
 
 def run_python_contender(kind, ds, batches, seed, out, script="dataloader_contender.py", args=None):

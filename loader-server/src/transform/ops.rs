@@ -175,8 +175,11 @@ fn parse_number(text: &str) -> Result<f64, String> {
     }
 }
 
+/// An operator call as written: its name, positional and keyword values.
+type Call = (String, Vec<Value>, Vec<(String, Value)>);
+
 /// Splits `name(a, b=[1, 2], c=x)` into the name, positional and keyword values.
-fn parse_call(text: &str) -> Result<(String, Vec<Value>, Vec<(String, Value)>), String> {
+fn parse_call(text: &str) -> Result<Call, String> {
     let open = text.find('(').ok_or("write the operator as name(arguments), for example flip(axis=-1)")?;
     let name = text[..open].trim().to_owned();
     let inner = text[open + 1..].strip_suffix(')').ok_or("the argument list does not end with ')'")?;
@@ -273,7 +276,7 @@ fn parse_op(text: &str) -> Result<Op, String> {
     let op = match name.as_str() {
         "center_crop" | "random_crop" => {
             let mut sizes = Vec::new();
-            while let Some(value) = args.positional.next() {
+            for value in args.positional.by_ref() {
                 match value {
                     Value::Number(n) if n >= 1.0 && n.fract() == 0.0 => sizes.push(n as u64),
                     other => return Err(format!("crop sizes must be whole numbers >= 1, not {other:?}")),

@@ -275,11 +275,10 @@ impl Pool {
         let (job, reply_rx) = self.job(input, indices, seed, epoch);
         self.stats.queued.fetch_add(1, Relaxed);
         let sent = self.jobs_tx.send(job).await;
-        let result = match sent {
+        match sent {
             Ok(()) => reply_rx.await.unwrap_or_else(|_| Err(gone())),
             Err(_) => Err(gone()),
-        };
-        result
+        }
     }
 
     /// [`Pool::run`] for callers outside an async runtime (the fuzz targets).

@@ -80,7 +80,7 @@ pub struct FakeReplicas {
     /// Every request a replica received: (replica, indices).
     log: Log,
     /// `(seed, epoch)` of every request received, in the order of `log`.
-    seeds: Arc<Mutex<Vec<(u64, u64)>>>,
+    seeds: Seeds,
 }
 
 /// `127.0.0.1:port`.
@@ -163,12 +163,15 @@ impl Connector for FakeReplicas {
 /// Requests received, shared with the replica tasks.
 type Log = Arc<Mutex<Vec<(SocketAddr, Vec<u64>)>>>;
 
+/// `(seed, epoch)` of the requests received, in the order of the [`Log`].
+type Seeds = Arc<Mutex<Vec<(u64, u64)>>>;
+
 async fn serve(
     addr: SocketAddr,
     behaviour: Behaviour,
     mut requests_rx: mpsc::Receiver<BatchRequest>,
     responses_tx: mpsc::Sender<Result<BatchResponse, tonic::Status>>,
-    (log, seeds): (Log, Arc<Mutex<Vec<(u64, u64)>>>),
+    (log, seeds): (Log, Seeds),
 ) {
     let mut num_answered = 0;
     let mut pending = futures::stream::FuturesUnordered::new();
