@@ -40,26 +40,57 @@ enum Op {
 enum Step {
     /// Copy a region (`starts` fixed, or drawn per sample where `random`), optionally
     /// reversed along one axis with probability `flip_p`.
-    Region {
-        out_shape: Vec<u64>,
-        random_axes: Vec<usize>,
-        flip_axis: Option<usize>,
-        flip_p: f64,
-    },
-    Cast {
-        dtype: DType,
-        scale: f64,
-        offset: f64,
-    },
-    Normalize {
-        axis: usize,
-        mean: Vec<f64>,
-        inv_std: Vec<f64>,
-    },
-    Clip {
-        min: f64,
-        max: f64,
-    },
+    Region { out_shape: Vec<u64>, random_axes: Vec<usize>, flip_axis: Option<usize>, flip_p: f64 },
+    /// Cast, normalize and clip; consecutive ones are fused to run in one pass (one output
+    /// buffer instead of one per step), each result rounded to its operator's dtype as if it ran
+    /// alone.
+    Elementwise { ops: Vec<ElemOp>, to: DType },
+}
+
+/// One element-wise operator of a fused [`Step::Elementwise`].
+#[derive(Debug, Clone, PartialEq)]
+struct ElemOp {
+    kind: ElemKind,
+    /// Its output dtype, which every value is rounded to.
+    dtype: DType,
+    /// Per channel `(a, b)`: `x * a + b` (affine), `(x - a) * b` (normalize), `clamp(a, b)`;
+    /// one entry unless it normalizes.
+    params: Vec<(f64, f64)>,
+    /// Elements per channel run (normalize: the product of the axes after the channel axis).
+    inner: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ElemKind {
+    Affine,
+    Normalize,
+    Clip,
+}
+
+/// Fuses runs of element-wise steps into one [`Step::Elementwise`], and a flip that follows a
+/// crop or window into that copy: fewer passes and fewer fresh buffers per batch.
+fn fuse(steps: Vec<(Step, FieldSchema)>) -> Vec<(Step, FieldSchema)> {
+    let mut fused: Vec<(Step, FieldSchema)> = Vec::with_capacity(steps.len());
+    for (step, input) in steps {
+        if let Step::Elementwise { ops: more, to: last } = &step
+            && let Some((Step::Elementwise { ops, to }, _)) = fused.last_mut()
+        {
+            ops.extend(more.iter().cloned());
+            *to = *last;
+            continue;
+        }
+        if let Step::Region { random_axes, flip_axis: Some(axis), flip_p, out_shape } = &step
+            && random_axes.is_empty()
+            && *out_shape == input.sample_shape
+            && let Some((Step::Region { flip_axis: previous @ None, flip_p: previous_p, .. }, _)) = fused.last_mut()
+        {
+            *previous = Some(*axis);
+            *previous_p = *flip_p;
+            continue;
+        }
+        fused.push((step, input));
+    }
+    fused
 }
 
 /// A field's chain of steps, with the schema before and after each.
@@ -115,6 +146,7 @@ impl Pipeline {
                 steps.push((step, schema));
                 schema = output;
             }
+            let steps = fuse(steps);
             chains.push(FieldChain { field, steps, output: schema });
         }
         if chains.is_empty() {
@@ -412,7 +444,9 @@ fn fit(op: &Op, input: &FieldSchema) -> Result<(Step, FieldSchema), String> {
         Op::Cast { dtype, scale, offset } => {
             numeric(input)?;
             numeric(&with(*dtype, Vec::new()))?;
-            (Step::Cast { dtype: *dtype, scale: *scale, offset: *offset }, with(*dtype, shape.clone()))
+            let op =
+                ElemOp { kind: ElemKind::Affine, dtype: *dtype, params: vec![(*scale, *offset)], inner: usize::MAX };
+            (Step::Elementwise { ops: vec![op], to: *dtype }, with(*dtype, shape.clone()))
         }
         Op::Normalize { axis, mean, std } => {
             numeric(input)?;
@@ -426,13 +460,20 @@ fn fit(op: &Op, input: &FieldSchema) -> Result<(Step, FieldSchema), String> {
                 )),
             };
             let mean = widen(mean, "mean")?;
-            let inv_std = widen(std, "std")?.iter().map(|s| 1.0 / s).collect();
+            let inv_std = widen(std, "std")?.into_iter().map(|s| 1.0 / s);
             let dtype = if input.dtype == DType::Float64 { DType::Float64 } else { DType::Float32 };
-            (Step::Normalize { axis, mean, inv_std }, with(dtype, shape.clone()))
+            let op = ElemOp {
+                kind: ElemKind::Normalize,
+                dtype,
+                params: mean.into_iter().zip(inv_std).collect(),
+                inner: shape[axis + 1..].iter().product::<u64>() as usize,
+            };
+            (Step::Elementwise { ops: vec![op], to: dtype }, with(dtype, shape.clone()))
         }
         Op::Clip { min, max } => {
             numeric(input)?;
-            (Step::Clip { min: *min, max: *max }, input.clone())
+            let op = ElemOp { kind: ElemKind::Clip, dtype: input.dtype, params: vec![(*min, *max)], inner: usize::MAX };
+            (Step::Elementwise { ops: vec![op], to: input.dtype }, input.clone())
         }
     })
 }
@@ -465,21 +506,7 @@ fn run_step(
             }
             out
         }
-        Step::Cast { dtype, scale, offset } => {
-            let (scale, offset) = (*scale, *offset);
-            map_elements(input.dtype, *dtype, data, |x, _| x * scale + offset)
-        }
-        Step::Normalize { axis, mean, inv_std } => {
-            let shape = &input.sample_shape;
-            let inner: u64 = shape[axis + 1..].iter().product();
-            let len = shape[*axis];
-            let out = if input.dtype == DType::Float64 { DType::Float64 } else { DType::Float32 };
-            map_elements(input.dtype, out, data, |x, position| {
-                let channel = ((position as u64 / inner) % len) as usize;
-                (x - mean[channel]) * inv_std[channel]
-            })
-        }
-        Step::Clip { min, max } => map_elements(input.dtype, input.dtype, data, |x, _| x.clamp(*min, *max)),
+        Step::Elementwise { ops, to } => run_elementwise(ops, input.dtype, *to, data),
     }
 }
 
@@ -515,7 +542,9 @@ fn copy_region(
         }
         let begin = (offset + starts[last]) as usize * elem;
         let source = &sample[begin..begin + run * elem];
-        if flip == Some(last) {
+        if flip == Some(last) && elem == 1 {
+            out.extend(source.iter().rev());
+        } else if flip == Some(last) {
             for element in source.chunks_exact(elem).rev() {
                 out.extend_from_slice(element);
             }
@@ -542,7 +571,7 @@ fn copy_region(
 trait Element: Copy {
     const SIZE: usize;
     fn read(bytes: &[u8]) -> Self;
-    fn write(self, out: &mut Vec<u8>);
+    fn write_into(self, out: &mut [u8]);
     fn to_f64(self) -> f64;
     /// Floats convert as `as` does; integers round to nearest and saturate (NaN gives 0).
     fn from_f64(value: f64) -> Self;
@@ -563,8 +592,8 @@ macro_rules! element {
                 raw.copy_from_slice(bytes);
                 <$t>::from_le_bytes(raw)
             }
-            fn write(self, out: &mut Vec<u8>) {
-                out.extend_from_slice(&self.to_le_bytes());
+            fn write_into(self, out: &mut [u8]) {
+                out.copy_from_slice(&self.to_le_bytes());
             }
             fn to_f64(self) -> f64 {
                 self as f64
@@ -636,18 +665,58 @@ macro_rules! with_element {
     };
 }
 
-/// `f(value, element index in the batch)` over every element, from `from` to `to`. (Normalize
-/// finds an element's channel from its index in the batch: samples are whole multiples of the
-/// channel period.)
-fn map_elements(from: DType, to: DType, data: &[u8], f: impl Fn(f64, usize) -> f64) -> Vec<u8> {
-    fn typed<I: Element, O: Element>(data: &[u8], f: impl Fn(f64, usize) -> f64) -> Vec<u8> {
-        let mut out = Vec::with_capacity(data.len() / I::SIZE * O::SIZE);
-        for (i, bytes) in data.chunks_exact(I::SIZE).enumerate() {
-            O::from_f64(f(I::read(bytes).to_f64(), i)).write(&mut out);
+/// Values rounded to what `dtype` can hold (floats: to their precision; integers: rounded half
+/// away from zero and saturated, as `cast` writes them).
+fn quantize(dtype: DType, values: &mut [f64]) {
+    match dtype {
+        DType::Float32 => values.iter_mut().for_each(|x| *x = *x as f32 as f64),
+        DType::Float64 => {}
+        _ => with_element!(dtype, T => values.iter_mut().for_each(|x| *x = T::from_f64(*x).to_f64())),
+    }
+}
+
+/// Elements converted to f64 at a time: each operator then runs as a tight loop over this many
+/// values (which the compiler vectorizes), with its parameters and dtype fixed.
+const BLOCK: usize = 4096;
+
+/// Runs fused element-wise operators in one pass from `from` to `to`.
+fn run_elementwise(ops: &[ElemOp], from: DType, to: DType, data: &[u8]) -> Vec<u8> {
+    fn typed<I: Element, O: Element>(data: &[u8], ops: &[ElemOp]) -> Vec<u8> {
+        let num_elements = data.len() / I::SIZE;
+        // Runs within which every operator's parameters are constant: the smallest channel run
+        // (channel runs of one shape nest: each is a product of trailing axes).
+        let run_len = ops.iter().map(|op| op.inner).min().unwrap_or(usize::MAX).clamp(1, num_elements.max(1));
+        let mut out = vec![0u8; num_elements * O::SIZE];
+        let mut params: Vec<(f64, f64)> = vec![(0.0, 0.0); ops.len()];
+        let mut scratch = vec![0f64; run_len.min(BLOCK)];
+        let runs = data.chunks(run_len * I::SIZE).zip(out.chunks_mut(run_len * O::SIZE));
+        for (run, (src, dst)) in runs.enumerate() {
+            let first = run * run_len;
+            for (param, op) in params.iter_mut().zip(ops) {
+                let channel = if op.params.len() == 1 { 0 } else { (first / op.inner) % op.params.len() };
+                *param = op.params[channel];
+            }
+            for (src, dst) in src.chunks(BLOCK * I::SIZE).zip(dst.chunks_mut(BLOCK * O::SIZE)) {
+                let values = &mut scratch[..src.len() / I::SIZE];
+                for (x, s) in values.iter_mut().zip(src.chunks_exact(I::SIZE)) {
+                    *x = I::read(s).to_f64();
+                }
+                for (op, &(a, b)) in ops.iter().zip(&params) {
+                    match op.kind {
+                        ElemKind::Affine => values.iter_mut().for_each(|x| *x = *x * a + b),
+                        ElemKind::Normalize => values.iter_mut().for_each(|x| *x = (*x - a) * b),
+                        ElemKind::Clip => values.iter_mut().for_each(|x| *x = x.clamp(a, b)),
+                    }
+                    quantize(op.dtype, values);
+                }
+                for (x, d) in values.iter().zip(dst.chunks_exact_mut(O::SIZE)) {
+                    O::from_f64(*x).write_into(d);
+                }
+            }
         }
         out
     }
-    with_element!(from, I => with_element!(to, O => typed::<I, O>(data, &f)))
+    with_element!(from, I => with_element!(to, O => typed::<I, O>(data, ops)))
 }
 
 #[cfg(test)]
@@ -668,6 +737,9 @@ mod tests {
         .expect("valid");
         assert_eq!(pipeline.schema()[0], schema("image", DType::Float32, &[3, 56, 56]));
         assert_eq!(pipeline.schema()[1], source[1], "fields not named pass through");
+        let kinds: Vec<bool> =
+            pipeline.chains[0].steps.iter().map(|(s, _)| matches!(s, Step::Elementwise { .. })).collect();
+        assert_eq!(kinds, [false, true], "crop+flip fused into one copy, cast+normalize into one pass");
         let file = "# a comment\nimage: center_crop(32, 32)\n     | flip(axis=1)\n# another\n;label: clip(min=0)";
         let pipeline = Pipeline::new(file, &source).expect("valid");
         assert_eq!(pipeline.schema()[0], schema("image", DType::Uint8, &[3, 32, 32]));
