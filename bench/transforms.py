@@ -11,8 +11,9 @@ training process:
   conveyor-pipeline       one loader, the built-in pipeline examples/transforms/image.pipeline
   conveyor-python         one loader, examples/transforms/augment.py:image_augment in 2 workers
 Reported per contender (median of the runs, min-max beside): samples/s, CPU per batch of the
-training process itself and of its process tree (DataLoader workers included), peak RSS of the
-training process tree, peak RSS of the loader tree (transform workers included).
+training process itself and of its process tree (DataLoader workers included), CPU per batch of
+the loader tree (transform workers included), peak RSS of the training process tree, peak RSS
+of the loader tree.
 Needs: release loader-server (cargo build --release -p loader-server), the conveyor package,
 torch and torchvision in this Python.
 """
@@ -48,8 +49,30 @@ def images(out, n):
     return path
 
 
+def cpu_seconds_of(pid):
+    """utime + stime of a process and its children that have exited and been waited for."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pid):
+    """CPU seconds of a process and its live descendants (transform workers)."""
+    total, stack = 0.0, [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            total += cpu_seconds_of(p)
+            with open(f"/proc/{p}/task/{p}/children") as fh:
+                stack += [int(c) for c in fh.read().split()]
+        except FileNotFoundError:
+            pass
+    return total
+
+
 def run_one(kind, source, batches, seed, out, loader_pid=None):
     result_path = os.path.join(out, "transform-contender.json")
+    loader_cpu = tree_cpu_seconds(loader_pid) if loader_pid else 0.0
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "transform_contender.py"), kind, source, str(batches),
                              str(seed), result_path])
     trainer_peak = loader_peak = 0
@@ -62,6 +85,9 @@ def run_one(kind, source, batches, seed, out, loader_pid=None):
         raise RuntimeError(f"{kind} contender failed")
     with open(result_path) as fh:
         result = json.load(fh)
+    # The loader tree's CPU over the contender's whole run (its first batch included).
+    loader_cpu = tree_cpu_seconds(loader_pid) - loader_cpu if loader_pid else 0.0
+    result["loader_cpu_s_per_batch"] = loader_cpu / (result["batches"] + 1)
     result["trainer_rss_mib"] = trainer_peak / 1024
     result["loader_rss_mib"] = loader_peak / 1024
     return result
@@ -101,18 +127,19 @@ def main():
                   f"trainer CPU {result['trainer_cpu_s_per_batch'] * 1000:.1f} ms/batch, "
                   f"trainer RSS {result['trainer_rss_mib']:.0f} MiB, loader RSS {result['loader_rss_mib']:.0f} MiB",
                   flush=True)
-    keys = ["samples_per_s", "trainer_cpu_s_per_batch", "tree_cpu_s_per_batch", "trainer_rss_mib", "loader_rss_mib"]
+    keys = ["samples_per_s", "trainer_cpu_s_per_batch", "tree_cpu_s_per_batch", "loader_cpu_s_per_batch",
+            "trainer_rss_mib", "loader_rss_mib"]
     table = {c: {k: summary([r[k] for r in rs]) for k in keys} for c, rs in results.items()}
     with open(os.path.join(args.out, "transforms.json"), "w") as fh:
         json.dump({"args": vars(args), "runs": results, "summary": table}, fh, indent=1)
     fmt = lambda s, scale=1, digits=0: f"{s['median'] * scale:.{digits}f} ({s['min'] * scale:.{digits}f}-{s['max'] * scale:.{digits}f})"
-    print("\n| contender | samples/s | trainer CPU ms/batch | trainer tree CPU ms/batch | trainer tree RSS MiB | "
-          "loader tree RSS MiB |")
-    print("|---|---|---|---|---|---|")
+    print("\n| contender | samples/s | trainer CPU ms/batch | trainer tree CPU ms/batch | loader tree CPU ms/batch | "
+          "trainer tree RSS MiB | loader tree RSS MiB |")
+    print("|---|---|---|---|---|---|---|")
     for c in CONTENDERS:
         t = table[c]
         print(f"| {c} | {fmt(t['samples_per_s'])} | {fmt(t['trainer_cpu_s_per_batch'], 1000, 1)} | "
-              f"{fmt(t['tree_cpu_s_per_batch'], 1000, 1)} | "
+              f"{fmt(t['tree_cpu_s_per_batch'], 1000, 1)} | {fmt(t['loader_cpu_s_per_batch'], 1000, 1)} | "
               f"{fmt(t['trainer_rss_mib'])} | {fmt(t['loader_rss_mib'])} |")
     base = table["dataloader-torchvision"]
     print()
