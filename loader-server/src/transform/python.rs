@@ -257,7 +257,9 @@ impl Pool {
         self.layout.options.shm_bytes
     }
 
+    /// A job for the queue, counted as queued until a worker thread takes it.
     fn job(&self, input: Vec<Vec<u8>>, indices: Vec<u64>, seed: u64, epoch: u64) -> (Job, JobReply) {
+        self.stats.queued.fetch_add(1, Relaxed);
         let (reply_tx, reply_rx) = oneshot::channel();
         let entropy = [seed, epoch, indices_digest(&indices)];
         (Job { input, indices, entropy, queued_at: Instant::now(), reply_tx }, reply_rx)
@@ -273,12 +275,10 @@ impl Pool {
         epoch: u64,
     ) -> Result<Columns, TransformError> {
         let (job, reply_rx) = self.job(input, indices, seed, epoch);
-        self.stats.queued.fetch_add(1, Relaxed);
-        let sent = self.jobs_tx.send(job).await;
-        match sent {
-            Ok(()) => reply_rx.await.unwrap_or_else(|_| Err(gone())),
-            Err(_) => Err(gone()),
+        if self.jobs_tx.send(job).await.is_err() {
+            return Err(self.gone());
         }
+        reply_rx.await.unwrap_or_else(|_| Err(gone()))
     }
 
     /// [`Pool::run`] for callers outside an async runtime (the fuzz targets).
@@ -290,11 +290,18 @@ impl Pool {
         epoch: u64,
     ) -> Result<Columns, TransformError> {
         let (job, reply_rx) = self.job(input, indices, seed, epoch);
-        self.stats.queued.fetch_add(1, Relaxed);
         if self.jobs_tx.blocking_send(job).is_err() {
-            return Err(gone());
+            return Err(self.gone());
         }
         reply_rx.blocking_recv().unwrap_or_else(|_| Err(gone()))
+    }
+}
+
+impl Pool {
+    /// The answer when the worker threads have stopped; the job was never taken.
+    fn gone(&self) -> TransformError {
+        self.stats.queued.fetch_sub(1, Relaxed);
+        gone()
     }
 }
 
