@@ -118,36 +118,42 @@ pub fn render(state: &LoaderState) -> String {
         "Bytes decoded from storage, per dataset.",
         &as_refs(&decoded),
     );
-    let transform_batches = per_dataset(|c| c.transform_batches.load(Relaxed));
-    let transform_nanos = per_dataset(|c| c.transform_nanos.load(Relaxed));
-    let derived: Vec<String> = state.derived().map(|d| format!("{{dataset=\"{}\"}}", d.name)).collect();
-    let only_derived =
-        |all: Vec<(String, u64)>| all.into_iter().filter(|(l, _)| derived.contains(l)).collect::<Vec<_>>();
+    // Derived datasets: their transform counters, and the worker pools of Python ones.
+    let (mut batches, mut nanos, mut function_nanos, mut restarts, mut queued) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for derived in state.derived() {
+        let labels = format!("{{dataset=\"{}\"}}", derived.name);
+        if let Some(counters) = stats.datasets.get(&derived.name) {
+            batches.push((labels.clone(), counters.transform_batches.load(Relaxed)));
+            nanos.push((labels.clone(), counters.transform_nanos.load(Relaxed)));
+        }
+        if let crate::transform::Transform::Python(pool) = &derived.transform {
+            for cause in crate::transform::python::RestartCause::ALL {
+                let labels = format!("{{dataset=\"{}\",cause=\"{}\"}}", derived.name, cause.label());
+                restarts.push((labels, pool.stats.restarts_for(cause)));
+            }
+            function_nanos.push((labels.clone(), pool.stats.function_nanos.load(Relaxed)));
+            queued.push((labels, pool.stats.queued.load(Relaxed)));
+        }
+    }
     metric(
         "conveyor_loader_transform_batches_total",
         "counter",
         "Batches transformed, per derived dataset.",
-        &as_refs(&only_derived(transform_batches)),
+        &as_refs(&batches),
     );
     metric(
         "conveyor_loader_transform_nanoseconds_total",
         "counter",
         "Time spent transforming batches, per derived dataset (Python: queue wait, copies and the function).",
-        &as_refs(&only_derived(transform_nanos)),
+        &as_refs(&nanos),
     );
-    let mut restarts = Vec::new();
-    let mut queued = Vec::new();
-    for derived in state.derived() {
-        if let crate::transform::Transform::Python(pool) = &derived.transform {
-            for cause in crate::transform::python::RestartCause::ALL {
-                restarts.push((
-                    format!("{{dataset=\"{}\",cause=\"{}\"}}", derived.name, cause.label()),
-                    pool.stats.restarts_for(cause),
-                ));
-            }
-            queued.push((format!("{{dataset=\"{}\"}}", derived.name), pool.stats.queued.load(Relaxed)));
-        }
-    }
+    metric(
+        "conveyor_loader_transform_function_nanoseconds_total",
+        "counter",
+        "Time spent inside the Python function, per derived dataset (as its workers measure it).",
+        &as_refs(&function_nanos),
+    );
     metric(
         "conveyor_loader_transform_worker_restarts_total",
         "counter",

@@ -27,9 +27,14 @@ use crate::{
     config::Config,
     connection::{CallGuard, ConnInfo},
     dataset::Dataset,
+    error::ReadError,
     error::RequestError,
     stats::Stats,
-    transform::{Derived, FieldSchema, Transform, python::TransformError, schema_of},
+    transform::{
+        Columns, Derived, FieldSchema, Transform,
+        python::{Pool, TransformError},
+        schema_of,
+    },
 };
 
 /// A dataset clients can request: stored, or derived from a stored one by a transform.
@@ -95,6 +100,14 @@ impl Served {
         match self {
             Served::Stored { dataset, .. } => dataset.info(max_batch_samples),
             Served::Derived(derived) => derived.info(max_batch_samples),
+        }
+    }
+
+    /// The transform of a derived dataset.
+    fn transform(&self) -> Option<&Transform> {
+        match self {
+            Served::Derived(derived) => Some(&derived.transform),
+            Served::Stored { .. } => None,
         }
     }
 }
@@ -205,16 +218,16 @@ impl LoaderState {
         if let Some(&index) = request.indices.iter().find(|&&i| i >= len) {
             return Err(RequestError::IndexOutOfRange { dataset: name.to_owned(), index, len });
         }
-        if let Served::Derived(derived) = served
-            && let Transform::Python(pool) = &derived.transform
-            && pool.region_bytes(num_samples) > pool.shm_bytes()
-        {
-            return Err(RequestError::RegionTooSmall {
-                dataset: name.to_owned(),
-                num_samples,
-                bytes: pool.region_bytes(num_samples),
-                shm_bytes: pool.shm_bytes(),
-            });
+        if let Some(Transform::Python(pool)) = served.transform() {
+            let region_bytes = pool.region_bytes(num_samples);
+            if region_bytes > pool.shm_bytes() {
+                return Err(RequestError::RegionTooSmall {
+                    dataset: name.to_owned(),
+                    num_samples,
+                    bytes: region_bytes,
+                    shm_bytes: pool.shm_bytes(),
+                });
+            }
         }
         Ok((served.clone(), num_samples * served.budget_bytes_per_sample() as u64))
     }
@@ -240,20 +253,7 @@ impl LoaderState {
         let gather_served = served.clone();
         let gathered = tokio::task::spawn_blocking(move || {
             let _slot = slot;
-            let result = gather_served.source().gather(&indices, &state.cache);
-            // Built-in pipelines run here too: they are CPU work like the gather.
-            let result = match (&gather_served, result) {
-                (Served::Derived(derived), Ok((buffers, decoded))) => match &derived.transform {
-                    Transform::Pipeline(pipeline) => {
-                        let started = std::time::Instant::now();
-                        let out = pipeline.apply(buffers, &indices, seed, epoch);
-                        state.stats.record_transform(&derived.name, started.elapsed());
-                        Ok((out, decoded))
-                    }
-                    Transform::Python(_) => Ok((buffers, decoded)),
-                },
-                (_, result) => result,
-            };
+            let result = state.gather_blocking(&gather_served, &indices, seed, epoch);
             (indices, result)
         })
         .await;
@@ -273,19 +273,12 @@ impl LoaderState {
                 return self.refuse(batch_id, Vec::new(), error);
             }
         };
-        let python = match &served {
-            Served::Derived(derived) => match &derived.transform {
-                Transform::Python(pool) => Some((derived, pool)),
-                Transform::Pipeline(_) => None,
-            },
-            Served::Stored { .. } => None,
-        };
-        let buffers = match python {
-            Some((derived, pool)) => {
+        let buffers = match served.transform() {
+            Some(Transform::Python(pool)) => {
                 let started = std::time::Instant::now();
                 let result = pool.run(buffers, indices.clone(), seed, epoch).await;
-                self.stats.record_transform(&derived.name, started.elapsed());
-                match transformed(derived, &pool.function, &indices, result) {
+                self.stats.record_transform(served.name(), started.elapsed());
+                match transformed(&served, pool, &indices, result) {
                     Ok(buffers) => buffers,
                     Err(error) => {
                         tracing::warn!(batch_id, %error, "transform failed; failing this batch only");
@@ -293,7 +286,7 @@ impl LoaderState {
                     }
                 }
             }
-            None => buffers,
+            _ => buffers,
         };
         (self.respond(&served, batch_id, indices, buffers, decoded_bytes), Some(budget))
     }
@@ -334,47 +327,62 @@ impl LoaderState {
             Ok(ok) => ok,
             Err(error) => return self.refuse(batch_id, indices, error).0,
         };
-        let (buffers, decoded) = match served.source().gather(&indices, &self.cache) {
+        let (buffers, decoded) = match self.gather_blocking(&served, &indices, seed, epoch) {
             Ok(ok) => ok,
             Err(error) => return self.refuse(batch_id, indices, RequestError::from(error)).0,
         };
-        let buffers = match &served {
-            Served::Stored { .. } => buffers,
-            Served::Derived(derived) => match &derived.transform {
-                Transform::Pipeline(pipeline) => pipeline.apply(buffers, &indices, seed, epoch),
-                Transform::Python(pool) => {
-                    let result = pool.run_blocking(buffers, indices.clone(), seed, epoch);
-                    match transformed(derived, &pool.function, &indices, result) {
-                        Ok(buffers) => buffers,
-                        Err(error) => return self.refuse(batch_id, indices, error).0,
-                    }
+        let buffers = match served.transform() {
+            Some(Transform::Python(pool)) => {
+                let result = pool.run_blocking(buffers, indices.clone(), seed, epoch);
+                match transformed(&served, pool, &indices, result) {
+                    Ok(buffers) => buffers,
+                    Err(error) => return self.refuse(batch_id, indices, error).0,
                 }
-            },
+            }
+            _ => buffers,
         };
         self.respond(&served, batch_id, indices, buffers, decoded)
+    }
+
+    /// Gathers the source rows of `indices` and runs a built-in pipeline over them (CPU work
+    /// like the gather, so it runs on the same thread); returns the buffers and the bytes
+    /// decoded from storage. Blocks: call it off the async runtime.
+    fn gather_blocking(
+        &self,
+        served: &Served,
+        indices: &[u64],
+        seed: u64,
+        epoch: u64,
+    ) -> Result<(Vec<Vec<u8>>, u64), ReadError> {
+        let (buffers, decoded) = served.source().gather(indices, &self.cache)?;
+        let Some(Transform::Pipeline(pipeline)) = served.transform() else { return Ok((buffers, decoded)) };
+        let started = std::time::Instant::now();
+        let out = pipeline.apply(buffers, indices, seed, epoch);
+        self.stats.record_transform(served.name(), started.elapsed());
+        Ok((out, decoded))
     }
 }
 
 /// A Python transform's result as the dataset's buffers, or the batch's error.
 fn transformed(
-    derived: &Derived,
-    function: &str,
+    served: &Served,
+    pool: &Pool,
     indices: &[u64],
-    result: Result<crate::transform::Columns, TransformError>,
+    result: Result<Columns, TransformError>,
 ) -> Result<Vec<Vec<u8>>, RequestError> {
     let failed = |message: String| RequestError::TransformFailed {
-        dataset: derived.name.clone(),
-        function: function.to_owned(),
+        dataset: served.name().to_owned(),
+        function: pool.function.clone(),
         samples: crate::error::describe_samples(indices),
         message,
     };
     match result {
-        Ok(columns) => columns.into_schema(&derived.schema).map_err(failed),
+        Ok(columns) => columns.into_schema(served.schema()).map_err(failed),
         Err(TransformError::Raised { message, traceback }) => Err(failed(format!("{message}\n{traceback}"))),
         Err(TransformError::Schema(message)) => Err(failed(message)),
         Err(TransformError::WorkerFailed(detail)) => Err(RequestError::WorkerFailed {
-            dataset: derived.name.clone(),
-            function: function.to_owned(),
+            dataset: served.name().to_owned(),
+            function: pool.function.clone(),
             samples: crate::error::describe_samples(indices),
             detail,
         }),

@@ -201,6 +201,8 @@ def test_a_worker_allocating_past_its_cap_is_replaced_and_the_epoch_stays_exactl
     assert metric(text, "conveyor_loader_transform_worker_restarts_total", dataset="l", cause="memory") >= 2
     assert metric(text, "conveyor_loader_request_errors_total", kind="worker_failed") == 0
     assert metric(text, "conveyor_loader_transform_batches_total", dataset="l") == 50
+    inside = metric(text, "conveyor_loader_transform_function_nanoseconds_total", dataset="l")
+    assert 0 < inside < metric(text, "conveyor_loader_transform_nanoseconds_total", dataset="l")
     # The workers' leaks never reach the loader process.
     assert vm_rss(loader.proc.pid) < 150 << 20
 

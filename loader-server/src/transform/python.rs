@@ -95,28 +95,23 @@ impl RestartCause {
 /// Counters of one pool.
 #[derive(Debug, Default)]
 pub struct PoolStats {
-    /// Worker replacements, by [`RestartCause`] in `ALL` order.
-    pub restarts: [AtomicU64; 4],
+    /// Worker replacements, by [`RestartCause`] (indexed by its discriminant, in `ALL` order).
+    restarts: [AtomicU64; 4],
     /// Batches waiting for a worker.
     pub queued: AtomicU64,
-    /// Batches the function ran on successfully.
-    pub batches: AtomicU64,
-    /// Nanoseconds spent in the function, summed.
+    /// Nanoseconds spent in the function itself, summed over the batches it returned (the
+    /// dataset's transform time adds the queue wait and the copies).
     pub function_nanos: AtomicU64,
-    /// Nanoseconds per batch from queueing to answer, summed (queue wait and copies included).
-    pub total_nanos: AtomicU64,
 }
 
 impl PoolStats {
     fn restarted(&self, cause: RestartCause) {
-        let at = RestartCause::ALL.iter().position(|c| *c == cause).unwrap_or(0);
-        self.restarts[at].fetch_add(1, Relaxed);
+        self.restarts[cause as usize].fetch_add(1, Relaxed);
     }
 
     /// Replacements for `cause` so far.
     pub fn restarts_for(&self, cause: RestartCause) -> u64 {
-        let at = RestartCause::ALL.iter().position(|c| *c == cause).unwrap_or(0);
-        self.restarts[at].load(Relaxed)
+        self.restarts[cause as usize].load(Relaxed)
     }
 }
 
@@ -143,7 +138,6 @@ struct Job {
     input: Vec<Vec<u8>>,
     indices: Vec<u64>,
     entropy: [u64; 3],
-    queued_at: Instant,
     reply_tx: oneshot::Sender<Result<Columns, TransformError>>,
 }
 
@@ -170,6 +164,8 @@ struct Layout {
     source: Vec<FieldSchema>,
     /// Output bytes per sample (0 until the probe ran).
     out_bytes_per_sample: u64,
+    /// Output fields (0 until the probe ran); each may start up to `ALIGN - 1` bytes later.
+    num_out_fields: u64,
 }
 
 impl Layout {
@@ -184,7 +180,7 @@ impl Layout {
         }
         let indices = at;
         let out = align(indices + 8 * n);
-        let end = out + n * self.out_bytes_per_sample + ALIGN * self.source.len().max(1) as u64 * 4;
+        let end = out + n * self.out_bytes_per_sample + ALIGN * self.num_out_fields;
         (fields, indices, out, end)
     }
 }
@@ -216,6 +212,7 @@ impl Pool {
             options: options.clone(),
             source,
             out_bytes_per_sample: 0,
+            num_out_fields: 0,
         };
         let mut workers = Vec::with_capacity(options.workers);
         for _ in 0..options.workers {
@@ -232,6 +229,7 @@ impl Pool {
         })?;
         let schema: Vec<FieldSchema> = probed.columns.into_iter().map(|c| c.schema).collect();
         layout.out_bytes_per_sample = schema.iter().map(|f| f.bytes_per_sample() as u64).sum();
+        layout.num_out_fields = schema.len() as u64;
 
         let layout = Arc::new(layout);
         let stats = Arc::new(PoolStats::default());
@@ -262,7 +260,7 @@ impl Pool {
         self.stats.queued.fetch_add(1, Relaxed);
         let (reply_tx, reply_rx) = oneshot::channel();
         let entropy = [seed, epoch, indices_digest(&indices)];
-        (Job { input, indices, entropy, queued_at: Instant::now(), reply_tx }, reply_rx)
+        (Job { input, indices, entropy, reply_tx }, reply_rx)
     }
 
     /// Runs the function on a gathered batch of the source; waits for a place in the queue,
@@ -295,9 +293,7 @@ impl Pool {
         }
         reply_rx.blocking_recv().unwrap_or_else(|_| Err(gone()))
     }
-}
 
-impl Pool {
     /// The answer when the worker threads have stopped; the job was never taken.
     fn gone(&self) -> TransformError {
         self.stats.queued.fetch_sub(1, Relaxed);
@@ -323,60 +319,64 @@ fn serve_jobs(slot: usize, first: Worker, layout: &Layout, stats: &PoolStats, jo
         let Some(job) = job else { break };
         stats.queued.fetch_sub(1, Relaxed);
         let input = JobInput { input: &job.input, indices: &job.indices, entropy: job.entropy };
-        let mut result = Err(TransformError::WorkerFailed(String::new()));
-        let mut failures = Vec::new();
-        for _attempt in 0..2 {
-            let mut current = match worker.take() {
-                Some(w) => w,
-                None => match Worker::spawn(layout) {
-                    Ok(w) => w,
-                    Err(e) => {
-                        failures.push(format!("a new worker could not start: {e}"));
-                        break;
-                    }
-                },
-            };
-            match current.run(layout, &input) {
-                Ok(columns) => {
-                    stats.batches.fetch_add(1, Relaxed);
-                    stats.function_nanos.fetch_add((current.last_function_seconds * 1e9) as u64, Relaxed);
-                    current.batches += 1;
-                    if layout.options.max_batches > 0 && current.batches >= layout.options.max_batches {
-                        current.stop();
-                        stats.restarted(RestartCause::Recycled);
-                        tracing::debug!(slot, "transform worker recycled after --transform-max-batches");
-                    } else {
-                        worker = Some(current);
-                    }
-                    result = Ok(columns);
-                    break;
-                }
-                Err(Failure::Raised { message, traceback }) => {
-                    worker = Some(current);
-                    result = Err(TransformError::Raised { message, traceback });
-                    break;
-                }
-                Err(Failure::Schema(message)) => {
-                    worker = Some(current);
-                    result = Err(TransformError::Schema(message));
-                    break;
-                }
-                Err(Failure::Died { cause, detail }) => {
-                    stats.restarted(cause);
-                    tracing::warn!(slot, cause = cause.label(), %detail, "transform worker replaced");
-                    failures.push(detail);
-                }
-            }
-        }
-        if result.as_ref().is_err_and(|e| matches!(e, TransformError::WorkerFailed(_))) {
-            result = Err(TransformError::WorkerFailed(failures.join("; then, on a fresh worker: ")));
-        }
-        stats.total_nanos.fetch_add(job.queued_at.elapsed().as_nanos() as u64, Relaxed);
+        let result = run_job(slot, &mut worker, layout, stats, &input);
         let _ = job.reply_tx.send(result);
     }
     if let Some(worker) = worker {
         worker.stop();
     }
+}
+
+/// Runs one job on `worker` (started first when there is none), and once more on a fresh
+/// worker when it dies; leaves in `worker` the one to use next, if any.
+fn run_job(
+    slot: usize,
+    worker: &mut Option<Worker>,
+    layout: &Layout,
+    stats: &PoolStats,
+    input: &JobInput<'_>,
+) -> Result<Columns, TransformError> {
+    let mut failures = Vec::new();
+    for _attempt in 0..2 {
+        let mut current = match worker.take() {
+            Some(w) => w,
+            None => match Worker::spawn(layout) {
+                Ok(w) => w,
+                Err(e) => {
+                    failures.push(format!("a new worker could not start: {e}"));
+                    break;
+                }
+            },
+        };
+        match current.run(layout, input) {
+            Ok(columns) => {
+                stats.function_nanos.fetch_add((current.last_function_seconds * 1e9) as u64, Relaxed);
+                current.batches += 1;
+                if layout.options.max_batches > 0 && current.batches >= layout.options.max_batches {
+                    current.stop();
+                    stats.restarted(RestartCause::Recycled);
+                    tracing::debug!(slot, "transform worker recycled after --transform-max-batches");
+                } else {
+                    *worker = Some(current);
+                }
+                return Ok(columns);
+            }
+            Err(Failure::Raised { message, traceback }) => {
+                *worker = Some(current);
+                return Err(TransformError::Raised { message, traceback });
+            }
+            Err(Failure::Schema(message)) => {
+                *worker = Some(current);
+                return Err(TransformError::Schema(message));
+            }
+            Err(Failure::Died { cause, detail }) => {
+                stats.restarted(cause);
+                tracing::warn!(slot, cause = cause.label(), %detail, "transform worker replaced");
+                failures.push(detail);
+            }
+        }
+    }
+    Err(TransformError::WorkerFailed(failures.join("; then, on a fresh worker: ")))
 }
 
 /// A job's data, borrowed for each attempt.

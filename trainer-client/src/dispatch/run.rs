@@ -343,7 +343,6 @@ impl Run {
     const MAX_WORKER_FAILURES: u32 = 3;
 
     fn check(&mut self, seq: u64, addr: SocketAddr, response: BatchResponse) -> Result<Batch, ClientError> {
-        self.worker_failures.remove(&seq);
         let (epoch, batch) = self.schedule.position(seq);
         if let Some(error) = response.error {
             return Err(ClientError::BatchRefused {
