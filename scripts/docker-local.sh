@@ -17,5 +17,10 @@ for binary in target/release/loader-server target/release/trainer-client; do
         cp -L "$lib" "$rootfs$lib"
     done
 done
+# The system's CA certificates, so that loaders can read https:// and s3:// datasets on AWS.
+if [ -f /etc/ssl/certs/ca-certificates.crt ]; then
+    mkdir -p "$rootfs/etc/ssl/certs"
+    cp -L /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/certs/"
+fi
 docker build -q -f docker/Dockerfile.local -t conveyor:local .
 echo "built conveyor:local ($(du -sh "$rootfs" | cut -f1) root filesystem)"

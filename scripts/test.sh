@@ -17,6 +17,15 @@ export CONVEYOR_PYTHON="$PWD/.venv/bin/python"
 cargo build --workspace --locked
 cargo test --workspace --locked
 
+# nginx with WebDAV listings serves the http:// datasets of the object-storage tests (Debian's
+# packages; moto's S3 server comes from tests/requirements.txt).
+if [ ! -e /usr/lib/nginx/modules/ngx_http_dav_ext_module.so ] || ! command -v nginx >/dev/null; then
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; fi
+    $SUDO apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q nginx libnginx-mod-http-dav-ext
+fi
+
 # The Python package, built the way users install it; its tests start the debug loader above.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check ./python
 python_tests() { CONVEYOR_BIN_DIR="$PWD/target/debug" .venv/bin/python -m pytest -q python/tests "$@"; }

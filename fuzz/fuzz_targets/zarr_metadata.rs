@@ -26,5 +26,5 @@ fuzz_target!(|data: &[u8]| {
             .and_then(|()| std::fs::write(node.join("child/.zarray"), metadata)),
     }
     .expect("write metadata");
-    let _ = open(&node, "x", MissingChunks::Error);
+    let _ = open("d", &node, "x", MissingChunks::Error, None);
 });

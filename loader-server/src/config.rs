@@ -5,6 +5,17 @@ use std::{net::SocketAddr, num::NonZeroUsize, path::PathBuf, time::Duration};
 
 use crate::{error::LoadError, zarr::MissingChunks};
 
+/// One `--dataset` with its `--fields` selection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatasetSpec {
+    /// The name clients use.
+    pub name: String,
+    /// Directory, `.npz` archive or Zarr node, or an object-store URL.
+    pub path: PathBuf,
+    /// The fields to serve; all when `None`.
+    pub fields: Option<Vec<String>>,
+}
+
 /// `loader-server` flags.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "loader-server", version, about = "Serve .npy and Zarr datasets as ready-made batches over gRPC")]
@@ -15,10 +26,67 @@ pub struct Config {
     pub listen: SocketAddr,
 
     /// A dataset to serve, as NAME=PATH: a directory of .npy fields (FIELD.npy or FIELD-00000.npy
-    /// shards), or a Zarr array or group (repeat the flag for more; in the environment variable,
-    /// separate several with commas).
+    /// shards), an .npz archive written by numpy.savez (its members are the fields), or a Zarr
+    /// array or group (xarray's included: coordinates are described, not served); PATH may be
+    /// s3://BUCKET/PREFIX or http(s)://HOST/PATH for .npy objects or Zarr in object storage
+    /// (repeat the flag for more; in the environment variable, separate several with commas).
     #[arg(long = "dataset", env = "LOADER_DATASET", value_delimiter = ',', required = true)]
     pub datasets: Vec<String>,
+
+    /// S3 endpoint for s3:// datasets (MinIO, Ceph, R2 ...; http:// is allowed for it). Without it,
+    /// AWS_ENDPOINT_URL, else AWS. Credentials come from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
+    /// and AWS_SESSION_TOKEN, and never appear in logs, errors or metrics.
+    #[arg(long, env = "LOADER_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+
+    /// S3 region (else AWS_REGION, else us-east-1).
+    #[arg(long, env = "LOADER_S3_REGION")]
+    pub s3_region: Option<String>,
+
+    /// Read s3:// datasets without credentials (public buckets).
+    #[arg(long, env = "LOADER_S3_ANONYMOUS")]
+    pub s3_anonymous: bool,
+
+    /// Address buckets as https://BUCKET.ENDPOINT/ (virtual-hosted style) instead of
+    /// https://ENDPOINT/BUCKET/ (path style, the default, which MinIO-like servers need).
+    #[arg(long, env = "LOADER_S3_VIRTUAL_HOSTED")]
+    pub s3_virtual_hosted: bool,
+
+    /// Object-store requests (ranged GETs) in flight per remote dataset.
+    #[arg(long, env = "LOADER_IO_CONCURRENCY", default_value = "16")]
+    pub io_concurrency: NonZeroUsize,
+
+    /// Retries of an object-store request that failed transiently (5xx, timeout, reset
+    /// connection), with exponential backoff from 50 ms to 2 s; then only the batches that need
+    /// it fail.
+    #[arg(long, env = "LOADER_IO_RETRIES", default_value_t = 3)]
+    pub io_retries: usize,
+
+    /// Time limit of one object-store request attempt.
+    #[arg(long, env = "LOADER_IO_TIMEOUT", default_value = "30s", value_parser = conveyor_proto::parse_duration)]
+    pub io_timeout: Duration,
+
+    /// Keep bytes fetched from object stores in this directory, so that later epochs (and a
+    /// restarted loader) read them from local disk. Off unless given. One loader per directory.
+    #[arg(long, env = "LOADER_DISK_CACHE")]
+    pub disk_cache: Option<PathBuf>,
+
+    /// Bytes of fetched data the --disk-cache directory may hold (least recently used out).
+    #[arg(long, env = "LOADER_DISK_CACHE_BYTES", default_value_t = 10 << 30)]
+    pub disk_cache_bytes: u64,
+
+    /// With --disk-cache, remote .npy objects are fetched and cached in aligned blocks of this many
+    /// bytes. Larger blocks make fewer cache entries but fetch more around each row on a cold
+    /// cache (a shuffled batch touches up to one block per row, held while it is gathered).
+    #[arg(long, env = "LOADER_DISK_CACHE_BLOCK_BYTES", default_value_t = 64 << 10)]
+    pub disk_cache_block_bytes: u64,
+
+    /// Serve only some fields of a --dataset, as NAME=FIELD,FIELD,...: for example --fields
+    /// eeg=eeg,label serves arrays eeg and label of dataset eeg and nothing else (repeat the flag
+    /// for more datasets; in the environment variable, separate datasets with ';'). A name the
+    /// dataset does not have is refused, naming those it has.
+    #[arg(long = "fields", env = "LOADER_FIELDS", value_delimiter = ';')]
+    pub fields: Vec<String>,
 
     /// A dataset derived by a Python function, as NAME=SOURCE:module:function: clients request
     /// NAME; the loader gathers SOURCE's rows and runs `function(batch, indices, rng)` from
@@ -199,21 +267,39 @@ impl Config {
         <Config as clap::Parser>::parse_from(args)
     }
 
-    /// Splits the `--dataset` values into names and directories.
+    /// Splits the `--dataset` values into names and paths, with their `--fields` selections.
     ///
     /// # Errors
-    /// [`LoadError::BadSpec`] or [`LoadError::DuplicateDataset`].
-    pub fn dataset_specs(&self) -> Result<Vec<(String, PathBuf)>, LoadError> {
-        let mut out: Vec<(String, PathBuf)> = Vec::new();
+    /// [`LoadError::BadSpec`], [`LoadError::DuplicateDataset`] or [`LoadError::BadFields`].
+    pub fn dataset_specs(&self) -> Result<Vec<DatasetSpec>, LoadError> {
+        let mut out: Vec<DatasetSpec> = Vec::new();
         for spec in &self.datasets {
             let (name, dir) = spec
                 .split_once('=')
                 .filter(|(n, d)| !n.is_empty() && !d.is_empty())
                 .ok_or_else(|| LoadError::BadSpec { spec: spec.clone() })?;
-            if out.iter().any(|(n, _)| n == name) {
+            if out.iter().any(|s| s.name == name) {
                 return Err(LoadError::DuplicateDataset { name: name.to_owned() });
             }
-            out.push((name.to_owned(), PathBuf::from(dir)));
+            out.push(DatasetSpec { name: name.to_owned(), path: PathBuf::from(dir), fields: None });
+        }
+        for value in &self.fields {
+            let bad = |problem: String| LoadError::BadFields { value: value.clone(), problem };
+            let (name, list) = value
+                .split_once('=')
+                .ok_or_else(|| bad("is not NAME=FIELD,...; write for example --fields eeg=eeg,label".into()))?;
+            let names = || out.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ");
+            let known = names();
+            let spec = out.iter_mut().find(|s| s.name == name).ok_or_else(|| {
+                bad(format!("names dataset '{name}', which no --dataset gives; the datasets are: {known}"))
+            })?;
+            let fields: Vec<String> = list.split(',').map(str::trim).map(str::to_owned).collect();
+            if fields.iter().any(String::is_empty) {
+                return Err(bad("has an empty field name; list fields separated by single commas".into()));
+            }
+            if spec.fields.replace(fields).is_some() {
+                return Err(bad(format!("gives dataset '{name}' a second time; list all its fields in one --fields")));
+            }
         }
         Ok(out)
     }
@@ -233,10 +319,40 @@ impl Config {
         if self.max_batch_bytes > u32::MAX as u64 {
             return Err("--max-batch-bytes must be below 4 GiB".into());
         }
+        if !(4 << 10..=64 << 20).contains(&self.disk_cache_block_bytes) {
+            return Err(format!(
+                "--disk-cache-block-bytes {} is outside 4096..67108864 (4 KiB to 64 MiB)",
+                self.disk_cache_block_bytes
+            ));
+        }
         if !(16 << 10..1 << 24).contains(&self.http2_max_frame) {
             return Err(format!("--http2-max-frame {} is outside 16384..16777215", self.http2_max_frame));
         }
         Ok(())
+    }
+
+    /// How remote datasets are reached (the `--s3-*`, `--io-*` and `--disk-cache*` flags).
+    ///
+    /// # Errors
+    /// [`LoadError::DiskCache`] when the cache directory cannot be used.
+    pub fn store_options(&self) -> Result<crate::storage::StoreOptions, LoadError> {
+        let disk_cache = match &self.disk_cache {
+            Some(dir) => {
+                Some(std::sync::Arc::new(crate::storage::disk_cache::DiskCache::open(dir, self.disk_cache_bytes)?))
+            }
+            None => None,
+        };
+        Ok(crate::storage::StoreOptions {
+            s3_endpoint: self.s3_endpoint.clone(),
+            s3_region: self.s3_region.clone(),
+            s3_anonymous: self.s3_anonymous,
+            s3_virtual_hosted: self.s3_virtual_hosted,
+            io_concurrency: self.io_concurrency.get(),
+            io_retries: self.io_retries,
+            io_timeout: self.io_timeout,
+            disk_cache,
+            cache_block_bytes: self.disk_cache_block_bytes,
+        })
     }
 
     /// Largest gRPC message this loader sends.
@@ -257,6 +373,36 @@ mod tests {
         assert!(matches!(bad.dataset_specs(), Err(LoadError::BadSpec { .. })));
         let dup = Config::for_datasets(["a=/x", "a=/y"]);
         assert!(matches!(dup.dataset_specs(), Err(LoadError::DuplicateDataset { .. })));
+    }
+
+    #[test]
+    fn fields_select_per_dataset_and_name_what_is_wrong() {
+        let mut config = Config::for_datasets(["eeg=/x", "chess=/y"]);
+        config.fields = vec!["eeg=eeg, label".into()];
+        let specs = config.dataset_specs().expect("valid");
+        assert_eq!(specs[0].fields.as_deref(), Some(&["eeg".to_owned(), "label".to_owned()][..]));
+        assert_eq!(specs[1].fields, None);
+        for (value, expected) in [
+            ("eeg", "is not NAME=FIELD"),
+            ("eg=eeg", "names dataset 'eg', which no --dataset gives; the datasets are: eeg, chess"),
+            ("eeg=a,,b", "empty field name"),
+        ] {
+            config.fields = vec![value.into()];
+            let error = config.dataset_specs().expect_err(value).to_string();
+            assert!(error.contains(expected) && error.contains(value), "{error}");
+        }
+        config.fields = vec!["eeg=a".into(), "eeg=b".into()];
+        assert!(config.dataset_specs().expect_err("twice").to_string().contains("second time"));
+        // In the environment, datasets are separated by ';' so field lists keep their commas.
+        let parsed = <Config as clap::Parser>::try_parse_from([
+            "loader-server",
+            "--dataset",
+            "eeg=/x",
+            "--fields",
+            "eeg=eeg,label;other=a",
+        ])
+        .expect("parses");
+        assert_eq!(parsed.fields, ["eeg=eeg,label", "other=a"]);
     }
 
     #[test]

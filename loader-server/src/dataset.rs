@@ -1,9 +1,12 @@
-//! Datasets of memory-mapped `.npy` fields: opening and validating a directory, and gathering
-//! the rows of a batch into one contiguous little-endian buffer per field.
+//! Datasets: opening and validating a directory of `.npy` fields, an `.npz` archive or a Zarr
+//! array or group, and gathering the rows of a batch into one contiguous little-endian buffer
+//! per field.
 //!
 //! A dataset directory holds fields. A field is `FIELD.npy` or shards `FIELD-00000.npy`,
-//! `FIELD-00001.npy`, ... concatenated along axis 0 in name order. Axis 0 indexes samples.
+//! `FIELD-00001.npy`, ... concatenated along axis 0 in name order. Axis 0 indexes samples. The
+//! members of an `.npz` archive follow the same naming rule and are mapped in place.
 
+use bytes::Bytes;
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
@@ -15,23 +18,48 @@ use std::{
 
 use conveyor_proto::{
     DType,
-    v1::{DatasetInfo, FieldInfo},
+    v1::{CoordinateInfo, DatasetInfo, FieldInfo},
 };
 
 use crate::{
     cache::ChunkCache,
     error::{LoadError, ReadError},
-    mmap::MappedFile,
     npy::{self, NpyHeader},
-    zarr::{self, MissingChunks, ZarrSource},
+    npz,
+    storage::{Location, ObjectStorage, mmap::MappedFile, object::coalesce},
+    zarr::{self, Coordinate, MissingChunks, ZarrSource},
 };
 
-/// One `.npy` file of a field.
+/// Where a shard's bytes are read from.
+#[derive(Debug)]
+enum ShardData {
+    /// A mapped file (header included); one map serves every member of an archive.
+    Mapped(Arc<MappedFile>),
+    /// An object in a store, read with ranged GETs.
+    Remote {
+        /// The store and prefix.
+        storage: Arc<ObjectStorage>,
+        /// The object's name under the prefix.
+        object: String,
+        /// Its size in bytes (from the listing).
+        size: u64,
+    },
+}
+
+/// Largest ranged GET of coalesced rows: big enough to amortise a request, small enough that
+/// one slow request does not hold a whole batch.
+const MAX_REQUEST_BYTES: u64 = 8 << 20;
+
+/// Rows at most this far apart share a request: reading 16 KiB of unwanted bytes costs less
+/// than another round trip (a small field, such as labels, then takes one request a batch).
+const MAX_GAP_BYTES: u64 = 16 << 10;
+
+/// One `.npy` file (or `.npz` member, or remote object) of a field.
 #[derive(Debug)]
 struct Shard {
-    /// The mapped file (header included).
-    map: MappedFile,
-    /// Offset of the first element.
+    /// Where its bytes are.
+    data: ShardData,
+    /// Offset of the first element in the map or object.
     data_offset: usize,
     /// Rows in this shard.
     num_samples: u64,
@@ -65,6 +93,8 @@ pub struct Field {
     pub bytes_per_sample: usize,
     /// Rows decoded together (Zarr chunk length along axis 0; 1 for `.npy`).
     pub chunk_len: u64,
+    /// Dimension names, the sample dimension first (Zarr metadata; empty when unnamed).
+    pub dims: Vec<String>,
     /// Total rows.
     num_samples: u64,
     /// Cache key prefix.
@@ -74,32 +104,36 @@ pub struct Field {
 
 impl Field {
     /// Copies the rows `indices` (all `< num_samples`) into `out`, converted to little-endian.
-    /// Returns the bytes decoded from storage for this call (0 for `.npy`, cache misses for Zarr).
+    /// Returns the bytes read from storage for this call (0 for local `.npy`, the bytes fetched
+    /// for remote `.npy`, cache misses for Zarr).
     fn gather_into(&self, indices: &[u64], out: &mut Vec<u8>, cache: &ChunkCache) -> Result<u64, (u64, String)> {
         let row = self.bytes_per_sample;
         out.reserve_exact(indices.len() * row);
         match &self.source {
             Source::Npy { shards, shard_starts } => {
+                let shard_of = |index: u64| {
+                    if shards.len() == 1 { 0 } else { shard_starts.partition_point(|&start| start <= index) - 1 }
+                };
+                if matches!(shards[0].data, ShardData::Remote { .. }) {
+                    return self.gather_remote(indices, out, shards, &shard_of);
+                }
                 // Each shard a batch touches is checked once, before any of its rows is read: a
                 // file truncated under its map would raise SIGBUS instead of failing the batch.
                 let mut checked = vec![false; shards.len()];
                 for &index in indices {
-                    let shard_index =
-                        if shards.len() == 1 { 0 } else { shard_starts.partition_point(|&start| start <= index) - 1 };
+                    let shard_index = shard_of(index);
                     let shard = &shards[shard_index];
+                    let ShardData::Mapped(map) = &shard.data else { unreachable!("a field's shards are all mapped") };
                     if !checked[shard_index] {
-                        shard.map.check().map_err(|reason| (index, reason))?;
+                        map.check().map_err(|reason| (index, reason))?;
                         checked[shard_index] = true;
                     }
                     let local = (index - shard_starts[shard_index]) as usize;
                     let start = shard.data_offset + local * row;
                     let begin = out.len();
-                    out.extend_from_slice(&shard.map[start..start + row]);
+                    out.extend_from_slice(&map[start..start + row]);
                     if shard.big_endian {
-                        let width = self.dtype.size_bytes();
-                        for element in out[begin..].chunks_exact_mut(width) {
-                            element.reverse();
-                        }
+                        swap_bytes(&mut out[begin..], self.dtype.size_bytes());
                     }
                 }
                 Ok(0)
@@ -128,6 +162,72 @@ impl Field {
         }
     }
 
+    /// Gathers rows of remote shards: the rows' byte ranges sorted, adjacent ones merged into one
+    /// GET, every GET of the batch in flight at once (within `--io-concurrency`), then the rows
+    /// copied into `out` in the order asked. Returns the bytes fetched (what read amplification
+    /// is counted against).
+    fn gather_remote(
+        &self,
+        indices: &[u64],
+        out: &mut Vec<u8>,
+        shards: &[Shard],
+        shard_of: &dyn Fn(u64) -> usize,
+    ) -> Result<u64, (u64, String)> {
+        let Some(Source::Npy { shard_starts, .. }) = Some(&self.source) else { unreachable!("npy source") };
+        let row = self.bytes_per_sample;
+        // (shard, byte offset, position in the batch), in storage order.
+        let mut wanted: Vec<(usize, u64, usize)> = indices
+            .iter()
+            .enumerate()
+            .map(|(position, &index)| {
+                let shard = shard_of(index);
+                let local = index - shard_starts[shard];
+                (shard, shards[shard].data_offset as u64 + local * row as u64, position)
+            })
+            .collect();
+        wanted.sort_unstable();
+        let begin = out.len();
+        out.resize(begin + indices.len() * row, 0);
+        let mut fetched = 0;
+        let mut first = 0;
+        while first < wanted.len() {
+            let shard_index = wanted[first].0;
+            let last = first + wanted[first..].iter().take_while(|w| w.0 == shard_index).count();
+            let group = &wanted[first..last];
+            let ShardData::Remote { storage, object, size } = &shards[shard_index].data else {
+                unreachable!("a field's shards are all remote")
+            };
+            let rows: Vec<(u64, u64)> = group.iter().map(|&(_, offset, _)| (offset, row as u64)).collect();
+            let (ranges, placed) = coalesce(&rows, MAX_GAP_BYTES, MAX_REQUEST_BYTES.max(row as u64));
+            let index_of = |w: &(usize, u64, usize)| indices[w.2];
+            let parts = storage.read_ranges(object, *size, &ranges).map_err(|reason| (index_of(&group[0]), reason))?;
+            fetched += parts.iter().map(|p| p.len() as u64).sum::<u64>();
+            for (w, (range, offset)) in group.iter().zip(placed) {
+                let part = &parts[range];
+                let Some(bytes) = part.get(offset..offset + row) else {
+                    return Err((
+                        index_of(w),
+                        format!(
+                            "{}/{object} returned {} bytes for bytes {}..{}; the object is shorter than its header \
+                             says (rewrite it)",
+                            storage.url(),
+                            part.len(),
+                            ranges[range].start,
+                            ranges[range].end
+                        ),
+                    ));
+                };
+                let at = begin + w.2 * row;
+                out[at..at + row].copy_from_slice(bytes);
+                if shards[shard_index].big_endian {
+                    swap_bytes(&mut out[at..at + row], self.dtype.size_bytes());
+                }
+            }
+            first = last;
+        }
+        Ok(fetched)
+    }
+
     /// Wire description of this field.
     pub fn info(&self) -> FieldInfo {
         FieldInfo {
@@ -136,7 +236,15 @@ impl Field {
             sample_shape: self.sample_shape.clone(),
             bytes_per_sample: self.bytes_per_sample as u64,
             chunk_len: self.chunk_len,
+            dimension_names: self.dims.clone(),
         }
+    }
+}
+
+/// Reverses the bytes of each `width`-byte element (big-endian to little-endian).
+fn swap_bytes(bytes: &mut [u8], width: usize) {
+    for element in bytes.chunks_exact_mut(width) {
+        element.reverse();
     }
 }
 
@@ -145,26 +253,79 @@ impl Field {
 pub struct Dataset {
     /// Name clients use.
     pub name: String,
-    /// Directory it was opened from.
+    /// Directory, archive or Zarr node it was opened from.
     pub dir: PathBuf,
     /// Samples per field.
     pub num_samples: u64,
     /// Fields in name order.
     pub fields: Vec<Field>,
+    /// Arrays of a Zarr group that are not fields (xarray coordinates), with the reason.
+    pub coordinates: Vec<Coordinate>,
+    /// Where a Zarr group's member list came from (consolidated metadata or a listing).
+    pub metadata_source: Option<&'static str>,
+    /// The object store it is read from, for its request counters (`None` when local).
+    pub storage: Option<Arc<ObjectStorage>>,
 }
 
 impl Dataset {
-    /// Opens the dataset at `path`: a Zarr array or group when it holds Zarr metadata, else a
-    /// directory of `.npy` fields. Checks headers, lengths and shard agreement.
+    /// Opens the dataset at `path`: a Zarr array or group when it holds Zarr metadata, an
+    /// `.npz` archive, else a directory of `.npy` fields; with `select`, only those fields.
+    /// Checks headers, lengths and shard agreement.
     ///
     /// # Errors
     /// A [`LoadError`] naming the file and the problem.
-    pub fn open(name: &str, path: &Path, missing: MissingChunks) -> Result<Dataset, LoadError> {
-        let fields = if zarr::is_zarr(path) {
-            let default_name = path.file_stem().map_or_else(|| name.to_owned(), |s| s.to_string_lossy().into_owned());
-            zarr::open(path, &default_name, missing)?.into_iter().map(zarr_field).collect()
-        } else {
-            open_npy_dir(name, path)?
+    pub fn open(
+        name: &str,
+        location: &Location,
+        missing: MissingChunks,
+        select: Option<&[String]>,
+    ) -> Result<Dataset, LoadError> {
+        let mut coordinates = Vec::new();
+        let mut metadata_source = None;
+        let path = location.display();
+        let default_name = path.file_stem().map_or_else(|| name.to_owned(), |s| s.to_string_lossy().into_owned());
+        let mut from_zarr = |group: zarr::OpenedGroup| -> Vec<Field> {
+            coordinates = group.coordinates;
+            metadata_source = Some(group.metadata_source);
+            group.arrays.into_iter().map(zarr_field).collect()
+        };
+        let fields: Vec<Field> = match location {
+            Location::Local(path) if zarr::is_zarr(path) => {
+                from_zarr(zarr::open(name, path, &default_name, missing, select)?)
+            }
+            Location::Local(path) if npz::is_npz(path) => open_npz(name, path, select)?,
+            Location::Local(path) => open_npy_dir(name, path, select)?,
+            Location::Remote(storage) => {
+                let remote = |problem: String| LoadError::Remote {
+                    dataset: name.to_owned(),
+                    url: storage.url().to_owned(),
+                    problem,
+                };
+                // A listing checks endpoint, bucket and credentials with clear messages; plain
+                // HTTP cannot list, so there the Zarr metadata is asked for directly.
+                let listing = if storage.is_http() { None } else { Some(storage.list().map_err(remote)?) };
+                let zarr_root = match &listing {
+                    Some(objects) => {
+                        objects.iter().any(|(object, _)| ["zarr.json", ".zarray", ".zgroup"].contains(&object.as_str()))
+                    }
+                    None => ["zarr.json", ".zgroup", ".zarray"]
+                        .iter()
+                        .map(|key| storage.exists(key))
+                        .collect::<Result<Vec<bool>, String>>()
+                        .map_err(remote)?
+                        .contains(&true),
+                };
+                if zarr_root {
+                    let store = storage.zarr_storage();
+                    from_zarr(zarr::open_storage(name, store, &path, &default_name, missing, select)?)
+                } else {
+                    let objects = match listing {
+                        Some(objects) => objects,
+                        None => storage.list().map_err(remote)?,
+                    };
+                    open_remote_npy(name, storage, objects, select)?
+                }
+            }
         };
         let first = &fields[0];
         for field in &fields[1..] {
@@ -178,7 +339,18 @@ impl Dataset {
                 });
             }
         }
-        Ok(Dataset { name: name.to_owned(), dir: path.to_owned(), num_samples: first.num_samples, fields })
+        Ok(Dataset {
+            name: name.to_owned(),
+            dir: path,
+            num_samples: first.num_samples,
+            fields,
+            coordinates,
+            metadata_source,
+            storage: match location {
+                Location::Remote(storage) => Some(storage.clone()),
+                Location::Local(_) => None,
+            },
+        })
     }
 
     /// Bytes of one sample across all fields.
@@ -217,7 +389,17 @@ impl Dataset {
             fields: self.fields.iter().map(Field::info).collect(),
             max_batch_samples,
             derivation: String::new(),
+            coordinates: self.coordinates.iter().map(coordinate_info).collect(),
         }
+    }
+}
+
+fn coordinate_info(coordinate: &Coordinate) -> CoordinateInfo {
+    CoordinateInfo {
+        name: coordinate.name.clone(),
+        dtype: coordinate.dtype.clone(),
+        shape: coordinate.shape.clone(),
+        dimension_names: coordinate.dims.clone(),
     }
 }
 
@@ -230,27 +412,20 @@ fn zarr_field(opened: zarr::OpenedArray) -> Field {
         sample_shape,
         bytes_per_sample,
         chunk_len: opened.source.block_len,
+        dims: opened.dims,
         num_samples: opened.shape[0],
         id: NEXT_FIELD_ID.fetch_add(1, Ordering::Relaxed),
         source: Source::Zarr(Box::new(opened.source)),
     }
 }
 
-/// Opens every `.npy` field in `dir`.
-fn open_npy_dir(name: &str, dir: &Path) -> Result<Vec<Field>, LoadError> {
-    let io_error = |error| LoadError::Io { path: dir.to_owned(), error };
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(io_error)?
-        .map(|entry| entry.map(|e| e.path()))
-        .collect::<Result<_, _>>()
-        .map_err(io_error)?;
-    files.retain(|p| p.extension().is_some_and(|e| e == "npy") && p.is_file());
-    files.sort();
-
-    // field name -> (is a single FIELD.npy, its files in name order)
-    let mut groups: BTreeMap<String, (bool, Vec<PathBuf>)> = BTreeMap::new();
-    for path in files {
-        let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+/// Groups file (or member) names into fields by the naming rule of the module docs: `STEM` is a
+/// single-file field, `FIELD-NNNNN` a shard of `FIELD`. Items are taken in name order.
+fn group_fields<T>(mut items: Vec<(String, T)>, location: &Path) -> Result<BTreeMap<String, Vec<T>>, LoadError> {
+    items.sort_by(|a, b| a.0.cmp(&b.0));
+    // field name -> (is a single FIELD.npy, its items in name order)
+    let mut groups: BTreeMap<String, (bool, Vec<T>)> = BTreeMap::new();
+    for (stem, item) in items {
         let (field, sharded) = match stem.rsplit_once('-') {
             Some((field, number))
                 if !field.is_empty() && !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit()) =>
@@ -261,17 +436,173 @@ fn open_npy_dir(name: &str, dir: &Path) -> Result<Vec<Field>, LoadError> {
         };
         let entry = groups.entry(field.clone()).or_insert((!sharded, Vec::new()));
         if entry.0 == sharded {
-            return Err(LoadError::AmbiguousField { field, dir: dir.to_owned() });
+            return Err(LoadError::AmbiguousField { field, dir: location.to_owned() });
         }
-        entry.1.push(path);
+        entry.1.push(item);
     }
+    Ok(groups.into_iter().map(|(field, (_, items))| (field, items)).collect())
+}
+
+/// Keeps the fields named in `select` (all when `None`), refusing names that are not fields.
+fn select_fields<T>(
+    dataset: &str,
+    location: &Path,
+    mut groups: BTreeMap<String, T>,
+    select: Option<&[String]>,
+) -> Result<BTreeMap<String, T>, LoadError> {
+    let Some(select) = select else { return Ok(groups) };
+    if let Some(unknown) = select.iter().find(|f| !groups.contains_key(*f)) {
+        return Err(LoadError::UnknownField {
+            dataset: dataset.to_owned(),
+            field: unknown.clone(),
+            location: location.to_owned(),
+            available: groups.keys().cloned().collect::<Vec<_>>().join(", "),
+        });
+    }
+    groups.retain(|field, _| select.contains(field));
+    Ok(groups)
+}
+
+/// Where one shard's `.npy` bytes lie: a whole mapped file, or a member of a mapped archive.
+struct ShardBytes {
+    /// How messages name it.
+    path: PathBuf,
+    /// The map or the object.
+    data: ShardData,
+    /// Offset of the `.npy` magic in the map (0 in an object).
+    start: usize,
+    /// Bytes from `start` that belong to it.
+    len: usize,
+    /// A remote object's first bytes, its whole header included.
+    header: Option<Bytes>,
+}
+
+impl ShardBytes {
+    fn mapped(path: PathBuf, map: Arc<MappedFile>, start: usize, len: usize) -> ShardBytes {
+        ShardBytes { path, data: ShardData::Mapped(map), start, len, header: None }
+    }
+
+    /// At least the whole header.
+    fn header_bytes(&self) -> &[u8] {
+        match (&self.data, &self.header) {
+            (ShardData::Mapped(map), _) => &map[self.start..self.start + self.len],
+            (ShardData::Remote { .. }, header) => header.as_deref().unwrap_or_default(),
+        }
+    }
+}
+
+/// Opens the `.npy` objects of a remote prefix as fields (those in `select` when given). Each
+/// header costs one ranged GET (two when it is longer than 4 KiB).
+fn open_remote_npy(
+    name: &str,
+    storage: &Arc<ObjectStorage>,
+    objects: Vec<(String, u64)>,
+    select: Option<&[String]>,
+) -> Result<Vec<Field>, LoadError> {
+    let location = PathBuf::from(storage.url());
+    let stems = objects
+        .into_iter()
+        .filter_map(|(object, size)| Some((object.strip_suffix(".npy")?.to_owned(), (object, size))))
+        .filter(|(stem, _)| !stem.is_empty() && !stem.contains('/'))
+        .collect();
+    let groups = group_fields(stems, &location)?;
+    if groups.is_empty() {
+        return Err(LoadError::Remote {
+            dataset: name.to_owned(),
+            url: storage.url().to_owned(),
+            problem: "holds no .npy objects and no Zarr metadata; put FIELD.npy or FIELD-00000.npy objects \
+                      (or a Zarr group) under it"
+                .into(),
+        });
+    }
+    let mut fields = Vec::with_capacity(groups.len());
+    for (field_name, objects) in select_fields(name, &location, groups, select)? {
+        let mut shards = Vec::with_capacity(objects.len());
+        for (object, size) in objects {
+            let path = location.join(&object);
+            let read = |end: u64| {
+                storage
+                    .read_ranges(&object, size, std::slice::from_ref(&(0..end.min(size))))
+                    .map(|mut parts| parts.remove(0))
+                    .map_err(|problem| LoadError::Remote {
+                        dataset: name.to_owned(),
+                        url: storage.url().to_owned(),
+                        problem,
+                    })
+            };
+            let mut header = read(4096)?;
+            if let Some(end) = npy::data_offset(&header).filter(|&end| end > header.len() && end as u64 <= size) {
+                header = read(end as u64)?;
+            }
+            let data = ShardData::Remote { storage: storage.clone(), object: object.clone(), size };
+            shards.push(ShardBytes { path, data, start: 0, len: size as usize, header: Some(header) });
+        }
+        fields.push(open_field(&field_name, shards)?);
+    }
+    Ok(fields)
+}
+
+/// Opens every `.npy` field in `dir` (those in `select` when given).
+fn open_npy_dir(name: &str, dir: &Path, select: Option<&[String]>) -> Result<Vec<Field>, LoadError> {
+    let io_error = |error| LoadError::Io { path: dir.to_owned(), error };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(io_error)?
+        .map(|entry| entry.map(|e| e.path()))
+        .collect::<Result<_, _>>()
+        .map_err(io_error)?;
+    files.retain(|p| p.extension().is_some_and(|e| e == "npy") && p.is_file());
+    let stems = files
+        .into_iter()
+        .map(|path| (path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(), path))
+        .collect();
+    let groups = group_fields(stems, dir)?;
     if groups.is_empty() {
         return Err(LoadError::NoFields { dataset: name.to_owned(), dir: dir.to_owned() });
     }
-
     let mut fields = Vec::with_capacity(groups.len());
-    for (field_name, (_, paths)) in groups {
-        fields.push(open_field(&field_name, &paths)?);
+    for (field_name, paths) in select_fields(name, dir, groups, select)? {
+        let mut shards = Vec::with_capacity(paths.len());
+        for path in paths {
+            let map = MappedFile::open(&path).map_err(|error| LoadError::Io { path: path.clone(), error })?;
+            let len = map.len();
+            shards.push(ShardBytes::mapped(path, Arc::new(map), 0, len));
+        }
+        fields.push(open_field(&field_name, shards)?);
+    }
+    Ok(fields)
+}
+
+/// Opens the `.npy` members of the archive at `path` as fields (those in `select` when given),
+/// all served from one map of the archive.
+fn open_npz(name: &str, path: &Path, select: Option<&[String]>) -> Result<Vec<Field>, LoadError> {
+    let members = npz::members(path)?;
+    let map = Arc::new(MappedFile::open(path).map_err(|error| LoadError::Io { path: path.to_owned(), error })?);
+    let stems =
+        members.into_iter().map(|m| (m.file_name.strip_suffix(".npy").unwrap_or(&m.file_name).to_owned(), m)).collect();
+    let groups = group_fields(stems, path)?;
+    if groups.is_empty() {
+        return Err(LoadError::Npz {
+            path: path.to_owned(),
+            problem: format!("dataset '{name}': the archive holds no .npy members; write it with numpy.savez"),
+        });
+    }
+    let mut fields = Vec::with_capacity(groups.len());
+    for (field_name, members) in select_fields(name, path, groups, select)? {
+        let mut shards = Vec::with_capacity(members.len());
+        for member in members {
+            let member_path = npz::member_path(path, &member.file_name);
+            let end = member.data_start.checked_add(member.size).filter(|&end| end <= map.len() as u64);
+            let Some(end) = end else {
+                return Err(LoadError::Truncated {
+                    path: member_path,
+                    expected_bytes: member.size,
+                    actual_bytes: (map.len() as u64).saturating_sub(member.data_start),
+                });
+            };
+            let start = member.data_start as usize;
+            shards.push(ShardBytes::mapped(member_path, map.clone(), start, end as usize - start));
+        }
+        fields.push(open_field(&field_name, shards)?);
     }
     Ok(fields)
 }
@@ -280,18 +611,19 @@ fn describe(header: &NpyHeader) -> String {
     format!("dtype {} and per-sample shape {:?}", header.dtype.name(), &header.shape[1..])
 }
 
-fn open_field(name: &str, paths: &[PathBuf]) -> Result<Field, LoadError> {
-    let mut shards = Vec::with_capacity(paths.len());
-    let mut shard_starts = Vec::with_capacity(paths.len());
+fn open_field(name: &str, parts: Vec<ShardBytes>) -> Result<Field, LoadError> {
+    let mut shards = Vec::with_capacity(parts.len());
+    let mut shard_starts = Vec::with_capacity(parts.len());
     let mut first_header: Option<NpyHeader> = None;
     let mut total = 0u64;
-    for path in paths {
-        let map = MappedFile::open(path).map_err(|error| LoadError::Io { path: path.clone(), error })?;
-        let header = npy::parse_header(&map).map_err(|problem| LoadError::Header { path: path.clone(), problem })?;
+    for part in parts {
+        let header = npy::parse_header(part.header_bytes())
+            .map_err(|problem| LoadError::Header { path: part.path.clone(), problem })?;
+        let ShardBytes { path, data, start, len, .. } = part;
         let expected_bytes = header.num_elements() * header.dtype.size_bytes() as u64;
-        let actual_bytes = (map.len() - header.data_offset) as u64;
+        let actual_bytes = (len - header.data_offset) as u64;
         if actual_bytes < expected_bytes {
-            return Err(LoadError::Truncated { path: path.clone(), expected_bytes, actual_bytes });
+            return Err(LoadError::Truncated { path, expected_bytes, actual_bytes });
         }
         if let Some(first) =
             first_header.as_ref().filter(|f| f.dtype != header.dtype || f.shape[1..] != header.shape[1..])
@@ -309,10 +641,10 @@ fn open_field(name: &str, paths: &[PathBuf]) -> Result<Field, LoadError> {
             dir: path.parent().map(Path::to_owned).unwrap_or_default(),
         })?;
         shards.push(Shard {
-            data_offset: header.data_offset,
+            data_offset: start + header.data_offset,
             num_samples: header.shape[0],
             big_endian: header.big_endian,
-            map,
+            data,
         });
         first_header.get_or_insert(header);
     }
@@ -328,6 +660,7 @@ fn open_field(name: &str, paths: &[PathBuf]) -> Result<Field, LoadError> {
         sample_shape,
         bytes_per_sample,
         chunk_len: 1,
+        dims: Vec::new(),
         num_samples: total,
         id: NEXT_FIELD_ID.fetch_add(1, Ordering::Relaxed),
         source: Source::Npy { shards, shard_starts },
@@ -353,7 +686,8 @@ mod tests {
         write_npy(dir.path(), "x-00001.npy", DType::Uint16, &[0], &[]);
         write_npy(dir.path(), "x-00002.npy", DType::Uint16, &[7], &le(&rows[3..10]));
         write_npy(dir.path(), "y.npy", DType::Uint8, &[10, 2], &(0..20).collect::<Vec<u8>>());
-        let ds = Dataset::open("d", dir.path(), MissingChunks::Error).expect("opens");
+        let ds =
+            Dataset::open("d", &Location::Local(dir.path().to_owned()), MissingChunks::Error, None).expect("opens");
         assert_eq!(ds.num_samples, 10);
         assert_eq!(ds.fields.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(), ["x", "y"]);
         let (out, decoded) = ds.gather(&[9, 0, 3, 2], &ChunkCache::new(0, 1)).expect("gather");
@@ -368,7 +702,8 @@ mod tests {
         // Zero-byte samples: each header is possible on its own, their sum is not.
         write_npy(dir.path(), "x-00000.npy", DType::Uint8, &[1 << 63, 0], &[]);
         write_npy(dir.path(), "x-00001.npy", DType::Uint8, &[1 << 63, 0], &[]);
-        let error = Dataset::open("d", dir.path(), MissingChunks::Error).expect_err("overflow");
+        let error = Dataset::open("d", &Location::Local(dir.path().to_owned()), MissingChunks::Error, None)
+            .expect_err("overflow");
         assert!(matches!(error, LoadError::TooManySamples { .. }), "{error}");
         assert!(error.to_string().contains("field 'x'"), "{error}");
     }
@@ -378,7 +713,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         write_npy(dir.path(), "x.npy", DType::Uint8, &[1], &[0]);
         write_npy(dir.path(), "x-00000.npy", DType::Uint8, &[1], &[0]);
-        let err = Dataset::open("d", dir.path(), MissingChunks::Error).expect_err("ambiguous");
+        let err = Dataset::open("d", &Location::Local(dir.path().to_owned()), MissingChunks::Error, None)
+            .expect_err("ambiguous");
         assert!(matches!(err, LoadError::AmbiguousField { ref field, .. } if field == "x"), "{err}");
     }
 }

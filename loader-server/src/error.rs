@@ -120,10 +120,59 @@ pub enum LoadError {
         /// What is wrong, naming the field, operator or function.
         problem: String,
     },
+    /// A `--fields` name that the dataset does not have.
+    #[error(
+        "dataset '{dataset}': --fields names '{field}', which is not in {}; it has: {available}", location.display()
+    )]
+    UnknownField {
+        /// Dataset name.
+        dataset: String,
+        /// The name given.
+        field: String,
+        /// The directory, archive or group.
+        location: PathBuf,
+        /// What it has, as a list for the message.
+        available: String,
+    },
+    /// A `--fields` value that is not `NAME=FIELD,...` for a `--dataset` NAME.
+    #[error("--fields '{value}' {problem}")]
+    BadFields {
+        /// The flag's value as given.
+        value: String,
+        /// What is wrong, and the fix.
+        problem: String,
+    },
+    /// An `.npz` archive that cannot be served.
+    #[error("{}: {problem}", path.display())]
+    Npz {
+        /// The archive, with the member when one is at fault.
+        path: PathBuf,
+        /// What is wrong, and the fix.
+        problem: String,
+    },
+    /// A dataset in an object store that cannot be served.
+    #[error("dataset '{dataset}' ({url}): {problem}")]
+    Remote {
+        /// Dataset name.
+        dataset: String,
+        /// The location (without credentials).
+        url: String,
+        /// What is wrong: missing bucket or object, access denied, endpoint unreachable ...
+        problem: String,
+    },
+    /// The `--disk-cache` directory cannot be used.
+    #[error("--disk-cache {}: {problem}", dir.display())]
+    DiskCache {
+        /// The directory.
+        dir: PathBuf,
+        /// What is wrong, and the fix.
+        problem: String,
+    },
     /// Fields with different sample counts.
     #[error(
         "dataset '{dataset}': field '{field}' has {len} samples but field '{first_field}' has {first_len}; \
-         every field needs one entry per sample"
+         every field needs one entry per sample (serve only the fields that share a length with \
+         --fields {dataset}=FIELD,...)"
     )]
     UnequalLengths {
         /// Dataset name.

@@ -13,10 +13,11 @@ pub mod connection;
 pub mod dataset;
 pub mod error;
 pub mod metrics;
-pub mod mmap;
 pub mod npy;
+pub mod npz;
 pub mod service;
 pub mod stats;
+pub mod storage;
 pub mod transform;
 pub mod zarr;
 
@@ -62,11 +63,26 @@ pub enum ServeError {
 pub fn open(config: Config) -> Result<Arc<LoaderState>, ServeError> {
     config.validate().map_err(ServeError::Config)?;
     let mut datasets = Vec::new();
-    for (name, dir) in config.dataset_specs()? {
-        let dataset = Dataset::open(&name, &dir, config.zarr_missing_chunks)?;
+    let store_options = config.store_options()?;
+    for spec in config.dataset_specs()? {
+        let (name, dir) = (&spec.name, &spec.path);
+        let location = storage::Location::parse(name, &dir.to_string_lossy(), &store_options)?;
+        let dataset = Dataset::open(name, &location, config.zarr_missing_chunks, spec.fields.as_deref())?;
+        for coordinate in &dataset.coordinates {
+            tracing::info!(
+                dataset = %name,
+                array = %coordinate.name,
+                dtype = %coordinate.dtype,
+                shape = ?coordinate.shape,
+                dims = ?coordinate.dims,
+                reason = %coordinate.reason,
+                "array not served as a field"
+            );
+        }
         tracing::info!(
             dataset = %name,
             dir = %dir.display(),
+            metadata = dataset.metadata_source.unwrap_or("files"),
             num_samples = dataset.num_samples,
             bytes_per_sample = dataset.bytes_per_sample(),
             fields = ?dataset.fields.iter().map(|f| format!("{}:{}{:?}", f.name, f.dtype.name(), f.sample_shape)).collect::<Vec<_>>(),

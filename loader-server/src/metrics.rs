@@ -118,6 +118,36 @@ pub fn render(state: &LoaderState) -> String {
         "Bytes decoded from storage, per dataset.",
         &as_refs(&decoded),
     );
+    // Datasets in object stores: what their reads cost the store.
+    let (mut requests, mut fetched, mut cache_hits) = (Vec::new(), Vec::new(), Vec::new());
+    for served in state.datasets() {
+        if let crate::service::Served::Stored { dataset, .. } = served
+            && let Some(storage) = &dataset.storage
+        {
+            let (num_requests, bytes) = storage.counters();
+            requests.push((format!("{{dataset=\"{}\"}}", dataset.name), num_requests));
+            fetched.push((format!("{{dataset=\"{}\"}}", dataset.name), bytes));
+            cache_hits.push((format!("{{dataset=\"{}\"}}", dataset.name), storage.cache_hit_bytes()));
+        }
+    }
+    metric(
+        "conveyor_loader_object_requests_total",
+        "counter",
+        "GET requests to object stores (rows, headers, Zarr chunks and metadata), per remote dataset.",
+        &as_refs(&requests),
+    );
+    metric(
+        "conveyor_loader_object_fetched_bytes_total",
+        "counter",
+        "Bytes fetched from object stores, per remote dataset; against delivered bytes, the read amplification.",
+        &as_refs(&fetched),
+    );
+    metric(
+        "conveyor_loader_disk_cache_hit_bytes_total",
+        "counter",
+        "Bytes of remote datasets read from the --disk-cache directory instead of the store.",
+        &as_refs(&cache_hits),
+    );
     // Derived datasets: their transform counters, and the worker pools of Python ones.
     let (mut batches, mut nanos, mut function_nanos, mut restarts, mut queued) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());

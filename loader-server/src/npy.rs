@@ -84,6 +84,21 @@ pub enum HeaderError {
     },
 }
 
+/// The offset of the first element, from the first 12 bytes of a file (what a ranged read of
+/// a remote file needs to fetch whole); `None` when they are not an `.npy` preamble.
+pub fn data_offset(prefix: &[u8]) -> Option<usize> {
+    if prefix.len() < 10 || &prefix[..6] != MAGIC {
+        return None;
+    }
+    match prefix[6] {
+        1 => Some(10 + u16::from_le_bytes([prefix[8], prefix[9]]) as usize),
+        2 | 3 if prefix.len() >= 12 => {
+            Some(12 + u32::from_le_bytes([prefix[8], prefix[9], prefix[10], prefix[11]]) as usize)
+        }
+        _ => None,
+    }
+}
+
 /// Parses the header at the start of `bytes` (the whole file, or at least its header).
 ///
 /// # Errors

@@ -11,7 +11,9 @@ use zarrs::{
     array::{Array, ArrayBytes, ArrayShardedExt, ArraySubset, data_type as zdt},
     filesystem::FilesystemStore,
     group::Group,
+    metadata::{ArrayMetadata, v2::ArrayMetadataV2, v3::ArrayMetadataV3},
     storage::ReadableStorageTraits,
+    storage::{ReadableListableStorage, ReadableListableStorageTraits, StoreKey, StorePrefix},
 };
 
 use crate::error::LoadError;
@@ -27,9 +29,8 @@ pub enum MissingChunks {
 }
 
 /// One Zarr array serving as a field.
-#[derive(Debug)]
 pub struct ZarrSource {
-    array: Array<FilesystemStore>,
+    array: Array<dyn ReadableListableStorageTraits>,
     /// Rows per block (axis-0 chunk length, or inner chunk length when sharded).
     pub block_len: u64,
     missing: MissingChunks,
@@ -37,23 +38,28 @@ pub struct ZarrSource {
     element_bytes: u64,
 }
 
+impl std::fmt::Debug for ZarrSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ZarrSource").field("shape", &self.array.shape()).field("block_len", &self.block_len).finish()
+    }
+}
+
 /// Whether `path` holds Zarr metadata (an array or a group, format 2 or 3).
 pub fn is_zarr(path: &Path) -> bool {
     ["zarr.json", ".zarray", ".zgroup"].iter().any(|f| path.join(f).is_file())
 }
 
-/// `array` or `group` as the node's metadata says (`.zarray`/`.zgroup` for format 2, the
+/// `array` or `group` as the root's metadata says (`.zarray`/`.zgroup` for format 2, the
 /// `node_type` of `zarr.json` for format 3); `None` when it says neither.
-fn node_type(path: &Path) -> Option<String> {
-    if path.join(".zarray").is_file() {
-        return Some("array".into());
+fn node_type(storage: &ReadableListableStorage, path: &Path) -> Result<Option<String>, LoadError> {
+    if read_json(storage, path, ".zarray")?.is_some() {
+        return Ok(Some("array".into()));
     }
-    if path.join(".zgroup").is_file() {
-        return Some("group".into());
+    if read_json(storage, path, ".zgroup")?.is_some() {
+        return Ok(Some("group".into()));
     }
-    let text = std::fs::read(path.join("zarr.json")).ok()?;
-    let metadata: serde_json::Value = serde_json::from_slice(&text).ok()?;
-    metadata.get("node_type")?.as_str().map(str::to_owned)
+    let metadata = read_json(storage, path, "zarr.json")?;
+    Ok(metadata.and_then(|m| m.get("node_type")?.as_str().map(str::to_owned)))
 }
 
 /// A field's facts plus its source.
@@ -64,15 +70,43 @@ pub struct OpenedArray {
     pub dtype: DType,
     /// Full array shape.
     pub shape: Vec<u64>,
+    /// Dimension names as the metadata gives them (empty when it gives none).
+    pub dims: Vec<String>,
     /// The source.
     pub source: ZarrSource,
+}
+
+/// An array of a group that is not served as a field (an xarray coordinate, or a variable
+/// without the sample dimension first), described from its metadata alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Coordinate {
+    /// Array name.
+    pub name: String,
+    /// Data type as the metadata writes it (`float64`, `<U4`, `fixed_length_utf32` ...).
+    pub dtype: String,
+    /// Full array shape.
+    pub shape: Vec<u64>,
+    /// Dimension names.
+    pub dims: Vec<String>,
+    /// Why it is not a field (logged at start-up).
+    pub reason: String,
+}
+
+/// What a Zarr array or group serves.
+pub struct OpenedGroup {
+    /// The fields, in name order.
+    pub arrays: Vec<OpenedArray>,
+    /// The group's other arrays.
+    pub coordinates: Vec<Coordinate>,
+    /// Where the member list came from: `.zmetadata`, `zarr.json (consolidated)` or a listing.
+    pub metadata_source: &'static str,
 }
 
 fn zarr_error(path: &Path, what: impl std::fmt::Display) -> LoadError {
     LoadError::Zarr { path: path.to_owned(), problem: what.to_string() }
 }
 
-fn dtype_of(array: &Array<FilesystemStore>) -> Option<DType> {
+fn dtype_of(array: &Array<dyn ReadableListableStorageTraits>) -> Option<DType> {
     let t = array.data_type();
     let table: [(bool, DType); 12] = [
         (t.is::<zdt::BoolDataType>(), DType::Bool),
@@ -94,7 +128,8 @@ fn dtype_of(array: &Array<FilesystemStore>) -> Option<DType> {
 fn open_one(
     array_path: &Path,
     name: String,
-    array: Array<FilesystemStore>,
+    dims: Vec<String>,
+    array: Array<dyn ReadableListableStorageTraits>,
     missing: MissingChunks,
 ) -> Result<OpenedArray, LoadError> {
     let dtype = dtype_of(&array).ok_or_else(|| {
@@ -118,46 +153,387 @@ fn open_one(
         name,
         dtype,
         shape,
+        dims,
         source: ZarrSource { array, block_len, missing, element_bytes: dtype.size_bytes() as u64 },
     })
 }
 
-/// Opens a Zarr array (one field, named `default_name`) or group (one field per child array).
-///
-/// # Errors
-/// [`LoadError::Zarr`] naming the path and the problem.
-pub fn open(path: &Path, default_name: &str, missing: MissingChunks) -> Result<Vec<OpenedArray>, LoadError> {
-    let store = Arc::new(FilesystemStore::new(path).map_err(|e| zarr_error(path, e))?);
-    // Decide array or group from the metadata first, so that a broken array is reported with
-    // the array's problem rather than as "not a group".
-    if node_type(path).as_deref() == Some("array") {
-        let array =
-            Array::open(store, "/").map_err(|e| zarr_error(path, format_args!("invalid array metadata: {e}")))?;
-        return Ok(vec![open_one(path, default_name.to_owned(), array, missing)?]);
+/// A child array of a group as its metadata document describes it, before anything is opened
+/// (coordinates may have data types no field could have, such as strings).
+#[derive(Debug, Clone)]
+struct Member {
+    name: String,
+    /// `zarr.json` (format 3), or `.zarray` with the `.zattrs` under `attributes` (format 2).
+    metadata: serde_json::Value,
+}
+
+impl Member {
+    fn format(&self) -> u64 {
+        self.metadata.get("zarr_format").and_then(serde_json::Value::as_u64).unwrap_or(3)
     }
-    let group = Group::open(store, "/").map_err(|e| zarr_error(path, format_args!("invalid group metadata: {e}")))?;
-    let mut arrays = group.child_arrays().map_err(|e| {
-        // Name the child whose metadata is broken.
-        let children = std::fs::read_dir(path).into_iter().flatten().flatten().map(|entry| entry.path());
-        for child in children.filter(|child| node_type(child).as_deref() == Some("array")) {
-            let name = child.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            if let Err(error) = Array::open(group.storage(), &format!("/{name}")) {
-                return zarr_error(&child, format_args!("invalid array metadata: {error}"));
+
+    fn shape(&self) -> Vec<u64> {
+        let shape = self.metadata.get("shape").and_then(serde_json::Value::as_array);
+        shape.map(|dims| dims.iter().filter_map(serde_json::Value::as_u64).collect()).unwrap_or_default()
+    }
+
+    fn attribute(&self, key: &str) -> Option<&serde_json::Value> {
+        self.metadata.get("attributes")?.get(key)
+    }
+
+    /// Dimension names: format 3 `dimension_names`, else xarray's `_ARRAY_DIMENSIONS` attribute.
+    /// An unnamed dimension is `""`; `None` when the metadata names none.
+    fn dims(&self) -> Option<Vec<String>> {
+        let names = |value: &serde_json::Value| -> Option<Vec<String>> {
+            let names: Vec<String> =
+                value.as_array()?.iter().map(|n| n.as_str().unwrap_or_default().to_owned()).collect();
+            names.iter().any(|n| !n.is_empty()).then_some(names)
+        };
+        self.metadata
+            .get("dimension_names")
+            .and_then(names)
+            .or_else(|| self.attribute("_ARRAY_DIMENSIONS").and_then(names))
+    }
+
+    /// Names in the CF `coordinates` attribute (how xarray marks non-dimension coordinates).
+    fn coordinate_names(&self) -> Vec<String> {
+        coordinate_names(self.metadata.get("attributes"))
+    }
+
+    fn dtype(&self) -> String {
+        let dtype = self.metadata.get("data_type").or_else(|| self.metadata.get("dtype"));
+        match dtype {
+            Some(serde_json::Value::String(name)) => name.clone(),
+            Some(other) => {
+                other.get("name").and_then(serde_json::Value::as_str).map_or_else(|| other.to_string(), str::to_owned)
+            }
+            None => "unknown".to_owned(),
+        }
+    }
+
+    /// The zarrs metadata of this member.
+    fn array_metadata(&self) -> Result<ArrayMetadata, String> {
+        if self.format() == 2 {
+            let mut v2 = self.metadata.clone();
+            // zarrs tags its format 2 metadata with a node type, as format 3 documents are.
+            v2["node_type"] = "array".into();
+            serde_json::from_value::<ArrayMetadataV2>(v2).map(ArrayMetadata::V2).map_err(|e| e.to_string())
+        } else {
+            serde_json::from_value::<ArrayMetadataV3>(self.metadata.clone())
+                .map(ArrayMetadata::V3)
+                .map_err(|e| e.to_string())
+        }
+    }
+}
+
+fn coordinate_names(attributes: Option<&serde_json::Value>) -> Vec<String> {
+    let text = attributes.and_then(|a| a.get("coordinates")).and_then(serde_json::Value::as_str).unwrap_or_default();
+    text.split_whitespace().map(str::to_owned).collect()
+}
+
+/// The JSON document at `key` of `storage` (`None` when absent); `path` names the storage.
+fn read_json(
+    storage: &ReadableListableStorage,
+    path: &Path,
+    key: &str,
+) -> Result<Option<serde_json::Value>, LoadError> {
+    let shown = path.join(key);
+    let store_key = StoreKey::new(key).map_err(|e| zarr_error(&shown, e))?;
+    let bytes = storage.get(&store_key).map_err(|e| zarr_error(&shown, format_args!("cannot read it: {e}")))?;
+    let Some(bytes) = bytes else { return Ok(None) };
+    let document: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| zarr_error(&shown, format_args!("is not valid JSON ({e}); rewrite the metadata")))?;
+    as_object(document, &shown).map(Some)
+}
+
+/// Metadata documents are JSON objects; anything else is refused before it is indexed.
+fn as_object(document: serde_json::Value, shown: &Path) -> Result<serde_json::Value, LoadError> {
+    if document.is_object() {
+        Ok(document)
+    } else {
+        Err(zarr_error(shown, "is not a JSON object; rewrite the metadata"))
+    }
+}
+
+/// The group's own attributes and its direct child arrays, from consolidated metadata when the
+/// group has it (format 2 `.zmetadata`, zarr-python 3's `consolidated_metadata` in `zarr.json`),
+/// else from each child's metadata documents (which needs a store that lists: a file system or
+/// S3, not plain HTTP).
+fn list_members(
+    storage: &ReadableListableStorage,
+    path: &Path,
+) -> Result<(serde_json::Value, Vec<Member>, &'static str), LoadError> {
+    let direct = |key: &str| !key.is_empty() && !key.contains('/');
+    if let Some(consolidated) = read_json(storage, path, ".zmetadata")? {
+        let metadata = consolidated.get("metadata").and_then(serde_json::Value::as_object).ok_or_else(|| {
+            zarr_error(
+                &path.join(".zmetadata"),
+                "has no \"metadata\" object; rewrite it with zarr.consolidate_metadata",
+            )
+        })?;
+        let mut members = Vec::new();
+        for (key, value) in metadata {
+            if let Some(name) = key.strip_suffix("/.zarray").filter(|name| direct(name)) {
+                let mut value = as_object(value.clone(), &path.join(".zmetadata").join(key))?;
+                let attributes = metadata.get(&format!("{name}/.zattrs")).cloned().unwrap_or_default();
+                value["attributes"] = attributes;
+                members.push(Member { name: name.to_owned(), metadata: value });
             }
         }
-        zarr_error(path, format_args!("invalid metadata of an array in the group: {e}"))
+        let attributes = metadata.get(".zattrs").cloned().unwrap_or_default();
+        return Ok((attributes, members, ".zmetadata"));
+    }
+    let group = read_json(storage, path, "zarr.json")?;
+    let group_attributes = match &group {
+        Some(group) => group.get("attributes").cloned().unwrap_or_default(),
+        None => read_json(storage, path, ".zattrs")?.unwrap_or_default(),
+    };
+    let consolidated = group.as_ref().and_then(|g| g.get("consolidated_metadata")?.get("metadata")?.as_object());
+    if let Some(metadata) = consolidated {
+        // A document that is not an object has no node type, so it is never a member.
+        let members = metadata
+            .iter()
+            .filter(|(key, value)| {
+                direct(key) && value.get("node_type").and_then(serde_json::Value::as_str) == Some("array")
+            })
+            .map(|(key, value)| Member { name: key.clone(), metadata: value.clone() })
+            .collect();
+        return Ok((group_attributes, members, "zarr.json (consolidated)"));
+    }
+    let listing = storage.list_dir(&StorePrefix::root()).map_err(|e| {
+        zarr_error(
+            path,
+            format_args!(
+                "cannot list the group ({e}); a group served over plain HTTP needs consolidated metadata \
+                 (zarr.consolidate_metadata)"
+            ),
+        )
     })?;
-    arrays.sort_by(|a, b| a.path().as_str().cmp(b.path().as_str()));
-    if arrays.is_empty() {
+    let mut members = Vec::new();
+    for prefix in listing.prefixes() {
+        let name = prefix.as_str().trim_end_matches('/').to_owned();
+        if !direct(&name) {
+            continue;
+        }
+        if let Some(mut zarray) = read_json(storage, path, &format!("{name}/.zarray"))? {
+            zarray["attributes"] = read_json(storage, path, &format!("{name}/.zattrs"))?.unwrap_or_default();
+            members.push(Member { name, metadata: zarray });
+        } else if let Some(document) = read_json(storage, path, &format!("{name}/zarr.json"))?
+            && document.get("node_type").and_then(serde_json::Value::as_str) == Some("array")
+        {
+            members.push(Member { name, metadata: document });
+        }
+    }
+    Ok((group_attributes, members, "a listing of the group"))
+}
+
+/// What one array of a group is, given the sample dimension.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Role {
+    Field,
+    /// Not a field, and why.
+    Coordinate(String),
+}
+
+/// Decides which arrays of a group are fields. Without dimension names every array is a field
+/// (the length check then names any that disagree). With them (xarray), the sample dimension
+/// is the first dimension of the data variables (the selected arrays, when `select` is given),
+/// and arrays that do not start with it are coordinates.
+///
+/// `members` are (name, dimension names or `None`), `coordinates` the names xarray marks as
+/// coordinates. Returns each member's role.
+fn classify(
+    members: &[(String, Option<Vec<String>>)],
+    coordinates: &[String],
+    select: Option<&[String]>,
+) -> Result<Vec<Role>, String> {
+    let selected = |name: &str| select.is_none_or(|s| s.iter().any(|f| f == name));
+    if members.iter().all(|(_, dims)| dims.is_none()) {
+        return Ok(members
+            .iter()
+            .map(|(name, _)| if selected(name) { Role::Field } else { Role::Coordinate("not in --fields".into()) })
+            .collect());
+    }
+    let is_coordinate = |name: &str, dims: &Option<Vec<String>>| {
+        coordinates.iter().any(|c| c == name) || dims.as_deref().is_some_and(|d| d.len() == 1 && d[0] == name)
+    };
+    // Data variables: the selection, else every array that is not a coordinate.
+    let variables: Vec<&(String, Option<Vec<String>>)> = members
+        .iter()
+        .filter(|(name, dims)| if select.is_some() { selected(name) } else { !is_coordinate(name, dims) })
+        .collect();
+    let firsts: Vec<(&str, &str)> = variables
+        .iter()
+        .filter_map(|(name, dims)| Some((name.as_str(), dims.as_ref()?.first()?.as_str())))
+        .filter(|(_, first)| !first.is_empty())
+        .collect();
+    let mut counts: Vec<(&str, usize)> = Vec::new();
+    for (_, first) in &firsts {
+        match counts.iter_mut().find(|(d, _)| d == first) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((first, 1)),
+        }
+    }
+    counts.sort_by_key(|&(_, n)| std::cmp::Reverse(n));
+    let describe =
+        || firsts.iter().map(|(name, first)| format!("{name} ({first}, ...)")).collect::<Vec<_>>().join(", ");
+    let sample_dim = match counts.as_slice() {
+        [] => {
+            return Err(
+                "no data variable has a named first dimension to take as the sample dimension; choose the fields with \
+                 --fields NAME=FIELD,..."
+                    .into(),
+            );
+        }
+        [(only, _)] => *only,
+        [(first, n), (_, m), ..] if n > m && select.is_none() => *first,
+        _ => {
+            let what = if select.is_some() { "the fields chosen with --fields" } else { "the data variables" };
+            return Err(format!(
+                "{what} start with different dimensions: {}; the sample dimension must be the first dimension of every \
+                 field, so choose fields that share it with --fields NAME=FIELD,...",
+                describe()
+            ));
+        }
+    };
+    let mut roles = Vec::with_capacity(members.len());
+    for (name, dims) in members {
+        let role = match dims.as_deref() {
+            _ if !selected(name) => Role::Coordinate("not in --fields".into()),
+            None => Role::Field,
+            Some([first, ..]) if first == sample_dim && (select.is_some() || !is_coordinate(name, dims)) => Role::Field,
+            Some([first, ..]) if first == sample_dim => Role::Coordinate(format!(
+                "a coordinate along the sample dimension '{sample_dim}' (serve it as a field by naming it in --fields)"
+            )),
+            Some(dims) if select.is_none() && is_coordinate(name, &Some(dims.to_vec())) => {
+                Role::Coordinate(format!("a coordinate (dimensions: {})", dims.join(", ")))
+            }
+            Some(dims) if dims.iter().any(|d| d == sample_dim) => Role::Coordinate(format!(
+                "its dimensions ({}) have the sample dimension '{sample_dim}' but not first; write it with \
+                 '{sample_dim}' first (xarray: .transpose('{sample_dim}', ...))",
+                dims.join(", ")
+            )),
+            Some(dims) => Role::Coordinate(format!(
+                "its dimensions ({}) do not include the sample dimension '{sample_dim}'",
+                dims.join(", ")
+            )),
+        };
+        if let (Some(_), true, Role::Coordinate(reason)) = (select, selected(name), &role) {
+            return Err(format!("--fields names '{name}', which cannot be a field: {reason}"));
+        }
+        roles.push(role);
+    }
+    if !roles.contains(&Role::Field) {
+        return Err(format!("no array starts with the sample dimension '{sample_dim}'"));
+    }
+    Ok(roles)
+}
+
+/// Opens a Zarr array (one field, named `default_name`) or group (one field per data variable,
+/// see [`classify`]), keeping only the fields in `select` when it is given.
+///
+/// # Errors
+/// [`LoadError::Zarr`] naming the path and the problem; [`LoadError::UnknownField`] for a name
+/// in `select` that the group does not have.
+pub fn open(
+    dataset: &str,
+    path: &Path,
+    default_name: &str,
+    missing: MissingChunks,
+    select: Option<&[String]>,
+) -> Result<OpenedGroup, LoadError> {
+    let store: ReadableListableStorage = Arc::new(FilesystemStore::new(path).map_err(|e| zarr_error(path, e))?);
+    open_storage(dataset, store, path, default_name, missing, select)
+}
+
+/// [`open`] for any zarrs storage (a local directory, an object-store prefix); `path` names it
+/// in messages.
+///
+/// # Errors
+/// As [`open`].
+pub fn open_storage(
+    dataset: &str,
+    store: ReadableListableStorage,
+    path: &Path,
+    default_name: &str,
+    missing: MissingChunks,
+    select: Option<&[String]>,
+) -> Result<OpenedGroup, LoadError> {
+    // Decide array or group from the metadata first, so that a broken array is reported with
+    // the array's problem rather than as "not a group".
+    if node_type(&store, path)?.as_deref() == Some("array") {
+        check_selection(dataset, path, select, &[default_name.to_owned()], &[])?;
+        let array =
+            Array::open(store, "/").map_err(|e| zarr_error(path, format_args!("invalid array metadata: {e}")))?;
+        let dims = array.dimension_names().as_ref().map(|d| d.iter().map(|n| n.clone().unwrap_or_default()).collect());
+        return Ok(OpenedGroup {
+            arrays: vec![open_one(path, default_name.to_owned(), dims.unwrap_or_default(), array, missing)?],
+            coordinates: Vec::new(),
+            metadata_source: "the array's metadata",
+        });
+    }
+    Group::open(store.clone(), "/").map_err(|e| zarr_error(path, format_args!("invalid group metadata: {e}")))?;
+    let (group_attributes, mut members, metadata_source) = list_members(&store, path)?;
+    members.sort_by(|a, b| a.name.cmp(&b.name));
+    if members.is_empty() {
         return Err(zarr_error(path, "the group holds no arrays; each array of a group is a field"));
     }
-    arrays
-        .into_iter()
-        .map(|array| {
-            let name = array.path().as_str().trim_start_matches('/').to_owned();
-            open_one(&path.join(&name), name, array, missing)
-        })
-        .collect()
+    let names: Vec<String> = members.iter().map(|m| m.name.clone()).collect();
+    let mut coordinate_attr = coordinate_names(Some(&group_attributes));
+    for member in &members {
+        coordinate_attr.extend(member.coordinate_names());
+    }
+    let facts: Vec<(String, Option<Vec<String>>)> = members.iter().map(|m| (m.name.clone(), m.dims())).collect();
+    let dimension_coordinates = facts.iter().filter(|(name, dims)| dims.as_deref() == Some(std::slice::from_ref(name)));
+    let marked: Vec<String> =
+        coordinate_attr.iter().cloned().chain(dimension_coordinates.map(|(n, _)| n.clone())).collect();
+    check_selection(dataset, path, select, &names, &marked)?;
+    let roles = classify(&facts, &coordinate_attr, select).map_err(|problem| zarr_error(path, problem))?;
+    let mut opened = OpenedGroup { arrays: Vec::new(), coordinates: Vec::new(), metadata_source };
+    for (member, role) in members.into_iter().zip(roles) {
+        let member_path = path.join(&member.name);
+        let dims = member.dims().unwrap_or_default();
+        match role {
+            Role::Field => {
+                let metadata = member
+                    .array_metadata()
+                    .map_err(|e| zarr_error(&member_path, format_args!("invalid array metadata: {e}")))?;
+                let array = Array::new_with_metadata(store.clone(), &format!("/{}", member.name), metadata)
+                    .map_err(|e| zarr_error(&member_path, format_args!("invalid array metadata: {e}")))?;
+                opened.arrays.push(open_one(&member_path, member.name, dims, array, missing)?);
+            }
+            Role::Coordinate(reason) => opened.coordinates.push(Coordinate {
+                dtype: member.dtype(),
+                shape: member.shape(),
+                name: member.name,
+                dims,
+                reason,
+            }),
+        }
+    }
+    Ok(opened)
+}
+
+/// Refuses a `--fields` name that is not an array of the group, naming those that are.
+fn check_selection(
+    dataset: &str,
+    path: &Path,
+    select: Option<&[String]>,
+    names: &[String],
+    coordinates: &[String],
+) -> Result<(), LoadError> {
+    let Some(unknown) = select.into_iter().flatten().find(|f| !names.contains(f)) else { return Ok(()) };
+    let available = names
+        .iter()
+        .map(|n| if coordinates.contains(n) { format!("{n} (coordinate)") } else { n.clone() })
+        .collect::<Vec<_>>()
+        .join(", ");
+    Err(LoadError::UnknownField {
+        dataset: dataset.to_owned(),
+        field: unknown.clone(),
+        location: path.to_owned(),
+        available,
+    })
 }
 
 /// The zstd frame magic number, as it starts a zstd-compressed chunk.
@@ -213,8 +589,12 @@ impl ZarrSource {
             std::iter::once(start..end).chain(shape[1..].iter().map(|&d| 0..d)).collect();
         let subset = ArraySubset::new_with_ranges(&ranges);
         let sharded = self.array.is_sharded();
+        // A block that is one whole unsharded chunk (the chunk spans every other axis) is decoded
+        // from the raw bytes read for the size check below, instead of being read again.
+        let mut single: Option<Vec<u8>> = None;
         if self.missing == MissingChunks::Error || !sharded {
             let chunks = self.array.chunks_in_array_subset(&subset).map_err(|e| e.to_string())?;
+            let num_chunks = chunks.as_ref().map_or(0, |c| c.indices().into_iter().count());
             for indices in chunks.iter().flat_map(|c| c.indices().into_iter()) {
                 let key = self.array.chunk_key(&indices);
                 let present = if sharded {
@@ -230,6 +610,9 @@ impl ZarrSource {
                         Some(raw) => {
                             self.check_declared_size(&raw, &indices)
                                 .map_err(|problem| format!("chunk {key}: {problem}"))?;
+                            if num_chunks == 1 && self.chunk_spans_other_axes(&indices) {
+                                single = Some(raw);
+                            }
                             true
                         }
                         None => false,
@@ -242,7 +625,115 @@ impl ZarrSource {
                 }
             }
         }
+        if let Some(raw) = single {
+            return self.decode_whole_chunk(raw, block, end - start);
+        }
         let bytes: ArrayBytes = self.array.retrieve_array_subset(&subset).map_err(|e| e.to_string())?;
         Ok(bytes.into_fixed().map_err(|e| e.to_string())?.into_owned())
+    }
+
+    /// Whether the chunk at `indices` has exactly the array's extent on every axis but the first
+    /// (then its decoded rows are the block's rows, with nothing to cut out).
+    fn chunk_spans_other_axes(&self, indices: &[u64]) -> bool {
+        self.array
+            .chunk_shape(indices)
+            .is_ok_and(|chunk| chunk[1..].iter().map(|d| d.get()).eq(self.array.shape()[1..].iter().copied()))
+    }
+
+    /// Decodes the encoded chunk of block `block` (one chunk covers it) and keeps its first
+    /// `rows` rows (the last chunk along axis 0 may reach past the array's end).
+    fn decode_whole_chunk(&self, raw: Vec<u8>, block: u64, rows: u64) -> Result<Vec<u8>, String> {
+        use zarrs::array::codec::api::{ArrayToBytesCodecTraits, CodecOptions};
+        let mut indices = vec![0u64; self.array.dimensionality()];
+        indices[0] = block;
+        let chunk_shape = self.array.chunk_shape(&indices).map_err(|e| e.to_string())?;
+        let decoded = self
+            .array
+            .codecs()
+            .decode(
+                std::borrow::Cow::Owned(raw),
+                &chunk_shape,
+                self.array.data_type(),
+                self.array.fill_value(),
+                &CodecOptions::default(),
+            )
+            .map_err(|e| format!("chunk {}: {e}", self.array.chunk_key(&indices)))?;
+        let mut bytes = decoded.into_fixed().map_err(|e| e.to_string())?.into_owned();
+        let row_bytes = chunk_shape[1..].iter().map(|d| d.get()).product::<u64>() * self.element_bytes;
+        bytes.truncate((rows * row_bytes) as usize);
+        Ok(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(name: &str, dims: Option<&[&str]>) -> (String, Option<Vec<String>>) {
+        (name.to_owned(), dims.map(|d| d.iter().map(|s| (*s).to_owned()).collect()))
+    }
+
+    fn fields(members: &[(String, Option<Vec<String>>)], roles: &[Role]) -> Vec<String> {
+        members.iter().zip(roles).filter(|(_, r)| **r == Role::Field).map(|(m, _)| m.0.clone()).collect()
+    }
+
+    #[test]
+    fn xarray_coordinates_are_not_fields_and_the_majority_first_dimension_is_the_sample_dimension() {
+        let members = [
+            member("channel", Some(&["channel"])),
+            member("eeg", Some(&["window", "channel", "time"])),
+            member("label", Some(&["window"])),
+            member("age", Some(&["window"])),
+            member("montage", Some(&["channel", "xyz"])),
+            member("subject", Some(&["window"])),
+            member("late", Some(&["channel", "window"])),
+        ];
+        let roles = classify(&members, &["subject".into()], None).expect("classifies");
+        assert_eq!(fields(&members, &roles), ["eeg", "label", "age"]);
+        let Role::Coordinate(reason) = &roles[6] else { panic!("late is not a field") };
+        assert!(reason.contains("not first") && reason.contains(".transpose('window', ...)"), "{reason}");
+        let Role::Coordinate(reason) = &roles[5] else { panic!("subject is a coordinate") };
+        assert!(reason.contains("naming it in --fields"), "{reason}");
+
+        let chosen = ["subject".to_owned(), "eeg".to_owned()];
+        let roles = classify(&members, &["subject".into()], Some(&chosen)).expect("classifies");
+        assert_eq!(fields(&members, &roles), ["eeg", "subject"]);
+        let unfit = ["late".to_owned(), "eeg".to_owned(), "label".to_owned()];
+        let error = classify(&members, &[], Some(&unfit)).expect_err("late starts with channel");
+        assert!(error.contains("different dimensions"), "{error}");
+    }
+
+    #[test]
+    fn metadata_documents_that_are_not_objects_are_refused_by_name() {
+        // Found by the zarr_metadata fuzz target: a child `.zarray` holding the JSON number 2.
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join(".zgroup"), br#"{"zarr_format": 2}"#).expect("write");
+        std::fs::create_dir(dir.path().join("child")).expect("mkdir");
+        std::fs::write(dir.path().join("child/.zarray"), b"\n2").expect("write");
+        let Err(error) = open("d", dir.path(), "x", MissingChunks::Error, None) else { panic!("refused") };
+        let message = error.to_string();
+        assert!(message.contains("child/.zarray: is not a JSON object"), "{message}");
+        std::fs::write(dir.path().join("child/.zarray"), b"{}").expect("write");
+        std::fs::write(dir.path().join("child/.zattrs"), b"[1]").expect("write");
+        let Err(error) = open("d", dir.path(), "x", MissingChunks::Error, None) else { panic!("refused") };
+        assert!(error.to_string().contains("child/.zattrs: is not a JSON object"), "{error}");
+    }
+
+    #[test]
+    fn groups_without_dimension_names_serve_every_array_or_the_chosen_ones() {
+        let members = [member("a", None), member("b", None)];
+        assert_eq!(classify(&members, &[], None).expect("ok"), [Role::Field, Role::Field]);
+        let roles = classify(&members, &[], Some(&["b".to_owned()])).expect("ok");
+        assert_eq!(fields(&members, &roles), ["b"]);
+    }
+
+    #[test]
+    fn ties_and_groups_of_only_coordinates_ask_the_user_to_choose() {
+        let tie = [member("x", Some(&["sample", "f"])), member("y", Some(&["f", "sample"]))];
+        let error = classify(&tie, &[], None).expect_err("tie");
+        assert!(error.contains("x (sample, ...), y (f, ...)") && error.contains("--fields"), "{error}");
+        let only_coordinates = [member("time", Some(&["time"]))];
+        let error = classify(&only_coordinates, &[], None).expect_err("nothing to serve");
+        assert!(error.contains("no data variable"), "{error}");
     }
 }

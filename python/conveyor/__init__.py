@@ -41,6 +41,7 @@ from ._native import (
 __all__ = [
     "AuthenticationError",
     "BatchError",
+    "Coordinate",
     "ConveyorError",
     "DatasetInfo",
     "InvalidSettingsError",
@@ -94,6 +95,22 @@ class DatasetInfo(NamedTuple):
     derivation: str = ""
     """For a dataset the loaders derive with a transform: ``"SOURCE | pipeline ..."`` or
     ``"SOURCE | python module:function"``; empty for a stored dataset."""
+    dimensions: Dict[str, Tuple[str, ...]] = {}
+    """Per field: its dimension names, the sample dimension first, where the store names them
+    (Zarr written by xarray); fields without names are left out."""
+    coordinates: Dict[str, "Coordinate"] = {}
+    """Arrays of a Zarr group that the loaders describe but do not serve (xarray coordinates)."""
+
+
+class Coordinate(NamedTuple):
+    """An array of a dataset's Zarr group that is not a field (for example an xarray coordinate)."""
+
+    dtype: str
+    """Its data type as the store writes it (``"float64"``, ``"<U4"``, ``"fixed_length_utf32"``)."""
+    shape: Tuple[int, ...]
+    """Its full shape."""
+    dimensions: Tuple[str, ...]
+    """Its dimension names."""
 
 
 @functools.lru_cache(maxsize=None)  # a dozen codes; called per field of every batch
@@ -125,7 +142,12 @@ def datasets(loaders: Sequence[str], unavailable_timeout: float = 10.0, **securi
 
 def _info(entry: Dict[str, Any]) -> DatasetInfo:
     fields = {f["name"]: (_numpy_dtype(f["dtype"]), tuple(f["sample_shape"])) for f in entry["fields"]}
-    return DatasetInfo(entry["num_samples"], fields, entry.get("derivation", ""))
+    dimensions = {f["name"]: tuple(f["dimension_names"]) for f in entry["fields"] if f.get("dimension_names")}
+    coordinates = {
+        c["name"]: Coordinate(c["dtype"], tuple(c["shape"]), tuple(c["dimension_names"]))
+        for c in entry.get("coordinates", [])
+    }
+    return DatasetInfo(entry["num_samples"], fields, entry.get("derivation", ""), dimensions, coordinates)
 
 
 def _check_loaders(loaders: Any) -> None:

@@ -367,10 +367,24 @@ fn catalog_json(catalog: &[trainer_client::DatasetInfo]) -> String {
                         "sample_shape": f.sample_shape,
                         "bytes_per_sample": f.bytes_per_sample,
                         "chunk_len": f.chunk_len,
+                        "dimension_names": f.dimension_names,
                     })
                 })
                 .collect();
-            serde_json::json!({"name": d.name, "num_samples": d.num_samples, "fields": fields, "derivation": d.derivation})
+            let coordinates: Vec<serde_json::Value> = d
+                .coordinates
+                .iter()
+                .map(|c| {
+                    serde_json::json!({"name": c.name, "dtype": c.dtype, "shape": c.shape, "dimension_names": c.dimension_names})
+                })
+                .collect();
+            serde_json::json!({
+                "name": d.name,
+                "num_samples": d.num_samples,
+                "fields": fields,
+                "derivation": d.derivation,
+                "coordinates": coordinates,
+            })
         })
         .collect();
     serde_json::Value::from(datasets).to_string()

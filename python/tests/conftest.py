@@ -4,6 +4,7 @@ import os
 import re
 import signal
 import subprocess
+import urllib.request
 
 import numpy as np
 import pytest
@@ -27,13 +28,13 @@ def binary(name):
 class Loader:
     """A loader-server process on a free loopback port."""
 
-    def __init__(self, datasets, extra_args=()):
+    def __init__(self, datasets, extra_args=(), env=None):
         args = [binary("loader-server"), "--listen", "127.0.0.1:0"]
         for name, path in datasets.items():
             args += ["--dataset", f"{name}={path}"]
         args += [str(a) for a in extra_args]
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True,
-                                     env=dict(os.environ, LOADER_LOG="warn"))
+                                     env=dict(os.environ, LOADER_LOG="warn", **(env or {})))
         line = self.proc.stdout.readline()
         match = re.match(r"listening on (\S+)", line)
         if not match:
@@ -56,8 +57,8 @@ class Loader:
 def start_loader():
     started = []
 
-    def start(datasets, *extra_args):
-        loader = Loader(datasets, extra_args)
+    def start(datasets, *extra_args, env=None):
+        loader = Loader(datasets, extra_args, env)
         started.append(loader)
         return loader
 
@@ -99,3 +100,23 @@ def write_chess_like(path, n):
     board.flush()
     del board
     np.save(os.path.join(path, "label.npy"), np.arange(n, dtype=np.int64) * 3)
+
+
+def metrics(addr):
+    with urllib.request.urlopen(f"http://{addr}/metrics", timeout=10) as response:
+        return response.read().decode()
+
+
+def metric(text, name, **labels):
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{want}}} ") or (not labels and line.startswith(f"{name} ")):
+            return float(line.split()[-1])
+    raise AssertionError(f"no {name} {labels} in\n{text}")
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -6,13 +6,12 @@ import re
 import subprocess
 import sys
 import textwrap
-import urllib.request
 
 import numpy as np
 import pytest
 
 import conveyor
-from conftest import binary
+from conftest import binary, free_port, metric, metrics
 
 PYTHON = sys.executable
 
@@ -148,26 +147,6 @@ def test_outputs_that_break_the_schema_are_named(tmp_path, start_loader):
         with pytest.raises(conveyor.BatchError, match=re.escape(expected)):
             for batch in ds:
                 assert 50 not in batch["__index__"]
-
-
-def metrics(addr):
-    with urllib.request.urlopen(f"http://{addr}/metrics", timeout=10) as response:
-        return response.read().decode()
-
-
-def metric(text, name, **labels):
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    for line in text.splitlines():
-        if line.startswith(f"{name}{{{want}}} ") or (not labels and line.startswith(f"{name} ")):
-            return float(line.split()[-1])
-    raise AssertionError(f"no {name} {labels} in\n{text}")
-
-
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def vm_rss(pid):

@@ -243,9 +243,11 @@ mod tests {
                 sample_shape: vec![4],
                 bytes_per_sample: 16,
                 chunk_len: 10,
+                dimension_names: Vec::new(),
             }],
             max_batch_samples: 100,
             derivation: String::new(),
+            coordinates: Vec::new(),
         }
     }
 

@@ -146,6 +146,8 @@ impl Derived {
                 sample_shape: f.sample_shape.clone(),
                 bytes_per_sample: f.bytes_per_sample() as u64,
                 chunk_len: self.source.fields.iter().map(|s| s.chunk_len).max().unwrap_or(1),
+                // Operators change shapes, so the source's dimension names no longer apply.
+                dimension_names: Vec::new(),
             })
             .collect();
         DatasetInfo {
@@ -154,6 +156,7 @@ impl Derived {
             fields,
             max_batch_samples,
             derivation: self.derivation.clone(),
+            coordinates: Vec::new(),
         }
     }
 }

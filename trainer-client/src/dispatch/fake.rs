@@ -29,9 +29,11 @@ pub fn catalog(num_samples: u64, chunk_len: u64) -> Vec<DatasetInfo> {
             sample_shape: Vec::new(),
             bytes_per_sample: 8,
             chunk_len,
+            dimension_names: Vec::new(),
         }],
         max_batch_samples: 1 << 20,
         derivation: String::new(),
+        coordinates: Vec::new(),
     }]
 }
 

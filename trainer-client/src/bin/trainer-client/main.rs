@@ -174,6 +174,18 @@ async fn info(loader: &str, options: &ConnectOptions) -> anyhow::Result<()> {
                 field.sample_shape,
                 field.bytes_per_sample,
             );
+            if !field.dimension_names.is_empty() {
+                println!("  {:<16} dimensions ({})", "", field.dimension_names.join(", "));
+            }
+        }
+        for coordinate in dataset.coordinates {
+            println!(
+                "  coordinate {:<16} {:<8} shape {:?}  dimensions ({})  (described, not served)",
+                coordinate.name,
+                coordinate.dtype,
+                coordinate.shape,
+                coordinate.dimension_names.join(", "),
+            );
         }
     }
     Ok(())

@@ -1,0 +1,80 @@
+//! `.npz` archives: the members of a zip written by `np.savez` are `.npy` files stored without
+//! compression, each contiguous in the archive, so a member is served from a memory map of the
+//! whole archive at its data offset exactly like a `.npy` file. The zip's central directory
+//! (zip64 included, which numpy always writes) is read with the `zip` crate; nothing is inflated.
+
+use std::{
+    fs::File,
+    io::BufReader,
+    path::{Path, PathBuf},
+};
+
+use zip::{CompressionMethod, ZipArchive};
+
+use crate::error::LoadError;
+
+/// One `.npy` member of an archive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// The member's name inside the archive (`board.npy`).
+    pub file_name: String,
+    /// Offset of its first byte (the `.npy` magic) in the archive file.
+    pub data_start: u64,
+    /// Its length in bytes.
+    pub size: u64,
+}
+
+/// Whether `path` is an `.npz` file.
+pub fn is_npz(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("npz")) && path.is_file()
+}
+
+/// How a member is named in messages: `ARCHIVE.npz (member NAME)`.
+pub fn member_path(archive: &Path, member: &str) -> PathBuf {
+    PathBuf::from(format!("{} (member {member})", archive.display()))
+}
+
+/// The `.npy` members of the archive at `path`, in archive order.
+///
+/// # Errors
+/// [`LoadError::Npz`] for a file that is not a zip archive, and for a compressed or encrypted
+/// member (naming it and the fix); [`LoadError::Io`] when the file cannot be read.
+pub fn members(path: &Path) -> Result<Vec<Member>, LoadError> {
+    let file = File::open(path).map_err(|error| LoadError::Io { path: path.to_owned(), error })?;
+    let mut archive = ZipArchive::new(BufReader::new(file)).map_err(|e| LoadError::Npz {
+        path: path.to_owned(),
+        problem: format!("not a readable zip archive ({e}); write it with numpy.savez"),
+    })?;
+    let mut members = Vec::with_capacity(archive.len());
+    for index in 0..archive.len() {
+        let entry = archive.by_index_raw(index).map_err(|e| LoadError::Npz {
+            path: path.to_owned(),
+            problem: format!("cannot read entry {index} of the zip directory ({e}); the archive is damaged"),
+        })?;
+        let name = entry.name().map(|n| n.into_owned()).unwrap_or_else(|_| format!("entry {index}"));
+        if entry.is_dir() {
+            continue;
+        }
+        if !name.ends_with(".npy") {
+            tracing::warn!(archive = %path.display(), member = %name, "skipping a member that is not a .npy file");
+            continue;
+        }
+        let at_fault = |problem: String| LoadError::Npz { path: member_path(path, &name), problem };
+        if entry.encrypted() {
+            return Err(at_fault("encrypted; the loader serves only unencrypted members (np.savez)".into()));
+        }
+        let compression = entry.compression();
+        if compression != CompressionMethod::Stored {
+            let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            return Err(at_fault(format!(
+                "compressed ({compression}); members are memory-mapped in place, so save the arrays with np.savez \
+                 instead of np.savez_compressed, or convert the archive once: conveyor-convert {} {stem}.zarr",
+                path.display()
+            )));
+        }
+        let data_start =
+            entry.data_start().ok_or_else(|| at_fault("no readable local header; the archive is damaged".into()))?;
+        members.push(Member { file_name: name, data_start, size: entry.size() });
+    }
+    Ok(members)
+}

@@ -1,0 +1,212 @@
+"""Datasets as users already have them: Zarr groups written by xarray, `.npz` archives written by
+numpy, against real loader processes."""
+
+import os
+import shutil
+import struct
+import subprocess
+import zipfile
+
+import numpy as np
+import pytest
+import xarray as xr
+
+import conveyor
+from conftest import binary, write_dtypes
+
+# zarr-python warns that string coordinates have no Zarr v3 specification yet; xarray writes them.
+pytestmark = pytest.mark.filterwarnings("ignore:The data type", "ignore:Consolidated metadata")
+
+
+def epoch(loader, name, shuffle, batch_size=32, seed=5):
+    """Every batch of one epoch, with each field's rows put back in index order."""
+    ds = conveyor.StreamingDataset([loader.addr], name, batch_size=batch_size, shuffle=shuffle, seed=seed)
+    batches = list(ds)
+    index = np.concatenate([b["__index__"] for b in batches])
+    order = np.argsort(index)
+    fields = {k: np.concatenate([b[k] for b in batches])[order] for k in batches[0] if k != "__index__"}
+    return index, fields
+
+
+def refusal(*args):
+    """The loader's start-up error for these flags."""
+    result = subprocess.run([binary("loader-server"), "--listen", "127.0.0.1:0", *map(str, args)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0, result.stdout
+    return result.stderr
+
+
+def eeg_dataset(n=200):
+    """An EEG set as xarray users write it: data variables along `window`, string and float
+    coordinates, a non-dimension coordinate along `window`, and a variable without `window`."""
+    rng = np.random.default_rng(11)
+    eeg = rng.standard_normal((n, 16, 50)).astype("float32")
+    eeg[3, 2, 7] = np.nan  # NaN payloads must survive bit for bit
+    return xr.Dataset(
+        {
+            "eeg": (("window", "channel", "time"), eeg),
+            "label": (("window",), rng.integers(1, 5, n).astype("int64")),
+            "montage": (("channel", "xyz"), rng.standard_normal((16, 3))),
+        },
+        coords={
+            "channel": [f"Fp{i}" for i in range(16)],
+            "time": np.arange(50) / 250.0,
+            "subject": (("window",), (np.arange(n) // 40).astype("int32")),
+        },
+    )
+
+
+def write_eeg(path, zarr_format, consolidated, n=200):
+    ds = eeg_dataset(n)
+    encoding = {"eeg": {"chunks": (32, 16, 50)}, "label": {"chunks": (32,)}}
+    ds.to_zarr(path, zarr_format=zarr_format, consolidated=consolidated, mode="w", encoding=encoding)
+    return ds
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+@pytest.mark.parametrize("consolidated", [False, True])
+def test_xarray_zarr_serves_its_data_variables_and_describes_its_coordinates(
+        tmp_path, start_loader, zarr_format, consolidated):
+    ds = write_eeg(tmp_path / "eeg.zarr", zarr_format, consolidated)
+    if consolidated:
+        # The consolidated metadata is what the loader reads: without the arrays' own metadata
+        # files it still opens (as zarr-python does with consolidated=True).
+        for name in ("eeg", "label", "channel"):
+            for meta in (".zarray", ".zattrs", "zarr.json"):
+                if (tmp_path / "eeg.zarr" / name / meta).exists():
+                    os.remove(tmp_path / "eeg.zarr" / name / meta)
+    loader = start_loader({"eeg": tmp_path / "eeg.zarr"})
+    info = conveyor.datasets([loader.addr])["eeg"]
+    assert info.num_samples == 200
+    assert info.fields == {"eeg": (np.dtype("float32"), (16, 50)), "label": (np.dtype("int64"), ())}
+    assert info.dimensions == {"eeg": ("window", "channel", "time"), "label": ("window",)}
+    assert set(info.coordinates) == {"channel", "time", "subject", "montage"}
+    assert info.coordinates["time"] == conveyor.Coordinate(info.coordinates["time"].dtype, (50,), ("time",))
+    assert info.coordinates["time"].dtype in ("float64", "<f8")
+    assert info.coordinates["montage"].shape == (16, 3) and info.coordinates["montage"].dimensions == ("channel", "xyz")
+    assert info.coordinates["channel"].shape == (16,)
+
+    for shuffle in ("full", "block"):
+        index, fields = epoch(loader, "eeg", shuffle)
+        assert sorted(index.tolist()) == list(range(200)), f"{shuffle}: exactly once"
+        assert fields["eeg"].tobytes() == ds["eeg"].values.tobytes(), shuffle
+        assert np.array_equal(fields["label"], ds["label"].values), shuffle
+
+    described = subprocess.run([binary("trainer-client"), "info", "--loader", loader.addr],
+                               capture_output=True, text=True, check=True).stdout
+    assert "dimensions (window, channel, time)" in described, described
+    assert "coordinate channel" in described and "(described, not served)" in described, described
+
+
+def test_fields_choose_arrays_of_a_group_and_unknown_or_unfit_names_are_refused(tmp_path, start_loader):
+    ds = write_eeg(tmp_path / "eeg.zarr", 3, False)
+    path = tmp_path / "eeg.zarr"
+    # A coordinate along the sample dimension can be served when it is asked for.
+    loader = start_loader({"e": path}, "--fields", "e=subject,label")
+    info = conveyor.datasets([loader.addr])["e"]
+    assert set(info.fields) == {"label", "subject"} and "eeg" in info.coordinates
+    _, fields = epoch(loader, "e", "full")
+    assert np.array_equal(fields["subject"], ds["subject"].values)
+
+    stderr = refusal("--dataset", f"e={path}", "--fields", "e=eg")
+    assert "--fields names 'eg', which is not in" in stderr, stderr
+    assert "it has: channel (coordinate), eeg, label, montage, subject (coordinate), time (coordinate)" in stderr, stderr
+    stderr = refusal("--dataset", f"e={path}", "--fields", "e=eeg,montage")
+    assert "start with different dimensions: eeg (window, ...), montage (channel, ...)" in stderr, stderr
+    stderr = refusal("--dataset", f"e={path}", "--fields", "x=eeg")
+    assert "names dataset 'x', which no --dataset gives; the datasets are: e" in stderr, stderr
+
+
+def test_a_variable_with_the_sample_dimension_not_first_is_described_with_the_fix(tmp_path, start_loader):
+    rng = np.random.default_rng(2)
+    x, y, z = rng.standard_normal((40, 3)), rng.standard_normal((3, 40)), rng.integers(0, 9, 40)
+    xr.Dataset({"x": (("sample", "f"), x), "y": (("f", "sample"), y), "z": (("sample",), z)}).to_zarr(
+        tmp_path / "t.zarr", zarr_format=3, consolidated=False)
+    loader = start_loader({"t": tmp_path / "t.zarr"})
+    info = conveyor.datasets([loader.addr])["t"]
+    assert set(info.fields) == {"x", "z"} and set(info.coordinates) == {"y"}
+    stderr = refusal("--dataset", f"t={tmp_path / 't.zarr'}", "--fields", "t=z,y")
+    assert "start with different dimensions: y (f, ...), z (sample, ...)" in stderr, stderr
+    # Two variables, each first along another dimension: no majority, so the user decides.
+    xr.Dataset({"x": (("sample", "f"), x), "y": (("f", "sample"), y)}).to_zarr(tmp_path / "tie.zarr", zarr_format=2)
+    stderr = refusal("--dataset", f"t={tmp_path / 'tie.zarr'}")
+    assert "the data variables start with different dimensions: x (sample, ...), y (f, ...)" in stderr, stderr
+    assert "--fields NAME=FIELD" in stderr, stderr
+
+
+def test_a_group_without_dimension_names_keeps_the_length_rule_and_fields_pick_around_it(tmp_path, start_loader):
+    import zarr
+    group = zarr.open_group(tmp_path / "g.zarr", mode="w", zarr_format=3)
+    group.create_array("a", shape=(100, 2), chunks=(10, 2), dtype="int32")[:] = np.arange(200).reshape(100, 2)
+    group.create_array("b", shape=(50,), chunks=(10,), dtype="int32")[:] = np.arange(50)
+    stderr = refusal("--dataset", f"g={tmp_path / 'g.zarr'}")
+    assert "field 'b' has 50 samples but field 'a' has 100" in stderr and "--fields g=FIELD" in stderr, stderr
+    loader = start_loader({"g": tmp_path / "g.zarr"}, "--fields", "g=a")
+    index, fields = epoch(loader, "g", "block", batch_size=16)
+    assert sorted(index.tolist()) == list(range(100))
+    assert np.array_equal(fields["a"], np.arange(200).reshape(100, 2))
+
+
+def local_extra_ids(path, member):
+    """The extra-field header ids of a member's local header (0x0001 is zip64)."""
+    with zipfile.ZipFile(path) as archive:
+        offset = archive.getinfo(member).header_offset
+    with open(path, "rb") as f:
+        f.seek(offset)
+        header = f.read(30)
+        name_len, extra_len = struct.unpack("<HH", header[26:30])
+        f.seek(offset + 30 + name_len)
+        extra = f.read(extra_len)
+    ids, at = [], 0
+    while at + 4 <= len(extra):
+        header_id, size = struct.unpack("<HH", extra[at:at + 4])
+        ids.append(header_id)
+        at += 4 + size
+    return ids
+
+
+def test_npz_members_are_fields_of_every_dtype_mapped_in_place(tmp_path, start_loader):
+    fields = write_dtypes(tmp_path / "npy")
+    rng = np.random.default_rng(3)
+    shards = [rng.integers(0, 1000, (n, 2)).astype("uint16") for n in (20, 0, 33)]
+    members = dict(fields, **{f"s-{i:05d}": s for i, s in enumerate(shards)})
+    np.savez(tmp_path / "all.npz", **members)
+    assert 1 in local_extra_ids(tmp_path / "all.npz", "f_int8.npy"), "numpy writes zip64 local headers"
+    loader = start_loader({"z": tmp_path / "all.npz"})
+    info = conveyor.datasets([loader.addr])["z"]
+    assert info.num_samples == 53 and set(info.fields) == set(fields) | {"s"}
+    index, got = epoch(loader, "z", "full", batch_size=7)
+    assert sorted(index.tolist()) == list(range(53))
+    for name, source in fields.items():
+        assert got[name].tobytes() == source.astype(source.dtype.newbyteorder("<")).tobytes(), name
+    assert np.array_equal(got["s"], np.concatenate(shards)), "shards concatenate in name order"
+
+    loader = start_loader({"z": tmp_path / "all.npz"}, "--fields", "z=f_float32,s")
+    assert set(conveyor.datasets([loader.addr])["z"].fields) == {"f_float32", "s"}
+    stderr = refusal("--dataset", f"z={tmp_path / 'all.npz'}", "--fields", "z=f_float")
+    assert "--fields names 'f_float'" in stderr and "f_float32" in stderr, stderr
+
+
+def test_npz_files_that_cannot_be_mapped_are_refused_naming_the_member_and_the_fix(tmp_path):
+    np.savez_compressed(tmp_path / "c.npz", board=np.zeros((10, 8), "int8"), label=np.arange(10))
+    stderr = refusal("--dataset", f"c={tmp_path / 'c.npz'}")
+    assert "c.npz (member board.npy): compressed (Deflated)" in stderr, stderr
+    assert "np.savez instead of np.savez_compressed" in stderr and "conveyor-convert" in stderr, stderr
+
+    np.savez(tmp_path / "o.npz", ok=np.arange(4), objects=np.array([{"a": 1}] * 4, dtype=object))
+    stderr = refusal("--dataset", f"o={tmp_path / 'o.npz'}")
+    assert "o.npz (member objects.npy)" in stderr and "object" in stderr, stderr
+
+    (tmp_path / "junk.npz").write_bytes(b"not a zip at all" * 10)
+    stderr = refusal("--dataset", f"j={tmp_path / 'junk.npz'}")
+    assert "junk.npz: not a readable zip archive" in stderr, stderr
+
+    np.savez(tmp_path / "short.npz", x=np.arange(1000))
+    data = (tmp_path / "short.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[:-200])  # the central directory is gone
+    stderr = refusal("--dataset", f"x={tmp_path / 'cut.npz'}")
+    assert "cut.npz: not a readable zip archive" in stderr, stderr
+
+    np.savez(tmp_path / "u.npz", a=np.arange(10), b=np.arange(11))
+    stderr = refusal("--dataset", f"u={tmp_path / 'u.npz'}")
+    assert "field 'b' has 11 samples but field 'a' has 10" in stderr, stderr

@@ -1,0 +1,491 @@
+"""Datasets in S3-compatible object storage: a real S3 API server (moto's standalone server, with
+SigV4 authentication enforced) on loopback, fixtures written by numpy, zarr-python and xarray
+and uploaded with boto3, and real loader processes reading s3:// URLs."""
+
+import http.client
+import http.server
+import json
+import os
+import re
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import boto3
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+import conveyor
+from conftest import binary, free_port, metric, metrics, write_dtypes
+
+pytestmark = pytest.mark.filterwarnings("ignore:The data type", "ignore:Consolidated metadata")
+
+
+class Moto:
+    """moto's S3 server as a process on a free port (or `port`), its request log in `tmp`.
+    `env` may set INITIAL_NO_AUTH_ACTION_COUNT, after which every request is authenticated."""
+
+    def __init__(self, tmp, port=0, env=None):
+        self.log = open(os.path.join(tmp, f"moto-{port}-{time.monotonic_ns()}.log"), "w")
+        # This interpreter's moto (tests/requirements.txt), not whatever moto_server is on PATH.
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                     stderr=subprocess.PIPE, stdout=self.log, text=True,
+                                     env=dict(os.environ, **(env or {})))
+        for line in self.proc.stderr:
+            match = re.search(r"Running on (http://\S+)", line)
+            if match:
+                self.endpoint = match.group(1)
+                break
+        else:
+            raise RuntimeError("moto_server did not start")
+        self.port = int(self.endpoint.rsplit(":", 1)[1])
+        # Keep draining its request log so that it never blocks on a full pipe.
+        self.drain = subprocess.Popen(["cat"], stdin=self.proc.stderr, stdout=self.log)
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait()
+        self.drain.wait()
+        self.log.close()
+
+
+class S3Server(Moto):
+    """moto with SigV4 enforced: IAM credentials made before authentication starts."""
+
+    def __init__(self, tmp):
+        # The first three requests (user, key, policy) go unauthenticated; every later one is checked.
+        super().__init__(tmp, env={"INITIAL_NO_AUTH_ACTION_COUNT": "3"})
+        iam = boto3.client("iam", endpoint_url=self.endpoint, region_name="us-east-1",
+                           aws_access_key_id="setup", aws_secret_access_key="setup")
+        iam.create_user(UserName="loader")
+        key = iam.create_access_key(UserName="loader")["AccessKey"]
+        iam.put_user_policy(UserName="loader", PolicyName="s3", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        self.key_id, self.secret = key["AccessKeyId"], key["SecretAccessKey"]
+        self.client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                                   aws_access_key_id=self.key_id, aws_secret_access_key=self.secret)
+        self.client.create_bucket(Bucket="data")
+
+    def env(self, **overrides):
+        env = {"AWS_ACCESS_KEY_ID": self.key_id, "AWS_SECRET_ACCESS_KEY": self.secret, "AWS_REGION": "us-east-1",
+               "AWS_ENDPOINT_URL": self.endpoint}
+        env.update(overrides)
+        return env
+
+    def upload_dir(self, local, prefix):
+        for root, _, files in os.walk(local):
+            for name in files:
+                path = os.path.join(root, name)
+                key = prefix + "/" + os.path.relpath(path, local).replace(os.sep, "/")
+                self.client.upload_file(path, "data", key)
+
+    def stop(self):
+        self.kill()
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    server = S3Server(str(tmp_path_factory.mktemp("moto")))
+    yield server
+    server.stop()
+
+
+def epoch(loader, name, shuffle, batch_size=16, seed=5):
+    ds = conveyor.StreamingDataset([loader.addr], name, batch_size=batch_size, shuffle=shuffle, seed=seed)
+    batches = list(ds)
+    index = np.concatenate([b["__index__"] for b in batches])
+    order = np.argsort(index)
+    return index, {k: np.concatenate([b[k] for b in batches])[order] for k in batches[0] if k != "__index__"}
+
+
+def refusal(env, *args):
+    result = subprocess.run([binary("loader-server"), "--listen", "127.0.0.1:0", *map(str, args)],
+                            capture_output=True, text=True, timeout=120, env=dict(os.environ, **env))
+    assert result.returncode != 0, result.stdout
+    return result.stderr
+
+
+def test_npy_fields_of_every_dtype_round_trip_through_s3_bit_exactly(tmp_path, s3, start_loader):
+    fields = write_dtypes(tmp_path / "d")
+    shards = [np.arange(n * 2, dtype="<u2").reshape(n, 2) + i * 100 for i, n in enumerate((20, 0, 33))]
+    for i, shard in enumerate(shards):
+        np.save(tmp_path / "d" / f"s-{i:05d}.npy", shard)
+    s3.upload_dir(tmp_path / "d", "dtypes")
+    loader = start_loader({"d": "s3://data/dtypes"}, env=s3.env())
+    info = conveyor.datasets([loader.addr])["d"]
+    assert info.num_samples == 53 and set(info.fields) == set(fields) | {"s"}
+    for shuffle in ("full", "block"):
+        index, got = epoch(loader, "d", shuffle, batch_size=7)
+        assert sorted(index.tolist()) == list(range(53)), f"{shuffle}: exactly once"
+        for name, source in fields.items():
+            assert got[name].tobytes() == source.astype(source.dtype.newbyteorder("<")).tobytes(), name
+        assert np.array_equal(got["s"], np.concatenate(shards))
+
+
+def test_zarr_groups_over_s3_serve_every_codec_and_count_their_requests(tmp_path, s3, start_loader):
+    rng = np.random.default_rng(1)
+    group = zarr.open_group(tmp_path / "codecs.zarr", mode="w", zarr_format=3)
+    values = {}
+    for name, kwargs in {
+        "zstd": dict(compressors=zarr.codecs.ZstdCodec(level=3)),
+        "blosc": dict(compressors=zarr.codecs.BloscCodec(cname="lz4", shuffle="bitshuffle")),
+        "gzip": dict(compressors=zarr.codecs.GzipCodec()),
+        "sharded": dict(shards=(40, 6), compressors=zarr.codecs.ZstdCodec()),
+    }.items():
+        data = rng.standard_normal((120, 6)).astype("float32")
+        group.create_array(name, shape=data.shape, chunks=(10, 6), dtype="float32", **kwargs)[:] = data
+        values[name] = data
+    s3.upload_dir(tmp_path / "codecs.zarr", "codecs.zarr")
+    eeg = xr.Dataset({"eeg": (("window", "channel"), rng.standard_normal((90, 4)).astype("float32")),
+                      "label": (("window",), rng.integers(1, 9, 90))}, coords={"channel": ["a", "b", "c", "d"]})
+    eeg.to_zarr(tmp_path / "eeg.zarr", zarr_format=2, consolidated=True)
+    s3.upload_dir(tmp_path / "eeg.zarr", "eeg.zarr")
+
+    metrics_addr = f"127.0.0.1:{free_port()}"
+    loader = start_loader({"c": "s3://data/codecs.zarr", "e": "s3://data/eeg.zarr"}, "--metrics-listen",
+                          metrics_addr, "--chunk-cache-bytes", "0", env=s3.env())
+    for shuffle in ("full", "block"):
+        index, got = epoch(loader, "c", shuffle)
+        assert sorted(index.tolist()) == list(range(120)), shuffle
+        for name, data in values.items():
+            assert got[name].tobytes() == data.tobytes(), (shuffle, name)
+    info = conveyor.datasets([loader.addr])["e"]
+    assert set(info.fields) == {"eeg", "label"} and set(info.coordinates) == {"channel"}
+    index, got = epoch(loader, "e", "block")
+    assert sorted(index.tolist()) == list(range(90))
+    assert got["eeg"].tobytes() == eeg["eeg"].values.tobytes()
+    text = metrics(metrics_addr)
+    # Without a chunk cache every block of both epochs is fetched: at least 2 x 12 chunk GETs
+    # for each of the three unsharded arrays.
+    assert metric(text, "conveyor_loader_object_requests_total", dataset="c") >= 3 * 2 * 12
+    assert metric(text, "conveyor_loader_object_fetched_bytes_total", dataset="e") > 0
+
+
+def test_s3_failures_at_start_up_are_named_and_never_show_the_secret(s3, tmp_path):
+    np.save(tmp_path / "x.npy", np.arange(10))
+    s3.client.upload_file(str(tmp_path / "x.npy"), "data", "small/x.npy")
+    stderr = refusal(s3.env(AWS_SECRET_ACCESS_KEY="not-the-secret"), "--dataset", "d=s3://data/small")
+    assert "dataset 'd' (s3://data/small)" in stderr and "was denied" in stderr and "AWS_SECRET_ACCESS_KEY" in stderr
+    assert "not-the-secret" not in stderr and s3.secret not in stderr, stderr
+    stderr = refusal(s3.env(), "--dataset", "d=s3://no-such-bucket/x")
+    assert "the bucket does not exist" in stderr, stderr
+    stderr = refusal(s3.env(), "--dataset", "d=s3://data/nothing-here")
+    assert "holds no .npy objects and no Zarr metadata" in stderr, stderr
+    stderr = refusal(s3.env(AWS_ENDPOINT_URL="http://127.0.0.1:9"), "--dataset", "d=s3://data/small",
+                     "--io-retries", "1", "--io-timeout", "2s")
+    assert "the endpoint is unreachable" in stderr and "--s3-endpoint" in stderr, stderr
+    assert s3.secret not in stderr
+
+
+def test_a_missing_chunk_object_fails_only_its_batches(tmp_path, s3, start_loader):
+    group = zarr.open_group(tmp_path / "holes.zarr", mode="w", zarr_format=3)
+    group.create_array("x", shape=(40, 3), chunks=(10, 3), dtype="int32")[:] = np.arange(120).reshape(40, 3)
+    s3.upload_dir(tmp_path / "holes.zarr", "holes.zarr")
+    s3.client.delete_object(Bucket="data", Key="holes.zarr/x/c/2/0")
+    loader = start_loader({"h": "s3://data/holes.zarr"}, env=s3.env())
+    result = subprocess.run([binary("trainer-client"), "stream", "--loader", loader.addr, "--dataset", "h",
+                             "--batch-size", "10", "--shuffle", "block"], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "chunk x/c/2/0 is missing" in result.stderr and "rows 20..30" in result.stderr, result.stderr
+    # The loader lives on: it answers, and fails the same batch again the same way.
+    assert loader.proc.poll() is None
+    assert conveyor.datasets([loader.addr])["h"].num_samples == 40
+    with pytest.raises(conveyor.BatchError, match="rows 20..30"):
+        list(conveyor.StreamingDataset([loader.addr], "h", batch_size=10, shuffle="none"))
+
+
+class Nginx:
+    """nginx serving `root` with range requests and WebDAV listings (PROPFIND), as a static file
+    server would serve a dataset."""
+
+    def __init__(self, root, tmp):
+        self.port = free_port()
+        conf = os.path.join(tmp, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write(f"""
+load_module /usr/lib/nginx/modules/ngx_http_dav_ext_module.so;
+user root;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log;
+events {{}}
+http {{
+  access_log {tmp}/access.log;
+  server {{
+    listen 127.0.0.1:{self.port};
+    root {root};
+    location / {{ dav_ext_methods PROPFIND OPTIONS; }}
+  }}
+}}
+""")
+        self.proc = subprocess.Popen(["nginx", "-c", conf], stderr=subprocess.PIPE, text=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nginx exited: {self.proc.stderr.read()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.05)  # polling for the port, bounded by the deadline
+        raise RuntimeError("nginx did not listen within 30 s")
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+class FaultProxy:
+    """An HTTP proxy in front of `backend` that answers some requests itself: `fault(n, method,
+    path, range)` (n counts requests, range is the Range header) returns None (forward), a status such as "500" or "503" (an injected server error) or
+    "reset" (the connection closed with a TCP reset)."""
+
+    def __init__(self, backend, fault):
+        proxy = self
+        self.faults = 0
+        self.count = 0
+        self.lock = threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def handle_any(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
+                with proxy.lock:
+                    proxy.count += 1
+                    verdict = fault(proxy.count, self.command, self.path, self.headers.get("Range"))
+                    proxy.faults += verdict is not None
+                if verdict == "reset":
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.close_connection = True
+                    self.connection.close()
+                    return
+                if verdict is not None:
+                    message = b"injected failure"
+                    self.send_response(int(verdict))
+                    self.send_header("Content-Length", str(len(message)))
+                    self.end_headers()
+                    self.wfile.write(message)
+                    return
+                upstream = http.client.HTTPConnection(*backend, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "keep-alive")}
+                upstream.request(self.command, self.path, body=body or None, headers=headers)
+                response = upstream.getresponse()
+                data = response.read()
+                self.send_response(response.status)
+                head = self.command == "HEAD"  # its Content-Length is the object's, with no body
+                for key, value in response.getheaders():
+                    skip = ("connection", "keep-alive", "transfer-encoding") + (() if head else ("content-length",))
+                    if key.lower() not in skip:
+                        self.send_header(key, value)
+                if not head:
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                upstream.close()
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = do_PROPFIND = handle_any
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def web(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+    server = Nginx(root, str(tmp_path))
+    yield root, server
+    server.stop()
+
+
+def write_chess(root, n=100, shard=50):
+    board = np.arange(n * 64, dtype="<i2").reshape(n, 8, 8)
+    (root / "chess").mkdir()
+    for i, start in enumerate(range(0, n, shard)):
+        np.save(root / "chess" / f"board-{i:05d}.npy", board[start:start + shard])
+    np.save(root / "chess" / "label.npy", np.arange(n, dtype=">i8"))
+    return board
+
+
+def test_http_servers_serve_npy_directories_and_zarr_groups(web, start_loader):
+    root, server = web
+    board = write_chess(root)
+    eeg = xr.Dataset({"eeg": (("window", "channel"), np.random.default_rng(3).standard_normal((70, 4)))},
+                     coords={"channel": ["a", "b", "c", "d"]})
+    eeg.to_zarr(root / "eeg.zarr", zarr_format=3, consolidated=True)
+    loader = start_loader({"c": f"{server.url}/chess", "e": f"{server.url}/eeg.zarr/"})
+    for shuffle in ("full", "block"):
+        index, got = epoch(loader, "c", shuffle, batch_size=12)
+        assert sorted(index.tolist()) == list(range(100)), shuffle
+        assert got["board"].tobytes() == board.tobytes() and np.array_equal(got["label"], np.arange(100))
+        index, got = epoch(loader, "e", shuffle, batch_size=12)
+        assert sorted(index.tolist()) == list(range(70)) and got["eeg"].tobytes() == eeg["eeg"].values.tobytes()
+
+
+def test_transient_500s_and_resets_are_retried_and_the_epoch_stays_exactly_once(web, start_loader):
+    root, server = web
+    board = write_chess(root, n=200, shard=64)
+    # After start-up, the first attempt of every 3rd distinct request gets a 500 and of every 7th
+    # a reset connection; a retry of it goes through (the failures are transient).
+    seen = set()
+
+    def transient(n, method, path, byte_range):
+        if n <= 10 or (method, path, byte_range) in seen:
+            return None
+        seen.add((method, path, byte_range))
+        return "500" if len(seen) % 3 == 0 else "reset" if len(seen) % 7 == 0 else None
+
+    proxy = FaultProxy(("127.0.0.1", server.port), transient)
+    try:
+        loader = start_loader({"c": f"{proxy.url}/chess"}, "--io-retries", "6", "--io-timeout", "5s")
+        for shuffle in ("full", "block"):
+            index, got = epoch(loader, "c", shuffle, batch_size=16)
+            assert sorted(index.tolist()) == list(range(200)), shuffle
+            assert got["board"].tobytes() == board.tobytes(), shuffle
+        assert proxy.faults >= 10, f"only {proxy.faults} faults were injected"
+    finally:
+        proxy.stop()
+
+
+def test_a_read_that_keeps_failing_fails_only_the_batches_that_need_it(web, start_loader):
+    root, server = web
+    write_chess(root, n=100, shard=50)
+    ranged_get = lambda method, path: method == "GET" and path.endswith("board-00001.npy")
+    proxy = FaultProxy(("127.0.0.1", server.port), lambda n, method, path, _: "500" if ranged_get(method, path) and n > 8 else None)
+    try:
+        loader = start_loader({"c": f"{proxy.url}/chess"}, "--io-retries", "1", "--io-timeout", "2s")
+        result = subprocess.run([binary("trainer-client"), "stream", "--loader", loader.addr, "--dataset", "c",
+                                 "--batch-size", "10", "--shuffle", "none"], capture_output=True, text=True, timeout=120)
+        assert result.returncode != 0
+        assert "board-00001.npy" in result.stderr and "500" in result.stderr, result.stderr
+        assert "dataset 'c', field 'board'" in result.stderr, result.stderr
+        assert loader.proc.poll() is None, "the loader goes on"
+        # The first shard's batches are served: the first 5 batches arrive before the failure.
+        ds = conveyor.StreamingDataset([loader.addr], "c", batch_size=10, shuffle="none", prefetch=1)
+        assert conveyor.datasets([loader.addr])["c"].num_samples == 100
+        with pytest.raises(conveyor.BatchError, match="board-00001.npy"):
+            list(ds)
+    finally:
+        proxy.stop()
+
+
+class MotoNoAuth(Moto):
+    """moto without authentication, restartable on the same port (its objects are lost)."""
+
+    def __init__(self, tmp, port=0):
+        super().__init__(tmp, port)
+        self.client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                                   aws_access_key_id="x", aws_secret_access_key="y")
+
+    def upload(self, local, prefix):
+        self.client.create_bucket(Bucket="data")
+        for name in sorted(os.listdir(local)):
+            self.client.upload_file(os.path.join(local, name), "data", f"{prefix}/{name}")
+
+
+def test_the_s3_server_killed_and_restarted_mid_epoch_still_delivers_the_epoch_exactly_once(tmp_path, start_loader):
+    board = write_chess(tmp_path, n=400, shard=100)
+    server = MotoNoAuth(str(tmp_path))
+    server.upload(tmp_path / "chess", "chess")
+    # moto keeps its objects in memory: while it is down and being filled again, the proxy in
+    # front of it answers 503 as a load balancer would (connection errors come through as resets).
+    restarting = threading.Event()
+    proxy = FaultProxy(("127.0.0.1", server.port), lambda n, method, path, _: "503" if restarting.is_set() else None)
+    env = {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "AWS_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": proxy.url}
+    try:
+        loader = start_loader({"c": "s3://data/chess"}, "--io-retries", "10", "--io-timeout", "3s", env=env)
+        ds = conveyor.StreamingDataset([loader.addr], "c", batch_size=20, shuffle="full", seed=1, prefetch=1)
+        batches = []
+        for batch in ds:
+            batches.append(batch)
+            if len(batches) == 3:
+                restarting.set()
+                server.kill()
+                server = MotoNoAuth(str(tmp_path), port=server.port)
+                server.upload(tmp_path / "chess", "chess")
+                restarting.clear()
+        index = np.concatenate([b["__index__"] for b in batches])
+        assert sorted(index.tolist()) == list(range(400)), "exactly once across the restart"
+        got = np.concatenate([b["board"] for b in batches])
+        assert got.tobytes() == board[index].tobytes()
+        assert proxy.faults > 0, "requests arrived while the server was down"
+    finally:
+        proxy.stop()
+        server.kill()
+
+
+def test_the_disk_cache_serves_later_epochs_and_restarts_and_refetches_a_damaged_entry(web, tmp_path, start_loader):
+    root, server = web
+    board = write_chess(root, n=300, shard=100)
+    eeg = xr.Dataset({"eeg": (("window", "channel"), np.random.default_rng(4).standard_normal((90, 8)))})
+    eeg.to_zarr(root / "eeg.zarr", zarr_format=3, consolidated=True, encoding={"eeg": {"chunks": (10, 8)}})
+    proxy = FaultProxy(("127.0.0.1", server.port), lambda *_: None)  # counts requests
+    cache = tmp_path / "cache"
+    datasets = {"c": f"{proxy.url}/chess", "e": f"{proxy.url}/eeg.zarr"}
+    flags = ("--disk-cache", cache, "--chunk-cache-bytes", 0)
+
+    def both_epochs(loader, seed):
+        for name, shuffle, want in (("c", "full", board), ("e", "block", eeg["eeg"].values)):
+            index, got = epoch(loader, name, shuffle, batch_size=16, seed=seed)
+            assert sorted(index.tolist()) == list(range(len(want))), name
+            field = "board" if name == "c" else "eeg"
+            assert got[field].tobytes() == want.tobytes(), name
+
+    def requests_of_a_fresh_loader(seed):
+        """Store requests of a loader started on the cache and run through both datasets."""
+        before = proxy.count
+        loader = start_loader(datasets, *flags)
+        both_epochs(loader, seed)
+        loader.stop()
+        return proxy.count - before
+
+    try:
+        metrics_addr = f"127.0.0.1:{free_port()}"
+        loader = start_loader(datasets, *flags, "--metrics-listen", metrics_addr)
+        both_epochs(loader, seed=1)
+        warm = proxy.count
+        both_epochs(loader, seed=2)
+        assert proxy.count == warm, "a second epoch is served without touching the store"
+        assert metric(metrics(metrics_addr), "conveyor_loader_disk_cache_hit_bytes_total", dataset="c") >= board.nbytes
+        stderr = refusal({}, "--dataset", f"c={proxy.url}/chess", "--disk-cache", cache)
+        assert "is in use by another loader" in stderr, stderr
+        loader.stop()
+
+        # A restarted loader finds the entries: only start-up metadata requests reach the store.
+        intact = requests_of_a_fresh_loader(seed=3)
+        # One entry truncated: it fails its check and exactly it is fetched again.
+        entry = sorted(cache.glob("*.entry"), key=lambda p: p.stat().st_size)[-1]
+        with open(entry, "r+b") as f:
+            f.truncate(entry.stat().st_size - 1)
+        assert requests_of_a_fresh_loader(seed=4) == intact + 1
+        assert requests_of_a_fresh_loader(seed=5) == intact
+    finally:
+        proxy.stop()
+
+
+def test_the_disk_cache_stays_within_its_budget(web, tmp_path, start_loader):
+    root, server = web
+    board = write_chess(root, n=3000, shard=1000)  # 384 KiB of boards in 3 objects
+    cache = tmp_path / "cache"
+    loader = start_loader({"c": f"{server.url}/chess"}, "--disk-cache", cache, "--disk-cache-bytes", 300 << 10)
+    index, got = epoch(loader, "c", "full", batch_size=100)
+    assert sorted(index.tolist()) == list(range(3000)) and got["board"].tobytes() == board.tobytes()
+    held = sum(p.stat().st_size for p in cache.glob("*.entry"))
+    assert 0 < held <= (300 << 10) + 4096, f"{held} bytes in the cache"
