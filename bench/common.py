@@ -74,6 +74,15 @@ def conveyor_run(addrs, dataset, stats_path, extra):
         return json.load(f)
 
 
+def write_markdown(out, name, lines):
+    """Writes OUT/NAME.md from `lines` and prints it."""
+    text = "\n".join(lines)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+
+
 def summary(values):
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 

@@ -28,7 +28,7 @@ import boto3
 import numpy as np
 import zarr
 
-from common import AnonSampler, conveyor_run, start_loader, summary
+from common import AnonSampler, conveyor_run, start_loader, summary, write_markdown
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE = (3, 64, 64)  # uint8, 12 KiB a sample
@@ -286,10 +286,7 @@ def main():
         f"store requests during the warm epoch: images {result['warm_requests']['images']}, EEG "
         f"{result['warm_requests']['eeg']}.",
     ]
-    table = "\n".join(lines)
-    with open(os.path.join(args.out, "object_storage.md"), "w") as f:
-        f.write(table + "\n")
-    print(table)
+    write_markdown(args.out, "object_storage", lines)
 
 
 if __name__ == "__main__":

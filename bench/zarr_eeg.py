@@ -17,7 +17,7 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
-from common import AnonSampler, ROOT, conveyor_run, start_loader, summary
+from common import AnonSampler, ROOT, conveyor_run, start_loader, summary, write_markdown
 
 SHAPE = (129, 200)
 CHUNK = 64
@@ -118,10 +118,7 @@ def main():
     ratio = f"{result['block_vs_npy']:.2f}" if result["block_vs_npy"] else "n/a"
     lines += ["", f"Zarr block shuffle / npy full shuffle (median samples/s): {ratio}; "
               f"anonymous RSS bound: cache {args.cache_mib} MiB + 128 MiB = {args.cache_mib + 128} MiB"]
-    table = "\n".join(lines)
-    with open(os.path.join(args.out, "zarr_eeg.md"), "w") as f:
-        f.write(table + "\n")
-    print(table)
+    write_markdown(args.out, "zarr_eeg", lines)
 
 
 if __name__ == "__main__":

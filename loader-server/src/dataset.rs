@@ -19,6 +19,7 @@ use std::{
 use conveyor_proto::{
     DType,
     v1::{CoordinateInfo, DatasetInfo, FieldInfo},
+    wire::{OutgoingTensor, Piece},
 };
 
 use crate::{
@@ -103,77 +104,90 @@ pub struct Field {
 }
 
 impl Field {
-    /// Copies the rows `indices` (all `< num_samples`) into `out`, converted to little-endian.
-    /// Returns the bytes read from storage for this call (0 for local `.npy`, the bytes fetched
-    /// for remote `.npy`, cache misses for Zarr).
-    fn gather_into(&self, indices: &[u64], out: &mut Vec<u8>, cache: &ChunkCache) -> Result<u64, (u64, String)> {
+    /// Appends the rows `indices` (all `< num_samples`) to `tensor` as runs into the buffers that
+    /// hold them: the shards' maps, decoded chunks, ranges fetched from a store. Nothing is copied
+    /// here; the rows are copied once, when the tensor is encoded (or materialised for a
+    /// transform). Chunks or fetched ranges that would pin more bytes than the rows themselves
+    /// are copied out instead, so a batch never holds more than its budget counts (module docs).
+    /// Returns the bytes read from storage (0 for local `.npy`, the bytes fetched for remote
+    /// `.npy`, cache misses for Zarr).
+    fn select_into(
+        &self,
+        indices: &[u64],
+        tensor: &mut OutgoingTensor,
+        cache: &ChunkCache,
+    ) -> Result<u64, (u64, String)> {
         let row = self.bytes_per_sample;
-        out.reserve_exact(indices.len() * row);
         match &self.source {
             Source::Npy { shards, shard_starts } => {
                 let shard_of = |index: u64| {
                     if shards.len() == 1 { 0 } else { shard_starts.partition_point(|&start| start <= index) - 1 }
                 };
                 if matches!(shards[0].data, ShardData::Remote { .. }) {
-                    return self.gather_remote(indices, out, shards, &shard_of);
+                    let fetched = self.select_remote(indices, tensor, shards, shard_starts, &shard_of)?;
+                    pin_or_compact(tensor);
+                    return Ok(fetched);
                 }
                 // Each shard a batch touches is checked once, before any of its rows is read: a
                 // file truncated under its map would raise SIGBUS instead of failing the batch.
-                let mut checked = vec![false; shards.len()];
+                let mut pieces: Vec<Option<u32>> = vec![None; shards.len()];
                 for &index in indices {
                     let shard_index = shard_of(index);
                     let shard = &shards[shard_index];
                     let ShardData::Mapped(map) = &shard.data else { unreachable!("a field's shards are all mapped") };
-                    if !checked[shard_index] {
-                        map.check().map_err(|reason| (index, reason))?;
-                        checked[shard_index] = true;
-                    }
+                    let piece = match pieces[shard_index] {
+                        Some(piece) => piece,
+                        None => {
+                            map.check().map_err(|reason| (index, reason))?;
+                            let piece = tensor.add_piece(Piece { bytes: map.shared(), big_endian: shard.big_endian });
+                            pieces[shard_index] = Some(piece);
+                            piece
+                        }
+                    };
                     let local = (index - shard_starts[shard_index]) as usize;
-                    let start = shard.data_offset + local * row;
-                    let begin = out.len();
-                    out.extend_from_slice(&map[start..start + row]);
-                    if shard.big_endian {
-                        swap_bytes(&mut out[begin..], self.dtype.size_bytes());
-                    }
+                    tensor.push(piece, shard.data_offset + local * row, row);
                 }
+                prefault(tensor);
                 Ok(0)
             }
             Source::Zarr(zarr) => {
                 let mut decoded = 0;
-                let mut current: Option<(u64, Arc<Vec<u8>>)> = None;
+                let mut current: Option<(u64, u32)> = None;
                 for &index in indices {
                     let block = index / zarr.block_len;
-                    let data = match &current {
-                        Some((b, data)) if *b == block => data.clone(),
+                    let piece = match current {
+                        Some((b, piece)) if b == block => piece,
                         _ => {
                             let (data, bytes) = cache
                                 .get_or_decode((self.id, block), || zarr.decode_block(block))
                                 .map_err(|reason| (block, reason))?;
                             decoded += bytes;
-                            current = Some((block, data.clone()));
-                            data
+                            let piece = tensor.add_piece(Piece { bytes: shared_block(data), big_endian: false });
+                            current = Some((block, piece));
+                            piece
                         }
                     };
                     let start = (index - block * zarr.block_len) as usize * row;
-                    out.extend_from_slice(&data[start..start + row]);
+                    tensor.push(piece, start, row);
                 }
+                pin_or_compact(tensor);
                 Ok(decoded)
             }
         }
     }
 
-    /// Gathers rows of remote shards: the rows' byte ranges sorted, adjacent ones merged into one
+    /// Selects rows of remote shards: the rows' byte ranges sorted, adjacent ones merged into one
     /// GET, every GET of the batch in flight at once (within `--io-concurrency`), then the rows
-    /// copied into `out` in the order asked. Returns the bytes fetched (what read amplification
-    /// is counted against).
-    fn gather_remote(
+    /// appended in the order asked as runs into the fetched ranges. Returns the bytes fetched
+    /// (what read amplification is counted against).
+    fn select_remote(
         &self,
         indices: &[u64],
-        out: &mut Vec<u8>,
+        tensor: &mut OutgoingTensor,
         shards: &[Shard],
+        shard_starts: &[u64],
         shard_of: &dyn Fn(u64) -> usize,
     ) -> Result<u64, (u64, String)> {
-        let Some(Source::Npy { shard_starts, .. }) = Some(&self.source) else { unreachable!("npy source") };
         let row = self.bytes_per_sample;
         // (shard, byte offset, position in the batch), in storage order.
         let mut wanted: Vec<(usize, u64, usize)> = indices
@@ -186,8 +200,8 @@ impl Field {
             })
             .collect();
         wanted.sort_unstable();
-        let begin = out.len();
-        out.resize(begin + indices.len() * row, 0);
+        // Where each row of the batch is: (piece, offset in it).
+        let mut placed_rows = vec![(0u32, 0usize); indices.len()];
         let mut fetched = 0;
         let mut first = 0;
         while first < wanted.len() {
@@ -202,28 +216,29 @@ impl Field {
             let index_of = |w: &(usize, u64, usize)| indices[w.2];
             let parts = storage.read_ranges(object, *size, &ranges).map_err(|reason| (index_of(&group[0]), reason))?;
             fetched += parts.iter().map(|p| p.len() as u64).sum::<u64>();
+            let big_endian = shards[shard_index].big_endian;
+            let pieces: Vec<u32> =
+                parts.iter().map(|part| tensor.add_piece(Piece { bytes: part.clone(), big_endian })).collect();
             for (w, (range, offset)) in group.iter().zip(placed) {
-                let part = &parts[range];
-                let Some(bytes) = part.get(offset..offset + row) else {
+                if parts[range].len() < offset + row {
                     return Err((
                         index_of(w),
                         format!(
                             "{}/{object} returned {} bytes for bytes {}..{}; the object is shorter than its header \
                              says (rewrite it)",
                             storage.url(),
-                            part.len(),
+                            parts[range].len(),
                             ranges[range].start,
                             ranges[range].end
                         ),
                     ));
-                };
-                let at = begin + w.2 * row;
-                out[at..at + row].copy_from_slice(bytes);
-                if shards[shard_index].big_endian {
-                    swap_bytes(&mut out[at..at + row], self.dtype.size_bytes());
                 }
+                placed_rows[w.2] = (pieces[range], offset);
             }
             first = last;
+        }
+        for (piece, offset) in placed_rows {
+            tensor.push(piece, offset, row);
         }
         Ok(fetched)
     }
@@ -241,11 +256,39 @@ impl Field {
     }
 }
 
-/// Reverses the bytes of each `width`-byte element (big-endian to little-endian).
-fn swap_bytes(bytes: &mut [u8], width: usize) {
-    for element in bytes.chunks_exact_mut(width) {
-        element.reverse();
+/// Copies a tensor's rows out of the chunks or fetched ranges it points into when those hold
+/// more bytes than the rows: a batch then keeps at most its own size pinned beyond the chunk
+/// cache, which its share of `--max-inflight-bytes` counts (as it counted the gathered copy).
+fn pin_or_compact(tensor: &mut OutgoingTensor) {
+    if tensor.pinned_bytes() > tensor.data_len() {
+        tensor.compact();
     }
+}
+
+/// Reads one byte of every page of a tensor's mapped rows, so that the page faults (disk reads
+/// for cold data) happen here, on a blocking thread, and not when the async runtime encodes it.
+fn prefault(tensor: &OutgoingTensor) {
+    const PAGE_BYTES: usize = 4096;
+    let mut sum = 0u8;
+    for run in tensor.run_slices() {
+        sum = run.iter().step_by(PAGE_BYTES).fold(sum, |acc, &b| acc.wrapping_add(b));
+        if let Some(&last) = run.last() {
+            sum = sum.wrapping_add(last);
+        }
+    }
+    std::hint::black_box(sum);
+}
+
+/// A decoded chunk shared with the cache, as the bytes a tensor's runs point into.
+fn shared_block(block: Arc<Vec<u8>>) -> Bytes {
+    /// Keeps the cache's buffer alive as long as the bytes.
+    struct SharedBlock(Arc<Vec<u8>>);
+    impl AsRef<[u8]> for SharedBlock {
+        fn as_ref(&self) -> &[u8] {
+            &self.0
+        }
+    }
+    Bytes::from_owner(SharedBlock(block))
 }
 
 /// A named set of fields with one sample count.
@@ -358,27 +401,38 @@ impl Dataset {
         self.fields.iter().map(|f| f.bytes_per_sample).sum()
     }
 
-    /// Gathers `indices` (already checked `< num_samples`) into one buffer per field, and
-    /// returns the bytes decoded from storage. Touches mapped pages and decodes chunks, so call
-    /// it off the async runtime.
+    /// Selects `indices` (already checked `< num_samples`) as one [`OutgoingTensor`] per field,
+    /// whose rows are copied when it is encoded, and returns the bytes decoded from storage.
+    /// Touches mapped pages, fetches ranges and decodes chunks, so call it off the async runtime.
     ///
     /// # Errors
     /// [`ReadError`] naming the dataset, field and chunk that could not be read.
-    pub fn gather(&self, indices: &[u64], cache: &ChunkCache) -> Result<(Vec<Vec<u8>>, u64), ReadError> {
+    pub fn select(&self, indices: &[u64], cache: &ChunkCache) -> Result<(Vec<OutgoingTensor>, u64), ReadError> {
         let mut decoded = 0;
-        let mut buffers = Vec::with_capacity(self.fields.len());
+        let mut tensors = Vec::with_capacity(self.fields.len());
         for field in &self.fields {
-            let mut out = Vec::new();
-            decoded += field.gather_into(indices, &mut out, cache).map_err(|(block, reason)| ReadError {
+            let shape = std::iter::once(indices.len() as u64).chain(field.sample_shape.iter().copied()).collect();
+            let mut tensor = OutgoingTensor::new(field.name.clone(), field.dtype, shape);
+            decoded += field.select_into(indices, &mut tensor, cache).map_err(|(block, reason)| ReadError {
                 dataset: self.name.clone(),
                 field: field.name.clone(),
                 first_row: block * field.chunk_len,
                 last_row: ((block + 1) * field.chunk_len).min(field.num_samples),
                 reason,
             })?;
-            buffers.push(out);
+            tensors.push(tensor);
         }
-        Ok((buffers, decoded))
+        Ok((tensors, decoded))
+    }
+
+    /// Gathers `indices` into one contiguous little-endian buffer per field (what transforms
+    /// take), and returns the bytes decoded from storage. Blocks like [`Dataset::select`].
+    ///
+    /// # Errors
+    /// As [`Dataset::select`].
+    pub fn gather(&self, indices: &[u64], cache: &ChunkCache) -> Result<(Vec<Vec<u8>>, u64), ReadError> {
+        let (tensors, decoded) = self.select(indices, cache)?;
+        Ok((tensors.iter().map(OutgoingTensor::to_vec).collect(), decoded))
     }
 
     /// Wire description, given the server's per-batch sample limit.

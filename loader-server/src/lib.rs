@@ -23,7 +23,7 @@ pub mod zarr;
 
 use std::{future::Future, path::Path, sync::Arc};
 
-use conveyor_proto::v1::loader_server::LoaderServer;
+use conveyor_proto::v1_gather::loader_server::LoaderServer;
 use tokio::{net::TcpListener, sync::watch};
 use tonic::{
     service::interceptor::InterceptedService,

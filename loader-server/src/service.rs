@@ -12,9 +12,10 @@ use std::{
 };
 
 use bytes::Bytes;
-use conveyor_proto::v1::{
-    BatchRequest, BatchResponse, DatasetInfo, DescribeDatasetRequest, ListDatasetsRequest, ListDatasetsResponse,
-    Tensor, loader_server::Loader,
+use conveyor_proto::{
+    v1::{BatchRequest, BatchResponse, DatasetInfo, DescribeDatasetRequest, ListDatasetsRequest, ListDatasetsResponse},
+    v1_gather::loader_server::Loader,
+    wire::{OutgoingBatch, OutgoingTensor},
 };
 use futures::{Stream, StreamExt, stream::FuturesUnordered};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
@@ -22,7 +23,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
     auth::Tokens,
-    budget::{BudgetPermit, FairBudget},
+    budget::FairBudget,
     cache::ChunkCache,
     config::Config,
     connection::{CallGuard, ConnInfo},
@@ -112,8 +113,17 @@ impl Served {
     }
 }
 
-/// A response ready to send, holding its share of the in-flight byte budget until tonic takes it.
-type Outgoing = (BatchResponse, Option<BudgetPermit>);
+/// A response ready to send. Its rows are copied into the outgoing buffer when tonic encodes
+/// it; until then it holds its share of the in-flight byte budget ([`OutgoingBatch::hold`]).
+type Outgoing = OutgoingBatch;
+
+/// A batch's rows before they are answered.
+enum Rows {
+    /// Selected in place (a stored dataset): copied once, as the response is encoded.
+    Selected(Vec<OutgoingTensor>),
+    /// Gathered into one buffer per field (the input or output of a transform).
+    Gathered(Vec<Vec<u8>>),
+}
 
 /// Shared state of all streams of one loader.
 #[derive(Debug)]
@@ -257,8 +267,8 @@ impl LoaderState {
             (indices, result)
         })
         .await;
-        let (indices, buffers, decoded_bytes) = match gathered {
-            Ok((indices, Ok((buffers, decoded)))) => (indices, buffers, decoded),
+        let (indices, rows, decoded_bytes) = match gathered {
+            Ok((indices, Ok((rows, decoded)))) => (indices, rows, decoded),
             Ok((indices, Err(error))) => {
                 tracing::error!(batch_id, %error, "a chunk could not be read; failing this batch only");
                 return self.refuse(batch_id, indices, RequestError::from(error));
@@ -273,48 +283,44 @@ impl LoaderState {
                 return self.refuse(batch_id, Vec::new(), error);
             }
         };
-        let buffers = match served.transform() {
-            Some(Transform::Python(pool)) => {
+        let rows = match (served.transform(), rows) {
+            (Some(Transform::Python(pool)), Rows::Gathered(buffers)) => {
                 let started = std::time::Instant::now();
                 let result = pool.run(buffers, indices.clone(), seed, epoch).await;
                 self.stats.record_transform(served.name(), started.elapsed());
                 match transformed(&served, pool, &indices, result) {
-                    Ok(buffers) => buffers,
+                    Ok(buffers) => Rows::Gathered(buffers),
                     Err(error) => {
                         tracing::warn!(batch_id, %error, "transform failed; failing this batch only");
                         return self.refuse(batch_id, indices, error);
                     }
                 }
             }
-            _ => buffers,
+            (_, rows) => rows,
         };
-        (self.respond(&served, batch_id, indices, buffers, decoded_bytes), Some(budget))
+        let mut outgoing = self.respond(&served, batch_id, indices, rows, decoded_bytes);
+        outgoing.hold = Some(Box::new(budget));
+        outgoing
     }
 
-    /// The answer carrying a gathered batch.
-    fn respond(
-        &self,
-        served: &Served,
-        batch_id: u64,
-        indices: Vec<u64>,
-        buffers: Vec<Vec<u8>>,
-        decoded_bytes: u64,
-    ) -> BatchResponse {
+    /// The answer carrying a batch's rows.
+    fn respond(&self, served: &Served, batch_id: u64, indices: Vec<u64>, rows: Rows, decoded_bytes: u64) -> Outgoing {
         let batch = indices.len() as u64;
-        let bytes = buffers.iter().map(|b| b.len() as u64).sum();
-        let tensors = served
-            .schema()
-            .iter()
-            .zip(buffers)
-            .map(|(field, data)| Tensor {
-                field: field.name.clone(),
-                dtype: field.dtype as i32,
-                shape: std::iter::once(batch).chain(field.sample_shape.iter().copied()).collect(),
-                data: Bytes::from(data),
-            })
-            .collect();
-        self.stats.record_batch(served.name(), bytes, decoded_bytes);
-        BatchResponse { batch_id, indices, tensors, error: None, decoded_bytes }
+        let tensors = match rows {
+            Rows::Selected(tensors) => tensors,
+            Rows::Gathered(buffers) => served
+                .schema()
+                .iter()
+                .zip(buffers)
+                .map(|(field, data)| {
+                    let shape = std::iter::once(batch).chain(field.sample_shape.iter().copied()).collect();
+                    OutgoingTensor::owned(field.name.clone(), field.dtype, shape, Bytes::from(data))
+                })
+                .collect(),
+        };
+        let outgoing = OutgoingBatch { batch_id, indices, tensors, error: None, decoded_bytes, hold: None };
+        self.stats.record_batch(served.name(), outgoing.data_len() as u64, decoded_bytes);
+        outgoing
     }
 
     /// Serves one request on the calling thread with the same checks and gather as a stream,
@@ -325,41 +331,47 @@ impl LoaderState {
         let BatchRequest { batch_id, indices, seed, epoch, .. } = request;
         let (served, _) = match checked {
             Ok(ok) => ok,
-            Err(error) => return self.refuse(batch_id, indices, error).0,
+            Err(error) => return self.refuse(batch_id, indices, error).to_response(),
         };
-        let (buffers, decoded) = match self.gather_blocking(&served, &indices, seed, epoch) {
+        let (rows, decoded) = match self.gather_blocking(&served, &indices, seed, epoch) {
             Ok(ok) => ok,
-            Err(error) => return self.refuse(batch_id, indices, RequestError::from(error)).0,
+            Err(error) => return self.refuse(batch_id, indices, RequestError::from(error)).to_response(),
         };
-        let buffers = match served.transform() {
-            Some(Transform::Python(pool)) => {
+        let rows = match (served.transform(), rows) {
+            (Some(Transform::Python(pool)), Rows::Gathered(buffers)) => {
                 let result = pool.run_blocking(buffers, indices.clone(), seed, epoch);
                 match transformed(&served, pool, &indices, result) {
-                    Ok(buffers) => buffers,
-                    Err(error) => return self.refuse(batch_id, indices, error).0,
+                    Ok(buffers) => Rows::Gathered(buffers),
+                    Err(error) => return self.refuse(batch_id, indices, error).to_response(),
                 }
             }
-            _ => buffers,
+            (_, rows) => rows,
         };
-        self.respond(&served, batch_id, indices, buffers, decoded)
+        self.respond(&served, batch_id, indices, rows, decoded).to_response()
     }
 
-    /// Gathers the source rows of `indices` and runs a built-in pipeline over them (CPU work
-    /// like the gather, so it runs on the same thread); returns the buffers and the bytes
-    /// decoded from storage. Blocks: call it off the async runtime.
+    /// Selects the rows of `indices` for a stored dataset; for a derived one, gathers the source
+    /// rows and runs a built-in pipeline over them (CPU work like the gather, so it runs on the
+    /// same thread). Returns the rows and the bytes decoded from storage. Blocks: call it off the
+    /// async runtime.
     fn gather_blocking(
         &self,
         served: &Served,
         indices: &[u64],
         seed: u64,
         epoch: u64,
-    ) -> Result<(Vec<Vec<u8>>, u64), ReadError> {
-        let (buffers, decoded) = served.source().gather(indices, &self.cache)?;
-        let Some(Transform::Pipeline(pipeline)) = served.transform() else { return Ok((buffers, decoded)) };
+    ) -> Result<(Rows, u64), ReadError> {
+        let source = served.source();
+        let Some(transform) = served.transform() else {
+            let (tensors, decoded) = source.select(indices, &self.cache)?;
+            return Ok((Rows::Selected(tensors), decoded));
+        };
+        let (buffers, decoded) = source.gather(indices, &self.cache)?;
+        let Transform::Pipeline(pipeline) = transform else { return Ok((Rows::Gathered(buffers), decoded)) };
         let started = std::time::Instant::now();
         let out = pipeline.apply(buffers, indices, seed, epoch);
         self.stats.record_transform(served.name(), started.elapsed());
-        Ok((out, decoded))
+        Ok((Rows::Gathered(out), decoded))
     }
 }
 
@@ -393,14 +405,14 @@ impl LoaderState {
     /// The answer to a request that cannot be served; the stream carries on.
     fn refuse(&self, batch_id: u64, indices: Vec<u64>, error: RequestError) -> Outgoing {
         self.stats.record_error(&error);
-        let response = BatchResponse {
+        OutgoingBatch {
             batch_id,
             indices,
             tensors: Vec::new(),
             error: Some(error.to_batch_error()),
             decoded_bytes: 0,
-        };
-        (response, None)
+            hold: None,
+        }
     }
 }
 
@@ -464,10 +476,10 @@ async fn serve_stream(
                 }
             },
             Some(outgoing) = assembling.next(), if !assembling.is_empty() => {
-                match &outgoing.0.error {
+                match &outgoing.error {
                     None => {
                         num_batches += 1;
-                        num_bytes += outgoing.0.tensors.iter().map(|t| t.data.len() as u64).sum::<u64>();
+                        num_bytes += outgoing.data_len() as u64;
                     }
                     Some(_) => num_refused += 1,
                 }
@@ -652,7 +664,8 @@ impl Outbox {
     }
 }
 
-/// The response stream tonic polls; the budget of a response is released as tonic takes it.
+/// The response stream tonic polls; the budget of a response is released once tonic has encoded
+/// it (copied its rows into the outgoing buffer).
 struct OutboxStream(Arc<Outbox>);
 
 impl Drop for OutboxStream {
@@ -669,7 +682,7 @@ impl Drop for OutboxStream {
 }
 
 impl Stream for OutboxStream {
-    type Item = Result<BatchResponse, Status>;
+    type Item = Result<Outgoing, Status>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let mut state = self.0.lock();
@@ -682,7 +695,7 @@ impl Stream for OutboxStream {
                         self.0.emptied.notify_waiters();
                     }
                 }
-                Poll::Ready(Some(item.map(|(response, _budget)| response)))
+                Poll::Ready(Some(item))
             }
             Poll::Ready(None) => Poll::Ready(state.ending.take().map(Err)),
             Poll::Pending => Poll::Pending,
@@ -690,7 +703,7 @@ impl Stream for OutboxStream {
     }
 }
 
-type BatchStream = Pin<Box<dyn Stream<Item = Result<BatchResponse, Status>> + Send>>;
+type BatchStream = Pin<Box<dyn Stream<Item = Result<Outgoing, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Loader for LoaderService {

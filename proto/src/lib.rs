@@ -8,6 +8,15 @@ pub mod v1 {
     tonic::include_proto!("conveyor.v1");
 }
 
+/// The loader's side of `conveyor.v1.Loader`: the same service as [`v1::loader_server`], except
+/// that `StreamBatches` answers with [`wire::OutgoingBatch`] through [`wire::GatherCodec`].
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod v1_gather {
+    include!(concat!(env!("OUT_DIR"), "/server/conveyor.v1.rs"));
+}
+
+pub mod wire;
+
 pub use v1::Dtype as DType;
 
 /// Every concrete element type, in wire order.

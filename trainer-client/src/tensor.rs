@@ -5,10 +5,18 @@
 //! `uint64` has no wider signed type and is refused with an error naming the field — store such
 //! fields as `int64`.
 //!
-//! Copies: on CPU, one copy from the received message into the tensor. With CUDA, that tensor
-//! is copied into page-locked memory from libtorch's caching host allocator and from there to
-//! the device asynchronously; the allocator reuses a block only once its copy has finished, so
-//! page-locked memory stays bounded by the batches whose copies are in flight.
+//! Copies: [`TensorConverter::convert_shared`] (what `stream --tensors` and `train` use) makes a
+//! CPU tensor over the received message itself (`at::from_blob` with a deleter that drops the
+//! message's bytes when libtorch frees the tensor): no copy. [`TensorConverter::convert`] copies
+//! once, into memory the tensor owns; so do both for the widened types and for data that is not
+//! aligned to its element size. With CUDA, the tensor is copied into page-locked memory from
+//! libtorch's caching host allocator and from there to the device asynchronously; the allocator
+//! reuses a block only once its copy has finished, so page-locked memory stays bounded by the
+//! batches whose copies are in flight.
+
+// The unsafe code of this module: the copy into a fresh tensor, and the tensors that share a
+// received batch's bytes (an FFI call to csrc/owned_blob.cpp and its deleter).
+#![allow(unsafe_code)]
 
 use conveyor_proto::DType;
 use tch::{Device, Kind, Tensor};
@@ -118,6 +126,35 @@ impl TensorConverter {
             .collect::<Result<_, _>>()?;
         Ok(TensorBatch { indices: batch.indices.clone(), fields })
     }
+
+    /// The batch's fields as tensors on the device, CPU tensors sharing the received bytes
+    /// instead of copying them (see the module docs; a field that cannot be shared is copied).
+    ///
+    /// # Safety
+    /// libtorch tensors are writable, and these ones write into the batch's received bytes. The
+    /// caller must not read those bytes through another handle (a clone of the batch or of a
+    /// field's `data`) while an in-place operation writes to the tensors. Holding no such clone,
+    /// as the `stream` and `train` commands do, satisfies this.
+    ///
+    /// # Errors
+    /// As [`TensorConverter::convert`].
+    pub unsafe fn convert_shared(&self, batch: Batch) -> Result<TensorBatch, TensorError> {
+        let Batch { indices, fields, .. } = batch;
+        let fields = fields
+            .into_iter()
+            .map(|field| {
+                let name = field.name.clone();
+                let tensor = if self.device == Device::Cpu {
+                    // SAFETY: the caller keeps the contract above.
+                    unsafe { shared_host_tensor(field) }
+                } else {
+                    device_tensor(&field, self.device)
+                };
+                tensor.map(|t| (name, t))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(TensorBatch { indices, fields })
+    }
 }
 
 fn shape_of(field: &FieldBatch) -> Vec<i64> {
@@ -161,11 +198,96 @@ pub fn host_tensor(field: &FieldBatch) -> Result<Tensor, TensorError> {
     // `kind`, which is `bytes.len()` bytes (the received length was checked above and widening
     // turns each value into exactly one of `kind`); nothing else references it yet, and `bytes`
     // is a separate allocation.
-    #[allow(unsafe_code)]
     unsafe {
         std::ptr::copy_nonoverlapping(bytes.as_ptr(), tensor.data_ptr().cast::<u8>(), bytes.len());
     }
     Ok(tensor)
+}
+
+/// A CPU tensor over the field's received bytes, which it keeps alive until libtorch frees it;
+/// [`host_tensor`] (a copy) for the widened types and data not aligned to its element size.
+///
+/// # Safety
+/// As [`TensorConverter::convert_shared`]: nothing else reads `field.data`'s bytes while the
+/// tensor is written in place.
+unsafe fn shared_host_tensor(field: FieldBatch) -> Result<Tensor, TensorError> {
+    let kind = kind_of(&field.name, field.dtype)?;
+    let element_bytes = field.dtype.size_bytes();
+    let widened = matches!(field.dtype, DType::Uint16 | DType::Uint32);
+    if widened || field.data.is_empty() || !(field.data.as_ptr() as usize).is_multiple_of(element_bytes) {
+        return host_tensor(&field);
+    }
+    let shape = shape_of(&field);
+    let expected = shape.iter().product::<i64>() as usize * element_bytes;
+    if field.data.len() != expected {
+        return Err(TensorError::Length { field: field.name, expected, got: field.data.len() });
+    }
+    let data = field.data.as_ptr().cast_mut().cast::<std::ffi::c_void>();
+    let owner = Box::into_raw(Box::new(field.data)).cast::<std::ffi::c_void>();
+    let mut error = [0u8; 512];
+    // SAFETY: `data` points to `expected` initialised bytes owned by `owner` (a boxed `Bytes`,
+    // whose heap buffer does not move when the box is made), aligned to the element size, in the
+    // layout of a contiguous `shape` tensor of `kind`; libtorch calls `release_bytes(owner)`
+    // exactly once, when the storage is freed, and only then are the bytes dropped. Writes
+    // through the tensor are the caller's contract. `error` outlives the call.
+    let tensor = unsafe {
+        let ptr = conveyor_tensor_of_owned_blob(
+            data,
+            shape.as_ptr(),
+            shape.len(),
+            scalar_type(kind),
+            owner,
+            release_bytes,
+            error.as_mut_ptr().cast(),
+            error.len(),
+        );
+        if ptr.is_null() {
+            drop(Box::from_raw(owner.cast::<bytes::Bytes>()));
+            let message = std::ffi::CStr::from_bytes_until_nul(&error).map(|m| m.to_string_lossy().into_owned());
+            return Err(TensorError::Torch {
+                field: field.name,
+                error: tch::TchError::Torch(message.unwrap_or_else(|_| "from_blob failed".into())),
+            });
+        }
+        Tensor::from_ptr(ptr.cast())
+    };
+    Ok(tensor)
+}
+
+/// libtorch's `c10::ScalarType` number of the kinds batches arrive as.
+fn scalar_type(kind: Kind) -> std::ffi::c_int {
+    match kind {
+        Kind::Uint8 => 0,
+        Kind::Int8 => 1,
+        Kind::Int16 => 2,
+        Kind::Int => 3,
+        Kind::Int64 => 4,
+        Kind::Half => 5,
+        Kind::Float => 6,
+        Kind::Double => 7,
+        Kind::Bool => 11,
+        other => unreachable!("kind_of never gives {other:?}"),
+    }
+}
+
+/// Drops the `Bytes` a shared tensor kept alive (libtorch's deleter; any thread).
+extern "C" fn release_bytes(owner: *mut std::ffi::c_void) {
+    // SAFETY: `owner` is the `Box<Bytes>` leaked in `shared_host_tensor`, released once.
+    drop(unsafe { Box::from_raw(owner.cast::<bytes::Bytes>()) });
+}
+
+unsafe extern "C" {
+    /// `csrc/owned_blob.cpp`.
+    fn conveyor_tensor_of_owned_blob(
+        data: *mut std::ffi::c_void,
+        dims: *const i64,
+        ndims: usize,
+        scalar_type: std::ffi::c_int,
+        owner: *mut std::ffi::c_void,
+        release: extern "C" fn(*mut std::ffi::c_void),
+        error: *mut std::ffi::c_char,
+        error_len: usize,
+    ) -> *mut std::ffi::c_void;
 }
 
 /// The field on `device`: copied into page-locked memory, then copied to the device
@@ -262,6 +384,70 @@ mod tests {
             error.to_string().contains("'int16' holds 5 bytes") && error.to_string().contains("need 12"),
             "{error}"
         );
+    }
+
+    /// Bytes that count how often they were dropped.
+    struct Counted(Vec<u8>, std::sync::Arc<std::sync::atomic::AtomicUsize>);
+    impl AsRef<[u8]> for Counted {
+        fn as_ref(&self) -> &[u8] {
+            &self.0
+        }
+    }
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    fn batch_of(fields: Vec<FieldBatch>) -> Batch {
+        Batch { index: 0, epoch: 0, indices: vec![0, 1], fields, decoded_bytes: 0 }
+    }
+
+    #[test]
+    fn shared_tensors_use_the_received_bytes_and_release_them_with_the_last_view() {
+        let dropped = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        // 2 x 3 float32, from an 8-aligned heap buffer (Vec<u8> of 24 bytes: malloc aligns to 16).
+        let values: Vec<u8> = [1.5f32, -2.0, 3.25, 0.0, 7.0, -0.5].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let data = Bytes::from_owner(Counted(values.clone(), dropped.clone()));
+        let ptr = data.as_ptr() as usize;
+        let batch = batch_of(vec![FieldBatch { name: "x".into(), dtype: DType::Float32, shape: vec![2, 3], data }]);
+        // SAFETY: the batch moves in and no clone of it exists.
+        let tensors = unsafe { TensorConverter::new(Device::Cpu).convert_shared(batch) }.expect("converts");
+        let tensor = tensors.get("x").expect("field x");
+        assert_eq!(tensor.data_ptr() as usize, ptr, "the tensor is the received bytes, not a copy");
+        assert_eq!(tensor_bytes(tensor), values);
+        let view = tensor.slice(0, 1, 2, 1);
+        drop(tensors);
+        assert_eq!(dropped.load(std::sync::atomic::Ordering::SeqCst), 0, "a view still holds the bytes");
+        assert_eq!(Vec::<f32>::try_from(view.flatten(0, -1)).expect("values"), vec![0.0, 7.0, -0.5]);
+        drop(view);
+        assert_eq!(dropped.load(std::sync::atomic::Ordering::SeqCst), 1, "released once, with the last view");
+    }
+
+    #[test]
+    fn shared_conversion_copies_what_it_cannot_share_and_matches_the_copy_for_every_dtype() {
+        for dtype in ALL_DTYPES.into_iter().filter(|&d| d != DType::Uint64) {
+            let size = dtype.size_bytes();
+            let data: Vec<u8> =
+                (0..6 * size as u8).map(|b| if dtype == DType::Bool { b % 2 } else { b.wrapping_mul(37) }).collect();
+            // One byte in, so multi-byte elements are misaligned and must be copied.
+            let mut padded = vec![0u8];
+            padded.extend_from_slice(&data);
+            for bytes in [Bytes::from(data.clone()), Bytes::from(padded).slice(1..)] {
+                let aligned = (bytes.as_ptr() as usize).is_multiple_of(size);
+                let ptr = bytes.as_ptr() as usize;
+                let field = FieldBatch { name: "f".into(), dtype, shape: vec![2, 3], data: bytes };
+                let want = host_tensor(&field).expect("copies");
+                // SAFETY: the batch moves in and no clone of it exists.
+                let tensors = unsafe { TensorConverter::new(Device::Cpu).convert_shared(batch_of(vec![field])) }
+                    .expect("converts");
+                let got = tensors.get("f").expect("field f");
+                assert_eq!((got.size(), got.kind()), (want.size(), want.kind()), "{dtype:?}");
+                assert_eq!(tensor_bytes(got), tensor_bytes(&want), "{dtype:?}");
+                let shared = aligned && !matches!(dtype, DType::Uint16 | DType::Uint32);
+                assert_eq!(got.data_ptr() as usize == ptr, shared, "{dtype:?} aligned={aligned}");
+            }
+        }
     }
 
     #[test]

@@ -138,7 +138,8 @@ async fn cuda_tensors_hold_exactly_the_received_bytes_while_copies_queue_behind_
     let data = tempfile::tempdir().expect("tempdir");
     demo::write_chess_dataset(data.path(), SAMPLES, 8_000).expect("demo data");
     let loader = loader(data.path()).await;
-    let loaders = Loaders::connect(&[loader.addr.clone()], StreamOptions::default()).await.expect("connects");
+    let loaders =
+        Loaders::connect(std::slice::from_ref(&loader.addr), StreamOptions::default()).await.expect("connects");
     let spec = full_shuffle(256, 1);
     let mut epoch = loaders.epoch("chess", spec, 0).expect("epoch");
     let converter = TensorConverter::new(device);

@@ -119,10 +119,6 @@ pub async fn stream(args: StreamArgs) -> anyhow::Result<RunReport> {
         if args.check_demo {
             demo::check_chess_batch(&batch)?;
         }
-        #[cfg(feature = "torch")]
-        if let Some(converter) = &converter {
-            std::hint::black_box(converter.convert(&batch)?);
-        }
         if let Some(line) = check.as_mut().map(|c| c.add(&batch)).transpose()?.flatten() {
             progress.finish();
             println!("{line}");
@@ -134,6 +130,12 @@ pub async fn stream(args: StreamArgs) -> anyhow::Result<RunReport> {
         batches += 1;
         bytes += batch.num_bytes();
         progress.add(batch.indices.len() as u64, batch.num_bytes(), batch.epoch);
+        #[cfg(feature = "torch")]
+        if let Some(converter) = &converter {
+            // SAFETY: the batch moves into the conversion and no clone of it exists.
+            #[allow(unsafe_code)]
+            std::hint::black_box(unsafe { converter.convert_shared(batch) }?);
+        }
     }
     progress.finish();
     if let Some(line) = check.as_mut().map(ExactlyOnce::finish).transpose()?.flatten() {

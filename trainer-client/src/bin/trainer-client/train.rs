@@ -176,27 +176,30 @@ pub async fn run(mut args: TrainArgs) -> anyhow::Result<()> {
             }
             epoch_stats = Some(EpochStats::start(batch.epoch, run.stats().wait_seconds));
         }
-        let tensors = converter.convert(&batch)?;
+        let (batch_index, indices) = (batch.index, batch.indices.clone());
+        // SAFETY: the batch moves into the conversion and no clone of it exists.
+        #[allow(unsafe_code)]
+        let tensors = unsafe { converter.convert_shared(batch) }?;
         let inputs = tensors.get(&args.input_field).context("input field")?.to_kind(Kind::Float).flatten(1, -1);
         let labels = tensors.get(&args.label_field).context("label field")?.to_kind(Kind::Int64) + args.label_offset;
         let loss = model.forward(&inputs).cross_entropy_for_logits(&labels);
         optimizer.backward_step(&loss);
-        let n = batch.indices.len() as u64;
+        let n = indices.len() as u64;
         if let Some(stats) = epoch_stats.as_mut() {
             stats.loss_sum += loss.double_value(&[]) * n as f64;
             stats.samples += n;
         }
         if let Some(log) = indices_log.as_mut() {
             use std::io::Write;
-            let bytes: Vec<u8> = batch.indices.iter().flat_map(|&i| (i as i64).to_le_bytes()).collect();
+            let bytes: Vec<u8> = indices.iter().flat_map(|&i| (i as i64).to_le_bytes()).collect();
             log.write_all(&bytes).context("writing --indices-log")?;
         }
-        let epoch_end = batch.index + 1 == run.batches_per_epoch();
+        let epoch_end = batch_index + 1 == run.batches_per_epoch();
         let last = run.num_delivered() == run.num_batches();
-        if let Some(dir) = &args.checkpoint {
-            if last || epoch_end || (batch.index + 1) % args.checkpoint_every.max(1) == 0 {
-                save_checkpoint(dir, &vs, &run.cursor())?;
-            }
+        if let Some(dir) = &args.checkpoint
+            && (last || epoch_end || (batch_index + 1) % args.checkpoint_every.max(1) == 0)
+        {
+            save_checkpoint(dir, &vs, &run.cursor())?;
         }
     }
     if let Some(done) = epoch_stats.take() {
