@@ -108,7 +108,7 @@ impl Field {
     /// hold them: the shards' maps, decoded chunks, ranges fetched from a store. Nothing is copied
     /// here; the rows are copied once, when the tensor is encoded (or materialised for a
     /// transform). Chunks or fetched ranges that would pin more bytes than the rows themselves
-    /// are copied out instead, so a batch never holds more than its budget counts (module docs).
+    /// are copied out instead, so a batch never holds more than its own size beyond the cache.
     /// Returns the bytes read from storage (0 for local `.npy`, the bytes fetched for remote
     /// `.npy`, cache misses for Zarr).
     fn select_into(
@@ -151,26 +151,45 @@ impl Field {
                 Ok(0)
             }
             Source::Zarr(zarr) => {
+                // Pin the blocks when they hold at most what the batch does (block or sequential
+                // batches); else copy each row out while its block is at hand (full shuffle over
+                // big chunks would otherwise hold hundreds of blocks at once).
+                let mut blocks: Vec<u64> = indices.iter().map(|&index| index / zarr.block_len).collect();
+                blocks.sort_unstable();
+                blocks.dedup();
+                let pin = blocks.len() as u64 * zarr.block_len <= indices.len() as u64;
+                let mut copied = Vec::new();
+                if !pin {
+                    copied.reserve_exact(indices.len() * row);
+                }
                 let mut decoded = 0;
-                let mut current: Option<(u64, u32)> = None;
+                let mut current: Option<(u64, Arc<Vec<u8>>, u32)> = None;
                 for &index in indices {
                     let block = index / zarr.block_len;
-                    let piece = match current {
-                        Some((b, piece)) if b == block => piece,
-                        _ => {
-                            let (data, bytes) = cache
-                                .get_or_decode((self.id, block), || zarr.decode_block(block))
-                                .map_err(|reason| (block, reason))?;
-                            decoded += bytes;
-                            let piece = tensor.add_piece(Piece { bytes: shared_block(data), big_endian: false });
-                            current = Some((block, piece));
-                            piece
-                        }
-                    };
+                    if current.as_ref().is_none_or(|(b, ..)| *b != block) {
+                        let (data, bytes) = cache
+                            .get_or_decode((self.id, block), || zarr.decode_block(block))
+                            .map_err(|reason| (block, reason))?;
+                        decoded += bytes;
+                        let piece = if pin {
+                            tensor.add_piece(Piece { bytes: shared_block(data.clone()), big_endian: false })
+                        } else {
+                            0
+                        };
+                        current = Some((block, data, piece));
+                    }
+                    let Some((_, data, piece)) = &current else { unreachable!("set above") };
                     let start = (index - block * zarr.block_len) as usize * row;
-                    tensor.push(piece, start, row);
+                    if pin {
+                        tensor.push(*piece, start, row);
+                    } else {
+                        copied.extend_from_slice(&data[start..start + row]);
+                    }
                 }
-                pin_or_compact(tensor);
+                if !pin {
+                    let piece = tensor.add_piece(Piece { bytes: Bytes::from(copied), big_endian: false });
+                    tensor.push(piece, 0, indices.len() * row);
+                }
                 Ok(decoded)
             }
         }

@@ -80,10 +80,14 @@ def test_a_grpcio_client_reads_zarr_batches_and_errors(tmp_path, start_loader, s
     os.makedirs(tmp_path / "s")
     np.save(tmp_path / "s" / "small.npy", np.arange(10, dtype=np.int64))
     loader = start_loader({"z": tmp_path / "z.zarr", "s": tmp_path / "s"})
-    indices = np.random.default_rng(2).permutation(250)[:100]
-    ok, bad = stream(stubs, loader.addr, [("z", indices), ("s", [3, 10])])
-    assert not ok.HasField("error")
-    np.testing.assert_array_equal(as_array(ok.tensors[0]), values[indices])
+    # Scattered rows are copied out of their blocks as they are read; whole blocks in block
+    # order (here 4 chunks of 16, reversed within) are sent straight from the cached blocks.
+    scattered = np.random.default_rng(2).permutation(250)[:100]
+    whole_blocks = np.arange(32, 96)[::-1]
+    ok, pinned, bad = stream(stubs, loader.addr, [("z", scattered), ("z", whole_blocks), ("s", [3, 10])])
+    assert not ok.HasField("error") and not pinned.HasField("error")
+    np.testing.assert_array_equal(as_array(ok.tensors[0]), values[scattered])
+    np.testing.assert_array_equal(as_array(pinned.tensors[0]), values[whole_blocks])
     assert ok.decoded_bytes > 0
     assert bad.HasField("error") and not bad.tensors
     assert "10" in bad.error.message

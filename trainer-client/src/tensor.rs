@@ -144,12 +144,10 @@ impl TensorConverter {
             .into_iter()
             .map(|field| {
                 let name = field.name.clone();
-                let tensor = if self.device == Device::Cpu {
-                    // SAFETY: the caller keeps the contract above.
-                    unsafe { shared_host_tensor(field) }
-                } else {
-                    device_tensor(&field, self.device)
-                };
+                // SAFETY: the caller keeps the contract above.
+                let host = unsafe { shared_host_tensor(field) };
+                let tensor =
+                    if self.device == Device::Cpu { host } else { host.and_then(|t| to_device(t, &name, self.device)) };
                 tensor.map(|t| (name, t))
             })
             .collect::<Result<_, _>>()?;
@@ -290,17 +288,22 @@ unsafe extern "C" {
     ) -> *mut std::ffi::c_void;
 }
 
-/// The field on `device`: copied into page-locked memory, then copied to the device
-/// asynchronously. The page-locked block comes from libtorch's caching host allocator, which
+/// The field on `device`: copied once into a CPU tensor, then into page-locked memory, then to
+/// the device asynchronously. The page-locked block comes from libtorch's caching host allocator, which
 /// records the copy on the block and hands it out again only once the copy has finished, so the
 /// host tensor can be dropped at once and no later batch overwrites bytes still in flight.
 fn device_tensor(field: &FieldBatch, device: Device) -> Result<Tensor, TensorError> {
-    let kind = kind_of(&field.name, field.dtype)?;
+    to_device(host_tensor(field)?, &field.name, device)
+}
+
+/// `host` on `device`: copied into page-locked memory, then to the device asynchronously (see
+/// [`device_tensor`]). `host` may be dropped at once, even when it shares a received batch.
+fn to_device(host: Tensor, field: &str, device: Device) -> Result<Tensor, TensorError> {
+    let kind = host.kind();
     // `_pin_memory`: `pin_memory` with a device argument logs a deprecation warning per call.
-    host_tensor(field)?
-        .f_internal_pin_memory(device)
+    host.f_internal_pin_memory(device)
         .and_then(|pinned| pinned.f_to_device_(device, kind, true, false))
-        .map_err(|error| TensorError::Torch { field: field.name.clone(), error })
+        .map_err(|error| TensorError::Torch { field: field.to_owned(), error })
 }
 
 /// Parses `--device`: `auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`.
