@@ -31,7 +31,10 @@ use zarrs::storage::{
 };
 use zarrs_object_store::AsyncObjectStore;
 
-use crate::{error::LoadError, storage::disk_cache::DiskCache};
+use crate::{
+    error::LoadError,
+    storage::disk_cache::{DiskCache, Read},
+};
 
 /// Whether a `--dataset` PATH is an object-store URL.
 pub fn is_url(spec: &str) -> bool {
@@ -335,36 +338,66 @@ impl ObjectStorage {
         // with the cached one (the README asks that objects be replaced under new names).
         let block_bytes = self.cache_block_bytes;
         let key = |block: u64| format!("{}/{name}#{size}@{block}x{block_bytes}", self.url);
-        let mut blocks: std::collections::BTreeMap<u64, Option<Bytes>> = std::collections::BTreeMap::new();
-        for range in ranges.iter().filter(|r| r.end > r.start) {
-            for block in range.start / block_bytes..=(range.end - 1) / block_bytes {
-                blocks.entry(block).or_insert_with(|| cache.get(&key(block)));
+        // Each range's parts, block by block: (block, offset in the block, length).
+        let parts_of = |range: &Range<u64>| {
+            let mut parts = Vec::new();
+            let mut at = range.start;
+            while at < range.end.min(size) {
+                let block = at / block_bytes;
+                let offset = at - block * block_bytes;
+                let len = (range.end.min(size).min((block + 1) * block_bytes) - at) as usize;
+                parts.push((block, offset, len));
+                at += len as u64;
+            }
+            parts
+        };
+        // Whole blocks at hand: read (and checked) from the cache the first time this run, or
+        // fetched. Parts of blocks verified earlier are read straight from their files.
+        let mut whole: std::collections::BTreeMap<u64, Bytes> = std::collections::BTreeMap::new();
+        let mut read_parts: std::collections::HashMap<(u64, u64), Bytes> = std::collections::HashMap::new();
+        let mut missing: std::collections::BTreeSet<u64> = std::collections::BTreeSet::new();
+        for range in ranges {
+            for (block, offset, len) in parts_of(range) {
+                if whole.contains_key(&block) || missing.contains(&block) {
+                    continue;
+                }
+                match cache.get_range(&key(block), offset, len) {
+                    Some(Read::Whole(bytes)) => {
+                        whole.insert(block, bytes);
+                    }
+                    Some(Read::Part(bytes)) => {
+                        read_parts.insert((block, offset), bytes);
+                    }
+                    None => {
+                        missing.insert(block);
+                    }
+                }
             }
         }
-        let hit: u64 = blocks.values().flatten().map(|b| b.len() as u64).sum();
+        let hit: u64 = whole.values().chain(read_parts.values()).map(|b| b.len() as u64).sum();
         self.cache_hit_bytes.fetch_add(hit, Ordering::Relaxed);
-        let missing: Vec<u64> = blocks.iter().filter(|(_, b)| b.is_none()).map(|(&block, _)| block).collect();
         let wanted: Vec<Range<u64>> =
             missing.iter().map(|&block| block * block_bytes..((block + 1) * block_bytes).min(size)).collect();
         for (block, bytes) in missing.iter().zip(self.fetch(name, &wanted)?) {
             cache.put(&key(*block), &bytes);
-            blocks.insert(*block, Some(bytes));
+            whole.insert(*block, bytes);
         }
         Ok(ranges
             .iter()
             .map(|range| {
                 let mut out = Vec::with_capacity((range.end - range.start) as usize);
-                let mut at = range.start;
-                while at < range.end {
-                    let block = at / block_bytes;
-                    let data = blocks[&block].as_ref().expect("every block was read or fetched");
-                    let offset = (at - block * block_bytes) as usize;
-                    let take = ((range.end - at) as usize).min(data.len().saturating_sub(offset));
-                    if take == 0 {
-                        break; // past the object's end: the caller checks the length
+                for (block, offset, len) in parts_of(range) {
+                    let part = match (whole.get(&block), read_parts.get(&(block, offset))) {
+                        (Some(data), _) => data.get(offset as usize..offset as usize + len),
+                        (None, Some(part)) => Some(&part[..]),
+                        (None, None) => None,
+                    };
+                    match part {
+                        Some(part) => out.extend_from_slice(part),
+                        // A block shorter than the object's listing says: the caller finds the
+                        // range short and names the object.
+                        None => break,
                     }
-                    out.extend_from_slice(&data[offset..offset + take]);
-                    at += take as u64;
                 }
                 Bytes::from(out)
             })
