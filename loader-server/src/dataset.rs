@@ -27,7 +27,7 @@ use crate::{
     error::{LoadError, ReadError},
     npy::{self, NpyHeader},
     npz,
-    storage::{Location, ObjectStorage, mmap::MappedFile, object::coalesce},
+    storage::{Location, ObjectStorage, mmap::MappedFile, object::coalesce, shared_bytes},
     zarr::{self, Coordinate, MissingChunks, ZarrSource},
 };
 
@@ -139,7 +139,8 @@ impl Field {
                         Some(piece) => piece,
                         None => {
                             map.check().map_err(|reason| (index, reason))?;
-                            let piece = tensor.add_piece(Piece { bytes: map.shared(), big_endian: shard.big_endian });
+                            let piece = tensor
+                                .add_piece(Piece { bytes: shared_bytes(map.clone()), big_endian: shard.big_endian });
                             pieces[shard_index] = Some(piece);
                             piece
                         }
@@ -151,42 +152,44 @@ impl Field {
                 Ok(0)
             }
             Source::Zarr(zarr) => {
-                // Pin the blocks when they hold at most what the batch does (block or sequential
-                // batches); else copy each row out while its block is at hand (full shuffle over
-                // big chunks would otherwise hold hundreds of blocks at once).
-                let mut blocks: Vec<u64> = indices.iter().map(|&index| index / zarr.block_len).collect();
+                let block_of = |index: u64| index / zarr.block_len;
+                let mut decoded = 0;
+                let mut decode = |block: u64| {
+                    let (data, bytes) = cache
+                        .get_or_decode((self.id, block), || zarr.decode_block(block))
+                        .map_err(|reason| (block, reason))?;
+                    decoded += bytes;
+                    Ok::<_, (u64, String)>(data)
+                };
+                let start_of = |index: u64| (index - block_of(index) * zarr.block_len) as usize * row;
+                let mut blocks: Vec<u64> = indices.iter().map(|&index| block_of(index)).collect();
                 blocks.sort_unstable();
                 blocks.dedup();
-                let pin = blocks.len() as u64 * zarr.block_len <= indices.len() as u64;
-                let mut copied = Vec::new();
-                if !pin {
-                    copied.reserve_exact(indices.len() * row);
-                }
-                let mut decoded = 0;
-                let mut current: Option<(u64, Arc<Vec<u8>>, u32)> = None;
-                for &index in indices {
-                    let block = index / zarr.block_len;
-                    if current.as_ref().is_none_or(|(b, ..)| *b != block) {
-                        let (data, bytes) = cache
-                            .get_or_decode((self.id, block), || zarr.decode_block(block))
-                            .map_err(|reason| (block, reason))?;
-                        decoded += bytes;
-                        let piece = if pin {
-                            tensor.add_piece(Piece { bytes: shared_block(data.clone()), big_endian: false })
-                        } else {
-                            0
+                if blocks.len() as u64 * zarr.block_len <= indices.len() as u64 {
+                    // The blocks hold at most what the batch does (block or sequential batches):
+                    // pin each once and point the rows into them.
+                    let mut pieces = Vec::with_capacity(blocks.len());
+                    for &block in &blocks {
+                        let bytes = shared_bytes(decode(block)?);
+                        pieces.push(tensor.add_piece(Piece { bytes, big_endian: false }));
+                    }
+                    for &index in indices {
+                        let piece = pieces[blocks.binary_search(&block_of(index)).expect("listed above")];
+                        tensor.push(piece, start_of(index), row);
+                    }
+                } else {
+                    // Rows scattered over many blocks (full shuffle over big chunks): copy each row
+                    // out while its block is at hand rather than hold hundreds of blocks at once.
+                    let mut copied = Vec::with_capacity(indices.len() * row);
+                    let mut current: Option<(u64, Arc<Vec<u8>>)> = None;
+                    for &index in indices {
+                        let block = block_of(index);
+                        let data = match &current {
+                            Some((b, data)) if *b == block => data,
+                            _ => &current.insert((block, decode(block)?)).1,
                         };
-                        current = Some((block, data, piece));
+                        copied.extend_from_slice(&data[start_of(index)..start_of(index) + row]);
                     }
-                    let Some((_, data, piece)) = &current else { unreachable!("set above") };
-                    let start = (index - block * zarr.block_len) as usize * row;
-                    if pin {
-                        tensor.push(*piece, start, row);
-                    } else {
-                        copied.extend_from_slice(&data[start..start + row]);
-                    }
-                }
-                if !pin {
                     let piece = tensor.add_piece(Piece { bytes: Bytes::from(copied), big_endian: false });
                     tensor.push(piece, 0, indices.len() * row);
                 }
@@ -296,18 +299,6 @@ fn prefault(tensor: &OutgoingTensor) {
         }
     }
     std::hint::black_box(sum);
-}
-
-/// A decoded chunk shared with the cache, as the bytes a tensor's runs point into.
-fn shared_block(block: Arc<Vec<u8>>) -> Bytes {
-    /// Keeps the cache's buffer alive as long as the bytes.
-    struct SharedBlock(Arc<Vec<u8>>);
-    impl AsRef<[u8]> for SharedBlock {
-        fn as_ref(&self) -> &[u8] {
-            &self.0
-        }
-    }
-    Bytes::from_owner(SharedBlock(block))
 }
 
 /// A named set of fields with one sample count.

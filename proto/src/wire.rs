@@ -114,15 +114,21 @@ impl OutgoingTensor {
 
     /// The runs' bytes, in order (as stored: before any byte swap).
     pub fn run_slices(&self) -> impl Iterator<Item = &[u8]> {
-        self.runs.iter().map(|run| &self.pieces[run.piece as usize].bytes[run.offset..run.offset + run.len])
+        self.run_parts().map(|(_, bytes)| bytes)
+    }
+
+    /// Each run's piece and bytes, in order.
+    fn run_parts(&self) -> impl Iterator<Item = (&Piece, &[u8])> {
+        self.runs.iter().map(|run| {
+            let piece = &self.pieces[run.piece as usize];
+            (piece, &piece.bytes[run.offset..run.offset + run.len])
+        })
     }
 
     /// Copies the data into `out` (converted to little-endian), as encoding does.
     pub fn write_data(&self, out: &mut impl BufMut) {
         let width = self.dtype.size_bytes();
-        for run in &self.runs {
-            let piece = &self.pieces[run.piece as usize];
-            let bytes = &piece.bytes[run.offset..run.offset + run.len];
+        for (piece, bytes) in self.run_parts() {
             if piece.big_endian && width > 1 {
                 put_swapped(bytes, width, out);
             } else {

@@ -11,11 +11,8 @@ use std::{
     io,
     ops::Deref,
     path::{Path, PathBuf},
-    sync::Arc,
     time::SystemTime,
 };
-
-use bytes::Bytes;
 
 use memmap2::{Advice, Mmap};
 
@@ -91,21 +88,6 @@ impl MappedFile {
             ));
         }
         Ok(())
-    }
-}
-
-impl MappedFile {
-    /// The whole map as shared bytes that keep it alive: what a batch's rows point into until
-    /// they are encoded.
-    pub fn shared(self: &Arc<Self>) -> Bytes {
-        /// Derefs to the map.
-        struct SharedMap(Arc<MappedFile>);
-        impl AsRef<[u8]> for SharedMap {
-            fn as_ref(&self) -> &[u8] {
-                &self.0
-            }
-        }
-        Bytes::from_owner(SharedMap(self.clone()))
     }
 }
 

@@ -7,11 +7,26 @@ pub mod disk_cache;
 pub mod mmap;
 pub mod object;
 
-use std::{path::PathBuf, sync::Arc};
+use std::{ops::Deref, path::PathBuf, sync::Arc};
+
+use bytes::Bytes;
 
 pub use object::{ObjectStorage, StoreOptions};
 
 use crate::error::LoadError;
+
+/// A shared buffer (a mapped file, a decoded chunk the cache holds) as `Bytes` that keep it alive:
+/// what a batch's rows point into until they are encoded.
+pub fn shared_bytes<T: Deref<Target = [u8]> + Send + Sync + 'static>(owner: Arc<T>) -> Bytes {
+    /// Derefs to the owner's bytes.
+    struct Shared<T>(Arc<T>);
+    impl<T: Deref<Target = [u8]>> AsRef<[u8]> for Shared<T> {
+        fn as_ref(&self) -> &[u8] {
+            &self.0
+        }
+    }
+    Bytes::from_owner(Shared(owner))
+}
 
 /// A `--dataset` location: a local path, or an object-store URL.
 #[derive(Debug, Clone)]
