@@ -25,6 +25,21 @@ pub struct Config {
     #[arg(long, env = "LOADER_LISTEN", default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
 
+    /// Also listen on this Unix socket, for trainers on the same host (`--loader unix:PATH`):
+    /// batches then travel through shared memory (see --shm-bytes). A stale socket file left by
+    /// a killed loader is replaced; one a running loader listens on is refused. Not served with
+    /// TLS (the socket never leaves the host; its file permissions say who may connect).
+    #[arg(long, env = "LOADER_LISTEN_UNIX")]
+    pub listen_unix: Option<std::path::PathBuf>,
+
+    /// Shared memory per Unix-socket connection that asks for it: batches are written there
+    /// once and the client's tensors map them. The loader's worst case is this times the
+    /// connections open on the socket (pages count as Shmem once written, until the connection
+    /// and the client's batches are gone). A batch that does not fit goes inline over the
+    /// socket. 0 turns shared memory off (the socket still serves gRPC).
+    #[arg(long, env = "LOADER_SHM_BYTES", default_value_t = 256 << 20)]
+    pub shm_bytes: u64,
+
     /// A dataset to serve, as NAME=PATH: a directory of .npy fields (FIELD.npy or FIELD-00000.npy
     /// shards), an .npz archive written by numpy.savez (its members are the fields), or a Zarr
     /// array or group (xarray's included: coordinates are described, not served); PATH may be
@@ -323,6 +338,13 @@ impl Config {
             return Err(format!(
                 "--disk-cache-block-bytes {} is outside 4096..67108864 (4 KiB to 64 MiB)",
                 self.disk_cache_block_bytes
+            ));
+        }
+        if self.shm_bytes != 0 && self.shm_bytes < conveyor_proto::shm::MIN_REGION_BYTES {
+            return Err(format!(
+                "--shm-bytes {} is below the smallest region ({} bytes); raise it or give 0 to turn shared memory off",
+                self.shm_bytes,
+                conveyor_proto::shm::MIN_REGION_BYTES
             ));
         }
         if !(16 << 10..1 << 24).contains(&self.http2_max_frame) {

@@ -22,13 +22,15 @@ use std::{
 use futures::Stream;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::{TcpListener, TcpStream},
-    sync::{OwnedSemaphorePermit, Semaphore},
+    net::{TcpListener, TcpStream, UnixListener, UnixStream},
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc},
     time::{Instant, Sleep},
 };
 use tonic::transport::server::{Connected, TlsConnectInfo};
 
-use crate::service::LoaderState;
+use conveyor_proto::shm;
+
+use crate::{service::LoaderState, shm::SharedRegion};
 
 /// The timeouts and the cap that apply to every connection.
 #[derive(Debug, Clone, Copy)]
@@ -49,6 +51,8 @@ pub struct ConnInfo {
     pub remote: Option<SocketAddr>,
     /// Calls in progress on this connection.
     pub activity: Arc<Activity>,
+    /// The shared-memory region its client asked for (Unix-socket connections only).
+    pub region: Option<Arc<SharedRegion>>,
 }
 
 impl ConnInfo {
@@ -117,10 +121,27 @@ impl Drop for CallGuard {
     }
 }
 
-/// An accepted TCP connection with its slot under `--max-connections` and its deadlines.
+/// An accepted TCP or Unix-socket connection.
+#[derive(Debug)]
+enum Socket {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+/// Calls `$method` on whichever stream the socket is.
+macro_rules! on_socket {
+    ($socket:expr, $stream:ident => $call:expr) => {
+        match $socket {
+            Socket::Tcp($stream) => $call,
+            Socket::Unix($stream) => $call,
+        }
+    };
+}
+
+/// An accepted connection with its slot under `--max-connections` and its deadlines.
 #[derive(Debug)]
 pub struct Guarded {
-    stream: TcpStream,
+    stream: Socket,
     info: ConnInfo,
     limits: ConnectionLimits,
     /// When to check the deadlines again.
@@ -151,13 +172,13 @@ impl AsyncRead for Guarded {
         if let Err(error) = self.check_deadline(cx) {
             return Poll::Ready(Err(error));
         }
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        on_socket!(&mut self.stream, stream => Pin::new(stream).poll_read(cx, buf))
     }
 }
 
 impl AsyncWrite for Guarded {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        on_socket!(&mut self.stream, stream => Pin::new(stream).poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -165,19 +186,19 @@ impl AsyncWrite for Guarded {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        on_socket!(&mut self.stream, stream => Pin::new(stream).poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        on_socket!(&self.stream, stream => stream.is_write_vectored())
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        on_socket!(&mut self.stream, stream => Pin::new(stream).poll_flush(cx))
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+        on_socket!(&mut self.stream, stream => Pin::new(stream).poll_shutdown(cx))
     }
 }
 
@@ -219,12 +240,115 @@ pub fn incoming(
                 let _ = stream.set_nodelay(true);
                 let activity = Arc::new(Activity::new());
                 let deadline = Box::pin(tokio::time::sleep(limits.handshake_timeout));
-                let info = ConnInfo { remote: Some(remote), activity };
-                let guarded = Guarded { stream, info, limits, deadline, state, _slot: slot };
+                let info = ConnInfo { remote: Some(remote), activity, region: None };
+                let guarded = Guarded { stream: Socket::Tcp(stream), info, limits, deadline, state, _slot: slot };
                 return Some((Ok(guarded), (listener, slots)));
             }
         }
     })
+}
+
+/// Accepts connections on a Unix socket forever: each one's optional shared-memory hello is
+/// read in its own task (within `--handshake-timeout`), so a slow peer holds up no other.
+pub fn incoming_unix(
+    listener: UnixListener,
+    limits: ConnectionLimits,
+    state: Arc<LoaderState>,
+) -> impl Stream<Item = io::Result<Guarded>> {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    // Handshakes finish in any order; at most --max-connections are in progress or queued.
+    let (ready_tx, ready_rx) = mpsc::channel(limits.max_connections);
+    tokio::spawn(async move {
+        loop {
+            let stream = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot accept a Unix-socket connection");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                () = ready_tx.closed() => return,
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                state.stats.connections_refused.fetch_add(1, Relaxed);
+                tracing::warn!(
+                    max = limits.max_connections,
+                    "refusing a Unix-socket connection: --max-connections are open"
+                );
+                continue;
+            };
+            let (state, ready_tx) = (state.clone(), ready_tx.clone());
+            let mut stream = stream;
+            tokio::spawn(async move {
+                let shm_bytes = state.config().shm_bytes;
+                let region = match tokio::time::timeout(limits.handshake_timeout, hello(&mut stream, shm_bytes)).await {
+                    Ok(Ok(region)) => region,
+                    Ok(Err(error)) => {
+                        tracing::info!(%error, "closing a Unix-socket connection: its shared-memory hello failed");
+                        return;
+                    }
+                    Err(_) => {
+                        state.stats.connections_timed_out.fetch_add(1, Relaxed);
+                        return;
+                    }
+                };
+                if region.is_some() {
+                    state.stats.shm_regions.fetch_add(1, Relaxed);
+                }
+                let activity = Arc::new(Activity::new());
+                let deadline = Box::pin(tokio::time::sleep(limits.handshake_timeout));
+                let info = ConnInfo { remote: None, activity, region };
+                let guarded = Guarded { stream: Socket::Unix(stream), info, limits, deadline, state, _slot: slot };
+                let _ = ready_tx.send(Ok(guarded)).await;
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(ready_rx)
+}
+
+/// Reads a client's shared-memory hello, if its first byte says it sends one (an HTTP/2 client
+/// starts with its preface instead, which is left unread), and answers it with a region of at
+/// most `shm_bytes` (0: refused).
+async fn hello(stream: &mut UnixStream, shm_bytes: u64) -> io::Result<Option<Arc<SharedRegion>>> {
+    let mut first = [0u8; 1];
+    let peeked = loop {
+        stream.readable().await?;
+        let peek = || Ok(rustix::net::recv(&*stream, &mut first, rustix::net::RecvFlags::PEEK)?.1);
+        match stream.try_io(tokio::io::Interest::READABLE, peek) {
+            Ok(n) => break n,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+            Err(error) => return Err(error),
+        }
+    };
+    if peeked == 0 || first[0] != shm::MAGIC[0] {
+        return Ok(None);
+    }
+    let mut bytes = [0u8; shm::HELLO_BYTES];
+    tokio::io::AsyncReadExt::read_exact(stream, &mut bytes).await?;
+    let hello = shm::Hello::decode(&bytes).ok_or_else(|| io::Error::other("not a Conveyor shared-memory hello"))?;
+    let len = hello.max_bytes.min(shm_bytes);
+    let region = if len >= shm::MIN_REGION_BYTES {
+        match SharedRegion::create(hello.region_id, len) {
+            Ok(region) => Some(Arc::new(region)),
+            Err(error) => {
+                tracing::warn!(%error, bytes = len, "cannot create a shared-memory region; this connection goes without");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    loop {
+        stream.writable().await?;
+        let grant = || shm::send_grant(&*stream, region.as_ref().map(|r| r.region()));
+        match stream.try_io(tokio::io::Interest::WRITABLE, grant) {
+            Ok(()) => return Ok(region),
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+            Err(error) => return Err(error),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -16,6 +16,8 @@ pub mod metrics;
 pub mod npy;
 pub mod npz;
 pub mod service;
+#[allow(unsafe_code)]
+pub mod shm;
 pub mod stats;
 pub mod storage;
 pub mod transform;
@@ -177,6 +179,20 @@ pub async fn serve(
     state: Arc<LoaderState>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
+    serve_with_unix(listener, None, state, shutdown).await
+}
+
+/// [`serve`], and also on a Unix socket (`--listen-unix`) for trainers on the same host: the
+/// same service without TLS, whose connections may ask for a shared-memory region.
+///
+/// # Errors
+/// [`ServeError::Transport`] when either gRPC server fails.
+pub async fn serve_with_unix(
+    listener: TcpListener,
+    unix: Option<tokio::net::UnixListener>,
+    state: Arc<LoaderState>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
     let config = state.config().clone();
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<LoaderServer<LoaderService>>().await;
@@ -187,10 +203,13 @@ pub async fn serve(
     let (drain_started_tx, drain_started_rx) = tokio::sync::oneshot::channel::<()>();
 
     warn_if_exposed(&listener, &config, state.tokens.is_some() || config.tls_client_ca.is_some());
-    let loader = LoaderServer::new(LoaderService::new(state.clone(), draining_rx))
-        .max_encoding_message_size(config.max_message_bytes())
-        .max_decoding_message_size(service::request_limit_bytes(&config));
-    let loader = InterceptedService::new(loader, auth::TokenCheck::new(state.clone()));
+    let loader = |draining_rx| {
+        let loader = LoaderServer::new(LoaderService::new(state.clone(), draining_rx))
+            .max_encoding_message_size(config.max_message_bytes())
+            .max_decoding_message_size(service::request_limit_bytes(&config));
+        InterceptedService::new(loader, auth::TokenCheck::new(state.clone()))
+    };
+    let unix_draining_rx = draining_rx.clone();
     let signal = async move {
         shutdown.await;
         tracing::info!(drain_timeout = ?config.drain_timeout, "draining: refusing new streams, finishing in-flight batches");
@@ -198,26 +217,43 @@ pub async fn serve(
         signal_draining_tx.send_replace(true);
         let _ = drain_started_tx.send(());
     };
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = tls_config(&config)? {
-        builder = builder.tls_config(tls)?;
-    }
     let limits = connection::ConnectionLimits {
         max_connections: config.max_connections.get(),
         handshake_timeout: config.handshake_timeout,
         idle_timeout: config.idle_timeout,
     };
+    let http2 = |builder: tonic::transport::Server| {
+        builder
+            .http2_keepalive_interval(Some(config.keepalive_interval))
+            .http2_keepalive_timeout(Some(config.keepalive_timeout))
+            .max_concurrent_streams(u32::try_from(config.max_streams_per_connection.get()).unwrap_or(u32::MAX))
+            .initial_stream_window_size(config.http2_stream_window)
+            .initial_connection_window_size(config.http2_connection_window)
+            .max_frame_size(config.http2_max_frame)
+    };
+    // The Unix socket's server: no TLS, and it stops when the drain starts (its streams drain
+    // like the TCP ones, through the same watch).
+    let unix_server = unix.map(|unix| {
+        let incoming = connection::incoming_unix(unix, limits, state.clone());
+        let mut draining = unix_draining_rx.clone();
+        let stop = async move {
+            let _ = draining.wait_for(|draining| *draining).await;
+        };
+        http2(tonic::transport::Server::builder())
+            .add_service(health_service.clone())
+            .add_service(loader(unix_draining_rx))
+            .serve_with_incoming_shutdown(incoming, stop)
+    });
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls_config(&config)? {
+        builder = builder.tls_config(tls)?;
+    }
     let incoming = connection::incoming(listener, limits, state.clone());
-    let server = builder
-        .http2_keepalive_interval(Some(config.keepalive_interval))
-        .http2_keepalive_timeout(Some(config.keepalive_timeout))
-        .max_concurrent_streams(u32::try_from(config.max_streams_per_connection.get()).unwrap_or(u32::MAX))
-        .initial_stream_window_size(config.http2_stream_window)
-        .initial_connection_window_size(config.http2_connection_window)
-        .max_frame_size(config.http2_max_frame)
+    let server = http2(builder)
         .add_service(health_service)
-        .add_service(loader)
+        .add_service(loader(draining_rx))
         .serve_with_incoming_shutdown(incoming, signal);
+    let unix_task = unix_server.map(tokio::spawn);
     tokio::pin!(server);
     let result = tokio::select! {
         result = &mut server => result.map_err(ServeError::from),
@@ -229,6 +265,16 @@ pub async fn serve(
             }
         },
     };
+    if let Some(task) = unix_task {
+        // The drain has started (or the TCP server failed): give the Unix server what is left of
+        // the drain timeout, then stop it.
+        draining_tx.send_replace(true);
+        match tokio::time::timeout(config.drain_timeout, task).await {
+            Ok(Ok(Err(error))) => tracing::warn!(%error, "the Unix-socket server failed"),
+            Ok(_) => {}
+            Err(_) => tracing::warn!("drain timeout reached on the Unix socket; exiting with streams still open"),
+        }
+    }
     drop(draining_tx);
     result
 }

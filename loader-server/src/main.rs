@@ -35,6 +35,7 @@ fn main() -> ExitCode {
 
 async fn run(config: Config) -> anyhow::Result<()> {
     let listen = config.listen;
+    let listen_unix = config.listen_unix.clone();
     let metrics_listen = config.metrics_listen;
     let state = loader_server::open(config)?;
     // SIGTERM or Ctrl-C stops the metrics endpoint and drains the gRPC server.
@@ -74,12 +75,40 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(%local, "listening");
     // Machine-readable line for scripts and tests that start the loader on port 0.
     println!("listening on {local}");
-    loader_server::serve(listener, state, stopped(stop_rx)).await?;
+    let unix = match &listen_unix {
+        Some(path) => {
+            let unix = bind_unix(path)?;
+            tracing::info!(path = %path.display(), shm_bytes = state.config().shm_bytes, "listening on a Unix socket");
+            println!("listening on unix:{}", path.display());
+            Some(unix)
+        }
+        None => None,
+    };
+    loader_server::serve_with_unix(listener, unix, state, stopped(stop_rx)).await?;
+    if let Some(path) = &listen_unix {
+        let _ = std::fs::remove_file(path);
+    }
     if let Some(task) = metrics_task {
         let _ = task.await;
     }
     tracing::info!("loader stopped");
     Ok(())
+}
+
+/// Binds `--listen-unix`, replacing a socket file that no loader listens on any more (one left by
+/// a killed loader) but refusing one a running loader still serves.
+fn bind_unix(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            anyhow::bail!("{} exists and is not a socket (--listen-unix); give another path", path.display());
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!("a loader already listens on {} (--listen-unix); give another path", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("cannot replace the stale socket {}", path.display()))?;
+    }
+    tokio::net::UnixListener::bind(path).with_context(|| format!("cannot listen on {} (--listen-unix)", path.display()))
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

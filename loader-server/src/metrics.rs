@@ -56,6 +56,21 @@ pub fn render(state: &LoaderState) -> String {
         &[("", stats.streams_refused.load(Relaxed))],
     );
     metric(
+        "conveyor_loader_shm_batches_total",
+        "counter",
+        "Batches sent through shared memory, and those sent inline because the region was full.",
+        &[
+            ("{path=\"shared\"}", stats.shm_batches.load(Relaxed)),
+            ("{path=\"inline_full\"}", stats.shm_full.load(Relaxed)),
+        ],
+    );
+    metric(
+        "conveyor_loader_shm_regions_total",
+        "counter",
+        "Unix-socket connections granted a shared-memory region.",
+        &[("", stats.shm_regions.load(Relaxed))],
+    );
+    metric(
         "conveyor_loader_connections_refused_total",
         "counter",
         "Connections closed at once at --max-connections.",

@@ -30,6 +30,7 @@ use crate::{
     dataset::Dataset,
     error::ReadError,
     error::RequestError,
+    shm::SharedRegion,
     stats::Stats,
     transform::{
         Columns, Derived, FieldSchema, Transform,
@@ -244,7 +245,12 @@ impl LoaderState {
 
     /// Serves one request: checks it, waits for budget, gathers rows off the runtime, and
     /// transforms them for a derived dataset.
-    async fn assemble(self: Arc<Self>, stream_id: u64, request: BatchRequest) -> Outgoing {
+    async fn assemble(
+        self: Arc<Self>,
+        stream_id: u64,
+        request: BatchRequest,
+        region: Option<Arc<SharedRegion>>,
+    ) -> Outgoing {
         let checked = self.check(&request);
         let BatchRequest { batch_id, indices, seed, epoch, .. } = request;
         let (served, bytes) = match checked {
@@ -299,6 +305,23 @@ impl LoaderState {
             (_, rows) => rows,
         };
         let mut outgoing = self.respond(&served, batch_id, indices, rows, decoded_bytes);
+        if let Some(region) = region {
+            // The one copy of the batch's rows, into shared memory instead of the socket's
+            // buffer: off the runtime, like the gather.
+            let placed = tokio::task::spawn_blocking(move || {
+                let placed = region.place(&mut outgoing);
+                (outgoing, placed)
+            })
+            .await;
+            let Ok((placed_batch, placed)) = placed else {
+                let reason = "writing the batch into shared memory panicked".to_owned();
+                let error = RequestError::GatherFailed { dataset: served.name().to_owned(), batch_id, reason };
+                return self.refuse(batch_id, Vec::new(), error);
+            };
+            let counter = if placed { &self.stats.shm_batches } else { &self.stats.shm_full };
+            counter.fetch_add(1, Relaxed);
+            outgoing = placed_batch;
+        }
         outgoing.hold = Some(Box::new(budget));
         outgoing
     }
@@ -431,6 +454,16 @@ impl LoaderService {
     }
 }
 
+/// What a stream holds of its loader and connection while it runs.
+struct StreamConn {
+    /// Its place under `--max-streams`.
+    _permit: OwnedSemaphorePermit,
+    /// Marks a call in progress on the connection (against `--idle-timeout`).
+    _call: Option<CallGuard>,
+    /// The connection's shared-memory region, where its batches are written when one is granted.
+    region: Option<Arc<SharedRegion>>,
+}
+
 /// Reads requests of one stream and answers each exactly once, at most
 /// `--stream-parallelism` at a time; on drain, finishes what it has read and ends the stream.
 /// Ends the stream with a status when its client stops reading (`--write-timeout`), sends no
@@ -441,9 +474,9 @@ async fn serve_stream(
     outbox: Arc<Outbox>,
     out_tx: mpsc::Sender<Result<Outgoing, Status>>,
     mut draining_rx: watch::Receiver<bool>,
-    _stream_permit: OwnedSemaphorePermit,
-    _call: Option<CallGuard>,
+    conn: StreamConn,
 ) {
+    let region = conn.region.clone();
     let config = &state.config;
     let parallelism = config.stream_parallelism.get();
     let stream_id = state.next_stream_id.fetch_add(1, Relaxed);
@@ -460,7 +493,7 @@ async fn serve_stream(
             message = inbound.message(), if reading && !drained && assembling.len() < parallelism => match message {
                 Ok(Some(request)) => {
                     last_request = tokio::time::Instant::now();
-                    assembling.push(state.clone().assemble(stream_id, request));
+                    assembling.push(state.clone().assemble(stream_id, request, region.clone()));
                 }
                 Ok(None) => reading = false,
                 Err(status) if is_decode_error(&status) => {
@@ -742,6 +775,7 @@ impl Loader for LoaderService {
         let conn = ConnInfo::of(&request);
         let peer = conn.and_then(|c| c.remote).map(|a| a.to_string()).unwrap_or_default();
         let call = conn.map(|c| c.activity.begin());
+        let region = conn.and_then(|c| c.region.clone());
         let (out_tx, out_rx) = mpsc::channel(self.state.config.stream_parallelism.get());
         let outbox = Arc::new(Outbox::new(out_rx));
         let span = tracing::info_span!("stream", %peer);
@@ -751,8 +785,7 @@ impl Loader for LoaderService {
             outbox.clone(),
             out_tx,
             self.draining_rx.clone(),
-            stream_permit,
-            call,
+            StreamConn { _permit: stream_permit, _call: call, region },
         );
         tokio::spawn(tracing::Instrument::instrument(task, span));
         Ok(Response::new(Box::pin(OutboxStream(outbox))))

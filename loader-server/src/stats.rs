@@ -39,6 +39,12 @@ pub struct Stats {
     pub streams_timed_out: AtomicU64,
     /// Request messages that could not be decoded (over the limit or malformed).
     pub requests_malformed: AtomicU64,
+    /// Batches written to a client's shared-memory region.
+    pub shm_batches: AtomicU64,
+    /// Batches sent inline on a shared-memory connection because the region was full.
+    pub shm_full: AtomicU64,
+    /// Unix-socket connections granted a shared-memory region.
+    pub shm_regions: AtomicU64,
     /// Calls refused for a missing or wrong token.
     pub auth_refused: AtomicU64,
     /// Per dataset: bytes delivered and bytes decoded from storage.

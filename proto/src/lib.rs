@@ -15,6 +15,8 @@ pub mod v1_gather {
     include!(concat!(env!("OUT_DIR"), "/server/conveyor.v1.rs"));
 }
 
+#[allow(unsafe_code)]
+pub mod shm;
 pub mod wire;
 
 pub use v1::Dtype as DType;

@@ -54,6 +54,8 @@ pub struct OutgoingTensor {
     runs: Vec<Run>,
     /// Sum of the runs' lengths.
     data_len: usize,
+    /// Where the data was written in shared memory instead (then no runs are left).
+    shared: Option<v1::SharedSlice>,
 }
 
 impl OutgoingTensor {
@@ -125,6 +127,21 @@ impl OutgoingTensor {
         })
     }
 
+    /// Sends the data as `slice` of a shared-memory region instead of inline: the caller has
+    /// written [`OutgoingTensor::write_data`] there. Drops the pieces; `data_len` stays the
+    /// tensor's size.
+    pub fn move_to_shared(&mut self, slice: v1::SharedSlice) {
+        debug_assert_eq!(slice.length as usize, self.data_len, "a shared slice holds the whole tensor");
+        self.pieces.clear();
+        self.runs.clear();
+        self.shared = Some(slice);
+    }
+
+    /// Where the data lies in shared memory, when it was moved there.
+    pub fn shared(&self) -> Option<&v1::SharedSlice> {
+        self.shared.as_ref()
+    }
+
     /// Copies the data into `out` (converted to little-endian), as encoding does.
     pub fn write_data(&self, out: &mut impl BufMut) {
         let width = self.dtype.size_bytes();
@@ -166,8 +183,11 @@ impl OutgoingTensor {
             prost::encoding::int32::encoded_len(2, &(self.dtype as i32))
         };
         let shape = prost::encoding::uint64::encoded_len_packed(3, &self.shape);
-        let data =
-            if self.data_len == 0 { 0 } else { key_len(4) + encoded_len_varint(self.data_len as u64) + self.data_len };
+        let data = match &self.shared {
+            Some(slice) => prost::encoding::message::encoded_len(5, slice),
+            None if self.data_len == 0 => 0,
+            None => key_len(4) + encoded_len_varint(self.data_len as u64) + self.data_len,
+        };
         field + dtype + shape + data
     }
 
@@ -179,7 +199,9 @@ impl OutgoingTensor {
             prost::encoding::int32::encode(2, &(self.dtype as i32), buf);
         }
         prost::encoding::uint64::encode_packed(3, &self.shape, buf);
-        if self.data_len > 0 {
+        if let Some(slice) = &self.shared {
+            prost::encoding::message::encode(5, slice, buf);
+        } else if self.data_len > 0 {
             encode_key(4, WireType::LengthDelimited, buf);
             encode_varint(self.data_len as u64, buf);
             self.write_data(buf);
@@ -450,6 +472,22 @@ mod tests {
     }
 
     #[test]
+    fn a_tensor_moved_to_shared_memory_carries_its_slice_and_no_data() {
+        let mut tensor =
+            OutgoingTensor::owned("x".into(), DType::Uint8, vec![2, 3], Bytes::from_static(&[1, 2, 3, 4, 5, 6]));
+        let slice = v1::SharedSlice { region: 9, entry: 4, offset: 16384, length: 6 };
+        tensor.move_to_shared(slice);
+        let batch =
+            OutgoingBatch { batch_id: 1, indices: vec![0, 1], tensors: vec![tensor], ..OutgoingBatch::default() };
+        assert_eq!(batch.encoded_len(), batch.to_response().encoded_len());
+        let decoded = &batch.to_response().tensors[0];
+        assert!(decoded.data.is_empty());
+        assert_eq!(decoded.shared, Some(slice));
+        assert_eq!(decoded.shape, vec![2, 3]);
+        assert_eq!(batch.data_len(), 6, "counted as the tensor's bytes");
+    }
+
+    #[test]
     fn errors_and_owned_responses_round_trip() {
         let response = v1::BatchResponse {
             batch_id: 7,
@@ -459,6 +497,7 @@ mod tests {
                 dtype: DType::Float32 as i32,
                 shape: vec![2, 1],
                 data: Bytes::from_static(&[1, 2, 3, 4, 5, 6, 7, 8]),
+                shared: None,
             }],
             error: Some(v1::BatchError { kind: 4, message: "chunk 3 of field x could not be read".into() }),
             decoded_bytes: 12,

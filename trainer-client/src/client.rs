@@ -150,6 +150,9 @@ pub struct ConnectOptions {
     pub tls: Option<TlsOptions>,
     /// Bearer token for loaders started with `--auth-token-file`.
     pub auth_token: Option<AuthToken>,
+    /// Largest shared-memory region to map per `unix:` loader connection (0: none, every batch
+    /// comes over the socket). The client's mapped memory is at most this per such loader.
+    pub shm_bytes: u64,
 }
 
 impl Default for ConnectOptions {
@@ -162,6 +165,7 @@ impl Default for ConnectOptions {
             http2_max_frame: 1 << 20,
             tls: None,
             auth_token: None,
+            shm_bytes: if crate::shm::enabled_by_env() { 256 << 20 } else { 0 },
         }
     }
 }
@@ -187,12 +191,16 @@ pub fn settle_tls(loaders: &[String], options: &mut ConnectOptions) -> Result<()
 }
 
 /// Strips an optional `http://` or `https://` from a `--loader` value and checks it is
-/// `host:port`.
+/// `host:port`; a `unix:PATH` value (a loader's `--listen-unix` socket on this host) is kept as
+/// it is.
 ///
 /// # Errors
 /// [`ClientError::BadAddress`] naming the value.
 pub fn parse_loader(spec: &str) -> Result<String, ClientError> {
     let bad = || ClientError::BadAddress { spec: spec.to_owned() };
+    if let Some(addr) = crate::dispatch::ReplicaAddr::unix(spec) {
+        return Ok(addr.to_string());
+    }
     let rest =
         spec.strip_prefix("http://").or_else(|| spec.strip_prefix("https://")).unwrap_or(spec).trim_end_matches('/');
     let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
@@ -247,6 +255,11 @@ pub(crate) async fn connect(addr: &str, host: &str, options: &ConnectOptions) ->
 }
 
 async fn channel(addr: &str, host: &str, options: &ConnectOptions) -> Result<Channel, ClientError> {
+    if let Some(crate::dispatch::ReplicaAddr::Unix(path)) = crate::dispatch::ReplicaAddr::unix(addr) {
+        return unix_channel(path, options)
+            .await
+            .map_err(|source| ClientError::Connect { addr: addr.to_owned(), source });
+    }
     let scheme = if options.tls.is_some() { "https" } else { "http" };
     let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
         .map_err(|_| ClientError::BadAddress { spec: addr.to_owned() })?;
@@ -262,6 +275,30 @@ async fn channel(addr: &str, host: &str, options: &ConnectOptions) -> Result<Cha
         .initial_connection_window_size(options.http2_connection_window)
         .max_frame_size(options.http2_max_frame);
     endpoint.connect().await.map_err(|source| ClientError::Connect { addr: addr.to_owned(), source })
+}
+
+/// A channel to a loader's Unix socket (plain HTTP/2: the socket never leaves the host), whose
+/// connections ask for a shared-memory region of `options.shm_bytes`.
+async fn unix_channel(
+    path: std::sync::Arc<Path>,
+    options: &ConnectOptions,
+) -> Result<Channel, tonic::transport::Error> {
+    let (shm_bytes, timeout) = (options.shm_bytes, options.connect_timeout);
+    // The URI is required but unused: the connector below decides where to connect.
+    let endpoint = Endpoint::from_static("http://localhost")
+        .connect_timeout(timeout)
+        .initial_stream_window_size(options.http2_stream_window)
+        .initial_connection_window_size(options.http2_connection_window)
+        .max_frame_size(options.http2_max_frame);
+    endpoint
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                let connection = crate::shm::connect_unix(&path, shm_bytes, timeout).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(connection))
+            }
+        }))
+        .await
 }
 
 /// The datasets a loader serves.
@@ -324,6 +361,9 @@ mod tests {
         assert_eq!(parse_loader("127.0.0.1:7070").expect("valid"), "127.0.0.1:7070");
         assert_eq!(parse_loader("http://loader:7070/").expect("valid"), "loader:7070");
         assert!(parse_loader("loader").is_err());
+        assert_eq!(parse_loader("unix:/run/conveyor/a.sock").expect("valid"), "unix:/run/conveyor/a.sock");
+        assert_eq!(parse_loader("unix:///run/a.sock").expect("valid"), "unix:/run/a.sock");
+        assert!(parse_loader("unix:").is_err());
         assert!(parse_loader("loader:port").is_err());
         assert!(parse_loader("http://a:1/x").is_err());
         assert_eq!(parse_loader("https://loader:7070").expect("valid"), "loader:7070");

@@ -37,6 +37,8 @@ mod dispatch;
 mod error;
 mod plan;
 mod sampler;
+#[allow(unsafe_code)]
+pub mod shm;
 #[cfg(feature = "torch")]
 pub mod tensor;
 
@@ -47,7 +49,7 @@ pub use conveyor_proto::{
     v1::{DatasetInfo, FieldInfo},
 };
 pub use cursor::{Cursor, CursorWriter};
-pub use dispatch::{DispatchStats, EpochBoundary, Loaders, ReplicaStats, Run, StreamOptions};
+pub use dispatch::{DispatchStats, EpochBoundary, Loaders, ReplicaAddr, ReplicaStats, Run, StreamOptions};
 pub use error::{BatchErrorKind, ClientError, CursorError, ReplicaFailure, ResponseError, chain as error_chain};
 pub use plan::{PlanSettings, RunSpec};
 pub use sampler::{EpochPlan, PlanError, PlanSpec, Shuffle};

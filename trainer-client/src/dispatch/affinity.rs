@@ -1,16 +1,14 @@
 //! Chunk affinity: on chunked datasets (Zarr), a batch goes to the replica its chunks were
 //! recently sent to, so each chunk is decoded in one replica's cache rather than in all of them.
 
-use std::{
-    collections::{HashMap, VecDeque},
-    net::SocketAddr,
-};
+use super::addr::ReplicaAddr;
+use std::collections::{HashMap, VecDeque};
 
 /// Which replica each recently requested block (a chunk of a chunked dataset) was sent to, for
 /// at most [`BlockAffinity::CAPACITY`] blocks; the oldest entry is forgotten first.
 #[derive(Debug, Default)]
 pub(crate) struct BlockAffinity {
-    owner: HashMap<u64, SocketAddr>,
+    owner: HashMap<u64, ReplicaAddr>,
     order: VecDeque<u64>,
 }
 
@@ -20,20 +18,20 @@ impl BlockAffinity {
 
     /// The replica most of `blocks` were sent to, if any was.
     pub fn preferred(&self, blocks: &[u64]) -> Option<Preferred> {
-        let mut votes: Vec<(SocketAddr, usize)> = Vec::new();
+        let mut votes: Vec<(ReplicaAddr, usize)> = Vec::new();
         for addr in blocks.iter().filter_map(|b| self.owner.get(b)) {
             match votes.iter_mut().find(|(a, _)| a == addr) {
                 Some((_, n)) => *n += 1,
-                None => votes.push((*addr, 1)),
+                None => votes.push((addr.clone(), 1)),
             }
         }
         votes.into_iter().max_by_key(|&(_, n)| n).map(|(addr, n)| Preferred { addr, owns_all: n == blocks.len() })
     }
 
     /// Remembers that `blocks` went to `addr`.
-    pub fn record(&mut self, blocks: &[u64], addr: SocketAddr) {
+    pub fn record(&mut self, blocks: &[u64], addr: ReplicaAddr) {
         for &block in blocks {
-            if self.owner.insert(block, addr).is_none() {
+            if self.owner.insert(block, addr.clone()).is_none() {
                 self.order.push_back(block);
             }
         }
@@ -52,10 +50,10 @@ impl BlockAffinity {
 }
 
 /// The replica a batch's blocks went to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Preferred {
     /// The replica most of the blocks went to.
-    pub addr: SocketAddr,
+    pub addr: ReplicaAddr,
     /// Every block of the batch went there: the batch continues a window that replica has begun
     /// decoding.
     pub owns_all: bool,
@@ -68,12 +66,12 @@ pub(crate) struct Preferred {
 /// batch; else the least loaded. `None` when no replica has credit. Windows that nobody owns yet
 /// go to the least loaded, which is what keeps the load even.
 pub(crate) fn choose_replica(
-    loads: &[(SocketAddr, usize)],
+    loads: &[(ReplicaAddr, usize)],
     preferred: Option<Preferred>,
     window: usize,
     num_up: usize,
-) -> Option<SocketAddr> {
-    let &(least, least_in_flight) = loads.iter().min_by_key(|(_, n)| *n)?;
+) -> Option<ReplicaAddr> {
+    let (least, least_in_flight) = loads.iter().min_by_key(|(_, n)| *n).cloned()?;
     let slack = (window / (2 * num_up.max(1))).max(1);
     preferred
         .filter(|p| loads.iter().any(|(a, n)| *a == p.addr && (p.owns_all || *n <= least_in_flight + slack)))
@@ -97,8 +95,8 @@ pub(crate) fn blocks_of(indices: &[u64], block_len: u64) -> Vec<u64> {
 mod tests {
     use super::*;
 
-    fn addr(port: u16) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], port))
+    fn addr(port: u16) -> ReplicaAddr {
+        ReplicaAddr::Tcp(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
     }
 
     #[test]

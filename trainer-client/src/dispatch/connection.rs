@@ -2,9 +2,9 @@
 //! "resolve this name"), its gRPC implementation, and the task that runs one connection attempt
 //! and reports what happens to the pool as [`Event`]s.
 
+use super::addr::ReplicaAddr;
 use std::{
     collections::HashMap,
-    net::SocketAddr,
     pin::Pin,
     sync::{Arc, Mutex},
     time::Duration,
@@ -37,12 +37,12 @@ pub(crate) struct ReplicaStream {
 pub(crate) trait Connector: Send + Sync + 'static {
     /// Connects to `addr`, asks for its catalog and opens a batch stream whose request channel
     /// holds `window` requests.
-    fn open(&self, addr: SocketAddr, window: usize) -> BoxFuture<'static, Result<ReplicaStream, ClientError>>;
+    fn open(&self, addr: ReplicaAddr, window: usize) -> BoxFuture<'static, Result<ReplicaStream, ClientError>>;
 
     /// The addresses `name` (`host:port`) resolves to now.
-    fn resolve(&self, name: &str) -> BoxFuture<'static, std::io::Result<Vec<SocketAddr>>> {
+    fn resolve(&self, name: &str) -> BoxFuture<'static, std::io::Result<Vec<ReplicaAddr>>> {
         let name = name.to_owned();
-        Box::pin(async move { Ok(tokio::net::lookup_host(name).await?.collect()) })
+        Box::pin(async move { Ok(tokio::net::lookup_host(name).await?.map(ReplicaAddr::Tcp).collect()) })
     }
 }
 
@@ -52,7 +52,7 @@ pub(crate) struct GrpcConnector {
     options: ConnectOptions,
     /// The host name each resolved address came from: a TLS certificate is checked against
     /// the name the user gave, not the address it resolved to.
-    hosts: Arc<Mutex<HashMap<SocketAddr, String>>>,
+    hosts: Arc<Mutex<HashMap<ReplicaAddr, String>>>,
 }
 
 impl GrpcConnector {
@@ -63,10 +63,13 @@ impl GrpcConnector {
 }
 
 impl Connector for GrpcConnector {
-    fn open(&self, addr: SocketAddr, window: usize) -> BoxFuture<'static, Result<ReplicaStream, ClientError>> {
+    fn open(&self, addr: ReplicaAddr, window: usize) -> BoxFuture<'static, Result<ReplicaStream, ClientError>> {
         let options = self.options.clone();
         let host = self.hosts.lock().unwrap_or_else(|p| p.into_inner()).get(&addr).cloned();
-        let host = host.unwrap_or_else(|| addr.ip().to_string());
+        let host = host.unwrap_or_else(|| match &addr {
+            ReplicaAddr::Tcp(tcp) => tcp.ip().to_string(),
+            ReplicaAddr::Unix(_) => "localhost".to_owned(),
+        });
         Box::pin(async move {
             let name = addr.to_string();
             let mut client = connect(&name, &host, &options).await?;
@@ -77,19 +80,29 @@ impl Connector for GrpcConnector {
                 .await
                 .map_err(|source| ClientError::Rpc { addr: name, status: Box::new(source) })?
                 .into_inner();
+            // Tensors sent through shared memory become bytes over the region; a slice that
+            // cannot be resolved fails the stream like a broken message would.
+            let responses = responses.map(|answer| {
+                let mut response = answer?;
+                crate::shm::resolve(&mut response).map_err(tonic::Status::data_loss)?;
+                Ok(response)
+            });
             Ok(ReplicaStream { datasets, requests_tx, responses: Box::pin(responses) })
         })
     }
 
-    fn resolve(&self, name: &str) -> BoxFuture<'static, std::io::Result<Vec<SocketAddr>>> {
+    fn resolve(&self, name: &str) -> BoxFuture<'static, std::io::Result<Vec<ReplicaAddr>>> {
         let name = name.to_owned();
         let hosts = self.hosts.clone();
         Box::pin(async move {
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&name).await?.collect();
+            if let Some(unix) = ReplicaAddr::unix(&name) {
+                return Ok(vec![unix]);
+            }
+            let addrs: Vec<ReplicaAddr> = tokio::net::lookup_host(&name).await?.map(ReplicaAddr::Tcp).collect();
             let host = host_of(&name);
             let mut hosts = hosts.lock().unwrap_or_else(|p| p.into_inner());
             for addr in &addrs {
-                hosts.insert(*addr, host.clone());
+                hosts.insert(addr.clone(), host.clone());
             }
             Ok(addrs)
         })
@@ -100,40 +113,40 @@ impl Connector for GrpcConnector {
 #[derive(Debug)]
 pub(crate) enum Event {
     /// A `--loader` name (by position) resolved.
-    Resolved { spec: usize, addrs: Vec<SocketAddr> },
+    Resolved { spec: usize, addrs: Vec<ReplicaAddr> },
     /// A connection is open; the pool checks its catalog before using it.
-    Up { addr: SocketAddr, generation: u64, datasets: Vec<DatasetInfo>, requests_tx: mpsc::Sender<BatchRequest> },
+    Up { addr: ReplicaAddr, generation: u64, datasets: Vec<DatasetInfo>, requests_tx: mpsc::Sender<BatchRequest> },
     /// An answer arrived.
-    Answer { addr: SocketAddr, generation: u64, response: BatchResponse },
+    Answer { addr: ReplicaAddr, generation: u64, response: BatchResponse },
     /// A connection failed or ended.
-    Down { addr: SocketAddr, generation: u64, error: ClientError },
+    Down { addr: ReplicaAddr, generation: u64, error: ClientError },
 }
 
 /// One connection attempt to one replica: after `delay`, open it and forward its answers until
 /// the stream ends. The pool aborts the task when it drops the connection.
 pub(crate) async fn run_connection(
     connector: Arc<dyn Connector>,
-    addr: SocketAddr,
+    addr: ReplicaAddr,
     generation: u64,
     delay: Duration,
     window: usize,
     events_tx: mpsc::Sender<Event>,
 ) {
     tokio::time::sleep(delay).await;
-    let ReplicaStream { datasets, requests_tx, mut responses } = match connector.open(addr, window).await {
+    let ReplicaStream { datasets, requests_tx, mut responses } = match connector.open(addr.clone(), window).await {
         Ok(opened) => opened,
         Err(error) => {
             let _ = events_tx.send(Event::Down { addr, generation, error }).await;
             return;
         }
     };
-    if events_tx.send(Event::Up { addr, generation, datasets, requests_tx }).await.is_err() {
+    if events_tx.send(Event::Up { addr: addr.clone(), generation, datasets, requests_tx }).await.is_err() {
         return;
     }
     let error = loop {
         match responses.next().await {
             Some(Ok(response)) => {
-                if events_tx.send(Event::Answer { addr, generation, response }).await.is_err() {
+                if events_tx.send(Event::Answer { addr: addr.clone(), generation, response }).await.is_err() {
                     return;
                 }
             }

@@ -2,9 +2,9 @@
 //! replica answers every request with the requested indices as an `int64` field `x`, after a
 //! scripted delay, and can fail, stall, refuse or serve another catalog.
 
+use super::addr::ReplicaAddr;
 use std::{
     collections::HashMap,
-    net::SocketAddr,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -77,8 +77,8 @@ impl Behaviour {
 /// The fake replica set: addresses, what names resolve to, and a log of requests received.
 #[derive(Debug, Default)]
 pub struct FakeReplicas {
-    behaviours: Mutex<HashMap<SocketAddr, Behaviour>>,
-    names: Mutex<HashMap<String, Vec<SocketAddr>>>,
+    behaviours: Mutex<HashMap<ReplicaAddr, Behaviour>>,
+    names: Mutex<HashMap<String, Vec<ReplicaAddr>>>,
     /// Every request a replica received: (replica, indices).
     log: Log,
     /// `(seed, epoch)` of every request received, in the order of `log`.
@@ -86,30 +86,30 @@ pub struct FakeReplicas {
 }
 
 /// `127.0.0.1:port`.
-pub fn addr(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
+pub fn addr(port: u16) -> ReplicaAddr {
+    ReplicaAddr::Tcp(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
 }
 
 impl FakeReplicas {
     /// A set with these replicas, each also resolvable by its `127.0.0.1:port` literal.
-    pub fn new(replicas: impl IntoIterator<Item = (SocketAddr, Behaviour)>) -> Arc<FakeReplicas> {
+    pub fn new(replicas: impl IntoIterator<Item = (ReplicaAddr, Behaviour)>) -> Arc<FakeReplicas> {
         let fake = FakeReplicas::default();
         fake.behaviours.lock().expect("lock").extend(replicas);
         Arc::new(fake)
     }
 
     /// Makes `name` resolve to `addrs`.
-    pub fn set_name(&self, name: &str, addrs: Vec<SocketAddr>) {
+    pub fn set_name(&self, name: &str, addrs: Vec<ReplicaAddr>) {
         self.names.lock().expect("lock").insert(name.to_owned(), addrs);
     }
 
     /// Adds or changes a replica.
-    pub fn set(&self, addr: SocketAddr, behaviour: Behaviour) {
+    pub fn set(&self, addr: ReplicaAddr, behaviour: Behaviour) {
         self.behaviours.lock().expect("lock").insert(addr, behaviour);
     }
 
     /// Requests each replica received so far, by replica.
-    pub fn requests(&self) -> Vec<(SocketAddr, Vec<u64>)> {
+    pub fn requests(&self) -> Vec<(ReplicaAddr, Vec<u64>)> {
         self.log.lock().expect("lock").clone()
     }
 
@@ -119,13 +119,13 @@ impl FakeReplicas {
     }
 
     /// Number of requests `addr` received.
-    pub fn num_requests(&self, addr: SocketAddr) -> usize {
+    pub fn num_requests(&self, addr: ReplicaAddr) -> usize {
         self.log.lock().expect("lock").iter().filter(|(a, _)| *a == addr).count()
     }
 }
 
 impl Connector for FakeReplicas {
-    fn open(&self, addr: SocketAddr, window: usize) -> BoxFuture<'static, Result<ReplicaStream, ClientError>> {
+    fn open(&self, addr: ReplicaAddr, window: usize) -> BoxFuture<'static, Result<ReplicaStream, ClientError>> {
         let behaviour = self.behaviours.lock().expect("lock").get(&addr).cloned();
         let log = self.log.clone();
         let seeds = self.seeds.clone();
@@ -153,23 +153,25 @@ impl Connector for FakeReplicas {
         })
     }
 
-    fn resolve(&self, name: &str) -> BoxFuture<'static, std::io::Result<Vec<SocketAddr>>> {
+    fn resolve(&self, name: &str) -> BoxFuture<'static, std::io::Result<Vec<ReplicaAddr>>> {
         let answer = match self.names.lock().expect("lock").get(name) {
             Some(addrs) => Ok(addrs.clone()),
-            None => name.parse::<SocketAddr>().map(|a| vec![a]).map_err(std::io::Error::other),
+            None => {
+                name.parse::<std::net::SocketAddr>().map(|a| vec![ReplicaAddr::Tcp(a)]).map_err(std::io::Error::other)
+            }
         };
         Box::pin(async move { answer })
     }
 }
 
 /// Requests received, shared with the replica tasks.
-type Log = Arc<Mutex<Vec<(SocketAddr, Vec<u64>)>>>;
+type Log = Arc<Mutex<Vec<(ReplicaAddr, Vec<u64>)>>>;
 
 /// `(seed, epoch)` of the requests received, in the order of the [`Log`].
 type Seeds = Arc<Mutex<Vec<(u64, u64)>>>;
 
 async fn serve(
-    addr: SocketAddr,
+    addr: ReplicaAddr,
     behaviour: Behaviour,
     mut requests_rx: mpsc::Receiver<BatchRequest>,
     responses_tx: mpsc::Sender<Result<BatchResponse, tonic::Status>>,
@@ -181,7 +183,7 @@ async fn serve(
         tokio::select! {
             request = requests_rx.recv() => {
                 let Some(request) = request else { return };
-                log.lock().expect("lock").push((addr, request.indices.clone()));
+                log.lock().expect("lock").push((addr.clone(), request.indices.clone()));
                 seeds.lock().expect("lock").push((request.seed, request.epoch));
                 if behaviour.silent {
                     continue;
@@ -235,6 +237,7 @@ fn answer(request: BatchRequest) -> BatchResponse {
             dtype: conveyor_proto::DType::Int64 as i32,
             shape: vec![request.indices.len() as u64],
             data: Bytes::from(data),
+            shared: None,
         }],
         indices: request.indices,
         error: None,

@@ -16,6 +16,7 @@
 //!   most `prefetch` batches past the one the caller waits for, across epoch boundaries, which
 //!   bounds the reorder buffer and the client's memory.
 
+mod addr;
 mod affinity;
 mod connection;
 #[cfg(test)]
@@ -32,7 +33,7 @@ use std::{collections::BTreeMap, num::NonZeroUsize, sync::Arc, time::Duration};
 use conveyor_proto::v1::DatasetInfo;
 use serde::Serialize;
 
-pub use self::run::Run;
+pub use self::{addr::ReplicaAddr, run::Run};
 use self::{
     connection::{Connector, GrpcConnector},
     pool::Pool,

@@ -3,10 +3,10 @@
 //! request goes. It knows nothing of epochs: runs hand it `(run, seq)` pairs and get back
 //! [`Outcome`]s.
 
+use super::addr::ReplicaAddr;
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     future::Future,
-    net::SocketAddr,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -49,13 +49,13 @@ pub(crate) struct Ask<'a> {
     pub seed: u64,
     pub epoch: u64,
     /// A replica that failed this batch with a retryable error.
-    pub avoid: Option<SocketAddr>,
+    pub avoid: Option<ReplicaAddr>,
 }
 
 /// A request in flight.
 #[derive(Debug)]
 struct InFlight {
-    addr: SocketAddr,
+    addr: ReplicaAddr,
     /// The run it belongs to.
     run: u64,
     /// Its number within that run.
@@ -67,7 +67,7 @@ struct InFlight {
 #[derive(Debug)]
 pub(crate) enum Outcome {
     /// An answer to request `seq` of run `run`.
-    Answered { run: u64, seq: u64, addr: SocketAddr, response: BatchResponse },
+    Answered { run: u64, seq: u64, addr: ReplicaAddr, response: BatchResponse },
     /// Request `seq` of run `run` will not be answered: send it again.
     Lost { run: u64, seq: u64 },
 }
@@ -79,8 +79,8 @@ pub(crate) struct Pool {
     /// The `--loader` names (`host:port`), watched by the resolver.
     names_tx: watch::Sender<Vec<String>>,
     /// Resolved addresses per name.
-    resolved: Vec<BTreeSet<SocketAddr>>,
-    replicas: BTreeMap<SocketAddr, Replica>,
+    resolved: Vec<BTreeSet<ReplicaAddr>>,
+    replicas: BTreeMap<ReplicaAddr, Replica>,
     events_tx: mpsc::Sender<Event>,
     events_rx: mpsc::Receiver<Event>,
     /// The datasets of the first replica that came up; others must agree.
@@ -202,7 +202,7 @@ impl Pool {
     }
 
     /// Counts a delivered batch of `bytes` answered by `addr`.
-    pub fn record_delivery(&mut self, addr: SocketAddr, bytes: u64, decoded_bytes: u64) {
+    pub fn record_delivery(&mut self, addr: ReplicaAddr, bytes: u64, decoded_bytes: u64) {
         if let Some(replica) = self.replicas.get_mut(&addr) {
             replica.stats.batches += 1;
             replica.stats.bytes += bytes;
@@ -261,8 +261,8 @@ impl Pool {
     /// when no replica has been up for the unavailable timeout.
     fn expire(&mut self, now: Instant) -> Result<Vec<Outcome>, ClientError> {
         let timeout = self.options.request_timeout;
-        let late: BTreeSet<SocketAddr> =
-            self.in_flight.values().filter(|f| now >= f.sent_at + timeout).map(|f| f.addr).collect();
+        let late: BTreeSet<ReplicaAddr> =
+            self.in_flight.values().filter(|f| now >= f.sent_at + timeout).map(|f| f.addr.clone()).collect();
         let mut outcomes = Vec::new();
         for addr in late {
             let error = ClientError::RequestTimeout { addr: addr.to_string(), timeout };
@@ -307,15 +307,18 @@ impl Pool {
                 if let Some(slot) = self.resolved.get_mut(spec) {
                     *slot = addrs.into_iter().collect();
                 }
-                let wanted: BTreeSet<SocketAddr> = self.resolved.iter().flatten().copied().collect();
-                let gone: Vec<SocketAddr> = self.replicas.keys().filter(|a| !wanted.contains(a)).copied().collect();
+                let wanted: BTreeSet<ReplicaAddr> = self.resolved.iter().flatten().cloned().collect();
+                let gone: Vec<ReplicaAddr> = self.replicas.keys().filter(|a| !wanted.contains(a)).cloned().collect();
                 for addr in wanted {
                     if !self.replicas.contains_key(&addr) {
                         self.add_replica(addr);
                     }
                 }
                 gone.into_iter()
-                    .flat_map(|addr| self.fail_replica(addr, ClientError::Departed { addr: addr.to_string() }, true))
+                    .flat_map(|addr| {
+                        let departed = ClientError::Departed { addr: addr.to_string() };
+                        self.fail_replica(addr, departed, true)
+                    })
                     .collect()
             }
             Event::Up { addr, generation, datasets, requests_tx } => {
@@ -364,14 +367,14 @@ impl Pool {
         }
     }
 
-    fn add_replica(&mut self, addr: SocketAddr) {
+    fn add_replica(&mut self, addr: ReplicaAddr) {
         tracing::info!(replica = %addr, "replica joined");
-        let task = self.spawn_connection(addr, 0, Duration::ZERO);
+        let task = self.spawn_connection(addr.clone(), 0, Duration::ZERO);
         let stats = self.departed.remove(&addr.to_string()).unwrap_or_default();
         self.replicas.insert(addr, Replica::new(task, stats));
     }
 
-    fn spawn_connection(&self, addr: SocketAddr, generation: u64, delay: Duration) -> JoinHandle<()> {
+    fn spawn_connection(&self, addr: ReplicaAddr, generation: u64, delay: Duration) -> JoinHandle<()> {
         tokio::spawn(run_connection(
             self.connector.clone(),
             addr,
@@ -384,7 +387,7 @@ impl Pool {
 
     /// Drops a replica's connection, returns its unanswered requests and, unless it is leaving,
     /// schedules a reconnect after the backoff.
-    fn fail_replica(&mut self, addr: SocketAddr, error: ClientError, leaving: bool) -> Vec<Outcome> {
+    fn fail_replica(&mut self, addr: ReplicaAddr, error: ClientError, leaving: bool) -> Vec<Outcome> {
         let Some(replica) = self.replicas.get_mut(&addr) else {
             return Vec::new();
         };
@@ -401,7 +404,7 @@ impl Pool {
                 self.departed.insert(addr.to_string(), replica.stats);
             }
         } else {
-            let task = self.spawn_connection(addr, generation, delay);
+            let task = self.spawn_connection(addr.clone(), generation, delay);
             if let Some(replica) = self.replicas.get_mut(&addr) {
                 replica.task = task;
             }
@@ -433,13 +436,13 @@ impl Pool {
         let Ask { dataset, run, seq, indices, block_len, seed, epoch, avoid } = ask;
         let window = self.options.prefetch.get();
         let blocks = blocks_of(&indices, block_len);
-        let mut skip: Vec<SocketAddr> = avoid.filter(|_| self.num_up() > 1).into_iter().collect();
+        let mut skip: Vec<ReplicaAddr> = avoid.filter(|_| self.num_up() > 1).into_iter().collect();
         loop {
-            let loads: Vec<(SocketAddr, usize)> = self
+            let loads: Vec<(ReplicaAddr, usize)> = self
                 .replicas
                 .iter()
                 .filter(|(a, r)| r.requests_tx.is_some() && r.num_in_flight < window && !skip.contains(a))
-                .map(|(a, r)| (*a, r.num_in_flight))
+                .map(|(a, r)| (a.clone(), r.num_in_flight))
                 .collect();
             let Some(addr) = choose_replica(&loads, self.affinity.preferred(&blocks), window, self.num_up()) else {
                 return false;
@@ -452,8 +455,8 @@ impl Pool {
                 Ok(()) => {
                     self.next_batch_id += 1;
                     replica.num_in_flight += 1;
+                    self.affinity.record(&blocks, addr.clone());
                     self.in_flight.insert(batch_id, InFlight { addr, run, seq, sent_at: Instant::now() });
-                    self.affinity.record(&blocks, addr);
                     return true;
                 }
                 // The channel holds `window` requests and this replica has fewer in flight, so

@@ -3,9 +3,9 @@
 //! epoch boundaries, so the next epoch's first batches are on their way while the caller still
 //! consumes the last ones of this epoch.
 
+use super::addr::ReplicaAddr;
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::SocketAddr,
     pin::Pin,
     task::{Context, Poll},
 };
@@ -54,7 +54,7 @@ pub struct Run {
     retry: BTreeSet<u64>,
     /// Batches a replica answered with a retryable error (`KIND_WORKER_FAILED`): the replica
     /// that failed each last, and how many times it has failed.
-    worker_failures: BTreeMap<u64, (SocketAddr, u32)>,
+    worker_failures: BTreeMap<u64, (ReplicaAddr, u32)>,
     /// Answers that arrived ahead of `next_deliver`; at most `prefetch` of them.
     ready: BTreeMap<u64, Batch>,
     /// Batches reported to the hook as consumed.
@@ -284,7 +284,7 @@ impl Run {
                 block_len: self.block_len,
                 seed: self.spec.plan.seed,
                 epoch: self.schedule.position(seq).0,
-                avoid: self.worker_failures.get(&seq).map(|(addr, _)| *addr),
+                avoid: self.worker_failures.get(&seq).map(|(addr, _)| addr.clone()),
             };
             if !self.loaders.pool.send(ask) {
                 return;
@@ -308,10 +308,10 @@ impl Run {
                 self.retry.insert(seq);
             }
             Outcome::Answered { run, seq, addr, response } if run == self.key => {
-                if self.retry_elsewhere(seq, addr, &response) {
+                if self.retry_elsewhere(seq, addr.clone(), &response) {
                     return Ok(());
                 }
-                let batch = self.check(seq, addr, response)?;
+                let batch = self.check(seq, addr.clone(), response)?;
                 self.loaders.pool.record_delivery(addr, batch.num_bytes(), batch.decoded_bytes);
                 self.ready.insert(seq, batch);
             }
@@ -324,7 +324,7 @@ impl Run {
     /// Queues `seq` again when its answer is a retryable failure of that replica's own
     /// (`KIND_WORKER_FAILED`), at most [`Run::MAX_WORKER_FAILURES`] times per batch, on another
     /// replica when one is up.
-    fn retry_elsewhere(&mut self, seq: u64, addr: SocketAddr, response: &BatchResponse) -> bool {
+    fn retry_elsewhere(&mut self, seq: u64, addr: ReplicaAddr, response: &BatchResponse) -> bool {
         let retryable = response.error.as_ref().is_some_and(|e| e.kind() == BatchErrorKind::WorkerFailed);
         let failures = self.worker_failures.get(&seq).map_or(0, |(_, n)| *n);
         if !retryable || failures + 1 >= Self::MAX_WORKER_FAILURES {
@@ -342,7 +342,7 @@ impl Run {
     /// Answers with `KIND_WORKER_FAILED` one batch may get before the run fails.
     const MAX_WORKER_FAILURES: u32 = 3;
 
-    fn check(&mut self, seq: u64, addr: SocketAddr, response: BatchResponse) -> Result<Batch, ClientError> {
+    fn check(&mut self, seq: u64, addr: ReplicaAddr, response: BatchResponse) -> Result<Batch, ClientError> {
         let (epoch, batch) = self.schedule.position(seq);
         if let Some(error) = response.error {
             return Err(ClientError::BatchRefused {

@@ -272,10 +272,10 @@ async fn affinity_keeps_each_block_of_chunks_on_one_replica() {
     let mut run = loaders.epoch("d", plan.clone(), 0).expect("run");
     let batches = drain(&mut run).await;
     assert_eq!(delivered(&batches), planned(&plan, 0..1));
-    let mut replicas_of_block: BTreeMap<u64, BTreeSet<std::net::SocketAddr>> = BTreeMap::new();
+    let mut replicas_of_block: BTreeMap<u64, BTreeSet<ReplicaAddr>> = BTreeMap::new();
     for (replica, indices) in fake.requests() {
         for index in indices {
-            replicas_of_block.entry(index / 20).or_default().insert(replica);
+            replicas_of_block.entry(index / 20).or_default().insert(replica.clone());
         }
     }
     let on_one = replicas_of_block.values().filter(|r| r.len() == 1).count();
