@@ -72,18 +72,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let listener =
         tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen} (--listen)"))?;
     let local = listener.local_addr()?;
+    let unix = listen_unix.as_deref().map(bind_unix).transpose()?;
     tracing::info!(%local, "listening");
-    // Machine-readable line for scripts and tests that start the loader on port 0.
+    // Machine-readable lines for scripts and tests that start the loader on port 0; both sockets
+    // accept connections once the first is printed.
     println!("listening on {local}");
-    let unix = match &listen_unix {
-        Some(path) => {
-            let unix = bind_unix(path)?;
-            tracing::info!(path = %path.display(), shm_bytes = state.config().shm_bytes, "listening on a Unix socket");
-            println!("listening on unix:{}", path.display());
-            Some(unix)
-        }
-        None => None,
-    };
+    if let Some(path) = &listen_unix {
+        tracing::info!(path = %path.display(), shm_bytes = state.config().shm_bytes, "listening on a Unix socket");
+        println!("listening on unix:{}", path.display());
+    }
     loader_server::serve_with_unix(listener, unix, state, stopped(stop_rx)).await?;
     if let Some(path) = &listen_unix {
         let _ = std::fs::remove_file(path);

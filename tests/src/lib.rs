@@ -142,6 +142,19 @@ impl InProcessLoader {
         InProcessLoader { addr, state, stop_tx: Some(stop_tx), server }
     }
 
+    /// Like [`InProcessLoader::start`], also listening on the Unix socket `socket`.
+    pub async fn start_with_unix(config: loader_server::Config, socket: &Path) -> InProcessLoader {
+        let state = loader_server::open(config).expect("datasets open");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let unix = tokio::net::UnixListener::bind(socket).expect("bind the Unix socket");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let server = tokio::spawn(loader_server::serve_with_unix(listener, Some(unix), state.clone(), async {
+            let _ = stop_rx.await;
+        }));
+        InProcessLoader { addr, state, stop_tx: Some(stop_tx), server }
+    }
+
     /// The health service's answer for `conveyor.v1.Loader`.
     pub async fn health(&self) -> ServingStatus {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))

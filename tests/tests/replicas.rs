@@ -63,16 +63,63 @@ fn send_sigterm(replica: &LoaderProcess) {
     assert!(status.success());
 }
 
+/// How the test's client reaches its loaders.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    Tcp,
+    /// `unix:PATH` sockets with shared memory.
+    UnixShm,
+}
+
+/// A loader on a free port and, for [`Transport::UnixShm`], a socket in `sockets`; with the
+/// address the client should use.
+async fn loader_over(dir: &Path, transport: Transport, sockets: &Path) -> (LoaderProcess, String) {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let dataset = [format!("chess={}", dir.display())];
+    match transport {
+        Transport::Tcp => {
+            let process = start_loader(&dataset, &[]).await.expect("loader starts");
+            let addr = process.addr.clone();
+            (process, addr)
+        }
+        Transport::UnixShm => {
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let socket = sockets.join(format!("loader-{n}.sock"));
+            let socket_arg = socket.display().to_string();
+            let process = start_loader(&dataset, &["--listen-unix", &socket_arg]).await.expect("loader starts");
+            (process, format!("unix:{socket_arg}"))
+        }
+    }
+}
+
 #[tokio::test]
 async fn replicas_killed_drained_and_added_mid_epoch_lose_and_repeat_nothing() {
+    kill_drain_add(Transport::Tcp).await;
+}
+
+#[tokio::test]
+async fn over_unix_sockets_and_shared_memory_replicas_killed_drained_and_added_lose_and_repeat_nothing() {
+    kill_drain_add(Transport::UnixShm).await;
+    // Every connection is gone, so is every region this process registered (the only test in
+    // this binary that makes any).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while trainer_client::shm::num_open_regions() > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "regions of closed connections stay registered");
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn kill_drain_add(transport: Transport) {
     let data = chess_dataset();
-    let mut a = loader(data.path()).await;
-    let b = loader(data.path()).await;
-    let mut c = loader(data.path()).await;
-    let reference = single_replica_order(&a.addr).await;
+    let sockets = tempfile::tempdir().expect("tempdir");
+    let (mut a, a_addr) = loader_over(data.path(), transport, sockets.path()).await;
+    let (b, b_addr) = loader_over(data.path(), transport, sockets.path()).await;
+    let (mut c, c_addr) = loader_over(data.path(), transport, sockets.path()).await;
+    let reference = single_replica_order(&a_addr).await;
     assert_eq!(reference.len() as u64, SAMPLES);
 
-    let addrs = vec![a.addr.clone(), b.addr.clone(), c.addr.clone()];
+    let addrs = vec![a_addr.clone(), b_addr.clone(), c_addr.clone()];
     let loaders = Loaders::connect(&addrs, options(Duration::from_secs(30))).await.expect("connect");
     let mut d = None;
     let mut order = Vec::new();
@@ -81,6 +128,9 @@ async fn replicas_killed_drained_and_added_mid_epoch_lose_and_repeat_nothing() {
         let mut b = Some(b);
         while let Some(batch) = epoch.next_batch().await.expect("the epoch survives replica failures") {
             demo::check_chess_batch(&batch).expect("content");
+            if transport == Transport::UnixShm && batch.index == 1 {
+                assert!(trainer_client::shm::num_open_regions() >= 3, "each Unix connection was granted a region");
+            }
             order.extend(batch.indices.iter().copied());
             match batch.index {
                 40 => kill_9(&mut a),
@@ -88,8 +138,8 @@ async fn replicas_killed_drained_and_added_mid_epoch_lose_and_repeat_nothing() {
                 _ => {}
             }
             if batch.index == 80 {
-                let fresh = loader(data.path()).await;
-                epoch.add_loader(&fresh.addr).expect("valid address");
+                let fresh = loader_over(data.path(), transport, sockets.path()).await;
+                epoch.add_loader(&fresh.1).expect("valid address");
                 d = Some(fresh);
             }
             if batch.index == 120 {
@@ -102,9 +152,9 @@ async fn replicas_killed_drained_and_added_mid_epoch_lose_and_repeat_nothing() {
     };
     assert_eq!(order, reference, "same batches in the same order as with one replica");
     let stats = loaders.stats();
-    let d = d.expect("fresh replica");
-    assert!(stats.replicas[&a.addr].failures >= 1, "{stats:?}");
-    assert!(stats.replicas[&d.addr].batches > 0, "the added replica served the end of the epoch: {stats:?}");
+    let (_d, d_addr) = d.expect("fresh replica");
+    assert!(stats.replicas[&a_addr].failures >= 1, "{stats:?}");
+    assert!(stats.replicas[&d_addr].batches > 0, "the added replica served the end of the epoch: {stats:?}");
     let served: u64 = stats.replicas.values().map(|r| r.batches).sum();
     assert_eq!(served, SAMPLES.div_ceil(BATCH), "every batch delivered once: {stats:?}");
 }

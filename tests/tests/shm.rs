@@ -1,0 +1,149 @@
+//! End-to-end: the same-host path. Loaders listening on a Unix socket write batches into a
+//! shared-memory region the client maps; a full region falls back to the socket; shared memory
+//! can be turned off; and a killed trainer leaves no shared memory in the loader.
+
+use std::{
+    path::Path,
+    sync::atomic::Ordering::Relaxed,
+    time::{Duration, Instant},
+};
+
+use conveyor_tests::{InProcessLoader, start_loader};
+use trainer_client::{ConnectOptions, Loaders, PlanSpec, Shuffle, StreamOptions, demo};
+
+const SAMPLES: u64 = 6_000;
+const BATCH: u64 = 256;
+
+fn spec() -> PlanSpec {
+    PlanSpec {
+        num_samples: SAMPLES,
+        batch_size: BATCH,
+        drop_last: false,
+        shuffle: Shuffle::Full,
+        seed: 7,
+        rank: 0,
+        world_size: 1,
+        block_len: 1,
+        shuffle_window: 1,
+    }
+}
+
+fn options(shm_bytes: u64) -> StreamOptions {
+    StreamOptions { connect: ConnectOptions { shm_bytes, ..ConnectOptions::default() }, ..StreamOptions::default() }
+}
+
+/// Streams one epoch, keeping every batch until the end when `hold` (so the region fills),
+/// checking content and exactly-once.
+async fn epoch(addr: &str, shm_bytes: u64, hold: bool) -> usize {
+    let loaders = Loaders::connect(&[addr.to_owned()], options(shm_bytes)).await.expect("connect");
+    let mut epoch = loaders.epoch("chess", spec(), 0).expect("epoch");
+    let (mut seen, mut held) = (vec![false; SAMPLES as usize], Vec::new());
+    while let Some(batch) = epoch.next_batch().await.expect("batch") {
+        demo::check_chess_batch(&batch).expect("content");
+        for &i in &batch.indices {
+            assert!(!std::mem::replace(&mut seen[i as usize], true), "sample {i} twice");
+        }
+        if hold {
+            held.push(batch);
+        }
+    }
+    assert!(seen.iter().all(|&s| s), "every sample arrived");
+    held.len()
+}
+
+/// Lines of this process's memory map that map a loader region.
+fn mapped_regions() -> usize {
+    let maps = std::fs::read_to_string("/proc/self/maps").expect("maps");
+    maps.lines().filter(|l| l.contains("memfd:conveyor-batches")).count()
+}
+
+/// Waits (bounded) until `done`.
+async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn batches_travel_through_shared_memory_fall_back_when_full_and_leave_nothing_mapped() {
+    let data = tempfile::tempdir().expect("tempdir");
+    demo::write_chess_dataset(data.path(), SAMPLES, 3).expect("demo data");
+    let sockets = tempfile::tempdir().expect("tempdir");
+    let socket = sockets.path().join("loader.sock");
+    let mut config = loader_server::Config::for_datasets([format!("chess={}", data.path().display())]);
+    config.shm_bytes = 64 << 20;
+    let loader = InProcessLoader::start_with_unix(config, &socket).await;
+    let addr = format!("unix:{}", socket.display());
+    let stats = &loader.state.stats;
+    let num_batches = SAMPLES.div_ceil(BATCH);
+
+    // Batches dropped as they are used: the prefetch window fits in the region, and released
+    // extents are reused.
+    epoch(&addr, 64 << 20, false).await;
+    assert_eq!(stats.shm_batches.load(Relaxed), num_batches);
+    assert_eq!(stats.shm_full.load(Relaxed), 0);
+    assert_eq!(stats.shm_regions.load(Relaxed), 1);
+
+    // The smallest region (the client's bound wins) and every batch held: the region fills, the
+    // rest come over the socket, all correct.
+    epoch(&addr, conveyor_proto::shm::MIN_REGION_BYTES, true).await;
+    let (shared, full) = (stats.shm_batches.load(Relaxed) - num_batches, stats.shm_full.load(Relaxed));
+    assert!(shared > 0 && full > 0, "some batches shared ({shared}), the rest inline ({full})");
+    assert_eq!(shared + full, num_batches);
+
+    // Shared memory off on the client: plain gRPC over the same socket.
+    let before = stats.shm_batches.load(Relaxed);
+    epoch(&addr, 0, false).await;
+    assert_eq!(stats.shm_batches.load(Relaxed), before, "no region asked for, none used");
+    assert_eq!(stats.shm_regions.load(Relaxed), 2);
+
+    // TCP beside it is unchanged.
+    epoch(&loader.addr, 64 << 20, false).await;
+    assert_eq!(stats.shm_batches.load(Relaxed), before);
+
+    // With every batch and connection gone, no region stays registered or mapped, on either side
+    // (the loader runs in this process too).
+    eventually("regions are unregistered", || trainer_client::shm::num_open_regions() == 0).await;
+    eventually("regions are unmapped", || mapped_regions() == 0).await;
+    loader.stop().await;
+}
+
+/// Descriptors of `pid` that are loader regions.
+fn region_fds(pid: u32) -> usize {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return 0 };
+    fds.flatten()
+        .filter(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|target| target.to_string_lossy().contains("memfd:conveyor"))
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn a_trainer_killed_with_sigkill_leaves_no_shared_memory_in_the_loader() {
+    let data = tempfile::tempdir().expect("tempdir");
+    demo::write_chess_dataset(data.path(), SAMPLES, 3).expect("demo data");
+    let sockets = tempfile::tempdir().expect("tempdir");
+    let socket = sockets.path().join("loader.sock");
+    let socket_arg = socket.display().to_string();
+    let loader = start_loader(&[format!("chess={}", data.path().display())], &["--listen-unix", &socket_arg])
+        .await
+        .expect("loader starts");
+    let loader_pid = loader.child.id().expect("running");
+    let addr = format!("unix:{socket_arg}");
+    let mut trainer = tokio::process::Command::new(conveyor_tests::binary("trainer-client"))
+        .args(["stream", "--loader", &addr, "--dataset", "chess", "--batch-size", "256", "--epochs", "100000"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("trainer starts");
+    eventually("the loader holds the trainer's region", || region_fds(loader_pid) == 1).await;
+    trainer.start_kill().expect("SIGKILL");
+    trainer.wait().await.expect("reaped");
+    eventually("the loader closed the region", || region_fds(loader_pid) == 0).await;
+    let shmem_path = Path::new("/proc").join(loader_pid.to_string()).join("maps");
+    let maps = std::fs::read_to_string(shmem_path).expect("loader maps");
+    assert!(!maps.contains("memfd:conveyor"), "the loader unmapped it too");
+}
