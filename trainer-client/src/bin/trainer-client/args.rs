@@ -70,8 +70,10 @@ impl SecurityArgs {
 /// Connection and flow-control flags.
 #[derive(Debug, Clone, Args)]
 pub struct LoaderArgs {
-    /// Loader address (host:port, http://host:port, or https://host:port for TLS). Repeat for several replicas; a name that
-    /// resolves to several addresses is one replica per address.
+    /// Loader address (host:port, http://host:port, or https://host:port for TLS; unix:PATH for a
+    /// loader's --listen-unix socket on this host, where batches travel through shared memory).
+    /// Repeat for several replicas; a name that resolves to several addresses is one replica per
+    /// address.
     #[arg(long = "loader", env = "TRAINER_LOADER", value_delimiter = ',', required = true)]
     pub loaders: Vec<String>,
     /// Batches requested ahead of the training loop, over all replicas and across epoch
@@ -88,6 +90,11 @@ pub struct LoaderArgs {
     /// Fail when no replica is reachable for this long.
     #[arg(long, env = "TRAINER_UNAVAILABLE_TIMEOUT", default_value = "60s", value_parser = conveyor_proto::parse_duration)]
     pub unavailable_timeout: Duration,
+    /// Largest shared-memory region mapped per unix: loader (the loader may grant less). The
+    /// client's mapped shared memory is at most this times the unix: loaders; 0, or
+    /// CONVEYOR_SHM=0 in the environment, sends every batch over the socket instead.
+    #[arg(long, env = "TRAINER_SHM_BYTES", default_value_t = 256 << 20)]
+    pub shm_bytes: u64,
     /// Re-resolve loader names this often.
     #[arg(long, env = "TRAINER_RESOLVE_INTERVAL", default_value = "3s", value_parser = conveyor_proto::parse_duration)]
     pub resolve_interval: Duration,
@@ -107,6 +114,7 @@ impl LoaderArgs {
             request_timeout: defaults.request_timeout,
             unavailable_timeout: Duration::from_secs(30),
             resolve_interval: defaults.resolve_interval,
+            shm_bytes: defaults.connect.shm_bytes,
             security: SecurityArgs::default(),
         }
     }
@@ -116,7 +124,9 @@ impl LoaderArgs {
     /// # Errors
     /// A TLS or token file that cannot be used.
     pub fn options(&self) -> anyhow::Result<StreamOptions> {
-        let mut connect = ConnectOptions { max_message_bytes: self.max_message_bytes, ..ConnectOptions::default() };
+        let shm_bytes = if trainer_client::shm::enabled_by_env() { self.shm_bytes } else { 0 };
+        let mut connect =
+            ConnectOptions { max_message_bytes: self.max_message_bytes, shm_bytes, ..ConnectOptions::default() };
         self.security.apply(&mut connect)?;
         Ok(StreamOptions {
             connect,

@@ -1,0 +1,74 @@
+"""The same-host path from Python: loaders on Unix sockets (``unix:PATH``) whose batches travel
+through shared memory, against real loader processes."""
+
+import gc
+
+import numpy as np
+
+import conveyor
+from conftest import write_chess_like, write_dtypes
+
+
+def unix_loader(start_loader, tmp_path, datasets, name, *extra):
+    socket = tmp_path / f"{name}.sock"
+    loader = start_loader(datasets, "--listen-unix", socket, *extra)
+    return loader, f"unix:{socket}"
+
+
+def test_every_dtype_arrives_bit_exactly_through_shared_memory_and_outlives_the_client(tmp_path, start_loader):
+    fields = write_dtypes(tmp_path / "d")
+    _, addr = unix_loader(start_loader, tmp_path, {"d": tmp_path / "d"}, "a")
+    ds = conveyor.StreamingDataset([addr], "d", batch_size=7, shuffle="full", seed=3)
+    held, rows = [], 0
+    for batch in ds:
+        index = batch["__index__"]
+        for name, source in fields.items():
+            got, want = batch[name], source[index]
+            assert got.shape == want.shape, name
+            assert got.tobytes() == want.astype(got.dtype).tobytes(), name
+        rows += len(index)
+        held.append(batch)
+    assert rows == 53
+    # The arrays are views of the region; it stays mapped for them after the client is gone.
+    del ds
+    gc.collect()
+    for batch in held:
+        index = batch["__index__"]
+        for name, source in fields.items():
+            assert batch[name].tobytes() == source[index].astype(batch[name].dtype).tobytes(), name
+
+
+def test_a_unix_loader_killed_mid_epoch_loses_and_repeats_nothing(tmp_path, start_loader):
+    write_chess_like(tmp_path / "c", 20000)
+    a, a_addr = unix_loader(start_loader, tmp_path, {"c": tmp_path / "c"}, "a")
+    _, b_addr = unix_loader(start_loader, tmp_path, {"c": tmp_path / "c"}, "b")
+    ds = conveyor.StreamingDataset([a_addr, b_addr], "c", batch_size=100, seed=2, request_timeout=5.0)
+    seen = []
+    for i, batch in enumerate(ds):
+        assert np.array_equal(batch["label"], batch["__index__"] * 3), "content matches the indices"
+        seen.append(batch["__index__"])
+        if i == 30:
+            a.kill()
+    seen = np.concatenate(seen)
+    assert len(seen) == 20000 and len(np.unique(seen)) == 20000
+    stats = ds.stats()
+    assert stats["replicas"][a_addr]["failures"] >= 1, stats
+    assert stats["replicas"][b_addr]["batches"] > 0, stats
+
+
+def test_the_same_order_over_tcp_unix_with_and_without_shared_memory(tmp_path, start_loader, monkeypatch):
+    write_chess_like(tmp_path / "c", 3000)
+    tcp, addr = unix_loader(start_loader, tmp_path, {"c": tmp_path / "c"}, "a")
+
+    def epoch(loader_addr):
+        ds = conveyor.StreamingDataset([loader_addr], "c", batch_size=128, seed=9)
+        return [(b["__index__"].copy(), b["label"].copy()) for b in ds]
+
+    reference = epoch(tcp.addr)
+    shared = epoch(addr)
+    monkeypatch.setenv("CONVEYOR_SHM", "0")
+    plain = epoch(addr)
+    for other in (shared, plain):
+        assert len(other) == len(reference)
+        for (i, x), (j, y) in zip(reference, other):
+            assert np.array_equal(i, j) and np.array_equal(x, y)
