@@ -1,6 +1,7 @@
 """Copies per byte: one loader streaming to one client on loopback, two builds side by side.
 
 usage: CONVEYOR_BIN_BEFORE=DIR python bench/copies.py [--runs 3] [--batches 1500] [--gib 2]
+                                                     [--transports tcp,unix,shm]
 
 For each run, in this order: raw TCP loopback (iperf3, 3 s) and memcpy bandwidth, then for each
 build (CONVEYOR_BIN_BEFORE when set, then CONVEYOR_BIN or target/release) and each case,
@@ -8,7 +9,12 @@ build (CONVEYOR_BIN_BEFORE when set, then CONVEYOR_BIN or target/release) and ea
   images          [N,3,64,64] uint8 + int64 label, without tensors (the bytes reach the client)
   images tensors  the same into CPU tensors (`--tensors`: the training loop's path)
   chess tensors   [N,12,8,8] int16 + int64 label into CPU tensors (small samples)
-Both builds need trainer-client built with `--features torch`. Each case starts with its dataset
+With `--transports`, the newest build also runs the cases over the same-host path: `unix`
+(the loader's `--listen-unix` socket, CONVEYOR_SHM=0: gRPC over a Unix socket) and `shm` (the same
+socket with a shared-memory region: the loader writes each batch once into it and the client's
+tensors are views of it). In no case does the client read the bytes after they arrive (over TCP
+the kernel has copied them into the client by then; over `shm` nothing has). Both builds need
+trainer-client built with `--features torch`. Each case starts with its dataset
 read into the page cache. Writes OUT/copies.json and OUT/copies.md (min / median / max).
 """
 
@@ -27,14 +33,26 @@ CASES = {
 }
 
 
-def stream(bin_dir, name, path, batches, seed, extra, out):
+def stream(bin_dir, name, path, batches, seed, extra, out, transport="tcp"):
     common.BIN = bin_dir
-    proc, addr = common.start_loader({name: path}, ["--max-inflight-bytes", str(128 << 20)])
+    loader_args = ["--max-inflight-bytes", str(128 << 20)]
+    socket = os.path.join(out, "copies-loader.sock")
+    if transport != "tcp":
+        loader_args += ["--listen-unix", socket]
+    proc, addr = common.start_loader({name: path}, loader_args)
+    if transport != "tcp":
+        addr = f"unix:{socket}"
+    shm_was = os.environ.get("CONVEYOR_SHM")
+    os.environ["CONVEYOR_SHM"] = "0" if transport == "unix" else "1"
     try:
         report = common.conveyor_run([addr], name, os.path.join(out, "copies-stats.json"),
                                      ["--batch-size", "256", "--seed", str(seed), "--max-batches", str(batches),
                                       "--shuffle", "full", *extra])
     finally:
+        if shm_was is None:
+            del os.environ["CONVEYOR_SHM"]
+        else:
+            os.environ["CONVEYOR_SHM"] = shm_was
         proc.terminate()
         proc.wait(timeout=30)
     return report["bytes_per_s"]
@@ -46,7 +64,10 @@ def main():
     ap.add_argument("--batches", type=int, default=1500)
     ap.add_argument("--gib", type=float, default=2.0)
     ap.add_argument("--out", default=os.path.join(common.ROOT, "bench", "out"))
+    ap.add_argument("--transports", default="tcp",
+                    help="comma-separated: tcp, unix (gRPC over a Unix socket), shm (Unix socket + shared memory)")
     args = ap.parse_args()
+    transports = [t for t in args.transports.split(",") if t != "tcp"]
     data = os.path.join(args.out, "data")
     paths = {"images": os.path.join(data, "copies-images"), "chess": os.path.join(data, "copies-chess")}
     make_dataset(paths["images"], args.gib)
@@ -58,28 +79,39 @@ def main():
     if os.environ.get("CONVEYOR_BIN_BEFORE"):
         builds["before"] = os.environ["CONVEYOR_BIN_BEFORE"]
     builds["after"] = os.environ.get("CONVEYOR_BIN", os.path.join(common.ROOT, "target", "release"))
-    results = {"loopback": [], "memcpy": [], **{f"{b}: {c}": [] for b in builds for c in CASES}}
+    newest = list(builds)[-1]
+    keys = [(b, c, "tcp") for b in builds for c in CASES] + [(newest, c, t) for t in transports for c in CASES]
+    label = {key: f"{key[0]}: {key[1]}" + ("" if key[2] == "tcp" else f" ({key[2]})") for key in keys}
+    results = {"loopback": [], "memcpy": [], **{label[key]: [] for key in keys}}
     for run in range(args.runs):
         results["loopback"].append(iperf3(3))
         results["memcpy"].append(memcpy_bandwidth())
-        for build, bin_dir in builds.items():
-            for case, (name, extra) in CASES.items():
-                warm_page_cache(paths[name])
-                rate = stream(bin_dir, name, paths[name], args.batches, run, extra, args.out)
-                results[f"{build}: {case}"].append(rate)
-                print(f"run {run}: {build}: {case}: {rate / 1e6:.0f} MB/s "
-                      f"({rate / results['loopback'][-1]:.2f} of loopback)", flush=True)
+        for key in keys:
+            build, case, transport = key
+            name, extra = CASES[case]
+            warm_page_cache(paths[name])
+            rate = stream(builds[build], name, paths[name], args.batches, run, extra, args.out, transport)
+            results[label[key]].append(rate)
+            print(f"run {run}: {label[key]}: {rate / 1e6:.0f} MB/s "
+                  f"({rate / results['loopback'][-1]:.2f} of loopback, "
+                  f"{rate / results['memcpy'][-1]:.2f} of memcpy)", flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "copies.json"), "w") as f:
         json.dump({"runs": args.runs, "batches": args.batches, "builds": builds, "results": results}, f, indent=1)
-    lines = [f"{args.runs} runs of {args.batches} batches x 256 fully shuffled samples, one loader, loopback TCP",
-             "", "| measure (min / median / max) | MB/s | of iperf3 loopback (same run) |", "|---|---|---|"]
-    loopback = results["loopback"]
+    lines = [f"{args.runs} runs of {args.batches} batches x 256 fully shuffled samples, one loader on this host",
+             "", "| measure (min / median / max) | MB/s | of iperf3 loopback (same run) | of memcpy (same run) |",
+             "|---|---|---|---|"]
+
+    def share(values, base):
+        return "/".join(f"{v:.2f}" for v in common.summary([v / b for v, b in zip(values, base)]).values())
+
     for key, values in results.items():
         rates = "/".join(f"{v / 1e6:.0f}" for v in common.summary(values).values())
-        share = "" if key in ("loopback", "memcpy") else "/".join(
-            f"{v:.2f}" for v in common.summary([v / lb for v, lb in zip(values, loopback)]).values())
-        lines.append(f"| {key} | {rates} | {share} |")
+        if key in ("loopback", "memcpy"):
+            lines.append(f"| {key} | {rates} | | |")
+        else:
+            lines.append(f"| {key} | {rates} | {share(values, results['loopback'])} | "
+                         f"{share(values, results['memcpy'])} |")
     common.write_markdown(args.out, "copies", lines)
 
 

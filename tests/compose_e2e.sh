@@ -59,8 +59,11 @@ CONVEYOR_EPOCHS=1 timeout 300 "${compose_cmd[@]}" up --scale loader=2 trainer >/
     || { tail -30 /tmp/conveyor-up.log; fail "'up --scale loader=2 trainer' did not return 0 within 300 s"; }
 grep -q "epoch 0: every sample exactly once" /tmp/conveyor-up.log || { tail -30 /tmp/conveyor-up.log; fail "no epoch check"; }
 [ "$(docker inspect -f '{{.State.ExitCode}}' "$(compose ps -q trainer)")" = 0 ] || fail "trainer exit code"
+# The trainer reached the loaders through their sockets, with shared memory.
+compose logs --no-color loader | grep "stream opened" | grep "shared_memory=true" >/dev/null \
+    || { compose logs --no-color loader | tail -20; fail "the trainer's streams did not use shared memory"; }
 compose down -v --remove-orphans >/dev/null 2>&1
-echo "PASS: up ... trainer returned after one exactly-once epoch"
+echo "PASS: up ... trainer returned after one exactly-once epoch, through Unix sockets and shared memory"
 
 echo "== the secure setup: TLS from mounted secrets, a token, and callers without it refused"
 bash scripts/make-dev-secrets.sh >/dev/null
@@ -127,7 +130,8 @@ docker run -d --name "$oom_container" --network "$network" --network-alias loade
     -v "$volume":/data:ro -e LOADER_DATASET=chess=/data/chess -e LOADER_MAX_BATCH_BYTES=33554432 \
     -e LOADER_MAX_INFLIGHT_BYTES=268435456 conveyor:local >/dev/null
 wait_for "docker exec $oom_container /usr/local/bin/trainer-client health --loader 127.0.0.1:7070 >/dev/null 2>&1" 60
-compose run --rm --no-deps trainer stream --dataset chess --batch-size 20000 --epochs 2 --prefetch 8 \
+# Over TCP: the OOM replica joins the service name, not the compose loaders' socket volume.
+compose run --rm --no-deps -e TRAINER_LOADER=loader:7070 trainer stream --dataset chess --batch-size 20000 --epochs 2 --prefetch 8 \
     --check-exactly-once >/tmp/conveyor-oom-run.log 2>&1 || { cat /tmp/conveyor-oom-run.log; fail "training stopped"; }
 cat /tmp/conveyor-oom-run.log | grep -E "exactly once|streamed"
 [ "$(grep -c 'every sample exactly once' /tmp/conveyor-oom-run.log)" = 2 ] || fail "OOM run lost or repeated samples"

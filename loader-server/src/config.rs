@@ -26,9 +26,11 @@ pub struct Config {
     pub listen: SocketAddr,
 
     /// Also listen on this Unix socket, for trainers on the same host (`--loader unix:PATH`):
-    /// batches then travel through shared memory (see --shm-bytes). A stale socket file left by
-    /// a killed loader is replaced; one a running loader listens on is refused. Not served with
-    /// TLS (the socket never leaves the host; its file permissions say who may connect).
+    /// batches then travel through shared memory (see --shm-bytes). For a directory (one that
+    /// several replicas share; trainers give it as `unix:DIR/`), the socket is
+    /// DIR/loader-HOSTNAME.sock. A stale socket file left by a killed loader is replaced; one a
+    /// running loader listens on is refused. Not served with TLS (the socket never leaves the
+    /// host; its file permissions say who may connect).
     #[arg(long, env = "LOADER_LISTEN_UNIX")]
     pub listen_unix: Option<std::path::PathBuf>,
 

@@ -35,7 +35,7 @@ fn main() -> ExitCode {
 
 async fn run(config: Config) -> anyhow::Result<()> {
     let listen = config.listen;
-    let listen_unix = config.listen_unix.clone();
+    let listen_unix = config.listen_unix.as_deref().map(socket_path);
     let metrics_listen = config.metrics_listen;
     let state = loader_server::open(config)?;
     // SIGTERM or Ctrl-C stops the metrics endpoint and drains the gRPC server.
@@ -90,6 +90,18 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     tracing::info!("loader stopped");
     Ok(())
+}
+
+/// The socket `--listen-unix` names: the path itself, or for a directory (a volume that several
+/// replicas share) `loader-HOSTNAME.sock` inside it, so each replica has its own and a restarted
+/// one replaces its stale file.
+fn socket_path(path: &std::path::Path) -> std::path::PathBuf {
+    if !path.is_dir() && !path.as_os_str().to_string_lossy().ends_with('/') {
+        return path.to_owned();
+    }
+    let host = rustix::system::uname().nodename().to_string_lossy().into_owned();
+    let host: String = host.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+    path.join(format!("loader-{host}.sock"))
 }
 
 /// Binds `--listen-unix`, replacing a socket file that no loader listens on any more (one left by

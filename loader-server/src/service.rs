@@ -486,7 +486,7 @@ async fn serve_stream(
     let mut last_request = tokio::time::Instant::now();
     let mut failure: Option<Status> = None;
     let (mut num_batches, mut num_bytes, mut num_refused) = (0u64, 0u64, 0u64);
-    tracing::info!("stream opened");
+    tracing::info!(shared_memory = region.is_some(), "stream opened");
     let ended = loop {
         let idle_deadline = last_request + config.stream_idle_timeout;
         tokio::select! {

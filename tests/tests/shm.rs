@@ -147,3 +147,43 @@ async fn a_trainer_killed_with_sigkill_leaves_no_shared_memory_in_the_loader() {
     let maps = std::fs::read_to_string(shmem_path).expect("loader maps");
     assert!(!maps.contains("memfd:conveyor"), "the loader unmapped it too");
 }
+
+#[tokio::test]
+async fn a_socket_directory_is_one_replica_per_socket_and_loaders_name_their_own() {
+    let data = tempfile::tempdir().expect("tempdir");
+    demo::write_chess_dataset(data.path(), SAMPLES, 3).expect("demo data");
+    let sockets = tempfile::tempdir().expect("tempdir");
+    let dataset = [format!("chess={}", data.path().display())];
+    let named = sockets.path().join("a.sock").display().to_string();
+    let _a = start_loader(&dataset, &["--listen-unix", &named]).await.expect("loader a");
+    // A directory: the loader names its socket after the host.
+    let dir = format!("{}/", sockets.path().display());
+    let _b = start_loader(&dataset, &["--listen-unix", &dir]).await.expect("loader b");
+    let sockets_now: Vec<String> = std::fs::read_dir(sockets.path())
+        .expect("dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(sockets_now.len(), 2, "{sockets_now:?}");
+    assert!(sockets_now.iter().any(|n| n.starts_with("loader-") && n.ends_with(".sock")), "{sockets_now:?}");
+
+    let loaders = Loaders::connect(&[format!("unix:{dir}")], options(64 << 20)).await.expect("connect");
+    let mut epoch = loaders.epoch("chess", spec(), 0).expect("epoch");
+    let mut seen = 0;
+    while let Some(batch) = epoch.next_batch().await.expect("batch") {
+        demo::check_chess_batch(&batch).expect("content");
+        seen += batch.indices.len();
+    }
+    assert_eq!(seen as u64, SAMPLES);
+    let stats = epoch.into_loaders().stats();
+    assert_eq!(stats.replicas.len(), 2, "one replica per socket: {stats:?}");
+    assert!(stats.replicas.values().all(|r| r.batches > 0), "both served: {stats:?}");
+
+    // A second loader on a socket in use is refused with a message naming the flag.
+    let refused = std::process::Command::new(conveyor_tests::binary("loader-server"))
+        .args(["--listen", "127.0.0.1:0", "--dataset", &dataset[0], "--listen-unix", &named])
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(stderr.contains("a loader already listens on") && stderr.contains("--listen-unix"), "{stderr}");
+}

@@ -96,7 +96,7 @@ impl Connector for GrpcConnector {
         let hosts = self.hosts.clone();
         Box::pin(async move {
             if let Some(unix) = ReplicaAddr::unix(&name) {
-                return Ok(vec![unix]);
+                return unix_sockets(unix).await;
             }
             let addrs: Vec<ReplicaAddr> = tokio::net::lookup_host(&name).await?.map(ReplicaAddr::Tcp).collect();
             let host = host_of(&name);
@@ -107,6 +107,39 @@ impl Connector for GrpcConnector {
             Ok(addrs)
         })
     }
+}
+
+/// A `unix:PATH` loader: the socket, or for a directory (where scaled replicas each put
+/// `loader-HOSTNAME.sock`) every socket in it, sorted; re-read at every resolve, so replicas
+/// join and leave as their sockets come and go.
+///
+/// # Errors
+/// When a directory holds no socket yet (the resolver then keeps its last answer).
+async fn unix_sockets(addr: ReplicaAddr) -> std::io::Result<Vec<ReplicaAddr>> {
+    let ReplicaAddr::Unix(path) = &addr else { return Ok(vec![addr]) };
+    if !path.is_dir() {
+        return Ok(vec![addr]);
+    }
+    let dir = path.to_path_buf();
+    let list = move || -> std::io::Result<Vec<ReplicaAddr>> {
+        use std::os::unix::fs::FileTypeExt;
+        let mut sockets = Vec::new();
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_socket() {
+                sockets.push(ReplicaAddr::Unix(std::sync::Arc::from(entry.path())));
+            }
+        }
+        sockets.sort();
+        if sockets.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("no loader socket in {} yet", dir.display()),
+            ));
+        }
+        Ok(sockets)
+    };
+    tokio::task::spawn_blocking(list).await.map_err(std::io::Error::other)?
 }
 
 /// What connection tasks and the resolver report to the pool.

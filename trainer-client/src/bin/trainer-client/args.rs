@@ -71,7 +71,8 @@ impl SecurityArgs {
 #[derive(Debug, Clone, Args)]
 pub struct LoaderArgs {
     /// Loader address (host:port, http://host:port, or https://host:port for TLS; unix:PATH for a
-    /// loader's --listen-unix socket on this host, where batches travel through shared memory).
+    /// loader's --listen-unix socket on this host, where batches travel through shared memory,
+    /// and unix:DIR/ for every socket in a directory that several replicas share).
     /// Repeat for several replicas; a name that resolves to several addresses is one replica per
     /// address.
     #[arg(long = "loader", env = "TRAINER_LOADER", value_delimiter = ',', required = true)]
