@@ -187,7 +187,9 @@ class StreamingDataset(_Base):  # type: ignore[misc, valid-type]
 
     Arguments:
         loaders: loader addresses, ``"host:port"``; a name that resolves to several addresses is
-            one replica per address.
+            one replica per address. ``"unix:PATH"`` is a loader's ``--listen-unix`` socket on this
+            host (``"unix:DIR/"``: every socket in the directory): batches then arrive through
+            shared memory and the arrays are views of it (``CONVEYOR_SHM=0`` turns that off).
         dataset: the dataset's name on the loaders.
         batch_size: samples per batch.
         shuffle: ``"none"``, ``"full"`` (a permutation of the epoch) or ``"block"`` (chunked
