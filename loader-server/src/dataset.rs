@@ -361,12 +361,17 @@ impl Dataset {
                     Some(objects) => {
                         objects.iter().any(|(object, _)| ["zarr.json", ".zarray", ".zgroup"].contains(&object.as_str()))
                     }
-                    None => ["zarr.json", ".zgroup", ".zarray"]
-                        .iter()
-                        .map(|key| storage.exists(key))
-                        .collect::<Result<Vec<bool>, String>>()
-                        .map_err(remote)?
-                        .contains(&true),
+                    // Each probe is a request: stop at the first document found.
+                    None => {
+                        let mut found = false;
+                        for key in ["zarr.json", ".zgroup", ".zarray"] {
+                            if storage.exists(key).map_err(remote)? {
+                                found = true;
+                                break;
+                            }
+                        }
+                        found
+                    }
                 };
                 if zarr_root {
                     let store = storage.zarr_storage();

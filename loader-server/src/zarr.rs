@@ -49,17 +49,25 @@ pub fn is_zarr(path: &Path) -> bool {
     ["zarr.json", ".zarray", ".zgroup"].iter().any(|f| path.join(f).is_file())
 }
 
-/// `array` or `group` as the root's metadata says (`.zarray`/`.zgroup` for format 2, the
-/// `node_type` of `zarr.json` for format 3); `None` when it says neither.
-fn node_type(storage: &ReadableListableStorage, path: &Path) -> Result<Option<String>, LoadError> {
+/// `array` or `group` as the root's metadata says (the `node_type` of `zarr.json` for format 3,
+/// `.zarray`/`.zgroup` for format 2; `None` when it says neither), with the `zarr.json` document
+/// when there is one. `zarr.json` is read first: on a store that cannot list (plain HTTP) each
+/// probe is a request, and format 3 is what zarr-python writes by default.
+fn root_metadata(
+    storage: &ReadableListableStorage,
+    path: &Path,
+) -> Result<(Option<String>, Option<serde_json::Value>), LoadError> {
+    if let Some(document) = read_json(storage, path, "zarr.json")? {
+        let node_type = document.get("node_type").and_then(serde_json::Value::as_str).map(str::to_owned);
+        return Ok((node_type, Some(document)));
+    }
     if read_json(storage, path, ".zarray")?.is_some() {
-        return Ok(Some("array".into()));
+        return Ok((Some("array".into()), None));
     }
     if read_json(storage, path, ".zgroup")?.is_some() {
-        return Ok(Some("group".into()));
+        return Ok((Some("group".into()), None));
     }
-    let metadata = read_json(storage, path, "zarr.json")?;
-    Ok(metadata.and_then(|m| m.get("node_type")?.as_str().map(str::to_owned)))
+    Ok((None, None))
 }
 
 /// A field's facts plus its source.
@@ -259,9 +267,12 @@ fn as_object(document: serde_json::Value, shown: &Path) -> Result<serde_json::Va
 /// group has it (format 2 `.zmetadata`, zarr-python 3's `consolidated_metadata` in `zarr.json`),
 /// else from each child's metadata documents (which needs a store that lists: a file system or
 /// S3, not plain HTTP).
+///
+/// `zarr_json` is the group's `zarr.json` as [`root_metadata`] read it (not read again).
 fn list_members(
     storage: &ReadableListableStorage,
     path: &Path,
+    zarr_json: Option<serde_json::Value>,
 ) -> Result<(serde_json::Value, Vec<Member>, &'static str), LoadError> {
     let direct = |key: &str| !key.is_empty() && !key.contains('/');
     if let Some(consolidated) = read_json(storage, path, ".zmetadata")? {
@@ -283,7 +294,7 @@ fn list_members(
         let attributes = metadata.get(".zattrs").cloned().unwrap_or_default();
         return Ok((attributes, members, ".zmetadata"));
     }
-    let group = read_json(storage, path, "zarr.json")?;
+    let group = zarr_json;
     let group_attributes = match &group {
         Some(group) => group.get("attributes").cloned().unwrap_or_default(),
         None => read_json(storage, path, ".zattrs")?.unwrap_or_default(),
@@ -461,7 +472,8 @@ pub fn open_storage(
 ) -> Result<OpenedGroup, LoadError> {
     // Decide array or group from the metadata first, so that a broken array is reported with
     // the array's problem rather than as "not a group".
-    if node_type(&store, path)?.as_deref() == Some("array") {
+    let (node_type, zarr_json) = root_metadata(&store, path)?;
+    if node_type.as_deref() == Some("array") {
         check_selection(dataset, path, select, &[default_name.to_owned()], &[])?;
         let array =
             Array::open(store, "/").map_err(|e| zarr_error(path, format_args!("invalid array metadata: {e}")))?;
@@ -473,7 +485,7 @@ pub fn open_storage(
         });
     }
     Group::open(store.clone(), "/").map_err(|e| zarr_error(path, format_args!("invalid group metadata: {e}")))?;
-    let (group_attributes, mut members, metadata_source) = list_members(&store, path)?;
+    let (group_attributes, mut members, metadata_source) = list_members(&store, path, zarr_json)?;
     members.sort_by(|a, b| a.name.cmp(&b.name));
     if members.is_empty() {
         return Err(zarr_error(path, "the group holds no arrays; each array of a group is a field"));

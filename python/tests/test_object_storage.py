@@ -223,6 +223,7 @@ http {{
   }}
 }}
 """)
+        self.access_log = os.path.join(tmp, "access.log")
         self.proc = subprocess.Popen(["nginx", "-c", conf], stderr=subprocess.PIPE, text=True)
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 30
@@ -336,6 +337,12 @@ def test_http_servers_serve_npy_directories_and_zarr_groups(web, start_loader):
         assert got["board"].tobytes() == board.tobytes() and np.array_equal(got["label"], np.arange(100))
         index, got = epoch(loader, "e", shuffle, batch_size=12)
         assert sorted(index.tolist()) == list(range(70)) and got["eeg"].tobytes() == eeg["eeg"].values.tobytes()
+    # Opening the format-3 group probed no format-2 documents at its root and fetched its
+    # zarr.json twice (the loader's own read and zarrs' group open; it was three times).
+    with open(server.access_log) as f:
+        root = [line for line in f if "/eeg.zarr/" in line and "/eeg.zarr/eeg/" not in line]
+    assert not [line for line in root if "/eeg.zarr/.zarray" in line or "/eeg.zarr/.zgroup" in line], root
+    assert sum('"GET /eeg.zarr/zarr.json ' in line for line in root) == 2, root
 
 
 def test_transient_500s_and_resets_are_retried_and_the_epoch_stays_exactly_once(web, start_loader):
