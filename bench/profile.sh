@@ -5,6 +5,8 @@
 #   e.g. bash bench/profile.sh images bench/out/data/images 1500
 #        bash bench/profile.sh eeg bench/out/data/eeg.zarr 200 --shuffle block --shuffle-window 8
 # (after bench/suite.py made the data)
+# PROFILE_TRANSPORT=shm profiles the same-host path instead: the client reaches the loader's
+# --listen-unix socket and batches travel through shared memory.
 # Writes bench/out/profile-NAME.txt: time per process, per shared object, and the top symbols.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,10 +15,14 @@ shift $(($# < 3 ? $# : 3))
 out=bench/out; mkdir -p "$out"
 bin=target/release
 log=$(mktemp); trap 'kill "$loader" 2>/dev/null || true; rm -f "$log"' EXIT
-"$bin/loader-server" --listen 127.0.0.1:0 --dataset "$name=$dir" >"$log" &
+unix_args=()
+socket="$out/profile-loader.sock"
+if [ "${PROFILE_TRANSPORT:-tcp}" = shm ]; then unix_args=(--listen-unix "$socket"); fi
+"$bin/loader-server" --listen 127.0.0.1:0 "${unix_args[@]}" --dataset "$name=$dir" >"$log" &
 loader=$!
 for _ in $(seq 100); do grep -q "listening on" "$log" && break; sleep 0.1; done
-addr=$(awk '/listening on/ {print $3}' "$log")
+addr=$(awk '/listening on/ {print $3; exit}' "$log")
+if [ "${PROFILE_TRANSPORT:-tcp}" = shm ]; then addr="unix:$socket"; fi
 # Warm the page cache for the pages this run touches (same seed), so the profile shows the
 # steady state rather than disk reads.
 "$bin/trainer-client" stream --loader "$addr" --dataset "$name" --max-batches "$batches" --seed 7 "$@" >/dev/null
