@@ -151,6 +151,21 @@ pub struct Guarded {
 }
 
 impl Guarded {
+    /// A connection just accepted (and, on a Unix socket, past its hello): its deadlines start
+    /// now.
+    fn new(
+        stream: Socket,
+        remote: Option<SocketAddr>,
+        region: Option<Arc<SharedRegion>>,
+        limits: ConnectionLimits,
+        state: Arc<LoaderState>,
+        slot: OwnedSemaphorePermit,
+    ) -> Guarded {
+        let info = ConnInfo { remote, activity: Arc::new(Activity::new()), region };
+        let deadline = Box::pin(tokio::time::sleep(limits.handshake_timeout));
+        Guarded { stream, info, limits, deadline, state, _slot: slot }
+    }
+
     /// Returns an error once a deadline has passed; otherwise arms the timer for the next check.
     fn check_deadline(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         while self.deadline.as_mut().poll(cx).is_ready() {
@@ -238,10 +253,7 @@ pub fn incoming(
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
-                let activity = Arc::new(Activity::new());
-                let deadline = Box::pin(tokio::time::sleep(limits.handshake_timeout));
-                let info = ConnInfo { remote: Some(remote), activity, region: None };
-                let guarded = Guarded { stream: Socket::Tcp(stream), info, limits, deadline, state, _slot: slot };
+                let guarded = Guarded::new(Socket::Tcp(stream), Some(remote), None, limits, state, slot);
                 return Some((Ok(guarded), (listener, slots)));
             }
         }
@@ -260,7 +272,7 @@ pub fn incoming_unix(
     let (ready_tx, ready_rx) = mpsc::channel(limits.max_connections);
     tokio::spawn(async move {
         loop {
-            let stream = tokio::select! {
+            let mut stream = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => stream,
                     Err(error) => {
@@ -280,7 +292,6 @@ pub fn incoming_unix(
                 continue;
             };
             let (state, ready_tx) = (state.clone(), ready_tx.clone());
-            let mut stream = stream;
             tokio::spawn(async move {
                 let shm_bytes = state.config().shm_bytes;
                 let region = match tokio::time::timeout(limits.handshake_timeout, hello(&mut stream, shm_bytes)).await {
@@ -297,10 +308,7 @@ pub fn incoming_unix(
                 if region.is_some() {
                     state.stats.shm_regions.fetch_add(1, Relaxed);
                 }
-                let activity = Arc::new(Activity::new());
-                let deadline = Box::pin(tokio::time::sleep(limits.handshake_timeout));
-                let info = ConnInfo { remote: None, activity, region };
-                let guarded = Guarded { stream: Socket::Unix(stream), info, limits, deadline, state, _slot: slot };
+                let guarded = Guarded::new(Socket::Unix(stream), None, region, limits, state, slot);
                 let _ = ready_tx.send(Ok(guarded)).await;
             });
         }

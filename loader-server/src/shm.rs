@@ -147,12 +147,6 @@ impl SharedRegion {
         }
         true
     }
-
-    /// Bytes of the data area in use by batches not yet released (for tests).
-    pub fn used_bytes(&self) -> usize {
-        let extents = self.extents.lock().unwrap_or_else(|p| p.into_inner());
-        extents.used.iter().flatten().map(|&(_, len)| len).sum()
-    }
 }
 
 #[cfg(test)]

@@ -57,8 +57,12 @@ class Loader:
 def start_loader():
     started = []
 
-    def start(datasets, *extra_args, env=None):
+    def start(datasets, *extra_args, env=None, unix_socket=None):
+        """`unix_socket`: also listen there (`--listen-unix`); `client_addr` is then `unix:PATH`."""
+        if unix_socket is not None:
+            extra_args = (*extra_args, "--listen-unix", unix_socket)
         loader = Loader(datasets, extra_args, env)
+        loader.client_addr = loader.addr if unix_socket is None else f"unix:{unix_socket}"
         started.append(loader)
         return loader
 

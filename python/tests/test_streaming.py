@@ -101,11 +101,14 @@ def test_a_state_dict_taken_mid_epoch_resumes_in_a_fresh_process(tmp_path, start
         other.load_state_dict(state)
 
 
-def test_a_loader_killed_mid_epoch_loses_and_repeats_nothing(tmp_path, start_loader):
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_a_loader_killed_mid_epoch_loses_and_repeats_nothing(tmp_path, start_loader, transport):
+    """Over TCP, and over Unix sockets with shared memory (test_shm.py has the rest of that path)."""
     write_chess_like(tmp_path / "c", 20000)
-    a = start_loader({"c": tmp_path / "c"})
-    b = start_loader({"c": tmp_path / "c"})
-    ds = conveyor.StreamingDataset([a.addr, b.addr], "c", batch_size=100, seed=2, request_timeout=5.0)
+    sockets = {"a": None, "b": None} if transport == "tcp" else {n: tmp_path / f"{n}.sock" for n in "ab"}
+    a = start_loader({"c": tmp_path / "c"}, unix_socket=sockets["a"])
+    b = start_loader({"c": tmp_path / "c"}, unix_socket=sockets["b"])
+    ds = conveyor.StreamingDataset([a.client_addr, b.client_addr], "c", batch_size=100, seed=2, request_timeout=5.0)
     seen = []
     for i, batch in enumerate(ds):
         assert np.array_equal(batch["label"], batch["__index__"] * 3), "content matches the indices"
@@ -115,7 +118,8 @@ def test_a_loader_killed_mid_epoch_loses_and_repeats_nothing(tmp_path, start_loa
     seen = np.concatenate(seen)
     assert len(seen) == 20000 and len(np.unique(seen)) == 20000
     stats = ds.stats()
-    assert stats["samples"] == 20000 and stats["replicas"][a.addr]["failures"] >= 1, stats
+    assert stats["samples"] == 20000 and stats["replicas"][a.client_addr]["failures"] >= 1, stats
+    assert stats["replicas"][b.client_addr]["batches"] > 0, stats
     # Retries depend on whether the killed loader had requests in flight at that moment.
     assert stats["samples_per_s"] > 0 and stats["retried_batches"] <= 8, stats
 

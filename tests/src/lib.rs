@@ -111,6 +111,15 @@ pub async fn start_loader_on(listen: &str, datasets: &[String], extra_args: &[&s
     LoaderProcess::start(&binary("loader-server"), &args, Duration::from_secs(60)).await
 }
 
+/// Waits until `done`, checking every 20 ms, and fails the test naming `what` after `timeout`.
+pub async fn eventually(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Runs `trainer-client` with `args` to completion.
 ///
 /// # Errors

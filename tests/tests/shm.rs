@@ -2,13 +2,9 @@
 //! shared-memory region the client maps; a full region falls back to the socket; shared memory
 //! can be turned off; and a killed trainer leaves no shared memory in the loader.
 
-use std::{
-    path::Path,
-    sync::atomic::Ordering::Relaxed,
-    time::{Duration, Instant},
-};
+use std::{path::Path, sync::atomic::Ordering::Relaxed, time::Duration};
 
-use conveyor_tests::{InProcessLoader, start_loader};
+use conveyor_tests::{InProcessLoader, eventually, start_loader};
 use trainer_client::{ConnectOptions, Loaders, PlanSpec, Shuffle, StreamOptions, demo};
 
 const SAMPLES: u64 = 6_000;
@@ -57,14 +53,8 @@ fn mapped_regions() -> usize {
     maps.lines().filter(|l| l.contains("memfd:conveyor-batches")).count()
 }
 
-/// Waits (bounded) until `done`.
-async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+/// How long the tests wait for connections and regions to go.
+const GONE_WITHIN: Duration = Duration::from_secs(20);
 
 #[tokio::test]
 async fn batches_travel_through_shared_memory_fall_back_when_full_and_leave_nothing_mapped() {
@@ -105,8 +95,8 @@ async fn batches_travel_through_shared_memory_fall_back_when_full_and_leave_noth
 
     // With every batch and connection gone, no region stays registered or mapped, on either side
     // (the loader runs in this process too).
-    eventually("regions are unregistered", || trainer_client::shm::num_open_regions() == 0).await;
-    eventually("regions are unmapped", || mapped_regions() == 0).await;
+    eventually("regions are unregistered", GONE_WITHIN, || trainer_client::shm::num_open_regions() == 0).await;
+    eventually("regions are unmapped", GONE_WITHIN, || mapped_regions() == 0).await;
     loader.stop().await;
 }
 
@@ -139,10 +129,10 @@ async fn a_trainer_killed_with_sigkill_leaves_no_shared_memory_in_the_loader() {
         .kill_on_drop(true)
         .spawn()
         .expect("trainer starts");
-    eventually("the loader holds the trainer's region", || region_fds(loader_pid) == 1).await;
+    eventually("the loader holds the trainer's region", GONE_WITHIN, || region_fds(loader_pid) == 1).await;
     trainer.start_kill().expect("SIGKILL");
     trainer.wait().await.expect("reaped");
-    eventually("the loader closed the region", || region_fds(loader_pid) == 0).await;
+    eventually("the loader closed the region", GONE_WITHIN, || region_fds(loader_pid) == 0).await;
     let shmem_path = Path::new("/proc").join(loader_pid.to_string()).join("maps");
     let maps = std::fs::read_to_string(shmem_path).expect("loader maps");
     assert!(!maps.contains("memfd:conveyor"), "the loader unmapped it too");

@@ -8,7 +8,7 @@
 //! keeps its region mapped after the connection that brought it is gone.
 
 use std::{
-    collections::HashMap,
+    collections::BTreeMap,
     io::{self, Write},
     path::Path,
     pin::Pin,
@@ -33,12 +33,12 @@ pub const SHM_ENV: &str = "CONVEYOR_SHM";
 
 /// Regions of open connections, by id. A connection removes its own when it closes; batches
 /// hold their region on their own.
-static REGIONS: Mutex<Option<HashMap<u64, Arc<Region>>>> = Mutex::new(None);
+static REGIONS: Mutex<BTreeMap<u64, Arc<Region>>> = Mutex::new(BTreeMap::new());
 
 /// Ids for this process's regions.
 static NEXT_REGION: AtomicU64 = AtomicU64::new(1);
 
-fn regions() -> std::sync::MutexGuard<'static, Option<HashMap<u64, Arc<Region>>>> {
+fn regions() -> std::sync::MutexGuard<'static, BTreeMap<u64, Arc<Region>>> {
     REGIONS.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -56,10 +56,8 @@ pub(crate) struct UnixConnection {
 
 impl Drop for UnixConnection {
     fn drop(&mut self) {
-        if let Some(id) = self.region_id
-            && let Some(map) = regions().as_mut()
-        {
-            map.remove(&id);
+        if let Some(id) = self.region_id {
+            regions().remove(&id);
         }
     }
 }
@@ -71,39 +69,36 @@ impl Drop for UnixConnection {
 /// When the socket cannot be reached in `timeout`, or the hello fails.
 pub(crate) async fn connect_unix(path: &Path, max_shm_bytes: u64, timeout: Duration) -> io::Result<UnixConnection> {
     let path = path.to_owned();
-    let connect = move || -> io::Result<UnixConnection> {
+    let connect = move || -> io::Result<(std::os::unix::net::UnixStream, Option<(u64, Region)>)> {
         let mut stream = std::os::unix::net::UnixStream::connect(&path)?;
-        let mut region_id = None;
+        let mut granted = None;
         if max_shm_bytes > 0 {
             stream.set_read_timeout(Some(timeout))?;
             let id = NEXT_REGION.fetch_add(1, Ordering::Relaxed);
             stream.write_all(&Hello { region_id: id, max_bytes: max_shm_bytes }.encode())?;
             if let Some((len, fd)) = shm::recv_grant(&stream)? {
-                let region = Region::open(fd, len)?;
-                regions().get_or_insert_with(HashMap::new).insert(id, Arc::new(region));
-                region_id = Some(id);
+                granted = Some((id, Region::open(fd, len)?));
                 tracing::debug!(path = %path.display(), bytes = len, "shared-memory region granted");
             }
             stream.set_read_timeout(None)?;
         }
         stream.set_nonblocking(true)?;
-        // Registered before the conversion can fail, so the drop below unregisters it.
-        let connection = tokio::net::UnixStream::from_std(stream);
-        match connection {
-            Ok(stream) => Ok(UnixConnection { stream, region_id }),
-            Err(error) => {
-                if let (Some(id), Some(map)) = (region_id, regions().as_mut()) {
-                    map.remove(&id);
-                }
-                Err(error)
-            }
+        Ok((stream, granted))
+    };
+    let (stream, granted) = match tokio::time::timeout(timeout, tokio::task::spawn_blocking(connect)).await {
+        Ok(Ok(result)) => result?,
+        Ok(Err(join_error)) => return Err(io::Error::other(join_error)),
+        Err(_) => {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "connecting to the loader's Unix socket timed out"));
         }
     };
-    match tokio::time::timeout(timeout, tokio::task::spawn_blocking(connect)).await {
-        Ok(Ok(result)) => result,
-        Ok(Err(join_error)) => Err(io::Error::other(join_error)),
-        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connecting to the loader's Unix socket timed out")),
-    }
+    let stream = tokio::net::UnixStream::from_std(stream)?;
+    // Registered only once the connection exists: its drop unregisters it.
+    let region_id = granted.map(|(id, region)| {
+        regions().insert(id, Arc::new(region));
+        id
+    });
+    Ok(UnixConnection { stream, region_id })
 }
 
 impl AsyncRead for UnixConnection {
@@ -179,7 +174,7 @@ pub(crate) fn resolve(response: &mut BatchResponse) -> Result<(), String> {
         let lease = match &lease {
             Some(lease) if lease.entry == entry && lease.region_id == region => lease.clone(),
             _ => {
-                let mapped = regions().as_ref().and_then(|map| map.get(&region).cloned()).ok_or_else(|| {
+                let mapped = regions().get(&region).cloned().ok_or_else(|| {
                     format!(
                         "field {:?} was sent in shared-memory region {region}, which this client does not hold",
                         tensor.field
@@ -211,7 +206,7 @@ pub(crate) fn resolve(response: &mut BatchResponse) -> Result<(), String> {
 
 /// Regions this process holds in the registry (for tests).
 pub fn num_open_regions() -> usize {
-    regions().as_ref().map_or(0, HashMap::len)
+    regions().len()
 }
 
 #[cfg(test)]
@@ -226,7 +221,7 @@ mod tests {
     fn register(len: u64) -> (u64, Arc<Region>) {
         let region = Arc::new(Region::create(len).expect("memfd"));
         let id = NEXT_REGION.fetch_add(1, Ordering::Relaxed);
-        regions().get_or_insert_with(HashMap::new).insert(id, region.clone());
+        regions().insert(id, region.clone());
         (id, region)
     }
 
@@ -253,7 +248,7 @@ mod tests {
         assert_eq!(region.entry(7).load(Ordering::Acquire), IN_USE, "a view is still alive");
         drop(b);
         assert_eq!(region.entry(7).load(Ordering::Acquire), RELEASED);
-        regions().as_mut().expect("registry").remove(&id);
+        regions().remove(&id);
         assert_eq!(region.entry(8).load(Ordering::Acquire), FREE);
     }
 
@@ -271,6 +266,6 @@ mod tests {
             let error = resolve(&mut response).expect_err("refused");
             assert!(error.contains(needle) && error.contains("\"x\""), "{error}");
         }
-        regions().as_mut().expect("registry").remove(&id);
+        regions().remove(&id);
     }
 }
