@@ -130,13 +130,21 @@ docker run -d --name "$oom_container" --network "$network" --network-alias loade
     -v "$volume":/data:ro -e LOADER_DATASET=chess=/data/chess -e LOADER_MAX_BATCH_BYTES=33554432 \
     -e LOADER_MAX_INFLIGHT_BYTES=268435456 conveyor:local >/dev/null
 wait_for "docker exec $oom_container /usr/local/bin/trainer-client health --loader 127.0.0.1:7070 >/dev/null 2>&1" 60
-# Over TCP: the OOM replica joins the service name, not the compose loaders' socket volume.
-compose run --rm --no-deps -e TRAINER_LOADER=loader:7070 trainer stream --dataset chess --batch-size 20000 --epochs 2 --prefetch 8 \
-    --check-exactly-once >/tmp/conveyor-oom-run.log 2>&1 || { cat /tmp/conveyor-oom-run.log; fail "training stopped"; }
+# Over TCP (the OOM replica joins the service name, not the compose loaders' socket volume) and
+# without shared memory, so that the compose loaders are no faster than it and a prefetch window
+# of 16 keeps a few 30 MB batches in flight on every replica, the small one included.
+compose run --rm --no-deps -e TRAINER_LOADER=loader:7070 -e CONVEYOR_SHM=0 trainer stream --dataset chess \
+    --batch-size 20000 --epochs 2 --prefetch 16 --check-exactly-once >/tmp/conveyor-oom-run.log 2>&1 \
+    || { cat /tmp/conveyor-oom-run.log; fail "training stopped"; }
 cat /tmp/conveyor-oom-run.log | grep -E "exactly once|streamed"
 [ "$(grep -c 'every sample exactly once' /tmp/conveyor-oom-run.log)" = 2 ] || fail "OOM run lost or repeated samples"
 oom=$(docker inspect -f '{{.State.OOMKilled}}' "$oom_container")
-[ "$oom" = true ] || fail "the small loader was not OOM-killed (OOMKilled=$oom); the test proved nothing"
+if [ "$oom" != true ]; then
+    cat /tmp/conveyor-oom-run.log
+    docker inspect -f 'state: {{json .State}}' "$oom_container"
+    docker logs --tail 30 "$oom_container" 2>&1
+    fail "the small loader was not OOM-killed (OOMKilled=$oom); the test proved nothing"
+fi
 echo "PASS: the kernel OOM-killed a loader replica and both epochs still arrived exactly once"
 
 echo "== down -v"

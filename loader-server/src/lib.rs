@@ -140,6 +140,23 @@ pub fn tls_config(config: &Config) -> Result<Option<ServerTlsConfig>, ServeError
     Ok(Some(tls))
 }
 
+/// What the loader tells clients about its same-host path: the Unix socket's absolute path and
+/// a random id for this process. `None` without shared memory (`--shm-bytes 0`: moving to the
+/// socket would gain nothing) or when the socket's path cannot be named.
+fn same_host(unix: &tokio::net::UnixListener, config: &Config) -> Option<conveyor_proto::v1::SameHost> {
+    if config.shm_bytes == 0 {
+        return None;
+    }
+    let local = unix.local_addr().ok()?;
+    let path = std::path::absolute(local.as_pathname()?).ok()?;
+    let mut id = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id).ok()?;
+    Some(conveyor_proto::v1::SameHost {
+        unix_socket: path.to_string_lossy().into_owned(),
+        instance_id: u64::from_le_bytes(id),
+    })
+}
+
 /// Says loudly at start-up when the loader can be reached from other hosts without TLS or
 /// without tokens.
 fn warn_if_exposed(listener: &TcpListener, config: &Config, has_tokens: bool) {
@@ -203,8 +220,10 @@ pub async fn serve_with_unix(
     let (drain_started_tx, drain_started_rx) = tokio::sync::oneshot::channel::<()>();
 
     warn_if_exposed(&listener, &config, state.tokens.is_some() || config.tls_client_ca.is_some());
+    let same_host = unix.as_ref().and_then(|unix| same_host(unix, &config));
     let loader = |draining_rx| {
-        let loader = LoaderServer::new(LoaderService::new(state.clone(), draining_rx))
+        let service = LoaderService::new(state.clone(), draining_rx).with_same_host(same_host.clone());
+        let loader = LoaderServer::new(service)
             .max_encoding_message_size(config.max_message_bytes())
             .max_decoding_message_size(service::request_limit_bytes(&config));
         InterceptedService::new(loader, auth::TokenCheck::new(state.clone()))

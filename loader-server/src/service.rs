@@ -13,7 +13,10 @@ use std::{
 
 use bytes::Bytes;
 use conveyor_proto::{
-    v1::{BatchRequest, BatchResponse, DatasetInfo, DescribeDatasetRequest, ListDatasetsRequest, ListDatasetsResponse},
+    v1::{
+        BatchRequest, BatchResponse, DatasetInfo, DescribeDatasetRequest, ListDatasetsRequest, ListDatasetsResponse,
+        SameHost,
+    },
     v1_gather::loader_server::Loader,
     wire::{OutgoingBatch, OutgoingTensor},
 };
@@ -445,12 +448,22 @@ pub struct LoaderService {
     state: Arc<LoaderState>,
     /// Turns true when the loader starts draining.
     draining_rx: watch::Receiver<bool>,
+    /// The same-host path this loader tells clients about in its catalog, if it has one.
+    same_host: Option<SameHost>,
 }
 
 impl LoaderService {
     /// A handler that stops taking work once `draining_rx` turns true.
     pub fn new(state: Arc<LoaderState>, draining_rx: watch::Receiver<bool>) -> LoaderService {
-        LoaderService { state, draining_rx }
+        LoaderService { state, draining_rx, same_host: None }
+    }
+
+    /// Tells clients in `ListDatasets` where this loader's Unix socket with shared memory is,
+    /// so that one on the same host can move its batch streams there.
+    #[must_use]
+    pub fn with_same_host(mut self, same_host: Option<SameHost>) -> LoaderService {
+        self.same_host = same_host;
+        self
     }
 }
 
@@ -747,7 +760,7 @@ impl Loader for LoaderService {
         let _call = ConnInfo::of(&request).map(|c| c.activity.begin());
         let max = self.state.config.max_batch_samples;
         let datasets = self.state.datasets().map(|d| d.info(max)).collect();
-        Ok(Response::new(ListDatasetsResponse { datasets }))
+        Ok(Response::new(ListDatasetsResponse { datasets, same_host: self.same_host.clone() }))
     }
 
     async fn describe_dataset(

@@ -190,6 +190,8 @@ class StreamingDataset(_Base):  # type: ignore[misc, valid-type]
             one replica per address. ``"unix:PATH"`` is a loader's ``--listen-unix`` socket on this
             host (``"unix:DIR/"``: every socket in the directory): batches then arrive through
             shared memory and the arrays are views of it (``CONVEYOR_SHM=0`` turns that off).
+            A ``"host:port"`` loader on this host that has such a socket is found and used the
+            same way.
         dataset: the dataset's name on the loaders.
         batch_size: samples per batch.
         shuffle: ``"none"``, ``"full"`` (a permutation of the epoch) or ``"block"`` (chunked

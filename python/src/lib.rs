@@ -42,6 +42,7 @@ fn to_py(error: ClientError) -> PyErr {
         ClientError::UnknownDataset { .. } => UnknownDatasetError::new_err(message),
         ClientError::NoLoaders
         | ClientError::Connect { .. }
+        | ClientError::ConnectTimeout { .. }
         | ClientError::Rpc { .. }
         | ClientError::StreamEnded { .. }
         | ClientError::RequestTimeout { .. }

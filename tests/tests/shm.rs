@@ -1,6 +1,7 @@
 //! End-to-end: the same-host path. Loaders listening on a Unix socket write batches into a
 //! shared-memory region the client maps; a full region falls back to the socket; shared memory
-//! can be turned off; and a killed trainer leaves no shared memory in the loader.
+//! can be turned off; a TCP address of a loader on this host is moved to its socket (and only
+//! to that loader's own socket); and a killed trainer leaves no shared memory in the loader.
 
 use std::{path::Path, sync::atomic::Ordering::Relaxed, time::Duration};
 
@@ -89,9 +90,13 @@ async fn batches_travel_through_shared_memory_fall_back_when_full_and_leave_noth
     assert_eq!(stats.shm_batches.load(Relaxed), before, "no region asked for, none used");
     assert_eq!(stats.shm_regions.load(Relaxed), 2);
 
-    // TCP beside it is unchanged.
+    // Its TCP address: the loader names its socket in the catalog, the client finds it on this
+    // host, checks it is the same loader and streams through shared memory; with shared memory
+    // off on the client it stays on TCP.
     epoch(&loader.addr, 64 << 20, false).await;
-    assert_eq!(stats.shm_batches.load(Relaxed), before);
+    assert_eq!(stats.shm_batches.load(Relaxed), before + num_batches, "the same host detected from TCP");
+    epoch(&loader.addr, 0, false).await;
+    assert_eq!(stats.shm_batches.load(Relaxed), before + num_batches, "shared memory off: TCP");
 
     // With every batch and connection gone, no region stays registered or mapped, on either side
     // (the loader runs in this process too).
@@ -176,4 +181,34 @@ async fn a_socket_directory_is_one_replica_per_socket_and_loaders_name_their_own
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success());
     assert!(stderr.contains("a loader already listens on") && stderr.contains("--listen-unix"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_tcp_client_moves_only_to_the_named_loaders_own_socket() {
+    let data = tempfile::tempdir().expect("tempdir");
+    demo::write_chess_dataset(data.path(), SAMPLES, 3).expect("demo data");
+    let sockets = tempfile::tempdir().expect("tempdir");
+    let named = sockets.path().join("a.sock");
+    let config = || {
+        let mut config = loader_server::Config::for_datasets([format!("chess={}", data.path().display())]);
+        config.shm_bytes = 64 << 20;
+        config
+    };
+    let a = InProcessLoader::start_with_unix(config(), &named).await;
+    // Loader a keeps listening on its socket under another name; the path it names in its
+    // catalog now holds nothing.
+    std::fs::rename(&named, sockets.path().join("moved.sock")).expect("rename");
+    epoch(&a.addr, 64 << 20, false).await;
+    assert_eq!(a.state.stats.shm_batches.load(Relaxed), 0, "no socket at the named path: TCP");
+    assert_eq!(a.state.stats.batches_served.load(Relaxed), SAMPLES.div_ceil(BATCH));
+
+    // Another loader's socket at that path answers with another instance id: still TCP, and the
+    // other loader serves nothing.
+    let b = InProcessLoader::start_with_unix(config(), &named).await;
+    epoch(&a.addr, 64 << 20, false).await;
+    assert_eq!(a.state.stats.shm_batches.load(Relaxed), 0, "another loader's socket is not taken");
+    assert_eq!(a.state.stats.batches_served.load(Relaxed), 2 * SAMPLES.div_ceil(BATCH));
+    assert_eq!(b.state.stats.batches_served.load(Relaxed), 0);
+    a.stop().await;
+    b.stop().await;
 }

@@ -3,7 +3,7 @@
 
 use std::{path::Path, time::Duration};
 
-use conveyor_proto::v1::{DatasetInfo, ListDatasetsRequest, loader_client::LoaderClient};
+use conveyor_proto::v1::{DatasetInfo, ListDatasetsRequest, ListDatasetsResponse, loader_client::LoaderClient};
 use tonic::{
     metadata::{Ascii, MetadataValue},
     service::{Interceptor, interceptor::InterceptedService},
@@ -139,6 +139,9 @@ pub struct ConnectOptions {
     pub max_message_bytes: usize,
     /// How long to wait for a TCP connection.
     pub connect_timeout: Duration,
+    /// How long one unary call may take (the catalog asked for on every connection, `info`): a
+    /// loader that accepts a connection but never answers is reported, not waited for.
+    pub call_timeout: Duration,
     /// HTTP/2 per-stream receive window.
     pub http2_stream_window: u32,
     /// HTTP/2 per-connection receive window.
@@ -160,6 +163,7 @@ impl Default for ConnectOptions {
         ConnectOptions {
             max_message_bytes: conveyor_proto::DEFAULT_MAX_MESSAGE_BYTES,
             connect_timeout: Duration::from_secs(5),
+            call_timeout: Duration::from_secs(10),
             http2_stream_window: 16 << 20,
             http2_connection_window: 64 << 20,
             http2_max_frame: 1 << 20,
@@ -221,7 +225,7 @@ pub async fn fetch_catalog(loader: &str, options: &ConnectOptions) -> Result<Vec
     let addr = parse_loader(loader)?;
     let host = host_of(&addr);
     let mut client = connect(&addr, &host, &options).await?;
-    list_datasets(&mut client, &addr, options.tls.is_some()).await
+    Ok(list_datasets(&mut client, &addr, &options).await?.datasets)
 }
 
 /// The host part of `host:port` (without the brackets of an IPv6 address).
@@ -274,7 +278,13 @@ async fn channel(addr: &str, host: &str, options: &ConnectOptions) -> Result<Cha
         .initial_stream_window_size(options.http2_stream_window)
         .initial_connection_window_size(options.http2_connection_window)
         .max_frame_size(options.http2_max_frame);
-    endpoint.connect().await.map_err(|source| ClientError::Connect { addr: addr.to_owned(), source })
+    // connect_timeout bounds the TCP connect only; the TLS and HTTP/2 handshakes after it get as
+    // long again, so that a peer which accepts and then says nothing cannot hold the client.
+    let timeout = options.connect_timeout * 2;
+    match tokio::time::timeout(timeout, endpoint.connect()).await {
+        Ok(channel) => channel.map_err(|source| ClientError::Connect { addr: addr.to_owned(), source }),
+        Err(_) => Err(ClientError::ConnectTimeout { addr: addr.to_owned(), timeout }),
+    }
 }
 
 /// A channel to a loader's Unix socket (plain HTTP/2: the socket never leaves the host), whose
@@ -305,11 +315,24 @@ async fn unix_channel(
 ///
 /// # Errors
 /// [`ClientError::Rpc`] when the call fails.
-pub(crate) async fn list_datasets(client: &mut Client, addr: &str, tls: bool) -> Result<Vec<DatasetInfo>, ClientError> {
-    let response = client.list_datasets(ListDatasetsRequest {}).await.map_err(|status| {
+pub(crate) async fn list_datasets(
+    client: &mut Client,
+    addr: &str,
+    options: &ConnectOptions,
+) -> Result<ListDatasetsResponse, ClientError> {
+    let call = client.list_datasets(ListDatasetsRequest {});
+    let answer = tokio::time::timeout(options.call_timeout, call).await.unwrap_or_else(|_| {
+        Err(tonic::Status::deadline_exceeded(format!(
+            "no answer to ListDatasets within {:?}; check that {addr} is a Conveyor loader and that it is not stalled",
+            options.call_timeout
+        )))
+    });
+    let response = answer.map_err(|status| {
         // What a plain-text client sees of a TLS loader: say what to change.
         let message = status.message();
-        let status = if !tls && (message.contains("h2 protocol error") || message.contains("transport error")) {
+        let status = if options.tls.is_none()
+            && (message.contains("h2 protocol error") || message.contains("transport error"))
+        {
             tonic::Status::new(
                 status.code(),
                 format!(
@@ -322,7 +345,7 @@ pub(crate) async fn list_datasets(client: &mut Client, addr: &str, tls: bool) ->
         };
         ClientError::Rpc { addr: addr.to_owned(), status: Box::new(status) }
     })?;
-    Ok(response.into_inner().datasets)
+    Ok(response.into_inner())
 }
 
 /// Samples per block of a dataset: its longest chunk along the sample axis (1 when unchunked).
@@ -380,6 +403,30 @@ mod tests {
         assert!(options.tls.is_some());
         let error = settle_tls(&["https://a:1".into(), "http://b:1".into()], &mut options).expect_err("mixed");
         assert!(error.to_string().contains("http://b:1"), "{error}");
+    }
+
+    /// A peer that takes connections and never says a word (what a loader serving TLS looks like
+    /// to some plain-text clients, or a wrong port): the catalog call is reported, not awaited.
+    #[tokio::test]
+    async fn a_silent_peer_is_reported_within_the_timeouts() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let hold = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let options = ConnectOptions {
+            connect_timeout: Duration::from_millis(200),
+            call_timeout: Duration::from_millis(300),
+            ..ConnectOptions::default()
+        };
+        let answer = tokio::time::timeout(Duration::from_secs(30), fetch_catalog(&addr, &options)).await;
+        let error = answer.expect("an answer, not a hang").expect_err("a silent peer serves no catalog");
+        let text = crate::error::chain(&error);
+        assert!(text.contains(&addr) && text.contains("within"), "{text}");
+        hold.abort();
     }
 
     #[test]

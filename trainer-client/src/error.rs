@@ -61,6 +61,18 @@ pub enum ClientError {
         #[source]
         source: tonic::transport::Error,
     },
+    /// A loader took the TCP connection but did not finish the TLS and HTTP/2 handshakes in time.
+    #[error(
+        "loader {addr} did not complete the connection handshake within {} (a loader serving TLS \
+         reached without https://, or not a Conveyor loader?)",
+        seconds(*timeout)
+    )]
+    ConnectTimeout {
+        /// The loader address.
+        addr: String,
+        /// How long the client waited (`ConnectOptions::connect_timeout`).
+        timeout: Duration,
+    },
     /// A loader answered a call, or ended its batch stream, with an error status.
     #[error("loader {addr} failed: {}: {}", status.code(), status.message())]
     Rpc {

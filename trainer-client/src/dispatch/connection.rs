@@ -10,13 +10,13 @@ use std::{
     time::Duration,
 };
 
-use conveyor_proto::v1::{BatchRequest, BatchResponse, DatasetInfo};
+use conveyor_proto::v1::{BatchRequest, BatchResponse, DatasetInfo, SameHost};
 use futures::{Stream, StreamExt, future::BoxFuture};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::{
-    client::{ConnectOptions, connect, host_of, list_datasets},
+    client::{Client, ConnectOptions, connect, host_of, list_datasets},
     error::ClientError,
 };
 
@@ -73,7 +73,22 @@ impl Connector for GrpcConnector {
         Box::pin(async move {
             let name = addr.to_string();
             let mut client = connect(&name, &host, &options).await?;
-            let datasets = list_datasets(&mut client, &name, options.tls.is_some()).await?;
+            let catalog = list_datasets(&mut client, &name, &options).await?;
+            let datasets = catalog.datasets;
+            // A TCP loader on this host that serves shared memory: stream through it instead.
+            if let (ReplicaAddr::Tcp(_), Some(same_host)) = (&addr, catalog.same_host)
+                && options.shm_bytes > 0
+            {
+                match same_host_client(&same_host, &options).await {
+                    Ok(local) => {
+                        tracing::info!(replica = %name, socket = %same_host.unix_socket, "loader is on this host: streaming through its Unix socket and shared memory");
+                        client = local;
+                    }
+                    Err(why) => {
+                        tracing::debug!(replica = %name, socket = %same_host.unix_socket, %why, "staying on TCP")
+                    }
+                }
+            }
             let (requests_tx, requests_rx) = mpsc::channel(window);
             let responses = client
                 .stream_batches(ReceiverStream::new(requests_rx))
@@ -106,6 +121,26 @@ impl Connector for GrpcConnector {
             }
             Ok(addrs)
         })
+    }
+}
+
+/// A client over the Unix socket a TCP loader named in its catalog, if that socket is reachable
+/// from here and answers as the same loader process (its `instance_id`).
+///
+/// # Errors
+/// Why the client stays on TCP: no socket there, it refused the connection, or it belongs to
+/// another loader.
+async fn same_host_client(same_host: &SameHost, options: &ConnectOptions) -> Result<Client, String> {
+    let path = std::path::Path::new(&same_host.unix_socket);
+    if !path.is_absolute() {
+        return Err("the socket path is not absolute".to_owned());
+    }
+    let name = format!("unix:{}", same_host.unix_socket);
+    let mut client = connect(&name, "localhost", options).await.map_err(|e| crate::error::chain(&e))?;
+    let catalog = list_datasets(&mut client, &name, options).await.map_err(|e| crate::error::chain(&e))?;
+    match catalog.same_host {
+        Some(there) if there.instance_id == same_host.instance_id => Ok(client),
+        _ => Err("the socket belongs to another loader".to_owned()),
     }
 }
 
