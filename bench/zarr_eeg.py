@@ -116,8 +116,16 @@ def main():
         lines.append(f"| {name} | {mmm(s['samples_per_s'], '{:.0f}')} | {mmm(s['read_amplification'], '{:.3f}')} | "
                      f"{mmm(anon, '{:.0f}')} |")
     ratio = f"{result['block_vs_npy']:.2f}" if result["block_vs_npy"] else "n/a"
-    lines += ["", f"Zarr block shuffle / npy full shuffle (median samples/s): {ratio}; "
-              f"anonymous RSS bound: cache {args.cache_mib} MiB + 128 MiB = {args.cache_mib + 128} MiB"]
+    # The README's worst case for this configuration: the chunk cache, blocks held by running
+    # gathers (4 assemble threads x a window of blocks), twice the in-flight budget, one stream's
+    # send buffers (2 x 16 MiB), ~20 MiB of runtime, and the allocator's retained pages
+    # (--allocator-retain-bytes, LOADER_ALLOCATOR_RETAIN_BYTES, 128 MiB by default).
+    block_mib = CHUNK * SHAPE[0] * SHAPE[1] * 4 / 2**20
+    retain_mib = int(os.environ.get("LOADER_ALLOCATOR_RETAIN_BYTES", 128 << 20)) / 2**20
+    bound = args.cache_mib + 4 * args.window * block_mib + 2 * args.max_inflight_mib + 32 + 20 + retain_mib
+    lines += ["", f"Zarr block shuffle / npy full shuffle (median samples/s): {ratio}; anonymous RSS bound "
+              f"(README, Memory): cache {args.cache_mib} + gathers {4 * args.window * block_mib:.0f} + in flight "
+              f"{2 * args.max_inflight_mib} + send buffers 32 + runtime 20 + retained {retain_mib:.0f} = {bound:.0f} MiB"]
     write_markdown(args.out, "zarr_eeg", lines)
 
 

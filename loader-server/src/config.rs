@@ -161,6 +161,13 @@ pub struct Config {
     #[arg(long, env = "LOADER_MAX_BATCH_BYTES", default_value_t = 64 << 20)]
     pub max_batch_bytes: u64,
 
+    /// Freed buffers (batches, decoded blocks, encode buffers) the allocator may keep for reuse,
+    /// in bytes. Reused pages spare the next batch its page faults; above this bound, checked
+    /// every 100 ms, they go back to the kernel. Adds at most this (plus what is freed in 100 ms)
+    /// to the loader's anonymous memory; 0 returns freed pages at every check.
+    #[arg(long, env = "LOADER_ALLOCATOR_RETAIN_BYTES", default_value_t = 128 << 20)]
+    pub allocator_retain_bytes: u64,
+
     /// Largest number of samples in one batch request.
     #[arg(long, env = "LOADER_MAX_BATCH_SAMPLES", default_value_t = 65536)]
     pub max_batch_samples: u64,

@@ -5,6 +5,8 @@
 //! [`open`] loads and validates every dataset (start-up errors name the file and the fix);
 //! [`serve`] runs on an already bound listener until `shutdown` resolves, then drains.
 
+#[allow(unsafe_code)]
+pub mod allocator;
 pub mod auth;
 pub mod budget;
 pub mod cache;

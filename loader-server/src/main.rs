@@ -60,6 +60,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
             }
         });
     }
+    // Keeps the freed buffers the allocator holds for reuse within --allocator-retain-bytes.
+    let retain_state = state.clone();
+    let retain_stop = stopped(stop_rx.clone());
+    tokio::spawn(async move {
+        let limit = retain_state.config().allocator_retain_bytes;
+        loader_server::allocator::run(limit, &retain_state.stats.allocator, retain_stop).await;
+    });
     let mut metrics_task = None;
     if let Some(addr) = metrics_listen {
         let metrics = tokio::net::TcpListener::bind(addr)

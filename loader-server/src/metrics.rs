@@ -71,6 +71,21 @@ pub fn render(state: &LoaderState) -> String {
         &[("", stats.shm_regions.load(Relaxed))],
     );
     metric(
+        "conveyor_loader_allocator_bytes",
+        "gauge",
+        "The allocator's live bytes and the freed bytes it keeps for reuse (bounded by --allocator-retain-bytes).",
+        &[
+            ("{state=\"allocated\"}", stats.allocator.allocated_bytes.load(Relaxed)),
+            ("{state=\"retained\"}", stats.allocator.retained_bytes.load(Relaxed)),
+        ],
+    );
+    metric(
+        "conveyor_loader_allocator_purges_total",
+        "counter",
+        "Times the retained bytes exceeded --allocator-retain-bytes and went back to the kernel.",
+        &[("", stats.allocator.purges.load(Relaxed))],
+    );
+    metric(
         "conveyor_loader_connections_refused_total",
         "counter",
         "Connections closed at once at --max-connections.",

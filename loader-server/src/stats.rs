@@ -47,6 +47,8 @@ pub struct Stats {
     pub shm_regions: AtomicU64,
     /// Calls refused for a missing or wrong token.
     pub auth_refused: AtomicU64,
+    /// The allocator's live and retained bytes and purges (`--allocator-retain-bytes`).
+    pub allocator: crate::allocator::RetainStats,
     /// Per dataset: bytes delivered and bytes decoded from storage.
     pub datasets: BTreeMap<String, DatasetCounters>,
 }

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import conveyor
-from conftest import binary, write_chess_like, write_dtypes
+from conftest import binary, free_port, metric, metrics, write_chess_like, write_dtypes
 
 
 def epoch_indices(ds):
@@ -239,6 +239,25 @@ def test_streaming_a_large_dataset_keeps_memory_bounded(tmp_path, start_loader):
     batch_bytes = 256 * (1536 + 8)
     assert rows == n
     assert growth < 10 * batch_bytes + 64 * 2**20, f"RSS grew by {growth / 2**20:.0f} MiB"
+
+
+def test_the_loaders_retained_allocator_memory_is_bounded_by_its_flag(tmp_path, start_loader):
+    # The loader binary's allocator keeps freed batch buffers for reuse up to
+    # --allocator-retain-bytes; at 0 every check (each 100 ms) gives them back.
+    write_chess_like(tmp_path / "c", 40_000)
+    metrics_addr = f"127.0.0.1:{free_port()}"
+    loader_addr = start_loader({"c": tmp_path / "c"}, "--metrics-listen", metrics_addr,
+                               "--allocator-retain-bytes", "0").addr
+    deadline = time.monotonic() + 30
+    while True:
+        # 60 MB of 6 MB batches per pass; the bound is checked while and after they stream.
+        rows = sum(len(b["__index__"]) for b in conveyor.StreamingDataset([loader_addr], "c", batch_size=4000))
+        assert rows == 40_000
+        text = metrics(metrics_addr)
+        if metric(text, "conveyor_loader_allocator_purges_total") >= 1:
+            break
+        assert time.monotonic() < deadline, f"no purge within 30 s at --allocator-retain-bytes 0:\n{text}"
+    assert metric(text, "conveyor_loader_allocator_bytes", state="allocated") > 0
 
 
 def test_torchdatas_stateful_dataloader_resumes_with_workers(tmp_path, start_loader):
