@@ -10,9 +10,10 @@ build (CONVEYOR_BIN_BEFORE when set, then CONVEYOR_BIN or target/release) and ea
   images tensors  the same into CPU tensors (`--tensors`: the training loop's path)
   chess tensors   [N,12,8,8] int16 + int64 label into CPU tensors (small samples)
 With `--transports`, the newest build also runs the cases over the same-host path: `unix`
-(the loader's `--listen-unix` socket, CONVEYOR_SHM=0: gRPC over a Unix socket) and `shm` (the same
+(the loader's `--listen-unix` socket, CONVEYOR_SHM=0: gRPC over a Unix socket), `shm` (the same
 socket with a shared-memory region: the loader writes each batch once into it and the client's
-tensors are views of it). In no case does the client read the bytes after they arrive (over TCP
+tensors are views of it) and `detect` (the loader's TCP address, which the client finds to be on
+this host: it moves to the socket the loader names and uses shared memory). In no case does the client read the bytes after they arrive (over TCP
 the kernel has copied them into the client by then; over `shm` nothing has). Both builds need
 trainer-client built with `--features torch`. Each case starts with its dataset
 read into the page cache. Beside each rate, the loader's minor page faults per batch: whether its
@@ -43,7 +44,7 @@ def stream(bin_dir, name, path, batches, seed, extra, out, transport="tcp"):
         loader_args += ["--listen-unix", socket]
     proc, addr = common.start_loader({name: path}, loader_args)
     faults_at_start = common.minor_faults(proc.pid)
-    if transport != "tcp":
+    if transport in ("unix", "shm"):
         addr = f"unix:{socket}"
     shm_was = os.environ.get("CONVEYOR_SHM")
     os.environ["CONVEYOR_SHM"] = "0" if transport == "unix" else "1"
@@ -69,7 +70,8 @@ def main():
     ap.add_argument("--gib", type=float, default=2.0)
     ap.add_argument("--out", default=os.path.join(common.ROOT, "bench", "out"))
     ap.add_argument("--transports", default="tcp",
-                    help="comma-separated: tcp, unix (gRPC over a Unix socket), shm (Unix socket + shared memory)")
+                    help="comma-separated: tcp, unix (gRPC over a Unix socket), shm (Unix socket + shared memory), "
+                         "detect (the TCP address of a loader with a socket: the client moves to it)")
     args = ap.parse_args()
     transports = [t for t in args.transports.split(",") if t != "tcp"]
     data = os.path.join(args.out, "data")
