@@ -153,8 +153,9 @@ pub struct ConnectOptions {
     pub tls: Option<TlsOptions>,
     /// Bearer token for loaders started with `--auth-token-file`.
     pub auth_token: Option<AuthToken>,
-    /// Largest shared-memory region to map per `unix:` loader connection (0: none, every batch
-    /// comes over the socket). The client's mapped memory is at most this per such loader.
+    /// Largest shared-memory region to map per connection to a loader on this host (`unix:`, or
+    /// a TCP loader whose socket the client finds; 0: none, every batch comes over the socket or
+    /// TCP). The client's mapped memory is at most this per such loader.
     pub shm_bytes: u64,
 }
 

@@ -91,9 +91,10 @@ pub struct LoaderArgs {
     /// Fail when no replica is reachable for this long.
     #[arg(long, env = "TRAINER_UNAVAILABLE_TIMEOUT", default_value = "60s", value_parser = conveyor_proto::parse_duration)]
     pub unavailable_timeout: Duration,
-    /// Largest shared-memory region mapped per unix: loader (the loader may grant less). The
-    /// client's mapped shared memory is at most this times the unix: loaders; 0, or
-    /// CONVEYOR_SHM=0 in the environment, sends every batch over the socket instead.
+    /// Largest shared-memory region mapped per loader on this host (a unix: loader, or a TCP
+    /// one whose socket the client finds; the loader may grant less). The client's mapped
+    /// shared memory is at most this times those loaders; 0, or CONVEYOR_SHM=0 in the
+    /// environment, sends every batch over the socket or TCP instead.
     #[arg(long, env = "TRAINER_SHM_BYTES", default_value_t = 256 << 20)]
     pub shm_bytes: u64,
     /// Re-resolve loader names this often.
