@@ -88,7 +88,7 @@ docker run --rm --network "$network" --entrypoint /usr/local/bin/trainer-client 
 compose logs --no-color loader | grep "refused an unauthenticated call" >/dev/null || fail "the loaders logged no refusal"
 if compose logs --no-color loader | grep -F "$(cat deploy/secrets/token)" >/dev/null; then fail "a loader logged the token"; fi
 "${secure[@]}" down -v --remove-orphans >/dev/null 2>&1
-echo "PASS: secure setup: an exactly-once epoch over TLS with a token; no token, a wrong token and plain text refused"
+echo "PASS: secure setup: an exactly-once epoch with a token (TLS to the loaders, batches through their sockets); no token, a wrong token and plain text refused"
 
 echo "== up: datagen and 3 loaders"
 compose up -d loader
