@@ -13,8 +13,9 @@ With `--transports`, the newest build also runs the cases over the same-host pat
 (the loader's `--listen-unix` socket, CONVEYOR_SHM=0: gRPC over a Unix socket), `shm` (the same
 socket with a shared-memory region: the loader writes each batch once into it and the client's
 tensors are views of it) and `detect` (the loader's TCP address, which the client finds to be on
-this host: it moves to the socket the loader names and uses shared memory). In no case does the client read the bytes after they arrive (over TCP
-the kernel has copied them into the client by then; over `shm` nothing has). Both builds need
+this host: it moves to the socket the loader names and uses shared memory). In no case does the
+client read the bytes after they arrive (over TCP the kernel has copied them into the client by
+then; over `shm` nothing has). Both builds need
 trainer-client built with `--features torch`. Each case starts with its dataset
 read into the page cache. Beside each rate, the loader's minor page faults per batch: whether its
 batch buffers are reused (none) or fresh pages (one per 4 KiB). Writes OUT/copies.json and

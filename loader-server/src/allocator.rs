@@ -19,8 +19,13 @@ use std::{
 /// How often [`run`] reads the counters.
 pub const CHECK_INTERVAL: Duration = Duration::from_millis(100);
 
-/// jemalloc's name for "every arena" in `arena.<i>.*` and `stats.arenas.<i>.*`.
-const ALL_ARENAS: u32 = 4096;
+#[cfg(not(target_env = "msvc"))]
+/// Dirty pages of every arena merged (4096 is jemalloc's `MALLCTL_ARENAS_ALL`).
+const DIRTY_PAGES: &CStr = c"stats.arenas.4096.pdirty";
+
+#[cfg(not(target_env = "msvc"))]
+/// Purges every arena's dirty pages (4096: every arena, as above).
+const PURGE_ALL: &CStr = c"arena.4096.purge";
 
 /// What the allocator holds, as jemalloc counted it at the last refresh.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -50,8 +55,7 @@ pub fn usage() -> Option<Usage> {
         refresh()?;
         let page_bytes = read_usize(c"arenas.page")? as u64;
         let allocated_bytes = read_usize(c"stats.allocated")? as u64;
-        let name = format!("stats.arenas.{ALL_ARENAS}.pdirty\0");
-        let dirty_pages = read_usize(CStr::from_bytes_with_nul(name.as_bytes()).ok()?)? as u64;
+        let dirty_pages = read_usize(DIRTY_PAGES)? as u64;
         Some(Usage { allocated_bytes, retained_bytes: dirty_pages * page_bytes })
     }
     #[cfg(target_env = "msvc")]
@@ -62,11 +66,10 @@ pub fn usage() -> Option<Usage> {
 pub fn purge() -> bool {
     #[cfg(not(target_env = "msvc"))]
     {
-        let name = format!("arena.{ALL_ARENAS}.purge\0");
         // SAFETY: "arena.<i>.purge" reads and writes nothing: every pointer is null, lengths 0.
         let status = unsafe {
             tikv_jemalloc_sys::mallctl(
-                name.as_ptr().cast(),
+                PURGE_ALL.as_ptr(),
                 std::ptr::null_mut(),
                 std::ptr::null_mut(),
                 std::ptr::null_mut(),

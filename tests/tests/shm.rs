@@ -29,6 +29,13 @@ fn options(shm_bytes: u64) -> StreamOptions {
     StreamOptions { connect: ConnectOptions { shm_bytes, ..ConnectOptions::default() }, ..StreamOptions::default() }
 }
 
+/// A loader serving the chess dataset in `data`, with 64 MiB regions for its socket's clients.
+fn shm_config(data: &Path) -> loader_server::Config {
+    let mut config = loader_server::Config::for_datasets([format!("chess={}", data.display())]);
+    config.shm_bytes = 64 << 20;
+    config
+}
+
 /// Streams one epoch, keeping every batch until the end when `hold` (so the region fills),
 /// checking content and exactly-once.
 async fn epoch(addr: &str, shm_bytes: u64, hold: bool) -> usize {
@@ -63,9 +70,7 @@ async fn batches_travel_through_shared_memory_fall_back_when_full_and_leave_noth
     demo::write_chess_dataset(data.path(), SAMPLES, 3).expect("demo data");
     let sockets = tempfile::tempdir().expect("tempdir");
     let socket = sockets.path().join("loader.sock");
-    let mut config = loader_server::Config::for_datasets([format!("chess={}", data.path().display())]);
-    config.shm_bytes = 64 << 20;
-    let loader = InProcessLoader::start_with_unix(config, &socket).await;
+    let loader = InProcessLoader::start_with_unix(shm_config(data.path()), &socket).await;
     let addr = format!("unix:{}", socket.display());
     let stats = &loader.state.stats;
     let num_batches = SAMPLES.div_ceil(BATCH);
@@ -189,12 +194,7 @@ async fn a_tcp_client_moves_only_to_the_named_loaders_own_socket() {
     demo::write_chess_dataset(data.path(), SAMPLES, 3).expect("demo data");
     let sockets = tempfile::tempdir().expect("tempdir");
     let named = sockets.path().join("a.sock");
-    let config = || {
-        let mut config = loader_server::Config::for_datasets([format!("chess={}", data.path().display())]);
-        config.shm_bytes = 64 << 20;
-        config
-    };
-    let a = InProcessLoader::start_with_unix(config(), &named).await;
+    let a = InProcessLoader::start_with_unix(shm_config(data.path()), &named).await;
     // Loader a keeps listening on its socket under another name; the path it names in its
     // catalog now holds nothing.
     std::fs::rename(&named, sockets.path().join("moved.sock")).expect("rename");
@@ -204,7 +204,7 @@ async fn a_tcp_client_moves_only_to_the_named_loaders_own_socket() {
 
     // Another loader's socket at that path answers with another instance id: still TCP, and the
     // other loader serves nothing.
-    let b = InProcessLoader::start_with_unix(config(), &named).await;
+    let b = InProcessLoader::start_with_unix(shm_config(data.path()), &named).await;
     epoch(&a.addr, 64 << 20, false).await;
     assert_eq!(a.state.stats.shm_batches.load(Relaxed), 0, "another loader's socket is not taken");
     assert_eq!(a.state.stats.batches_served.load(Relaxed), 2 * SAMPLES.div_ceil(BATCH));

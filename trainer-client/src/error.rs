@@ -70,7 +70,8 @@ pub enum ClientError {
     ConnectTimeout {
         /// The loader address.
         addr: String,
-        /// How long the client waited (`ConnectOptions::connect_timeout`).
+        /// How long the client waited: twice `ConnectOptions::connect_timeout` (the TCP connect,
+        /// then the handshakes).
         timeout: Duration,
     },
     /// A loader answered a call, or ended its batch stream, with an error status.
