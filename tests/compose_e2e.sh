@@ -123,10 +123,12 @@ compose logs --no-color loader | grep "stream opened" >/dev/null || fail "loader
 wait_for 'compose logs --no-color loader | grep "stream ended" | grep "batches=" >/dev/null' 30
 echo "PASS: 6 epochs exactly once through a killed loader, datagen re-run and a scale-up"
 
-echo "== OOM: a replica with a 40 MiB limit serving 30 MB batches is killed by the kernel"
+# 24 MiB: one 30 MB batch is more than the replica may hold. With 40 MiB it served a single batch
+# and survived (rows go straight into the wire buffer, so one batch costs about its own size).
+echo "== OOM: a replica with a 24 MiB limit serving 30 MB batches is killed by the kernel"
 network=$(docker inspect -f '{{range $k, $v := .NetworkSettings.Networks}}{{$k}}{{end}}' "$(compose ps -q loader | sed -n 1p)")
 volume=$(docker volume ls -q | grep 'conveyor-e2e_data$')
-docker run -d --name "$oom_container" --network "$network" --network-alias loader --memory 40m --memory-swap 40m \
+docker run -d --name "$oom_container" --network "$network" --network-alias loader --memory 24m --memory-swap 24m \
     -v "$volume":/data:ro -e LOADER_DATASET=chess=/data/chess -e LOADER_MAX_BATCH_BYTES=33554432 \
     -e LOADER_MAX_INFLIGHT_BYTES=268435456 conveyor:local >/dev/null
 wait_for "docker exec $oom_container /usr/local/bin/trainer-client health --loader 127.0.0.1:7070 >/dev/null 2>&1" 60
