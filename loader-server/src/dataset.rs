@@ -106,9 +106,10 @@ pub struct Field {
 impl Field {
     /// Appends the rows `indices` (all `< num_samples`) to `tensor` as runs into the buffers that
     /// hold them: the shards' maps, decoded chunks, ranges fetched from a store. Nothing is copied
-    /// here; the rows are copied once, when the tensor is encoded (or materialised for a
-    /// transform). Chunks or fetched ranges that would pin more bytes than the rows themselves
-    /// are copied out instead, so a batch never holds more than its own size beyond the cache.
+    /// here; the rows are copied once, when the caller builds the batch's message (or writes it
+    /// to shared memory, or materialises it for a transform) on the same thread, which then lets
+    /// the buffers go. Zarr blocks holding more than [`PIN_FACTOR`] times the rows (a full
+    /// shuffle over big chunks) are not all held at once: rows are copied out as each is decoded.
     /// Returns the bytes read from storage (0 for local `.npy`, the bytes fetched for remote
     /// `.npy`, cache misses for Zarr).
     fn select_into(
@@ -124,9 +125,7 @@ impl Field {
                     if shards.len() == 1 { 0 } else { shard_starts.partition_point(|&start| start <= index) - 1 }
                 };
                 if matches!(shards[0].data, ShardData::Remote { .. }) {
-                    let fetched = self.select_remote(indices, tensor, shards, shard_starts, &shard_of)?;
-                    pin_or_compact(tensor);
-                    return Ok(fetched);
+                    return self.select_remote(indices, tensor, shards, shard_starts, &shard_of);
                 }
                 // Each shard a batch touches is checked once, before any of its rows is read: a
                 // file truncated under its map would raise SIGBUS instead of failing the batch.
@@ -148,7 +147,6 @@ impl Field {
                     let local = (index - shard_starts[shard_index]) as usize;
                     tensor.push(piece, shard.data_offset + local * row, row);
                 }
-                prefault(tensor);
                 Ok(0)
             }
             Source::Zarr(zarr) => {
@@ -165,9 +163,9 @@ impl Field {
                 let mut blocks: Vec<u64> = indices.iter().map(|&index| block_of(index)).collect();
                 blocks.sort_unstable();
                 blocks.dedup();
-                if blocks.len() as u64 * zarr.block_len <= indices.len() as u64 {
-                    // The blocks hold at most what the batch does (block or sequential batches):
-                    // pin each once and point the rows into them.
+                if blocks.len() as u64 * zarr.block_len <= PIN_FACTOR * indices.len() as u64 {
+                    // The blocks hold at most a few times what the batch does (block or
+                    // sequential batches): hold each once and point the rows into them.
                     let mut pieces = Vec::with_capacity(blocks.len());
                     for &block in &blocks {
                         let bytes = shared_bytes(decode(block)?);
@@ -278,28 +276,9 @@ impl Field {
     }
 }
 
-/// Copies a tensor's rows out of the chunks or fetched ranges it points into when those hold
-/// more bytes than the rows: a batch then keeps at most its own size pinned beyond the chunk
-/// cache, which its share of `--max-inflight-bytes` counts (as it counted the gathered copy).
-fn pin_or_compact(tensor: &mut OutgoingTensor) {
-    if tensor.pinned_bytes() > tensor.data_len() {
-        tensor.compact();
-    }
-}
-
-/// Reads one byte of every page of a tensor's mapped rows, so that the page faults (disk reads
-/// for cold data) happen here, on a blocking thread, and not when the async runtime encodes it.
-fn prefault(tensor: &OutgoingTensor) {
-    const PAGE_BYTES: usize = 4096;
-    let mut sum = 0u8;
-    for run in tensor.run_slices() {
-        sum = run.iter().step_by(PAGE_BYTES).fold(sum, |acc, &b| acc.wrapping_add(b));
-        if let Some(&last) = run.last() {
-            sum = sum.wrapping_add(last);
-        }
-    }
-    std::hint::black_box(sum);
-}
+/// How many times a batch's own bytes the Zarr blocks its rows point into may hold while its
+/// message is built (a batch of 256 from a block-shuffle window of 8 blocks of 64 spans 2x).
+const PIN_FACTOR: u64 = 4;
 
 /// A named set of fields with one sample count.
 #[derive(Debug)]

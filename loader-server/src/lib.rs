@@ -8,6 +8,7 @@
 #[allow(unsafe_code)]
 pub mod allocator;
 pub mod auth;
+pub mod batch_route;
 pub mod budget;
 pub mod cache;
 pub mod config;
@@ -225,10 +226,9 @@ pub async fn serve_with_unix(
     let same_host = unix.as_ref().and_then(|unix| same_host(unix, &config));
     let loader = |draining_rx| {
         let service = LoaderService::new(state.clone(), draining_rx).with_same_host(same_host.clone());
-        let loader = LoaderServer::new(service)
-            .max_encoding_message_size(config.max_message_bytes())
-            .max_decoding_message_size(service::request_limit_bytes(&config));
-        InterceptedService::new(loader, auth::TokenCheck::new(state.clone()))
+        let route =
+            batch_route::BatchRoute::new(service, service::request_limit_bytes(&config), config.max_message_bytes());
+        InterceptedService::new(route, auth::TokenCheck::new(state.clone()))
     };
     let unix_draining_rx = draining_rx.clone();
     let signal = async move {

@@ -270,15 +270,32 @@ impl LoaderState {
         };
         let state = self.clone();
         let gather_served = served.clone();
+        // Unless a Python transform is still to run, the batch is finished on the thread that
+        // gathers it: its rows copied once, into the connection's shared memory or into the
+        // gRPC message the connection's task hands to HTTP/2 as it is. The copies then run in
+        // parallel on the gather threads, and the blocks or ranges the rows point into are let go
+        // as soon as they are copied.
+        let finish_here = !matches!(served.transform(), Some(Transform::Python(_)));
+        let gather_region = region.clone();
         let gathered = tokio::task::spawn_blocking(move || {
             let _slot = slot;
-            let result = state.gather_blocking(&gather_served, &indices, seed, epoch);
-            (indices, result)
+            match state.gather_blocking(&gather_served, &indices, seed, epoch) {
+                Ok((rows, decoded)) if finish_here => {
+                    let outgoing = state.respond(&gather_served, batch_id, indices, rows, decoded);
+                    Gathered::Finished(state.finish(outgoing, gather_region.as_deref()))
+                }
+                Ok((rows, decoded)) => Gathered::Rows(indices, rows, decoded),
+                Err(error) => Gathered::Failed(indices, error),
+            }
         })
         .await;
         let (indices, rows, decoded_bytes) = match gathered {
-            Ok((indices, Ok((rows, decoded)))) => (indices, rows, decoded),
-            Ok((indices, Err(error))) => {
+            Ok(Gathered::Finished(mut outgoing)) => {
+                outgoing.hold = Some(Box::new(budget));
+                return outgoing;
+            }
+            Ok(Gathered::Rows(indices, rows, decoded)) => (indices, rows, decoded),
+            Ok(Gathered::Failed(indices, error)) => {
                 tracing::error!(batch_id, %error, "a chunk could not be read; failing this batch only");
                 return self.refuse(batch_id, indices, RequestError::from(error));
             }
@@ -307,24 +324,14 @@ impl LoaderState {
             }
             (_, rows) => rows,
         };
-        let mut outgoing = self.respond(&served, batch_id, indices, rows, decoded_bytes);
-        if let Some(region) = region {
-            // The one copy of the batch's rows, into shared memory instead of the socket's
-            // buffer: off the runtime, like the gather.
-            let placed = tokio::task::spawn_blocking(move || {
-                let placed = region.place(&mut outgoing);
-                (outgoing, placed)
-            })
-            .await;
-            let Ok((placed_batch, placed)) = placed else {
-                let reason = "writing the batch into shared memory panicked".to_owned();
-                let error = RequestError::GatherFailed { dataset: served.name().to_owned(), batch_id, reason };
-                return self.refuse(batch_id, Vec::new(), error);
-            };
-            let counter = if placed { &self.stats.shm_batches } else { &self.stats.shm_full };
-            counter.fetch_add(1, Relaxed);
-            outgoing = placed_batch;
-        }
+        let outgoing = self.respond(&served, batch_id, indices, rows, decoded_bytes);
+        let state = self.clone();
+        let finished = tokio::task::spawn_blocking(move || state.finish(outgoing, region.as_deref())).await;
+        let Ok(mut outgoing) = finished else {
+            let reason = "writing the batch out panicked".to_owned();
+            let error = RequestError::GatherFailed { dataset: served.name().to_owned(), batch_id, reason };
+            return self.refuse(batch_id, Vec::new(), error);
+        };
         outgoing.hold = Some(Box::new(budget));
         outgoing
     }
@@ -344,8 +351,21 @@ impl LoaderState {
                 })
                 .collect(),
         };
-        let outgoing = OutgoingBatch { batch_id, indices, tensors, error: None, decoded_bytes, hold: None };
+        let outgoing = OutgoingBatch::new(batch_id, indices, tensors, decoded_bytes);
         self.stats.record_batch(served.name(), outgoing.data_len() as u64, decoded_bytes);
+        outgoing
+    }
+
+    /// The one copy of a batch's rows, on the calling thread (off the runtime): into the
+    /// connection's shared-memory region when it has one with room (the gRPC message then only
+    /// says where), else into the batch's gRPC message itself.
+    fn finish(&self, mut outgoing: Outgoing, region: Option<&SharedRegion>) -> Outgoing {
+        if let Some(region) = region {
+            let placed = region.place(&mut outgoing);
+            let counter = if placed { &self.stats.shm_batches } else { &self.stats.shm_full };
+            counter.fetch_add(1, Relaxed);
+        }
+        outgoing.encode_message();
         outgoing
     }
 
@@ -401,6 +421,16 @@ impl LoaderState {
     }
 }
 
+/// What a gather thread hands back.
+enum Gathered {
+    /// The batch, finished (its rows copied into its message or shared memory).
+    Finished(Outgoing),
+    /// The rows, for the transform still to run.
+    Rows(Vec<u64>, Rows, u64),
+    /// A chunk or range could not be read.
+    Failed(Vec<u64>, ReadError),
+}
+
 /// A Python transform's result as the dataset's buffers, or the batch's error.
 fn transformed(
     served: &Served,
@@ -431,14 +461,7 @@ impl LoaderState {
     /// The answer to a request that cannot be served; the stream carries on.
     fn refuse(&self, batch_id: u64, indices: Vec<u64>, error: RequestError) -> Outgoing {
         self.stats.record_error(&error);
-        OutgoingBatch {
-            batch_id,
-            indices,
-            tensors: Vec::new(),
-            error: Some(error.to_batch_error()),
-            decoded_bytes: 0,
-            hold: None,
-        }
+        OutgoingBatch::refused(batch_id, indices, error.to_batch_error())
     }
 }
 

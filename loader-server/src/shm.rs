@@ -166,7 +166,7 @@ mod tests {
                 OutgoingTensor::owned(format!("f{i}"), DType::Uint8, vec![len as u64], Bytes::from(data))
             })
             .collect();
-        OutgoingBatch { batch_id: 1, tensors, ..OutgoingBatch::default() }
+        OutgoingBatch::new(1, Vec::new(), tensors, 0)
     }
 
     #[test]

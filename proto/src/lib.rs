@@ -9,7 +9,9 @@ pub mod v1 {
 }
 
 /// The loader's side of `conveyor.v1.Loader`: the same service as [`v1::loader_server`], except
-/// that `StreamBatches` answers with [`wire::OutgoingBatch`] through [`wire::GatherCodec`].
+/// that `StreamBatches` answers with [`wire::OutgoingBatch`] through [`wire::GatherCodec`] (the
+/// loader answers that method itself with each batch's prebuilt message; the generated server
+/// serves the others).
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod v1_gather {
     include!(concat!(env!("OUT_DIR"), "/server/conveyor.v1.rs"));

@@ -2,9 +2,10 @@
 //!
 //! A loader's answer to `StreamBatches` is an [`OutgoingBatch`]: the same `conveyor.v1.BatchResponse`
 //! on the wire, but each tensor's bytes are a list of [`Run`]s into shared buffers (a memory-mapped
-//! shard, a decoded chunk, ranges fetched from object storage, a transform's output) that
-//! [`GatherCodec`] copies straight into the buffer tonic hands to the socket. The rows are copied
-//! once in user space, instead of gathered into a buffer and copied again by the encoder.
+//! shard, a decoded chunk, ranges fetched from object storage, a transform's output), copied in
+//! one pass into the batch's gRPC message ([`OutgoingBatch::encode_message`], on the loader's
+//! gather threads) or by [`GatherCodec`] into the buffer tonic hands to the socket. The rows are
+//! copied once in user space, instead of gathered into a buffer and copied again by an encoder.
 
 use std::marker::PhantomData;
 
@@ -114,11 +115,6 @@ impl OutgoingTensor {
         self.runs.len()
     }
 
-    /// The runs' bytes, in order (as stored: before any byte swap).
-    pub fn run_slices(&self) -> impl Iterator<Item = &[u8]> {
-        self.run_parts().map(|(_, bytes)| bytes)
-    }
-
     /// Each run's piece and bytes, in order.
     fn run_parts(&self) -> impl Iterator<Item = (&Piece, &[u8])> {
         self.runs.iter().map(|run| {
@@ -159,20 +155,6 @@ impl OutgoingTensor {
         let mut out = Vec::with_capacity(self.data_len);
         self.write_data(&mut out);
         out
-    }
-
-    /// Replaces the pieces by one buffer holding just the data: frees what the pieces pinned
-    /// beyond it.
-    pub fn compact(&mut self) {
-        if self.pieces.len() == 1 && self.runs.len() == 1 && !self.pieces[0].big_endian {
-            let (run, piece) = (self.runs[0], &mut self.pieces[0].bytes);
-            *piece = piece.slice(run.offset..run.offset + run.len);
-            self.runs[0].offset = 0;
-            return;
-        }
-        let data = Bytes::from(self.to_vec());
-        self.pieces = vec![Piece { bytes: data, big_endian: false }];
-        self.runs = if self.data_len == 0 { Vec::new() } else { vec![Run { piece: 0, offset: 0, len: self.data_len }] };
     }
 
     fn body_len(&self) -> usize {
@@ -239,15 +221,74 @@ pub struct OutgoingBatch {
     pub error: Option<v1::BatchError>,
     /// Bytes decoded from storage for this batch.
     pub decoded_bytes: u64,
-    /// Released when the batch has been encoded (or dropped unsent): for example the share of
-    /// the loader's in-flight byte budget its pinned pieces count against.
+    /// Released when the batch is handed to the connection (or dropped unsent): for example the
+    /// share of the loader's in-flight byte budget its pinned pieces or its message count against.
     pub hold: Option<Box<dyn std::any::Any + Send + Sync>>,
+    /// The whole gRPC message once [`OutgoingBatch::encode_message`] has built it (the tensors
+    /// then keep their descriptions but no pieces).
+    message: Option<Bytes>,
+}
+
+/// Bytes before a gRPC message on the wire: the compressed flag and the big-endian length.
+pub const GRPC_PREFIX_BYTES: usize = 5;
+
+/// `message` as it goes on the wire in a gRPC stream: the uncompressed flag, its big-endian
+/// length, then its protobuf encoding, in one buffer of exactly that size.
+///
+/// # Panics
+/// When the encoding is longer than 4 GiB - 1, which gRPC's length prefix cannot express.
+pub fn grpc_message(message: &impl Message) -> Bytes {
+    let len = message.encoded_len();
+    #[allow(clippy::expect_used)]
+    let prefix = u32::try_from(len).expect("a gRPC message is under 4 GiB");
+    let mut buf = bytes::BytesMut::with_capacity(GRPC_PREFIX_BYTES + len);
+    buf.put_u8(0);
+    buf.put_u32(prefix);
+    message.encode_raw(&mut buf);
+    buf.freeze()
 }
 
 impl OutgoingBatch {
+    /// The answer carrying `tensors` for batch `batch_id`.
+    pub fn new(batch_id: u64, indices: Vec<u64>, tensors: Vec<OutgoingTensor>, decoded_bytes: u64) -> OutgoingBatch {
+        OutgoingBatch { batch_id, indices, tensors, decoded_bytes, ..OutgoingBatch::default() }
+    }
+
+    /// The answer saying why batch `batch_id` could not be served.
+    pub fn refused(batch_id: u64, indices: Vec<u64>, error: v1::BatchError) -> OutgoingBatch {
+        OutgoingBatch { batch_id, indices, error: Some(error), ..OutgoingBatch::default() }
+    }
+
     /// Bytes of tensor data.
     pub fn data_len(&self) -> usize {
         self.tensors.iter().map(OutgoingTensor::data_len).sum()
+    }
+
+    /// Builds the batch's gRPC message now (the prefix, then the `BatchResponse` encoding, the
+    /// rows gathered from their pieces in one pass) and lets the pieces go: the loader calls it
+    /// on the thread that gathered the batch, so the copy runs there and not on the connection's
+    /// task, which then only hands the bytes to HTTP/2. Does nothing the second time.
+    ///
+    /// # Panics
+    /// When the message is longer than 4 GiB - 1, which gRPC's length prefix cannot express
+    /// (batches are bounded far below it by `--max-batch-bytes`).
+    pub fn encode_message(&mut self) {
+        if self.message.is_some() {
+            return;
+        }
+        let message = grpc_message(self);
+        for tensor in &mut self.tensors {
+            tensor.pieces.clear();
+            tensor.runs.clear();
+        }
+        self.message = Some(message);
+    }
+
+    /// The batch's gRPC message, length prefix included, built now unless
+    /// [`OutgoingBatch::encode_message`] already did.
+    pub fn into_message(mut self) -> Bytes {
+        self.encode_message();
+        self.message.take().unwrap_or_default()
     }
 
     /// The response as a client decodes it: encodes and decodes (for tests and handlers driven
@@ -277,12 +318,17 @@ impl From<v1::BatchResponse> for OutgoingBatch {
             error: response.error,
             decoded_bytes: response.decoded_bytes,
             hold: None,
+            message: None,
         }
     }
 }
 
 impl Message for OutgoingBatch {
     fn encode_raw(&self, buf: &mut impl BufMut) {
+        if let Some(message) = &self.message {
+            buf.put_slice(&message[GRPC_PREFIX_BYTES..]);
+            return;
+        }
         if self.batch_id != 0 {
             prost::encoding::uint64::encode(1, &self.batch_id, buf);
         }
@@ -311,6 +357,9 @@ impl Message for OutgoingBatch {
     }
 
     fn encoded_len(&self) -> usize {
+        if let Some(message) = &self.message {
+            return message.len() - GRPC_PREFIX_BYTES;
+        }
         let batch_id = if self.batch_id == 0 { 0 } else { prost::encoding::uint64::encoded_len(1, &self.batch_id) };
         let indices = prost::encoding::uint64::encoded_len_packed(2, &self.indices);
         let tensors: usize = self
@@ -334,7 +383,8 @@ impl Message for OutgoingBatch {
 
 /// The loader's codec: prost for every message, but the encoder reserves a message's full length
 /// before writing it, so a batch lands in the outgoing buffer in one pass instead of growing it
-/// by doubling (and copying) along the way.
+/// by doubling (and copying) along the way. A batch whose message was already built is written
+/// as that message.
 #[derive(Debug)]
 pub struct GatherCodec<T, U>(PhantomData<(T, U)>);
 
@@ -438,11 +488,25 @@ mod tests {
                 tensors: vec![tensor.clone(), OutgoingTensor::new(String::new(), DType::Unspecified, vec![])],
                 error: None,
                 decoded_bytes,
-                hold: None,
+                ..OutgoingBatch::default()
             };
             let mut buf = Vec::new();
             batch.encode_raw(&mut buf);
             prop_assert_eq!(buf.len(), batch.encoded_len());
+            // Built ahead as one gRPC message: the same bytes behind the prefix, no pieces kept,
+            // and encoding it again (tonic's path) writes them unchanged.
+            let mut prebuilt = OutgoingBatch { tensors: batch.tensors.clone(), indices: indices.clone(), batch_id, decoded_bytes, ..OutgoingBatch::default() };
+            prebuilt.encode_message();
+            prop_assert_eq!(prebuilt.data_len(), batch.data_len());
+            prop_assert!(prebuilt.tensors.iter().all(|t| t.pinned_bytes() == 0));
+            let mut again = Vec::new();
+            prebuilt.encode_raw(&mut again);
+            prop_assert_eq!(&again, &buf);
+            prop_assert_eq!(prebuilt.encoded_len(), buf.len());
+            let message = prebuilt.into_message();
+            prop_assert_eq!(message[0], 0);
+            prop_assert_eq!(u32::from_be_bytes([message[1], message[2], message[3], message[4]]) as usize, buf.len());
+            prop_assert_eq!(&message[GRPC_PREFIX_BYTES..], &buf[..]);
             let decoded = v1::BatchResponse::decode(buf.as_slice()).expect("decodes as BatchResponse");
             prop_assert_eq!(decoded.batch_id, batch_id);
             prop_assert_eq!(decoded.indices, indices);
@@ -453,10 +517,6 @@ mod tests {
             prop_assert_eq!(&decoded.tensors[0].shape, &tensor.shape);
             prop_assert!(decoded.tensors[1].data.is_empty());
 
-            let mut compacted = tensor;
-            compacted.compact();
-            prop_assert_eq!(compacted.to_vec(), expected.clone());
-            prop_assert_eq!(compacted.pinned_bytes(), expected.len());
         }
     }
 

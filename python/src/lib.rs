@@ -13,6 +13,11 @@ use trainer_client::{
     TlsOptions, blocking, error_chain,
 };
 
+/// The extension's allocator: jemalloc reuses a dropped batch's pages for the next one, where the
+/// interpreter's malloc (glibc) gave them back and faulted them in again.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 create_exception!(_native, ConveyorError, PyException, "Base class of every Conveyor error.");
 create_exception!(
     _native,

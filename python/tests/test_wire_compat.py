@@ -1,7 +1,8 @@
 """The wire format stays `conveyor.v1` for clients that are not ours: stubs generated from
-proto/conveyor.proto by grpcio-tools stream batches from a real loader, whose responses are
-encoded by its own gathering codec, and get exactly the rows numpy wrote (every dtype, big-endian
-files swapped, multi-shard fields, an error answer, and a batch read from a Zarr store)."""
+proto/conveyor.proto by grpcio-tools stream batches from a real loader, whose gather threads build
+each response message whole (loader-server/src/batch_route.rs sends them as built), and get
+exactly the rows numpy wrote (every dtype, big-endian files swapped, multi-shard fields, an error
+answer, and a batch read from a Zarr store); compressed requests are refused by name."""
 
 import os
 import subprocess
@@ -91,3 +92,23 @@ def test_a_grpcio_client_reads_zarr_batches_and_errors(tmp_path, start_loader, s
     assert ok.decoded_bytes > 0
     assert bad.HasField("error") and not bad.tensors
     assert "10" in bad.error.message
+
+
+def test_compressed_requests_are_refused_by_name_and_other_calls_still_answer(tmp_path, start_loader, stubs):
+    pb2, pb2_grpc = stubs
+    os.makedirs(tmp_path / "s")
+    np.save(tmp_path / "s" / "x.npy", np.arange(10, dtype=np.int64))
+    loader = start_loader({"s": tmp_path / "s"})
+    with grpc.insecure_channel(loader.addr, compression=grpc.Compression.Gzip) as channel:
+        stub = pb2_grpc.LoaderStub(channel)
+        request = pb2.BatchRequest(batch_id=1, dataset="s", indices=[1, 2])
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stub.StreamBatches(iter([request]), timeout=30))
+        assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert "send them uncompressed" in refused.value.details()
+    with grpc.insecure_channel(loader.addr) as channel:
+        stub = pb2_grpc.LoaderStub(channel)
+        # Every method but StreamBatches goes to the generated server behind the same route.
+        assert [d.name for d in stub.ListDatasets(pb2.ListDatasetsRequest(), timeout=30).datasets] == ["s"]
+        [answer] = stub.StreamBatches(iter([pb2.BatchRequest(batch_id=1, dataset="s", indices=[4, 2])]), timeout=30)
+        assert list(np.frombuffer(answer.tensors[0].data, dtype="<i8")) == [4, 2]

@@ -12,8 +12,18 @@ use tonic::{
 
 use crate::error::ClientError;
 
-/// A client whose every call carries the bearer token, when there is one.
-pub(crate) type Client = LoaderClient<InterceptedService<Channel, AuthHeader>>;
+/// A channel to one loader whose every call carries the bearer token, when there is one.
+pub(crate) type Service = InterceptedService<Channel, AuthHeader>;
+
+/// A connection to one loader: the generated client for the describe calls, and the channel
+/// itself for the batch stream ([`crate::batch_stream`] decodes it without tonic's copy).
+#[derive(Debug, Clone)]
+pub(crate) struct Client {
+    /// The generated client, with the message limits.
+    pub loader: LoaderClient<Service>,
+    /// The same channel, for calls made without the generated client.
+    pub service: Service,
+}
 
 /// TLS settings for loader connections, as PEM bytes.
 #[derive(Clone, Default)]
@@ -146,8 +156,10 @@ pub struct ConnectOptions {
     pub http2_stream_window: u32,
     /// HTTP/2 per-connection receive window.
     pub http2_connection_window: u32,
-    /// Largest HTTP/2 frame the client accepts; the loader sends data frames up to this size,
-    /// so large frames cut per-frame overhead on big batches.
+    /// Largest HTTP/2 frame the client accepts (16 KiB to 16 MiB - 1); the loader sends data
+    /// frames up to this size. A batch that arrives in one frame is decoded in place (its
+    /// tensors borrow the frame); one split across frames is copied once, so the default is the
+    /// largest HTTP/2 allows. A frame is held until the last batch cut from it is dropped.
     pub http2_max_frame: u32,
     /// TLS for every loader connection (`https://` loaders); plain HTTP/2 when `None`.
     pub tls: Option<TlsOptions>,
@@ -167,7 +179,7 @@ impl Default for ConnectOptions {
             call_timeout: Duration::from_secs(10),
             http2_stream_window: 16 << 20,
             http2_connection_window: 64 << 20,
-            http2_max_frame: 1 << 20,
+            http2_max_frame: (1 << 24) - 1,
             tls: None,
             auth_token: None,
             shm_bytes: if crate::shm::enabled_by_env() { 256 << 20 } else { 0 },
@@ -254,9 +266,11 @@ pub async fn open_channel(loader: &str, options: &ConnectOptions) -> Result<Chan
 /// [`ClientError::Connect`] when the loader cannot be reached.
 pub(crate) async fn connect(addr: &str, host: &str, options: &ConnectOptions) -> Result<Client, ClientError> {
     let channel = channel(addr, host, options).await?;
-    Ok(LoaderClient::with_interceptor(channel, AuthHeader(options.auth_token.clone()))
+    let service = InterceptedService::new(channel, AuthHeader(options.auth_token.clone()));
+    let loader = LoaderClient::new(service.clone())
         .max_decoding_message_size(options.max_message_bytes)
-        .max_encoding_message_size(options.max_message_bytes))
+        .max_encoding_message_size(options.max_message_bytes);
+    Ok(Client { loader, service })
 }
 
 async fn channel(addr: &str, host: &str, options: &ConnectOptions) -> Result<Channel, ClientError> {
@@ -321,7 +335,7 @@ pub(crate) async fn list_datasets(
     addr: &str,
     options: &ConnectOptions,
 ) -> Result<ListDatasetsResponse, ClientError> {
-    let call = client.list_datasets(ListDatasetsRequest {});
+    let call = client.loader.list_datasets(ListDatasetsRequest {});
     let answer = tokio::time::timeout(options.call_timeout, call).await.unwrap_or_else(|_| {
         Err(tonic::Status::deadline_exceeded(format!(
             "no answer to ListDatasets within {:?}; check that {addr} is a Conveyor loader and that it is not stalled",

@@ -28,6 +28,7 @@
 //! ```
 
 mod batch;
+mod batch_stream;
 pub mod blocking;
 mod client;
 mod cursor;

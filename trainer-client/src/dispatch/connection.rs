@@ -90,11 +90,10 @@ impl Connector for GrpcConnector {
                 }
             }
             let (requests_tx, requests_rx) = mpsc::channel(window);
-            let responses = client
-                .stream_batches(ReceiverStream::new(requests_rx))
+            let requests = ReceiverStream::new(requests_rx);
+            let responses = crate::batch_stream::open(client.service, requests, options.max_message_bytes)
                 .await
-                .map_err(|source| ClientError::Rpc { addr: name, status: Box::new(source) })?
-                .into_inner();
+                .map_err(|source| ClientError::Rpc { addr: name, status: Box::new(source) })?;
             // Tensors sent through shared memory become bytes over the region; a slice that
             // cannot be resolved fails the stream like a broken message would.
             let responses = responses.map(|answer| {
