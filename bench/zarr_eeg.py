@@ -4,7 +4,9 @@
 usage: python bench/zarr_eeg.py [--gib 3] [--cache-mib 512] [--runs 2] [--out bench/out]
 
 Reports delivered samples/s, read amplification (decoded / delivered bytes), and the loader's
-peak anonymous RSS against --chunk-cache-bytes. `full` shuffle over chunked data decodes a whole
+peak anonymous RSS against --chunk-cache-bytes. Beside them, in each run, what zstd decoding alone
+costs: one thread decoding the dataset's first chunks (already read into memory) with libzstd
+(numcodecs), as samples/s; on two cores this bounds what `block` can reach next to `.npy`. `full` shuffle over chunked data decodes a whole
 chunk per sample, so it runs for --full-batches batches only (its rate is what matters).
 Writes OUT/zarr_eeg.json and OUT/zarr_eeg.md. Needs release binaries, numpy and zarr-python.
 """
@@ -12,6 +14,7 @@ Writes OUT/zarr_eeg.json and OUT/zarr_eeg.md. Needs release binaries, numpy and 
 import argparse
 import json
 import os
+import time
 
 import numpy as np
 import zarr
@@ -54,6 +57,23 @@ def make(out, gib):
     return n, zpath, npath
 
 
+def zstd_decode_rate(zpath, max_chunks=48):
+    """Samples/s of one thread decoding the first chunks of the array with libzstd, the bytes
+    already in memory: the decoding work `block` adds to what `.npy` does."""
+    from numcodecs import Zstd
+    chunk_dir = os.path.join(zpath, "c")
+    names = sorted(os.listdir(chunk_dir), key=int)[:max_chunks]
+    raw = []
+    for name in names:
+        with open(os.path.join(chunk_dir, name, "0", "0"), "rb") as f:
+            raw.append(f.read())
+    codec = Zstd()
+    start = time.perf_counter()
+    decoded = sum(len(codec.decode(r)) for r in raw)
+    seconds = time.perf_counter() - start
+    return decoded / (SHAPE[0] * SHAPE[1] * 4) / seconds
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--gib", type=float, default=3.0)
@@ -78,7 +98,10 @@ def main():
     if args.only:
         cases = {k: v for k, v in cases.items() if args.only in k}
     results = {name: {"samples_per_s": [], "read_amplification": [], "loader_anon": []} for name in cases}
+    decode_rates = []
     for run in range(args.runs):
+        decode_rates.append(zstd_decode_rate(zpath))
+        print(f"run {run} zstd decode alone, one thread: {decode_rates[-1]:.0f} samples/s", flush=True)
         for name, (dataset, extra) in cases.items():
             loader, addr = start_loader({"eeg": zpath, "npy": npath}, ["--chunk-cache-bytes", str(cache), "--max-inflight-bytes", str(args.max_inflight_mib << 20)])
             sampler = AnonSampler(loader.pid)
@@ -99,6 +122,7 @@ def main():
     block, npy = summarised.get("zarr, block shuffle"), summarised.get("npy, full shuffle")
     result = {"samples": n, "decoded_gib": n * SHAPE[0] * SHAPE[1] * 4 / 2**30, "cache_bytes": cache,
               "batch": args.batch, "window": args.window, "cases": summarised,
+              "zstd_decode_samples_per_s": summary(decode_rates),
               "block_vs_npy": block["samples_per_s"]["median"] / npy["samples_per_s"]["median"] if block and npy else None}
     with open(os.path.join(args.out, "zarr_eeg.json"), "w") as f:
         json.dump(result, f, indent=2)
@@ -115,6 +139,8 @@ def main():
         anon = {k: v / 2**20 for k, v in s["loader_anon"].items()}
         lines.append(f"| {name} | {mmm(s['samples_per_s'], '{:.0f}')} | {mmm(s['read_amplification'], '{:.3f}')} | "
                      f"{mmm(anon, '{:.0f}')} |")
+    lines.append(f"| zstd decode alone, one thread (no I/O, no serving) | "
+                 f"{mmm(result['zstd_decode_samples_per_s'], '{:.0f}')} | | |")
     ratio = f"{result['block_vs_npy']:.2f}" if result["block_vs_npy"] else "n/a"
     # The README's worst case for this configuration: the chunk cache, blocks held by running
     # gathers (4 assemble threads x a window of blocks), twice the in-flight budget, one stream's
