@@ -55,6 +55,38 @@ pub struct ChunkCache {
     changed: Condvar,
 }
 
+/// Keys reserved with [`ChunkCache::reserve`] and not yet decoded. Dropping it (also when a
+/// batch fails before decoding them all) removes their `Loading` entries and wakes waiters,
+/// who then decode them themselves.
+#[derive(Debug)]
+pub struct Reservation<'a> {
+    cache: &'a ChunkCache,
+    keys: Vec<BlockKey>,
+}
+
+impl Reservation<'_> {
+    /// The keys reserved and not yet decoded.
+    pub fn keys(&self) -> &[BlockKey] {
+        &self.keys
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if self.keys.is_empty() {
+            return;
+        }
+        let mut state = self.cache.lock();
+        for key in &self.keys {
+            if matches!(state.entries.get(key), Some(Entry::Loading)) {
+                state.entries.remove(key);
+            }
+        }
+        drop(state);
+        self.cache.changed.notify_all();
+    }
+}
+
 /// Removes a `Loading` entry if its decoder unwinds, so waiters do not hang.
 struct LoadingGuard<'a> {
     cache: &'a ChunkCache,
@@ -93,6 +125,11 @@ impl ChunkCache {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Whether `key` is held or being decoded now (a later lookup may still miss).
+    pub fn contains(&self, key: BlockKey) -> bool {
+        self.lock().entries.contains_key(&key)
+    }
+
     /// Counters now.
     pub fn stats(&self) -> CacheStats {
         *self.stats.lock().unwrap_or_else(|p| p.into_inner())
@@ -119,12 +156,56 @@ impl ChunkCache {
         key: BlockKey,
         decode: impl FnOnce() -> Result<Vec<u8>, E>,
     ) -> Result<(Arc<Vec<u8>>, u64), E> {
+        self.get_or_decode_reserved(key, None, decode)
+    }
+
+    /// Marks those of `keys` that are neither held nor being decoded as the caller's to
+    /// decode: other lookups of them wait as for a decode in progress, so that the caller can
+    /// read their chunks ahead (together) without another thread reading them too. The caller
+    /// then asks for each with [`get_or_decode_reserved`](Self::get_or_decode_reserved), in
+    /// ascending key order (a thread waits for another's block only after it has decoded its
+    /// own smaller ones, so two reservations never wait on each other).
+    pub fn reserve(&self, keys: impl IntoIterator<Item = BlockKey>) -> Reservation<'_> {
+        let mut state = self.lock();
+        let mut mine = Vec::new();
+        for key in keys {
+            if let std::collections::hash_map::Entry::Vacant(vacant) = state.entries.entry(key) {
+                vacant.insert(Entry::Loading);
+                mine.push(key);
+            }
+        }
+        Reservation { cache: self, keys: mine }
+    }
+
+    /// [`get_or_decode`](Self::get_or_decode) for a caller holding `reservation`: a key it
+    /// reserved is decoded here (waiting only for a decoder slot).
+    ///
+    /// # Errors
+    /// As [`get_or_decode`](Self::get_or_decode).
+    pub fn get_or_decode_reserved<E>(
+        &self,
+        key: BlockKey,
+        reservation: Option<&mut Reservation<'_>>,
+        decode: impl FnOnce() -> Result<Vec<u8>, E>,
+    ) -> Result<(Arc<Vec<u8>>, u64), E> {
+        let mut owned = false;
+        if let Some(reservation) = reservation
+            && let Some(at) = reservation.keys.iter().position(|k| *k == key)
+        {
+            // Ours from here on: the decode below (or its guard) clears the entry.
+            reservation.keys.swap_remove(at);
+            owned = true;
+        }
         let mut state = self.lock();
         loop {
             state.tick += 1;
             let tick = state.tick;
             let decoders_busy = state.decoders >= self.max_decoders;
             match state.entries.get_mut(&key) {
+                Some(Entry::Loading) if owned && !decoders_busy => {
+                    state.decoders += 1;
+                    break;
+                }
                 Some(Entry::Ready { data, last_used }) => {
                     *last_used = tick;
                     let data = data.clone();
@@ -189,6 +270,37 @@ impl ChunkCache {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn reserved_blocks_are_decoded_by_their_holder_and_released_when_it_gives_up() {
+        let cache = ChunkCache::new(1000, 1);
+        cache.get_or_decode((0, 1), || Ok::<_, ()>(vec![1])).expect("ok");
+        let mut reservation = cache.reserve([(0, 0), (0, 1), (0, 2), (0, 3)]);
+        assert_eq!(reservation.keys(), [(0, 0), (0, 2), (0, 3)], "a held block is not reserved");
+        // Another thread wanting a reserved block waits for the holder's decode.
+        let decoded_elsewhere = AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            let waiter = scope.spawn(|| {
+                cache
+                    .get_or_decode((0, 0), || {
+                        decoded_elsewhere.fetch_add(1, Ordering::SeqCst);
+                        Ok::<_, ()>(vec![9])
+                    })
+                    .expect("ok")
+            });
+            let (data, bytes) =
+                cache.get_or_decode_reserved((0, 0), Some(&mut reservation), || Ok::<_, ()>(vec![7])).expect("ok");
+            assert_eq!((data[0], bytes), (7, 1));
+            assert_eq!(waiter.join().expect("waiter").0[0], 7, "the waiter got the holder's decode");
+        });
+        assert_eq!(decoded_elsewhere.load(Ordering::SeqCst), 0);
+        assert_eq!(reservation.keys(), [(0, 3), (0, 2)]);
+        // Given up (the batch failed): the rest are free again for anyone to decode.
+        drop(reservation);
+        let (data, bytes) = cache.get_or_decode((0, 2), || Ok::<_, ()>(vec![2])).expect("ok");
+        assert_eq!((data[0], bytes), (2, 1));
+        assert!(!cache.contains((0, 3)));
+    }
 
     #[test]
     fn stays_within_budget_and_evicts_least_recently_used() {

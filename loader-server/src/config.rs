@@ -93,8 +93,11 @@ pub struct Config {
     pub disk_cache_bytes: u64,
 
     /// With --disk-cache, remote .npy objects are fetched and cached in aligned blocks of this many
-    /// bytes. Larger blocks make fewer cache entries but fetch more around each row on a cold
-    /// cache (a shuffled batch touches up to one block per row, held while it is gathered).
+    /// bytes. Larger blocks make fewer requests (a cold full-shuffle epoch over a dataset that
+    /// fits the cache runs near the store's bulk rate at 1 MiB) but fetch more around each row
+    /// while the cache is cold (a shuffled batch touches up to one block per row). Each gather
+    /// holds at most --io-concurrency fetched blocks at once; a block is fetched once however
+    /// many batches want it together.
     #[arg(long, env = "LOADER_DISK_CACHE_BLOCK_BYTES", default_value_t = 64 << 10)]
     pub disk_cache_block_bytes: u64,
 

@@ -152,24 +152,34 @@ impl Field {
             Source::Zarr(zarr) => {
                 let block_of = |index: u64| index / zarr.block_len;
                 let mut decoded = 0;
-                let mut decode = |block: u64| {
-                    let (data, bytes) = cache
-                        .get_or_decode((self.id, block), || zarr.decode_block(block))
-                        .map_err(|reason| (block, reason))?;
-                    decoded += bytes;
-                    Ok::<_, (u64, String)>(data)
-                };
                 let start_of = |index: u64| (index - block_of(index) * zarr.block_len) as usize * row;
                 let mut blocks: Vec<u64> = indices.iter().map(|&index| block_of(index)).collect();
                 blocks.sort_unstable();
                 blocks.dedup();
                 if blocks.len() as u64 * zarr.block_len <= PIN_FACTOR * indices.len() as u64 {
                     // The blocks hold at most a few times what the batch does (block or
-                    // sequential batches): hold each once and point the rows into them.
+                    // sequential batches): hold each once and point the rows into them. From an
+                    // object store, the chunks of those no one holds or decodes are reserved
+                    // and read together first (requests), then decoded in ascending order.
+                    let mut reservation =
+                        zarr.reads_ahead().then(|| cache.reserve(blocks.iter().map(|&block| (self.id, block))));
+                    let mut fetched: std::collections::HashMap<u64, zarr::EncodedBlock> = match &reservation {
+                        Some(reserved) => {
+                            let mine: Vec<u64> = reserved.keys().iter().map(|&(_, block)| block).collect();
+                            zarr.fetch_encoded(&mine).into_iter().collect()
+                        }
+                        None => Default::default(),
+                    };
                     let mut pieces = Vec::with_capacity(blocks.len());
                     for &block in &blocks {
-                        let bytes = shared_bytes(decode(block)?);
-                        pieces.push(tensor.add_piece(Piece { bytes, big_endian: false }));
+                        let prefetched = fetched.remove(&block);
+                        let (data, bytes) = cache
+                            .get_or_decode_reserved((self.id, block), reservation.as_mut(), || {
+                                zarr.decode_block(block, prefetched)
+                            })
+                            .map_err(|reason| (block, reason))?;
+                        decoded += bytes;
+                        pieces.push(tensor.add_piece(Piece { bytes: shared_bytes(data), big_endian: false }));
                     }
                     for &index in indices {
                         let piece = pieces[blocks.binary_search(&block_of(index)).expect("listed above")];
@@ -184,7 +194,13 @@ impl Field {
                         let block = block_of(index);
                         let data = match &current {
                             Some((b, data)) if *b == block => data,
-                            _ => &current.insert((block, decode(block)?)).1,
+                            _ => {
+                                let (data, bytes) = cache
+                                    .get_or_decode((self.id, block), || zarr.decode_block(block, None))
+                                    .map_err(|reason| (block, reason))?;
+                                decoded += bytes;
+                                &current.insert((block, data)).1
+                            }
                         };
                         copied.extend_from_slice(&data[start_of(index)..start_of(index) + row]);
                     }
@@ -354,7 +370,8 @@ impl Dataset {
                 };
                 if zarr_root {
                     let store = storage.zarr_storage();
-                    from_zarr(zarr::open_storage(name, store, &path, &default_name, missing, select)?)
+                    let concurrency = storage.io_concurrency();
+                    from_zarr(zarr::open_storage(name, store, &path, &default_name, missing, select, concurrency)?)
                 } else {
                     let objects = match listing {
                         Some(objects) => objects,

@@ -36,7 +36,14 @@ pub struct ZarrSource {
     missing: MissingChunks,
     /// Bytes of one element.
     element_bytes: u64,
+    /// Chunks [`ZarrSource::fetch_encoded`] reads at once: `--io-concurrency` on an object
+    /// store, where each read is a request; 1 on a local file system (nothing to overlap).
+    fetch_concurrency: usize,
 }
+
+/// A block's one encoded chunk as [`ZarrSource::fetch_encoded`] read it: its bytes, `None`
+/// when the chunk is absent, or a message naming the chunk.
+pub type EncodedBlock = Result<Option<Vec<u8>>, String>;
 
 impl std::fmt::Debug for ZarrSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -162,7 +169,13 @@ fn open_one(
         dtype,
         shape,
         dims,
-        source: ZarrSource { array, block_len, missing, element_bytes: dtype.size_bytes() as u64 },
+        source: ZarrSource {
+            array,
+            block_len,
+            missing,
+            element_bytes: dtype.size_bytes() as u64,
+            fetch_concurrency: 1,
+        },
     })
 }
 
@@ -454,15 +467,32 @@ pub fn open(
     select: Option<&[String]>,
 ) -> Result<OpenedGroup, LoadError> {
     let store: ReadableListableStorage = Arc::new(FilesystemStore::new(path).map_err(|e| zarr_error(path, e))?);
-    open_storage(dataset, store, path, default_name, missing, select)
+    open_storage(dataset, store, path, default_name, missing, select, 1)
 }
 
 /// [`open`] for any zarrs storage (a local directory, an object-store prefix); `path` names it
-/// in messages.
+/// in messages. The fields read up to `fetch_concurrency` chunks of a batch at once (see
+/// [`ZarrSource::fetch_encoded`]).
 ///
 /// # Errors
 /// As [`open`].
 pub fn open_storage(
+    dataset: &str,
+    store: ReadableListableStorage,
+    path: &Path,
+    default_name: &str,
+    missing: MissingChunks,
+    select: Option<&[String]>,
+    fetch_concurrency: usize,
+) -> Result<OpenedGroup, LoadError> {
+    let mut opened = open_members(dataset, store, path, default_name, missing, select)?;
+    for array in &mut opened.arrays {
+        array.source.fetch_concurrency = fetch_concurrency.max(1);
+    }
+    Ok(opened)
+}
+
+fn open_members(
     dataset: &str,
     store: ReadableListableStorage,
     path: &Path,
@@ -589,40 +619,105 @@ impl ZarrSource {
         }
     }
 
-    /// Decodes block `block` (rows `block * block_len ..`) into C-order native-endian bytes.
-    ///
-    /// # Errors
-    /// A description naming the chunk and what failed.
-    pub fn decode_block(&self, block: u64) -> Result<Vec<u8>, String> {
+    /// The subset of block `block` (rows `block * block_len ..` across every other axis) and the
+    /// chunks it covers.
+    fn block_chunks(&self, block: u64) -> Result<(ArraySubset, Vec<Vec<u64>>), String> {
         let shape = self.array.shape();
         let start = block * self.block_len;
         let end = (start + self.block_len).min(shape[0]);
         let ranges: Vec<std::ops::Range<u64>> =
             std::iter::once(start..end).chain(shape[1..].iter().map(|&d| 0..d)).collect();
         let subset = ArraySubset::new_with_ranges(&ranges);
+        let chunks = self.array.chunks_in_array_subset(&subset).map_err(|e| e.to_string())?;
+        let chunks = chunks.iter().flat_map(|c| c.indices().into_iter()).map(|i| i.to_vec()).collect();
+        Ok((subset, chunks))
+    }
+
+    /// The indices of the one unsharded chunk that is block `block` whole (spanning every other
+    /// axis), if it is one: such a block is decoded from that chunk's encoded bytes alone.
+    fn single_chunk(&self, block: u64) -> Option<Vec<u64>> {
+        if self.array.is_sharded() {
+            return None;
+        }
+        let (_, mut chunks) = self.block_chunks(block).ok()?;
+        (chunks.len() == 1 && self.chunk_spans_other_axes(&chunks[0])).then(|| chunks.remove(0))
+    }
+
+    /// Whether a batch's chunks are worth reading ahead together ([`fetch_encoded`](Self::fetch_encoded)):
+    /// on an object store, where each read is a request.
+    pub fn reads_ahead(&self) -> bool {
+        self.fetch_concurrency > 1
+    }
+
+    /// Reads the encoded chunk of each of `blocks` that is one whole chunk (see
+    /// [`decode_block`](Self::decode_block)), `fetch_concurrency` reads at a time. On an object
+    /// store each read is a request of a few milliseconds: reading a batch's chunks one after
+    /// another would leave the store and the connection idle between them. Blocks of other
+    /// layouts, and any a thread could not be started for, are left out (decoding reads them).
+    /// Memory: the encoded bytes of `blocks`, held until each is decoded.
+    pub fn fetch_encoded(&self, blocks: &[u64]) -> Vec<(u64, EncodedBlock)> {
+        if self.fetch_concurrency <= 1 || blocks.len() < 2 {
+            return Vec::new();
+        }
+        let wanted: Vec<(u64, Vec<u64>)> =
+            blocks.iter().filter_map(|&block| Some((block, self.single_chunk(block)?))).collect();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let read = std::sync::Mutex::new(Vec::with_capacity(wanted.len()));
+        std::thread::scope(|scope| {
+            for _ in 0..self.fetch_concurrency.min(wanted.len()) {
+                let reader = || {
+                    while let Some((block, indices)) =
+                        wanted.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+                    {
+                        let bytes = self
+                            .array
+                            .retrieve_encoded_chunk(indices)
+                            .map_err(|e| format!("cannot read chunk {}: {e}", self.array.chunk_key(indices)));
+                        read.lock().unwrap_or_else(|p| p.into_inner()).push((*block, bytes));
+                    }
+                };
+                // Without a thread (the process is at its limit), the block is read when decoded.
+                if std::thread::Builder::new().name("conveyor-fetch".into()).spawn_scoped(scope, reader).is_err() {
+                    break;
+                }
+            }
+        });
+        read.into_inner().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Decodes block `block` (rows `block * block_len ..`) into C-order native-endian bytes;
+    /// `fetched` is what [`fetch_encoded`](Self::fetch_encoded) read for it, if it was.
+    ///
+    /// # Errors
+    /// A description naming the chunk and what failed.
+    pub fn decode_block(&self, block: u64, mut fetched: Option<EncodedBlock>) -> Result<Vec<u8>, String> {
+        let (subset, chunks) = self.block_chunks(block)?;
+        let rows = (self.array.shape()[0] - block * self.block_len).min(self.block_len);
         let sharded = self.array.is_sharded();
         // A block that is one whole unsharded chunk (the chunk spans every other axis) is decoded
         // from the raw bytes read for the size check below, instead of being read again.
         let mut single: Option<Vec<u8>> = None;
         if self.missing == MissingChunks::Error || !sharded {
-            let chunks = self.array.chunks_in_array_subset(&subset).map_err(|e| e.to_string())?;
-            let num_chunks = chunks.as_ref().map_or(0, |c| c.indices().into_iter().count());
-            for indices in chunks.iter().flat_map(|c| c.indices().into_iter()) {
-                let key = self.array.chunk_key(&indices);
+            let num_chunks = chunks.len();
+            for indices in &chunks {
+                let key = self.array.chunk_key(indices);
                 let present = if sharded {
                     self.array.storage().size_key(&key).map_err(|e| format!("cannot read chunk {key}: {e}"))?.is_some()
                 } else {
                     // Unsharded chunks are read raw first, so that a compressed chunk declaring
                     // more bytes than its shape holds is refused before anything is decoded.
-                    match self
-                        .array
-                        .retrieve_encoded_chunk(&indices)
-                        .map_err(|e| format!("cannot read chunk {key}: {e}"))?
-                    {
+                    let raw = match fetched.take() {
+                        Some(read) if num_chunks == 1 => read?,
+                        _ => self
+                            .array
+                            .retrieve_encoded_chunk(indices)
+                            .map_err(|e| format!("cannot read chunk {key}: {e}"))?,
+                    };
+                    match raw {
                         Some(raw) => {
-                            self.check_declared_size(&raw, &indices)
+                            self.check_declared_size(&raw, indices)
                                 .map_err(|problem| format!("chunk {key}: {problem}"))?;
-                            if num_chunks == 1 && self.chunk_spans_other_axes(&indices) {
+                            if num_chunks == 1 && self.chunk_spans_other_axes(indices) {
                                 single = Some(raw);
                             }
                             true
@@ -638,7 +733,7 @@ impl ZarrSource {
             }
         }
         if let Some(raw) = single {
-            return self.decode_whole_chunk(raw, block, end - start);
+            return self.decode_whole_chunk(raw, block, rows);
         }
         let bytes: ArrayBytes = self.array.retrieve_array_subset(&subset).map_err(|e| e.to_string())?;
         Ok(bytes.into_fixed().map_err(|e| e.to_string())?.into_owned())
@@ -713,6 +808,122 @@ mod tests {
         let unfit = ["late".to_owned(), "eeg".to_owned(), "label".to_owned()];
         let error = classify(&members, &[], Some(&unfit)).expect_err("late starts with channel");
         assert!(error.contains("different dimensions"), "{error}");
+    }
+
+    /// A store whose chunk reads wait (5 s at most) until `release_at` of them are in flight,
+    /// recording the most in flight: reads made one after another would each wait the 5 s and
+    /// be seen one at a time.
+    struct GatedStore {
+        inner: Arc<zarrs::storage::store::MemoryStore>,
+        release_at: usize,
+        /// (in flight now, most in flight, chunk reads in all)
+        in_flight: std::sync::Mutex<(usize, usize, usize)>,
+        changed: std::sync::Condvar,
+    }
+
+    impl ReadableStorageTraits for GatedStore {
+        fn get(&self, key: &StoreKey) -> Result<Option<bytes::Bytes>, zarrs::storage::StorageError> {
+            if !key.as_str().contains("/c/") && !key.as_str().starts_with("c/") {
+                return self.inner.get(key);
+            }
+            let mut state = self.in_flight.lock().expect("lock");
+            state.2 += 1;
+            state.0 += 1;
+            state.1 = state.1.max(state.0);
+            self.changed.notify_all();
+            let (mut state, _) = self
+                .changed
+                .wait_timeout_while(state, std::time::Duration::from_secs(5), |s| s.1 < self.release_at)
+                .expect("lock");
+            state.0 -= 1;
+            drop(state);
+            self.inner.get(key)
+        }
+
+        fn get_partial_many<'a>(
+            &'a self,
+            key: &StoreKey,
+            byte_ranges: zarrs::storage::byte_range::ByteRangeIterator<'a>,
+        ) -> Result<zarrs::storage::MaybeBytesIterator<'a>, zarrs::storage::StorageError> {
+            self.inner.get_partial_many(key, byte_ranges)
+        }
+
+        fn size_key(&self, key: &StoreKey) -> Result<Option<u64>, zarrs::storage::StorageError> {
+            self.inner.size_key(key)
+        }
+
+        fn supports_get_partial(&self) -> bool {
+            true
+        }
+    }
+
+    impl zarrs::storage::ListableStorageTraits for GatedStore {
+        fn list(&self) -> Result<zarrs::storage::StoreKeys, zarrs::storage::StorageError> {
+            self.inner.list()
+        }
+
+        fn list_prefix(&self, prefix: &StorePrefix) -> Result<zarrs::storage::StoreKeys, zarrs::storage::StorageError> {
+            self.inner.list_prefix(prefix)
+        }
+
+        fn list_dir(
+            &self,
+            prefix: &StorePrefix,
+        ) -> Result<zarrs::storage::StoreKeysPrefixes, zarrs::storage::StorageError> {
+            self.inner.list_dir(prefix)
+        }
+
+        fn size_prefix(&self, prefix: &StorePrefix) -> Result<u64, zarrs::storage::StorageError> {
+            self.inner.size_prefix(prefix)
+        }
+    }
+
+    /// A [16, 3] uint8 array in chunks of 4 rows holding 0..48, behind a [`GatedStore`].
+    fn gated_array(release_at: usize, fetch_concurrency: usize) -> (Arc<GatedStore>, ZarrSource) {
+        let memory = Arc::new(zarrs::storage::store::MemoryStore::new());
+        let array = zarrs::array::ArrayBuilder::new(vec![16, 3], vec![4, 3], zdt::uint8(), 0u8)
+            .build(memory.clone(), "/")
+            .expect("array");
+        array.store_metadata().expect("metadata");
+        array
+            .store_array_subset(&ArraySubset::new_with_ranges(&[0..16, 0..3]), (0..48u8).collect::<Vec<_>>())
+            .expect("data");
+        let gated = Arc::new(GatedStore {
+            inner: memory,
+            release_at,
+            in_flight: std::sync::Mutex::new((0, 0, 0)),
+            changed: std::sync::Condvar::new(),
+        });
+        let storage: ReadableListableStorage = gated.clone();
+        let opened = open_storage("d", storage, Path::new("mem"), "x", MissingChunks::Error, None, fetch_concurrency)
+            .expect("opens");
+        (gated, opened.arrays.into_iter().next().expect("one field").source)
+    }
+
+    #[test]
+    fn the_chunks_of_a_batch_are_read_together_within_the_fetch_concurrency() {
+        let (gated, source) = gated_array(4, 16);
+        let mut fetched = source.fetch_encoded(&[0, 1, 2, 3]);
+        assert_eq!(gated.in_flight.lock().expect("lock").1, 4, "all four chunk reads in flight at once");
+        fetched.sort_by_key(|(block, _)| *block);
+        assert_eq!(fetched.iter().map(|(block, _)| *block).collect::<Vec<_>>(), [0, 1, 2, 3]);
+        for (block, read) in fetched {
+            let rows = source.decode_block(block, Some(read)).expect("decodes");
+            let first = (block * 12) as u8;
+            assert_eq!(rows, (first..first + 12).collect::<Vec<_>>(), "block {block}");
+        }
+        assert_eq!(gated.in_flight.lock().expect("lock").2, 4, "each chunk read once, by the fetch");
+
+        let (gated, source) = gated_array(2, 2);
+        assert_eq!(source.fetch_encoded(&[0, 1, 2, 3]).len(), 4);
+        assert_eq!(gated.in_flight.lock().expect("lock").1, 2, "never more than --io-concurrency reads");
+
+        // A local store (concurrency 1) reads nothing ahead; a missing chunk read ahead is
+        // reported by the decode like one it reads itself.
+        let (_, source) = gated_array(1, 1);
+        assert!(source.fetch_encoded(&[0, 1]).is_empty());
+        let error = source.decode_block(2, Some(Ok(None))).expect_err("absent");
+        assert!(error.contains("chunk c/2/0 is missing"), "{error}");
     }
 
     #[test]

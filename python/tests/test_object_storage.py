@@ -417,7 +417,10 @@ def test_the_s3_server_killed_and_restarted_mid_epoch_still_delivers_the_epoch_e
     env = {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "AWS_REGION": "us-east-1",
            "AWS_ENDPOINT_URL": proxy.url}
     try:
-        loader = start_loader({"c": "s3://data/chess"}, "--io-retries", "10", "--io-timeout", "3s", env=env)
+        # object_store's backoff is jittered (each wait drawn between 50 ms and up to twice the
+        # last, at most 2 s): 10 retries were once spent in 0.9 s while a loaded machine took
+        # longer to restart moto. 40 cover a restart of well over 10 s.
+        loader = start_loader({"c": "s3://data/chess"}, "--io-retries", "40", "--io-timeout", "3s", env=env)
         ds = conveyor.StreamingDataset([loader.addr], "c", batch_size=20, shuffle="full", seed=1, prefetch=1)
         batches = []
         for batch in ds:

@@ -124,12 +124,18 @@ pub struct ObjectStorage {
     requests: AtomicU64,
     /// Bytes those requests returned.
     bytes: AtomicU64,
+    /// Requests in flight at most (`--io-concurrency`; the store's limit).
+    io_concurrency: usize,
     /// The disk cache, when one is set.
     disk_cache: Option<Arc<DiskCache>>,
     /// Its block size for `.npy` objects.
     cache_block_bytes: u64,
     /// Bytes read from the disk cache instead of the store.
     cache_hit_bytes: Arc<AtomicU64>,
+    /// Disk-cache blocks being fetched now, by cache key (see [`Claim`]).
+    fetching: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Signalled when a [`Claim`] is released.
+    fetched: std::sync::Condvar,
     /// Zarr reads through zarrs, counted.
     zarr: OnceLock<
         Arc<
@@ -223,22 +229,35 @@ impl ObjectStorage {
                 .map_err(|e| fail(format!("cannot set up the HTTP client: {e}")))?;
             (Arc::new(LimitStore::new(store, options.io_concurrency)), path.trim_matches('/').to_owned())
         };
-        Ok(ObjectStorage {
-            url: shown.trim_end_matches('/').to_owned(),
+        Ok(ObjectStorage::from_store(shown.trim_end_matches('/'), store, &prefix, options))
+    }
+
+    /// A location over an already built store (limited by the caller), at `prefix` in it.
+    fn from_store(url: &str, store: Arc<dyn ObjectStore>, prefix: &str, options: &StoreOptions) -> ObjectStorage {
+        ObjectStorage {
+            url: url.to_owned(),
             store,
             prefix: ObjectPath::from(prefix),
             requests: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
+            io_concurrency: options.io_concurrency.max(1),
             disk_cache: options.disk_cache.clone(),
             cache_block_bytes: options.cache_block_bytes.max(1),
             cache_hit_bytes: Arc::new(AtomicU64::new(0)),
+            fetching: std::sync::Mutex::default(),
+            fetched: std::sync::Condvar::new(),
             zarr: OnceLock::new(),
-        })
+        }
     }
 
     /// The location as messages name it.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// Requests in flight at most for this dataset (`--io-concurrency`).
+    pub fn io_concurrency(&self) -> usize {
+        self.io_concurrency
     }
 
     /// Whether this is a plain HTTP(S) server (which cannot list a prefix).
@@ -326,7 +345,10 @@ impl ObjectStorage {
     }
 
     /// [`read_ranges`](Self::read_ranges) through `cache`: the aligned blocks the ranges touch
-    /// come from the cache, or are fetched (all at once) and put there.
+    /// come from the cache, or are fetched and put there. Missing blocks are fetched
+    /// `--io-concurrency` at a time (a cold batch over big blocks holds at most that many
+    /// blocks at once) and once over all threads: a block another batch is fetching is waited
+    /// for and then read from the cache, so batches running together do not fetch it twice.
     fn read_cached(
         &self,
         cache: &DiskCache,
@@ -338,70 +360,122 @@ impl ObjectStorage {
         // with the cached one (the README asks that objects be replaced under new names).
         let block_bytes = self.cache_block_bytes;
         let key = |block: u64| format!("{}/{name}#{size}@{block}x{block_bytes}", self.url);
-        // Each range's parts, block by block: (block, offset in the block, length).
-        let parts_of = |range: &Range<u64>| {
-            let mut parts = Vec::new();
+        // What each block gives: (range, offset in the block, length, offset in the range's output).
+        let mut wants: std::collections::BTreeMap<u64, Vec<Want>> = std::collections::BTreeMap::new();
+        let mut out: Vec<Vec<u8>> = Vec::with_capacity(ranges.len());
+        for (range_index, range) in ranges.iter().enumerate() {
+            let end = range.end.min(size);
             let mut at = range.start;
-            while at < range.end.min(size) {
+            while at < end {
                 let block = at / block_bytes;
-                let offset = at - block * block_bytes;
-                let len = (range.end.min(size).min((block + 1) * block_bytes) - at) as usize;
-                parts.push((block, offset, len));
+                let len = (end.min((block + 1) * block_bytes) - at) as usize;
+                let out_at = (at - range.start) as usize;
+                wants.entry(block).or_default().push(Want {
+                    range_index,
+                    offset: at - block * block_bytes,
+                    len,
+                    out_at,
+                });
                 at += len as u64;
             }
-            parts
-        };
-        // Whole blocks at hand: read (and checked) from the cache the first time this run, or
-        // fetched. Parts of blocks verified earlier are read straight from their files.
-        let mut whole: std::collections::BTreeMap<u64, Bytes> = std::collections::BTreeMap::new();
-        let mut read_parts: std::collections::HashMap<(u64, u64), Bytes> = std::collections::HashMap::new();
-        let mut missing: std::collections::BTreeSet<u64> = std::collections::BTreeSet::new();
-        for range in ranges {
-            for (block, offset, len) in parts_of(range) {
-                if whole.contains_key(&block) || missing.contains(&block) {
-                    continue;
+            out.push(vec![0; end.saturating_sub(range.start) as usize]);
+        }
+        // Where each range's output stops being filled (a block shorter than the listing says).
+        let mut short: Vec<usize> = out.iter().map(Vec::len).collect();
+        let mut hit = 0u64;
+        let mut missing = Vec::new();
+        for (&block, block_wants) in &wants {
+            match self.read_from_cache(cache, &key(block), block_wants, &mut out, &mut short) {
+                Some(bytes) => hit += bytes,
+                None => missing.push(block),
+            }
+        }
+        for wave in missing.chunks(self.io_concurrency) {
+            // Blocks no other thread is fetching are fetched here; the others are read from the
+            // cache once their fetch is done (or fetched here if it failed or was not kept).
+            let claim = self.claim(wave.iter().map(|&block| key(block)).collect());
+            let (claimed, others): (Vec<u64>, Vec<u64>) = wave.iter().partition(|&&block| claim.holds(&key(block)));
+            // A block fetched by another thread since it was found missing is in the cache now.
+            let mut mine = Vec::with_capacity(claimed.len());
+            for block in claimed {
+                match self.read_from_cache(cache, &key(block), &wants[&block], &mut out, &mut short) {
+                    Some(bytes) => hit += bytes,
+                    None => mine.push(block),
                 }
-                match cache.get_range(&key(block), offset, len) {
-                    Some(Read::Whole(bytes)) => {
-                        whole.insert(block, bytes);
-                    }
-                    Some(Read::Part(bytes)) => {
-                        read_parts.insert((block, offset), bytes);
-                    }
+            }
+            let wanted: Vec<Range<u64>> =
+                mine.iter().map(|&block| block * block_bytes..((block + 1) * block_bytes).min(size)).collect();
+            for (block, bytes) in mine.iter().zip(self.fetch(name, &wanted)?) {
+                cache.put(&key(*block), &bytes);
+                fill(&bytes, &wants[block], &mut out, &mut short);
+            }
+            drop(claim);
+            for block in others {
+                self.wait_unclaimed(&key(block));
+                match self.read_from_cache(cache, &key(block), &wants[&block], &mut out, &mut short) {
+                    Some(bytes) => hit += bytes,
                     None => {
-                        missing.insert(block);
+                        let range = block * block_bytes..((block + 1) * block_bytes).min(size);
+                        let bytes = self.fetch(name, &[range])?.remove(0);
+                        cache.put(&key(block), &bytes);
+                        fill(&bytes, &wants[&block], &mut out, &mut short);
                     }
                 }
             }
         }
-        let hit: u64 = whole.values().chain(read_parts.values()).map(|b| b.len() as u64).sum();
         self.cache_hit_bytes.fetch_add(hit, Ordering::Relaxed);
-        let wanted: Vec<Range<u64>> =
-            missing.iter().map(|&block| block * block_bytes..((block + 1) * block_bytes).min(size)).collect();
-        for (block, bytes) in missing.iter().zip(self.fetch(name, &wanted)?) {
-            cache.put(&key(*block), &bytes);
-            whole.insert(*block, bytes);
-        }
-        Ok(ranges
-            .iter()
-            .map(|range| {
-                let mut out = Vec::with_capacity((range.end - range.start) as usize);
-                for (block, offset, len) in parts_of(range) {
-                    let part = match (whole.get(&block), read_parts.get(&(block, offset))) {
-                        (Some(data), _) => data.get(offset as usize..offset as usize + len),
-                        (None, Some(part)) => Some(&part[..]),
-                        (None, None) => None,
-                    };
-                    match part {
-                        Some(part) => out.extend_from_slice(part),
-                        // A block shorter than the object's listing says: the caller finds the
-                        // range short and names the object.
-                        None => break,
-                    }
-                }
-                Bytes::from(out)
+        Ok(out
+            .into_iter()
+            .zip(short)
+            .map(|(mut bytes, filled)| {
+                // The caller finds the range short and names the object.
+                bytes.truncate(filled);
+                Bytes::from(bytes)
             })
             .collect())
+    }
+
+    /// Fills `wants` from the cache entry `key`: the whole entry when this is its first read in
+    /// this run (it is checked whole then), else each wanted part alone. Returns the bytes
+    /// served, or `None` when the entry is not there (or no longer holds a part).
+    fn read_from_cache(
+        &self,
+        cache: &DiskCache,
+        key: &str,
+        wants: &[Want],
+        out: &mut [Vec<u8>],
+        short: &mut [usize],
+    ) -> Option<u64> {
+        let mut served = 0;
+        for (i, want) in wants.iter().enumerate() {
+            match cache.get_range(key, want.offset, want.len)? {
+                Read::Whole(bytes) => {
+                    fill(&bytes, &wants[i..], out, short);
+                    return Some(served + wants[i..].iter().map(|w| w.len as u64).sum::<u64>());
+                }
+                Read::Part(bytes) => {
+                    fill_part(&bytes, want, out, short);
+                    served += want.len as u64;
+                }
+            }
+        }
+        Some(served)
+    }
+
+    /// Claims the cache keys in `keys` that no other thread is fetching (see [`Claim`]).
+    fn claim(&self, keys: Vec<String>) -> Claim<'_> {
+        let mut fetching = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
+        let held = keys.into_iter().filter(|key| fetching.insert(key.clone())).collect();
+        Claim { storage: self, held }
+    }
+
+    /// Waits until no thread is fetching `key`. Bounded: a fetch ends within the store's
+    /// retries and time limits.
+    fn wait_unclaimed(&self, key: &str) {
+        let mut fetching = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
+        while fetching.contains(key) {
+            fetching = self.fetched.wait(fetching).unwrap_or_else(|p| p.into_inner());
+        }
     }
 
     /// The prefix as zarrs storage (synchronous, over the I/O runtime), counted, and through
@@ -410,9 +484,12 @@ impl ObjectStorage {
         let counted = self
             .zarr
             .get_or_init(|| {
-                let prefixed = PrefixStore::new(self.store.clone(), self.prefix.clone());
-                let adapter: ReadableListableStorage =
-                    Arc::new(AsyncToSyncStorageAdapter::new(Arc::new(AsyncObjectStore::new(prefixed)), IoBlockOn));
+                let prefixed =
+                    Arc::new(AsyncObjectStore::new(PrefixStore::new(self.store.clone(), self.prefix.clone())));
+                let adapter: ReadableListableStorage = Arc::new(WholeValueReads {
+                    inner: Arc::new(AsyncToSyncStorageAdapter::new(prefixed.clone(), IoBlockOn)),
+                    store: prefixed,
+                });
                 Arc::new(zarrs::storage::storage_adapter::performance_metrics::PerformanceMetricsStorageAdapter::new(
                     adapter,
                 ))
@@ -438,6 +515,121 @@ impl ObjectStorage {
     pub fn counters(&self) -> (u64, u64) {
         let (zarr_reads, zarr_bytes) = self.zarr.get().map_or((0, 0), |z| (z.reads() as u64, z.bytes_read() as u64));
         (self.requests.load(Ordering::Relaxed) + zarr_reads, self.bytes.load(Ordering::Relaxed) + zarr_bytes)
+    }
+}
+
+/// A part of a cached `.npy` block that a range needs.
+#[derive(Debug, Clone, Copy)]
+struct Want {
+    /// Which range of the read.
+    range_index: usize,
+    /// Where the part starts in the block.
+    offset: u64,
+    /// Its length.
+    len: usize,
+    /// Where it goes in the range's output.
+    out_at: usize,
+}
+
+/// Copies each of `wants` out of `block` (a whole block).
+fn fill(block: &[u8], wants: &[Want], out: &mut [Vec<u8>], short: &mut [usize]) {
+    for want in wants {
+        match block.get(want.offset as usize..want.offset as usize + want.len) {
+            Some(part) => fill_part(part, want, out, short),
+            None => short[want.range_index] = short[want.range_index].min(want.out_at),
+        }
+    }
+}
+
+/// Copies `part` (exactly `want`'s bytes) to where `want` goes.
+fn fill_part(part: &[u8], want: &Want, out: &mut [Vec<u8>], short: &mut [usize]) {
+    if part.len() == want.len {
+        out[want.range_index][want.out_at..want.out_at + want.len].copy_from_slice(part);
+    } else {
+        short[want.range_index] = short[want.range_index].min(want.out_at);
+    }
+}
+
+/// Cache keys this thread is fetching; other threads wanting them wait
+/// ([`ObjectStorage::wait_unclaimed`]). Dropping it (also on an error) releases them.
+struct Claim<'a> {
+    storage: &'a ObjectStorage,
+    held: std::collections::HashSet<String>,
+}
+
+impl Claim<'_> {
+    fn holds(&self, key: &str) -> bool {
+        self.held.contains(key)
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if self.held.is_empty() {
+            return;
+        }
+        let mut fetching = self.storage.fetching.lock().unwrap_or_else(|p| p.into_inner());
+        for key in &self.held {
+            fetching.remove(key);
+        }
+        drop(fetching);
+        self.storage.fetched.notify_all();
+    }
+}
+
+/// zarrs' synchronous view of an object store, reading a whole value (an unsharded chunk, a
+/// metadata document) with one GET: through zarrs' async-to-sync adapter alone a whole value is
+/// the byte range "from 0 to the end", which `zarrs_object_store` answers with a HEAD for the
+/// size and then a ranged GET, two requests where one does (half the rate of a request-bound
+/// store).
+struct WholeValueReads {
+    /// zarrs' adapter, for everything else.
+    inner: ReadableListableStorage,
+    /// The store it adapts, for whole values.
+    store: Arc<AsyncObjectStore<PrefixStore<Arc<dyn ObjectStore>>>>,
+}
+
+impl ReadableStorageTraits for WholeValueReads {
+    fn get(&self, key: &StoreKey) -> Result<Option<Bytes>, StorageError> {
+        block_on(zarrs::storage::AsyncReadableStorageTraits::get(&*self.store, key))
+    }
+
+    fn get_partial_many<'a>(
+        &'a self,
+        key: &StoreKey,
+        byte_ranges: ByteRangeIterator<'a>,
+    ) -> Result<MaybeBytesIterator<'a>, StorageError> {
+        let ranges: Vec<zarrs::storage::byte_range::ByteRange> = byte_ranges.collect();
+        if let [zarrs::storage::byte_range::ByteRange::FromStart(0, None)] = ranges[..] {
+            return Ok(self.get(key)?.map(|bytes| Box::new(std::iter::once(Ok(bytes))) as _));
+        }
+        self.inner.get_partial_many(key, Box::new(ranges.into_iter()))
+    }
+
+    fn size_key(&self, key: &StoreKey) -> Result<Option<u64>, StorageError> {
+        self.inner.size_key(key)
+    }
+
+    fn supports_get_partial(&self) -> bool {
+        self.inner.supports_get_partial()
+    }
+}
+
+impl ListableStorageTraits for WholeValueReads {
+    fn list(&self) -> Result<StoreKeys, StorageError> {
+        self.inner.list()
+    }
+
+    fn list_prefix(&self, prefix: &StorePrefix) -> Result<StoreKeys, StorageError> {
+        self.inner.list_prefix(prefix)
+    }
+
+    fn list_dir(&self, prefix: &StorePrefix) -> Result<StoreKeysPrefixes, StorageError> {
+        self.inner.list_dir(prefix)
+    }
+
+    fn size_prefix(&self, prefix: &StorePrefix) -> Result<u64, StorageError> {
+        self.inner.size_prefix(prefix)
     }
 }
 
@@ -567,6 +759,40 @@ mod tests {
         let (ranges, placed) = coalesce(&[(0, 8), (16, 8), (100, 8)], 8, 1 << 20);
         assert_eq!(ranges, [0..24, 100..108]);
         assert_eq!(placed, [(0, 0), (0, 16), (1, 0)]);
+    }
+
+    #[test]
+    fn batches_reading_the_same_cold_blocks_together_fetch_each_once_and_get_every_byte() {
+        let object: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+        let memory = object_store::memory::InMemory::new();
+        block_on(memory.put(&ObjectPath::from("data/rows.npy"), object.clone().into())).expect("put");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = StoreOptions {
+            disk_cache: Some(Arc::new(DiskCache::open(dir.path(), 64 << 20).expect("cache"))),
+            cache_block_bytes: 64 << 10,
+            io_concurrency: 4,
+            ..StoreOptions::default()
+        };
+        let storage = ObjectStorage::from_store("mem://data", Arc::new(memory), "data", &options);
+        // Rows of 1000 bytes, every 37th row: ranges inside blocks and across block edges.
+        let ranges: Vec<Range<u64>> = (0..1u64 << 20).step_by(37_000).map(|at| at..(at + 1000).min(1 << 20)).collect();
+        let reads: Vec<Vec<Bytes>> = std::thread::scope(|scope| {
+            let readers: Vec<_> = (0..4)
+                .map(|_| scope.spawn(|| storage.read_ranges("rows.npy", 1 << 20, &ranges).expect("reads")))
+                .collect();
+            readers.into_iter().map(|reader| reader.join().expect("reader")).collect()
+        });
+        for parts in &reads {
+            for (range, part) in ranges.iter().zip(parts) {
+                assert_eq!(&part[..], &object[range.start as usize..range.end as usize], "range {range:?}");
+            }
+        }
+        let touched: std::collections::BTreeSet<u64> =
+            ranges.iter().flat_map(|r| r.start / (64 << 10)..=(r.end - 1) / (64 << 10)).collect();
+        assert_eq!(storage.counters().0, touched.len() as u64, "each block fetched once over the four readers");
+        // Warm: nothing more is fetched.
+        storage.read_ranges("rows.npy", 1 << 20, &ranges).expect("reads");
+        assert_eq!(storage.counters().0, touched.len() as u64);
     }
 
     #[test]
