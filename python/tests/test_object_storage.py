@@ -166,6 +166,28 @@ def test_zarr_groups_over_s3_serve_every_codec_and_count_their_requests(tmp_path
     assert metric(text, "conveyor_loader_object_fetched_bytes_total", dataset="e") > 0
 
 
+def test_a_zarr_epoch_from_s3_reads_each_chunk_with_one_get(tmp_path, s3, start_loader):
+    # 12 zstd chunks of 10 rows; batches of 20 rows in block shuffle need two chunks each, read
+    # ahead together. Each chunk must cost one GET: no HEAD for its size, no second read by a
+    # batch running beside the one that reads it.
+    data = np.random.default_rng(7).standard_normal((120, 6)).astype("float32")
+    zarr.create_array(tmp_path / "one.zarr", shape=data.shape, chunks=(10, 6), dtype="float32",
+                      compressors=zarr.codecs.ZstdCodec(level=3), zarr_format=3)[:] = data
+    s3.upload_dir(tmp_path / "one.zarr", "one.zarr")
+    seen = []
+    proxy = FaultProxy(("127.0.0.1", s3.port), lambda n, method, path, _: seen.append((method, path)))
+    try:
+        loader = start_loader({"z": "s3://data/one.zarr"}, env=s3.env(AWS_ENDPOINT_URL=proxy.url))
+        before = len(seen)
+        index, got = epoch(loader, "z", "block", batch_size=20)
+        assert sorted(index.tolist()) == list(range(120))
+        assert got["one"].tobytes() == data.tobytes()
+        chunk_requests = sorted(r for r in seen[before:] if "/one.zarr/c/" in r[1])
+        assert chunk_requests == sorted(("GET", f"/data/one.zarr/c/{i}/0") for i in range(12)), chunk_requests
+    finally:
+        proxy.stop()
+
+
 def test_s3_failures_at_start_up_are_named_and_never_show_the_secret(s3, tmp_path):
     np.save(tmp_path / "x.npy", np.arange(10))
     s3.client.upload_file(str(tmp_path / "x.npy"), "data", "small/x.npy")
