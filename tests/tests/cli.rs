@@ -241,9 +241,15 @@ fn loader_log_until(args: &[&str], needle: &str) -> (bool, String) {
             break;
         }
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    stop_under_timeout(&mut child);
     (found, seen)
+}
+
+/// Stops a loader started under `timeout`: SIGTERM to `timeout`, which passes it on to the
+/// loader and exits with it (SIGKILL would end `timeout` alone and leave the loader running).
+fn stop_under_timeout(child: &mut std::process::Child) {
+    let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = child.wait();
 }
 
 #[test]
@@ -314,6 +320,5 @@ fn sighup_reloads_the_token_file() {
     assert!(!refused.status.success(), "the old token still works");
     let message = String::from_utf8_lossy(&refused.stderr);
     assert!(message.contains("does not accept the token"), "{message}");
-    let _ = loader.kill();
-    let _ = loader.wait();
+    stop_under_timeout(&mut loader);
 }
