@@ -146,6 +146,7 @@ fn open_one(
     dims: Vec<String>,
     array: Array<dyn ReadableListableStorageTraits>,
     missing: MissingChunks,
+    fetch_concurrency: usize,
 ) -> Result<OpenedArray, LoadError> {
     let dtype = dtype_of(&array).ok_or_else(|| {
         zarr_error(
@@ -174,7 +175,7 @@ fn open_one(
             block_len,
             missing,
             element_bytes: dtype.size_bytes() as u64,
-            fetch_concurrency: 1,
+            fetch_concurrency: fetch_concurrency.max(1),
         },
     })
 }
@@ -485,21 +486,6 @@ pub fn open_storage(
     select: Option<&[String]>,
     fetch_concurrency: usize,
 ) -> Result<OpenedGroup, LoadError> {
-    let mut opened = open_members(dataset, store, path, default_name, missing, select)?;
-    for array in &mut opened.arrays {
-        array.source.fetch_concurrency = fetch_concurrency.max(1);
-    }
-    Ok(opened)
-}
-
-fn open_members(
-    dataset: &str,
-    store: ReadableListableStorage,
-    path: &Path,
-    default_name: &str,
-    missing: MissingChunks,
-    select: Option<&[String]>,
-) -> Result<OpenedGroup, LoadError> {
     // Decide array or group from the metadata first, so that a broken array is reported with
     // the array's problem rather than as "not a group".
     let (node_type, zarr_json) = root_metadata(&store, path)?;
@@ -509,7 +495,14 @@ fn open_members(
             Array::open(store, "/").map_err(|e| zarr_error(path, format_args!("invalid array metadata: {e}")))?;
         let dims = array.dimension_names().as_ref().map(|d| d.iter().map(|n| n.clone().unwrap_or_default()).collect());
         return Ok(OpenedGroup {
-            arrays: vec![open_one(path, default_name.to_owned(), dims.unwrap_or_default(), array, missing)?],
+            arrays: vec![open_one(
+                path,
+                default_name.to_owned(),
+                dims.unwrap_or_default(),
+                array,
+                missing,
+                fetch_concurrency,
+            )?],
             coordinates: Vec::new(),
             metadata_source: "the array's metadata",
         });
@@ -542,7 +535,7 @@ fn open_members(
                     .map_err(|e| zarr_error(&member_path, format_args!("invalid array metadata: {e}")))?;
                 let array = Array::new_with_metadata(store.clone(), &format!("/{}", member.name), metadata)
                     .map_err(|e| zarr_error(&member_path, format_args!("invalid array metadata: {e}")))?;
-                opened.arrays.push(open_one(&member_path, member.name, dims, array, missing)?);
+                opened.arrays.push(open_one(&member_path, member.name, dims, array, missing, fetch_concurrency)?);
             }
             Role::Coordinate(reason) => opened.coordinates.push(Coordinate {
                 dtype: member.dtype(),

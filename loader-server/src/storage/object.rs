@@ -360,6 +360,7 @@ impl ObjectStorage {
         // with the cached one (the README asks that objects be replaced under new names).
         let block_bytes = self.cache_block_bytes;
         let key = |block: u64| format!("{}/{name}#{size}@{block}x{block_bytes}", self.url);
+        let bytes_of = |block: u64| block * block_bytes..((block + 1) * block_bytes).min(size);
         // What each block gives: (range, offset in the block, length, offset in the range's output).
         let mut wants: std::collections::BTreeMap<u64, Vec<Want>> = std::collections::BTreeMap::new();
         let mut out: Vec<Vec<u8>> = Vec::with_capacity(ranges.len());
@@ -403,8 +404,7 @@ impl ObjectStorage {
                     None => mine.push(block),
                 }
             }
-            let wanted: Vec<Range<u64>> =
-                mine.iter().map(|&block| block * block_bytes..((block + 1) * block_bytes).min(size)).collect();
+            let wanted: Vec<Range<u64>> = mine.iter().map(|&block| bytes_of(block)).collect();
             for (block, bytes) in mine.iter().zip(self.fetch(name, &wanted)?) {
                 cache.put(&key(*block), &bytes);
                 fill(&bytes, &wants[block], &mut out, &mut short);
@@ -415,8 +415,7 @@ impl ObjectStorage {
                 match self.read_from_cache(cache, &key(block), &wants[&block], &mut out, &mut short) {
                     Some(bytes) => hit += bytes,
                     None => {
-                        let range = block * block_bytes..((block + 1) * block_bytes).min(size);
-                        let bytes = self.fetch(name, &[range])?.remove(0);
+                        let bytes = self.fetch(name, &[bytes_of(block)])?.remove(0);
                         cache.put(&key(block), &bytes);
                         fill(&bytes, &wants[&block], &mut out, &mut short);
                     }
