@@ -92,6 +92,14 @@ pub struct Config {
     #[arg(long, env = "LOADER_DISK_CACHE_BYTES", default_value_t = 10 << 30)]
     pub disk_cache_bytes: u64,
 
+    /// With --disk-cache, entries kept memory-mapped between reads at most: a warm read of a
+    /// kept entry is a check (fstat) and a copy from the page cache, any other a fresh open and
+    /// mmap. Each costs a file descriptor and address space (not memory: the pages are the page
+    /// cache's). The loader raises its soft open-file limit to this plus 256 when it can, and
+    /// refuses to start when the hard limit is lower. 0 maps entries afresh on every read.
+    #[arg(long, env = "LOADER_DISK_CACHE_OPEN_FILES", default_value_t = 1024)]
+    pub disk_cache_open_files: usize,
+
     /// With --disk-cache, remote .npy objects are fetched and cached in aligned blocks of this many
     /// bytes. Larger blocks make fewer requests (a cold full-shuffle epoch over a dataset that
     /// fits the cache runs near the store's bulk rate at 1 MiB) but fetch more around each row
@@ -371,9 +379,11 @@ impl Config {
     /// [`LoadError::DiskCache`] when the cache directory cannot be used.
     pub fn store_options(&self) -> Result<crate::storage::StoreOptions, LoadError> {
         let disk_cache = match &self.disk_cache {
-            Some(dir) => {
-                Some(std::sync::Arc::new(crate::storage::disk_cache::DiskCache::open(dir, self.disk_cache_bytes)?))
-            }
+            Some(dir) => Some(std::sync::Arc::new(crate::storage::disk_cache::DiskCache::open(
+                dir,
+                self.disk_cache_bytes,
+                self.disk_cache_open_files,
+            )?)),
             None => None,
         };
         Ok(crate::storage::StoreOptions {

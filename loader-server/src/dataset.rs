@@ -27,7 +27,12 @@ use crate::{
     error::{LoadError, ReadError},
     npy::{self, NpyHeader},
     npz,
-    storage::{Location, ObjectStorage, mmap::MappedFile, object::coalesce, shared_bytes},
+    storage::{
+        Location, ObjectStorage,
+        mmap::MappedFile,
+        object::{Rows, coalesce},
+        shared_bytes,
+    },
     zarr::{self, Coordinate, MissingChunks, ZarrSource},
 };
 
@@ -46,14 +51,6 @@ enum ShardData {
         size: u64,
     },
 }
-
-/// Largest ranged GET of coalesced rows: big enough to amortise a request, small enough that
-/// one slow request does not hold a whole batch.
-const MAX_REQUEST_BYTES: u64 = 8 << 20;
-
-/// Rows at most this far apart share a request: reading 16 KiB of unwanted bytes costs less
-/// than another round trip (a small field, such as labels, then takes one request a batch).
-const MAX_GAP_BYTES: u64 = 16 << 10;
 
 /// One `.npy` file (or `.npz` member, or remote object) of a field.
 #[derive(Debug)]
@@ -248,9 +245,13 @@ impl Field {
                 unreachable!("a field's shards are all remote")
             };
             let rows: Vec<(u64, u64)> = group.iter().map(|&(_, offset, _)| (offset, row as u64)).collect();
-            let (ranges, placed) = coalesce(&rows, MAX_GAP_BYTES, MAX_REQUEST_BYTES.max(row as u64));
+            let (max_gap, max_bytes) = storage.row_requests(row as u64);
+            let (ranges, placed) = coalesce(&rows, max_gap, max_bytes);
             let index_of = |w: &(usize, u64, usize)| indices[w.2];
-            let parts = storage.read_ranges(object, *size, &ranges).map_err(|reason| (index_of(&group[0]), reason))?;
+            let layout = Rows { offset: shards[shard_index].data_offset as u64, bytes: row as u64 };
+            let parts = storage
+                .read_ranges(object, *size, &ranges, Some(layout))
+                .map_err(|reason| (index_of(&group[0]), reason))?;
             fetched += parts.iter().map(|p| p.len() as u64).sum::<u64>();
             let big_endian = shards[shard_index].big_endian;
             let pieces: Vec<u32> =
@@ -587,7 +588,7 @@ fn open_remote_npy(
             let path = location.join(&object);
             let read = |end: u64| {
                 storage
-                    .read_ranges(&object, size, std::slice::from_ref(&(0..end.min(size))))
+                    .read_ranges(&object, size, std::slice::from_ref(&(0..end.min(size))), None)
                     .map(|mut parts| parts.remove(0))
                     .map_err(|problem| LoadError::Remote {
                         dataset: name.to_owned(),

@@ -64,6 +64,11 @@ impl MappedFile {
         Ok(MappedFile { path: path.to_owned(), file, len, modified, map: Some(map) })
     }
 
+    /// The file's modification time when it was mapped.
+    pub fn modified(&self) -> Option<SystemTime> {
+        self.modified
+    }
+
     /// Checks the file still has the size and modification time it had when mapped.
     ///
     /// # Errors

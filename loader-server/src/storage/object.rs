@@ -31,10 +31,7 @@ use zarrs::storage::{
 };
 use zarrs_object_store::AsyncObjectStore;
 
-use crate::{
-    error::LoadError,
-    storage::disk_cache::{DiskCache, Read},
-};
+use crate::{error::LoadError, storage::disk_cache::DiskCache};
 
 /// Whether a `--dataset` PATH is an object-store URL.
 pub fn is_url(spec: &str) -> bool {
@@ -260,6 +257,15 @@ impl ObjectStorage {
         self.io_concurrency
     }
 
+    /// How a batch's rows of `row_bytes` each are grouped into ranges ([`coalesce`]): (the
+    /// largest gap read through, the largest range). Without a disk cache each range is a
+    /// request, so near rows share one ([`MAX_GAP_BYTES`], [`MAX_REQUEST_BYTES`]); with one the
+    /// store is read in whole cache blocks whatever the ranges, and a warm row is a slice of its
+    /// block, so each row is its own range (rows glued together would be copied).
+    pub fn row_requests(&self, row_bytes: u64) -> (u64, u64) {
+        if self.disk_cache.is_some() { (0, row_bytes) } else { (MAX_GAP_BYTES, MAX_REQUEST_BYTES.max(row_bytes)) }
+    }
+
     /// Whether this is a plain HTTP(S) server (which cannot list a prefix).
     pub fn is_http(&self) -> bool {
         !self.url.starts_with("s3://")
@@ -322,13 +328,20 @@ impl ObjectStorage {
     }
 
     /// Reads `ranges` of object `name` (of `size` bytes) concurrently (within
-    /// `--io-concurrency`), in order; through the disk cache when one is set.
+    /// `--io-concurrency`), in order; through the disk cache when one is set, whose blocks then
+    /// hold whole rows of `rows` (rows of that many bytes from that offset) when it is given.
     ///
     /// # Errors
     /// A message naming the object and the cause, after the store's retries.
-    pub fn read_ranges(&self, name: &str, size: u64, ranges: &[Range<u64>]) -> Result<Vec<Bytes>, String> {
+    pub fn read_ranges(
+        &self,
+        name: &str,
+        size: u64,
+        ranges: &[Range<u64>],
+        rows: Option<Rows>,
+    ) -> Result<Vec<Bytes>, String> {
         match &self.disk_cache {
-            Some(cache) => self.read_cached(cache, name, size, ranges),
+            Some(cache) => self.read_cached(cache, name, size, ranges, Grid::new(self.cache_block_bytes, size, rows)),
             None => self.fetch(name, ranges),
         }
     }
@@ -344,7 +357,7 @@ impl ObjectStorage {
         Ok(parts)
     }
 
-    /// [`read_ranges`](Self::read_ranges) through `cache`: the aligned blocks the ranges touch
+    /// [`read_ranges`](Self::read_ranges) through `cache`: the blocks of `grid` the ranges touch
     /// come from the cache, or are fetched and put there. Missing blocks are fetched
     /// `--io-concurrency` at a time (a cold batch over big blocks holds at most that many
     /// blocks at once) and once over all threads: a block another batch is fetching is waited
@@ -355,34 +368,34 @@ impl ObjectStorage {
         name: &str,
         size: u64,
         ranges: &[Range<u64>],
+        grid: Grid,
     ) -> Result<Vec<Bytes>, String> {
         // The object's size is in the key: a replaced object of another size is not confused
         // with the cached one (the README asks that objects be replaced under new names).
-        let block_bytes = self.cache_block_bytes;
-        let key = |block: u64| format!("{}/{name}#{size}@{block}x{block_bytes}", self.url);
-        let bytes_of = |block: u64| block * block_bytes..((block + 1) * block_bytes).min(size);
+        let key = |block: u64| format!("{}/{name}#{size}@{block}:{}+{}", self.url, grid.origin, grid.span);
+        let bytes_of = |block: u64| grid.bytes(block);
         // What each block gives: (range, offset in the block, length, offset in the range's output).
         let mut wants: std::collections::BTreeMap<u64, Vec<Want>> = std::collections::BTreeMap::new();
-        let mut out: Vec<Vec<u8>> = Vec::with_capacity(ranges.len());
+        let mut lens = Vec::with_capacity(ranges.len());
+        let mut out: Vec<Output> = Vec::with_capacity(ranges.len());
         for (range_index, range) in ranges.iter().enumerate() {
             let end = range.end.min(size);
             let mut at = range.start;
             while at < end {
-                let block = at / block_bytes;
-                let len = (end.min((block + 1) * block_bytes) - at) as usize;
+                let block = grid.block(at);
+                let bytes = grid.bytes(block);
+                let len = (end.min(bytes.end) - at) as usize;
                 let out_at = (at - range.start) as usize;
-                wants.entry(block).or_default().push(Want {
-                    range_index,
-                    offset: at - block * block_bytes,
-                    len,
-                    out_at,
-                });
+                wants.entry(block).or_default().push(Want { range_index, offset: at - bytes.start, len, out_at });
                 at += len as u64;
             }
-            out.push(vec![0; end.saturating_sub(range.start) as usize]);
+            let len = end.saturating_sub(range.start) as usize;
+            let across_blocks = len > 0 && grid.block(range.start) != grid.block(end - 1);
+            out.push(if across_blocks { Output::Assembled(vec![0; len]) } else { Output::Empty });
+            lens.push(len);
         }
         // Where each range's output stops being filled (a block shorter than the listing says).
-        let mut short: Vec<usize> = out.iter().map(Vec::len).collect();
+        let mut short = lens;
         let mut hit = 0u64;
         let mut missing = Vec::new();
         for (&block, block_wants) in &wants {
@@ -407,7 +420,7 @@ impl ObjectStorage {
             let wanted: Vec<Range<u64>> = mine.iter().map(|&block| bytes_of(block)).collect();
             for (block, bytes) in mine.iter().zip(self.fetch(name, &wanted)?) {
                 cache.put(&key(*block), &bytes);
-                fill(&bytes, &wants[block], &mut out, &mut short);
+                fill(&bytes, &wants[block], &mut out, &mut short, false);
             }
             drop(claim);
             for block in others {
@@ -417,7 +430,7 @@ impl ObjectStorage {
                     None => {
                         let bytes = self.fetch(name, &[bytes_of(block)])?.remove(0);
                         cache.put(&key(block), &bytes);
-                        fill(&bytes, &wants[&block], &mut out, &mut short);
+                        fill(&bytes, &wants[&block], &mut out, &mut short, false);
                     }
                 }
             }
@@ -426,39 +439,31 @@ impl ObjectStorage {
         Ok(out
             .into_iter()
             .zip(short)
-            .map(|(mut bytes, filled)| {
-                // The caller finds the range short and names the object.
-                bytes.truncate(filled);
-                Bytes::from(bytes)
+            // The caller finds a short range and names the object.
+            .map(|(output, filled)| match output {
+                Output::Empty => Bytes::new(),
+                Output::Slice(bytes) => bytes.slice(..filled.min(bytes.len())),
+                Output::Assembled(mut bytes) => {
+                    bytes.truncate(filled);
+                    Bytes::from(bytes)
+                }
             })
             .collect())
     }
 
-    /// Fills `wants` from the cache entry `key`: the whole entry when this is its first read in
-    /// this run (it is checked whole then), else each wanted part alone. Returns the bytes
-    /// served, or `None` when the entry is not there (or no longer holds a part).
+    /// Fills `wants` from the cache entry `key`, borrowing its bytes when they are mapped (see
+    /// [`DiskCache::read`]). Returns the bytes served, or `None` when the entry is not there.
     fn read_from_cache(
         &self,
         cache: &DiskCache,
         key: &str,
         wants: &[Want],
-        out: &mut [Vec<u8>],
+        out: &mut [Output],
         short: &mut [usize],
     ) -> Option<u64> {
-        let mut served = 0;
-        for (i, want) in wants.iter().enumerate() {
-            match cache.get_range(key, want.offset, want.len)? {
-                Read::Whole(bytes) => {
-                    fill(&bytes, &wants[i..], out, short);
-                    return Some(served + wants[i..].iter().map(|w| w.len as u64).sum::<u64>());
-                }
-                Read::Part(bytes) => {
-                    fill_part(&bytes, want, out, short);
-                    served += want.len as u64;
-                }
-            }
-        }
-        Some(served)
+        let payload = cache.read(key)?;
+        fill(&payload.bytes, wants, out, short, payload.mapped);
+        Some(wants.iter().map(|want| want.len as u64).sum())
     }
 
     /// Claims the cache keys in `keys` that no other thread is fetching (see [`Claim`]).
@@ -517,6 +522,52 @@ impl ObjectStorage {
     }
 }
 
+/// Rows of an object: `bytes` each from `offset` (a `.npy` file's data after its header).
+#[derive(Debug, Clone, Copy)]
+pub struct Rows {
+    /// Where the first row starts.
+    pub offset: u64,
+    /// Bytes of a row.
+    pub bytes: u64,
+}
+
+/// How an object is cut into disk-cache blocks: the bytes before `origin` (a header) are block
+/// 0; from `origin` on, blocks of `span` bytes. With rows known, `span` is whole rows (as many
+/// as `--disk-cache-block-bytes` holds, at least one), so each row lies in one block and a warm
+/// read hands it on as a slice of that block's map instead of gluing it from two.
+#[derive(Debug, Clone, Copy)]
+struct Grid {
+    origin: u64,
+    span: u64,
+    /// The object's size.
+    size: u64,
+}
+
+impl Grid {
+    fn new(block_bytes: u64, size: u64, rows: Option<Rows>) -> Grid {
+        match rows {
+            Some(rows) if rows.bytes > 0 => {
+                Grid { origin: rows.offset, span: (block_bytes / rows.bytes).max(1) * rows.bytes, size }
+            }
+            _ => Grid { origin: 0, span: block_bytes, size },
+        }
+    }
+
+    /// The block holding byte `at`.
+    fn block(&self, at: u64) -> u64 {
+        if at < self.origin { 0 } else { 1 + (at - self.origin) / self.span }
+    }
+
+    /// The bytes of block `block`.
+    fn bytes(&self, block: u64) -> Range<u64> {
+        if block == 0 {
+            return 0..self.origin.min(self.size);
+        }
+        let start = self.origin + (block - 1) * self.span;
+        start..(start + self.span).min(self.size)
+    }
+}
+
 /// A part of a cached `.npy` block that a range needs.
 #[derive(Debug, Clone, Copy)]
 struct Want {
@@ -530,22 +581,34 @@ struct Want {
     out_at: usize,
 }
 
-/// Copies each of `wants` out of `block` (a whole block).
-fn fill(block: &[u8], wants: &[Want], out: &mut [Vec<u8>], short: &mut [usize]) {
-    for want in wants {
-        match block.get(want.offset as usize..want.offset as usize + want.len) {
-            Some(part) => fill_part(part, want, out, short),
-            None => short[want.range_index] = short[want.range_index].min(want.out_at),
-        }
-    }
+/// Where a range's bytes go: a slice of the one block it lies in, or, for a range across
+/// blocks, a buffer its parts are copied into.
+#[derive(Debug)]
+enum Output {
+    /// Not filled (yet).
+    Empty,
+    /// The range's bytes, from one block.
+    Slice(Bytes),
+    /// The range's bytes, assembled from several blocks.
+    Assembled(Vec<u8>),
 }
 
-/// Copies `part` (exactly `want`'s bytes) to where `want` goes.
-fn fill_part(part: &[u8], want: &Want, out: &mut [Vec<u8>], short: &mut [usize]) {
-    if part.len() == want.len {
-        out[want.range_index][want.out_at..want.out_at + want.len].copy_from_slice(part);
-    } else {
-        short[want.range_index] = short[want.range_index].min(want.out_at);
+/// Puts each of `wants` from `block` (a whole block) where it goes: as a slice of `block` when
+/// `borrow` (a mapped cache entry, whose slices hold no loader memory), else copied (a fetched
+/// block is let go once its rows are out). A want the block does not hold marks its range
+/// short from there.
+fn fill(block: &Bytes, wants: &[Want], out: &mut [Output], short: &mut [usize], borrow: bool) {
+    for want in wants {
+        let (start, end) = (want.offset as usize, want.offset as usize + want.len);
+        if end > block.len() {
+            short[want.range_index] = short[want.range_index].min(want.out_at);
+            continue;
+        }
+        match &mut out[want.range_index] {
+            Output::Assembled(buf) => buf[want.out_at..want.out_at + want.len].copy_from_slice(&block[start..end]),
+            slot if borrow => *slot = Output::Slice(block.slice(start..end)),
+            slot => *slot = Output::Slice(Bytes::copy_from_slice(&block[start..end])),
+        }
     }
 }
 
@@ -718,6 +781,14 @@ impl ListableStorageTraits for CachedZarrStorage {
     }
 }
 
+/// Largest ranged GET of coalesced rows: big enough to amortise a request, small enough that
+/// one slow request does not hold a whole batch.
+const MAX_REQUEST_BYTES: u64 = 8 << 20;
+
+/// Rows at most this far apart share a request: reading 16 KiB of unwanted bytes costs less
+/// than another round trip (a small field, such as labels, then takes one request a batch).
+const MAX_GAP_BYTES: u64 = 16 << 10;
+
 const CREDENTIALS: &str = "check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN (or --s3-anonymous for a \
                            public bucket)";
 
@@ -767,7 +838,7 @@ mod tests {
         block_on(memory.put(&ObjectPath::from("data/rows.npy"), object.clone().into())).expect("put");
         let dir = tempfile::tempdir().expect("tempdir");
         let options = StoreOptions {
-            disk_cache: Some(Arc::new(DiskCache::open(dir.path(), 64 << 20).expect("cache"))),
+            disk_cache: Some(Arc::new(DiskCache::open(dir.path(), 64 << 20, 16).expect("cache"))),
             cache_block_bytes: 64 << 10,
             io_concurrency: 4,
             ..StoreOptions::default()
@@ -777,7 +848,7 @@ mod tests {
         let ranges: Vec<Range<u64>> = (0..1u64 << 20).step_by(37_000).map(|at| at..(at + 1000).min(1 << 20)).collect();
         let reads: Vec<Vec<Bytes>> = std::thread::scope(|scope| {
             let readers: Vec<_> = (0..4)
-                .map(|_| scope.spawn(|| storage.read_ranges("rows.npy", 1 << 20, &ranges).expect("reads")))
+                .map(|_| scope.spawn(|| storage.read_ranges("rows.npy", 1 << 20, &ranges, None).expect("reads")))
                 .collect();
             readers.into_iter().map(|reader| reader.join().expect("reader")).collect()
         });
@@ -790,8 +861,40 @@ mod tests {
             ranges.iter().flat_map(|r| r.start / (64 << 10)..=(r.end - 1) / (64 << 10)).collect();
         assert_eq!(storage.counters().0, touched.len() as u64, "each block fetched once over the four readers");
         // Warm: nothing more is fetched.
-        storage.read_ranges("rows.npy", 1 << 20, &ranges).expect("reads");
+        storage.read_ranges("rows.npy", 1 << 20, &ranges, None).expect("reads");
         assert_eq!(storage.counters().0, touched.len() as u64);
+    }
+
+    #[test]
+    fn cache_blocks_of_rows_hold_whole_rows_and_leave_the_header_out() {
+        // A 128-byte header and 50 rows of 1000 bytes, cached in blocks of up to 4096 bytes:
+        // blocks of four whole rows (the last of two), the header in none of them.
+        let object: Vec<u8> = (0..128 + 50_000u32).map(|i| (i % 253) as u8).collect();
+        let memory = object_store::memory::InMemory::new();
+        block_on(memory.put(&ObjectPath::from("data/rows.npy"), object.clone().into())).expect("put");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = Arc::new(DiskCache::open(dir.path(), 1 << 20, 16).expect("cache"));
+        let options = StoreOptions {
+            disk_cache: Some(cache.clone()),
+            cache_block_bytes: 4096,
+            io_concurrency: 4,
+            ..StoreOptions::default()
+        };
+        let storage = ObjectStorage::from_store("mem://data", Arc::new(memory), "data", &options);
+        let rows = Some(Rows { offset: 128, bytes: 1000 });
+        let ranges: Vec<Range<u64>> = (0..50u64).rev().map(|row| 128 + row * 1000..128 + (row + 1) * 1000).collect();
+        for pass in ["cold", "warm"] {
+            let parts = storage.read_ranges("rows.npy", object.len() as u64, &ranges, rows).expect("reads");
+            for (range, part) in ranges.iter().zip(&parts) {
+                assert_eq!(&part[..], &object[range.start as usize..range.end as usize], "{pass} {range:?}");
+            }
+            assert_eq!(storage.counters().0, 13, "{pass}: thirteen blocks fetched once");
+        }
+        assert_eq!(cache.total_bytes(), 50_000);
+        // A range across blocks (adjacent rows read as one) is glued from both.
+        let parts = storage.read_ranges("rows.npy", object.len() as u64, &[3128..5128], rows).expect("reads");
+        assert_eq!(&parts[0][..], &object[3128..5128]);
+        assert_eq!(storage.counters().0, 13);
     }
 
     #[test]
