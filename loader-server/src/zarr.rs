@@ -687,9 +687,11 @@ impl ZarrSource {
         let (subset, chunks) = self.block_chunks(block)?;
         let rows = (self.array.shape()[0] - block * self.block_len).min(self.block_len);
         let sharded = self.array.is_sharded();
-        // A block that is one whole unsharded chunk (the chunk spans every other axis) is decoded
-        // from the raw bytes read for the size check below, instead of being read again.
+        // Unsharded chunks are decoded from the raw bytes read for the size check below, instead
+        // of being read again: a block that is one whole chunk (the chunk spans every other axis)
+        // directly, a block of several (chunked along other axes too) by assembling them.
         let mut single: Option<Vec<u8>> = None;
+        let mut raws: Vec<(Vec<u64>, Option<Vec<u8>>)> = Vec::new();
         if self.missing == MissingChunks::Error || !sharded {
             let num_chunks = chunks.len();
             for indices in &chunks {
@@ -712,10 +714,15 @@ impl ZarrSource {
                                 .map_err(|problem| format!("chunk {key}: {problem}"))?;
                             if num_chunks == 1 && self.chunk_spans_other_axes(indices) {
                                 single = Some(raw);
+                            } else {
+                                raws.push((indices.clone(), Some(raw)));
                             }
                             true
                         }
-                        None => false,
+                        None => {
+                            raws.push((indices.clone(), None));
+                            false
+                        }
                     }
                 };
                 if !present && self.missing == MissingChunks::Error {
@@ -728,7 +735,41 @@ impl ZarrSource {
         if let Some(raw) = single {
             return self.decode_whole_chunk(raw, block, rows);
         }
+        if !sharded {
+            return self.assemble(&subset, raws);
+        }
         let bytes: ArrayBytes = self.array.retrieve_array_subset(&subset).map_err(|e| e.to_string())?;
+        Ok(bytes.into_fixed().map_err(|e| e.to_string())?.into_owned())
+    }
+
+    /// Decodes the unsharded chunks `raws` (indices and encoded bytes; `None`: absent, the fill
+    /// value) and copies the part of each inside `subset` (a block) into the block's C-order
+    /// bytes.
+    fn assemble(&self, subset: &ArraySubset, raws: Vec<(Vec<u64>, Option<Vec<u8>>)>) -> Result<Vec<u8>, String> {
+        use zarrs::array::{ArrayBytes, ArrayToBytesCodecTraits, CodecOptions, update_array_bytes};
+        let data_type = self.array.data_type();
+        let fill_value = self.array.fill_value();
+        let mut bytes =
+            ArrayBytes::new_fill_value(data_type, subset.num_elements(), fill_value).map_err(|e| e.to_string())?;
+        for (indices, raw) in raws {
+            let Some(raw) = raw else { continue };
+            let key = self.array.chunk_key(&indices);
+            let chunk_shape = self.array.chunk_shape(&indices).map_err(|e| e.to_string())?;
+            let chunk = self.array.chunk_subset(&indices).map_err(|e| e.to_string())?;
+            let decoded = self
+                .array
+                .codecs()
+                .decode(std::borrow::Cow::Owned(raw), &chunk_shape, data_type, fill_value, &CodecOptions::default())
+                .map_err(|e| format!("chunk {key}: {e}"))?;
+            let overlap = chunk.overlap(subset).map_err(|e| e.to_string())?;
+            let in_chunk = overlap.relative_to(chunk.start()).map_err(|e| e.to_string())?;
+            let part = decoded
+                .extract_array_subset(&in_chunk, chunk.shape(), data_type)
+                .map_err(|e| format!("chunk {key}: {e}"))?;
+            let in_block = overlap.relative_to(subset.start()).map_err(|e| e.to_string())?;
+            bytes = update_array_bytes(bytes, subset.shape(), &in_block, &part, data_type.size())
+                .map_err(|e| format!("chunk {key}: {e}"))?;
+        }
         Ok(bytes.into_fixed().map_err(|e| e.to_string())?.into_owned())
     }
 

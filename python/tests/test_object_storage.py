@@ -166,12 +166,15 @@ def test_zarr_groups_over_s3_serve_every_codec_and_count_their_requests(tmp_path
     assert metric(text, "conveyor_loader_object_fetched_bytes_total", dataset="e") > 0
 
 
-def test_a_zarr_epoch_from_s3_reads_each_chunk_with_one_get(tmp_path, s3, start_loader):
+@pytest.mark.parametrize("columns", [6, 4])
+def test_a_zarr_epoch_from_s3_reads_each_chunk_with_one_get(tmp_path, s3, start_loader, columns):
     # 12 zstd chunks of 10 rows; batches of 20 rows in block shuffle need two chunks each, read
     # ahead together. Each chunk must cost one GET: no HEAD for its size, no second read by a
-    # batch running beside the one that reads it.
+    # batch running beside the one that reads it. With 4 columns a chunk, each block of rows is
+    # two chunks (the second half beyond the array's 6 columns), read once for the size check
+    # and decoded from those bytes.
     data = np.random.default_rng(7).standard_normal((120, 6)).astype("float32")
-    zarr.create_array(tmp_path / "one.zarr", shape=data.shape, chunks=(10, 6), dtype="float32",
+    zarr.create_array(tmp_path / "one.zarr", shape=data.shape, chunks=(10, columns), dtype="float32",
                       compressors=zarr.codecs.ZstdCodec(level=3), zarr_format=3)[:] = data
     s3.upload_dir(tmp_path / "one.zarr", "one.zarr")
     seen = []
@@ -183,7 +186,8 @@ def test_a_zarr_epoch_from_s3_reads_each_chunk_with_one_get(tmp_path, s3, start_
         assert sorted(index.tolist()) == list(range(120))
         assert got["one"].tobytes() == data.tobytes()
         chunk_requests = sorted(r for r in seen[before:] if "/one.zarr/c/" in r[1])
-        assert chunk_requests == sorted(("GET", f"/data/one.zarr/c/{i}/0") for i in range(12)), chunk_requests
+        wanted = sorted(("GET", f"/data/one.zarr/c/{i}/{j}") for i in range(12) for j in range(-(-6 // columns)))
+        assert chunk_requests == wanted, chunk_requests
     finally:
         proxy.stop()
 
