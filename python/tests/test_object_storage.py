@@ -237,6 +237,7 @@ class Nginx:
 load_module /usr/lib/nginx/modules/ngx_http_dav_ext_module.so;
 user root;
 daemon off;
+worker_processes 1;
 pid {tmp}/nginx.pid;
 error_log {tmp}/error.log;
 events {{}}
@@ -264,8 +265,14 @@ http {{
         raise RuntimeError("nginx did not listen within 30 s")
 
     def stop(self):
-        self.proc.kill()
-        self.proc.wait()
+        # SIGTERM: the master stops its worker too (SIGKILL would end the master alone and leave
+        # the worker running, holding the port, after the tests).
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 class FaultProxy:
