@@ -100,13 +100,16 @@ pub struct Config {
     #[arg(long, env = "LOADER_DISK_CACHE_OPEN_FILES", default_value_t = 1024)]
     pub disk_cache_open_files: usize,
 
-    /// With --disk-cache, remote .npy objects are fetched and cached in aligned blocks of this many
-    /// bytes. Larger blocks make fewer requests (a cold full-shuffle epoch over a dataset that
-    /// fits the cache runs near the store's bulk rate at 1 MiB) but fetch more around each row
-    /// while the cache is cold (a shuffled batch touches up to one block per row). Each gather
-    /// holds at most --io-concurrency fetched blocks at once; a block is fetched once however
-    /// many batches want it together.
-    #[arg(long, env = "LOADER_DISK_CACHE_BLOCK_BYTES", default_value_t = 64 << 10)]
+    /// With --disk-cache, remote .npy objects are fetched and cached in blocks of whole rows, as
+    /// many as this many bytes hold (at least one). Larger blocks make fewer requests and fewer
+    /// entries: at 1 MiB a cold full-shuffle epoch over a dataset that fits the cache runs near
+    /// the store's bulk rate, and a warm one near the local-disk loader (64 KiB: a request-bound
+    /// store answers the first batches' hundreds of small GETs slowly, and a warm batch reads
+    /// hundreds of entries). Smaller blocks fetch less around each row when the cache cannot
+    /// hold the dataset (a shuffled batch touches up to one block per row, and what was evicted
+    /// is fetched again). Each gather holds at most --io-concurrency fetched blocks at once; a
+    /// block is fetched once however many batches want it together.
+    #[arg(long, env = "LOADER_DISK_CACHE_BLOCK_BYTES", default_value_t = 1 << 20)]
     pub disk_cache_block_bytes: u64,
 
     /// Serve only some fields of a --dataset, as NAME=FIELD,FIELD,...: for example --fields

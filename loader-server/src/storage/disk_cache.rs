@@ -261,9 +261,17 @@ impl DiskCache {
     pub fn read(&self, key: &str) -> Option<Payload> {
         let id = Id::of(key);
         let now = Instant::now();
-        let (touched, verified, payload, stamp, kept) = {
+        let (verified, payload, stamp, kept) = {
             let mut index = self.index.lock().expect("cache index lock");
             let (touched, verified) = index.use_entry(id)?;
+            if !touched {
+                // Recency survives a restart through the modification time. Set under the lock,
+                // once per entry and run, so that every thread reading the entry whole sees the
+                // time it keeps from then on (its stamp).
+                if let Ok(file) = File::options().write(true).open(self.dir.join(id.file_name())) {
+                    let _ = file.set_modified(SystemTime::now());
+                }
+            }
             let (payload, stamp) = (index.entries[&id].bytes, index.entries[&id].stamp);
             // (the map, whether its file is due for a check)
             let kept = index.maps.get_mut(&id).map(|kept| {
@@ -273,10 +281,10 @@ impl DiskCache {
                 }
                 (kept.map.clone(), due)
             });
-            (touched, verified, payload, stamp, kept)
+            (verified, payload, stamp, kept)
         };
         if !verified {
-            return self.read_whole(key, id, touched).map(|bytes| Payload { bytes, mapped: false });
+            return self.read_whole(key, id).map(|bytes| Payload { bytes, mapped: false });
         }
         let start = FIXED_HEADER + key.len();
         let kept = match kept {
@@ -312,16 +320,12 @@ impl DiskCache {
     }
 
     /// Reads and checks the whole entry file of `key` (whose id is `id`).
-    fn read_whole(&self, key: &str, id: Id, touched: bool) -> Option<Bytes> {
+    fn read_whole(&self, key: &str, id: Id) -> Option<Bytes> {
         let path = self.dir.join(id.file_name());
         let Some(payload) = std::fs::read(&path).ok().and_then(|data| check(data, key)) else {
             self.refuse(id);
             return None;
         };
-        // Recency survives a restart through the modification time.
-        if !touched && let Ok(file) = File::options().write(true).open(&path) {
-            let _ = file.set_modified(SystemTime::now());
-        }
         let stamp = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
         let mut index = self.index.lock().expect("cache index lock");
         if let Some(entry) = index.entries.get_mut(&id) {
