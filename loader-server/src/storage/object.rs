@@ -892,7 +892,9 @@ mod tests {
         }
         assert_eq!(cache.total_bytes(), 50_000);
         // A range across blocks (adjacent rows read as one) is glued from both.
-        let parts = storage.read_ranges("rows.npy", object.len() as u64, &[3128..5128], rows).expect("reads");
+        let parts = storage
+            .read_ranges("rows.npy", object.len() as u64, std::slice::from_ref(&(3128..5128)), rows)
+            .expect("reads");
         assert_eq!(&parts[0][..], &object[3128..5128]);
         assert_eq!(storage.counters().0, 13);
     }
