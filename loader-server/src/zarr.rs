@@ -691,7 +691,9 @@ impl ZarrSource {
         // of being read again: a block that is one whole chunk (the chunk spans every other axis)
         // directly, a block of several (chunked along other axes too) by assembling them.
         let mut single: Option<Vec<u8>> = None;
-        let mut raws: Vec<(Vec<u64>, Option<Vec<u8>>)> = Vec::new();
+        // Present chunks of a block of several, with their encoded bytes (absent ones are the fill
+        // value).
+        let mut raws: Vec<(Vec<u64>, Vec<u8>)> = Vec::new();
         if self.missing == MissingChunks::Error || !sharded {
             let num_chunks = chunks.len();
             for indices in &chunks {
@@ -715,14 +717,11 @@ impl ZarrSource {
                             if num_chunks == 1 && self.chunk_spans_other_axes(indices) {
                                 single = Some(raw);
                             } else {
-                                raws.push((indices.clone(), Some(raw)));
+                                raws.push((indices.clone(), raw));
                             }
                             true
                         }
-                        None => {
-                            raws.push((indices.clone(), None));
-                            false
-                        }
+                        None => false,
                     }
                 };
                 if !present && self.missing == MissingChunks::Error {
@@ -742,25 +741,19 @@ impl ZarrSource {
         Ok(bytes.into_fixed().map_err(|e| e.to_string())?.into_owned())
     }
 
-    /// Decodes the unsharded chunks `raws` (indices and encoded bytes; `None`: absent, the fill
-    /// value) and copies the part of each inside `subset` (a block) into the block's C-order
-    /// bytes.
-    fn assemble(&self, subset: &ArraySubset, raws: Vec<(Vec<u64>, Option<Vec<u8>>)>) -> Result<Vec<u8>, String> {
-        use zarrs::array::{ArrayBytes, ArrayToBytesCodecTraits, CodecOptions, update_array_bytes};
+    /// Decodes the unsharded chunks `raws` (indices and encoded bytes) and copies the part of
+    /// each inside `subset` (a block) into the block's C-order bytes, the fill value elsewhere.
+    fn assemble(&self, subset: &ArraySubset, raws: Vec<(Vec<u64>, Vec<u8>)>) -> Result<Vec<u8>, String> {
+        use zarrs::array::{ArrayBytes, update_array_bytes};
         let data_type = self.array.data_type();
         let fill_value = self.array.fill_value();
         let mut bytes =
             ArrayBytes::new_fill_value(data_type, subset.num_elements(), fill_value).map_err(|e| e.to_string())?;
         for (indices, raw) in raws {
-            let Some(raw) = raw else { continue };
             let key = self.array.chunk_key(&indices);
             let chunk_shape = self.array.chunk_shape(&indices).map_err(|e| e.to_string())?;
             let chunk = self.array.chunk_subset(&indices).map_err(|e| e.to_string())?;
-            let decoded = self
-                .array
-                .codecs()
-                .decode(std::borrow::Cow::Owned(raw), &chunk_shape, data_type, fill_value, &CodecOptions::default())
-                .map_err(|e| format!("chunk {key}: {e}"))?;
+            let decoded = self.decode_chunk(raw, &indices, &chunk_shape)?;
             let overlap = chunk.overlap(subset).map_err(|e| e.to_string())?;
             let in_chunk = overlap.relative_to(chunk.start()).map_err(|e| e.to_string())?;
             let part = decoded
@@ -784,25 +777,35 @@ impl ZarrSource {
     /// Decodes the encoded chunk of block `block` (one chunk covers it) and keeps its first
     /// `rows` rows (the last chunk along axis 0 may reach past the array's end).
     fn decode_whole_chunk(&self, raw: Vec<u8>, block: u64, rows: u64) -> Result<Vec<u8>, String> {
-        use zarrs::array::codec::api::{ArrayToBytesCodecTraits, CodecOptions};
         let mut indices = vec![0u64; self.array.dimensionality()];
         indices[0] = block;
         let chunk_shape = self.array.chunk_shape(&indices).map_err(|e| e.to_string())?;
-        let decoded = self
-            .array
-            .codecs()
-            .decode(
-                std::borrow::Cow::Owned(raw),
-                &chunk_shape,
-                self.array.data_type(),
-                self.array.fill_value(),
-                &CodecOptions::default(),
-            )
-            .map_err(|e| format!("chunk {}: {e}", self.array.chunk_key(&indices)))?;
+        let decoded = self.decode_chunk(raw, &indices, &chunk_shape)?;
         let mut bytes = decoded.into_fixed().map_err(|e| e.to_string())?.into_owned();
         let row_bytes = chunk_shape[1..].iter().map(|d| d.get()).product::<u64>() * self.element_bytes;
         bytes.truncate((rows * row_bytes) as usize);
         Ok(bytes)
+    }
+
+    /// Decodes the encoded chunk `raw` at `indices` (of shape `chunk_shape`) through the
+    /// array's codecs; errors name the chunk.
+    fn decode_chunk(
+        &self,
+        raw: Vec<u8>,
+        indices: &[u64],
+        chunk_shape: &[std::num::NonZeroU64],
+    ) -> Result<zarrs::array::ArrayBytes<'static>, String> {
+        use zarrs::array::codec::api::{ArrayToBytesCodecTraits, CodecOptions};
+        self.array
+            .codecs()
+            .decode(
+                std::borrow::Cow::Owned(raw),
+                chunk_shape,
+                self.array.data_type(),
+                self.array.fill_value(),
+                &CodecOptions::default(),
+            )
+            .map_err(|e| format!("chunk {}: {e}", self.array.chunk_key(indices)))
     }
 }
 

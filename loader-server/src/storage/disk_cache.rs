@@ -31,9 +31,8 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
+    time::{Duration, Instant, SystemTime},
 };
-
-use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 
@@ -59,7 +58,7 @@ struct Entry {
     /// system once per entry and run (what ordering after a restart needs), not on every read.
     touched: bool,
     /// Its whole payload passed the checks since this loader started (or this loader wrote it):
-    /// later reads of a part of it check only that the file still holds that part.
+    /// later reads use its map, checked against the file's size and modification time.
     verified: bool,
     /// The file's modification time when it was written or checked this run: a file mapped
     /// later must still have it (an edit in place since fails).
@@ -89,16 +88,16 @@ struct KeptMap {
 }
 
 impl Index {
-    /// Counts a use of `id`; returns (whether its modification time was already set this
-    /// run, whether it was verified this run), or `None` when there is no such entry.
-    fn use_entry(&mut self, id: Id) -> Option<(bool, bool)> {
+    /// Counts a use of `id`; returns the entry, with whether its modification time was already
+    /// set this run (it is from now on), or `None` when there is no such entry.
+    fn use_entry(&mut self, id: Id) -> Option<(bool, &Entry)> {
         self.clock += 1;
         let clock = self.clock;
         let entry = self.entries.get_mut(&id)?;
         self.by_last_use.remove(&entry.last_use);
         entry.last_use = clock;
         self.by_last_use.insert(clock, id);
-        Some((std::mem::replace(&mut entry.touched, true), entry.verified))
+        Some((std::mem::replace(&mut entry.touched, true), entry))
     }
 
     /// Adds or replaces `id`, as used now.
@@ -162,7 +161,7 @@ pub struct DiskCache {
 
 /// An entry's id: the SHA-256 of its key (compared and hashed in the index as 32 bytes; its
 /// file is named by it in hex).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 struct Id([u8; 32]);
 
 impl Id {
@@ -226,13 +225,13 @@ impl DiskCache {
             {
                 let modified = metadata.modified().unwrap_or(std::time::UNIX_EPOCH);
                 let payload = metadata.len().saturating_sub(FIXED_HEADER as u64);
-                found.push((modified, id.0, payload));
+                found.push((modified, id, payload));
             }
         }
         found.sort();
         let mut index = Index::default();
         for (_, id, payload) in found {
-            index.insert(Id(id), payload, false, None);
+            index.insert(id, payload, false, None);
         }
         let cache = DiskCache {
             dir: dir.to_owned(),
@@ -263,7 +262,8 @@ impl DiskCache {
         let now = Instant::now();
         let (verified, payload, stamp, kept) = {
             let mut index = self.index.lock().expect("cache index lock");
-            let (touched, verified) = index.use_entry(id)?;
+            let (touched, entry) = index.use_entry(id)?;
+            let (verified, payload, stamp) = (entry.verified, entry.bytes, entry.stamp);
             if !touched {
                 // Recency survives a restart through the modification time. Set under the lock,
                 // once per entry and run, so that every thread reading the entry whole sees the
@@ -272,7 +272,6 @@ impl DiskCache {
                     let _ = file.set_modified(SystemTime::now());
                 }
             }
-            let (payload, stamp) = (index.entries[&id].bytes, index.entries[&id].stamp);
             // (the map, whether its file is due for a check)
             let kept = index.maps.get_mut(&id).map(|kept| {
                 let due = now.duration_since(kept.checked) >= self.check_interval;
@@ -335,7 +334,6 @@ impl DiskCache {
             entry.stamp = stamp;
             index.total_bytes = index.total_bytes - counted + payload.len() as u64;
         }
-        drop(index);
         Some(payload)
     }
 

@@ -376,8 +376,9 @@ impl ObjectStorage {
         let bytes_of = |block: u64| grid.bytes(block);
         // What each block gives: (range, offset in the block, length, offset in the range's output).
         let mut wants: std::collections::BTreeMap<u64, Vec<Want>> = std::collections::BTreeMap::new();
-        let mut lens = Vec::with_capacity(ranges.len());
         let mut out: Vec<Output> = Vec::with_capacity(ranges.len());
+        // Where each range's output stops being filled (a block shorter than the listing says).
+        let mut short = Vec::with_capacity(ranges.len());
         for (range_index, range) in ranges.iter().enumerate() {
             let end = range.end.min(size);
             let mut at = range.start;
@@ -392,10 +393,8 @@ impl ObjectStorage {
             let len = end.saturating_sub(range.start) as usize;
             let across_blocks = len > 0 && grid.block(range.start) != grid.block(end - 1);
             out.push(if across_blocks { Output::Assembled(vec![0; len]) } else { Output::Empty });
-            lens.push(len);
+            short.push(len);
         }
-        // Where each range's output stops being filled (a block shorter than the listing says).
-        let mut short = lens;
         let mut hit = 0u64;
         let mut missing = Vec::new();
         for (&block, block_wants) in &wants {
