@@ -3,7 +3,7 @@
 # fixtures are written by numpy and zarr-python (installed here into .venv, so a fresh machine
 # needs only Rust and Python 3), then the libtorch tests of trainer-client's `torch` feature
 # (PyTorch 2.13.0 from PyPI, about 5 GB; CONVEYOR_SKIP_TORCH=1 skips them, saying so), then the
-# `conveyor` Python package's pytest suite (built into .venv by pip + maturin).
+# `conveyor` Python package's pytest suite (its wheel built by maturin and installed into .venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,9 +26,14 @@ if [ ! -e /usr/lib/nginx/modules/ngx_http_dav_ext_module.so ] || ! command -v ng
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q nginx libnginx-mod-http-dav-ext
 fi
 
-# The Python package, built the way users install it; its tests start the debug loader above.
-.venv/bin/python -m pip install --quiet --disable-pip-version-check ./python
-python_tests() { CONVEYOR_BIN_DIR="$PWD/target/debug" .venv/bin/python -m pytest -q python/tests "$@"; }
+# The Python package as users install it: the wheel with the loader and trainer binaries
+# (scripts/build-wheel.sh). Its tests start the debug loader above; test_wheel.py installs the
+# wheel alone into a fresh environment.
+wheel="$(bash scripts/build-wheel.sh)"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps "$wheel"
+python_tests() {
+    CONVEYOR_BIN_DIR="$PWD/target/debug" CONVEYOR_WHEEL="$wheel" .venv/bin/python -m pytest -q python/tests "$@"
+}
 
 if [ "${CONVEYOR_SKIP_TORCH:-0}" = "1" ]; then
     echo "SKIPPED: torch feature tests and the Python package's torch tests (CONVEYOR_SKIP_TORCH=1)"

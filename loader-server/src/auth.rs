@@ -112,11 +112,8 @@ impl Interceptor for TokenCheck {
         let Some(tokens) = &self.state.tokens else {
             return Ok(request);
         };
-        let presented = request
-            .metadata()
-            .get("authorization")
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "));
+        let presented =
+            request.metadata().get("authorization").and_then(|value| value.to_str().ok()).and_then(bearer_token);
         let refusal = match presented {
             Some(token) if tokens.accepts(token.trim().as_bytes()) => return Ok(request),
             Some(_) => (
@@ -135,9 +132,26 @@ impl Interceptor for TokenCheck {
     }
 }
 
+/// The token of an `authorization` value `Bearer TOKEN`; the scheme's case does not matter
+/// (RFC 7235: `bearer`, `BEARER` are the same scheme).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(token)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_matched_in_any_case() {
+        for value in ["Bearer t0k", "bearer t0k", "BEARER t0k", "bEaReR t0k"] {
+            assert_eq!(bearer_token(value), Some("t0k"), "{value}");
+        }
+        for value in ["Basic t0k", "Bearert0k", "Bearer", ""] {
+            assert_eq!(bearer_token(value), None, "{value}");
+        }
+    }
 
     #[test]
     fn token_file_ignores_comments_and_blank_lines_and_reloads() {

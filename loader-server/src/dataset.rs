@@ -333,16 +333,19 @@ impl Dataset {
         let mut metadata_source = None;
         let path = location.display();
         let default_name = path.file_stem().map_or_else(|| name.to_owned(), |s| s.to_string_lossy().into_owned());
-        let mut from_zarr = |group: zarr::OpenedGroup| -> Vec<Field> {
+        let mut from_zarr = |group: zarr::OpenedGroup| -> Result<Vec<Field>, LoadError> {
             coordinates = group.coordinates;
             metadata_source = Some(group.metadata_source);
-            group.arrays.into_iter().map(zarr_field).collect()
+            group.arrays.into_iter().map(|array| zarr_field(&path, array)).collect()
         };
         let fields: Vec<Field> = match location {
             Location::Local(path) if zarr::is_zarr(path) => {
-                from_zarr(zarr::open(name, path, &default_name, missing, select)?)
+                from_zarr(zarr::open(name, path, &default_name, missing, select)?)?
             }
             Location::Local(path) if npz::is_npz(path) => open_npz(name, path, select)?,
+            Location::Local(path) if is_hdf5(path) => {
+                return Err(LoadError::Hdf5File { dataset: name.to_owned(), path: path.clone() });
+            }
             Location::Local(path) => open_npy_dir(name, path, select)?,
             Location::Remote(storage) => {
                 let remote = |problem: String| LoadError::Remote {
@@ -372,7 +375,7 @@ impl Dataset {
                 if zarr_root {
                     let store = storage.zarr_storage();
                     let concurrency = storage.io_concurrency();
-                    from_zarr(zarr::open_storage(name, store, &path, &default_name, missing, select, concurrency)?)
+                    from_zarr(zarr::open_storage(name, store, &path, &default_name, missing, select, concurrency)?)?
                 } else {
                     let objects = match listing {
                         Some(objects) => objects,
@@ -469,10 +472,25 @@ fn coordinate_info(coordinate: &Coordinate) -> CoordinateInfo {
     }
 }
 
-fn zarr_field(opened: zarr::OpenedArray) -> Field {
+/// The largest sample a field may have: a batch of one must still fit a gRPC message (whose
+/// limit is at most 4 GiB), and sizes computed from it cannot overflow.
+const MAX_SAMPLE_BYTES: u64 = 1 << 32;
+
+fn zarr_field(path: &Path, opened: zarr::OpenedArray) -> Result<Field, LoadError> {
     let sample_shape = opened.shape[1..].to_vec();
-    let bytes_per_sample = sample_shape.iter().product::<u64>() as usize * opened.dtype.size_bytes();
-    Field {
+    let bytes_per_sample = sample_shape
+        .iter()
+        .try_fold(opened.dtype.size_bytes() as u64, |n, &d| n.checked_mul(d))
+        .filter(|&n| n <= MAX_SAMPLE_BYTES)
+        .ok_or_else(|| LoadError::Zarr {
+            path: path.join(&opened.name),
+            problem: format!(
+                "one sample of array '{}' (shape {:?} after the sample axis, {:?}) is over {} bytes; chunk the data \
+                 so that a sample is one row of a smaller array, or serve a slice of it",
+                opened.name, sample_shape, opened.dtype, MAX_SAMPLE_BYTES
+            ),
+        })? as usize;
+    Ok(Field {
         name: opened.name,
         dtype: opened.dtype,
         sample_shape,
@@ -482,7 +500,7 @@ fn zarr_field(opened: zarr::OpenedArray) -> Field {
         num_samples: opened.shape[0],
         id: NEXT_FIELD_ID.fetch_add(1, Ordering::Relaxed),
         source: Source::Zarr(Box::new(opened.source)),
-    }
+    })
 }
 
 /// Groups file (or member) names into fields by the naming rule of the module docs: `STEM` is a
@@ -606,6 +624,17 @@ fn open_remote_npy(
         fields.push(open_field(&field_name, shards)?);
     }
     Ok(fields)
+}
+
+/// The signature every HDF5 file (netCDF-4 included) starts with.
+const HDF5_SIGNATURE: &[u8; 8] = b"\x89HDF\r\n\x1a\n";
+
+/// Whether `path` is a file that starts with the HDF5 signature.
+fn is_hdf5(path: &Path) -> bool {
+    let mut head = [0u8; 8];
+    path.is_file()
+        && std::fs::File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head)).is_ok()
+        && &head == HDF5_SIGNATURE
 }
 
 /// Opens every `.npy` field in `dir` (those in `select` when given).

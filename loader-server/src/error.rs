@@ -53,6 +53,27 @@ pub enum LoadError {
         /// Data bytes present.
         actual_bytes: u64,
     },
+    /// An HDF5 (or netCDF-4) file: loaders read its conversion, not the file.
+    #[error(
+        "dataset '{dataset}': {} is an HDF5 file, which loaders do not read; convert it once with \
+         `conveyor-convert {} OUT.zarr` (pip install 'conveyor[convert]') and serve OUT.zarr",
+        path.display(),
+        path.display()
+    )]
+    Hdf5File {
+        /// Dataset name.
+        dataset: String,
+        /// The file.
+        path: PathBuf,
+    },
+    /// A field whose name a client could not use safely (a path, a reserved name).
+    #[error("dataset '{dataset}': {problem}")]
+    BadFieldName {
+        /// Dataset name.
+        dataset: String,
+        /// What is wrong, naming the field.
+        problem: String,
+    },
     /// A directory with no `.npy` fields.
     #[error("dataset '{dataset}': {} holds no .npy files; put FIELD.npy or FIELD-00000.npy files in it", dir.display())]
     NoFields {

@@ -73,6 +73,10 @@ pub fn open(config: Config) -> Result<Arc<LoaderState>, ServeError> {
         let (name, dir) = (&spec.name, &spec.path);
         let location = storage::Location::parse(name, &dir.to_string_lossy(), &store_options)?;
         let dataset = Dataset::open(name, &location, config.zarr_missing_chunks, spec.fields.as_deref())?;
+        for field in &dataset.fields {
+            conveyor_proto::check_field_name(&field.name)
+                .map_err(|problem| LoadError::BadFieldName { dataset: name.clone(), problem })?;
+        }
         for coordinate in &dataset.coordinates {
             tracing::info!(
                 dataset = %name,

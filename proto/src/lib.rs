@@ -157,8 +157,51 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     std::time::Duration::try_from_secs_f64(seconds).map_err(|_| bad())
 }
 
+/// Longest field name, in bytes: it becomes a file name (`trainer-client --dump`), whose limit is
+/// 255 bytes on common file systems, with room for `.npy` and a shard suffix.
+pub const MAX_FIELD_NAME_BYTES: usize = 200;
+
+/// Checks a field name against the rule both sides apply: names become dictionary keys in the
+/// trainer and file names in `--dump` directories, so a name is not empty, at most
+/// [`MAX_FIELD_NAME_BYTES`] long, holds no path separator or control character, is not `.` or
+/// `..`, and does not start with `__` (kept for Conveyor's own names, such as the Python
+/// package's `__index__` and the dump's `__indices__.npy`).
+///
+/// # Errors
+/// What is wrong with the name, for a message that names the field.
+pub fn check_field_name(name: &str) -> Result<(), String> {
+    let problem = if name.is_empty() {
+        "it is empty"
+    } else if name.len() > MAX_FIELD_NAME_BYTES {
+        "it is longer than 200 bytes"
+    } else if name.contains(['/', '\\']) {
+        "it holds a path separator"
+    } else if name.chars().any(char::is_control) {
+        "it holds a control character"
+    } else if name == "." || name == ".." {
+        "it names a directory"
+    } else if name.starts_with("__") {
+        "names starting with __ are kept for Conveyor's own (__index__, the dump's __indices__)"
+    } else {
+        return Ok(());
+    };
+    Err(format!("field name {name:?} cannot be served: {problem}; rename the array, file or output key"))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn field_names_that_could_escape_a_directory_or_shadow_conveyors_own_are_refused() {
+        for name in ["board", "t2m", "label.v2", "x-y", "données", "..x", ".hidden"] {
+            assert_eq!(super::check_field_name(name), Ok(()), "{name}");
+        }
+        let long = "a".repeat(201);
+        for name in ["", "../../x", "/abs", "a\\b", "a\nb", "nul\0", ".", "..", "__index__", "__indices__", &long] {
+            let error = super::check_field_name(name).expect_err(name);
+            assert!(error.contains(&format!("{name:?}")) && error.contains("rename"), "{error}");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -12,6 +12,16 @@ sample of an epoch still arrives exactly once, in an order fixed by (seed, epoch
             ...
     state = ds.state_dict()       # save beside the model; ds.load_state_dict(state) resumes there
 
+DataLoader workers are not needed (the loaders are the data workers). Where one is used, create it
+with ``DataLoader(ds, batch_size=None, num_workers=k)`` (automatic batching is refused: it would
+stack Conveyor's batches), and with workers take checkpoints from torchdata's
+``StatefulDataLoader(ds, batch_size=None, num_workers=k).state_dict()``: the dataset's own
+``state_dict()`` refuses once workers have iterated it. Errors raised in a worker reach the
+training loop as the same ``conveyor`` exception.
+
+The wheel also installs the loader and trainer binaries as ``conveyor-loader`` and
+``conveyor-trainer``.
+
 The sampling, dispatch, failover and exactly-once logic are the Rust client library's; this
 package is a thin layer over it (``conveyor._native``).
 """
@@ -20,9 +30,13 @@ from __future__ import annotations
 
 import functools
 import json
+import mmap
 import os
+import struct
+import sys
 import threading
 import time
+import warnings
 import weakref
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -60,6 +74,8 @@ except ImportError:  # pragma: no cover - exercised where torch is absent
 
 INDEX_KEY = "__index__"
 _SHUFFLES = ("none", "full", "block")
+# The last epoch a run streams (the client library's Cursor::MAX_EPOCH).
+_MAX_EPOCH = 2**62 - 1
 _OUTPUTS = ("numpy", "torch")
 
 # Native clients of this process. A forked child (DataLoader workers, torch.multiprocessing)
@@ -182,8 +198,11 @@ class StreamingDataset(_Base):  # type: ignore[misc, valid-type]
     It is a ``torch.utils.data.IterableDataset`` when torch is importable. DataLoader workers are
     not needed (the data workers are the loaders); with ``DataLoader(ds, batch_size=None,
     num_workers=k)`` worker w takes batches w, w+k, ..., and the DataLoader's round-robin gives the
-    same sequence as iterating ``ds`` directly. ``state_dict``/``load_state_dict`` follow
-    torchdata's ``StatefulDataLoader`` protocol, with or without workers.
+    same sequence as iterating ``ds`` directly (a DataLoader with automatic batching raises
+    InvalidSettingsError at its first batch). ``state_dict``/``load_state_dict`` follow
+    torchdata's ``StatefulDataLoader`` protocol, with or without workers; in the training
+    process, ``state_dict()`` and ``stats()`` raise once DataLoader workers have iterated the
+    dataset (use the StatefulDataLoader's ``state_dict()``).
 
     Arguments:
         loaders: loader addresses, ``"host:port"``; a name that resolves to several addresses is
@@ -203,10 +222,11 @@ class StreamingDataset(_Base):  # type: ignore[misc, valid-type]
             initialised, else the RANK and WORLD_SIZE environment variables, else 0 and 1.
         prefetch: batches requested ahead of the training loop (client memory is about
             ``prefetch + 2`` batches).
-        output: ``"numpy"`` or ``"torch"``.
+        output: ``"numpy"`` (default) or ``"torch"``.
         device: with ``output="torch"``: ``"cpu"`` (default), ``"cuda"`` or ``"cuda:N"``.
         request_timeout, unavailable_timeout: seconds before a silent loader is dropped, and
-            before no reachable loader at all is an error.
+            before no reachable loader at all is LoaderUnavailableError (also while the
+            constructor waits for the first loader; Ctrl-C interrupts that wait).
         tls_ca: PEM file of the CA that signs the loaders' certificates; turns TLS on (as
             ``"https://host:port"`` loader addresses do, which otherwise trust the system's roots).
         tls_cert, tls_key: PEM client certificate and key, for loaders that require mutual TLS.
@@ -279,10 +299,20 @@ class StreamingDataset(_Base):  # type: ignore[misc, valid-type]
         client = self._client()
         self._plan = client.plan(dataset, batch_size, shuffle, seed, shuffle_window, rank, world_size, drop_last)
         self.info = _info(next(d for d in json.loads(client.catalog()) if d["name"] == dataset))
+        reserved = [name for name in self.info.fields if name.startswith("__")]
+        if reserved:
+            raise BatchError(
+                f"dataset {dataset!r} has field(s) {reserved} whose names start with __, which would collide with "
+                f"the batch's {INDEX_KEY!r}; the loader is older than this package: upgrade it (it refuses such names)"
+            )
         self._batches_per_epoch = _native.Client.batches_per_epoch(self._plan)
         self._epoch = 0
         self._resume: Optional[Dict[str, Any]] = None
         self._state: Optional[Dict[str, Any]] = None
+        # Iterations by DataLoader workers, counted in memory shared with the forked workers: a
+        # count above what this process has seen means its own position is stale.
+        self.__dict__["_worker_runs"] = mmap.mmap(-1, 8)
+        self._seen_worker_runs = 0
 
     # Connections are made per process: a forked child (a DataLoader worker) makes its own.
     def _client(self) -> "_native.Client":
@@ -297,7 +327,32 @@ class StreamingDataset(_Base):  # type: ignore[misc, valid-type]
         state = dict(self.__dict__)
         state.pop("_native_client", None)
         state.pop("_native_pid", None)
+        # A pickled copy (a spawned DataLoader worker) iterates where this object cannot see it.
+        state.pop("_worker_runs", None)
+        if torch is None or torch.utils.data.get_worker_info() is None:
+            self.__dict__["_sent_away"] = True
         return state
+
+    def _count_worker_run(self) -> None:
+        shared = self.__dict__.get("_worker_runs")
+        if shared is not None:
+            (runs,) = struct.unpack_from("<Q", shared)
+            struct.pack_into("<Q", shared, 0, runs + 1)
+
+    def _iterated_elsewhere(self) -> bool:
+        """True in the process that made this dataset once DataLoader workers have iterated it."""
+        if torch is not None and torch.utils.data.get_worker_info() is not None:
+            return False
+        if self.__dict__.get("_sent_away"):
+            return True
+        shared = self.__dict__.get("_worker_runs")
+        return shared is not None and struct.unpack_from("<Q", shared)[0] > self._seen_worker_runs
+
+    def _caught_up(self) -> None:
+        """This process sets the position again (iterating, set_epoch, load_state_dict)."""
+        shared = self.__dict__.get("_worker_runs")
+        self._seen_worker_runs = struct.unpack_from("<Q", shared)[0] if shared is not None else 0
+        self.__dict__["_sent_away"] = False
 
     def __len__(self) -> int:
         """Batches per epoch for this rank."""
@@ -305,14 +360,42 @@ class StreamingDataset(_Base):  # type: ignore[misc, valid-type]
 
     def set_epoch(self, epoch: int) -> None:
         """Makes the next iteration stream epoch ``epoch`` (like DistributedSampler.set_epoch).
-        Without it, each iteration after a finished epoch streams the next one."""
-        self._epoch = int(epoch)
+        Without it, each iteration after a finished epoch streams the next one.
+
+        After ``load_state_dict``, ``set_epoch`` of the state's epoch keeps the resume point (so
+        a loop that calls ``set_epoch(epoch)`` before every epoch resumes mid-epoch); another
+        epoch drops it, with a warning, and streams that epoch from its first batch."""
+        epoch = int(epoch)
+        if self._resume is not None:
+            if self._resume["epoch"] == epoch:
+                return
+            warnings.warn(
+                f"set_epoch({epoch}) after load_state_dict at epoch {self._resume['epoch']} batch "
+                f"{self._resume['next_batch']}: the resume point is dropped and epoch {epoch} streams from its "
+                f"first batch",
+                stacklevel=2,
+            )
+        self._epoch = epoch
         self._resume = None
+        self._state = {"epoch": epoch, "next_batch": 0}
+        self._caught_up()
 
     def state_dict(self) -> Dict[str, Any]:
         """Where the stream is (JSON-serialisable): the next iteration after ``load_state_dict``
         starts with the batch after the last one this dataset yielded (inside a DataLoader
-        worker: that worker's next batch, which torchdata's StatefulDataLoader keeps per worker)."""
+        worker: that worker's next batch, which torchdata's StatefulDataLoader keeps per worker).
+
+        Raises InvalidSettingsError in the training process once DataLoader workers have
+        iterated this dataset: only the DataLoader knows which of their batches it has handed
+        out. Take the state from ``torchdata.stateful_dataloader.StatefulDataLoader(ds,
+        batch_size=None, num_workers=k).state_dict()``, or iterate with ``num_workers=0``."""
+        if self._iterated_elsewhere():
+            raise InvalidSettingsError(
+                "state_dict() of a StreamingDataset that DataLoader workers iterated: this process cannot know "
+                "which of the workers' batches the DataLoader has yielded, so a resume from it would repeat or "
+                "skip samples. Use torchdata's StatefulDataLoader(ds, batch_size=None, num_workers=k) and save "
+                "its state_dict(), or use num_workers=0 (the data workers are the loaders)"
+            )
         cursor = self._state or {"epoch": self._epoch, "next_batch": 0}
         return {"version": 1, "dataset": self.dataset, "plan": json.loads(self._plan),
                 "epoch": cursor["epoch"], "next_batch": cursor["next_batch"]}
@@ -326,6 +409,11 @@ class StreamingDataset(_Base):  # type: ignore[misc, valid-type]
             raise InvalidSettingsError(f"not a StreamingDataset state_dict: missing or bad {error}") from None
         if version != 1:
             raise InvalidSettingsError(f"state_dict version {version!r} is not supported (expected 1)")
+        if not 0 <= epoch <= _MAX_EPOCH or not 0 <= next_batch < 2**63:
+            raise InvalidSettingsError(
+                f"state_dict names epoch {epoch} batch {next_batch}, which no run reaches (epochs 0..{_MAX_EPOCH}, "
+                f"batches from 0): it was edited or damaged"
+            )
         if dataset != self.dataset:
             raise InvalidSettingsError(f"state_dict is for dataset {dataset!r}, this dataset streams {self.dataset!r}")
         mine = json.loads(self._plan)
@@ -337,11 +425,21 @@ class StreamingDataset(_Base):  # type: ignore[misc, valid-type]
         self._epoch = epoch
         self._resume = {"epoch": epoch, "next_batch": next_batch}
         self._state = dict(self._resume)
+        self._caught_up()
 
     def stats(self) -> Dict[str, Any]:
         """Counters of the current or last iteration: samples, batches, bytes delivered (also per
         second), seconds waited for data, batches retried after a loader failed, epoch boundaries,
-        per replica (batches, bytes, failures)."""
+        per replica (batches, bytes, failures).
+
+        Raises InvalidSettingsError in the training process once DataLoader workers have
+        iterated this dataset: each worker counts its own batches in its own process."""
+        if self._iterated_elsewhere():
+            raise InvalidSettingsError(
+                "stats() of a StreamingDataset that DataLoader workers iterated: the counters are in the worker "
+                "processes, not in this one. Use num_workers=0 (the data workers are the loaders), where stats() "
+                "covers the whole run, or call ds.stats() inside each worker"
+            )
         stats = json.loads(self._client().stats())
         started, ended = self.__dict__.get("_started"), self.__dict__.get("_ended")
         seconds = ((ended or time.monotonic()) - started) if started is not None else 0.0
@@ -353,9 +451,13 @@ class StreamingDataset(_Base):  # type: ignore[misc, valid-type]
     def __iter__(self) -> Iterator[Dict[str, Any]]:
         worker, num_workers = 0, 1
         if torch is not None:
+            self._refuse_rebatching(sys._getframe(1))
             info = torch.utils.data.get_worker_info()
             if info is not None:
                 worker, num_workers = info.id, info.num_workers
+                self._count_worker_run()
+            else:
+                self._caught_up()
         start = self._resume or {"epoch": self._epoch, "next_batch": 0}
         self._resume = None
         epoch = start["epoch"]
@@ -381,6 +483,20 @@ class StreamingDataset(_Base):  # type: ignore[misc, valid-type]
                 # The next iteration streams the next epoch unless set_epoch says otherwise.
                 self._epoch = epoch + 1
                 self._state = {"epoch": epoch + 1, "next_batch": 0}
+
+    def _refuse_rebatching(self, caller: Any) -> None:
+        """Raises when a DataLoader with automatic batching (``batch_size`` not None) iterates
+        this dataset: it would stack N of Conveyor's batches into one (``[1, 256, ...]`` by default)
+        and change ``len``. ``caller`` is the frame asking for the first batch."""
+        if caller is None or caller.f_code.co_name != "fetch":
+            return
+        fetcher = caller.f_locals.get("self")
+        if getattr(fetcher, "dataset", None) is self and getattr(fetcher, "auto_collation", False) is True:
+            raise InvalidSettingsError(
+                "a DataLoader with automatic batching would stack several of Conveyor's batches into one "
+                "(a leading dimension of its batch_size, default 1, in front of every field): create it with "
+                "DataLoader(ds, batch_size=None, ...); Conveyor's batch size is StreamingDataset(batch_size=...)"
+            )
 
     def _convert(self, indices: np.ndarray, fields: List[Tuple[str, np.ndarray, str, List[int]]]) -> Dict[str, Any]:
         out: Dict[str, Any] = {}

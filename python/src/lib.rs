@@ -18,31 +18,69 @@ use trainer_client::{
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-create_exception!(_native, ConveyorError, PyException, "Base class of every Conveyor error.");
+create_exception!(conveyor, ConveyorError, PyException, "Base class of every Conveyor error.");
 create_exception!(
-    _native,
+    conveyor,
     LoaderUnavailableError,
     ConveyorError,
     "No loader could be reached (or none stayed reachable for the unavailable timeout)."
 );
-create_exception!(_native, UnknownDatasetError, ConveyorError, "The loaders serve no dataset of that name.");
+create_exception!(conveyor, UnknownDatasetError, ConveyorError, "The loaders serve no dataset of that name.");
 create_exception!(
-    _native,
+    conveyor,
     InvalidSettingsError,
     ConveyorError,
     "Settings the loaders cannot serve: a bad address, batch size, rank, window or state."
 );
-create_exception!(_native, BatchError, ConveyorError, "A loader refused a batch or sent a malformed one.");
+create_exception!(conveyor, BatchError, ConveyorError, "A loader refused a batch or sent a malformed one.");
 create_exception!(
-    _native,
+    conveyor,
     AuthenticationError,
     ConveyorError,
     "Every loader refused the client's credentials: a missing or wrong token or client certificate."
 );
 
+/// The client library's messages name the command line's flags; a Python user sets arguments.
+const PYTHON_NAMES: &[(&str, &str)] = &[
+    ("--unavailable-timeout", "unavailable_timeout"),
+    ("--request-timeout", "request_timeout"),
+    ("--max-message-bytes", "max_message_bytes"),
+    ("--shuffle-window", "shuffle_window"),
+    ("--auth-token-file", "auth_token_file"),
+    ("--batch-size", "batch_size"),
+    ("--world-size", "world_size"),
+    ("--tls-cert", "tls_cert"),
+    ("--tls-key", "tls_key"),
+    ("--tls-ca", "tls_ca"),
+    ("--rank", "rank"),
+    ("no --loader given", "loaders=[] is empty"),
+    ("by its --loader name", "by its name in loaders"),
+    ("no --loader name", "no name in loaders"),
+    ("--loader", "loaders entry"),
+];
+
+/// `message` with the client's flags named as the Python arguments that set them.
+fn python_names(message: String) -> String {
+    // The loaders' own flags ("their --max-batch-samples") stay as they are.
+    PYTHON_NAMES.iter().fold(message, |message, (flag, argument)| {
+        let mut out = String::with_capacity(message.len());
+        let mut rest = message.as_str();
+        while let Some(at) = rest.find(flag) {
+            let end = at + flag.len();
+            let whole = !rest[end..].starts_with(|c: char| c.is_ascii_alphanumeric() || c == '-');
+            let theirs = rest[..at].ends_with("their ");
+            out.push_str(&rest[..at]);
+            out.push_str(if whole && !theirs { argument } else { flag });
+            rest = &rest[end..];
+        }
+        out.push_str(rest);
+        out
+    })
+}
+
 /// The Python exception for a client error, with the whole cause chain as its message.
 fn to_py(error: ClientError) -> PyErr {
-    let message = error_chain(&error);
+    let message = python_names(error_chain(&error));
     match error {
         ClientError::UnknownDataset { .. } => UnknownDatasetError::new_err(message),
         ClientError::NoLoaders
@@ -196,7 +234,14 @@ impl Client {
             resolve_interval: seconds(resolve_interval, "resolve_interval")?,
             ..StreamOptions::default()
         };
-        let loaders = py.detach(|| blocking::Loaders::connect(&loaders, options)).map_err(to_py)?;
+        // Waited for in slices, so that Ctrl-C stops a wait for loaders that are not up.
+        let mut connecting = blocking::Connecting::start(&loaders, options).map_err(to_py)?;
+        let loaders = loop {
+            if let Some(result) = py.detach(|| connecting.wait(SIGNAL_CHECK)) {
+                break result.map_err(to_py)?;
+            }
+            py.check_signals()?;
+        };
         Ok(Client { state: Mutex::new(State::Idle(Box::new(loaders))), delivered: Mutex::new((0, 0)) })
     }
 

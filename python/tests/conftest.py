@@ -4,6 +4,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 import urllib.request
 
 import numpy as np
@@ -124,3 +125,14 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def interrupt_when_blocked(child, what):
+    """Sends SIGINT once `child`'s main thread sleeps (parked in a wait), returning when it was
+    sent; fails naming `what` if the child never blocks within 10 s."""
+    deadline = time.monotonic() + 10
+    while open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "S":
+        assert time.monotonic() < deadline, f"the child never blocked waiting for {what}"
+    sent = time.monotonic()
+    child.send_signal(signal.SIGINT)
+    return sent

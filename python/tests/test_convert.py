@@ -14,7 +14,7 @@ import pytest
 import zarr
 
 import conveyor
-from conftest import DTYPES
+from conftest import DTYPES, binary
 
 CONVERT = [sys.executable, "-m", "conveyor.convert"]
 
@@ -188,3 +188,13 @@ def test_a_killed_conversion_resumes_and_other_arguments_do_not_mix_with_it(tmp_
     summary = run(tmp_path / "src.h5", tmp_path / "x.zarr", "--memory", "6MiB")
     assert summary["resumed"] and summary["verified"]
     assert np.array_equal(zarr.open_group(tmp_path / "x.zarr", mode="r")["x"][:], data)
+
+
+def test_a_loader_given_an_hdf5_file_points_to_the_converter(tmp_path):
+    with h5py.File(tmp_path / "rec.h5", "w") as f:
+        f["eeg"] = np.zeros((10, 4), dtype=np.float32)
+    result = subprocess.run([binary("loader-server"), "--listen", "127.0.0.1:0", "--dataset", f"r={tmp_path / 'rec.h5'}"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "rec.h5 is an HDF5 file" in result.stderr and f"conveyor-convert {tmp_path / 'rec.h5'} OUT.zarr" in \
+        result.stderr, result.stderr

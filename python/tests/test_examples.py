@@ -25,20 +25,26 @@ def logged(path):
     return np.frombuffer(open(path, "rb").read(), dtype="<i8")
 
 
-def test_the_pytorch_example_resumes_model_and_stream_exactly(tmp_path, chess):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_pytorch_example_resumes_model_and_stream_exactly(tmp_path, chess, workers):
+    """Interrupted in epoch 1 of 2 and resumed: both runs together train on each epoch once, in
+    order; with 2 workers through torchdata's StatefulDataLoader."""
     pytest.importorskip("torch")
-    common = [sys.executable, EXAMPLE, "--loader", chess.addr, "--epochs", "1", "--batch-size", "100", "--seed", "3",
-              "--checkpoint", str(tmp_path / "ckpt"), "--checkpoint-every", "5", "--device", "cpu"]
-    first = subprocess.run(common + ["--max-batches", "17", "--indices-log", str(tmp_path / "first.bin")],
+    if workers:
+        pytest.importorskip("torchdata.stateful_dataloader")
+    common = [sys.executable, EXAMPLE, "--loader", chess.addr, "--epochs", "2", "--batch-size", "100", "--seed", "3",
+              "--checkpoint", str(tmp_path / "ckpt"), "--checkpoint-every", "5", "--device", "cpu",
+              "--workers", str(workers)]
+    first = subprocess.run(common + ["--max-batches", "57", "--indices-log", str(tmp_path / "first.bin")],
                            check=True, capture_output=True, text=True)
-    assert "stopped after 17 batches" in first.stdout
+    assert "stopped after 57 batches" in first.stdout
     second = subprocess.run(common + ["--indices-log", str(tmp_path / "rest.bin")], check=True, capture_output=True,
                             text=True)
-    assert "resuming at epoch 0 batch 17" in second.stdout, second.stdout
+    assert "resuming at epoch 1 batch 17" in second.stdout, second.stdout
     ds = conveyor.StreamingDataset([chess.addr], "chess", batch_size=100, seed=3)
-    epoch = np.concatenate([b["__index__"] for b in ds])
+    epochs = np.concatenate([b["__index__"] for b in ds] + [b["__index__"] for b in ds])
     both = np.concatenate([logged(tmp_path / "first.bin"), logged(tmp_path / "rest.bin")])
-    assert np.array_equal(both, epoch), "the two runs together trained on the epoch once, in order"
+    assert np.array_equal(both, epochs), "the two runs together trained on each epoch once, in order"
 
 
 def test_the_example_under_torchrun_gives_each_rank_its_half(tmp_path, chess):

@@ -210,3 +210,22 @@ def test_npz_files_that_cannot_be_mapped_are_refused_naming_the_member_and_the_f
     np.savez(tmp_path / "u.npz", a=np.arange(10), b=np.arange(11))
     stderr = refusal("--dataset", f"u={tmp_path / 'u.npz'}")
     assert "field 'b' has 11 samples but field 'a' has 10" in stderr, stderr
+
+
+def test_a_zarr_array_whose_sample_size_overflows_is_refused_at_start_up(tmp_path):
+    import zarr
+    group = zarr.open_group(tmp_path / "big.zarr", mode="w", zarr_format=3)
+    # Metadata alone (no chunk is written): 2^31 x 2^31 float64 per sample, 2^65 bytes.
+    group.create_array("huge", shape=(4, 2**31, 2**31), chunks=(1, 1024, 1024), dtype="float64")
+    stderr = refusal("--dataset", f"b={tmp_path / 'big.zarr'}")
+    assert "one sample of array 'huge'" in stderr and "is over 4294967296 bytes" in stderr, stderr
+    assert "panicked" not in stderr, stderr
+
+
+@pytest.mark.parametrize("member, shown", [("__index__", '"__index__"'), ("../../escaped", '"../../escaped"'),
+                                           ("a\\b", '"a\\\\b"')])
+def test_field_names_a_client_cannot_use_safely_are_refused_at_start_up(tmp_path, member, shown):
+    # A member name becomes a dict key in the trainer and a file name in `--dump` directories.
+    np.savez(tmp_path / "n.npz", ok=np.arange(4), **{member: np.arange(4)})
+    stderr = refusal("--dataset", f"n={tmp_path / 'n.npz'}")
+    assert f"field name {shown} cannot be served" in stderr and "rename" in stderr, stderr

@@ -262,6 +262,8 @@ def test_clients_can_only_request_what_the_loader_was_configured_with(tmp_path, 
     (("--transform", "x=d:evil2:f", "--transform-worker-memory", 50 << 20), "over --transform-worker-memory"),
     (("--pipeline", "x=d:image: random_crop(10, 13)"), "size 13 is larger than axis 2"),
     (("--pipeline", "x=d:imag: flip()"), "no field 'imag'; its fields are 'image', 'label'"),
+    (("--transform", "x=d:evil2:escape"), 'field name "../../x" cannot be served: it holds a path separator'),
+    (("--transform", "x=d:evil2:shadow"), 'field name "__index__" cannot be served'),
 ])
 def test_start_up_refuses_transforms_that_cannot_work(tmp_path, flags, expected):
     write_images(tmp_path / "d", n=20)
@@ -271,6 +273,12 @@ def test_start_up_refuses_transforms_that_cannot_work(tmp_path, flags, expected)
 
         def raises(batch, indices, rng):
             return {"image": batch["nope"]}
+
+        def escape(batch, indices, rng):
+            return {"../../x": batch["image"]}
+
+        def shadow(batch, indices, rng):
+            return {"__index__": batch["label"]}
     """)
     result = subprocess.run(
         [binary("loader-server"), "--listen", "127.0.0.1:0", "--dataset", f"d={tmp_path / 'd'}",

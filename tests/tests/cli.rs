@@ -25,14 +25,14 @@ fn ok(args: &[&str]) -> String {
     text(&output.stdout)
 }
 
-/// `indices.npy` and `epochs.npy` of a dump, row for row.
+/// `__indices__.npy` and `__epochs__.npy` of a dump, row for row.
 fn dumped(dir: &Path) -> Vec<(i64, i64)> {
     let read = |name: &str| -> Vec<i64> {
         let bytes = std::fs::read(dir.join(name)).expect("dump file");
         let header = loader_server::npy::parse_header(&bytes).expect("valid npy");
         bytes[header.data_offset..].chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8"))).collect()
     };
-    let (epochs, indices) = (read("epochs.npy"), read("indices.npy"));
+    let (epochs, indices) = (read("__epochs__.npy"), read("__indices__.npy"));
     assert_eq!(epochs.len(), indices.len(), "one epoch per row");
     epochs.into_iter().zip(indices).collect()
 }
@@ -144,9 +144,9 @@ async fn a_killed_client_leaves_dump_files_numpy_reads_and_a_used_dump_directory
     assert!(!refused.status.success() && stderr.contains("already holds files"), "{stderr}");
 }
 
-/// Rows the header of `dir/indices.npy` states (0 while it does not exist).
+/// Rows the header of `dir/__indices__.npy` states (0 while it does not exist).
 fn dumped_rows(dir: &Path) -> u64 {
-    let Ok(bytes) = std::fs::read(dir.join("indices.npy")) else { return 0 };
+    let Ok(bytes) = std::fs::read(dir.join("__indices__.npy")) else { return 0 };
     loader_server::npy::parse_header(&bytes).map_or(0, |h| h.shape.first().copied().unwrap_or(0))
 }
 

@@ -13,7 +13,7 @@
 //! # Ok(()) }
 //! ```
 
-use std::sync::Arc;
+use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use conveyor_proto::v1::DatasetInfo;
 
@@ -22,6 +22,51 @@ use crate::{Batch, ClientError, Cursor, DispatchStats, PlanSettings, PlanSpec, R
 /// Worker threads of the owned runtime: the connection tasks (HTTP/2 decoding) run there while
 /// the caller's thread trains.
 const RUNTIME_THREADS: usize = 2;
+
+/// A connect in progress, waited for in slices so that the caller can look up between them
+/// (the Python package checks for Ctrl-C every 50 ms while no loader answers).
+pub struct Connecting {
+    // Declared first: dropped (its tasks aborted) before the runtime.
+    future: Pin<Box<dyn Future<Output = Result<crate::Loaders, ClientError>> + Send>>,
+    /// Taken by the connections' owner once the connect is over.
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl std::fmt::Debug for Connecting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connecting").field("done", &self.runtime.is_none()).finish_non_exhaustive()
+    }
+}
+
+impl Connecting {
+    /// Starts a runtime and begins connecting; see [`crate::Loaders::connect`]. Dropping the
+    /// result before it is ready abandons the connect.
+    ///
+    /// # Errors
+    /// [`ClientError::Runtime`] when the runtime cannot start.
+    pub fn start(loaders: &[String], options: StreamOptions) -> Result<Connecting, ClientError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(RUNTIME_THREADS)
+            .thread_name("conveyor-client")
+            .enable_all()
+            .build()
+            .map_err(ClientError::Runtime)?;
+        let loaders = loaders.to_vec();
+        let future = Box::pin(async move { crate::Loaders::connect(&loaders, options).await });
+        Ok(Connecting { future, runtime: Some(runtime) })
+    }
+
+    /// Waits up to `timeout` for the connect: `None` while it is still going on (or after its
+    /// result was returned once).
+    pub fn wait(&mut self, timeout: Duration) -> Option<Result<Loaders, ClientError>> {
+        let future = &mut self.future;
+        // The timer is made inside the runtime (block_on enters it), which it needs.
+        let result =
+            self.runtime.as_ref()?.block_on(async move { tokio::time::timeout(timeout, future).await }).ok()?;
+        let runtime = self.runtime.take()?;
+        Some(result.map(|loaders| Loaders { loaders, runtime: Arc::new(runtime) }))
+    }
+}
 
 /// [`crate::Loaders`] with its own runtime.
 #[derive(Debug)]
@@ -37,14 +82,12 @@ impl Loaders {
     /// # Errors
     /// [`ClientError::Runtime`] when the runtime cannot start, or as [`crate::Loaders::connect`].
     pub fn connect(loaders: &[String], options: StreamOptions) -> Result<Loaders, ClientError> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(RUNTIME_THREADS)
-            .thread_name("conveyor-client")
-            .enable_all()
-            .build()
-            .map_err(ClientError::Runtime)?;
-        let loaders = runtime.block_on(crate::Loaders::connect(loaders, options))?;
-        Ok(Loaders { loaders, runtime: Arc::new(runtime) })
+        let mut connecting = Connecting::start(loaders, options)?;
+        loop {
+            if let Some(result) = connecting.wait(Duration::from_secs(3600)) {
+                return result;
+            }
+        }
     }
 
     /// See [`crate::Loaders::catalog`].

@@ -32,6 +32,10 @@ pub struct Cursor {
 }
 
 impl Cursor {
+    /// The last epoch a run streams: epochs and epoch counts add up without overflowing, and
+    /// every epoch fits the protocol's and Python's signed 64-bit integers.
+    pub const MAX_EPOCH: u64 = (1 << 62) - 1;
+
     /// Whether the run this cursor belongs to has nothing left to stream.
     pub fn is_finished(&self) -> bool {
         self.end_epoch.is_some_and(|end| self.epoch >= end)
@@ -57,7 +61,13 @@ impl Cursor {
     pub fn load(path: &Path) -> Result<Cursor, CursorError> {
         let bytes =
             std::fs::read(path).map_err(|source| CursorError::Io { action: "read", path: path.to_owned(), source })?;
-        serde_json::from_slice(&bytes).map_err(|source| CursorError::Parse { path: path.to_owned(), source })
+        let cursor: Cursor =
+            serde_json::from_slice(&bytes).map_err(|source| CursorError::Parse { path: path.to_owned(), source })?;
+        if let Some(epoch) = [Some(cursor.epoch), cursor.end_epoch].into_iter().flatten().find(|&e| e > Self::MAX_EPOCH)
+        {
+            return Err(CursorError::EpochOutOfRange { path: path.to_owned(), epoch });
+        }
+        Ok(cursor)
     }
 }
 
@@ -219,6 +229,24 @@ mod tests {
         assert!(matches!(error, CursorError::Parse { .. }) && error.to_string().contains("--save-cursor"), "{error}");
         let missing = Cursor::load(&dir.path().join("nope.json")).expect_err("missing");
         assert!(missing.to_string().contains("nope.json"), "{missing}");
+    }
+
+    #[test]
+    fn a_cursor_naming_an_epoch_no_run_reaches_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("cursor.json");
+        for (epoch, end_epoch) in [(u64::MAX, Some(u64::MAX)), (1 << 62, None), (0, Some(u64::MAX))] {
+            Cursor { epoch, end_epoch, ..cursor(0) }.save(&path).expect("save");
+            let error = Cursor::load(&path).expect_err("out of range");
+            assert!(matches!(error, CursorError::EpochOutOfRange { .. }), "{error}");
+            assert!(
+                error.to_string().contains("cursor.json") && error.to_string().contains("--resume-from"),
+                "{error}"
+            );
+        }
+        let last = Cursor { epoch: Cursor::MAX_EPOCH, end_epoch: Some(Cursor::MAX_EPOCH), ..cursor(0) };
+        last.save(&path).expect("save");
+        assert_eq!(Cursor::load(&path).expect("the last epoch loads"), last);
     }
 
     #[test]

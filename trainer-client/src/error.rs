@@ -335,6 +335,19 @@ pub enum CursorError {
         #[source]
         source: serde_json::Error,
     },
+    /// An epoch no run reaches: the file was edited or damaged.
+    #[error(
+        "cursor {} names epoch {epoch}, beyond the last epoch a run can stream ({}); it was not written by \
+         --save-cursor: start without --resume-from or restore the file",
+        path.display(),
+        crate::Cursor::MAX_EPOCH
+    )]
+    EpochOutOfRange {
+        /// The file.
+        path: PathBuf,
+        /// The epoch it names (its epoch or end epoch).
+        epoch: u64,
+    },
 }
 
 fn seconds(duration: Duration) -> String {

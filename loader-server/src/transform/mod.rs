@@ -274,6 +274,9 @@ pub fn open_derived(state: &LoaderState) -> Result<Vec<Derived>, LoadError> {
                 python::Pool::start(&spec.body, options, source_schema, (probe, probe_indices)).map_err(fail)?;
             (Transform::Python(pool), schema, format!("{} | python {}", spec.source, spec.body))
         };
+        for field in &schema {
+            conveyor_proto::check_field_name(&field.name).map_err(fail)?;
+        }
         names.push(spec.name.clone());
         derived.push(Derived { name: spec.name, source, schema, transform, derivation });
     }

@@ -307,15 +307,18 @@ fn parse_op(text: &str) -> Result<Op, String> {
     let mut args = Args { positional: positional.into_iter(), keywords };
     let op = match name.as_str() {
         "center_crop" | "random_crop" => {
-            let mut sizes = Vec::new();
-            for value in args.positional.by_ref() {
+            let mut given: Vec<Value> = args.positional.by_ref().collect();
+            match args.take("size") {
+                Some(Value::List(list)) => given.extend(list.into_iter().map(Value::Number)),
+                Some(other) => given.push(other),
+                None => {}
+            }
+            let mut sizes = Vec::with_capacity(given.len());
+            for value in given {
                 match value {
-                    Value::Number(n) if n >= 1.0 && n.fract() == 0.0 => sizes.push(n as u64),
+                    Value::Number(n) if n >= 1.0 && n.fract() == 0.0 && n <= u32::MAX as f64 => sizes.push(n as u64),
                     other => return Err(format!("crop sizes must be whole numbers >= 1, not {other:?}")),
                 }
-            }
-            if let Some(Value::List(list)) = args.take("size") {
-                sizes.extend(list.iter().map(|&n| n as u64));
             }
             if sizes.is_empty() {
                 return Err("give the sizes of the last axes, for example random_crop(56, 56)".into());
@@ -342,7 +345,12 @@ fn parse_op(text: &str) -> Result<Op, String> {
                 Some(Value::Word(word)) => dtype_named(&word)?,
                 _ => return Err("give the dtype first, for example cast(float32, scale=1/255)".into()),
             };
-            Op::Cast { dtype, scale: args.number("scale", Some(1.0))?, offset: args.number("offset", Some(0.0))? }
+            let scale = args.number("scale", Some(1.0))?;
+            let offset = args.number("offset", Some(0.0))?;
+            if let Some((key, bad)) = [("scale", scale), ("offset", offset)].into_iter().find(|(_, v)| !v.is_finite()) {
+                return Err(format!("{key} must be a finite number, not {bad}"));
+            }
+            Op::Cast { dtype, scale, offset }
         }
         "normalize" => {
             let mean = args.list("mean")?;
@@ -350,11 +358,17 @@ fn parse_op(text: &str) -> Result<Op, String> {
             if let Some(bad) = std.iter().find(|s| **s == 0.0 || !s.is_finite()) {
                 return Err(format!("std must be finite and non-zero, not {bad}"));
             }
+            if let Some(bad) = mean.iter().find(|m| !m.is_finite()) {
+                return Err(format!("mean must be finite, not {bad}"));
+            }
             Op::Normalize { mean, std, axis: args.whole("axis", Some(0))? }
         }
         "clip" => {
             let min = args.number("min", Some(f64::NEG_INFINITY))?;
             let max = args.number("max", Some(f64::INFINITY))?;
+            if let Some(bad) = [("min", min), ("max", max)].into_iter().find(|(_, v)| v.is_nan()) {
+                return Err(format!("{} must be a number, not NaN", bad.0));
+            }
             if min > max {
                 return Err(format!("min {min} is above max {max}"));
             }
@@ -759,6 +773,16 @@ mod tests {
             ("x: flip(p=2)", "p must be within 0..1"),
             ("x: flip(axis=0, wobble=1)", "unknown argument 'wobble'"),
             ("x: flip() ; x: flip()", "field 'x' has two chains"),
+            ("x: clip(min=0/0, max=1)", "min must be a number, not NaN"),
+            ("x: clip(max=0/0)", "max must be a number, not NaN"),
+            ("x: random_crop(size=[0, 2])", "crop sizes must be whole numbers >= 1, not Number(0.0)"),
+            ("x: center_crop(size=[-3])", "crop sizes must be whole numbers >= 1, not Number(-3.0)"),
+            ("x: center_crop(size=[2.7, 2])", "crop sizes must be whole numbers >= 1, not Number(2.7)"),
+            ("x: center_crop(size=2.7)", "crop sizes must be whole numbers >= 1, not Number(2.7)"),
+            ("x: center_crop(1e30)", "crop sizes must be whole numbers >= 1"),
+            ("x: cast(float32, scale=0/0)", "scale must be a finite number, not NaN"),
+            ("x: cast(float32, offset=1/0)", "offset must be a finite number, not inf"),
+            ("x: normalize(mean=[0/0, 1, 2, 3], std=[1])", "mean must be finite, not NaN"),
         ];
         for (text, expected) in cases {
             let error = Pipeline::new(text, &source).expect_err(text);

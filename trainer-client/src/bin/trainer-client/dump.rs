@@ -1,9 +1,10 @@
 //! `--dump DIR`: received samples written as `.npy` files numpy reads, in delivery order:
-//! `indices.npy` and `epochs.npy` (int64, the sample index and epoch of every row) and
-//! `FIELD.npy` per field. After every batch, each file's header is rewritten in place with the
+//! `__indices__.npy` and `__epochs__.npy` (int64, the sample index and epoch of every row; no
+//! field may start with `__`, so no field's file can take their place) and `FIELD.npy` per field
+//! (a name that is not a plain file name is refused, whatever the loader sends). After every batch, each file's header is rewritten in place with the
 //! rows written so far (the header is padded to the length the run's total needs), so a client
 //! killed at any moment leaves files numpy reads, holding every batch written until then.
-//! `indices.npy` is committed last: its rows are complete in every other file, which may hold one
+//! `__indices__.npy` is committed last: its rows are complete in every other file, which may hold one
 //! batch more if the client was killed between two commits. Memory stays at one batch whatever
 //! the run's length.
 
@@ -73,6 +74,12 @@ fn header(dtype: DType, sample_shape: &[u64], rows: u64, len: usize) -> Vec<u8> 
     conveyor_proto::npy_header_padded(dtype, &shape, len)
 }
 
+/// The dump's own files, named so that no field can take them (field names never start with
+/// `__`).
+pub const INDICES: &str = "__indices__";
+/// See [`INDICES`].
+pub const EPOCHS: &str = "__epochs__";
+
 /// Open writers for the indices, the epochs and every field.
 #[derive(Debug)]
 pub struct Dump {
@@ -90,13 +97,17 @@ impl Dump {
         if std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some()) {
             bail!("--dump directory {} already holds files; remove them or choose another directory", dir.display());
         }
+        for field in &info.fields {
+            conveyor_proto::check_field_name(&field.name)
+                .map_err(|problem| anyhow::anyhow!("--dump: dataset '{}': {problem}", info.name))?;
+        }
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create --dump directory {}", dir.display()))?;
         let open = |name: &str, dtype, shape: &[u64]| {
             NpyWriter::create(dir.join(format!("{name}.npy")), dtype, shape, max_rows)
         };
         Ok(Dump {
-            indices: open("indices", DType::Int64, &[])?,
-            epochs: open("epochs", DType::Int64, &[])?,
+            indices: open(INDICES, DType::Int64, &[])?,
+            epochs: open(EPOCHS, DType::Int64, &[])?,
             fields: info
                 .fields
                 .iter()
@@ -119,7 +130,7 @@ impl Dump {
         for (writer, field) in self.fields.iter_mut().zip(&batch.fields) {
             writer.append(&field.data, rows)?;
         }
-        // indices.npy last: a reader trusts its row count (see the module docs).
+        // __indices__.npy last: a reader trusts its row count (see the module docs).
         for writer in self.fields.iter_mut().chain([&mut self.epochs, &mut self.indices]) {
             writer.commit()?;
         }
@@ -130,6 +141,30 @@ impl Dump {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use trainer_client::FieldInfo;
+
+    #[test]
+    fn field_names_that_are_not_plain_file_names_are_refused_before_anything_is_written() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("dump");
+        for bad in ["../escaped", "/tmp/abs", "__indices__", "__epochs__", "a/b", ".."] {
+            let info = DatasetInfo {
+                name: "d".into(),
+                num_samples: 4,
+                fields: vec![FieldInfo {
+                    name: bad.into(),
+                    dtype: DType::Int64 as i32,
+                    sample_shape: vec![],
+                    bytes_per_sample: 8,
+                    ..FieldInfo::default()
+                }],
+                ..DatasetInfo::default()
+            };
+            let error = Dump::create(&dir, &info, 4).expect_err(bad).to_string();
+            assert!(error.contains(&format!("{bad:?}")) && error.contains("--dump"), "{error}");
+            assert!(!dir.exists() && !root.path().join("escaped.npy").exists(), "{bad}: nothing written");
+        }
+    }
 
     #[test]
     fn padded_headers_keep_their_length_and_numpy_layout() {

@@ -23,7 +23,7 @@ pub struct StreamArgs {
     pub loader: LoaderArgs,
     #[command(flatten)]
     pub plan: PlanArgs,
-    /// Write DIR/indices.npy, DIR/epochs.npy and DIR/FIELD.npy with every received sample in
+    /// Write DIR/__indices__.npy, DIR/__epochs__.npy and DIR/FIELD.npy with every received sample in
     /// delivery order (DIR must be new or empty; the files stay readable if the client is killed).
     #[arg(long, env = "TRAINER_DUMP")]
     pub dump: Option<PathBuf>,
@@ -154,9 +154,15 @@ pub async fn stream(args: StreamArgs) -> anyhow::Result<RunReport> {
         writer.finish()?;
     }
     let report = RunReport::new(samples, batches, bytes, seconds, stats);
+    // Read amplification is a ratio of decoded bytes: memory-mapped reads decode nothing.
+    let amplification = if report.decoded_bytes == 0 {
+        "nothing decoded (memory-mapped reads)".to_owned()
+    } else {
+        format!("read amplification {:.3}", report.read_amplification)
+    };
     println!(
         "streamed {} samples ({:.1} MB) in {:.2}s: {:.0} samples/s, {:.1} MB/s, peak RSS {:.1} MiB, {} batches retried, \
-         read amplification {:.3}",
+         {amplification}",
         report.samples,
         report.bytes as f64 / 1e6,
         report.seconds,
@@ -164,7 +170,6 @@ pub async fn stream(args: StreamArgs) -> anyhow::Result<RunReport> {
         report.bytes_per_s / 1e6,
         report.peak_rss_bytes as f64 / (1 << 20) as f64,
         report.retried_batches,
-        report.read_amplification
     );
     for (addr, replica) in &report.replicas {
         println!(
