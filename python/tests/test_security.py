@@ -53,7 +53,7 @@ def test_mutual_tls_needs_the_client_certificate(tmp_path, start_loader, pki):
     assert np.array_equal(epoch_indices(ds), np.arange(N))
     with pytest.raises(conveyor.ConveyorError):
         conveyor.StreamingDataset(https, "c", tls_ca=pki["ca"], unavailable_timeout=2)
-    with pytest.raises(conveyor.InvalidSettingsError, match="--tls-cert and --tls-key go together"):
+    with pytest.raises(conveyor.InvalidSettingsError, match="tls_cert and tls_key go together"):
         conveyor.StreamingDataset(https, "c", tls_ca=pki["ca"], tls_cert=pki["client-cert"])
 
 

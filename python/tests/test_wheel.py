@@ -52,8 +52,10 @@ def test_the_wheel_alone_serves_and_streams_an_epoch(tmp_path, wheel):
             seen = np.concatenate(seen)
             print(len(seen), len(np.unique(seen)), conveyor.__file__)
         """)
-        out = subprocess.run([f"{venv}/bin/python", "-c", script], check=True, capture_output=True, text=True,
-                             env=env, cwd=tmp_path).stdout.split()
+        streamed = subprocess.run([f"{venv}/bin/python", "-c", script], capture_output=True, text=True, env=env,
+                                  cwd=tmp_path)
+        assert streamed.returncode == 0, streamed.stderr[-3000:]
+        out = streamed.stdout.split()
         assert out[:2] == ["5000", "5000"], out
         assert out[2].startswith(str(venv)), "the package came from the fresh environment"
         info = subprocess.run(["conveyor-trainer", "info", "--loader", match.group(1)], capture_output=True,
