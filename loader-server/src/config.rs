@@ -92,11 +92,11 @@ pub struct Config {
     #[arg(long, env = "LOADER_DISK_CACHE_BYTES", default_value_t = 10 << 30)]
     pub disk_cache_bytes: u64,
 
-    /// With --disk-cache, entries kept memory-mapped between reads at most: a warm read of a
-    /// kept entry is a check (fstat) and a copy from the page cache, any other a fresh open and
-    /// mmap. Each costs a file descriptor and address space (not memory: the pages are the page
-    /// cache's). The loader raises its soft open-file limit to this plus 256 when it can, and
-    /// refuses to start when the hard limit is lower. 0 maps entries afresh on every read.
+    /// With --disk-cache, entries kept open between reads at most: a warm read of a kept entry
+    /// is one pread of the checked pages it needs, any other first opens the entry and checks its
+    /// header. Each costs a file descriptor and its page table (4 bytes per 4 KiB of entry). The
+    /// loader raises its soft open-file limit to this plus 256 when it can, and refuses to start
+    /// when the hard limit is lower. 0 opens entries afresh on every read.
     #[arg(long, env = "LOADER_DISK_CACHE_OPEN_FILES", default_value_t = 1024)]
     pub disk_cache_open_files: usize,
 

@@ -150,10 +150,12 @@ pub fn render(state: &LoaderState) -> String {
     );
     // Datasets in object stores: what their reads cost the store.
     let (mut requests, mut fetched, mut cache_hits) = (Vec::new(), Vec::new(), Vec::new());
+    let mut disk_cache = None;
     for served in state.datasets() {
         if let crate::service::Served::Stored { dataset, .. } = served
             && let Some(storage) = &dataset.storage
         {
+            disk_cache = disk_cache.or(storage.disk_cache_counters());
             let (num_requests, bytes) = storage.counters();
             requests.push((format!("{{dataset=\"{}\"}}", dataset.name), num_requests));
             fetched.push((format!("{{dataset=\"{}\"}}", dataset.name), bytes));
@@ -178,6 +180,20 @@ pub fn render(state: &LoaderState) -> String {
         "Bytes of remote datasets read from the --disk-cache directory instead of the store.",
         &as_refs(&cache_hits),
     );
+    if let Some((refused, evicted)) = disk_cache {
+        metric(
+            "conveyor_loader_disk_cache_refused_total",
+            "counter",
+            "Disk cache entries that failed a check (truncated, damaged, another key's), deleted and fetched again.",
+            &[("", refused)],
+        );
+        metric(
+            "conveyor_loader_disk_cache_evicted_total",
+            "counter",
+            "Disk cache entries removed to stay within --disk-cache-bytes.",
+            &[("", evicted)],
+        );
+    }
     // Derived datasets: their transform counters, and the worker pools of Python ones.
     let (mut batches, mut nanos, mut function_nanos, mut restarts, mut queued) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());

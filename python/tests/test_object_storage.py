@@ -523,6 +523,51 @@ def test_the_disk_cache_serves_later_epochs_and_restarts_and_refetches_a_damaged
         proxy.stop()
 
 
+def test_disk_cache_entries_truncated_or_rotted_under_a_running_loader_are_refetched_not_served(
+        web, tmp_path, start_loader):
+    root, server = web
+    board = write_chess(root, n=300, shard=100)
+    cache = tmp_path / "cache"
+    metrics_addr = f"127.0.0.1:{free_port()}"
+    loader = start_loader({"c": f"{server.url}/chess"}, "--disk-cache", cache, "--metrics-listen", metrics_addr)
+
+    def exact_epoch(seed):
+        index, got = epoch(loader, "c", "full", batch_size=16, seed=seed)
+        assert sorted(index.tolist()) == list(range(300))
+        assert got["board"].tobytes() == board.tobytes(), "every row as stored"
+
+    exact_epoch(seed=1)  # fills the cache
+    exact_epoch(seed=2)  # warm: the entries are open in the loader now
+    entries = sorted(cache.glob("*.entry"))  # row blocks of each field's shards, and .npy headers
+    assert len(entries) >= 3
+    refused = lambda: metric(metrics(metrics_addr), "conveyor_loader_disk_cache_refused_total")  # noqa: E731
+    assert refused() == 0
+    # Every entry cut to half its size while the loader holds it open (a mapped entry would
+    # fault the loader with SIGBUS here).
+    for entry in entries:
+        with open(entry, "r+b") as f:
+            f.truncate(entry.stat().st_size // 2)
+    exact_epoch(seed=3)
+    assert loader.proc.poll() is None, "the loader is alive"
+    after_truncation = refused()
+    # Each entry an epoch reads (every row block; headers are read at start-up only) is refused
+    # once, then fetched again whole.
+    assert 3 <= after_truncation <= len(entries), after_truncation
+    # One bit flipped in each entry's payload, size and modification time kept (bit rot).
+    for entry in sorted(cache.glob("*.entry")):
+        stat = entry.stat()
+        data = bytearray(entry.read_bytes())
+        payload_len = int.from_bytes(data[4:12], "little")
+        data[len(data) - payload_len + payload_len // 2] ^= 0x10
+        entry.write_bytes(bytes(data))
+        os.utime(entry, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    exact_epoch(seed=4)
+    after_rot = refused()
+    assert after_rot - after_truncation >= 3, "each damaged row block refused at the read that met the damage"
+    exact_epoch(seed=5)
+    assert refused() == after_rot and loader.proc.poll() is None
+
+
 def test_the_disk_cache_stays_within_its_budget(web, tmp_path, start_loader):
     root, server = web
     board = write_chess(root, n=3000, shard=1000)  # 384 KiB of boards in 3 objects

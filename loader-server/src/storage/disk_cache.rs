@@ -2,50 +2,47 @@
 //! --disk-cache-bytes N`), so that later epochs read the loader's disk instead of the store.
 //!
 //! One file per entry, named by the SHA-256 of its key, holding a header (magic, payload length,
-//! payload CRC-32C, the key) and the payload. (CRC-32C runs in hardware: a warm epoch checks
-//! every block it reads, and SHA-256 of each block cost more than reading it.) A read checks all of them: an entry that was
-//! truncated, edited or belongs to another key is deleted and fetched again. Entries are written
-//! beside their final name and renamed, so a crash leaves whole entries or none. The least
-//! recently used entries go once the payloads pass the byte budget (an ordered index: eviction
-//! does not scan the entries). The directory survives a restart (entries are found again, oldest
-//! first by modification time, which a loader sets on an entry's first use in its run rather than
-//! on every read) and belongs to one loader at a time: it holds an exclusive lock on
-//! `DIR/.lock`, and a second loader is refused.
+//! key, page size, a CRC-32C of the header itself), a table of one CRC-32C per 4 KiB page of the
+//! payload, and the payload. Every read checks what it uses: the header when the entry is
+//! opened, and each page it reads against the table (CRC-32C runs in hardware, at memory speed),
+//! so an entry truncated, edited, damaged on disk (a flipped bit keeps size and modification time)
+//! or belonging to another key fails the read that meets it: the entry is deleted, counted
+//! (`conveyor_loader_disk_cache_refused_total`) and fetched again. Entries are read with `pread`
+//! into loader memory, never memory-mapped, so a file that shrinks under the loader gives a short
+//! read, not a SIGBUS. Entries are written beside their final name and renamed, so a crash leaves
+//! whole entries or none. The least recently used entries go once the payloads pass the byte
+//! budget (an ordered index: eviction does not scan the entries). The directory survives a
+//! restart (entries are found again, oldest first by modification time, which a loader sets on an
+//! entry's first use in its run rather than on every read) and belongs to one loader at a time: it
+//! holds an exclusive lock on `DIR/.lock`, and a second loader is refused.
 //!
-//! Reads copy nothing: the first read of an entry in a run returns its payload as a slice of
-//! the bytes read for the check; later reads return a slice of the entry's memory map (file
-//! pages in the page cache, not loader memory), so a warm epoch's rows go from the page cache
-//! into the batch message with one copy, as from a local `.npy`. Up to `--disk-cache-open-files`
-//! maps stay open between reads; a read checks that the file keeps the size and modification time
-//! it was mapped with ([`MappedFile::check`], at most every [`MAP_CHECK_INTERVAL`]): another
-//! process truncating an entry fails a read, which fetches the bytes again, rather than raising
-//! SIGBUS on a later one. The loader itself never changes an entry file in place: it writes new
-//! ones and renames them.
+//! Up to `--disk-cache-open-files` entries stay open between reads, with their checked header and
+//! page table in memory: a warm row is then one `pread` of the pages that hold it, their CRCs, and
+//! a copy of the row into the batch.
 
 use std::{
     collections::{BTreeMap, HashMap},
     fs::File,
     io::Write,
+    ops::Range,
+    os::unix::fs::FileExt,
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, Instant, SystemTime},
+    time::SystemTime,
 };
 
 use bytes::Bytes;
 
-use super::mmap::MappedFile;
 use crate::error::LoadError;
 
-const MAGIC: &[u8; 4] = b"CVC2";
-/// Magic, payload length, payload CRC-32C, key length.
-const FIXED_HEADER: usize = 4 + 8 + 4 + 4;
-
-/// A kept map's file is checked (one `fstat`) on its read at most this often: once per read
-/// cost a tenth of a warm epoch's time with 64 KiB blocks (a batch reads hundreds of entries).
-const MAP_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+const MAGIC: &[u8; 4] = b"CVC3";
+/// Magic, payload length, key length, page size, header CRC-32C.
+const FIXED_HEADER: usize = 4 + 8 + 4 + 4 + 4;
+/// Payload bytes per checksum: a warm read checks (and reads) whole pages.
+pub const PAGE_BYTES: usize = 4096;
 
 /// One entry file.
 #[derive(Debug)]
@@ -57,12 +54,6 @@ struct Entry {
     /// Its modification time was set since this loader started: recency is written to the file
     /// system once per entry and run (what ordering after a restart needs), not on every read.
     touched: bool,
-    /// Its whole payload passed the checks since this loader started (or this loader wrote it):
-    /// later reads use its map, checked against the file's size and modification time.
-    verified: bool,
-    /// The file's modification time when it was written or checked this run: a file mapped
-    /// later must still have it (an edit in place since fails).
-    stamp: Option<SystemTime>,
 }
 
 /// Entries by id, and their ids by last use (least recently used first).
@@ -74,43 +65,36 @@ struct Index {
     total_bytes: u64,
     /// Use counter for least-recently-used order.
     clock: u64,
-    /// Maps of checked entries, by id (at most `--disk-cache-open-files`); an entry that is
-    /// replaced or removed loses its map too (batches still holding slices of it keep it alive).
-    maps: HashMap<Id, KeptMap>,
-}
-
-/// A map kept open between reads.
-#[derive(Debug)]
-struct KeptMap {
-    map: Arc<MappedFile>,
-    /// When its file was last checked against the map ([`MappedFile::check`]).
-    checked: Instant,
+    /// Entries kept open, with their checked page tables, by id (at most
+    /// `--disk-cache-open-files`); an entry that is replaced or removed is closed too (a read
+    /// in progress keeps its handle until it ends).
+    open: HashMap<Id, Arc<OpenEntry>>,
 }
 
 impl Index {
-    /// Counts a use of `id`; returns the entry, with whether its modification time was already
-    /// set this run (it is from now on), or `None` when there is no such entry.
-    fn use_entry(&mut self, id: Id) -> Option<(bool, &Entry)> {
+    /// Counts a use of `id`; returns whether its modification time was already set this run (it
+    /// is from now on), or `None` when there is no such entry.
+    fn use_entry(&mut self, id: Id) -> Option<bool> {
         self.clock += 1;
         let clock = self.clock;
         let entry = self.entries.get_mut(&id)?;
         self.by_last_use.remove(&entry.last_use);
         entry.last_use = clock;
         self.by_last_use.insert(clock, id);
-        Some((std::mem::replace(&mut entry.touched, true), entry))
+        Some(std::mem::replace(&mut entry.touched, true))
     }
 
     /// Adds or replaces `id`, as used now.
-    fn insert(&mut self, id: Id, bytes: u64, fresh: bool, stamp: Option<SystemTime>) {
+    fn insert(&mut self, id: Id, bytes: u64, fresh: bool) {
         self.remove(id);
         self.clock += 1;
         self.by_last_use.insert(self.clock, id);
-        self.entries.insert(id, Entry { bytes, last_use: self.clock, touched: fresh, verified: fresh, stamp });
+        self.entries.insert(id, Entry { bytes, last_use: self.clock, touched: fresh });
         self.total_bytes += bytes;
     }
 
     fn remove(&mut self, id: Id) -> Option<Entry> {
-        self.maps.remove(&id);
+        self.open.remove(&id);
         let entry = self.entries.remove(&id)?;
         self.by_last_use.remove(&entry.last_use);
         self.total_bytes -= entry.bytes;
@@ -120,25 +104,122 @@ impl Index {
     /// Removes the least recently used entry and returns its id.
     fn pop_oldest(&mut self) -> Option<Id> {
         let (_, id) = self.by_last_use.pop_first()?;
-        self.maps.remove(&id);
+        self.open.remove(&id);
         let entry = self.entries.remove(&id)?;
         self.total_bytes -= entry.bytes;
         Some(id)
     }
 
-    /// Keeps `map` open for `id` while it is an entry, closing another when `limit` are open
-    /// (which one matters little: mapping it again costs an open and an mmap).
-    fn keep_map(&mut self, id: Id, map: KeptMap, limit: usize) {
+    /// Keeps `open` for `id` while it is an entry, closing another when `limit` are open (which
+    /// one matters little: opening it again costs an open and two reads).
+    fn keep_open(&mut self, id: Id, open: Arc<OpenEntry>, limit: usize) {
         if !self.entries.contains_key(&id) || limit == 0 {
             return;
         }
-        if self.maps.len() >= limit
-            && let Some(other) = self.maps.keys().next().cloned()
+        if self.open.len() >= limit
+            && let Some(other) = self.open.keys().next().cloned()
         {
-            self.maps.remove(&other);
+            self.open.remove(&other);
         }
-        self.maps.insert(id, map);
+        self.open.insert(id, open);
     }
+}
+
+/// An entry file opened and its header checked.
+#[derive(Debug)]
+pub struct OpenEntry {
+    file: File,
+    /// Where the payload starts in the file.
+    data_offset: u64,
+    /// Payload bytes.
+    len: usize,
+    /// CRC-32C of each page of the payload.
+    page_crcs: Vec<u32>,
+}
+
+impl OpenEntry {
+    /// Opens the entry file at `path` for `key`: its header must be whole, name `key`, match
+    /// its CRC, and the file must hold exactly the payload it states.
+    fn open(path: &Path, key: &str) -> Option<OpenEntry> {
+        let file = File::open(path).ok()?;
+        let mut fixed = [0u8; FIXED_HEADER];
+        file.read_exact_at(&mut fixed, 0).ok()?;
+        if &fixed[..4] != MAGIC {
+            return None;
+        }
+        let len = usize::try_from(u64::from_le_bytes(fixed[4..12].try_into().ok()?)).ok()?;
+        let key_len = u32::from_le_bytes(fixed[12..16].try_into().ok()?) as usize;
+        let page_bytes = u32::from_le_bytes(fixed[16..20].try_into().ok()?) as usize;
+        let header_crc = u32::from_le_bytes(fixed[20..24].try_into().ok()?);
+        if key_len != key.len() || page_bytes != PAGE_BYTES {
+            return None;
+        }
+        let num_pages = len.div_ceil(PAGE_BYTES);
+        let mut rest = vec![0u8; key_len + 4 * num_pages];
+        file.read_exact_at(&mut rest, FIXED_HEADER as u64).ok()?;
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&fixed[..20]), &rest);
+        if crc != header_crc || &rest[..key_len] != key.as_bytes() {
+            return None;
+        }
+        let data_offset = (FIXED_HEADER + rest.len()) as u64;
+        if file.metadata().ok()?.len() != data_offset + len as u64 {
+            return None;
+        }
+        let page_crcs = rest[key_len..].chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        Some(OpenEntry { file, data_offset, len, page_crcs })
+    }
+
+    /// Payload bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the payload is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes `range` of the payload, read into `pages` (the whole pages that hold them, each
+    /// checked against its CRC), as a slice of it; `None` when the file gives fewer bytes or a
+    /// page fails its CRC. `pages` may hold pages from the previous read: they are reused when
+    /// they cover `range`.
+    pub fn read<'a>(&self, range: Range<usize>, pages: &'a mut ReadPages) -> Option<&'a [u8]> {
+        if range.end > self.len || range.start > range.end {
+            return None;
+        }
+        if range.is_empty() {
+            return Some(&[]);
+        }
+        let (first, last) = (range.start / PAGE_BYTES, (range.end - 1) / PAGE_BYTES);
+        let this = self as *const OpenEntry as usize;
+        if pages.entry != this || !(pages.first <= first && last < pages.first + pages.count) {
+            pages.entry = this;
+            let start = first * PAGE_BYTES;
+            let end = ((last + 1) * PAGE_BYTES).min(self.len);
+            pages.buf.resize(end - start, 0);
+            self.file.read_exact_at(&mut pages.buf, self.data_offset + start as u64).ok()?;
+            for (page, bytes) in pages.buf.chunks(PAGE_BYTES).enumerate() {
+                if crc32c::crc32c(bytes) != *self.page_crcs.get(first + page)? {
+                    pages.count = 0;
+                    return None;
+                }
+            }
+            (pages.first, pages.count) = (first, last + 1 - first);
+        }
+        let offset = pages.first * PAGE_BYTES;
+        pages.buf.get(range.start - offset..range.end - offset)
+    }
+}
+
+/// The pages a reader of entries read last (reused by its next read of the same entry when
+/// they cover it).
+#[derive(Debug, Default)]
+pub struct ReadPages {
+    buf: Vec<u8>,
+    /// The entry they were read from (its address while it is open).
+    entry: usize,
+    first: usize,
+    count: usize,
 }
 
 /// The cache of one loader.
@@ -146,15 +227,14 @@ impl Index {
 pub struct DiskCache {
     dir: PathBuf,
     budget_bytes: u64,
-    /// Entry maps kept open between reads at most (`--disk-cache-open-files`).
+    /// Entries kept open between reads at most (`--disk-cache-open-files`).
     open_files: usize,
-    /// How often the file of a kept map is checked against it ([`MAP_CHECK_INTERVAL`]).
-    check_interval: Duration,
     /// Held open for the loader's lifetime: its exclusive lock keeps other loaders out.
     _lock: File,
     index: Mutex<Index>,
-    /// Entries that failed their check and were fetched again.
-    pub num_corrupt: AtomicU64,
+    /// Entries that failed a check (truncated, damaged, another key's) and were deleted to be
+    /// fetched again.
+    pub num_refused: AtomicU64,
     /// Entries removed to stay within the budget.
     pub num_evicted: AtomicU64,
 }
@@ -195,6 +275,40 @@ impl Id {
     }
 }
 
+/// An entry of the cache, open for reading; [`CachedEntry::refuse`] deletes it after a failed
+/// read.
+#[derive(Debug)]
+pub struct CachedEntry<'a> {
+    cache: &'a DiskCache,
+    id: Id,
+    open: Arc<OpenEntry>,
+}
+
+impl CachedEntry<'_> {
+    /// See [`OpenEntry::len`].
+    pub fn len(&self) -> usize {
+        self.open.len()
+    }
+
+    /// Whether the payload is empty.
+    pub fn is_empty(&self) -> bool {
+        self.open.is_empty()
+    }
+
+    /// See [`OpenEntry::read`]; a read that fails its checks deletes the entry (counted), so
+    /// that the caller fetches it again. A range past the payload is `None` and no failure.
+    pub fn read<'p>(&self, range: Range<usize>, pages: &'p mut ReadPages) -> Option<&'p [u8]> {
+        if range.end > self.len() {
+            return None;
+        }
+        let read = self.open.read(range, pages);
+        if read.is_none() {
+            self.cache.refuse(self.id);
+        }
+        read
+    }
+}
+
 impl DiskCache {
     /// Opens (or creates) the cache in `dir`, finding the entries a previous loader left.
     ///
@@ -224,117 +338,77 @@ impl DiskCache {
                 && let Ok(metadata) = entry.metadata()
             {
                 let modified = metadata.modified().unwrap_or(std::time::UNIX_EPOCH);
-                let payload = metadata.len().saturating_sub(FIXED_HEADER as u64);
-                found.push((modified, id, payload));
+                // The payload length its header states (checked when it is first read); a file
+                // too short for a header counts as its size, and fails that read.
+                let mut fixed = [0u8; FIXED_HEADER];
+                let stated = File::open(entry.path())
+                    .and_then(|file| file.read_exact_at(&mut fixed, 0))
+                    .ok()
+                    .filter(|()| &fixed[..4] == MAGIC)
+                    .map(|()| u64::from_le_bytes(fixed[4..12].try_into().expect("8 bytes")));
+                found.push((modified, id, stated.unwrap_or(metadata.len()).min(metadata.len())));
             }
         }
         found.sort();
         let mut index = Index::default();
-        for (_, id, payload) in found {
-            index.insert(id, payload, false, None);
+        for (_, id, bytes) in found {
+            index.insert(id, bytes, false);
         }
         let cache = DiskCache {
             dir: dir.to_owned(),
             budget_bytes,
             open_files,
-            check_interval: MAP_CHECK_INTERVAL,
             _lock: lock,
             index: Mutex::new(index),
-            num_corrupt: AtomicU64::new(0),
+            num_refused: AtomicU64::new(0),
             num_evicted: AtomicU64::new(0),
         };
         cache.evict(&mut cache.index.lock().expect("cache index lock"));
         Ok(cache)
     }
 
-    /// The cached bytes of `key`, checked; `None` when absent or when the entry failed its
-    /// check (it is then deleted, so the caller fetches and puts it again). The first read of an
-    /// entry in this run reads and checks it whole; later ones return a slice of its map.
-    pub fn get(&self, key: &str) -> Option<Bytes> {
-        self.read(key).map(|payload| payload.bytes)
-    }
-
-    /// [`get`](Self::get), saying whether the bytes are a slice of the entry's map (which a
-    /// caller may hold on to at no memory cost) or were read into memory (the first read of the
-    /// entry in this run: a caller keeps only what it needs of them).
-    pub fn read(&self, key: &str) -> Option<Payload> {
+    /// The entry of `key`, open and its header checked; `None` when absent or when its header
+    /// fails the check (it is then deleted, so the caller fetches and puts it again).
+    pub fn entry(&self, key: &str) -> Option<CachedEntry<'_>> {
         let id = Id::of(key);
-        let now = Instant::now();
-        let (verified, payload, stamp, kept) = {
+        let kept = {
             let mut index = self.index.lock().expect("cache index lock");
-            let (touched, entry) = index.use_entry(id)?;
-            let (verified, payload, stamp) = (entry.verified, entry.bytes, entry.stamp);
-            if !touched {
-                // Recency survives a restart through the modification time. Set under the lock,
-                // once per entry and run, so that every thread reading the entry whole sees the
-                // time it keeps from then on (its stamp).
+            if !index.use_entry(id)? {
+                // Recency survives a restart through the modification time, set once per entry
+                // and run.
                 if let Ok(file) = File::options().write(true).open(self.dir.join(id.file_name())) {
                     let _ = file.set_modified(SystemTime::now());
                 }
             }
-            // (the map, whether its file is due for a check)
-            let kept = index.maps.get_mut(&id).map(|kept| {
-                let due = now.duration_since(kept.checked) >= self.check_interval;
-                if due {
-                    kept.checked = now;
-                }
-                (kept.map.clone(), due)
-            });
-            (verified, payload, stamp, kept)
+            index.open.get(&id).cloned()
         };
-        if !verified {
-            return self.read_whole(key, id).map(|bytes| Payload { bytes, mapped: false });
-        }
-        let start = FIXED_HEADER + key.len();
-        let kept = match kept {
-            Some(kept) => Some(kept),
-            // Just mapped: its size is compared below, and its modification time with the one it
-            // had when it was checked or written.
-            None => MappedFile::open(&self.dir.join(id.file_name()))
-                .ok()
-                .filter(|map| stamp.is_none_or(|stamp| map.modified() == Some(stamp)))
-                .map(Arc::new)
-                .map(|map| {
-                    let keep = KeptMap { map: map.clone(), checked: now };
-                    self.index.lock().expect("cache index lock").keep_map(id, keep, self.open_files);
-                    (map, false)
-                }),
+        let open = match kept {
+            Some(open) => open,
+            None => {
+                let Some(open) = OpenEntry::open(&self.dir.join(id.file_name()), key).map(Arc::new) else {
+                    self.refuse(id);
+                    return None;
+                };
+                self.index.lock().expect("cache index lock").keep_open(id, open.clone(), self.open_files);
+                open
+            }
         };
-        match kept {
-            // The file as it was checked: its size, and unchanged since it was mapped.
-            Some((map, due)) if map.len() as u64 == start as u64 + payload && (!due || map.check().is_ok()) => {
-                Some(Payload { bytes: super::shared_bytes(map).slice(start..), mapped: true })
-            }
-            _ => {
-                self.refuse(id);
-                None
-            }
-        }
+        Some(CachedEntry { cache: self, id, open })
+    }
+
+    /// The whole payload of `key`, every page checked; `None` when absent or when the entry
+    /// fails a check (it is then deleted, so the caller fetches and puts it again).
+    pub fn get(&self, key: &str) -> Option<Bytes> {
+        let entry = self.entry(key)?;
+        let mut pages = ReadPages::default();
+        entry.read(0..entry.len(), &mut pages)?;
+        Some(Bytes::from(pages.buf))
     }
 
     /// Deletes entry `id` after it failed a check, counting it, so that it is fetched again.
     fn refuse(&self, id: Id) {
-        self.num_corrupt.fetch_add(1, Ordering::Relaxed);
+        self.num_refused.fetch_add(1, Ordering::Relaxed);
         self.remove(id);
-    }
-
-    /// Reads and checks the whole entry file of `key` (whose id is `id`).
-    fn read_whole(&self, key: &str, id: Id) -> Option<Bytes> {
-        let path = self.dir.join(id.file_name());
-        let Some(payload) = std::fs::read(&path).ok().and_then(|data| check(data, key)) else {
-            self.refuse(id);
-            return None;
-        };
-        let stamp = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
-        let mut index = self.index.lock().expect("cache index lock");
-        if let Some(entry) = index.entries.get_mut(&id) {
-            // Found at start-up, its size was counted from the file's (key included).
-            let counted = std::mem::replace(&mut entry.bytes, payload.len() as u64);
-            entry.verified = true;
-            entry.stamp = stamp;
-            index.total_bytes = index.total_bytes - counted + payload.len() as u64;
-        }
-        Some(payload)
     }
 
     /// Stores `payload` under `key`, evicting the least recently used entries past the budget.
@@ -348,12 +422,19 @@ impl DiskCache {
         let tmp = self.dir.join(format!("{name}.tmp{}", std::process::id()));
         let written = (|| -> std::io::Result<()> {
             let mut file = File::create(&tmp)?;
-            let mut header = Vec::with_capacity(FIXED_HEADER + key.len());
+            let num_pages = payload.len().div_ceil(PAGE_BYTES);
+            let mut header = Vec::with_capacity(FIXED_HEADER + key.len() + 4 * num_pages);
             header.extend_from_slice(MAGIC);
             header.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-            header.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
             header.extend_from_slice(&(key.len() as u32).to_le_bytes());
+            header.extend_from_slice(&(PAGE_BYTES as u32).to_le_bytes());
+            header.extend_from_slice(&[0; 4]); // the header's CRC, below
             header.extend_from_slice(key.as_bytes());
+            for page in payload.chunks(PAGE_BYTES) {
+                header.extend_from_slice(&crc32c::crc32c(page).to_le_bytes());
+            }
+            let crc = crc32c::crc32c_append(crc32c::crc32c(&header[..20]), &header[FIXED_HEADER..]);
+            header[20..24].copy_from_slice(&crc.to_le_bytes());
             file.write_all(&header)?;
             file.write_all(payload)?;
             std::fs::rename(&tmp, self.dir.join(&name))
@@ -363,9 +444,8 @@ impl DiskCache {
             tracing::warn!(dir = %self.dir.display(), %error, "cannot write a disk cache entry; going on without it");
             return;
         }
-        let stamp = std::fs::metadata(self.dir.join(&name)).and_then(|m| m.modified()).ok();
         let mut index = self.index.lock().expect("cache index lock");
-        index.insert(id, payload.len() as u64, true, stamp);
+        index.insert(id, payload.len() as u64, true);
         self.evict(&mut index);
     }
 
@@ -388,11 +468,12 @@ impl DiskCache {
     }
 }
 
-/// File descriptors beside the cache's maps: connections, dataset files, the runtime's own.
+/// File descriptors beside the cache's open entries: connections, dataset files, the runtime's
+/// own.
 const OTHER_DESCRIPTORS: u64 = 256;
 
-/// Makes room for `open_files` kept maps under the open-file limit, raising the soft limit when
-/// the hard one allows.
+/// Makes room for `open_files` open entries under the open-file limit, raising the soft limit
+/// when the hard one allows.
 fn reserve_descriptors(open_files: usize) -> Result<(), String> {
     use rustix::process::{Resource, getrlimit, setrlimit};
     let need = open_files as u64 + OTHER_DESCRIPTORS;
@@ -409,34 +490,6 @@ fn reserve_descriptors(open_files: usize) -> Result<(), String> {
     }
     setrlimit(Resource::Nofile, rustix::process::Rlimit { current: Some(need), maximum: limit.maximum })
         .map_err(|e| format!("cannot raise the open-file limit to {need} for --disk-cache-open-files: {e}"))
-}
-
-/// What [`DiskCache::read`] returns.
-#[derive(Debug)]
-pub struct Payload {
-    /// The entry's payload.
-    pub bytes: Bytes,
-    /// Whether `bytes` is a slice of the entry's memory map (page cache) rather than loader memory.
-    pub mapped: bool,
-}
-
-/// The payload of an entry file (a slice of `data`, not a copy) when its magic, length, checksum
-/// and key are right.
-fn check(data: Vec<u8>, key: &str) -> Option<Bytes> {
-    let header = data.get(..FIXED_HEADER)?;
-    if &header[..4] != MAGIC {
-        return None;
-    }
-    let payload_len = u64::from_le_bytes(header[4..12].try_into().ok()?) as usize;
-    let checksum = u32::from_le_bytes(header[12..16].try_into().ok()?);
-    let key_len = u32::from_le_bytes(header[16..20].try_into().ok()?) as usize;
-    let stored_key = data.get(FIXED_HEADER..FIXED_HEADER + key_len)?;
-    let payload = data.get(FIXED_HEADER + key_len..)?;
-    if stored_key != key.as_bytes() || payload.len() != payload_len || crc32c::crc32c(payload) != checksum {
-        return None;
-    }
-    let start = FIXED_HEADER + key_len;
-    Some(Bytes::from(data).slice(start..))
 }
 
 #[cfg(test)]
@@ -461,62 +514,89 @@ mod tests {
         }
         let cache = DiskCache::open(dir.path(), 100, 4).expect("reopens after the first loader is gone");
         assert_eq!(cache.get("c").as_deref(), Some(&[3u8; 40][..]));
+        assert_eq!(cache.total_bytes(), 80, "payloads counted from their headers at start-up");
         // A truncated entry is refused and deleted, so it is fetched again.
         let path = dir.path().join(Id::of("a").file_name());
         let length = std::fs::metadata(&path).expect("entry").len();
         File::options().write(true).open(&path).expect("open").set_len(length - 1).expect("truncate");
         assert_eq!(cache.get("a"), None);
         assert!(!path.exists());
-        assert_eq!(cache.num_corrupt.load(Ordering::Relaxed), 1);
-        // An entry whose bytes changed fails its checksum.
-        let path = dir.path().join(Id::of("c").file_name());
-        let mut data = std::fs::read(&path).expect("entry");
-        *data.last_mut().expect("payload") ^= 1;
-        std::fs::write(&path, data).expect("write");
-        assert_eq!(cache.get("c"), None);
+        assert_eq!(cache.num_refused.load(Ordering::Relaxed), 1);
+        // An entry under another key's name is refused.
+        std::fs::copy(dir.path().join(Id::of("c").file_name()), dir.path().join(Id::of("z").file_name())).unwrap();
+        let cache = {
+            drop(cache);
+            DiskCache::open(dir.path(), 100, 4).expect("reopens")
+        };
+        assert_eq!(cache.get("z"), None);
+        assert_eq!(cache.get("c").as_deref(), Some(&[3u8; 40][..]));
+    }
+
+    /// Flips one bit of the payload of `key`'s entry at payload offset `at`, keeping the file's
+    /// size and modification time (as bit rot would).
+    fn rot(dir: &Path, key: &str, at: usize) {
+        let path = dir.join(Id::of(key).file_name());
+        let modified = std::fs::metadata(&path).and_then(|m| m.modified()).expect("mtime");
+        let file = File::options().read(true).write(true).open(&path).expect("open");
+        let len = file.metadata().expect("metadata").len() as usize;
+        let payload_len = u64::from_le_bytes(std::fs::read(&path).unwrap()[4..12].try_into().unwrap()) as usize;
+        let offset = (len - payload_len + at) as u64;
+        let mut byte = [0u8];
+        file.read_exact_at(&mut byte, offset).expect("read");
+        file.write_all_at(&[byte[0] ^ 4], offset).expect("write");
+        file.set_modified(modified).expect("mtime");
     }
 
     #[test]
-    fn checked_entries_are_read_from_their_maps_and_a_file_changed_under_one_fails() {
+    fn every_read_checks_the_pages_it_uses_so_bit_rot_in_an_open_entry_is_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let payload: Vec<u8> = (0..200u8).collect();
-        {
-            let cache = DiskCache::open(dir.path(), 1000, 4).expect("opens");
-            cache.put("k", &payload);
-            // Written by this loader: already checked, so it is mapped at once.
-            assert_eq!(cache.get("k").as_deref(), Some(&payload[..]));
-            assert_eq!(cache.index.lock().expect("index").maps.len(), 1);
-        }
-        let mut cache = DiskCache::open(dir.path(), 1000, 4).expect("reopens");
-        // Every read of a kept map checks its file (not only every MAP_CHECK_INTERVAL).
-        cache.check_interval = Duration::ZERO;
-        // The first read of the run reads and checks the whole entry; the second maps it.
-        assert_eq!(cache.get("k").as_deref(), Some(&payload[..]));
-        assert!(cache.index.lock().expect("index").maps.is_empty());
-        let held = cache.get("k").expect("mapped");
-        assert_eq!(&held[..], &payload[..]);
-        // A file that shrank since it was mapped is refused and deleted; the slice a batch still
-        // holds is never read past the file's end by the cache.
-        let path = dir.path().join(Id::of("k").file_name());
-        let length = std::fs::metadata(&path).expect("entry").len();
-        File::options().write(true).open(&path).expect("open").set_len(length - 1).expect("truncate");
-        assert_eq!(cache.get("k"), None);
-        assert!(!path.exists());
-        assert_eq!(cache.num_corrupt.load(Ordering::Relaxed), 1);
-        assert_eq!(cache.total_bytes(), 0);
-        drop(held);
-        // An entry edited in place after it was mapped is refused too.
-        cache.put("e", &payload);
-        assert!(cache.get("e").is_some());
-        let path = dir.path().join(Id::of("e").file_name());
-        let file = File::options().write(true).open(&path).expect("open");
-        file.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(5)).expect("mtime");
-        assert_eq!(cache.get("e"), None);
-        assert_eq!(cache.num_corrupt.load(Ordering::Relaxed), 2);
+        let cache = DiskCache::open(dir.path(), 1 << 20, 4).expect("opens");
+        let payload: Vec<u8> = (0..3 * PAGE_BYTES + 100).map(|i| (i * 7 % 251) as u8).collect();
+        cache.put("k", &payload);
+        let entry = cache.entry("k").expect("entry");
+        let mut pages = ReadPages::default();
+        assert_eq!(entry.read(10..20, &mut pages), Some(&payload[10..20]));
+        assert_eq!(
+            entry.read(PAGE_BYTES - 3..PAGE_BYTES + 5, &mut pages),
+            Some(&payload[PAGE_BYTES - 3..PAGE_BYTES + 5])
+        );
+        assert_eq!(entry.read(3 * PAGE_BYTES..payload.len(), &mut pages), Some(&payload[3 * PAGE_BYTES..]));
+        assert_eq!(entry.read(0..payload.len() + 1, &mut pages), None, "past the payload");
+        // A bit flipped in page 2 after the entry was opened (kept open, its header checked):
+        // reads of other pages go on, a read of page 2 fails and deletes the entry.
+        rot(dir.path(), "k", 2 * PAGE_BYTES + 9);
+        drop(entry);
+        let entry = cache.entry("k").expect("still there");
+        assert_eq!(entry.read(0..8, &mut ReadPages::default()), Some(&payload[..8]));
+        assert_eq!(entry.read(2 * PAGE_BYTES..2 * PAGE_BYTES + 16, &mut ReadPages::default()), None);
+        assert_eq!(cache.num_refused.load(Ordering::Relaxed), 1);
+        assert!(cache.entry("k").is_none() && cache.total_bytes() == 0, "deleted, to be fetched again");
+        // The same through get, which checks every page.
+        cache.put("g", &payload);
+        rot(dir.path(), "g", payload.len() - 1);
+        assert_eq!(cache.get("g"), None);
+        assert_eq!(cache.num_refused.load(Ordering::Relaxed), 2);
     }
 
     #[test]
-    fn open_maps_stay_within_their_bound_and_leave_with_their_entries() {
+    fn an_entry_truncated_while_open_gives_a_refused_read_not_a_fault() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = DiskCache::open(dir.path(), 1 << 20, 4).expect("opens");
+        let payload = vec![9u8; 4 * PAGE_BYTES];
+        cache.put("t", &payload);
+        let entry = cache.entry("t").expect("entry");
+        let mut pages = ReadPages::default();
+        assert_eq!(entry.read(0..PAGE_BYTES, &mut pages), Some(&payload[..PAGE_BYTES]));
+        let path = dir.path().join(Id::of("t").file_name());
+        let length = std::fs::metadata(&path).expect("entry").len();
+        File::options().write(true).open(&path).expect("open").set_len(length / 2).expect("truncate");
+        assert_eq!(entry.read(3 * PAGE_BYTES..4 * PAGE_BYTES, &mut pages), None);
+        assert_eq!(cache.num_refused.load(Ordering::Relaxed), 1);
+        assert!(cache.entry("t").is_none());
+    }
+
+    #[test]
+    fn open_entries_stay_within_their_bound_and_leave_with_their_entries() {
         let dir = tempfile::tempdir().expect("tempdir");
         let cache = DiskCache::open(dir.path(), 1 << 20, 8).expect("opens");
         let keys: Vec<String> = (0..20).map(|i| format!("key{i}")).collect();
@@ -524,13 +604,13 @@ mod tests {
             cache.put(key, &[i as u8; 8]);
             assert_eq!(cache.get(key).as_deref(), Some(&[i as u8; 8][..]));
         }
-        assert_eq!(cache.index.lock().expect("index").maps.len(), 8);
-        // A replaced entry is read from its new file, not from the map held open.
+        assert_eq!(cache.index.lock().expect("index").open.len(), 8);
+        // A replaced entry is read from its new file, not from the one held open.
         let last = &keys[keys.len() - 1];
-        assert!(cache.index.lock().expect("index").maps.contains_key(&Id::of(last)));
+        assert!(cache.index.lock().expect("index").open.contains_key(&Id::of(last)));
         cache.put(last, &[255; 8]);
         assert_eq!(cache.get(last).as_deref(), Some(&[255u8; 8][..]));
-        // Evicted entries close their maps.
+        // Evicted entries are closed.
         let small_dir = tempfile::tempdir().expect("tempdir");
         let small = DiskCache::open(small_dir.path(), 16, 8).expect("opens");
         for key in &keys[..3] {
@@ -539,13 +619,13 @@ mod tests {
         }
         let index = small.index.lock().expect("index");
         assert_eq!(index.entries.len(), 2);
-        assert!(index.maps.keys().all(|name| index.entries.contains_key(name)));
-        // With no maps kept, every read maps the entry afresh.
+        assert!(index.open.keys().all(|name| index.entries.contains_key(name)));
+        // With none kept open, every read opens the entry afresh.
         let unkept_dir = tempfile::tempdir().expect("tempdir");
         let unkept = DiskCache::open(unkept_dir.path(), 100, 0).expect("opens");
         unkept.put("k", &[7; 8]);
         assert_eq!(unkept.get("k").as_deref(), Some(&[7u8; 8][..]));
         assert_eq!(unkept.get("k").as_deref(), Some(&[7u8; 8][..]));
-        assert!(unkept.index.lock().expect("index").maps.is_empty());
+        assert!(unkept.index.lock().expect("index").open.is_empty());
     }
 }

@@ -31,7 +31,10 @@ use zarrs::storage::{
 };
 use zarrs_object_store::AsyncObjectStore;
 
-use crate::{error::LoadError, storage::disk_cache::DiskCache};
+use crate::{
+    error::LoadError,
+    storage::disk_cache::{DiskCache, ReadPages},
+};
 
 /// Whether a `--dataset` PATH is an object-store URL.
 pub fn is_url(spec: &str) -> bool {
@@ -419,7 +422,7 @@ impl ObjectStorage {
             let wanted: Vec<Range<u64>> = mine.iter().map(|&block| bytes_of(block)).collect();
             for (block, bytes) in mine.iter().zip(self.fetch(name, &wanted)?) {
                 cache.put(&key(*block), &bytes);
-                fill(&bytes, &wants[block], &mut out, &mut short, false);
+                fill(&bytes, &wants[block], &mut out, &mut short);
             }
             drop(claim);
             for block in others {
@@ -429,7 +432,7 @@ impl ObjectStorage {
                     None => {
                         let bytes = self.fetch(name, &[bytes_of(block)])?.remove(0);
                         cache.put(&key(block), &bytes);
-                        fill(&bytes, &wants[&block], &mut out, &mut short, false);
+                        fill(&bytes, &wants[&block], &mut out, &mut short);
                     }
                 }
             }
@@ -450,8 +453,9 @@ impl ObjectStorage {
             .collect())
     }
 
-    /// Fills `wants` from the cache entry `key`, borrowing its bytes when they are mapped (see
-    /// [`DiskCache::read`]). Returns the bytes served, or `None` when the entry is not there.
+    /// Fills `wants` from the cache entry `key`, each read and checked page by page (see
+    /// [`DiskCache::entry`]). Returns the bytes served, or `None` when the entry is not there or
+    /// failed a check (it is then deleted; wants already filled are filled again by the fetch).
     fn read_from_cache(
         &self,
         cache: &DiskCache,
@@ -460,9 +464,23 @@ impl ObjectStorage {
         out: &mut [Output],
         short: &mut [usize],
     ) -> Option<u64> {
-        let payload = cache.read(key)?;
-        fill(&payload.bytes, wants, out, short, payload.mapped);
-        Some(wants.iter().map(|want| want.len as u64).sum())
+        let entry = cache.entry(key)?;
+        let mut pages = ReadPages::default();
+        let mut served = 0;
+        for want in wants {
+            let (start, end) = (want.offset as usize, want.offset as usize + want.len);
+            if end > entry.len() {
+                short[want.range_index] = short[want.range_index].min(want.out_at);
+                continue;
+            }
+            let bytes = entry.read(start..end, &mut pages)?;
+            match &mut out[want.range_index] {
+                Output::Assembled(buf) => buf[want.out_at..want.out_at + want.len].copy_from_slice(bytes),
+                slot => *slot = Output::Slice(Bytes::copy_from_slice(bytes)),
+            }
+            served += want.len as u64;
+        }
+        Some(served)
     }
 
     /// Claims the cache keys in `keys` that no other thread is fetching (see [`Claim`]).
@@ -507,6 +525,14 @@ impl ObjectStorage {
             }),
             None => counted,
         }
+    }
+
+    /// Entries of the disk cache (one per loader, shared by its datasets) refused so far:
+    /// `(refused, evicted)`, or `None` without a disk cache.
+    pub fn disk_cache_counters(&self) -> Option<(u64, u64)> {
+        self.disk_cache
+            .as_ref()
+            .map(|cache| (cache.num_refused.load(Ordering::Relaxed), cache.num_evicted.load(Ordering::Relaxed)))
     }
 
     /// Bytes served from the disk cache instead of the store.
@@ -592,11 +618,10 @@ enum Output {
     Assembled(Vec<u8>),
 }
 
-/// Puts each of `wants` from `block` (a whole block) where it goes: as a slice of `block` when
-/// `borrow` (a mapped cache entry, whose slices hold no loader memory), else copied (a fetched
-/// block is let go once its rows are out). A want the block does not hold marks its range
-/// short from there.
-fn fill(block: &Bytes, wants: &[Want], out: &mut [Output], short: &mut [usize], borrow: bool) {
+/// Puts each of `wants` from `block` (a whole fetched block) where it goes, copied (the block
+/// is let go once its rows are out). A want the block does not hold marks its range short from
+/// there.
+fn fill(block: &Bytes, wants: &[Want], out: &mut [Output], short: &mut [usize]) {
     for want in wants {
         let (start, end) = (want.offset as usize, want.offset as usize + want.len);
         if end > block.len() {
@@ -605,7 +630,6 @@ fn fill(block: &Bytes, wants: &[Want], out: &mut [Output], short: &mut [usize], 
         }
         match &mut out[want.range_index] {
             Output::Assembled(buf) => buf[want.out_at..want.out_at + want.len].copy_from_slice(&block[start..end]),
-            slot if borrow => *slot = Output::Slice(block.slice(start..end)),
             slot => *slot = Output::Slice(Bytes::copy_from_slice(&block[start..end])),
         }
     }
