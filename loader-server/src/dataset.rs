@@ -30,7 +30,7 @@ use crate::{
     storage::{
         Location, ObjectStorage,
         mmap::MappedFile,
-        object::{Rows, coalesce},
+        object::{ObjectVersion, Rows, coalesce},
         shared_bytes,
     },
     zarr::{self, Coordinate, MissingChunks, ZarrSource},
@@ -49,6 +49,8 @@ enum ShardData {
         object: String,
         /// Its size in bytes (from the listing).
         size: u64,
+        /// The version every read must find (from the listing).
+        version: ObjectVersion,
     },
 }
 
@@ -241,7 +243,7 @@ impl Field {
             let shard_index = wanted[first].0;
             let last = first + wanted[first..].iter().take_while(|w| w.0 == shard_index).count();
             let group = &wanted[first..last];
-            let ShardData::Remote { storage, object, size } = &shards[shard_index].data else {
+            let ShardData::Remote { storage, object, size, version } = &shards[shard_index].data else {
                 unreachable!("a field's shards are all remote")
             };
             let rows: Vec<(u64, u64)> = group.iter().map(|&(_, offset, _)| (offset, row as u64)).collect();
@@ -250,7 +252,7 @@ impl Field {
             let index_of = |w: &(usize, u64, usize)| indices[w.2];
             let layout = Rows { offset: shards[shard_index].data_offset as u64, bytes: row as u64 };
             let parts = storage
-                .read_ranges(object, *size, &ranges, Some(layout))
+                .read_ranges(object, *size, version, &ranges, Some(layout))
                 .map_err(|reason| (index_of(&group[0]), reason))?;
             fetched += parts.iter().map(|p| p.len() as u64).sum::<u64>();
             let big_endian = shards[shard_index].big_endian;
@@ -357,9 +359,9 @@ impl Dataset {
                 // HTTP cannot list, so there the Zarr metadata is asked for directly.
                 let listing = if storage.is_http() { None } else { Some(storage.list().map_err(remote)?) };
                 let zarr_root = match &listing {
-                    Some(objects) => {
-                        objects.iter().any(|(object, _)| ["zarr.json", ".zarray", ".zgroup"].contains(&object.as_str()))
-                    }
+                    Some(objects) => objects
+                        .iter()
+                        .any(|(object, ..)| ["zarr.json", ".zarray", ".zgroup"].contains(&object.as_str())),
                     // Each probe is a request: stop at the first document found.
                     None => {
                         let mut found = false;
@@ -580,13 +582,13 @@ impl ShardBytes {
 fn open_remote_npy(
     name: &str,
     storage: &Arc<ObjectStorage>,
-    objects: Vec<(String, u64)>,
+    objects: Vec<(String, u64, ObjectVersion)>,
     select: Option<&[String]>,
 ) -> Result<Vec<Field>, LoadError> {
     let location = PathBuf::from(storage.url());
     let stems = objects
         .into_iter()
-        .filter_map(|(object, size)| Some((object.strip_suffix(".npy")?.to_owned(), (object, size))))
+        .filter_map(|(object, size, version)| Some((object.strip_suffix(".npy")?.to_owned(), (object, size, version))))
         .filter(|(stem, _)| !stem.is_empty() && !stem.contains('/'))
         .collect();
     let groups = group_fields(stems, &location)?;
@@ -602,11 +604,11 @@ fn open_remote_npy(
     let mut fields = Vec::with_capacity(groups.len());
     for (field_name, objects) in select_fields(name, &location, groups, select)? {
         let mut shards = Vec::with_capacity(objects.len());
-        for (object, size) in objects {
+        for (object, size, version) in objects {
             let path = location.join(&object);
             let read = |end: u64| {
                 storage
-                    .read_ranges(&object, size, std::slice::from_ref(&(0..end.min(size))), None)
+                    .read_ranges(&object, size, &version, std::slice::from_ref(&(0..end.min(size))), None)
                     .map(|mut parts| parts.remove(0))
                     .map_err(|problem| LoadError::Remote {
                         dataset: name.to_owned(),
@@ -618,7 +620,7 @@ fn open_remote_npy(
             if let Some(end) = npy::data_offset(&header).filter(|&end| end > header.len() && end as u64 <= size) {
                 header = read(end as u64)?;
             }
-            let data = ShardData::Remote { storage: storage.clone(), object: object.clone(), size };
+            let data = ShardData::Remote { storage: storage.clone(), object: object.clone(), size, version };
             shards.push(ShardBytes { path, data, start: 0, len: size as usize, header: Some(header) });
         }
         fields.push(open_field(&field_name, shards)?);

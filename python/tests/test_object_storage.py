@@ -474,6 +474,57 @@ def test_the_s3_server_killed_and_restarted_mid_epoch_still_delivers_the_epoch_e
         server.kill()
 
 
+@pytest.mark.parametrize("replacement", ["same size", "64 bytes longer"])
+def test_an_object_replaced_mid_epoch_fails_its_batches_naming_it_and_never_mixes_versions(tmp_path, start_loader,
+                                                                                          replacement):
+    board = write_chess(tmp_path, n=400, shard=100)
+    server = MotoNoAuth(str(tmp_path))
+    server.upload(tmp_path / "chess", "chess")
+    env = {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "AWS_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": server.endpoint}
+    try:
+        loader = start_loader({"c": "s3://data/chess"}, env=env)
+        ds = conveyor.StreamingDataset([loader.addr], "c", batch_size=20, shuffle="none", prefetch=1)
+        batches = []
+        with pytest.raises(conveyor.BatchError) as caught:
+            for batch in ds:
+                batches.append(batch)
+                if len(batches) == 2:
+                    # Rows 200..299 are replaced while the loader serves rows 40..59.
+                    path = tmp_path / "new.npy"
+                    np.save(path, board[200:300] + 1)
+                    if replacement == "64 bytes longer":  # a longer .npy header: every row shifts
+                        path.write_bytes(padded_npy_header(path.read_bytes(), 64))
+                    server.client.upload_file(str(path), "data", "chess/board-00002.npy")
+        message = str(caught.value)
+        assert "s3://data/chess/board-00002.npy changed since the loader listed it" in message, message
+        assert "restart the loader" in message, message
+        index = np.concatenate([b["__index__"] for b in batches])
+        assert index.max() < 200, "no row of the replaced object was served"
+        got = np.concatenate([b["board"] for b in batches])
+        assert got.tobytes() == board[index].tobytes(), "what was served is the listed version"
+        # A restarted loader serves the new version.
+        restarted = start_loader({"c": "s3://data/chess"}, env=env)
+        served = epoch_rows(restarted, "c")
+        assert served[200:300].tobytes() == (board[200:300] + 1).tobytes()
+        assert served[:200].tobytes() == board[:200].tobytes()
+    finally:
+        server.kill()
+
+
+def padded_npy_header(data, extra):
+    """A version 1.0 .npy file's bytes with its header `extra` bytes longer (spaces), as another
+    writer might lay it out: the same array, its rows `extra` bytes further on."""
+    header_len = int.from_bytes(data[8:10], "little")
+    header = data[10:10 + header_len].rstrip(b"\n") + b" " * extra + b"\n"
+    return data[:8] + len(header).to_bytes(2, "little") + header + data[10 + header_len:]
+
+
+def epoch_rows(loader, name):
+    index, fields = epoch(loader, name, "none", batch_size=50)
+    return fields["board"]
+
+
 def test_the_disk_cache_serves_later_epochs_and_restarts_and_refetches_a_damaged_entry(web, tmp_path, start_loader):
     root, server = web
     board = write_chess(root, n=300, shard=100)

@@ -20,8 +20,8 @@ use std::{
 
 use bytes::Bytes;
 use object_store::{
-    BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, RetryConfig, aws::AmazonS3Builder, http::HttpBuilder,
-    limit::LimitStore, path::Path as ObjectPath, prefix::PrefixStore,
+    BackoffConfig, ClientOptions, GetOptions, GetRange, ObjectMeta, ObjectStore, ObjectStoreExt, RetryConfig,
+    aws::AmazonS3Builder, http::HttpBuilder, limit::LimitStore, path::Path as ObjectPath, prefix::PrefixStore,
 };
 use zarrs::storage::{
     ListableStorageTraits, MaybeBytesIterator, ReadableListableStorage, ReadableStorageTraits, StorageError, StoreKey,
@@ -300,11 +300,12 @@ impl ObjectStorage {
         }
     }
 
-    /// The objects directly under the prefix: (name relative to it, size in bytes).
+    /// The objects directly under the prefix: (name relative to it, size in bytes, the version
+    /// every later read of it must find).
     ///
     /// # Errors
     /// A message naming the location and the cause.
-    pub fn list(&self) -> Result<Vec<(String, u64)>, String> {
+    pub fn list(&self) -> Result<Vec<(String, u64, ObjectVersion)>, String> {
         let listing =
             block_on(self.store.list_with_delimiter(Some(&self.prefix))).map_err(|e| self.explain("the prefix", &e))?;
         let base = self.prefix.as_ref().len();
@@ -313,7 +314,8 @@ impl ObjectStorage {
             .into_iter()
             .map(|meta| {
                 let name = meta.location.as_ref()[base..].trim_start_matches('/').to_owned();
-                (name, meta.size)
+                let version = ObjectVersion::of(&meta);
+                (name, meta.size, version)
             })
             .collect())
     }
@@ -340,21 +342,52 @@ impl ObjectStorage {
         &self,
         name: &str,
         size: u64,
+        version: &ObjectVersion,
         ranges: &[Range<u64>],
         rows: Option<Rows>,
     ) -> Result<Vec<Bytes>, String> {
         match &self.disk_cache {
-            Some(cache) => self.read_cached(cache, name, size, ranges, Grid::new(self.cache_block_bytes, size, rows)),
-            None => self.fetch(name, ranges),
+            Some(cache) => {
+                let grid = Grid::new(self.cache_block_bytes, size, rows);
+                self.read_cached(cache, name, size, version, ranges, grid)
+            }
+            None => self.fetch(name, version, ranges),
         }
     }
 
-    /// GETs `ranges` of `name` from the store.
-    fn fetch(&self, name: &str, ranges: &[Range<u64>]) -> Result<Vec<Bytes>, String> {
+    /// GETs `ranges` of `name` from the store, each only from `version` of the object (`If-Match`
+    /// with its ETag, and the version of each response checked): an object replaced since it was
+    /// listed fails the read, naming it, and its bytes are never mixed with the listed ones.
+    fn fetch(&self, name: &str, version: &ObjectVersion, ranges: &[Range<u64>]) -> Result<Vec<Bytes>, String> {
         let path = self.path(name);
-        let reads = ranges.iter().map(|range| self.store.get_range(&path, range.clone()));
-        let parts = block_on(futures::future::try_join_all(reads))
-            .map_err(|e| self.explain(&format!("object {}/{name}", self.url), &e))?;
+        let what = format!("object {}/{name}", self.url);
+        let changed = |now: &str| {
+            format!(
+                "{what} changed since the loader listed it (it was {}, it is {now} now); a loader serves the \
+                 version of each object it found at start-up and never mixes two: restart the loader to serve the \
+                 new data, and write new data under new names while a loader serves the old",
+                version.describe()
+            )
+        };
+        let reads = ranges.iter().map(|range| {
+            let options = GetOptions {
+                range: Some(GetRange::Bounded(range.clone())),
+                if_match: version.e_tag.clone(),
+                ..GetOptions::default()
+            };
+            let (path, changed, what) = (&path, &changed, &what);
+            async move {
+                let result = self.store.get_opts(path, options).await.map_err(|error| match error {
+                    object_store::Error::Precondition { .. } => changed("another version (If-Match failed)"),
+                    other => self.explain(what, &other),
+                })?;
+                if !version.matches(&result.meta) {
+                    return Err(changed(&ObjectVersion::of(&result.meta).describe()));
+                }
+                result.bytes().await.map_err(|error| self.explain(what, &error))
+            }
+        });
+        let parts = block_on(futures::future::try_join_all(reads))?;
         self.requests.fetch_add(ranges.len() as u64, Ordering::Relaxed);
         self.bytes.fetch_add(parts.iter().map(|p| p.len() as u64).sum(), Ordering::Relaxed);
         Ok(parts)
@@ -370,12 +403,14 @@ impl ObjectStorage {
         cache: &DiskCache,
         name: &str,
         size: u64,
+        version: &ObjectVersion,
         ranges: &[Range<u64>],
         grid: Grid,
     ) -> Result<Vec<Bytes>, String> {
-        // The object's size is in the key: a replaced object of another size is not confused
-        // with the cached one (the README asks that objects be replaced under new names).
-        let key = |block: u64| format!("{}/{name}#{size}@{block}:{}+{}", self.url, grid.origin, grid.span);
+        // The object's size and version are in the key: blocks of a replaced object are never
+        // served for the listed one, nor the other way round.
+        let tag = version.describe();
+        let key = |block: u64| format!("{}/{name}#{size}#{tag}@{block}:{}+{}", self.url, grid.origin, grid.span);
         let bytes_of = |block: u64| grid.bytes(block);
         // What each block gives: (range, offset in the block, length, offset in the range's output).
         let mut wants: std::collections::BTreeMap<u64, Vec<Want>> = std::collections::BTreeMap::new();
@@ -420,7 +455,7 @@ impl ObjectStorage {
                 }
             }
             let wanted: Vec<Range<u64>> = mine.iter().map(|&block| bytes_of(block)).collect();
-            for (block, bytes) in mine.iter().zip(self.fetch(name, &wanted)?) {
+            for (block, bytes) in mine.iter().zip(self.fetch(name, version, &wanted)?) {
                 cache.put(&key(*block), &bytes);
                 fill(&bytes, &wants[block], &mut out, &mut short);
             }
@@ -430,7 +465,7 @@ impl ObjectStorage {
                 match self.read_from_cache(cache, &key(block), &wants[&block], &mut out, &mut short) {
                     Some(bytes) => hit += bytes,
                     None => {
-                        let bytes = self.fetch(name, &[bytes_of(block)])?.remove(0);
+                        let bytes = self.fetch(name, version, &[bytes_of(block)])?.remove(0);
                         cache.put(&key(block), &bytes);
                         fill(&bytes, &wants[&block], &mut out, &mut short);
                     }
@@ -616,6 +651,40 @@ enum Output {
     Slice(Bytes),
     /// The range's bytes, assembled from several blocks.
     Assembled(Vec<u8>),
+}
+
+/// The version of an object a loader serves: its ETag when the store gives one, and its
+/// modification time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectVersion {
+    /// The ETag (S3, most HTTP servers).
+    pub e_tag: Option<String>,
+    /// The modification time (RFC 3339), compared where there is no ETag.
+    pub modified: String,
+}
+
+impl ObjectVersion {
+    /// The version `meta` describes.
+    pub fn of(meta: &ObjectMeta) -> ObjectVersion {
+        ObjectVersion { e_tag: meta.e_tag.clone(), modified: meta.last_modified.to_rfc3339() }
+    }
+
+    /// Whether a response's `meta` is this version: the same ETag when both have one, else the
+    /// same modification time.
+    fn matches(&self, meta: &ObjectMeta) -> bool {
+        match (&self.e_tag, &meta.e_tag) {
+            (Some(listed), Some(now)) => listed == now,
+            _ => self.modified == meta.last_modified.to_rfc3339(),
+        }
+    }
+
+    /// For messages and cache keys.
+    pub fn describe(&self) -> String {
+        match &self.e_tag {
+            Some(e_tag) => format!("ETag {e_tag}"),
+            None => format!("modified {}", self.modified),
+        }
+    }
 }
 
 /// Puts each of `wants` from `block` (a whole fetched block) where it goes, copied (the block
@@ -867,11 +936,14 @@ mod tests {
             ..StoreOptions::default()
         };
         let storage = ObjectStorage::from_store("mem://data", Arc::new(memory), "data", &options);
+        let version = listed(&storage, "rows.npy");
         // Rows of 1000 bytes, every 37th row: ranges inside blocks and across block edges.
         let ranges: Vec<Range<u64>> = (0..1u64 << 20).step_by(37_000).map(|at| at..(at + 1000).min(1 << 20)).collect();
         let reads: Vec<Vec<Bytes>> = std::thread::scope(|scope| {
             let readers: Vec<_> = (0..4)
-                .map(|_| scope.spawn(|| storage.read_ranges("rows.npy", 1 << 20, &ranges, None).expect("reads")))
+                .map(|_| {
+                    scope.spawn(|| storage.read_ranges("rows.npy", 1 << 20, &version, &ranges, None).expect("reads"))
+                })
                 .collect();
             readers.into_iter().map(|reader| reader.join().expect("reader")).collect()
         });
@@ -884,7 +956,7 @@ mod tests {
             ranges.iter().flat_map(|r| r.start / (64 << 10)..=(r.end - 1) / (64 << 10)).collect();
         assert_eq!(storage.counters().0, touched.len() as u64, "each block fetched once over the four readers");
         // Warm: nothing more is fetched.
-        storage.read_ranges("rows.npy", 1 << 20, &ranges, None).expect("reads");
+        storage.read_ranges("rows.npy", 1 << 20, &version, &ranges, None).expect("reads");
         assert_eq!(storage.counters().0, touched.len() as u64);
     }
 
@@ -904,10 +976,11 @@ mod tests {
             ..StoreOptions::default()
         };
         let storage = ObjectStorage::from_store("mem://data", Arc::new(memory), "data", &options);
+        let version = listed(&storage, "rows.npy");
         let rows = Some(Rows { offset: 128, bytes: 1000 });
         let ranges: Vec<Range<u64>> = (0..50u64).rev().map(|row| 128 + row * 1000..128 + (row + 1) * 1000).collect();
         for pass in ["cold", "warm"] {
-            let parts = storage.read_ranges("rows.npy", object.len() as u64, &ranges, rows).expect("reads");
+            let parts = storage.read_ranges("rows.npy", object.len() as u64, &version, &ranges, rows).expect("reads");
             for (range, part) in ranges.iter().zip(&parts) {
                 assert_eq!(&part[..], &object[range.start as usize..range.end as usize], "{pass} {range:?}");
             }
@@ -916,10 +989,46 @@ mod tests {
         assert_eq!(cache.total_bytes(), 50_000);
         // A range across blocks (adjacent rows read as one) is glued from both.
         let parts = storage
-            .read_ranges("rows.npy", object.len() as u64, std::slice::from_ref(&(3128..5128)), rows)
+            .read_ranges("rows.npy", object.len() as u64, &version, std::slice::from_ref(&(3128..5128)), rows)
             .expect("reads");
         assert_eq!(&parts[0][..], &object[3128..5128]);
         assert_eq!(storage.counters().0, 13);
+    }
+
+    /// The version of `name` as the prefix's listing gives it.
+    fn listed(storage: &ObjectStorage, name: &str) -> ObjectVersion {
+        let listing = storage.list().expect("lists");
+        listing.into_iter().find(|(object, ..)| object == name).map(|(_, _, version)| version).expect("listed")
+    }
+
+    #[test]
+    fn an_object_replaced_after_it_was_listed_fails_its_reads_naming_it_with_or_without_a_cache() {
+        for cached in [false, true] {
+            let memory = Arc::new(object_store::memory::InMemory::new());
+            let path = ObjectPath::from("data/rows.npy");
+            block_on(memory.put(&path, vec![1u8; 4096].into())).expect("put");
+            let dir = tempfile::tempdir().expect("tempdir");
+            let options = StoreOptions {
+                disk_cache: cached.then(|| Arc::new(DiskCache::open(dir.path(), 1 << 20, 16).expect("cache"))),
+                cache_block_bytes: 1024,
+                ..StoreOptions::default()
+            };
+            let storage = ObjectStorage::from_store("mem://data", memory.clone(), "data", &options);
+            let version = listed(&storage, "rows.npy");
+            let first = storage.read_ranges("rows.npy", 4096, &version, &[0..100], None).expect("reads");
+            assert_eq!(&first[0][..], &[1u8; 100][..]);
+            // Replaced by an object of the same size: reads of bytes not yet read (and, without
+            // a cache, of any bytes) fail, naming the object; none returns the new bytes.
+            block_on(memory.put(&path, vec![2u8; 4096].into())).expect("put");
+            let error = storage.read_ranges("rows.npy", 4096, &version, &[3000..3100], None).expect_err("changed");
+            assert!(error.contains("mem://data/rows.npy changed since the loader listed it"), "{error}");
+            assert!(error.contains("restart the loader"), "{error}");
+            if cached {
+                // What was cached is the listed version, and is still served.
+                let again = storage.read_ranges("rows.npy", 4096, &version, &[0..100], None).expect("cached");
+                assert_eq!(&again[0][..], &[1u8; 100][..]);
+            }
+        }
     }
 
     #[test]
