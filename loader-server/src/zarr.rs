@@ -39,6 +39,31 @@ pub struct ZarrSource {
     /// Chunks [`ZarrSource::fetch_encoded`] reads at once: `--io-concurrency` on an object
     /// store, where each read is a request; 1 on a local file system (nothing to overlap).
     fetch_concurrency: usize,
+    /// The compressors of its codec chain whose output is bounded by the chunk's size before
+    /// zarrs decodes it (see [`ZarrSource::check_declared_size`]).
+    compressors: Compressors,
+}
+
+/// Compressors in an array's codec chain that a chunk is checked against before decoding (zstd
+/// and gzip are recognised by their magic numbers whatever the metadata says).
+#[derive(Debug, Clone, Copy, Default)]
+struct Compressors {
+    blosc: bool,
+    zlib: bool,
+}
+
+impl Compressors {
+    /// Those named in `array`'s codec metadata (format 3 names, and format 2 compressor ids as
+    /// zarrs maps them).
+    fn of(array: &Array<dyn ReadableListableStorageTraits>) -> Compressors {
+        let names: Vec<String> = array
+            .codecs()
+            .create_metadatas(&zarrs::array::CodecMetadataOptions::default())
+            .iter()
+            .map(|m| m.name().to_ascii_lowercase())
+            .collect();
+        Compressors { blosc: names.iter().any(|n| n.contains("blosc")), zlib: names.iter().any(|n| n.contains("zlib")) }
+    }
 }
 
 /// A block's one encoded chunk as [`ZarrSource::fetch_encoded`] read it: its bytes, `None`
@@ -165,6 +190,7 @@ fn open_one(
     let outer = array.chunk_shape(&zeros).map_err(|e| zarr_error(array_path, e))?;
     let inner = array.effective_subchunk_shape().unwrap_or(outer);
     let block_len = inner[0].get();
+    let compressors = Compressors::of(&array);
     Ok(OpenedArray {
         name,
         dtype,
@@ -176,6 +202,7 @@ fn open_one(
             missing,
             element_bytes: dtype.size_bytes() as u64,
             fetch_concurrency: fetch_concurrency.max(1),
+            compressors,
         },
     })
 }
@@ -573,43 +600,83 @@ fn check_selection(
 
 /// The zstd frame magic number, as it starts a zstd-compressed chunk.
 const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+/// The gzip member magic number and deflate method.
+const GZIP_MAGIC: [u8; 3] = [0x1f, 0x8b, 0x08];
+/// A blosc chunk's header.
+const BLOSC_HEADER_BYTES: usize = 16;
+
+/// Bytes `reader` decodes, read into nothing, stopping at `limit` or at the first error (what
+/// was decoded before it counts): memory stays at the copy buffer whatever the stream says.
+fn decoded_len(reader: &mut dyn std::io::Read, limit: u64) -> u64 {
+    let mut buffer = [0u8; 64 << 10];
+    let mut total = 0u64;
+    while total < limit {
+        let want = buffer.len().min(usize::try_from(limit - total).unwrap_or(usize::MAX));
+        match reader.read(&mut buffer[..want]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => total += n as u64,
+        }
+    }
+    total
+}
 
 impl ZarrSource {
-    /// Refuses a zstd chunk whose frames declare more decoded bytes than a chunk of its shape
-    /// holds: the decoder would allocate and fill that much before any size check (a 98 KB
-    /// chunk declaring 3 GiB would take 3 GiB of memory), whatever the cache budget says.
+    /// Refuses a compressed chunk that would decode to more bytes than a chunk of its shape
+    /// holds, before zarrs decodes it (its decoders allocate and fill whatever the stream says: a
+    /// 98 KB zstd chunk can declare 3 GiB, a 3 MB gzip one inflates to 3 GiB). zstd: the frames'
+    /// declared sizes when every byte is a frame, else every frame decoded into nothing, stopping
+    /// one byte past the bound (bytes after the frames, such as a crc32c checksum, end it); gzip
+    /// (every member) and zlib: decoded the same way; blosc: its header's decoded size. The check
+    /// runs on the chunk as stored, so a chain of two compressors is bounded at its outer one.
     fn check_declared_size(&self, raw: &[u8], chunk_indices: &[u64]) -> Result<(), String> {
-        if !raw.starts_with(&ZSTD_MAGIC) {
-            return Ok(());
-        }
         let shape = self.array.chunk_shape(chunk_indices).map_err(|e| e.to_string())?;
         let elements = shape.iter().try_fold(1u64, |n, d| n.checked_mul(d.get()));
         let holds = elements.and_then(|n| n.checked_mul(self.element_bytes)).unwrap_or(u64::MAX);
-        match zstd::bulk::Decompressor::upper_bound(raw) {
-            Some(declared) if declared as u64 > holds => Err(format!(
-                "its zstd frames declare {declared} decoded bytes but a chunk of shape {:?} holds {holds}; \
-                 the chunk is corrupt or hostile and was not decoded (rewrite it)",
+        let too_big = |what: String| {
+            format!(
+                "{what} but a chunk of shape {:?} holds {holds}; the chunk is corrupt or hostile and was not decoded \
+                 (rewrite it)",
                 shape.iter().map(|d| d.get()).collect::<Vec<_>>()
-            )),
-            Some(_) => Ok(()),
-            // No bound from the frame headers (a frame without a declared size, or bytes after
-            // the frames such as a crc32c checksum): decode the first frame into nothing,
-            // stopping one byte past what the chunk may hold. Decoding errors are left to the
-            // real decode, which reports them.
-            None => {
-                use std::io::Read;
-                let Ok(decoder) = zstd::stream::read::Decoder::new(raw) else { return Ok(()) };
-                let mut limited = decoder.single_frame().take(holds.saturating_add(1));
-                let decoded = std::io::copy(&mut limited, &mut std::io::sink()).unwrap_or(0);
-                if decoded > holds {
-                    return Err(format!(
-                        "it decodes to more than the {holds} bytes a chunk of its shape holds; the chunk is corrupt or \
-                         hostile and was not decoded (rewrite it)"
-                    ));
+            )
+        };
+        let bounded = |reader: &mut dyn std::io::Read, codec: &str| -> Result<(), String> {
+            match decoded_len(reader, holds.saturating_add(1)) {
+                decoded if decoded > holds => {
+                    Err(too_big(format!("its {codec} stream decodes to more than {holds} bytes")))
                 }
-                Ok(())
+                _ => Ok(()),
+            }
+        };
+        if raw.starts_with(&ZSTD_MAGIC) {
+            return match zstd::bulk::Decompressor::upper_bound(raw) {
+                Some(declared) if declared as u64 > holds => {
+                    Err(too_big(format!("its zstd frames declare {declared} decoded bytes")))
+                }
+                Some(_) => Ok(()),
+                None => match zstd::stream::read::Decoder::new(raw) {
+                    Ok(mut decoder) => bounded(&mut decoder, "zstd"),
+                    Err(_) => Ok(()),
+                },
+            };
+        }
+        if raw.starts_with(&GZIP_MAGIC) {
+            return bounded(&mut flate2::read::MultiGzDecoder::new(raw), "gzip");
+        }
+        if self.compressors.zlib
+            && raw.len() >= 2
+            && raw[0] & 0x0f == 8
+            && u16::from_be_bytes([raw[0], raw[1]]) % 31 == 0
+        {
+            return bounded(&mut flate2::read::ZlibDecoder::new(raw), "zlib");
+        }
+        if self.compressors.blosc && raw.len() >= BLOSC_HEADER_BYTES {
+            // Version, version of its codec, flags, type size, then the decoded size (u32 LE).
+            let declared = u64::from(u32::from_le_bytes([raw[4], raw[5], raw[6], raw[7]]));
+            if declared > holds {
+                return Err(too_big(format!("its blosc header declares {declared} decoded bytes")));
             }
         }
+        Ok(())
     }
 
     /// The subset of block `block` (rows `block * block_len ..` across every other axis) and the

@@ -229,3 +229,99 @@ def test_field_names_a_client_cannot_use_safely_are_refused_at_start_up(tmp_path
     np.savez(tmp_path / "n.npz", ok=np.arange(4), **{member: np.arange(4)})
     stderr = refusal("--dataset", f"n={tmp_path / 'n.npz'}")
     assert f"field name {shown} cannot be served" in stderr and "rename" in stderr, stderr
+
+
+def zstd_rle_frame(length, byte=7):
+    """A valid zstd frame of `length` copies of `byte` that declares its size: RLE blocks of 128 KiB,
+    4 bytes each, so a gigabyte takes 32 KB."""
+    block = 128 << 10
+    frame = bytearray(b"\x28\xb5\x2f\xfd\xe0") + length.to_bytes(8, "little")
+    left = length
+    while left > 0:
+        size = min(left, block)
+        left -= size
+        frame += ((left == 0) | (1 << 1) | (size << 3)).to_bytes(3, "little") + bytes([byte])
+    return bytes(frame)
+
+
+def zstd_rle_frame_unsized(length, byte=7):
+    """The same frame without a declared content size (a streaming writer's frame): its header
+    gives a 128 KiB window instead."""
+    sized = zstd_rle_frame(length, byte)
+    return b"\x28\xb5\x2f\xfd\x00\x38" + sized[13:]
+
+
+def crc32c(data):
+    """CRC-32C (Castagnoli), as zarr's crc32c codec appends it."""
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return (crc ^ 0xFFFFFFFF).to_bytes(4, "little")
+
+
+def gzip_of_zeros(length):
+    import zlib
+    out = zlib.compressobj(6, zlib.DEFLATED, 31)  # gzip container
+    zeros = bytes(1 << 20)
+    parts = [out.compress(zeros) for _ in range(length >> 20)]
+    return b"".join(parts) + out.flush()
+
+
+def bomb_array(tmp_path, compressors, zarr_format=3):
+    import zarr
+    path = tmp_path / "bomb.zarr"
+    array = zarr.create_array(path, shape=(16, 4), chunks=(8, 4), dtype="uint8", compressors=compressors,
+                              zarr_format=zarr_format, fill_value=0)
+    array[:] = np.full((16, 4), 5, dtype=np.uint8)
+    return path, (path / "c" / "0" / "0") if zarr_format == 3 else (path / "0.0")
+
+
+@pytest.mark.parametrize("case", ["zstd then crc32c", "zstd frames after a small one, then junk", "gzip",
+                                  "blosc header"])
+def test_a_compressed_chunk_that_would_decode_past_its_shape_fails_its_batch_within_the_loaders_memory(
+        tmp_path, start_loader, case):
+    import zarr
+    import numcodecs
+    gib = 1 << 30
+    if case == "zstd then crc32c":
+        path, chunk = bomb_array(tmp_path, [zarr.codecs.ZstdCodec(), zarr.codecs.Crc32cCodec()])
+        # A small valid frame, then a gigabyte one: the first alone is within the chunk's 32 bytes.
+        frames = zstd_rle_frame(32) + zstd_rle_frame_unsized(gib)
+        chunk.write_bytes(frames + crc32c(frames))
+        expected = "zstd stream decodes to more than 32 bytes"
+    elif case == "zstd frames after a small one, then junk":
+        path, chunk = bomb_array(tmp_path, [zarr.codecs.ZstdCodec()])
+        chunk.write_bytes(zstd_rle_frame(16) + zstd_rle_frame_unsized(gib) + b"junk")
+        expected = "zstd stream decodes to more than 32 bytes"
+    elif case == "gzip":
+        path, chunk = bomb_array(tmp_path, [zarr.codecs.GzipCodec()])
+        chunk.write_bytes(gzip_of_zeros(gib))
+        expected = "gzip stream decodes to more than 32 bytes"
+    else:
+        path, chunk = bomb_array(tmp_path, numcodecs.Blosc(), zarr_format=2)
+        header = bytearray(chunk.read_bytes())
+        header[4:8] = (3 * gib).to_bytes(4, "little")
+        chunk.write_bytes(bytes(header))
+        expected = "blosc header declares 3221225472 decoded bytes"
+    loader = start_loader({"b": path})
+    ds = conveyor.StreamingDataset([loader.addr], "b", batch_size=8, shuffle="none")
+    with pytest.raises(conveyor.BatchError) as caught:
+        list(ds)
+    message = str(caught.value)
+    assert expected in message and "was not decoded" in message, message
+    # The loader lives on and serves the other chunk.
+    other = conveyor.StreamingDataset([loader.addr], "b", batch_size=8, shuffle="none")
+    it = iter(other)
+    with pytest.raises(conveyor.BatchError):
+        next(it)
+    assert loader.proc.poll() is None
+    # Its peak resident memory stayed far below the gigabytes the chunk would decode to.
+    status = open(f"/proc/{loader.proc.pid}/status").read()
+    peak_kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
+    assert peak_kb < 300 << 10, f"the loader peaked at {peak_kb} kB"
