@@ -21,6 +21,7 @@ import shutil
 import sys
 import time
 import zipfile
+import zlib
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -49,6 +50,41 @@ def supported(dtype: np.dtype) -> bool:
     return dtype.kind in SUPPORTED_KINDS and dtype.fields is None and dtype.subdtype is None
 
 
+def field_name_problem(name: str) -> Optional[str]:
+    """Why `name` cannot be an output field (it becomes a file or array name under DST, and the
+    loader applies the same rule), or None."""
+    if not name:
+        return "it is empty"
+    if len(name.encode()) > 200:
+        return "it is longer than 200 bytes"
+    if "/" in name or "\\" in name:
+        return "it holds a path separator"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "it holds a control character"
+    if name in (".", ".."):
+        return "it names a directory"
+    if name.startswith("__"):
+        return "names starting with __ are kept for Conveyor's own"
+    return None
+
+
+def check_names(path: str, names: Dict[str, str]) -> None:
+    """Refuses output names that are not plain file names, and sources whose different names
+    would become one field (`/a/b` and `/a.b` are both `a.b`); `names` maps each source name
+    to its output name."""
+    by_output: Dict[str, List[str]] = {}
+    for source_name, name in names.items():
+        problem = field_name_problem(name)
+        if problem:
+            raise ConvertError(f"{path}: {source_name} would become field {name!r}, which cannot be written: {problem}; "
+                               "rename it in the source, or leave it out with --fields")
+        by_output.setdefault(name, []).append(source_name)
+    for name, sources in by_output.items():
+        if len(sources) > 1:
+            raise ConvertError(f"{path}: {' and '.join(sorted(sources))} would both become field {name!r}; rename one in the "
+                               "source, or choose one with --fields")
+
+
 class Field:
     """One array to convert: its name in the output, dtype and full shape."""
 
@@ -63,20 +99,24 @@ class Field:
 class Hdf5Source:
     """Datasets of an HDF5 file, read as row ranges (h5py reads only the chunks they touch)."""
 
-    def __init__(self, path: str, select: Optional[List[str]]):
+    def __init__(self, path: str, select: Optional[List[str]], allow_sparse: bool = False, memory: int = 1 << 62):
         import h5py
         try:
             import hdf5plugin  # noqa: F401  (registers more filters when installed)
         except ImportError:
             pass
         self.path = path
-        self.file = h5py.File(path, "r")
         found: Dict[str, "h5py.Dataset"] = {}
 
         def visit(key: str, obj: object) -> None:  # returning a value would stop the walk
             if isinstance(obj, h5py.Dataset):
                 found[key] = obj
-        self.file.visititems(visit)
+        try:
+            self.file = h5py.File(path, "r")
+            self.file.visititems(visit)
+        except (OSError, KeyError, RuntimeError, ValueError) as error:
+            raise ConvertError(f"{path}: not a readable HDF5 file (truncated or damaged?): {error}") from error
+        check_names(path, {f"dataset '/{key}'": key.replace("/", ".") for key in found})
         self.datasets: Dict[str, "h5py.Dataset"] = {}
         self.fields: Dict[str, Field] = {}
         self.skipped: List[str] = []
@@ -91,6 +131,8 @@ class Hdf5Source:
                 reason = "it is a dimension scale (a coordinate); name it in --fields to convert it"
             if select is not None and name not in select:
                 continue
+            if not reason:
+                reason = self._storage_problem(dataset, allow_sparse, memory)
             if reason:
                 if select is not None:
                     raise ConvertError(f"{path}: dataset '/{key}' (--fields {name}) cannot be converted: {reason}")
@@ -99,6 +141,29 @@ class Hdf5Source:
             self.datasets[name] = dataset
             self.fields[name] = Field(name, dataset.dtype, dataset.shape)
         check_selection(path, select, sorted(k.replace("/", ".") for k in found))
+
+    @staticmethod
+    def _storage_problem(dataset, allow_sparse: bool, memory: int) -> Optional[str]:
+        """Why the bytes of `dataset` cannot be converted safely, or None: data kept outside the
+        file, chunks that decompress past the memory budget, or far more rows declared than stored."""
+        if dataset.external:
+            files = ", ".join(str(e[0]) for e in dataset.external)
+            return (f"it keeps its data in external files ({files}); conveyor-convert reads only what is inside the "
+                    "source file (copy the data in with h5repack, or leave the dataset out with --fields)")
+        if dataset.is_virtual:
+            return ("it is a virtual dataset mapping other files; conveyor-convert reads only what is inside the source "
+                    "file (materialise it with h5repack, or leave it out with --fields)")
+        if dataset.chunks:
+            chunk_bytes = int(np.prod(dataset.chunks, dtype=np.int64)) * dataset.dtype.itemsize
+            if chunk_bytes > memory // 2:
+                return (f"it is stored in chunks of {chunk_bytes} bytes, which h5py decompresses whole: over half of "
+                        f"--memory {memory}; raise --memory above {2 * chunk_bytes} or rechunk it with h5repack")
+        logical = int(np.prod(dataset.shape, dtype=np.float64)) * dataset.dtype.itemsize
+        stored = dataset.id.get_storage_size()
+        if not allow_sparse and logical > (1 << 30) and logical > 10_000 * max(stored, 1):
+            return (f"it declares {dataset.shape[0]} rows ({logical} bytes) but stores only {stored} bytes: the rest is "
+                    "unwritten fill value; pass --allow-sparse to convert it anyway, or convert a slice")
+        return None
 
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
         try:
@@ -129,15 +194,19 @@ class NpzSource:
         self.source_dtypes: Dict[str, np.dtype] = {}
         self.streams: Dict[str, Tuple[object, int]] = {}  # name -> (open member, next row)
         names = []
-        for info in self.archive.infolist():
-            if not info.filename.endswith(".npy"):
-                continue
+        members = [info for info in self.archive.infolist() if info.filename.endswith(".npy")]
+        check_names(path, {f"member {info.filename!r}": info.filename[:-4] for info in members})
+        for info in members:
             name = info.filename[:-4]
             names.append(name)
             if select is not None and name not in select:
                 continue
-            with self.archive.open(info) as member:
-                dtype, shape, fortran = self._header(member, info.filename)
+            try:
+                with self.archive.open(info) as member:
+                    dtype, shape, fortran = self._header(member, info.filename)
+            except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError) as error:
+                raise ConvertError(f"{path}: member {info.filename} cannot be read (truncated or damaged?): {error}") \
+                    from error
             reason = None
             if not supported(dtype):
                 reason = f"its dtype {dtype} is not bool, (u)int8-64 or float16/32/64"
@@ -180,7 +249,11 @@ class NpzSource:
             member.read(step * field.row_bytes)
             position += step
         want = (stop - start) * field.row_bytes
-        data = member.read(want)
+        try:
+            data = member.read(want)
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as error:
+            raise ConvertError(f"{self.path}: member {self.members[name]} cannot be read at row {start} (truncated or "
+                               f"damaged?): {error}") from error
         if len(data) != want:
             raise ConvertError(f"{self.path}: member {self.members[name]} ends before row {stop}; the archive is truncated")
         self.streams[name] = (member, stop)
@@ -199,14 +272,14 @@ def check_selection(path: str, select: Optional[List[str]], names: List[str]) ->
             raise ConvertError(f"{path}: --fields names '{name}', which it does not have; it has: {', '.join(names)}")
 
 
-def open_source(path: str, select: Optional[List[str]]):
+def open_source(path: str, select: Optional[List[str]], allow_sparse: bool = False, memory: int = 1 << 62):
     if not os.path.isfile(path):
         raise ConvertError(f"{path}: no such file")
     if zipfile.is_zipfile(path):
         return NpzSource(path, select)
     import h5py
     if h5py.is_hdf5(path):
-        return Hdf5Source(path, select)
+        return Hdf5Source(path, select, allow_sparse, memory)
     raise ConvertError(f"{path}: neither an HDF5 file nor an .npz archive; conveyor-convert reads those two")
 
 
@@ -363,7 +436,7 @@ def convert(args: argparse.Namespace) -> Dict[str, object]:
     partial = dst + ".partial"
     if os.path.exists(dst):
         raise ConvertError(f"{dst} already exists; remove it or choose another destination")
-    source = open_source(args.src, args.fields)
+    source = open_source(args.src, args.fields, args.allow_sparse, args.memory)
     try:
         fields = source.fields
         for line in source.skipped:
@@ -389,6 +462,9 @@ def convert(args: argparse.Namespace) -> Dict[str, object]:
                 previous = None
             if args.restart:
                 shutil.rmtree(partial)
+            elif previous and previous.get("verification_failed"):
+                raise ConvertError(f"{partial} failed verification before ({previous['verification_failed']}); its output "
+                                   "is not the source's, so it is never promoted: pass --restart to convert again")
             elif previous and previous["source"] == journal["source"] and previous["options"] == options:
                 journal, resume = previous, True
             else:
@@ -430,6 +506,8 @@ def convert(args: argparse.Namespace) -> Dict[str, object]:
                             break
                         bar.update(want.nbytes)
             if mismatches:
+                journal["verification_failed"] = ", ".join(mismatches)
+                save_journal(partial, journal)
                 raise ConvertError(f"verification failed: the output differs from the source in {', '.join(mismatches)}; "
                                    f"{partial} is kept for inspection (--restart starts over)")
         os.remove(os.path.join(partial, JOURNAL))
@@ -469,6 +547,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip reading the output back and comparing it with the source")
     p.add_argument("--restart", action="store_true", help="discard an unfinished DST.partial instead of resuming it")
+    p.add_argument("--allow-sparse", action="store_true",
+                   help="convert HDF5 datasets that declare over 10000 times more bytes (and over 1 GiB) than they "
+                        "store; their unwritten chunks become the fill value in full")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 

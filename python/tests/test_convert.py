@@ -198,3 +198,60 @@ def test_a_loader_given_an_hdf5_file_points_to_the_converter(tmp_path):
     assert result.returncode != 0
     assert "rec.h5 is an HDF5 file" in result.stderr and f"conveyor-convert {tmp_path / 'rec.h5'} OUT.zarr" in \
         result.stderr, result.stderr
+
+
+def test_hostile_sources_get_a_clear_refusal_or_a_bound(tmp_path, monkeypatch):
+    dst = tmp_path / "out"
+    # .npz member names are output file names: none may leave the destination or shadow Conveyor's.
+    for member, problem in (("../../escaped", "holds a path separator"), ("__index__", "kept for Conveyor's own")):
+        np.savez(tmp_path / "m.npz", ok=np.arange(4), **{member: np.arange(4)})
+        stderr = run(tmp_path / "m.npz", dst, check=False)
+        assert f"member '{member}.npy' would become field '{member}'" in stderr and problem in stderr, stderr
+        assert not (tmp_path / "escaped.npy").exists() and not dst.exists() and "Traceback" not in stderr
+    with h5py.File(tmp_path / "h.h5", "w") as f:
+        f.create_group("a").create_dataset("b", data=np.arange(4))
+        f.create_dataset("a.b", data=np.arange(4))
+    stderr = run(tmp_path / "h.h5", dst, check=False)
+    assert "dataset '/a.b' and dataset '/a/b' would both become field 'a.b'" in stderr, stderr
+    # Chunks h5py would decompress past --memory; a dataset declaring 2^40 rows it does not store;
+    # data kept in an external file (which could be any file on the machine).
+    (tmp_path / "secret.bin").write_bytes(b"s" * 10)
+    cases = {
+        "huge_chunks": (dict(shape=(1 << 27, 1), dtype="u1", chunks=(1 << 27, 1), compression="gzip"),
+                        "stored in chunks of 134217728 bytes"),
+        "sparse": (dict(shape=(1 << 40,), dtype="u1", chunks=(1 << 16,)), "declares 1099511627776 rows"),
+        "external": (dict(shape=(10,), dtype="u1", external=[(str(tmp_path / "secret.bin"), 0, 10)]),
+                     "keeps its data in external files"),
+    }
+    for name, (options, problem) in cases.items():
+        with h5py.File(tmp_path / f"{name}.h5", "w") as f:
+            f.create_dataset(name, **options)
+        started = time.monotonic()
+        stderr = run(tmp_path / f"{name}.h5", dst, "--memory", "32MiB", "--fields", name, check=False)
+        assert problem in stderr and f"dataset '/{name}'" in stderr, stderr
+        assert time.monotonic() - started < 60 and not dst.exists()
+    assert "pass --allow-sparse" in run(tmp_path / "sparse.h5", dst, "--fields", "sparse", check=False)
+    # A dataset that stores what it declares is not sparse, whatever its compression.
+    with h5py.File(tmp_path / "zeros.h5", "w") as f:
+        f.create_dataset("z", data=np.zeros(1 << 20, dtype="u1"), chunks=(1 << 16,), compression="gzip")
+    assert run(tmp_path / "zeros.h5", tmp_path / "zeros.zarr")["verified"]
+    # Truncated files: a message, never a traceback.
+    write_h5(tmp_path / "whole.h5", n=20)
+    data = (tmp_path / "whole.h5").read_bytes()
+    (tmp_path / "cut.h5").write_bytes(data[: len(data) // 2])
+    stderr = run(tmp_path / "cut.h5", dst, check=False)
+    assert "Traceback" not in stderr and "cut.h5" in stderr, stderr
+
+    # An output that failed verification is never promoted, --no-verify or not.
+    from conveyor import convert as converter
+    with h5py.File(tmp_path / "v.h5", "w") as f:
+        f.create_dataset("x", data=np.arange(100))
+    real_reader = converter.ZarrSink.reader
+    monkeypatch.setattr(converter.ZarrSink, "reader",
+                        lambda self, name: (lambda start, stop: real_reader(self, name)(start, stop) + 1))
+    assert converter.main([str(tmp_path / "v.h5"), str(tmp_path / "v.zarr"), "--quiet"]) == 1
+    monkeypatch.setattr(converter.ZarrSink, "reader", real_reader)
+    stderr = run(tmp_path / "v.h5", tmp_path / "v.zarr", "--no-verify", check=False)
+    assert "failed verification before" in stderr and "--restart" in stderr, stderr
+    assert not (tmp_path / "v.zarr").exists()
+    assert run(tmp_path / "v.h5", tmp_path / "v.zarr", "--restart")["verified"]
