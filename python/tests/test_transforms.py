@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -233,6 +234,103 @@ def test_a_hanging_function_hits_the_timeout_and_workers_are_recycled(tmp_path, 
     # Three attempts by the client, each tried twice by the loader.
     assert metric(text, "conveyor_loader_transform_worker_restarts_total", dataset="h", cause="timeout") == 6
     assert metric(text, "conveyor_loader_transform_worker_restarts_total", dataset="h", cause="recycled") >= 1
+
+
+def alive(pid):
+    """Whether process `pid` runs (a zombie does not count)."""
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def wait_gone(pids, what, seconds=10):
+    deadline = time.monotonic() + seconds
+    while any(alive(pid) for pid in pids):
+        assert time.monotonic() < deadline, f"{what}: {[p for p in pids if alive(p)]} still running"
+
+
+def test_processes_a_function_starts_end_with_its_worker_and_with_the_loader(tmp_path, start_loader):
+    write_images(tmp_path / "d", n=40)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    modules = write_module(tmp_path, "forks", f"""
+        import os, time
+
+        def f(batch, indices, rng):
+            if os.fork() == 0:  # a helper the function leaves behind, holding the worker's sockets
+                open(os.path.join({str(pids)!r}, str(os.getpid())), "w").close()
+                time.sleep(600)
+                os._exit(0)
+            return {{"label": batch["label"]}}
+    """)
+    loader = start_loader({"d": tmp_path / "d"}, *python_args(modules, "--transform", "k=d:forks:f"))
+    seen = by_index(conveyor.StreamingDataset([loader.addr], "k", batch_size=10, shuffle="none"))
+    assert sorted(seen) == list(range(40))
+    deadline = time.monotonic() + 10
+    while len(os.listdir(pids)) < 4:
+        assert time.monotonic() < deadline, "every batch's helper started"
+    helpers = [int(name) for name in os.listdir(pids)]
+    assert any(alive(pid) for pid in helpers)
+    loader.proc.terminate()  # SIGTERM: the loader drains and exits
+    loader.proc.wait(timeout=30)
+    wait_gone(helpers, "helpers left after the loader's SIGTERM")
+
+
+def test_a_worker_that_exits_while_its_helper_keeps_the_socket_is_replaced_at_once(tmp_path, start_loader):
+    write_images(tmp_path / "d", n=40)
+    marker = tmp_path / "exited-once"
+    modules = write_module(tmp_path, "quits", f"""
+        import os, time
+
+        def f(batch, indices, rng):
+            if 23 in indices and not os.path.exists({str(marker)!r}):
+                open({str(marker)!r}, "w").close()
+                if os.fork() == 0:
+                    time.sleep(600)
+                os._exit(3)  # the worker goes; its helper keeps the control socket open
+            return {{"label": batch["label"]}}
+    """)
+    metrics_addr = f"127.0.0.1:{free_port()}"
+    loader = start_loader({"d": tmp_path / "d"}, *python_args(
+        modules, "--transform", "q=d:quits:f", "--transform-timeout", "60s", "--metrics-listen", metrics_addr))
+    started = time.monotonic()
+    seen = by_index(conveyor.StreamingDataset([loader.addr], "q", batch_size=10, shuffle="none"))
+    assert sorted(seen) == list(range(40)) and all(seen[i]["label"] == i for i in seen)
+    assert time.monotonic() - started < 20, "noticed long before --transform-timeout (60 s)"
+    assert metric(metrics(metrics_addr), "conveyor_loader_transform_worker_restarts_total", dataset="q",
+                  cause="crashed") == 1
+
+
+def test_a_stray_write_on_the_control_socket_cannot_pair_a_batch_with_another_batchs_rows(tmp_path, start_loader):
+    write_images(tmp_path / "d", n=60)
+    marker = tmp_path / "wrote-once"
+    modules = write_module(tmp_path, "stray", f"""
+        import json, os, stat, struct
+
+        def f(batch, indices, rng):
+            if 25 in indices and not os.path.exists({str(marker)!r}):
+                open({str(marker)!r}, "w").close()
+                # A reply the loader did not ask for, written on the worker's control socket.
+                fake = json.dumps({{"status": "error", "message": "not this batch's answer"}}).encode()
+                for fd in range(3, 64):
+                    try:
+                        if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                            os.write(fd, struct.pack("<I", len(fake)) + fake)
+                    except OSError:
+                        pass
+            return {{"label": batch["label"] * 2}}
+    """)
+    metrics_addr = f"127.0.0.1:{free_port()}"
+    loader = start_loader({"d": tmp_path / "d"}, *python_args(
+        modules, "--transform", "s=d:stray:f", "--metrics-listen", metrics_addr))
+    seen = by_index(conveyor.StreamingDataset([loader.addr], "s", batch_size=10, shuffle="none"))
+    assert marker.exists()
+    assert sorted(seen) == list(range(60))
+    assert all(seen[i]["label"] == 2 * i for i in seen), "every row is its own batch's"
+    assert metric(metrics(metrics_addr), "conveyor_loader_transform_worker_restarts_total", dataset="s",
+                  cause="crashed") == 1
 
 
 def test_clients_can_only_request_what_the_loader_was_configured_with(tmp_path, start_loader):

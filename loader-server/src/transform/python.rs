@@ -20,7 +20,7 @@
 use std::{
     fs::File,
     io::{ErrorKind, Read, Write},
-    os::unix::{fs::FileExt, net::UnixStream},
+    os::unix::{fs::FileExt, net::UnixStream, process::CommandExt},
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{
@@ -41,6 +41,9 @@ const WORKER_SCRIPT: &str = include_str!("worker.py");
 
 /// Alignment of arrays in the shared region (cache lines; numpy needs at most 8).
 const ALIGN: u64 = 64;
+
+/// How often a worker waited on is checked for having exited.
+const EXIT_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 
 /// How the workers are started and bounded (from the `--transform-*` flags).
 #[derive(Debug, Clone)]
@@ -397,6 +400,9 @@ enum Failure {
 #[derive(Serialize)]
 struct RunMessage<'a> {
     op: &'static str,
+    /// Echoed in the reply: a reply for another request (a stray write on the control socket)
+    /// is caught instead of being taken for this batch's.
+    id: u64,
     num_samples: u64,
     fields: Vec<FieldPlacement<'a>>,
     indices_offset: u64,
@@ -416,6 +422,9 @@ struct FieldPlacement<'a> {
 #[derive(Deserialize, Default)]
 struct Reply {
     status: String,
+    /// The request it answers (absent on `ready`).
+    #[serde(default)]
+    id: Option<u64>,
     #[serde(default)]
     message: String,
     #[serde(default)]
@@ -438,11 +447,15 @@ struct OutputPlacement {
 /// One worker process and its two channels.
 #[derive(Debug)]
 struct Worker {
+    /// The worker, leader of its own process group: processes its function starts are in the
+    /// group and are killed with it.
     child: Child,
     control: UnixStream,
     region: File,
-    /// Batches this worker has served.
+    /// Batches this worker has served (also the id of its next request).
     batches: u64,
+    /// Requests sent, the id of the next one.
+    next_id: u64,
     /// Seconds the function took on the last batch, as the worker measured.
     last_function_seconds: f64,
 }
@@ -478,7 +491,9 @@ impl Worker {
             // each extra thread pool costs address space under the cap.
             .env("OMP_NUM_THREADS", "1")
             .env("OPENBLAS_NUM_THREADS", "1")
-            .env("MKL_NUM_THREADS", "1");
+            .env("MKL_NUM_THREADS", "1")
+            // Its own process group: whatever the user's function forks goes with the worker.
+            .process_group(0);
         if !pythonpath.is_empty() {
             let joined = std::env::join_paths(&pythonpath).map_err(|e| format!("bad --transform-pythonpath: {e}"))?;
             command.env("PYTHONPATH", joined);
@@ -488,7 +503,7 @@ impl Worker {
         // The child's ends are closed here when `command` drops, so that a dead worker reads
         // as end-of-file on the control socket.
         drop(command);
-        let mut worker = Worker { child, control, region, batches: 0, last_function_seconds: 0.0 };
+        let mut worker = Worker { child, control, region, batches: 0, next_id: 0, last_function_seconds: 0.0 };
         let startup = options.timeout.max(Duration::from_secs(60));
         match worker.receive(startup) {
             Ok(reply) if reply.status == "ready" => Ok(worker),
@@ -530,8 +545,11 @@ impl Worker {
         }
         let indices: Vec<u8> = job.indices.iter().flat_map(|i| i.to_le_bytes()).collect();
         self.write_region(&indices, indices_offset)?;
+        let id = self.next_id;
+        self.next_id += 1;
         let message = RunMessage {
             op: "run",
+            id,
             num_samples: n,
             fields,
             indices_offset,
@@ -542,12 +560,23 @@ impl Worker {
         let body = serde_json::to_vec(&message).map_err(|e| died(RestartCause::Crashed, format!("encoding: {e}")))?;
         self.send(&body)?;
         let reply = self.receive(layout.options.timeout)?;
+        if reply.id != Some(id) {
+            self.kill();
+            return Err(died(
+                RestartCause::Crashed,
+                format!(
+                    "its reply was for request {:?} while request {id} was waiting: something else wrote on the \
+                     control socket (the function or a process it started), so the worker was killed",
+                    reply.id
+                ),
+            ));
+        }
         match reply.status.as_str() {
             "ok" => self.read_output(reply, n, shm_bytes),
             "error" => Err(Failure::Raised { message: reply.message, traceback: reply.traceback }),
             "schema" => Err(Failure::Schema(reply.message)),
             "memory" => {
-                let _ = self.child.wait();
+                self.kill();
                 Err(died(RestartCause::Memory, reply.message))
             }
             other => {
@@ -624,21 +653,31 @@ impl Worker {
                     "no answer within --transform-timeout; the worker was killed".to_owned(),
                 ));
             }
-            let _ = self.control.set_read_timeout(Some(left));
+            // Waits in slices, watching the worker's process: a worker that exits while a process
+            // it started holds the socket open is noticed within a slice, not at the timeout.
+            let _ = self.control.set_read_timeout(Some(left.min(EXIT_CHECK_INTERVAL)));
             match self.control.read(&mut buf[filled..]) {
                 Ok(0) => return Err(self.exit_failure("the worker exited".into())),
                 Ok(read) => filled += read,
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {}
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {
+                    if matches!(self.child.try_wait(), Ok(Some(_))) {
+                        return Err(
+                            self.exit_failure("the worker exited (a process it started kept its socket)".into())
+                        );
+                    }
+                }
                 Err(e) => return Err(self.exit_failure(format!("reading its reply: {e}"))),
             }
         }
         Ok(())
     }
 
-    /// How a worker that closed its socket ended.
+    /// How a worker that closed its socket (or exited) ended; what it started is killed.
     fn exit_failure(&mut self, what: String) -> Failure {
         use std::os::unix::process::ExitStatusExt;
+        // Its own exit status first (it is exiting); then whatever it started.
         let status = self.child.wait();
+        self.kill_group();
         let (cause, how) = match status {
             Ok(status) => match status.signal() {
                 Some(9) => (
@@ -653,9 +692,19 @@ impl Worker {
         died(cause, format!("{what}: {how}"))
     }
 
+    /// Kills the worker and every process of its group (what its function started).
     fn kill(&mut self) {
+        self.kill_group();
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// SIGKILL to the worker's process group. Its id stays the worker's pid while any member
+    /// lives (even once the worker is reaped), so it names no other process.
+    fn kill_group(&self) {
+        if let Some(pid) = i32::try_from(self.child.id()).ok().and_then(rustix::process::Pid::from_raw) {
+            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+        }
     }
 
     /// Asks the worker to exit and waits up to a second for it to close its socket (it does

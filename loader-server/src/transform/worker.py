@@ -8,6 +8,7 @@ import json
 import mmap
 import os
 import resource
+import signal
 import socket
 import struct
 import sys
@@ -65,7 +66,10 @@ def main():
     while True:
         message = receive()
         if message is None or message.get("op") == "exit":
+            end_group()
             return
+        # Every reply names the request it answers, so the loader can tell a stray write apart.
+        request = message["id"]
         num_samples = message["num_samples"]
         batch = {}
         for field in message["fields"]:
@@ -82,12 +86,12 @@ def main():
             output = function(batch, indices, rng)
         except MemoryError:
             del batch, indices
-            send({"status": "memory", "message": f"MemoryError: the function allocated past "
+            send({"status": "memory", "id": request, "message": f"MemoryError: the function allocated past "
                                                  f"--transform-worker-memory {memory_cap}"})
             return
         except BaseException as error:  # noqa: BLE001 - the user's exception goes back to the loader
             lines = traceback.format_exception(type(error), error, error.__traceback__)
-            send({"status": "error", "message": f"{type(error).__name__}: {error}",
+            send({"status": "error", "id": request, "message": f"{type(error).__name__}: {error}",
                   "traceback": "".join(lines[-6:])})
             del batch, indices
             continue
@@ -96,12 +100,22 @@ def main():
         try:
             fields = write_output(np, region, output, num_samples, message["out_offset"], message["out_capacity"])
         except MemoryError:
-            send({"status": "memory", "message": "MemoryError while copying the output"})
+            send({"status": "memory", "id": request, "message": "MemoryError while copying the output"})
             return
         except OutputError as error:
-            send({"status": "schema", "message": str(error)})
+            send({"status": "schema", "id": request, "message": str(error)})
             continue
-        send({"status": "ok", "fields": fields, "seconds": seconds})
+        send({"status": "ok", "id": request, "fields": fields, "seconds": seconds})
+
+
+def end_group():
+    """Kills the worker's process group, itself included: whatever the user's function started
+    (the loader makes each worker a group leader) ends with the worker, also when the loader is
+    gone. Never when this process leads no group of its own."""
+    if os.getpgid(0) == os.getpid():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.killpg(0, signal.SIGKILL)
 
 
 class OutputError(Exception):
