@@ -42,6 +42,21 @@ pub struct Config {
     #[arg(long, env = "LOADER_SHM_BYTES", default_value_t = 256 << 20)]
     pub shm_bytes: u64,
 
+    /// Shared memory of all Unix-socket connections together: a connection whose region would
+    /// pass it gets none (its batches go inline over the socket, counted in
+    /// conveyor_loader_shm_regions_refused_total). Bounds the loader's shared memory whatever
+    /// the number of connections.
+    #[arg(long, env = "LOADER_MAX_SHM_BYTES", default_value_t = 1 << 30)]
+    pub max_shm_bytes: u64,
+
+    /// User ids allowed on the --listen-unix socket (comma-separated, repeatable), checked with
+    /// the peer's credentials (SO_PEERCRED) before anything is read or mapped; others are
+    /// closed at once. Required when the loader asks for credentials (--auth-token-file,
+    /// --tls-client-ca) and listens on a Unix socket: neither reaches that socket's hello, and
+    /// TLS does not run there.
+    #[arg(long, env = "LOADER_UNIX_ALLOW_UID", value_delimiter = ',')]
+    pub unix_allow_uid: Vec<u32>,
+
     /// A dataset to serve, as NAME=PATH: a directory of .npy fields (FIELD.npy or FIELD-00000.npy
     /// shards), an .npz archive written by numpy.savez (its members are the fields), or a Zarr
     /// array or group (xarray's included: coordinates are described, not served); PATH may be
@@ -361,6 +376,17 @@ impl Config {
             return Err(format!(
                 "--disk-cache-block-bytes {} is outside 4096..67108864 (4 KiB to 64 MiB)",
                 self.disk_cache_block_bytes
+            ));
+        }
+        if self.listen_unix.is_some()
+            && self.unix_allow_uid.is_empty()
+            && (self.auth_token_file.is_some() || self.tls_client_ca.is_some())
+        {
+            let asked = if self.tls_client_ca.is_some() { "--tls-client-ca" } else { "--auth-token-file" };
+            return Err(format!(
+                "--listen-unix with {asked}: the Unix socket has no TLS and its shared-memory hello comes before any \
+                 token, so anyone who can open it would be served; name who may connect with --unix-allow-uid UID \
+                 (the trainers' user id, `id -u`), or drop --listen-unix"
             ));
         }
         if self.shm_bytes != 0 && self.shm_bytes < conveyor_proto::shm::MIN_REGION_BYTES {

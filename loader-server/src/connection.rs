@@ -30,7 +30,10 @@ use tonic::transport::server::{Connected, TlsConnectInfo};
 
 use conveyor_proto::shm;
 
-use crate::{service::LoaderState, shm::SharedRegion};
+use crate::{
+    service::LoaderState,
+    shm::{Reservation, SharedRegion},
+};
 
 /// The timeouts and the cap that apply to every connection.
 #[derive(Debug, Clone, Copy)]
@@ -283,6 +286,16 @@ pub fn incoming_unix(
                 },
                 () = ready_tx.closed() => return,
             };
+            // Who may connect is checked before anything is read or mapped (--unix-allow-uid).
+            let allowed = &state.config().unix_allow_uid;
+            if !allowed.is_empty() {
+                let uid = rustix::net::sockopt::socket_peercred(&stream).map(|cred| cred.uid.as_raw()).ok();
+                if !uid.is_some_and(|uid| allowed.contains(&uid)) {
+                    state.stats.unix_peers_refused.fetch_add(1, Relaxed);
+                    tracing::warn!(uid = ?uid, "closing a Unix-socket connection: its user id is not in --unix-allow-uid");
+                    continue;
+                }
+            }
             let Ok(slot) = slots.clone().try_acquire_owned() else {
                 state.stats.connections_refused.fetch_add(1, Relaxed);
                 tracing::warn!(
@@ -293,8 +306,12 @@ pub fn incoming_unix(
             };
             let (state, ready_tx) = (state.clone(), ready_tx.clone());
             tokio::spawn(async move {
-                let shm_bytes = state.config().shm_bytes;
-                let region = match tokio::time::timeout(limits.handshake_timeout, hello(&mut stream, shm_bytes)).await {
+                let shm = ShmLimits {
+                    region_bytes: state.config().shm_bytes,
+                    total_bytes: state.config().max_shm_bytes,
+                    in_use: state.stats.shm_bytes_in_use.clone(),
+                };
+                let region = match tokio::time::timeout(limits.handshake_timeout, hello(&mut stream, &shm)).await {
                     Ok(Ok(region)) => region,
                     Ok(Err(error)) => {
                         tracing::info!(%error, "closing a Unix-socket connection: its shared-memory hello failed");
@@ -305,9 +322,15 @@ pub fn incoming_unix(
                         return;
                     }
                 };
-                if region.is_some() {
-                    state.stats.shm_regions.fetch_add(1, Relaxed);
-                }
+                match &region {
+                    Hello::Granted(_) => state.stats.shm_regions.fetch_add(1, Relaxed),
+                    Hello::OverTotal => state.stats.shm_regions_refused.fetch_add(1, Relaxed),
+                    Hello::None => 0,
+                };
+                let region = match region {
+                    Hello::Granted(region) => Some(region),
+                    Hello::OverTotal | Hello::None => None,
+                };
                 let guarded = Guarded::new(Socket::Unix(stream), None, region, limits, state, slot);
                 let _ = ready_tx.send(Ok(guarded)).await;
             });
@@ -316,10 +339,30 @@ pub fn incoming_unix(
     tokio_stream::wrappers::ReceiverStream::new(ready_rx)
 }
 
+/// The shared-memory bounds a hello is answered within.
+struct ShmLimits {
+    /// One connection's region at most (`--shm-bytes`; 0: none).
+    region_bytes: u64,
+    /// All regions together (`--max-shm-bytes`).
+    total_bytes: u64,
+    /// What the regions granted and alive hold.
+    in_use: Arc<AtomicU64>,
+}
+
+/// How a connection's hello ended.
+enum Hello {
+    /// A region was granted.
+    Granted(Arc<SharedRegion>),
+    /// A region was asked for, but the regions alive hold `--max-shm-bytes` already.
+    OverTotal,
+    /// No region: none asked for, shared memory off, or it could not be created.
+    None,
+}
+
 /// Reads a client's shared-memory hello, if its first byte says it sends one (an HTTP/2 client
 /// starts with its preface instead, which is left unread), and answers it with a region of at
-/// most `shm_bytes` (0: refused).
-async fn hello(stream: &mut UnixStream, shm_bytes: u64) -> io::Result<Option<Arc<SharedRegion>>> {
+/// most `--shm-bytes`, when the regions alive leave room under `--max-shm-bytes`.
+async fn hello(stream: &mut UnixStream, shm: &ShmLimits) -> io::Result<Hello> {
     let mut first = [0u8; 1];
     let peeked = loop {
         stream.readable().await?;
@@ -331,28 +374,42 @@ async fn hello(stream: &mut UnixStream, shm_bytes: u64) -> io::Result<Option<Arc
         }
     };
     if peeked == 0 || first[0] != shm::MAGIC[0] {
-        return Ok(None);
+        return Ok(Hello::None);
     }
     let mut bytes = [0u8; shm::HELLO_BYTES];
     tokio::io::AsyncReadExt::read_exact(stream, &mut bytes).await?;
     let hello = shm::Hello::decode(&bytes).ok_or_else(|| io::Error::other("not a Conveyor shared-memory hello"))?;
-    let len = hello.max_bytes.min(shm_bytes);
-    let region = if len >= shm::MIN_REGION_BYTES {
-        match SharedRegion::create(hello.region_id, len) {
-            Ok(region) => Some(Arc::new(region)),
-            Err(error) => {
-                tracing::warn!(%error, bytes = len, "cannot create a shared-memory region; this connection goes without");
-                None
-            }
-        }
+    let len = hello.max_bytes.min(shm.region_bytes);
+    let answer = if len < shm::MIN_REGION_BYTES {
+        Hello::None
     } else {
-        None
+        match Reservation::take(&shm.in_use, len, shm.total_bytes) {
+            None => {
+                tracing::info!(
+                    bytes = len,
+                    total = shm.total_bytes,
+                    "no shared-memory region for this connection: --max-shm-bytes is in use; its batches go inline"
+                );
+                Hello::OverTotal
+            }
+            Some(reservation) => match SharedRegion::create(hello.region_id, len) {
+                Ok(region) => Hello::Granted(Arc::new(region.reserved(reservation))),
+                Err(error) => {
+                    tracing::warn!(%error, bytes = len, "cannot create a shared-memory region; this connection goes without");
+                    Hello::None
+                }
+            },
+        }
     };
     loop {
         stream.writable().await?;
-        let grant = || shm::send_grant(&*stream, region.as_ref().map(|r| r.region()));
+        let region = match &answer {
+            Hello::Granted(region) => Some(region.region()),
+            Hello::OverTotal | Hello::None => None,
+        };
+        let grant = || shm::send_grant(&*stream, region);
         match stream.try_io(tokio::io::Interest::WRITABLE, grant) {
-            Ok(()) => return Ok(region),
+            Ok(()) => return Ok(answer),
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
             Err(error) => return Err(error),
         }

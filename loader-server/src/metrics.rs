@@ -71,6 +71,24 @@ pub fn render(state: &LoaderState) -> String {
         &[("", stats.shm_regions.load(Relaxed))],
     );
     metric(
+        "conveyor_loader_shm_regions_refused_total",
+        "counter",
+        "Unix-socket connections that asked for a shared-memory region and got none (--max-shm-bytes in use).",
+        &[("", stats.shm_regions_refused.load(Relaxed))],
+    );
+    metric(
+        "conveyor_loader_shm_bytes",
+        "gauge",
+        "Shared memory of the regions granted now (at most --max-shm-bytes).",
+        &[("", stats.shm_bytes_in_use.load(Relaxed))],
+    );
+    metric(
+        "conveyor_loader_unix_peers_refused_total",
+        "counter",
+        "Unix-socket connections closed at once because their user id is not in --unix-allow-uid.",
+        &[("", stats.unix_peers_refused.load(Relaxed))],
+    );
+    metric(
         "conveyor_loader_allocator_bytes",
         "gauge",
         "The allocator's live bytes and the freed bytes it keeps for reuse (bounded by --allocator-retain-bytes).",

@@ -9,7 +9,10 @@
 
 use std::{
     collections::BTreeMap,
-    sync::{Mutex, atomic::Ordering},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use conveyor_proto::{
@@ -22,9 +25,36 @@ use conveyor_proto::{
 #[derive(Debug)]
 pub struct SharedRegion {
     region: Region,
+    /// Its bytes counted against `--max-shm-bytes` while it lives.
+    _reservation: Option<Reservation>,
     /// The client's name for the region, echoed in every slice.
     id: u64,
     extents: Mutex<Extents>,
+}
+
+/// Bytes counted in a shared total while it lives (a region under `--max-shm-bytes`).
+#[derive(Debug)]
+pub struct Reservation {
+    in_use: Arc<AtomicU64>,
+    bytes: u64,
+}
+
+impl Reservation {
+    /// Counts `bytes` in `in_use` when the total stays within `limit`; `None` otherwise.
+    pub fn take(in_use: &Arc<AtomicU64>, bytes: u64, limit: u64) -> Option<Reservation> {
+        in_use
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(bytes).filter(|&total| total <= limit)
+            })
+            .ok()
+            .map(|_| Reservation { in_use: in_use.clone(), bytes })
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.in_use.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
 }
 
 /// Free and used extents of the data area.
@@ -107,7 +137,13 @@ impl SharedRegion {
     pub fn create(id: u64, len: u64) -> std::io::Result<SharedRegion> {
         let region = Region::create(len)?;
         let extents = Mutex::new(Extents::new(region.len()));
-        Ok(SharedRegion { region, id, extents })
+        Ok(SharedRegion { region, _reservation: None, id, extents })
+    }
+
+    /// This region, its bytes given back to `reservation`'s count when it is dropped.
+    pub fn reserved(mut self, reservation: Reservation) -> SharedRegion {
+        self._reservation = Some(reservation);
+        self
     }
 
     /// The mapped region (to pass its descriptor).

@@ -3,7 +3,10 @@
 
 use std::{
     collections::BTreeMap,
-    sync::atomic::{AtomicU64, Ordering::Relaxed},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
 };
 
 use crate::error::RequestError;
@@ -45,6 +48,12 @@ pub struct Stats {
     pub shm_full: AtomicU64,
     /// Unix-socket connections granted a shared-memory region.
     pub shm_regions: AtomicU64,
+    /// Unix-socket connections that asked for a region and got none: --max-shm-bytes was in use.
+    pub shm_regions_refused: AtomicU64,
+    /// Shared memory of the regions granted and not yet released, in bytes.
+    pub shm_bytes_in_use: Arc<AtomicU64>,
+    /// Unix-socket connections closed at once: their peer's user id is not in --unix-allow-uid.
+    pub unix_peers_refused: AtomicU64,
     /// Calls refused for a missing or wrong token.
     pub auth_refused: AtomicU64,
     /// The allocator's live and retained bytes and purges (`--allocator-retain-bytes`).
