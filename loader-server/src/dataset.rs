@@ -431,6 +431,7 @@ impl Dataset {
             let shape = std::iter::once(indices.len() as u64).chain(field.sample_shape.iter().copied()).collect();
             let mut tensor = OutgoingTensor::new(field.name.clone(), field.dtype, shape);
             decoded += field.select_into(indices, &mut tensor, cache).map_err(|(block, reason)| ReadError {
+                transient: crate::storage::is_transient(&reason),
                 dataset: self.name.clone(),
                 field: field.name.clone(),
                 first_row: block * field.chunk_len,

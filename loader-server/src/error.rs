@@ -223,6 +223,9 @@ pub struct ReadError {
     pub last_row: u64,
     /// What failed.
     pub reason: String,
+    /// The failure is the storage's and transient ([`crate::storage::is_transient`]): the same
+    /// read may succeed a moment later.
+    pub transient: bool,
 }
 
 /// Why one batch request cannot be served. The stream and the server carry on.
@@ -332,6 +335,7 @@ impl RequestError {
             RequestError::IndexOutOfRange { .. } => Kind::IndexOutOfRange,
             RequestError::BatchTooLarge { .. } | RequestError::RegionTooSmall { .. } => Kind::BatchTooLarge,
             RequestError::EmptyBatch { .. } => Kind::EmptyBatch,
+            RequestError::ReadFailed(error) if error.transient => Kind::StorageUnavailable,
             RequestError::ReadFailed(_) | RequestError::GatherFailed { .. } => Kind::ReadFailed,
             RequestError::TransformFailed { .. } => Kind::TransformFailed,
             RequestError::WorkerFailed { .. } => Kind::WorkerFailed,
@@ -356,6 +360,7 @@ impl From<RequestError> for tonic::Status {
             RequestError::TransformFailed { .. } => tonic::Status::failed_precondition(message),
             RequestError::WorkerFailed { .. } => tonic::Status::unavailable(message),
             RequestError::EmptyBatch { .. } => tonic::Status::invalid_argument(message),
+            RequestError::ReadFailed(error) if error.transient => tonic::Status::unavailable(message),
             RequestError::ReadFailed(_) => tonic::Status::data_loss(message),
             RequestError::GatherFailed { .. } => tonic::Status::internal(message),
         }

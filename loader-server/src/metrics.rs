@@ -45,6 +45,7 @@ pub fn render(state: &LoaderState) -> String {
             ("{kind=\"batch_too_large\"}", stats.errors_batch_too_large.load(Relaxed)),
             ("{kind=\"empty_batch\"}", stats.errors_empty_batch.load(Relaxed)),
             ("{kind=\"read_failed\"}", stats.errors_read_failed.load(Relaxed)),
+            ("{kind=\"storage_unavailable\"}", stats.errors_storage_unavailable.load(Relaxed)),
             ("{kind=\"transform_failed\"}", stats.errors_transform_failed.load(Relaxed)),
             ("{kind=\"worker_failed\"}", stats.errors_worker_failed.load(Relaxed)),
         ],

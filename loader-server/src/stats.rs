@@ -30,6 +30,8 @@ pub struct Stats {
     pub streams_refused: AtomicU64,
     /// Batches failed because a chunk could not be read.
     pub errors_read_failed: AtomicU64,
+    /// Batches failed because the storage failed transiently (clients retry them).
+    pub errors_storage_unavailable: AtomicU64,
     /// Batches failed by their transform (the function raised or broke the schema).
     pub errors_transform_failed: AtomicU64,
     /// Batches failed because transform workers died on them twice.
@@ -130,6 +132,7 @@ impl Stats {
             RequestError::TransformFailed { .. } => &self.errors_transform_failed,
             RequestError::WorkerFailed { .. } => &self.errors_worker_failed,
             RequestError::EmptyBatch { .. } => &self.errors_empty_batch,
+            RequestError::ReadFailed(error) if error.transient => &self.errors_storage_unavailable,
             RequestError::ReadFailed(_) | RequestError::GatherFailed { .. } => &self.errors_read_failed,
         };
         counter.fetch_add(1, Relaxed);

@@ -227,6 +227,9 @@ class StreamingDataset(_Base):  # type: ignore[misc, valid-type]
         request_timeout, unavailable_timeout: seconds before a silent loader is dropped, and
             before no reachable loader at all is LoaderUnavailableError (also while the
             constructor waits for the first loader; Ctrl-C interrupts that wait).
+        storage_retry_timeout: seconds a batch whose loader's storage fails transiently (an object
+            store timing out or answering 5xx, after the loader's own retries) is asked for
+            again before the iteration raises BatchError.
         tls_ca: PEM file of the CA that signs the loaders' certificates; turns TLS on (as
             ``"https://host:port"`` loader addresses do, which otherwise trust the system's roots).
         tls_cert, tls_key: PEM client certificate and key, for loaders that require mutual TLS.
@@ -252,6 +255,7 @@ class StreamingDataset(_Base):  # type: ignore[misc, valid-type]
         device: Optional[str] = None,
         request_timeout: float = 30.0,
         unavailable_timeout: float = 60.0,
+        storage_retry_timeout: float = 120.0,
         tls_ca: Optional[str] = None,
         tls_cert: Optional[str] = None,
         tls_key: Optional[str] = None,
@@ -285,6 +289,7 @@ class StreamingDataset(_Base):  # type: ignore[misc, valid-type]
             prefetch=prefetch,
             request_timeout=float(request_timeout),
             unavailable_timeout=float(unavailable_timeout),
+            storage_retry_timeout=float(storage_retry_timeout),
             **_security(
                 dict(
                     tls_ca=tls_ca,

@@ -40,6 +40,7 @@ class Client:
         tls_domain: Optional[str] = None,
         auth_token: Optional[str] = None,
         auth_token_file: Optional[str] = None,
+        storage_retry_timeout: float = 120.0,
     ) -> None: ...
     def catalog(self) -> str: ...
     def plan(

@@ -44,6 +44,7 @@ create_exception!(
 const PYTHON_NAMES: &[(&str, &str)] = &[
     ("--unavailable-timeout", "unavailable_timeout"),
     ("--request-timeout", "request_timeout"),
+    ("--storage-retry-timeout", "storage_retry_timeout"),
     ("--max-message-bytes", "max_message_bytes"),
     ("--shuffle-window", "shuffle_window"),
     ("--auth-token-file", "auth_token_file"),
@@ -182,7 +183,7 @@ fn closed() -> PyErr {
 impl Client {
     /// Connects to `loaders` (`host:port`); waits until one replica has described its datasets.
     #[new]
-    #[pyo3(signature = (loaders, prefetch=8, request_timeout=30.0, unavailable_timeout=60.0, resolve_interval=3.0, max_message_bytes=None, tls_ca=None, tls_cert=None, tls_key=None, tls_domain=None, auth_token=None, auth_token_file=None))]
+    #[pyo3(signature = (loaders, prefetch=8, request_timeout=30.0, unavailable_timeout=60.0, resolve_interval=3.0, max_message_bytes=None, tls_ca=None, tls_cert=None, tls_key=None, tls_domain=None, auth_token=None, auth_token_file=None, storage_retry_timeout=120.0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -198,6 +199,7 @@ impl Client {
         tls_domain: Option<String>,
         auth_token: Option<String>,
         auth_token_file: Option<PathBuf>,
+        storage_retry_timeout: f64,
     ) -> PyResult<Client> {
         let seconds = |value: f64, name: &str| {
             Duration::try_from_secs_f64(value)
@@ -232,6 +234,7 @@ impl Client {
             request_timeout: seconds(request_timeout, "request_timeout")?,
             unavailable_timeout: seconds(unavailable_timeout, "unavailable_timeout")?,
             resolve_interval: seconds(resolve_interval, "resolve_interval")?,
+            storage_retry_timeout: seconds(storage_retry_timeout, "storage_retry_timeout")?,
             ..StreamOptions::default()
         };
         // Waited for in slices, so that Ctrl-C stops a wait for loaders that are not up.
@@ -470,6 +473,7 @@ fn datasets(
         tls_domain,
         auth_token,
         auth_token_file,
+        120.0,
     )?;
     let catalog = client.catalog();
     client.close(py)?;

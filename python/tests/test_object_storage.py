@@ -474,6 +474,44 @@ def test_the_s3_server_killed_and_restarted_mid_epoch_still_delivers_the_epoch_e
         server.kill()
 
 
+def test_a_store_outage_longer_than_the_loaders_retries_costs_time_not_the_run(tmp_path, start_loader):
+    board = write_chess(tmp_path, n=400, shard=100)
+    server = MotoNoAuth(str(tmp_path))
+    server.upload(tmp_path / "chess", "chess")
+    # Once the first data GETs have passed, the next 40 GETs of board rows answer 503: with
+    # --io-retries 2 each loader read gives up after 3 of them, so several batches come back as
+    # transient storage failures, which the client asks for again.
+    outage = {"left": 40}
+
+    def fault(n, method, path, range_):
+        if method == "GET" and "board-" in path and range_ and n > 12 and outage["left"] > 0:
+            outage["left"] -= 1
+            return "503"
+        return None
+
+    proxy = FaultProxy(("127.0.0.1", server.port), fault)
+    env = {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "AWS_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": proxy.url}
+    try:
+        metrics_addr = f"127.0.0.1:{free_port()}"
+        loader = start_loader({"c": "s3://data/chess"}, "--io-retries", "2", "--metrics-listen", metrics_addr,
+                              env=env)
+        index, got = epoch(loader, "c", "full", batch_size=20, seed=2)
+        assert sorted(index.tolist()) == list(range(400)), "every sample once through the outage"
+        assert got["board"].tobytes() == board.tobytes()
+        assert outage["left"] == 0, "the outage happened"
+        failed = metric(metrics(metrics_addr), "conveyor_loader_request_errors_total", kind="storage_unavailable")
+        assert failed >= 1, "batches were answered as transient storage failures and asked for again"
+        # A client that gives up at once fails naming the store's answer.
+        outage["left"] = 1000
+        ds = conveyor.StreamingDataset([loader.addr], "c", batch_size=20, storage_retry_timeout=0.5)
+        with pytest.raises(conveyor.BatchError, match="KIND_STORAGE_UNAVAILABLE.*503"):
+            list(ds)
+    finally:
+        proxy.stop()
+        server.kill()
+
+
 @pytest.mark.parametrize("replacement", ["same size", "64 bytes longer"])
 def test_an_object_replaced_mid_epoch_fails_its_batches_naming_it_and_never_mixes_versions(tmp_path, start_loader,
                                                                                           replacement):

@@ -11,7 +11,7 @@ use std::{ops::Deref, path::PathBuf, sync::Arc};
 
 use bytes::Bytes;
 
-pub use object::{ObjectStorage, StoreOptions};
+pub use object::{ObjectStorage, StoreOptions, is_transient};
 
 use crate::error::LoadError;
 

@@ -653,6 +653,35 @@ enum Output {
     Assembled(Vec<u8>),
 }
 
+/// Whether a read failure's message (an `object_store` error as this module or zarrs words it)
+/// is the store's and transient: an answer of 5xx or 429, a timeout, a reset, refused or failed
+/// connection. Such a read may succeed a moment later (clients retry it); anything else (a
+/// missing object, a refusal, an object that changed, bytes that do not decode) is permanent.
+pub fn is_transient(message: &str) -> bool {
+    let text = message.to_ascii_lowercase();
+    let status = text
+        .match_indices("status code: ")
+        .filter_map(|(at, found)| text[at + found.len()..].get(..3)?.parse::<u16>().ok())
+        .last();
+    if let Some(status) = status {
+        return status >= 500 || status == 429;
+    }
+    [
+        "error sending request",
+        "timed out",
+        "timeout",
+        "connection reset",
+        "connection refused",
+        "connection closed",
+        "broken pipe",
+        "endpoint is unreachable",
+        "error decoding response body",
+        "request or response body error",
+    ]
+    .iter()
+    .any(|needle| text.contains(needle))
+}
+
 /// The version of an object a loader serves: its ETag when the store gives one, and its
 /// modification time.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1028,6 +1057,30 @@ mod tests {
                 let again = storage.read_ranges("rows.npy", 4096, &version, &[0..100], None).expect("cached");
                 assert_eq!(&again[0][..], &[1u8; 100][..]);
             }
+        }
+    }
+
+    #[test]
+    fn storage_failures_are_told_transient_or_permanent_by_their_cause() {
+        for transient in [
+            "Generic S3 error: Error performing GET http://x/y in 1.2s, after 3 retries: Server returned non-2xx \
+             status code: 503 Service Unavailable: ",
+            "Generic HTTP error: ... Server returned non-2xx status code: 429 Too Many Requests",
+            "the endpoint is unreachable (Generic S3 error: error sending request for url); check --s3-endpoint",
+            "HTTP error: operation timed out",
+            "Generic S3 error: ... Connection reset by peer (os error 104)",
+        ] {
+            assert!(is_transient(transient), "{transient}");
+        }
+        for permanent in [
+            "object s3://data/x.npy does not exist",
+            "access to the prefix was denied (403 Forbidden); set AWS_ACCESS_KEY_ID",
+            "Generic S3 error: ... Server returned non-2xx status code: 404 Not Found",
+            "object mem://data/rows.npy changed since the loader listed it (it was ETag 1, it is another version \
+             (If-Match failed) now)",
+            "chunk c/0/0: its zstd frames declare 3221225472 decoded bytes",
+        ] {
+            assert!(!is_transient(permanent), "{permanent}");
         }
     }
 

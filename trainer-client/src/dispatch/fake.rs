@@ -54,6 +54,9 @@ pub struct Behaviour {
     pub refuses_token: bool,
     /// Answers every request with `KIND_WORKER_FAILED`, as a loader whose transform workers die.
     pub workers_fail: bool,
+    /// Answers the first this many requests of each stream with `KIND_STORAGE_UNAVAILABLE`, as
+    /// a loader whose object store is down for a while.
+    pub storage_outage: usize,
     /// What it says it serves.
     pub catalog: Vec<DatasetInfo>,
 }
@@ -69,6 +72,7 @@ impl Behaviour {
             down: false,
             refuses_token: false,
             workers_fail: false,
+            storage_outage: 0,
             catalog,
         }
     }
@@ -178,6 +182,7 @@ async fn serve(
     (log, seeds): (Log, Seeds),
 ) {
     let mut num_answered = 0;
+    let mut num_received = 0;
     let mut pending = futures::stream::FuturesUnordered::new();
     loop {
         tokio::select! {
@@ -193,10 +198,15 @@ async fn serve(
                     delay += behaviour.even_extra_delay;
                 }
                 let workers_fail = behaviour.workers_fail;
+                num_received += 1;
+                let storage_down = num_received <= behaviour.storage_outage;
                 pending.push(async move {
                     tokio::time::sleep(delay).await;
                     if workers_fail {
                         return worker_failed(request);
+                    }
+                    if storage_down {
+                        return storage_unavailable(request);
                     }
                     answer(request)
                 });
@@ -223,6 +233,19 @@ fn worker_failed(request: BatchRequest) -> BatchResponse {
         error: Some(BatchError {
             kind: Kind::WorkerFailed as i32,
             message: "the workers running t:f failed: killed by SIGKILL".into(),
+        }),
+        decoded_bytes: 0,
+    }
+}
+
+fn storage_unavailable(request: BatchRequest) -> BatchResponse {
+    BatchResponse {
+        batch_id: request.batch_id,
+        indices: request.indices,
+        tensors: Vec::new(),
+        error: Some(BatchError {
+            kind: Kind::StorageUnavailable as i32,
+            message: "object s3://data/x.npy: Server returned non-2xx status code: 503 Service Unavailable".into(),
         }),
         decoded_bytes: 0,
     }

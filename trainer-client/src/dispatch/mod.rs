@@ -62,6 +62,10 @@ pub struct StreamOptions {
     pub backoff_min: Duration,
     /// Longest retry delay.
     pub backoff_max: Duration,
+    /// How long a batch the storage fails transiently (`KIND_STORAGE_UNAVAILABLE`: a timeout, a
+    /// 5xx answer, a reset, after the loader's own retries) is asked for again before the run
+    /// fails: an object store outage shorter than this costs time, not the run.
+    pub storage_retry_timeout: Duration,
 }
 
 impl Default for StreamOptions {
@@ -74,6 +78,7 @@ impl Default for StreamOptions {
             resolve_interval: Duration::from_secs(3),
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(3),
+            storage_retry_timeout: Duration::from_secs(120),
         }
     }
 }

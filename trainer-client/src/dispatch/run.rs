@@ -55,6 +55,9 @@ pub struct Run {
     /// Batches a replica answered with a retryable error (`KIND_WORKER_FAILED`): the replica
     /// that failed each last, and how many times it has failed.
     worker_failures: BTreeMap<u64, (ReplicaAddr, u32)>,
+    /// Batches the storage failed transiently (`KIND_STORAGE_UNAVAILABLE`): when the first
+    /// failure came (they are asked for again until `--storage-retry-timeout` after it).
+    storage_failures: BTreeMap<u64, Instant>,
     /// Answers that arrived ahead of `next_deliver`; at most `prefetch` of them.
     ready: BTreeMap<u64, Batch>,
     /// Batches reported to the hook as consumed.
@@ -96,6 +99,7 @@ impl Run {
             next_deliver: 0,
             retry: BTreeSet::new(),
             worker_failures: BTreeMap::new(),
+            storage_failures: BTreeMap::new(),
             ready: BTreeMap::new(),
             num_reported: 0,
             hook: None,
@@ -325,6 +329,10 @@ impl Run {
     /// (`KIND_WORKER_FAILED`), at most [`Run::MAX_WORKER_FAILURES`] times per batch, on another
     /// replica when one is up.
     fn retry_elsewhere(&mut self, seq: u64, addr: ReplicaAddr, response: &BatchResponse) -> bool {
+        if response.error.as_ref().is_some_and(|e| e.kind() == BatchErrorKind::StorageUnavailable) {
+            return self.retry_storage(seq, addr, response);
+        }
+        self.storage_failures.remove(&seq);
         let retryable = response.error.as_ref().is_some_and(|e| e.kind() == BatchErrorKind::WorkerFailed);
         let failures = self.worker_failures.get(&seq).map_or(0, |(_, n)| *n);
         if !retryable || failures + 1 >= Self::MAX_WORKER_FAILURES {
@@ -341,6 +349,23 @@ impl Run {
 
     /// Answers with `KIND_WORKER_FAILED` one batch may get before the run fails.
     const MAX_WORKER_FAILURES: u32 = 3;
+
+    /// Queues `seq` again after a transient storage failure, until `storage_retry_timeout` has
+    /// passed since its first one (then the run fails with the loader's message). Each answer
+    /// comes after the loader's own retries with backoff, which pace these.
+    fn retry_storage(&mut self, seq: u64, addr: ReplicaAddr, response: &BatchResponse) -> bool {
+        let now = Instant::now();
+        let first = *self.storage_failures.entry(seq).or_insert(now);
+        if now.duration_since(first) >= self.loaders.pool.options().storage_retry_timeout {
+            self.storage_failures.remove(&seq);
+            return false;
+        }
+        let message = response.error.as_ref().map(|e| e.message.as_str()).unwrap_or_default();
+        tracing::warn!(replica = %addr, seq, message, "the storage failed transiently; asking for the batch again");
+        self.loaders.pool.stats.retried_batches += 1;
+        self.retry.insert(seq);
+        true
+    }
 
     fn check(&mut self, seq: u64, addr: ReplicaAddr, response: BatchResponse) -> Result<Batch, ClientError> {
         let (epoch, batch) = self.schedule.position(seq);

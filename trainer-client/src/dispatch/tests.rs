@@ -142,6 +142,43 @@ async fn a_batch_every_replica_fails_on_its_side_ends_the_run_with_the_loaders_m
 }
 
 #[tokio::test(start_paused = true)]
+async fn batches_the_storage_fails_transiently_are_asked_for_again_until_it_recovers() {
+    // The only replica's object store is down for its first 25 requests (each answered after
+    // 300 ms, as the loader's own retries take): the run waits it out, every batch once.
+    let mut outage = answering(300, 100);
+    outage.storage_outage = 25;
+    let fake = FakeReplicas::new([(addr(1), outage)]);
+    let loaders = connect(&fake, &["127.0.0.1:1"]).await;
+    let plan = loaders.plan("d", &settings(10, Shuffle::Full)).expect("plan");
+    let mut run = loaders.epoch("d", plan.clone(), 0).expect("run");
+    let batches = drain(&mut run).await;
+    assert_eq!(delivered(&batches), planned(&plan, 0..1), "every batch once, in order");
+    assert!(run.stats().retried_batches >= 25, "{:?}", run.stats());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_storage_outage_longer_than_the_retry_timeout_ends_the_run_with_the_loaders_message() {
+    let mut outage = answering(300, 100);
+    outage.storage_outage = usize::MAX;
+    let fake = FakeReplicas::new([(addr(1), outage)]);
+    let options = StreamOptions { storage_retry_timeout: Duration::from_secs(5), ..options() };
+    let loaders = Loaders::connect_with(&["127.0.0.1:1".into()], options, fake.clone()).await.expect("connect");
+    let plan = loaders.plan("d", &settings(10, Shuffle::None)).expect("plan");
+    let started = Instant::now();
+    let mut run = loaders.epoch("d", plan, 0).expect("run");
+    let error = run.next().await.expect("an item").expect_err("refused");
+    match &error {
+        ClientError::BatchRefused { kind, message, .. } => {
+            assert_eq!(*kind, crate::BatchErrorKind::StorageUnavailable);
+            assert!(message.contains("503"), "{message}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_secs(5) && waited < Duration::from_secs(7), "{waited:?}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_request_unanswered_past_the_timeout_goes_to_another_replica() {
     let mut silent = answering(1, 100);
     silent.silent = true;

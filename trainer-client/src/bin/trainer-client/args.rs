@@ -91,6 +91,10 @@ pub struct LoaderArgs {
     /// Fail when no replica is reachable for this long.
     #[arg(long, env = "TRAINER_UNAVAILABLE_TIMEOUT", default_value = "60s", value_parser = conveyor_proto::parse_duration)]
     pub unavailable_timeout: Duration,
+    /// Ask again for a batch the storage fails transiently (a loader's object store times out
+    /// or answers 5xx, after the loader's own retries) for this long before the run fails.
+    #[arg(long, env = "TRAINER_STORAGE_RETRY_TIMEOUT", default_value = "120s", value_parser = conveyor_proto::parse_duration)]
+    pub storage_retry_timeout: Duration,
     /// Largest shared-memory region mapped per loader on this host (a unix: loader, or a TCP
     /// one whose socket the client finds; the loader may grant less). The client's mapped
     /// shared memory is at most this times those loaders; 0, or CONVEYOR_SHM=0 in the
@@ -115,6 +119,7 @@ impl LoaderArgs {
             max_message_bytes: defaults.connect.max_message_bytes,
             request_timeout: defaults.request_timeout,
             unavailable_timeout: Duration::from_secs(30),
+            storage_retry_timeout: defaults.storage_retry_timeout,
             resolve_interval: defaults.resolve_interval,
             shm_bytes: defaults.connect.shm_bytes,
             security: SecurityArgs::default(),
@@ -135,6 +140,7 @@ impl LoaderArgs {
             prefetch: self.prefetch,
             request_timeout: self.request_timeout,
             unavailable_timeout: self.unavailable_timeout,
+            storage_retry_timeout: self.storage_retry_timeout,
             resolve_interval: self.resolve_interval,
             ..StreamOptions::default()
         })
