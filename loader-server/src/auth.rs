@@ -127,7 +127,9 @@ impl Interceptor for TokenCheck {
         };
         self.state.stats.auth_refused.fetch_add(1, Relaxed);
         let peer = ConnInfo::of(&request).and_then(|c| c.remote);
-        tracing::warn!(peer = ?peer, reason = refusal.0, "refused an unauthenticated call");
+        if let Some(not_logged) = self.state.stats.auth_log.admit() {
+            tracing::warn!(peer = ?peer, reason = refusal.0, not_logged, "refused an unauthenticated call");
+        }
         Err(Status::unauthenticated(refusal.1))
     }
 }

@@ -251,7 +251,14 @@ pub fn incoming(
                 };
                 let Ok(slot) = slots.clone().try_acquire_owned() else {
                     state.stats.connections_refused.fetch_add(1, Relaxed);
-                    tracing::warn!(peer = %remote, max = limits.max_connections, "refusing a connection: --max-connections are open");
+                    if let Some(not_logged) = state.stats.refusal_log.admit() {
+                        tracing::warn!(
+                            peer = %remote,
+                            max = limits.max_connections,
+                            not_logged,
+                            "refusing a connection: --max-connections are open"
+                        );
+                    }
                     drop(stream);
                     continue;
                 };
@@ -292,16 +299,25 @@ pub fn incoming_unix(
                 let uid = rustix::net::sockopt::socket_peercred(&stream).map(|cred| cred.uid.as_raw()).ok();
                 if !uid.is_some_and(|uid| allowed.contains(&uid)) {
                     state.stats.unix_peers_refused.fetch_add(1, Relaxed);
-                    tracing::warn!(uid = ?uid, "closing a Unix-socket connection: its user id is not in --unix-allow-uid");
+                    if let Some(not_logged) = state.stats.refusal_log.admit() {
+                        tracing::warn!(
+                            uid = ?uid,
+                            not_logged,
+                            "closing a Unix-socket connection: its user id is not in --unix-allow-uid"
+                        );
+                    }
                     continue;
                 }
             }
             let Ok(slot) = slots.clone().try_acquire_owned() else {
                 state.stats.connections_refused.fetch_add(1, Relaxed);
-                tracing::warn!(
-                    max = limits.max_connections,
-                    "refusing a Unix-socket connection: --max-connections are open"
-                );
+                if let Some(not_logged) = state.stats.refusal_log.admit() {
+                    tracing::warn!(
+                        max = limits.max_connections,
+                        not_logged,
+                        "refusing a Unix-socket connection: --max-connections are open"
+                    );
+                }
                 continue;
             };
             let (state, ready_tx) = (state.clone(), ready_tx.clone());

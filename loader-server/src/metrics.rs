@@ -2,7 +2,14 @@
 //! operator asks first — batches and bytes served, errors by kind, in-flight bytes against the
 //! limit, open streams.
 
-use std::{fmt::Write as _, future::Future, sync::Arc, sync::atomic::Ordering::Relaxed, time::Duration};
+use std::{
+    collections::HashMap,
+    fmt::Write as _,
+    future::Future,
+    net::IpAddr,
+    sync::{Arc, Mutex, atomic::Ordering::Relaxed},
+    time::Duration,
+};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -290,6 +297,9 @@ fn as_refs(samples: &[(String, u64)]) -> Vec<(&str, u64)> {
 
 /// Scrapes answered at once; more connections are closed unanswered.
 pub const MAX_CONNECTIONS: usize = 16;
+/// Connections one peer address may hold at once, so that idle connections from one host
+/// cannot take every slot from the scrapers.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 4;
 /// How long one scrape may take, reading the request and writing the answer.
 pub const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -299,19 +309,24 @@ pub const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
 /// pause rather than in a busy loop.
 pub async fn serve_metrics(listener: TcpListener, state: Arc<LoaderState>, shutdown: impl Future<Output = ()>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let peers: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
             () = &mut shutdown => return,
             accepted = listener.accept() => accepted,
         };
-        let socket = match accepted {
-            Ok((socket, _)) => socket,
+        let (socket, peer) = match accepted {
+            Ok((socket, remote)) => (socket, remote.ip()),
             Err(error) => {
                 tracing::warn!(%error, "metrics endpoint cannot accept a connection; retrying in 100ms");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
+        };
+        let Some(per_peer) = PeerSlot::take(&peers, peer) else {
+            tracing::debug!(%peer, "metrics endpoint: this peer holds its connections already; closing one");
+            continue;
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::debug!("metrics endpoint busy; closing a connection");
@@ -319,9 +334,39 @@ pub async fn serve_metrics(listener: TcpListener, state: Arc<LoaderState>, shutd
         };
         let state = state.clone();
         tokio::spawn(async move {
-            let _slot = slot;
+            let _slots = (slot, per_peer);
             let _ = tokio::time::timeout(SCRAPE_TIMEOUT, answer(socket, &state)).await;
         });
+    }
+}
+
+/// One of a peer's [`MAX_CONNECTIONS_PER_PEER`] connections, given back when dropped.
+struct PeerSlot {
+    peers: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    peer: IpAddr,
+}
+
+impl PeerSlot {
+    fn take(peers: &Arc<Mutex<HashMap<IpAddr, usize>>>, peer: IpAddr) -> Option<PeerSlot> {
+        let mut held = peers.lock().unwrap_or_else(|p| p.into_inner());
+        let count = held.entry(peer).or_insert(0);
+        if *count >= MAX_CONNECTIONS_PER_PEER {
+            return None;
+        }
+        *count += 1;
+        Some(PeerSlot { peers: peers.clone(), peer })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut held = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = held.get_mut(&self.peer) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.peer);
+            }
+        }
     }
 }
 

@@ -76,5 +76,21 @@ pub fn members(path: &Path) -> Result<Vec<Member>, LoadError> {
             entry.data_start().ok_or_else(|| at_fault("no readable local header; the archive is damaged".into()))?;
         members.push(Member { file_name: name, data_start, size: entry.size() });
     }
+    // Members share no bytes: a crafted directory whose entries overlap would serve the same
+    // bytes as two fields (or one member's bytes as another's header).
+    let mut by_start: Vec<&Member> = members.iter().collect();
+    by_start.sort_by_key(|m| m.data_start);
+    for pair in by_start.windows(2) {
+        if pair[0].data_start.saturating_add(pair[0].size) > pair[1].data_start {
+            return Err(LoadError::Npz {
+                path: path.to_owned(),
+                problem: format!(
+                    "members {} and {} overlap in the archive (its zip directory was crafted or damaged); write it \
+                     again with numpy.savez",
+                    pair[0].file_name, pair[1].file_name
+                ),
+            });
+        }
+    }
     Ok(members)
 }

@@ -56,6 +56,10 @@ pub struct Stats {
     pub shm_bytes_in_use: Arc<AtomicU64>,
     /// Unix-socket connections closed at once: their peer's user id is not in --unix-allow-uid.
     pub unix_peers_refused: AtomicU64,
+    /// Log lines of refused calls (a missing or wrong token).
+    pub auth_log: crate::throttle::LogThrottle,
+    /// Log lines of connections refused (over --max-connections, or not in --unix-allow-uid).
+    pub refusal_log: crate::throttle::LogThrottle,
     /// Calls refused for a missing or wrong token.
     pub auth_refused: AtomicU64,
     /// The allocator's live and retained bytes and purges (`--allocator-retain-bytes`).

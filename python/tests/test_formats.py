@@ -325,3 +325,15 @@ def test_a_compressed_chunk_that_would_decode_past_its_shape_fails_its_batch_wit
     status = open(f"/proc/{loader.proc.pid}/status").read()
     peak_kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
     assert peak_kb < 300 << 10, f"the loader peaked at {peak_kb} kB"
+
+
+def test_npz_members_that_overlap_in_the_archive_are_refused(tmp_path):
+    np.savez(tmp_path / "o.npz", a=np.arange(8), b=np.arange(8) * 2)
+    data = bytearray((tmp_path / "o.npz").read_bytes())
+    # Point b's central directory entry at a's local header: both would map a's bytes.
+    entries = [i for i in range(len(data)) if data[i:i + 4] == b"PK\x01\x02"]
+    offsets = [struct.unpack_from("<I", data, i + 42)[0] for i in entries]
+    struct.pack_into("<I", data, entries[1] + 42, offsets[0])
+    (tmp_path / "crafted.npz").write_bytes(bytes(data))
+    stderr = refusal("--dataset", f"c={tmp_path / 'crafted.npz'}")
+    assert "overlap in the archive" in stderr and "a.npy" in stderr and "b.npy" in stderr, stderr

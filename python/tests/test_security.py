@@ -1,12 +1,16 @@
 """TLS, mutual TLS and tokens from Python, against real loaders, with certificates made by
 trustme (a test CA, a server certificate for localhost, a client certificate)."""
 
+import os
+import subprocess
+import time
+
 import numpy as np
 import pytest
 import trustme
 
 import conveyor
-from conftest import write_chess_like
+from conftest import binary, write_chess_like
 
 N = 500
 
@@ -73,3 +77,27 @@ def test_tokens_right_from_the_argument_or_the_environment_wrong_and_missing(tmp
     monkeypatch.delenv("CONVEYOR_AUTH_TOKEN")
     with pytest.raises(conveyor.AuthenticationError, match="requires a token"):
         conveyor.datasets(addrs)
+
+
+def test_a_flood_of_refused_calls_writes_a_line_a_second_not_a_line_a_call(tmp_path):
+    write_chess_like(tmp_path / "c", 100)
+    (tmp_path / "tokens").write_text("right\n")
+    loader = subprocess.Popen([binary("loader-server"), "--listen", "127.0.0.1:0", "--dataset", f"c={tmp_path / 'c'}",
+                               "--auth-token-file", str(tmp_path / "tokens")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, LOADER_LOG="warn"))
+    try:
+        addr = loader.stdout.readline().split()[-1]
+        started = time.monotonic()
+        for _ in range(60):
+            with pytest.raises(conveyor.AuthenticationError):
+                conveyor.datasets([addr], auth_token="wrong", unavailable_timeout=5)
+        seconds = time.monotonic() - started
+    finally:
+        loader.terminate()
+        _, stderr = loader.communicate(timeout=30)
+    lines = [line for line in stderr.splitlines() if "refused an unauthenticated call" in line]
+    # 60 refused connects (each one call or more): a line per second at most, each saying how
+    # many it left out (LogThrottle's unit test checks the count).
+    assert 1 <= len(lines) <= seconds + 2 and len(lines) < 30, f"{len(lines)} lines in {seconds:.1f}s"
+    assert all("not_logged=" in line for line in lines), lines

@@ -278,3 +278,24 @@ def test_torchdatas_stateful_dataloader_resumes_with_workers(tmp_path, start_loa
     resumed.load_state_dict(state)
     rest = [b["__index__"].numpy() for b in resumed]
     assert np.array_equal(np.concatenate(taken + rest), np.concatenate(full)), "the rest exactly, nothing twice"
+
+
+def test_idle_connections_from_one_host_cannot_take_the_metrics_endpoint_from_a_scraper(tmp_path, start_loader):
+    import http.client
+    import socket
+    write_chess_like(tmp_path / "c", 100)
+    metrics_addr = f"127.0.0.1:{free_port()}"
+    start_loader({"c": tmp_path / "c"}, "--metrics-listen", metrics_addr)
+    host, port = metrics_addr.rsplit(":", 1)
+    # 20 connections from 127.0.0.1 that never send a request (more than the endpoint's 16 slots).
+    idle = [socket.create_connection((host, int(port))) for _ in range(20)]
+    try:
+        # A scraper on another address (127.0.0.2 is loopback too) is answered at once.
+        scraper = http.client.HTTPConnection(host, int(port), timeout=3, source_address=("127.0.0.2", 0))
+        started = time.monotonic()
+        scraper.request("GET", "/metrics")
+        body = scraper.getresponse().read().decode()
+        assert "conveyor_loader_max_streams" in body and time.monotonic() - started < 2
+    finally:
+        for connection in idle:
+            connection.close()

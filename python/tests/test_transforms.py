@@ -447,3 +447,12 @@ def test_window_centre_crop_cast_and_clip_match_numpy(tmp_path, start_loader):
         want = np.clip(np.clip(scaled, -32768, 32767), -1000, 30000).astype(np.int16)
         assert sample["counts"].tobytes() == want.tobytes(), index
     assert len(starts) > 15, f"windows start at few places: {sorted(starts)}"
+
+
+def test_a_pipeline_files_comments_are_not_published_in_its_derivation(tmp_path, start_loader):
+    write_images(tmp_path / "d", n=20)
+    (tmp_path / "aug.pipeline").write_text("# tuned on the private set at /secret/path\nimage: flip(axis=-1, p=1)\n"
+                                           "  # a second note\n")
+    loader = start_loader({"d": tmp_path / "d"}, "--pipeline", f"a=d:@{tmp_path / 'aug.pipeline'}")
+    info = conveyor.datasets([loader.addr])["a"]
+    assert info.derivation == "d | pipeline image: flip(axis=-1, p=1)", info.derivation

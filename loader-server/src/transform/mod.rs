@@ -249,8 +249,11 @@ pub fn open_derived(state: &LoaderState) -> Result<Vec<Derived>, LoadError> {
             };
             let pipeline = ops::Pipeline::new(&text, &source_schema).map_err(fail)?;
             let schema = pipeline.schema().to_vec();
-            let derivation =
-                format!("{} | pipeline {}", spec.source, text.split_whitespace().collect::<Vec<_>>().join(" "));
+            let derivation = format!(
+                "{} | pipeline {}",
+                spec.source,
+                ops::without_comments(&text).split_whitespace().collect::<Vec<_>>().join(" ")
+            );
             (Transform::Pipeline(pipeline), schema, derivation)
         } else {
             let probe_indices: Vec<u64> = (0..source.num_samples.min(4)).collect();

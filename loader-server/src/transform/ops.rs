@@ -113,6 +113,13 @@ pub struct Pipeline {
     schema: Vec<FieldSchema>,
 }
 
+/// `text` without its comment lines (lines starting with `#`, as pipeline files have): what a
+/// pipeline is parsed from, and what a derived dataset's `derivation` publishes (comments may say
+/// things their authors never meant clients to read).
+pub fn without_comments(text: &str) -> String {
+    text.lines().filter(|line| !line.trim_start().starts_with('#')).collect::<Vec<_>>().join("\n")
+}
+
 impl Pipeline {
     /// Parses `text` and fits it to `source` (the source dataset's fields).
     ///
@@ -120,9 +127,7 @@ impl Pipeline {
     /// A message naming the field, the operator and what to change.
     pub fn new(text: &str, source: &[FieldSchema]) -> Result<Pipeline, String> {
         let mut chains: Vec<FieldChain> = Vec::new();
-        // Lines starting with # are comments (pipeline files).
-        let text: String =
-            text.lines().filter(|line| !line.trim_start().starts_with('#')).collect::<Vec<_>>().join("\n");
+        let text = without_comments(text);
         for part in text.split(';').map(str::trim).filter(|p| !p.is_empty()) {
             let (field_name, ops_text) = part.split_once(':').ok_or_else(|| {
                 format!("'{part}' does not name its field; write FIELD: op | op, for example image: flip(axis=-1)")
