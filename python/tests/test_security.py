@@ -40,8 +40,8 @@ def test_tls_with_the_loaders_ca_streams_an_epoch_and_the_system_roots_refuse_it
     ds = conveyor.StreamingDataset(https, "c", batch_size=64, tls_ca=pki["ca"], unavailable_timeout=10)
     assert np.array_equal(epoch_indices(ds), np.arange(N))
     assert "c" in conveyor.datasets(https, tls_ca=str(pki["ca"]))
-    with pytest.raises(conveyor.LoaderUnavailableError, match="(?i)certificate"):
-        conveyor.StreamingDataset(https, "c", unavailable_timeout=2)
+    with pytest.raises(conveyor.AuthenticationError, match="(?i)certificate"):  # at once, by cause
+        conveyor.StreamingDataset(https, "c", unavailable_timeout=30)
 
 
 def test_mutual_tls_needs_the_client_certificate(tmp_path, start_loader, pki):
@@ -55,8 +55,16 @@ def test_mutual_tls_needs_the_client_certificate(tmp_path, start_loader, pki):
         https, "c", batch_size=64, tls_ca=pki["ca"], tls_cert=pki["client-cert"], tls_key=pki["client-key"]
     )
     assert np.array_equal(epoch_indices(ds), np.arange(N))
-    with pytest.raises(conveyor.ConveyorError):
-        conveyor.StreamingDataset(https, "c", tls_ca=pki["ca"], unavailable_timeout=2)
+    # Refusals are reported by cause at once, not after unavailable_timeout.
+    started = time.monotonic()
+    with pytest.raises(conveyor.AuthenticationError, match="requires client certificates.*give tls_cert and tls_key"):
+        conveyor.StreamingDataset(https, "c", tls_ca=pki["ca"], unavailable_timeout=30)
+    other_ca = trustme.CA()
+    other_ca.cert_pem.write_to_path(str(tmp_path / "other-ca.pem"))
+    with pytest.raises(conveyor.AuthenticationError, match="invalid peer certificate: UnknownIssuer"):
+        conveyor.StreamingDataset(https, "c", tls_ca=tmp_path / "other-ca.pem", tls_cert=pki["client-cert"],
+                                  tls_key=pki["client-key"], unavailable_timeout=30)
+    assert time.monotonic() - started < 10
     with pytest.raises(conveyor.InvalidSettingsError, match="tls_cert and tls_key go together"):
         conveyor.StreamingDataset(https, "c", tls_ca=pki["ca"], tls_cert=pki["client-cert"])
 

@@ -355,6 +355,18 @@ pub(crate) async fn list_datasets(
                     status.message()
                 ),
             )
+        } else if options.tls.as_ref().is_some_and(|tls| tls.identity.is_none())
+            && (status.code() == tonic::Code::Cancelled
+                || (status.code() == tonic::Code::Unknown && message.contains("transport error")))
+        {
+            // What a client without a certificate sees of a loader that requires one: the
+            // handshake completes, then the loader closes the connection. Said as the refusal
+            // it is, so the connect fails at once rather than after --unavailable-timeout.
+            tonic::Status::permission_denied(format!(
+                "{}: the loader closed the TLS connection after the handshake, as a loader that requires client \
+                 certificates (mutual TLS) does when none is given; give --tls-cert and --tls-key",
+                status.message()
+            ))
         } else {
             status
         };

@@ -191,7 +191,10 @@ pub enum ClientError {
         last_errors: Vec<ReplicaFailure>,
     },
     /// Every loader refused the client's credentials (token or certificate).
-    #[error("every loader refused this client's credentials: {}", Failures(last_errors))]
+    #[error(
+        "every loader refused this client's credentials, or the TLS handshake failed on a certificate: {}",
+        Failures(last_errors)
+    )]
     Refused {
         /// The last error of each replica.
         last_errors: Vec<ReplicaFailure>,
@@ -207,6 +210,9 @@ pub enum ClientError {
     Runtime(#[source] std::io::Error),
 }
 
+/// What rustls says when a TLS handshake fails on a certificate.
+const TLS_REFUSALS: [&str; 3] = ["invalid peer certificate", "received fatal alert", "peer is incompatible"];
+
 /// The last failure of one replica, for [`ClientError::Unavailable`].
 #[derive(Debug, Clone)]
 pub struct ReplicaFailure {
@@ -217,11 +223,20 @@ pub struct ReplicaFailure {
 }
 
 impl ClientError {
-    /// Whether a loader refused the credentials (UNAUTHENTICATED or PERMISSION_DENIED), which
-    /// retrying cannot fix.
+    /// Whether a loader refused the credentials (UNAUTHENTICATED or PERMISSION_DENIED), or the
+    /// TLS handshake failed on a certificate (one this client does not trust, or a fatal alert
+    /// from the loader): retrying cannot fix either, so the connect fails at once with the cause.
     pub fn is_refusal(&self) -> bool {
-        matches!(self, ClientError::Rpc { status, .. }
-            if matches!(status.code(), tonic::Code::Unauthenticated | tonic::Code::PermissionDenied))
+        match self {
+            ClientError::Rpc { status, .. } => {
+                matches!(status.code(), tonic::Code::Unauthenticated | tonic::Code::PermissionDenied)
+            }
+            ClientError::Connect { .. } => {
+                let text = chain(self);
+                TLS_REFUSALS.iter().any(|cause| text.contains(cause))
+            }
+            _ => false,
+        }
     }
 }
 
