@@ -226,7 +226,9 @@ pub struct Config {
     #[arg(long, env = "LOADER_ZARR_MISSING_CHUNKS", value_enum, default_value_t = MissingChunks::Error)]
     pub zarr_missing_chunks: MissingChunks,
 
-    /// Concurrent batch streams; more are refused with RESOURCE_EXHAUSTED.
+    /// Concurrent batch streams, shared fairly between connections: when all are held, a new
+    /// stream of a connection holding fewer takes the slot of another connection's longest-idle
+    /// stream; one that can take none is refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "LOADER_MAX_STREAMS", default_value = "64")]
     pub max_streams: NonZeroUsize,
 

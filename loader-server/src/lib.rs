@@ -23,6 +23,7 @@ pub mod service;
 pub mod shm;
 pub mod stats;
 pub mod storage;
+pub mod stream_slots;
 pub mod throttle;
 pub mod transform;
 pub mod zarr;

@@ -21,7 +21,7 @@ use conveyor_proto::{
     wire::{OutgoingBatch, OutgoingTensor},
 };
 use futures::{Stream, StreamExt, stream::FuturesUnordered};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
@@ -35,6 +35,7 @@ use crate::{
     error::RequestError,
     shm::SharedRegion,
     stats::Stats,
+    stream_slots::{Slot, StreamSlots},
     transform::{
         Columns, Derived, FieldSchema, Transform,
         python::{Pool, TransformError},
@@ -136,8 +137,8 @@ pub struct LoaderState {
     datasets: BTreeMap<String, Served>,
     /// Limits from the flags.
     config: Config,
-    /// One permit per concurrent stream (`--max-streams`).
-    streams: Arc<Semaphore>,
+    /// The concurrent streams (`--max-streams`), shared fairly between connections.
+    stream_slots: Arc<StreamSlots>,
     /// Bytes of batch data assembled or queued (`--max-inflight-bytes`), shared fairly.
     inflight_bytes: Arc<FairBudget>,
     /// Numbers streams for the budget's accounting.
@@ -158,7 +159,7 @@ impl LoaderState {
         LoaderState {
             stats: Stats::new(datasets.iter().map(|d| d.name.clone())),
             datasets: datasets.into_iter().map(|d| (d.name.clone(), Served::stored(Arc::new(d)))).collect(),
-            streams: Arc::new(Semaphore::new(config.max_streams.get())),
+            stream_slots: Arc::new(StreamSlots::new(config.max_streams.get())),
             inflight_bytes: Arc::new(FairBudget::new(config.max_inflight_bytes)),
             next_stream_id: AtomicU64::new(0),
             tokens: None,
@@ -199,7 +200,7 @@ impl LoaderState {
 
     /// Streams currently open.
     pub fn active_streams(&self) -> usize {
-        self.config.max_streams.get() - self.streams.available_permits()
+        self.stream_slots.open()
     }
 
     fn dataset(&self, name: &str) -> Result<&Served, RequestError> {
@@ -492,8 +493,10 @@ impl LoaderService {
 
 /// What a stream holds of its loader and connection while it runs.
 struct StreamConn {
-    /// Its place under `--max-streams`.
-    _permit: OwnedSemaphorePermit,
+    /// Its place under `--max-streams` (notified when another connection's stream takes it).
+    slot: Slot,
+    /// Numbers the stream for the budget's accounting.
+    stream_id: u64,
     /// Marks a call in progress on the connection (against `--idle-timeout`).
     _call: Option<CallGuard>,
     /// The connection's shared-memory region, where its batches are written when one is granted.
@@ -515,7 +518,8 @@ async fn serve_stream(
     let region = conn.region.clone();
     let config = &state.config;
     let parallelism = config.stream_parallelism.get();
-    let stream_id = state.next_stream_id.fetch_add(1, Relaxed);
+    let stream_id = conn.stream_id;
+    let evict = conn.slot.evict.clone();
     let mut assembling = FuturesUnordered::new();
     let mut reading = true;
     let mut drained = *draining_rx.borrow();
@@ -525,6 +529,8 @@ async fn serve_stream(
     tracing::info!(shared_memory = region.is_some(), "stream opened");
     let ended = loop {
         let idle_deadline = last_request + config.stream_idle_timeout;
+        // Busy while it assembles (a response already built stays queued for its client).
+        conn.slot.set_busy(!assembling.is_empty());
         tokio::select! {
             message = inbound.message(), if reading && !drained && assembling.len() < parallelism => match message {
                 Ok(Some(request)) => {
@@ -582,6 +588,15 @@ async fn serve_stream(
                     config.stream_idle_timeout
                 )));
                 break "no request for --stream-idle-timeout";
+            },
+            // Its slot went to a stream of a connection holding fewer (it was idle): make way.
+            // Only while reading, as below.
+            () = evict.notified(), if reading => {
+                outbox.abort(Status::unavailable(
+                    "this stream was idle and its slot went to another client's stream (--max-streams are shared \
+                     fairly between connections); open a new stream when you need batches",
+                ));
+                break "its slot went to another connection's stream";
             },
             // Only while reading: once the client closed its side, `else` must be able to end the loop.
             changed = draining_rx.changed(), if reading && !drained => {
@@ -801,14 +816,18 @@ impl Loader for LoaderService {
         if *self.draining_rx.borrow() {
             return Err(Status::unavailable("loader is draining; connect to another replica"));
         }
-        let stream_permit = self.state.streams.clone().try_acquire_owned().map_err(|_| {
+        let conn = ConnInfo::of(&request);
+        // Connections are told apart by their activity record (one per connection).
+        let connection = conn.map_or(0, |c| Arc::as_ptr(&c.activity) as usize);
+        let stream_id = self.state.next_stream_id.fetch_add(1, Relaxed);
+        let slot = self.state.stream_slots.admit(stream_id, connection).ok_or_else(|| {
             self.state.stats.record_refused_stream();
             Status::resource_exhausted(format!(
-                "this loader already serves {} streams (--max-streams); connect to another replica or raise --max-streams",
+                "this loader already serves {} streams (--max-streams), none of them idle on a connection holding more \
+                 than yours; connect to another replica or raise --max-streams",
                 self.state.config.max_streams
             ))
         })?;
-        let conn = ConnInfo::of(&request);
         let peer = conn.and_then(|c| c.remote).map(|a| a.to_string()).unwrap_or_default();
         let call = conn.map(|c| c.activity.begin());
         let region = conn.and_then(|c| c.region.clone());
@@ -821,7 +840,7 @@ impl Loader for LoaderService {
             outbox.clone(),
             out_tx,
             self.draining_rx.clone(),
-            StreamConn { _permit: stream_permit, _call: call, region },
+            StreamConn { slot, stream_id, _call: call, region },
         );
         tokio::spawn(tracing::Instrument::instrument(task, span));
         Ok(Response::new(Box::pin(OutboxStream(outbox))))

@@ -234,6 +234,46 @@ async fn streams_over_the_limit_are_refused_with_resource_exhausted() {
 }
 
 #[tokio::test]
+async fn idle_streams_of_one_connection_cannot_lock_another_connection_out() {
+    let fixtures = npy_fixtures();
+    let mut config = loader_server::Config::for_datasets([spec_of("shards", &fixtures.path().join("shards"))]);
+    config.max_streams = 4.try_into().expect("nonzero");
+    let loader = InProcessLoader::start(config).await;
+    // One client takes every slot with streams that asked for one batch each and then idle.
+    let mut hog = LoaderClient::connect(format!("http://{}", loader.addr)).await.expect("connect");
+    let mut idle = Vec::new();
+    for batch_id in 0..4 {
+        let (tx, rx) = mpsc::channel(1);
+        let mut responses = hog.stream_batches(ReceiverStream::new(rx)).await.expect("within the limit").into_inner();
+        tx.send(request(batch_id, "shards", vec![1])).await.expect("send");
+        assert!(responses.next().await.expect("answer").expect("ok").error.is_none());
+        idle.push((tx, responses));
+    }
+    let (_tx, rx) = mpsc::channel::<BatchRequest>(1);
+    let refused = hog.stream_batches(ReceiverStream::new(rx)).await.expect_err("its own fifth");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    // Another connection is served at once, in the slot of one of the hog's idle streams.
+    let mut other = LoaderClient::connect(format!("http://{}", loader.addr)).await.expect("connect");
+    let (tx, rx) = mpsc::channel(1);
+    let mut responses = other.stream_batches(ReceiverStream::new(rx)).await.expect("a fair share").into_inner();
+    tx.send(request(9, "shards", vec![3])).await.expect("send");
+    assert_eq!(responses.next().await.expect("answer").expect("ok").indices, vec![3]);
+    // The hog's evicted stream ended with UNAVAILABLE, saying why.
+    let mut ended = Vec::new();
+    for (_, responses) in &mut idle {
+        if let Ok(Some(Err(status))) =
+            tokio::time::timeout(std::time::Duration::from_millis(200), responses.next()).await
+        {
+            ended.push(status);
+        }
+    }
+    assert_eq!(ended.len(), 1, "{ended:?}");
+    assert_eq!(ended[0].code(), tonic::Code::Unavailable);
+    assert!(ended[0].message().contains("shared fairly between connections"), "{}", ended[0].message());
+    loader.stop().await;
+}
+
+#[tokio::test]
 async fn a_file_truncated_or_edited_while_served_fails_its_batches_and_the_loader_keeps_serving() {
     let dir = tempfile::tempdir().expect("tempdir");
     trainer_client::demo::write_chess_dataset(dir.path(), 3_000, 1_000).expect("demo data");
