@@ -155,14 +155,15 @@ impl OpenEntry {
             return None;
         }
         let num_pages = len.div_ceil(PAGE_BYTES);
+        // The file must hold exactly what the header states before anything is allocated for it.
+        let data_offset = (FIXED_HEADER + key_len).checked_add(num_pages.checked_mul(4)?)? as u64;
+        if file.metadata().ok()?.len() != data_offset.checked_add(len as u64)? {
+            return None;
+        }
         let mut rest = vec![0u8; key_len + 4 * num_pages];
         file.read_exact_at(&mut rest, FIXED_HEADER as u64).ok()?;
         let crc = crc32c::crc32c_append(crc32c::crc32c(&fixed[..20]), &rest);
         if crc != header_crc || &rest[..key_len] != key.as_bytes() {
-            return None;
-        }
-        let data_offset = (FIXED_HEADER + rest.len()) as u64;
-        if file.metadata().ok()?.len() != data_offset + len as u64 {
             return None;
         }
         let page_crcs = rest[key_len..].chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
