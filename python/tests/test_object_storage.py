@@ -410,14 +410,20 @@ def test_a_read_that_keeps_failing_fails_only_the_batches_that_need_it(web, star
     proxy = FaultProxy(("127.0.0.1", server.port), lambda n, method, path, _: "500" if ranged_get(method, path) and n > 8 else None)
     try:
         loader = start_loader({"c": f"{proxy.url}/chess"}, "--io-retries", "1", "--io-timeout", "2s")
+        # A 500 is the store's transient kind of failure: the client asks again for
+        # --storage-retry-timeout, then fails naming the object and the store's answer.
+        started = time.monotonic()
         result = subprocess.run([binary("trainer-client"), "stream", "--loader", loader.addr, "--dataset", "c",
-                                 "--batch-size", "10", "--shuffle", "none"], capture_output=True, text=True, timeout=120)
-        assert result.returncode != 0
+                                 "--batch-size", "10", "--shuffle", "none", "--storage-retry-timeout", "2s"],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode != 0 and time.monotonic() - started < 60
+        assert "KIND_STORAGE_UNAVAILABLE" in result.stderr, result.stderr
         assert "board-00001.npy" in result.stderr and "500" in result.stderr, result.stderr
         assert "dataset 'c', field 'board'" in result.stderr, result.stderr
         assert loader.proc.poll() is None, "the loader goes on"
         # The first shard's batches are served: the first 5 batches arrive before the failure.
-        ds = conveyor.StreamingDataset([loader.addr], "c", batch_size=10, shuffle="none", prefetch=1)
+        ds = conveyor.StreamingDataset([loader.addr], "c", batch_size=10, shuffle="none", prefetch=1,
+                                       storage_retry_timeout=2)
         assert conveyor.datasets([loader.addr])["c"].num_samples == 100
         with pytest.raises(conveyor.BatchError, match="board-00001.npy"):
             list(ds)

@@ -38,6 +38,22 @@ impl std::fmt::Debug for Connecting {
     }
 }
 
+impl Drop for Connecting {
+    /// An abandoned connect (Ctrl-C in Python) returns at once: its runtime's threads are left
+    /// to end on their own (a name lookup in progress, say) instead of being waited for.
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            // The connect first, inside its runtime (its timers and tasks belong there).
+            let future = std::mem::replace(&mut self.future, Box::pin(std::future::pending()));
+            {
+                let _inside = runtime.enter();
+                drop(future);
+            }
+            runtime.shutdown_background();
+        }
+    }
+}
+
 impl Connecting {
     /// Starts a runtime and begins connecting; see [`crate::Loaders::connect`]. Dropping the
     /// result before it is ready abandons the connect.
