@@ -18,7 +18,7 @@ fi
 
 cargo build --release --locked -p loader-server -p trainer-client >&2
 scripts_dir=python/conveyor.data/scripts
-rm -rf python/conveyor.data
+rm -rf "$scripts_dir"
 mkdir -p "$scripts_dir"
 # Line tables stay in target/release for profiling; the wheel's copies leave them out.
 strip --strip-debug -o "$scripts_dir/conveyor-loader" target/release/loader-server
