@@ -184,7 +184,7 @@ impl OpenEntry {
     /// checked against its CRC), as a slice of it; `None` when the file gives fewer bytes or a
     /// page fails its CRC. `pages` may hold pages from the previous read: they are reused when
     /// they cover `range`.
-    pub fn read<'a>(&self, range: Range<usize>, pages: &'a mut ReadPages) -> Option<&'a [u8]> {
+    pub fn read<'a>(self: &Arc<Self>, range: Range<usize>, pages: &'a mut ReadPages) -> Option<&'a [u8]> {
         if range.end > self.len || range.start > range.end {
             return None;
         }
@@ -192,9 +192,9 @@ impl OpenEntry {
             return Some(&[]);
         }
         let (first, last) = (range.start / PAGE_BYTES, (range.end - 1) / PAGE_BYTES);
-        let this = self as *const OpenEntry as usize;
-        if pages.entry != this || !(pages.first <= first && last < pages.first + pages.count) {
-            pages.entry = this;
+        let same_entry = pages.entry.as_ref().is_some_and(|entry| Arc::ptr_eq(entry, self));
+        if !same_entry || !(pages.first <= first && last < pages.first + pages.count) {
+            pages.entry = Some(self.clone());
             let start = first * PAGE_BYTES;
             let end = ((last + 1) * PAGE_BYTES).min(self.len);
             pages.buf.resize(end - start, 0);
@@ -217,8 +217,8 @@ impl OpenEntry {
 #[derive(Debug, Default)]
 pub struct ReadPages {
     buf: Vec<u8>,
-    /// The entry they were read from (its address while it is open).
-    entry: usize,
+    /// The entry they were read from, held so that no other entry can take its place.
+    entry: Option<Arc<OpenEntry>>,
     first: usize,
     count: usize,
 }

@@ -508,11 +508,7 @@ impl ObjectStorage {
                 short[want.range_index] = short[want.range_index].min(want.out_at);
                 continue;
             }
-            let bytes = entry.read(start..end, &mut pages)?;
-            match &mut out[want.range_index] {
-                Output::Assembled(buf) => buf[want.out_at..want.out_at + want.len].copy_from_slice(bytes),
-                slot => *slot = Output::Slice(Bytes::copy_from_slice(bytes)),
-            }
+            place(out, want, entry.read(start..end, &mut pages)?);
             served += want.len as u64;
         }
         Some(served)
@@ -726,10 +722,16 @@ fn fill(block: &Bytes, wants: &[Want], out: &mut [Output], short: &mut [usize]) 
             short[want.range_index] = short[want.range_index].min(want.out_at);
             continue;
         }
-        match &mut out[want.range_index] {
-            Output::Assembled(buf) => buf[want.out_at..want.out_at + want.len].copy_from_slice(&block[start..end]),
-            slot => *slot = Output::Slice(Bytes::copy_from_slice(&block[start..end])),
-        }
+        place(out, want, &block[start..end]);
+    }
+}
+
+/// Puts `bytes` (one want's) where the want goes: into its range's assembled buffer, or as the
+/// range's own copy.
+fn place(out: &mut [Output], want: &Want, bytes: &[u8]) {
+    match &mut out[want.range_index] {
+        Output::Assembled(buf) => buf[want.out_at..want.out_at + want.len].copy_from_slice(bytes),
+        slot => *slot = Output::Slice(Bytes::copy_from_slice(bytes)),
     }
 }
 
