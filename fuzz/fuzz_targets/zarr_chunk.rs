@@ -1,5 +1,5 @@
 //! A Zarr chunk's stored bytes, read through each codec chain a loader bounds before decoding
-//! (the first byte picks zstd, zstd + crc32c, gzip or blosc): an error or the chunk's rows, never
+//! (the first byte picks zstd, zstd + crc32c, gzip, zstd inside gzip or blosc): an error or the chunk's rows, never
 //! a panic, and never more memory than the chunk's shape holds plus the decoders' buffers (the
 //! fuzzer's RSS limit catches a decompression bomb). Trailing bytes, extra frames and members,
 //! and lying headers are all inputs.
@@ -15,11 +15,13 @@ use loader_server::{
     zarr::MissingChunks,
 };
 
-/// Codec chains: format 3 metadata (`zarr.json`) for the first three, format 2 for blosc.
-const CHAINS: [&str; 4] = [
+/// Codec chains: format 3 metadata (`zarr.json`) for the first four, format 2 for blosc.
+const CHAINS: [&str; 5] = [
     r#"[{"name": "bytes"}, {"name": "zstd", "configuration": {"level": 0, "checksum": false}}]"#,
     r#"[{"name": "bytes"}, {"name": "zstd", "configuration": {"level": 0, "checksum": false}}, {"name": "crc32c"}]"#,
     r#"[{"name": "bytes"}, {"name": "gzip", "configuration": {"level": 5}}]"#,
+    r#"[{"name": "bytes"}, {"name": "zstd", "configuration": {"level": 0, "checksum": false}},
+        {"name": "gzip", "configuration": {"level": 5}}]"#,
     "blosc",
 ];
 

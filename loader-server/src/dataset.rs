@@ -472,6 +472,10 @@ fn coordinate_info(coordinate: &Coordinate) -> CoordinateInfo {
         dtype: coordinate.dtype.clone(),
         shape: coordinate.shape.clone(),
         dimension_names: coordinate.dims.clone(),
+        role: coordinate.role.as_str().to_owned(),
+        units: coordinate.units.clone(),
+        calendar: coordinate.calendar.clone(),
+        reason: coordinate.reason.clone(),
     }
 }
 

@@ -25,22 +25,21 @@ pub mod stats;
 pub mod storage;
 pub mod stream_slots;
 pub mod throttle;
+pub mod tls;
 pub mod transform;
 pub mod zarr;
 
-use std::{future::Future, path::Path, sync::Arc};
+use std::{future::Future, sync::Arc};
 
 use conveyor_proto::v1_gather::loader_server::LoaderServer;
 use tokio::{net::TcpListener, sync::watch};
-use tonic::{
-    service::interceptor::InterceptedService,
-    transport::{Certificate, Identity, ServerTlsConfig},
-};
+use tonic::service::interceptor::InterceptedService;
 
 pub use config::Config;
 pub use dataset::Dataset;
 pub use error::{LoadError, RequestError};
 pub use service::{LoaderService, LoaderState};
+pub use tls::tls_config;
 
 /// Why the loader could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +82,7 @@ pub fn open(config: Config) -> Result<Arc<LoaderState>, ServeError> {
             tracing::info!(
                 dataset = %name,
                 array = %coordinate.name,
+                role = coordinate.role.as_str(),
                 dtype = %coordinate.dtype,
                 shape = ?coordinate.shape,
                 dims = ?coordinate.dims,
@@ -118,35 +118,8 @@ pub fn open(config: Config) -> Result<Arc<LoaderState>, ServeError> {
     state.tokens = tokens;
     // Read the TLS files now, so that a wrong path or PEM stops the loader at start-up.
     tls_config(state.config())?;
+    tls::warn_if_not_valid(state.config());
     Ok(Arc::new(state))
-}
-
-/// The TLS settings of `--tls-cert`, `--tls-key` and `--tls-client-ca`, or `None` without them.
-///
-/// # Errors
-/// [`ServeError::Tls`] naming the flag and file that cannot be read.
-pub fn tls_config(config: &Config) -> Result<Option<ServerTlsConfig>, ServeError> {
-    let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
-        return Ok(None);
-    };
-    let read = |flag: &str, path: &Path| {
-        let pem = std::fs::read(path)
-            .map_err(|error| ServeError::Tls(format!("cannot read {flag} {}: {error}", path.display())))?;
-        if !String::from_utf8_lossy(&pem).contains("-----BEGIN ") {
-            return Err(ServeError::Tls(format!(
-                "{flag} {} is not a PEM file; give a PEM certificate or key",
-                path.display()
-            )));
-        }
-        Ok(pem)
-    };
-    let mut tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(read("--tls-cert", cert)?, read("--tls-key", key)?))
-        .timeout(config.handshake_timeout);
-    if let Some(ca) = &config.tls_client_ca {
-        tls = tls.client_ca_root(Certificate::from_pem(read("--tls-client-ca", ca)?));
-    }
-    Ok(Some(tls))
 }
 
 /// What the loader tells clients about its same-host path: the Unix socket's absolute path and

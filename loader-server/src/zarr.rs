@@ -4,7 +4,7 @@
 //! A block is the rows of one axis-0 chunk (for a sharded array, one inner chunk) across the
 //! full extent of the other axes; decoding it once serves every sample in it.
 
-use std::{path::Path, sync::Arc};
+use std::{io::Read, path::Path, sync::Arc};
 
 use conveyor_proto::DType;
 use zarrs::{
@@ -50,7 +50,12 @@ pub struct ZarrSource {
 struct Compressors {
     blosc: bool,
     zlib: bool,
+    /// Compressors in the chain (zstd inside gzip is two): each layer is checked in turn.
+    layers: usize,
 }
+
+/// Codec names (format 3, and format 2 ids) of bytes-to-bytes compressors.
+const COMPRESSOR_NAMES: [&str; 7] = ["zstd", "gzip", "zlib", "blosc", "bz2", "lz4", "lzma"];
 
 impl Compressors {
     /// Those named in `array`'s codec metadata (format 3 names, and format 2 compressor ids as
@@ -62,7 +67,11 @@ impl Compressors {
             .iter()
             .map(|m| m.name().to_ascii_lowercase())
             .collect();
-        Compressors { blosc: names.iter().any(|n| n.contains("blosc")), zlib: names.iter().any(|n| n.contains("zlib")) }
+        Compressors {
+            blosc: names.iter().any(|n| n.contains("blosc")),
+            zlib: names.iter().any(|n| n.contains("zlib")),
+            layers: names.iter().filter(|n| COMPRESSOR_NAMES.iter().any(|c| n.contains(c))).count(),
+        }
     }
 }
 
@@ -116,20 +125,47 @@ pub struct OpenedArray {
     pub source: ZarrSource,
 }
 
-/// An array of a group that is not served as a field (an xarray coordinate, or a variable
-/// without the sample dimension first), described from its metadata alone.
+/// An array of a group that is not served as a field (an xarray coordinate, or a data variable
+/// not chosen or without the sample dimension first), described from its metadata alone.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Coordinate {
     /// Array name.
     pub name: String,
+    /// Whether xarray counts it as a coordinate or as a data variable.
+    pub role: ArrayRole,
     /// Data type as the metadata writes it (`float64`, `<U4`, `fixed_length_utf32` ...).
     pub dtype: String,
     /// Full array shape.
     pub shape: Vec<u64>,
     /// Dimension names.
     pub dims: Vec<String>,
+    /// The CF `units` attribute (`days since 2000-01-01` for a datetime xarray encoded as
+    /// integers); empty when absent.
+    pub units: String,
+    /// The CF `calendar` attribute; empty when absent.
+    pub calendar: String,
     /// Why it is not a field (logged at start-up).
     pub reason: String,
+}
+
+/// What an array that is not a field is to xarray.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArrayRole {
+    /// A dimension coordinate (1-d, named after its dimension) or one named in a `coordinates`
+    /// attribute.
+    Coordinate,
+    /// A data variable that is not served.
+    Variable,
+}
+
+impl ArrayRole {
+    /// The name the wire and the logs use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ArrayRole::Coordinate => "coordinate",
+            ArrayRole::Variable => "variable",
+        }
+    }
 }
 
 /// What a Zarr array or group serves.
@@ -242,6 +278,11 @@ impl Member {
             .get("dimension_names")
             .and_then(names)
             .or_else(|| self.attribute("_ARRAY_DIMENSIONS").and_then(names))
+    }
+
+    /// A text attribute (CF `units`, `calendar`); empty when absent or not text.
+    fn text_attribute(&self, key: &str) -> String {
+        self.attribute(key).and_then(serde_json::Value::as_str).unwrap_or_default().to_owned()
     }
 
     /// Names in the CF `coordinates` attribute (how xarray marks non-dimension coordinates).
@@ -565,8 +606,11 @@ pub fn open_storage(
                 opened.arrays.push(open_one(&member_path, member.name, dims, array, missing, fetch_concurrency)?);
             }
             Role::Coordinate(reason) => opened.coordinates.push(Coordinate {
+                role: if marked.contains(&member.name) { ArrayRole::Coordinate } else { ArrayRole::Variable },
                 dtype: member.dtype(),
                 shape: member.shape(),
+                units: member.text_attribute("units"),
+                calendar: member.text_attribute("calendar"),
                 name: member.name,
                 dims,
                 reason,
@@ -605,6 +649,12 @@ const GZIP_MAGIC: [u8; 3] = [0x1f, 0x8b, 0x08];
 /// A blosc chunk's header.
 const BLOSC_HEADER_BYTES: usize = 16;
 
+/// How much larger than the chunk's decoded size a compressed inner layer may be: compressing
+/// incompressible bytes adds headers and block overheads (well under an eighth), never more.
+fn layer_slack(holds: u64) -> u64 {
+    holds / 8 + 64 * 1024
+}
+
 /// Bytes `reader` decodes, read into nothing, stopping at `limit` or at the first error (what
 /// was decoded before it counts): memory stays at the copy buffer whatever the stream says.
 fn decoded_len(reader: &mut dyn std::io::Read, limit: u64) -> u64 {
@@ -626,48 +676,51 @@ impl ZarrSource {
     /// 98 KB zstd chunk can declare 3 GiB, a 3 MB gzip one inflates to 3 GiB). zstd: the frames'
     /// declared sizes when every byte is a frame, else every frame decoded into nothing, stopping
     /// one byte past the bound (bytes after the frames, such as a crc32c checksum, end it); gzip
-    /// (every member) and zlib: decoded the same way; blosc: its header's decoded size. The check
-    /// runs on the chunk as stored, so a chain of two compressors is bounded at its outer one.
+    /// (every member) and zlib: decoded the same way; blosc: its header's decoded size. In a
+    /// chain of compressors (zstd inside gzip) each outer layer is decoded into memory, bounded
+    /// by the chunk's size plus [`layer_slack`], and the next layer is checked in what it gave.
     fn check_declared_size(&self, raw: &[u8], chunk_indices: &[u64]) -> Result<(), String> {
         let shape = self.array.chunk_shape(chunk_indices).map_err(|e| e.to_string())?;
         let elements = shape.iter().try_fold(1u64, |n, d| n.checked_mul(d.get()));
         let holds = elements.and_then(|n| n.checked_mul(self.element_bytes)).unwrap_or(u64::MAX);
+        let shape: Vec<u64> = shape.iter().map(|d| d.get()).collect();
         let too_big = |what: String| {
             format!(
-                "{what} but a chunk of shape {:?} holds {holds}; the chunk is corrupt or hostile and was not decoded \
-                 (rewrite it)",
-                shape.iter().map(|d| d.get()).collect::<Vec<_>>()
+                "{what} but a chunk of shape {shape:?} holds {holds}; the chunk is corrupt or hostile and was not decoded \
+                 (rewrite it)"
             )
         };
-        let bounded = |reader: &mut dyn std::io::Read, codec: &str| -> Result<(), String> {
-            match decoded_len(reader, holds.saturating_add(1)) {
+        let mut layer = std::borrow::Cow::Borrowed(raw);
+        for outer in (1..self.compressors.layers).rev() {
+            let bound = holds.saturating_add(layer_slack(holds));
+            let Some((codec, mut decoder)) = self.decoder(&layer) else { return Ok(()) };
+            let mut decoded = Vec::new();
+            // A decoding error is zarrs' to report, with the chunk's name.
+            let _ = decoder.by_ref().take(bound.saturating_add(1)).read_to_end(&mut decoded);
+            if decoded.len() as u64 > bound {
+                let inner = if outer == 1 { "compressed chunk" } else { "compressed layers" };
+                return Err(too_big(format!(
+                    "its {codec} stream decodes to more than {bound} bytes (the {inner} inside it at most)"
+                )));
+            }
+            drop(decoder);
+            layer = std::borrow::Cow::Owned(decoded);
+        }
+        let raw = &layer[..];
+        if let Some((codec, mut decoder)) = self.decoder(raw) {
+            if let Some(declared) = (codec == "zstd").then(|| zstd::bulk::Decompressor::upper_bound(raw)).flatten() {
+                // Every byte is a frame that declares its size: no need to decode.
+                if declared as u64 > holds {
+                    return Err(too_big(format!("its zstd frames declare {declared} decoded bytes")));
+                }
+                return Ok(());
+            }
+            return match decoded_len(&mut decoder, holds.saturating_add(1)) {
                 decoded if decoded > holds => {
                     Err(too_big(format!("its {codec} stream decodes to more than {holds} bytes")))
                 }
                 _ => Ok(()),
-            }
-        };
-        if raw.starts_with(&ZSTD_MAGIC) {
-            return match zstd::bulk::Decompressor::upper_bound(raw) {
-                Some(declared) if declared as u64 > holds => {
-                    Err(too_big(format!("its zstd frames declare {declared} decoded bytes")))
-                }
-                Some(_) => Ok(()),
-                None => match zstd::stream::read::Decoder::new(raw) {
-                    Ok(mut decoder) => bounded(&mut decoder, "zstd"),
-                    Err(_) => Ok(()),
-                },
             };
-        }
-        if raw.starts_with(&GZIP_MAGIC) {
-            return bounded(&mut flate2::read::MultiGzDecoder::new(raw), "gzip");
-        }
-        if self.compressors.zlib
-            && raw.len() >= 2
-            && raw[0] & 0x0f == 8
-            && u16::from_be_bytes([raw[0], raw[1]]) % 31 == 0
-        {
-            return bounded(&mut flate2::read::ZlibDecoder::new(raw), "zlib");
         }
         if self.compressors.blosc && raw.len() >= BLOSC_HEADER_BYTES {
             // Version, version of its codec, flags, type size, then the decoded size (u32 LE).
@@ -677,6 +730,25 @@ impl ZarrSource {
             }
         }
         Ok(())
+    }
+
+    /// A streaming decoder for a chunk layer this check can decode (zstd and gzip by their
+    /// magic numbers, zlib by its header where the chain names it), with the codec's name.
+    fn decoder<'a>(&self, raw: &'a [u8]) -> Option<(&'static str, Box<dyn std::io::Read + 'a>)> {
+        if raw.starts_with(&ZSTD_MAGIC) {
+            return Some(("zstd", Box::new(zstd::stream::read::Decoder::new(raw).ok()?)));
+        }
+        if raw.starts_with(&GZIP_MAGIC) {
+            return Some(("gzip", Box::new(flate2::read::MultiGzDecoder::new(raw))));
+        }
+        if self.compressors.zlib
+            && raw.len() >= 2
+            && raw[0] & 0x0f == 8
+            && u16::from_be_bytes([raw[0], raw[1]]).is_multiple_of(31)
+        {
+            return Some(("zlib", Box::new(flate2::read::ZlibDecoder::new(raw))));
+        }
+        None
     }
 
     /// The subset of block `block` (rows `block * block_len ..` across every other axis) and the

@@ -53,6 +53,7 @@ from ._native import (
 )
 
 __all__ = [
+    "ArrayInfo",
     "AuthenticationError",
     "BatchError",
     "Coordinate",
@@ -114,19 +115,36 @@ class DatasetInfo(NamedTuple):
     dimensions: Dict[str, Tuple[str, ...]] = {}
     """Per field: its dimension names, the sample dimension first, where the store names them
     (Zarr written by xarray); fields without names are left out."""
-    coordinates: Dict[str, "Coordinate"] = {}
-    """Arrays of a Zarr group that the loaders describe but do not serve (xarray coordinates)."""
+    coordinates: Dict[str, "ArrayInfo"] = {}
+    """Coordinates of a Zarr group (xarray's dimension coordinates and those named in a
+    ``coordinates`` attribute): described, not served."""
+    variables: Dict[str, "ArrayInfo"] = {}
+    """Data variables of a Zarr group that are not fields (not chosen with ``--fields``, or
+    without the sample dimension first): described, not served; ``reason`` says why."""
 
 
-class Coordinate(NamedTuple):
-    """An array of a dataset's Zarr group that is not a field (for example an xarray coordinate)."""
+class ArrayInfo(NamedTuple):
+    """An array of a dataset's Zarr group that is not a field (an xarray coordinate, or a data
+    variable the loaders do not serve), described from its metadata."""
 
     dtype: str
-    """Its data type as the store writes it (``"float64"``, ``"<U4"``, ``"fixed_length_utf32"``)."""
+    """Its data type as the store writes it (``"float64"``, ``"<U4"``, ``"fixed_length_utf32"``).
+    A datetime xarray encoded is an integer type; ``units`` then says what it counts."""
     shape: Tuple[int, ...]
     """Its full shape."""
     dimensions: Tuple[str, ...]
     """Its dimension names."""
+    units: str = ""
+    """The CF ``units`` attribute as written (``"days since 2000-01-01"``, ``"K"``); empty when
+    absent."""
+    calendar: str = ""
+    """The CF ``calendar`` attribute (``"proleptic_gregorian"``); empty when absent."""
+    reason: str = ""
+    """Why it is not a field, and how to serve it where it can be."""
+
+
+Coordinate = ArrayInfo
+"""The name :class:`ArrayInfo` had when it described coordinates only."""
 
 
 @functools.lru_cache(maxsize=None)  # a dozen codes; called per field of every batch
@@ -159,11 +177,14 @@ def datasets(loaders: Sequence[str], unavailable_timeout: float = 10.0, **securi
 def _info(entry: Dict[str, Any]) -> DatasetInfo:
     fields = {f["name"]: (_numpy_dtype(f["dtype"]), tuple(f["sample_shape"])) for f in entry["fields"]}
     dimensions = {f["name"]: tuple(f["dimension_names"]) for f in entry["fields"] if f.get("dimension_names")}
-    coordinates = {
-        c["name"]: Coordinate(c["dtype"], tuple(c["shape"]), tuple(c["dimension_names"]))
-        for c in entry.get("coordinates", [])
-    }
-    return DatasetInfo(entry["num_samples"], fields, entry.get("derivation", ""), dimensions, coordinates)
+    described: Dict[str, Dict[str, ArrayInfo]] = {"coordinate": {}, "variable": {}}
+    for c in entry.get("coordinates", []):
+        # Loaders that predate `role` described coordinates only.
+        described["variable" if c.get("role") == "variable" else "coordinate"][c["name"]] = ArrayInfo(
+            c["dtype"], tuple(c["shape"]), tuple(c["dimension_names"]),
+            c.get("units", ""), c.get("calendar", ""), c.get("reason", ""))
+    return DatasetInfo(entry["num_samples"], fields, entry.get("derivation", ""), dimensions,
+                       described["coordinate"], described["variable"])
 
 
 def _check_loaders(loaders: Any) -> None:

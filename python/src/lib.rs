@@ -429,7 +429,16 @@ fn catalog_json(catalog: &[trainer_client::DatasetInfo]) -> String {
                 .coordinates
                 .iter()
                 .map(|c| {
-                    serde_json::json!({"name": c.name, "dtype": c.dtype, "shape": c.shape, "dimension_names": c.dimension_names})
+                    serde_json::json!({
+                        "name": c.name,
+                        "dtype": c.dtype,
+                        "shape": c.shape,
+                        "dimension_names": c.dimension_names,
+                        "role": c.role,
+                        "units": c.units,
+                        "calendar": c.calendar,
+                        "reason": c.reason,
+                    })
                 })
                 .collect();
             serde_json::json!({

@@ -1,6 +1,7 @@
 """Datasets as users already have them: Zarr groups written by xarray, `.npz` archives written by
 numpy, against real loader processes."""
 
+import gzip
 import os
 import shutil
 import struct
@@ -38,7 +39,8 @@ def refusal(*args):
 
 def eeg_dataset(n=200):
     """An EEG set as xarray users write it: data variables along `window`, string and float
-    coordinates, a non-dimension coordinate along `window`, and a variable without `window`."""
+    coordinates, non-dimension coordinates along `window` (one of datetimes, which xarray stores
+    as integers with CF units), and a variable without `window`."""
     rng = np.random.default_rng(11)
     eeg = rng.standard_normal((n, 16, 50)).astype("float32")
     eeg[3, 2, 7] = np.nan  # NaN payloads must survive bit for bit
@@ -52,6 +54,7 @@ def eeg_dataset(n=200):
             "channel": [f"Fp{i}" for i in range(16)],
             "time": np.arange(50) / 250.0,
             "subject": (("window",), (np.arange(n) // 40).astype("int32")),
+            "start": (("window",), np.datetime64("2026-01-05T09:00") + np.arange(n) * np.timedelta64(2, "s")),
         },
     )
 
@@ -80,11 +83,21 @@ def test_xarray_zarr_serves_its_data_variables_and_describes_its_coordinates(
     assert info.num_samples == 200
     assert info.fields == {"eeg": (np.dtype("float32"), (16, 50)), "label": (np.dtype("int64"), ())}
     assert info.dimensions == {"eeg": ("window", "channel", "time"), "label": ("window",)}
-    assert set(info.coordinates) == {"channel", "time", "subject", "montage"}
-    assert info.coordinates["time"] == conveyor.Coordinate(info.coordinates["time"].dtype, (50,), ("time",))
+    assert set(info.coordinates) == {"channel", "time", "subject", "start"}
+    assert info.coordinates["time"] == conveyor.ArrayInfo(info.coordinates["time"].dtype, (50,), ("time",),
+                                                           reason=info.coordinates["time"].reason)
     assert info.coordinates["time"].dtype in ("float64", "<f8")
-    assert info.coordinates["montage"].shape == (16, 3) and info.coordinates["montage"].dimensions == ("channel", "xyz")
     assert info.coordinates["channel"].shape == (16,)
+    # Datetimes are integers on disk; the units say what they count, as xarray wrote them.
+    start = info.coordinates["start"]
+    assert start.dtype in ("int64", "<i8") and start.dimensions == ("window",), start
+    assert start.units.startswith(("seconds since 2026-01-05", "minutes since 2026-01-05")), start
+    assert start.calendar == "proleptic_gregorian", start
+    # A data variable without the sample dimension is a variable, not a coordinate, with why.
+    assert set(info.variables) == {"montage"}
+    montage = info.variables["montage"]
+    assert montage.shape == (16, 3) and montage.dimensions == ("channel", "xyz")
+    assert "do not include the sample dimension 'window'" in montage.reason, montage
 
     for shuffle in ("full", "block"):
         index, fields = epoch(loader, "eeg", shuffle)
@@ -96,6 +109,8 @@ def test_xarray_zarr_serves_its_data_variables_and_describes_its_coordinates(
                                capture_output=True, text=True, check=True).stdout
     assert "dimensions (window, channel, time)" in described, described
     assert "coordinate channel" in described and "(described, not served)" in described, described
+    assert "variable montage" in described and "coordinate montage" not in described, described
+    assert f"units '{start.units}' calendar 'proleptic_gregorian'" in described, described
 
 
 def test_fields_choose_arrays_of_a_group_and_unknown_or_unfit_names_are_refused(tmp_path, start_loader):
@@ -104,13 +119,14 @@ def test_fields_choose_arrays_of_a_group_and_unknown_or_unfit_names_are_refused(
     # A coordinate along the sample dimension can be served when it is asked for.
     loader = start_loader({"e": path}, "--fields", "e=subject,label")
     info = conveyor.datasets([loader.addr])["e"]
-    assert set(info.fields) == {"label", "subject"} and "eeg" in info.coordinates
+    assert set(info.fields) == {"label", "subject"} and "eeg" in info.variables and "eeg" not in info.coordinates
+    assert info.variables["eeg"].reason == "not in --fields"
     _, fields = epoch(loader, "e", "full")
     assert np.array_equal(fields["subject"], ds["subject"].values)
 
     stderr = refusal("--dataset", f"e={path}", "--fields", "e=eg")
     assert "--fields names 'eg', which is not in" in stderr, stderr
-    assert "it has: channel (coordinate), eeg, label, montage, subject (coordinate), time (coordinate)" in stderr, stderr
+    assert "it has: channel (coordinate), eeg, label, montage, start (coordinate), subject (coordinate), time (coordinate)" in stderr, stderr
     stderr = refusal("--dataset", f"e={path}", "--fields", "e=eeg,montage")
     assert "start with different dimensions: eeg (window, ...), montage (channel, ...)" in stderr, stderr
     stderr = refusal("--dataset", f"e={path}", "--fields", "x=eeg")
@@ -124,7 +140,8 @@ def test_a_variable_with_the_sample_dimension_not_first_is_described_with_the_fi
         tmp_path / "t.zarr", zarr_format=3, consolidated=False)
     loader = start_loader({"t": tmp_path / "t.zarr"})
     info = conveyor.datasets([loader.addr])["t"]
-    assert set(info.fields) == {"x", "z"} and set(info.coordinates) == {"y"}
+    assert set(info.fields) == {"x", "z"} and set(info.variables) == {"y"} and not info.coordinates
+    assert "have the sample dimension 'sample' but not first" in info.variables["y"].reason
     stderr = refusal("--dataset", f"t={tmp_path / 't.zarr'}", "--fields", "t=z,y")
     assert "start with different dimensions: y (f, ...), z (sample, ...)" in stderr, stderr
     # Two variables, each first along another dimension: no majority, so the user decides.
@@ -283,7 +300,7 @@ def bomb_array(tmp_path, compressors, zarr_format=3):
 
 
 @pytest.mark.parametrize("case", ["zstd then crc32c", "zstd frames after a small one, then junk", "gzip",
-                                  "blosc header"])
+                                  "blosc header", "zstd inside gzip", "gzip inside gzip"])
 def test_a_compressed_chunk_that_would_decode_past_its_shape_fails_its_batch_within_the_loaders_memory(
         tmp_path, start_loader, case):
     import zarr
@@ -303,6 +320,16 @@ def test_a_compressed_chunk_that_would_decode_past_its_shape_fails_its_batch_wit
         path, chunk = bomb_array(tmp_path, [zarr.codecs.GzipCodec()])
         chunk.write_bytes(gzip_of_zeros(gib))
         expected = "gzip stream decodes to more than 32 bytes"
+    elif case == "zstd inside gzip":
+        # The outer gzip layer inflates to a few bytes; the zstd frame inside it to a gigabyte.
+        path, chunk = bomb_array(tmp_path, [zarr.codecs.ZstdCodec(), zarr.codecs.GzipCodec()])
+        chunk.write_bytes(gzip.compress(zstd_rle_frame(16) + zstd_rle_frame_unsized(gib)))
+        expected = "its zstd frames declare 1073741840 decoded bytes"
+    elif case == "gzip inside gzip":
+        # 1 GiB of zeros gzipped twice is ~5 KB; the outer layer alone inflates past the bound.
+        path, chunk = bomb_array(tmp_path, [zarr.codecs.GzipCodec(), zarr.codecs.GzipCodec()])
+        chunk.write_bytes(gzip.compress(gzip_of_zeros(gib)))
+        expected = "gzip stream decodes to more than 65572 bytes (the compressed chunk inside it at most)"
     else:
         path, chunk = bomb_array(tmp_path, numcodecs.Blosc(), zarr_format=2)
         header = bytearray(chunk.read_bytes())
@@ -325,6 +352,20 @@ def test_a_compressed_chunk_that_would_decode_past_its_shape_fails_its_batch_wit
     status = open(f"/proc/{loader.proc.pid}/status").read()
     peak_kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
     assert peak_kb < 300 << 10, f"the loader peaked at {peak_kb} kB"
+
+
+def test_a_chain_of_two_compressors_serves_incompressible_chunks_bit_exactly(tmp_path, start_loader):
+    import zarr
+    # Random bytes do not compress: the zstd layer inside gzip is larger than the chunk itself,
+    # which the layer-by-layer bound must allow.
+    data = np.random.default_rng(4).integers(0, 256, (64, 300), dtype=np.uint8)
+    array = zarr.create_array(tmp_path / "r.zarr", shape=data.shape, chunks=(16, 300), dtype="uint8",
+                              compressors=[zarr.codecs.ZstdCodec(), zarr.codecs.GzipCodec()], zarr_format=3)
+    array[:] = data
+    loader = start_loader({"r": tmp_path / "r.zarr"})
+    index, fields = epoch(loader, "r", "full", batch_size=10)
+    assert sorted(index.tolist()) == list(range(64))
+    assert fields["r"].tobytes() == data.tobytes()
 
 
 def test_npz_members_that_overlap_in_the_archive_are_refused(tmp_path):

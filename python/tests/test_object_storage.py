@@ -104,8 +104,10 @@ def epoch(loader, name, shuffle, batch_size=16, seed=5):
 
 
 def refusal(env, *args):
+    """The loader's start-up error with `env` over the environment (a None value unsets)."""
+    env = {k: v for k, v in dict(os.environ, **env).items() if v is not None}
     result = subprocess.run([binary("loader-server"), "--listen", "127.0.0.1:0", *map(str, args)],
-                            capture_output=True, text=True, timeout=120, env=dict(os.environ, **env))
+                            capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode != 0, result.stdout
     return result.stderr
 
@@ -198,6 +200,16 @@ def test_s3_failures_at_start_up_are_named_and_never_show_the_secret(s3, tmp_pat
     stderr = refusal(s3.env(AWS_SECRET_ACCESS_KEY="not-the-secret"), "--dataset", "d=s3://data/small")
     assert "dataset 'd' (s3://data/small)" in stderr and "was denied" in stderr and "AWS_SECRET_ACCESS_KEY" in stderr
     assert "not-the-secret" not in stderr and s3.secret not in stderr, stderr
+    # No credentials at all: the store's last resort, the instance metadata service, is not
+    # there (a closed local port stands in for 169.254.169.254 off EC2).
+    bare = s3.env(AWS_ACCESS_KEY_ID=None, AWS_SECRET_ACCESS_KEY=None, AWS_SESSION_TOKEN=None,
+                  AWS_WEB_IDENTITY_TOKEN_FILE=None, AWS_CONTAINER_CREDENTIALS_RELATIVE_URI=None,
+                  AWS_METADATA_ENDPOINT="http://127.0.0.1:9")
+    stderr = refusal(bare, "--dataset", "d=s3://data/small",
+                     "--io-retries", "1", "--io-timeout", "2s")
+    assert "dataset 'd' (s3://data/small): no credentials found to read the prefix" in stderr, stderr
+    assert "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in stderr and "--s3-anonymous" in stderr, stderr
+    assert "was denied" not in stderr and "unreachable" not in stderr, stderr
     stderr = refusal(s3.env(), "--dataset", "d=s3://no-such-bucket/x")
     assert "the bucket does not exist" in stderr, stderr
     stderr = refusal(s3.env(), "--dataset", "d=s3://data/nothing-here")

@@ -320,17 +320,22 @@ async fn a_file_truncated_or_edited_while_served_fails_its_batches_and_the_loade
 
 #[test]
 fn a_file_that_cannot_be_mapped_is_refused_not_read_into_memory() {
-    // 400 MB (sparse) under a 200 MB address-space limit: the map fails; the old fallback read
-    // the whole file into memory.
+    // 2 GB (sparse) under a 500 MB address-space limit (room for the debug binary to start):
+    // the map fails; the old fallback read the whole file into memory.
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("x.npy");
-    let mut bytes = conveyor_proto::npy_header(conveyor_proto::DType::Float32, &[100_000, 1_000]);
+    let mut bytes = conveyor_proto::npy_header(conveyor_proto::DType::Float32, &[500_000, 1_000]);
     let header_len = bytes.len() as u64;
     std::io::Write::write_all(&mut std::fs::File::create(&path).expect("create"), &bytes).expect("header");
-    std::fs::OpenOptions::new().write(true).open(&path).expect("open").set_len(header_len + 400_000_000).expect("size");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open")
+        .set_len(header_len + 2_000_000_000)
+        .expect("size");
     bytes.clear();
     let script = format!(
-        "ulimit -v 200000 && exec {} --listen 127.0.0.1:0 --dataset x={}",
+        "ulimit -v 500000 && exec {} --listen 127.0.0.1:0 --dataset x={}",
         conveyor_tests::binary("loader-server").display(),
         dir.path().display()
     );

@@ -175,3 +175,29 @@ async fn tokens_right_wrong_and_missing() {
     assert_eq!(loader.health().await, tonic_health::pb::health_check_response::ServingStatus::Serving);
     loader.stop().await;
 }
+
+#[test]
+fn a_loader_certificate_outside_its_validity_dates_is_warned_about_with_the_fix() {
+    use std::time::{Duration, SystemTime};
+    let key = KeyPair::generate().expect("key");
+    let cert = |from: (i32, u8, u8), to: (i32, u8, u8)| {
+        let mut params = CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
+        params.not_before = rcgen::date_time_ymd(from.0, from.1, from.2);
+        params.not_after = rcgen::date_time_ymd(to.0, to.1, to.2);
+        params.self_signed(&key).expect("cert").pem().into_bytes()
+    };
+    // 2026-12-06T00:00:00Z.
+    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_515_200);
+    let problem = |pem: &[u8]| loader_server::tls::validity_problem(pem, now);
+
+    let expired = problem(&cert((2025, 1, 1), (2026, 1, 1))).expect("an expired certificate passes unnoticed");
+    assert!(expired.starts_with("expired on") && expired.contains("339 days ago"), "{expired}");
+    assert!(expired.contains("give the loader a current certificate"), "{expired}");
+    let early = problem(&cert((2027, 1, 1), (2028, 1, 1))).expect("a future certificate passes unnoticed");
+    assert!(early.contains("is not valid until") && early.contains("in 26 days"), "{early}");
+    assert!(early.contains("check this host's clock"), "{early}");
+    let ending = problem(&cert((2026, 1, 1), (2026, 12, 9))).expect("an ending certificate passes unnoticed");
+    assert!(ending.contains("expires on") && ending.contains("in 3 days"), "{ending}");
+    assert_eq!(problem(&cert((2026, 1, 1), (2027, 6, 1))), None);
+    assert_eq!(problem(b"not a certificate"), None, "unreadable PEM is the handshake's to report");
+}

@@ -193,7 +193,7 @@ impl OpenEntry {
         }
         let (first, last) = (range.start / PAGE_BYTES, (range.end - 1) / PAGE_BYTES);
         let same_entry = pages.entry.as_ref().is_some_and(|entry| Arc::ptr_eq(entry, self));
-        if !same_entry || !(pages.first <= first && last < pages.first + pages.count) {
+        if !(same_entry && pages.first <= first && last < pages.first + pages.count) {
             pages.entry = Some(self.clone());
             let start = first * PAGE_BYTES;
             let end = ((last + 1) * PAGE_BYTES).min(self.len);

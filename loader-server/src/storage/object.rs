@@ -284,6 +284,13 @@ impl ObjectStorage {
         let text = error.to_string();
         let has = |needle: &str| text.contains(needle);
         match error {
+            // With no credentials set, the store asks the instance metadata service (an EC2
+            // role) last; where there is none, its failure is all the store reports.
+            _ if has("/latest/api/token") || has("/latest/meta-data/iam/security-credentials") => format!(
+                "{NO_CREDENTIALS} to read {what}: none are set and the instance metadata service gave none ({text}); \
+                 set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary ones), or \
+                 AWS_WEB_IDENTITY_TOKEN_FILE with AWS_ROLE_ARN, or pass --s3-anonymous for a public bucket"
+            ),
             object_store::Error::NotFound { .. } => format!("{what} does not exist"),
             object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
                 format!("access to {what} was denied ({text}); {CREDENTIALS}")
@@ -536,11 +543,13 @@ impl ObjectStorage {
         let counted = self
             .zarr
             .get_or_init(|| {
-                let prefixed =
-                    Arc::new(AsyncObjectStore::new(PrefixStore::new(self.store.clone(), self.prefix.clone())));
+                let objects = PrefixStore::new(self.store.clone(), self.prefix.clone());
+                let prefixed = Arc::new(AsyncObjectStore::new(objects.clone()));
                 let adapter: ReadableListableStorage = Arc::new(WholeValueReads {
-                    inner: Arc::new(AsyncToSyncStorageAdapter::new(prefixed.clone(), IoBlockOn)),
-                    store: prefixed,
+                    inner: Arc::new(AsyncToSyncStorageAdapter::new(prefixed, IoBlockOn)),
+                    objects,
+                    url: self.url.clone(),
+                    versions: std::sync::Mutex::default(),
                 });
                 Arc::new(zarrs::storage::storage_adapter::performance_metrics::PerformanceMetricsStorageAdapter::new(
                     adapter,
@@ -654,6 +663,9 @@ enum Output {
 /// connection. Such a read may succeed a moment later (clients retry it); anything else (a
 /// missing object, a refusal, an object that changed, bytes that do not decode) is permanent.
 pub fn is_transient(message: &str) -> bool {
+    if message.contains(NO_CREDENTIALS) {
+        return false;
+    }
     let text = message.to_ascii_lowercase();
     let status = text
         .match_indices("status code: ")
@@ -762,21 +774,90 @@ impl Drop for Claim<'_> {
     }
 }
 
-/// zarrs' synchronous view of an object store, reading a whole value (an unsharded chunk, a
-/// metadata document) with one GET: through zarrs' async-to-sync adapter alone a whole value is
-/// the byte range "from 0 to the end", which `zarrs_object_store` answers with a HEAD for the
-/// size and then a ranged GET, two requests where one does (half the rate of a request-bound
-/// store).
+/// zarrs' synchronous view of an object store. A whole value (an unsharded chunk, a metadata
+/// document) is read with one GET: through zarrs' async-to-sync adapter alone it is the byte
+/// range "from 0 to the end", which `zarrs_object_store` answers with a HEAD for the size and
+/// then a ranged GET, two requests where one does (half the rate of a request-bound store).
+///
+/// Each object is pinned to the version of its first read in this run: every later read (a
+/// chunk read again after the chunk cache let it go, the ranges of a shard after its index)
+/// must find the same ETag (or, without one, modification time), else it fails naming the
+/// object, so one run never serves two versions of a chunk.
 struct WholeValueReads {
-    /// zarrs' adapter, for everything else.
+    /// zarrs' adapter, for listings and sizes.
     inner: ReadableListableStorage,
-    /// The store it adapts, for whole values.
-    store: Arc<AsyncObjectStore<PrefixStore<Arc<dyn ObjectStore>>>>,
+    /// The objects, read here.
+    objects: PrefixStore<Arc<dyn ObjectStore>>,
+    /// The location as messages name it.
+    url: String,
+    /// Per object read so far (a hash of its key): a hash of the version it was first read at.
+    /// 16 bytes (plus the map's own) per chunk, shard or metadata object of the array, which its
+    /// metadata bounds.
+    versions: std::sync::Mutex<std::collections::HashMap<u64, u64>>,
+}
+
+fn hash_of(text: &str) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(text)
+}
+
+impl WholeValueReads {
+    /// Pins `key` to the version `meta` describes at its first read, or checks it against the
+    /// pinned one.
+    fn check_version(&self, key: &StoreKey, meta: Option<&ObjectMeta>) -> Result<(), StorageError> {
+        let now = meta.map_or(0, |meta| hash_of(&ObjectVersion::of(meta).describe()));
+        let mut versions = self.versions.lock().unwrap_or_else(|p| p.into_inner());
+        match versions.entry(hash_of(key.as_str())) {
+            std::collections::hash_map::Entry::Vacant(first) => {
+                first.insert(now);
+                Ok(())
+            }
+            std::collections::hash_map::Entry::Occupied(pinned) if *pinned.get() == now => Ok(()),
+            std::collections::hash_map::Entry::Occupied(_) => {
+                let now = meta.map_or_else(|| "gone".to_owned(), |meta| ObjectVersion::of(meta).describe());
+                Err(StorageError::Other(format!(
+                    "object {}/{} changed since the loader first read it (it is {now} now); a loader serves one \
+                     version of each object per run and never mixes two: restart the loader to serve the new data, \
+                     and write new data under a new prefix while a loader serves the old",
+                    self.url,
+                    key.as_str()
+                )))
+            }
+        }
+    }
+
+    /// One GET of `key` (a `range` of it, or all of it), its version checked; `None` when the
+    /// object does not exist (and never did in this run).
+    async fn read(&self, key: &StoreKey, range: Option<GetRange>) -> Result<Option<Bytes>, StorageError> {
+        let other = |error: object_store::Error| StorageError::Other(error.to_string());
+        let options = GetOptions { range, ..GetOptions::default() };
+        let result = match self.objects.get_opts(&ObjectPath::from(key.as_str()), options).await {
+            Ok(result) => result,
+            Err(object_store::Error::NotFound { .. }) => {
+                let pinned =
+                    self.versions.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&hash_of(key.as_str()));
+                return if pinned { self.check_version(key, None).map(|()| None) } else { Ok(None) };
+            }
+            Err(error) => return Err(other(error)),
+        };
+        self.check_version(key, Some(&result.meta))?;
+        let expected = result.range.end - result.range.start;
+        let bytes = result.bytes().await.map_err(other)?;
+        if bytes.len() as u64 != expected {
+            return Err(StorageError::Other(format!(
+                "object {}/{}: a read of {expected} bytes returned {}",
+                self.url,
+                key.as_str(),
+                bytes.len()
+            )));
+        }
+        Ok(Some(bytes))
+    }
 }
 
 impl ReadableStorageTraits for WholeValueReads {
     fn get(&self, key: &StoreKey) -> Result<Option<Bytes>, StorageError> {
-        block_on(zarrs::storage::AsyncReadableStorageTraits::get(&*self.store, key))
+        block_on(self.read(key, None))
     }
 
     fn get_partial_many<'a>(
@@ -784,11 +865,49 @@ impl ReadableStorageTraits for WholeValueReads {
         key: &StoreKey,
         byte_ranges: ByteRangeIterator<'a>,
     ) -> Result<MaybeBytesIterator<'a>, StorageError> {
-        let ranges: Vec<zarrs::storage::byte_range::ByteRange> = byte_ranges.collect();
-        if let [zarrs::storage::byte_range::ByteRange::FromStart(0, None)] = ranges[..] {
+        use zarrs::storage::byte_range::ByteRange;
+        let ranges: Vec<GetRange> = byte_ranges
+            .map(|range| match range {
+                ByteRange::FromStart(start, None) => GetRange::Offset(start),
+                ByteRange::FromStart(start, Some(len)) => GetRange::Bounded(start..start + len),
+                ByteRange::Suffix(len) => GetRange::Suffix(len),
+            })
+            .collect();
+        if let [GetRange::Offset(0)] = ranges[..] {
             return Ok(self.get(key)?.map(|bytes| Box::new(std::iter::once(Ok(bytes))) as _));
         }
-        self.inner.get_partial_many(key, Box::new(ranges.into_iter()))
+        // Bounded ranges near each other (a shard's inner chunks) share a request, as
+        // object_store's own `get_ranges` would merge them; suffixes and open ends go alone.
+        let mut rows: Vec<(u64, u64, usize)> = Vec::new();
+        let mut requests: Vec<GetRange> = Vec::new();
+        let mut placed: Vec<(usize, usize, usize)> = vec![(0, 0, 0); ranges.len()];
+        for (i, range) in ranges.into_iter().enumerate() {
+            match range {
+                GetRange::Bounded(r) => rows.push((r.start, r.end - r.start, i)),
+                other => {
+                    placed[i] = (requests.len(), 0, usize::MAX);
+                    requests.push(other);
+                }
+            }
+        }
+        rows.sort_unstable();
+        let offsets: Vec<(u64, u64)> = rows.iter().map(|&(offset, len, _)| (offset, len)).collect();
+        let (merged, at) = coalesce(&offsets, MAX_GAP_BYTES, MAX_REQUEST_BYTES);
+        let first_merged = requests.len();
+        for (&(_, len, i), (index, offset)) in rows.iter().zip(at) {
+            placed[i] = (first_merged + index, offset, len as usize);
+        }
+        requests.extend(merged.into_iter().map(GetRange::Bounded));
+        let reads = requests.into_iter().map(|range| self.read(key, Some(range)));
+        let Some(parts) = block_on(futures::future::try_join_all(reads))?.into_iter().collect::<Option<Vec<Bytes>>>()
+        else {
+            return Ok(None);
+        };
+        let out = placed.into_iter().map(move |(request, offset, len)| match len {
+            usize::MAX => Ok(parts[request].clone()),
+            len => Ok(parts[request].slice(offset..offset + len)),
+        });
+        Ok(Some(Box::new(out.collect::<Vec<_>>().into_iter())))
     }
 
     fn size_key(&self, key: &StoreKey) -> Result<Option<u64>, StorageError> {
@@ -796,7 +915,7 @@ impl ReadableStorageTraits for WholeValueReads {
     }
 
     fn supports_get_partial(&self) -> bool {
-        self.inner.supports_get_partial()
+        true
     }
 }
 
@@ -911,6 +1030,10 @@ const MAX_REQUEST_BYTES: u64 = 8 << 20;
 /// Rows at most this far apart share a request: reading 16 KiB of unwanted bytes costs less
 /// than another round trip (a small field, such as labels, then takes one request a batch).
 const MAX_GAP_BYTES: u64 = 16 << 10;
+
+/// How a failure to find any credentials begins: never transient, whatever the metadata
+/// service's failure said.
+const NO_CREDENTIALS: &str = "no credentials found";
 
 const CREDENTIALS: &str = "check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN (or --s3-anonymous for a \
                            public bucket)";
@@ -1033,6 +1156,46 @@ mod tests {
     }
 
     #[test]
+    fn zarr_objects_are_pinned_to_the_version_of_their_first_read_and_ranges_get_their_own_bytes() {
+        use zarrs::storage::byte_range::ByteRange;
+        let memory = Arc::new(object_store::memory::InMemory::new());
+        let (chunk, shard) = (ObjectPath::from("data/x/c/0/0"), ObjectPath::from("data/x/c/1/0"));
+        block_on(memory.put(&chunk, vec![1u8; 64].into())).expect("put");
+        block_on(memory.put(&shard, (0..=255u8).collect::<Vec<u8>>().into())).expect("put");
+        let storage = ObjectStorage::from_store("mem://data", memory.clone(), "data", &StoreOptions::default());
+        let zarr = storage.zarr_storage();
+        let key = |k: &str| StoreKey::new(k).expect("key");
+        assert_eq!(zarr.get(&key("x/c/0/0")).expect("read").expect("exists"), vec![1u8; 64]);
+        assert_eq!(zarr.get(&key("x/c/9/9")).expect("read"), None, "a chunk never written is absent");
+
+        // A shard's index (its last bytes) and two inner chunks (read with one merged GET): each
+        // range gets its own bytes.
+        let ranges = [ByteRange::Suffix(16), ByteRange::FromStart(10, Some(5)), ByteRange::FromStart(20, Some(3))];
+        let parts: Vec<Bytes> = zarr
+            .get_partial_many(&key("x/c/1/0"), Box::new(ranges.into_iter()))
+            .expect("read")
+            .expect("exists")
+            .collect::<Result<_, _>>()
+            .expect("parts");
+        assert_eq!(parts, [(240..=255u8).collect::<Vec<u8>>(), (10..15).collect(), (20..23).collect()]);
+
+        // Rewritten under the running loader: the next read of either object fails, naming it;
+        // the new bytes are never returned.
+        block_on(memory.put(&chunk, vec![2u8; 64].into())).expect("put");
+        block_on(memory.put(&shard, vec![0u8; 256].into())).expect("put");
+        let error = zarr.get(&key("x/c/0/0")).expect_err("a changed chunk was served").to_string();
+        assert!(error.contains("object mem://data/x/c/0/0 changed since the loader first read it"), "{error}");
+        assert!(error.contains("restart the loader"), "{error}");
+        let ranges = [ByteRange::FromStart(10, Some(5))];
+        let error = zarr.get_partial_many(&key("x/c/1/0"), Box::new(ranges.into_iter())).err().expect("changed");
+        assert!(error.to_string().contains("x/c/1/0 changed since the loader first read it"), "{error}");
+        // Deleted: also a change, not a chunk that was never there.
+        block_on(memory.delete(&chunk)).expect("delete");
+        let error = zarr.get(&key("x/c/0/0")).expect_err("a deleted chunk read as absent").to_string();
+        assert!(error.contains("it is gone now"), "{error}");
+    }
+
+    #[test]
     fn an_object_replaced_after_it_was_listed_fails_its_reads_naming_it_with_or_without_a_cache() {
         for cached in [false, true] {
             let memory = Arc::new(object_store::memory::InMemory::new());
@@ -1081,6 +1244,9 @@ mod tests {
             "object mem://data/rows.npy changed since the loader listed it (it was ETag 1, it is another version \
              (If-Match failed) now)",
             "chunk c/0/0: its zstd frames declare 3221225472 decoded bytes",
+            "no credentials found to read the prefix: none are set and the instance metadata service gave none \
+             (Generic S3 error: error sending request for url (http://169.254.169.254/latest/api/token): connection \
+             refused)",
         ] {
             assert!(!is_transient(permanent), "{permanent}");
         }

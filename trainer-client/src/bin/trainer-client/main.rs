@@ -185,13 +185,25 @@ async fn info(loader: &str, options: &ConnectOptions) -> anyhow::Result<()> {
             }
         }
         for coordinate in dataset.coordinates {
+            // Loaders that predate `role` described coordinates only.
+            let role = if coordinate.role.is_empty() { "coordinate" } else { coordinate.role.as_str() };
+            let mut units = String::new();
+            if !coordinate.units.is_empty() {
+                units = format!("  units '{}'", coordinate.units);
+            }
+            if !coordinate.calendar.is_empty() {
+                units.push_str(&format!(" calendar '{}'", coordinate.calendar));
+            }
             println!(
-                "  coordinate {:<16} {:<8} shape {:?}  dimensions ({})  (described, not served)",
+                "  {role} {:<16} {:<8} shape {:?}  dimensions ({}){units}  (described, not served)",
                 coordinate.name,
                 coordinate.dtype,
                 coordinate.shape,
                 coordinate.dimension_names.join(", "),
             );
+            if role == "variable" && !coordinate.reason.is_empty() {
+                println!("  {:<16} not a field: {}", "", coordinate.reason);
+            }
         }
     }
     Ok(())
