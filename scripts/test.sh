@@ -13,6 +13,9 @@ fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
 export CONVEYOR_PYTHON="$PWD/.venv/bin/python"
 
+# The crates' layering (ARCHITECTURE.md): no import circles, the loader's wings import downwards.
+python3 scripts/check-layers.py
+
 # The end-to-end tests start the real binaries, so build them first.
 cargo build --workspace --locked
 cargo test --workspace --locked

@@ -9,10 +9,8 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use loader_server::{
-    cache::ChunkCache,
-    dataset::Dataset,
+    dataset::{Dataset, chunk_cache::ChunkCache, zarr::MissingChunks},
     storage::Location,
-    zarr::MissingChunks,
 };
 
 /// Codec chains: format 3 metadata (`zarr.json`) for the first four, format 2 for blosc.

@@ -3,7 +3,7 @@
 
 use std::{net::SocketAddr, num::NonZeroUsize, path::PathBuf, time::Duration};
 
-use crate::{error::LoadError, zarr::MissingChunks};
+use crate::{dataset::zarr::MissingChunks, error::LoadError};
 
 /// One `--dataset` with its `--fields` selection.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,29 +7,18 @@
 
 #[allow(unsafe_code)]
 pub mod allocator;
-pub mod auth;
-pub mod batch_route;
-pub mod budget;
-pub mod cache;
 pub mod config;
-pub mod connection;
 pub mod dataset;
 pub mod error;
 pub mod metrics;
-pub mod npy;
-pub mod npz;
-pub mod service;
-#[allow(unsafe_code)]
-pub mod shm;
-pub mod stats;
+pub mod serve;
 pub mod storage;
-pub mod stream_slots;
-pub mod throttle;
-pub mod tls;
 pub mod transform;
-pub mod zarr;
 
 use std::{future::Future, sync::Arc};
+
+use dataset::chunk_cache::ChunkCache;
+use serve::{auth, batch_route, connection, service, tls};
 
 use conveyor_proto::v1_gather::loader_server::LoaderServer;
 use tokio::{net::TcpListener, sync::watch};
@@ -38,8 +27,10 @@ use tonic::service::interceptor::InterceptedService;
 pub use config::Config;
 pub use dataset::Dataset;
 pub use error::{LoadError, RequestError};
-pub use service::{LoaderService, LoaderState};
-pub use tls::tls_config;
+pub use serve::{
+    service::{LoaderService, LoaderState},
+    tls::tls_config,
+};
 
 /// Why the loader could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -99,27 +90,26 @@ pub fn open(config: Config) -> Result<Arc<LoaderState>, ServeError> {
             fields = ?dataset.fields.iter().map(|f| format!("{}:{}{:?}", f.name, f.dtype.name(), f.sample_shape)).collect::<Vec<_>>(),
             "dataset opened"
         );
-        datasets.push(dataset);
+        datasets.push(Arc::new(dataset));
     }
-    let tokens = match &config.auth_token_file {
-        Some(path) => Some(Arc::new(auth::Tokens::load(path)?)),
-        None => None,
-    };
-    let mut state = LoaderState::new(datasets, config);
-    for derived in transform::open_derived(&state)? {
+    let cache = ChunkCache::new(config.chunk_cache_bytes, config.decode_threads.get());
+    let derived = transform::open_derived(&config, &datasets, &cache)?;
+    for derived in &derived {
         tracing::info!(
             dataset = %derived.name,
             derivation = %derived.derivation,
             fields = ?derived.schema.iter().map(transform::FieldSchema::describe).collect::<Vec<_>>(),
             "derived dataset ready"
         );
-        state.add_derived(derived);
     }
-    state.tokens = tokens;
+    let tokens = match &config.auth_token_file {
+        Some(path) => Some(Arc::new(auth::Tokens::load(path)?)),
+        None => None,
+    };
     // Read the TLS files now, so that a wrong path or PEM stops the loader at start-up.
-    tls_config(state.config())?;
-    tls::warn_if_not_valid(state.config());
-    Ok(Arc::new(state))
+    tls_config(&config)?;
+    tls::warn_if_not_valid(&config);
+    Ok(Arc::new(LoaderState::new(datasets, derived, cache, tokens, config)))
 }
 
 /// What the loader tells clients about its same-host path: the Unix socket's absolute path and
@@ -201,13 +191,13 @@ pub async fn serve_with_unix(
     let signal_draining_tx = draining_tx.clone();
     let (drain_started_tx, drain_started_rx) = tokio::sync::oneshot::channel::<()>();
 
-    warn_if_exposed(&listener, &config, state.tokens.is_some() || config.tls_client_ca.is_some());
+    warn_if_exposed(&listener, &config, state.tokens().is_some() || config.tls_client_ca.is_some());
     let same_host = unix.as_ref().and_then(|unix| same_host(unix, &config));
     let loader = |draining_rx| {
         let service = LoaderService::new(state.clone(), draining_rx).with_same_host(same_host.clone());
         let route =
             batch_route::BatchRoute::new(service, service::request_limit_bytes(&config), config.max_message_bytes());
-        InterceptedService::new(route, auth::TokenCheck::new(state.clone()))
+        InterceptedService::new(route, auth::TokenCheck::new(state.tokens().cloned(), state.stats.clone()))
     };
     let unix_draining_rx = draining_rx.clone();
     let signal = async move {
@@ -234,7 +224,12 @@ pub async fn serve_with_unix(
     // The Unix socket's server: no TLS, and it stops when the drain starts (its streams drain
     // like the TCP ones, through the same watch).
     let unix_server = unix.map(|unix| {
-        let incoming = connection::incoming_unix(unix, limits, state.clone());
+        let access = connection::UnixAccess {
+            allow_uid: config.unix_allow_uid.clone(),
+            shm_bytes: config.shm_bytes,
+            max_shm_bytes: config.max_shm_bytes,
+        };
+        let incoming = connection::incoming_unix(unix, limits, access, state.stats.clone());
         let mut draining = unix_draining_rx.clone();
         let stop = async move {
             let _ = draining.wait_for(|draining| *draining).await;
@@ -248,7 +243,7 @@ pub async fn serve_with_unix(
     if let Some(tls) = tls_config(&config)? {
         builder = builder.tls_config(tls)?;
     }
-    let incoming = connection::incoming(listener, limits, state.clone());
+    let incoming = connection::incoming(listener, limits, state.stats.clone());
     let server = http2(builder)
         .add_service(health_service)
         .add_service(loader(draining_rx))

@@ -48,7 +48,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         let _ = stop_rx.wait_for(|stop| *stop).await;
     };
     #[cfg(unix)]
-    if let Some(tokens) = state.tokens.clone() {
+    if let Some(tokens) = state.tokens().cloned() {
         let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .context("cannot listen for SIGHUP (--auth-token-file reloads)")?;
         tokio::spawn(async move {

@@ -17,7 +17,7 @@ use tokio::{
     sync::Semaphore,
 };
 
-use crate::service::LoaderState;
+use crate::serve::service::LoaderState;
 
 /// Renders the metrics in the Prometheus text exposition format.
 pub fn render(state: &LoaderState) -> String {
@@ -157,7 +157,7 @@ pub fn render(state: &LoaderState) -> String {
         &[("", state.active_streams() as u64)],
     );
     metric("conveyor_loader_max_streams", "gauge", "--max-streams.", &[("", config.max_streams.get() as u64)]);
-    let per_dataset = |pick: fn(&crate::stats::DatasetCounters) -> u64| -> Vec<(String, u64)> {
+    let per_dataset = |pick: fn(&crate::serve::stats::DatasetCounters) -> u64| -> Vec<(String, u64)> {
         stats.datasets.iter().map(|(name, c)| (format!("{{dataset=\"{name}\"}}"), pick(c))).collect()
     };
     let delivered = per_dataset(|c| c.delivered_bytes.load(Relaxed));
@@ -178,7 +178,7 @@ pub fn render(state: &LoaderState) -> String {
     let (mut requests, mut fetched, mut cache_hits) = (Vec::new(), Vec::new(), Vec::new());
     let mut disk_cache = None;
     for served in state.datasets() {
-        if let crate::service::Served::Stored { dataset, .. } = served
+        if let crate::serve::service::Served::Stored { dataset, .. } = served
             && let Some(storage) = &dataset.storage
         {
             disk_cache = disk_cache.or(storage.disk_cache_counters());
@@ -268,7 +268,7 @@ pub fn render(state: &LoaderState) -> String {
         "Batches waiting for a Python transform worker (bounded by --transform-queue).",
         &as_refs(&queued),
     );
-    let cache = state.cache.stats();
+    let cache = state.cache().stats();
     metric(
         "conveyor_loader_chunk_cache_hits_total",
         "counter",

@@ -1,6 +1,6 @@
 """The wire format stays `conveyor.v1` for clients that are not ours: stubs generated from
 proto/conveyor.proto by grpcio-tools stream batches from a real loader, whose gather threads build
-each response message whole (loader-server/src/batch_route.rs sends them as built), and get
+each response message whole (loader-server/src/serve/batch_route.rs sends them as built), and get
 exactly the rows numpy wrote (every dtype, big-endian files swapped, multi-shard fields, an error
 answer, and a batch read from a Zarr store); compressed requests are refused by name."""
 

@@ -188,7 +188,7 @@ fn a_loader_certificate_outside_its_validity_dates_is_warned_about_with_the_fix(
     };
     // 2026-12-06T00:00:00Z.
     let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_515_200);
-    let problem = |pem: &[u8]| loader_server::tls::validity_problem(pem, now);
+    let problem = |pem: &[u8]| loader_server::serve::tls::validity_problem(pem, now);
 
     let expired = problem(&cert((2025, 1, 1), (2026, 1, 1))).expect("an expired certificate passes unnoticed");
     assert!(expired.starts_with("expired on") && expired.contains("339 days ago"), "{expired}");

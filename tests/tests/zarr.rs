@@ -108,7 +108,7 @@ async fn block_shuffle_decodes_each_chunk_about_once_where_full_shuffle_thrashes
     let full_amplification = full["read_amplification"].as_f64().expect("number");
     assert!((1.0..1.1).contains(&block_amplification), "block: {block_amplification}");
     assert!(full_amplification > 2.0, "full shuffle over a 5-chunk cache re-decodes: {full_amplification}");
-    let cache = loader.state.cache.stats();
+    let cache = loader.state.cache().stats();
     assert!(cache.peak_bytes <= 5 * 1920, "the cache held {} bytes over its budget", cache.peak_bytes);
     assert!(cache.peak_bytes >= 4 * 1920, "the cache was used: {cache:?}");
     let metrics = conveyor_tests::scrape_metrics(&loader).await;

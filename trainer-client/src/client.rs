@@ -1,16 +1,19 @@
-//! Connections to one loader: address parsing, transport tuning (TLS, tokens, HTTP/2 windows),
-//! and the describe calls.
+//! Connections to one loader: transport tuning (TLS, tokens, HTTP/2 windows) over an address
+//! [`crate::addr`] parsed.
 
 use std::{path::Path, time::Duration};
 
-use conveyor_proto::v1::{DatasetInfo, ListDatasetsRequest, ListDatasetsResponse, loader_client::LoaderClient};
+use conveyor_proto::v1::loader_client::LoaderClient;
 use tonic::{
     metadata::{Ascii, MetadataValue},
     service::{Interceptor, interceptor::InterceptedService},
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
 
-use crate::error::ClientError;
+use crate::{
+    addr::{host_of, loader_uses_tls, parse_loader},
+    error::ClientError,
+};
 
 /// A channel to one loader whose every call carries the bearer token, when there is one.
 pub(crate) type Service = InterceptedService<Channel, AuthHeader>;
@@ -187,11 +190,6 @@ impl Default for ConnectOptions {
     }
 }
 
-/// Whether a `--loader` value asks for TLS (`https://host:port`).
-pub fn loader_uses_tls(spec: &str) -> bool {
-    spec.starts_with("https://")
-}
-
 /// Turns TLS on for every loader when one is given as `https://` (with the system's roots unless
 /// `options` already has TLS settings), and refuses a plain `http://` loader beside TLS.
 ///
@@ -205,46 +203,6 @@ pub fn settle_tls(loaders: &[String], options: &mut ConnectOptions) -> Result<()
         return Err(ClientError::MixedTls { spec: plain.clone() });
     }
     Ok(())
-}
-
-/// Strips an optional `http://` or `https://` from a `--loader` value and checks it is
-/// `host:port`; a `unix:PATH` value (a loader's `--listen-unix` socket on this host) is kept as
-/// it is.
-///
-/// # Errors
-/// [`ClientError::BadAddress`] naming the value.
-pub fn parse_loader(spec: &str) -> Result<String, ClientError> {
-    let bad = || ClientError::BadAddress { spec: spec.to_owned() };
-    if let Some(addr) = crate::dispatch::ReplicaAddr::unix(spec) {
-        return Ok(addr.to_string());
-    }
-    let rest =
-        spec.strip_prefix("http://").or_else(|| spec.strip_prefix("https://")).unwrap_or(spec).trim_end_matches('/');
-    let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
-    if host.is_empty() || port.parse::<u16>().is_err() || rest.contains('/') {
-        return Err(bad());
-    }
-    Ok(rest.to_owned())
-}
-
-/// The datasets one loader serves (`host:port` or `http://host:port`), as `trainer-client info`
-/// prints them.
-///
-/// # Errors
-/// [`ClientError::BadAddress`], [`ClientError::Connect`] or [`ClientError::Rpc`], naming it.
-pub async fn fetch_catalog(loader: &str, options: &ConnectOptions) -> Result<Vec<DatasetInfo>, ClientError> {
-    let mut options = options.clone();
-    settle_tls(&[loader.to_owned()], &mut options)?;
-    let addr = parse_loader(loader)?;
-    let host = host_of(&addr);
-    let mut client = connect(&addr, &host, &options).await?;
-    Ok(list_datasets(&mut client, &addr, &options).await?.datasets)
-}
-
-/// The host part of `host:port` (without the brackets of an IPv6 address).
-pub(crate) fn host_of(addr: &str) -> String {
-    let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
-    host.trim_start_matches('[').trim_end_matches(']').to_owned()
 }
 
 /// A channel to one loader (`host:port`, `http://` or `https://host:port`) with `options`'
@@ -274,7 +232,7 @@ pub(crate) async fn connect(addr: &str, host: &str, options: &ConnectOptions) ->
 }
 
 async fn channel(addr: &str, host: &str, options: &ConnectOptions) -> Result<Channel, ClientError> {
-    if let Some(crate::dispatch::ReplicaAddr::Unix(path)) = crate::dispatch::ReplicaAddr::unix(addr) {
+    if let Some(crate::addr::ReplicaAddr::Unix(path)) = crate::addr::ReplicaAddr::unix(addr) {
         return unix_channel(path, options)
             .await
             .map_err(|source| ClientError::Connect { addr: addr.to_owned(), source });
@@ -326,100 +284,9 @@ async fn unix_channel(
         .await
 }
 
-/// The datasets a loader serves.
-///
-/// # Errors
-/// [`ClientError::Rpc`] when the call fails.
-pub(crate) async fn list_datasets(
-    client: &mut Client,
-    addr: &str,
-    options: &ConnectOptions,
-) -> Result<ListDatasetsResponse, ClientError> {
-    let call = client.loader.list_datasets(ListDatasetsRequest {});
-    let answer = tokio::time::timeout(options.call_timeout, call).await.unwrap_or_else(|_| {
-        Err(tonic::Status::deadline_exceeded(format!(
-            "no answer to ListDatasets within {:?}; check that {addr} is a Conveyor loader and that it is not stalled",
-            options.call_timeout
-        )))
-    });
-    let response = answer.map_err(|status| {
-        // What a plain-text client sees of a TLS loader: say what to change.
-        let message = status.message();
-        let status = if options.tls.is_none()
-            && (message.contains("h2 protocol error") || message.contains("transport error"))
-        {
-            tonic::Status::new(
-                status.code(),
-                format!(
-                    "{}; if this loader serves TLS, give it as https://{addr} (with --tls-ca when its CA is not a system root)",
-                    status.message()
-                ),
-            )
-        } else if options.tls.as_ref().is_some_and(|tls| tls.identity.is_none())
-            && (status.code() == tonic::Code::Cancelled
-                || (status.code() == tonic::Code::Unknown && message.contains("transport error")))
-        {
-            // What a client without a certificate sees of a loader that requires one: the
-            // handshake completes, then the loader closes the connection. Said as the refusal
-            // it is, so the connect fails at once rather than after --unavailable-timeout.
-            tonic::Status::permission_denied(format!(
-                "{}: the loader closed the TLS connection after the handshake, as a loader that requires client \
-                 certificates (mutual TLS) does when none is given; give --tls-cert and --tls-key",
-                status.message()
-            ))
-        } else {
-            status
-        };
-        ClientError::Rpc { addr: addr.to_owned(), status: Box::new(status) }
-    })?;
-    Ok(response.into_inner())
-}
-
-/// Samples per block of a dataset: its longest chunk along the sample axis (1 when unchunked).
-/// Block shuffle keeps chunks together in blocks of this length, and dispatch sends batches
-/// sharing a block to the same replica.
-pub fn block_len(info: &DatasetInfo) -> u64 {
-    info.fields.iter().map(|f| f.chunk_len).max().unwrap_or(1).max(1)
-}
-
-/// Why two loaders' catalogs differ, if they do (ignoring per-loader limits).
-pub(crate) fn catalog_difference(expected: &[DatasetInfo], found: &[DatasetInfo]) -> Option<String> {
-    let key = |d: &DatasetInfo| {
-        let fields: Vec<_> = d.fields.iter().map(|f| (f.name.clone(), f.dtype, f.sample_shape.clone())).collect();
-        (d.name.clone(), d.num_samples, fields)
-    };
-    let mut a: Vec<_> = expected.iter().map(key).collect();
-    let mut b: Vec<_> = found.iter().map(key).collect();
-    a.sort();
-    b.sort();
-    if a == b {
-        return None;
-    }
-    type Key = (String, u64, Vec<(String, i32, Vec<u64>)>);
-    let summary = |v: &[Key]| {
-        v.iter().map(|(name, n, f)| format!("{name}({n} samples, {} fields)", f.len())).collect::<Vec<_>>().join(", ")
-    };
-    Some(format!("expected [{}] but it serves [{}]", summary(&a), summary(&b)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn loader_addresses() {
-        assert_eq!(parse_loader("127.0.0.1:7070").expect("valid"), "127.0.0.1:7070");
-        assert_eq!(parse_loader("http://loader:7070/").expect("valid"), "loader:7070");
-        assert!(parse_loader("loader").is_err());
-        assert_eq!(parse_loader("unix:/run/conveyor/a.sock").expect("valid"), "unix:/run/conveyor/a.sock");
-        assert_eq!(parse_loader("unix:///run/a.sock").expect("valid"), "unix:/run/a.sock");
-        assert!(parse_loader("unix:").is_err());
-        assert!(parse_loader("loader:port").is_err());
-        assert!(parse_loader("http://a:1/x").is_err());
-        assert_eq!(parse_loader("https://loader:7070").expect("valid"), "loader:7070");
-        assert_eq!(host_of("loader-0.loader:7070"), "loader-0.loader");
-        assert_eq!(host_of("[::1]:7070"), "::1");
-    }
 
     #[test]
     fn https_turns_tls_on_and_plain_http_beside_it_is_refused() {
@@ -430,30 +297,6 @@ mod tests {
         assert!(options.tls.is_some());
         let error = settle_tls(&["https://a:1".into(), "http://b:1".into()], &mut options).expect_err("mixed");
         assert!(error.to_string().contains("http://b:1"), "{error}");
-    }
-
-    /// A peer that takes connections and never says a word (what a loader serving TLS looks like
-    /// to some plain-text clients, or a wrong port): the catalog call is reported, not awaited.
-    #[tokio::test]
-    async fn a_silent_peer_is_reported_within_the_timeouts() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr").to_string();
-        let hold = tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((socket, _)) = listener.accept().await {
-                held.push(socket);
-            }
-        });
-        let options = ConnectOptions {
-            connect_timeout: Duration::from_millis(200),
-            call_timeout: Duration::from_millis(300),
-            ..ConnectOptions::default()
-        };
-        let answer = tokio::time::timeout(Duration::from_secs(30), fetch_catalog(&addr, &options)).await;
-        let error = answer.expect("an answer, not a hang").expect_err("a silent peer serves no catalog");
-        let text = crate::error::chain(&error);
-        assert!(text.contains(&addr) && text.contains("within"), "{text}");
-        hold.abort();
     }
 
     #[test]

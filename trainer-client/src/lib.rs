@@ -27,9 +27,11 @@
 //! # Ok(()) }
 //! ```
 
+pub mod addr;
 mod batch;
 mod batch_stream;
 pub mod blocking;
+mod catalog;
 mod client;
 mod cursor;
 #[cfg(feature = "cli")]
@@ -43,14 +45,16 @@ pub mod shm;
 #[cfg(feature = "torch")]
 pub mod tensor;
 
+pub use addr::{ReplicaAddr, parse_loader};
 pub use batch::{Batch, FieldBatch};
-pub use client::{AuthToken, ConnectOptions, TlsOptions, block_len, fetch_catalog, open_channel, parse_loader};
+pub use catalog::{block_len, fetch_catalog};
+pub use client::{AuthToken, ConnectOptions, TlsOptions, open_channel};
 pub use conveyor_proto::{
     DType,
     v1::{DatasetInfo, FieldInfo},
 };
 pub use cursor::{Cursor, CursorWriter};
-pub use dispatch::{DispatchStats, EpochBoundary, Loaders, ReplicaAddr, ReplicaStats, Run, StreamOptions};
+pub use dispatch::{DispatchStats, EpochBoundary, Loaders, ReplicaStats, Run, StreamOptions};
 pub use error::{BatchErrorKind, ClientError, CursorError, ReplicaFailure, ResponseError, chain as error_chain};
 pub use plan::{PlanSettings, RunSpec};
 pub use sampler::{EpochPlan, PlanError, PlanSpec, Shuffle};

@@ -7,7 +7,7 @@ use std::ops::Range;
 use conveyor_proto::v1::DatasetInfo;
 
 use crate::{
-    client::block_len,
+    catalog::block_len,
     cursor::Cursor,
     error::ClientError,
     sampler::{EpochPlan, PlanSpec, Shuffle},

@@ -19,9 +19,9 @@ use conveyor_proto::{
 };
 
 use crate::{
-    dataset::Dataset,
+    config::Config,
+    dataset::{Dataset, chunk_cache::ChunkCache},
     error::LoadError,
-    service::{LoaderState, Served},
 };
 
 /// Dtype and per-sample shape of one field, without its storage.
@@ -205,8 +205,7 @@ impl DerivedSpec {
 ///
 /// # Errors
 /// [`LoadError`] naming the derived dataset, the flag and the problem.
-pub fn open_derived(state: &LoaderState) -> Result<Vec<Derived>, LoadError> {
-    let config = state.config();
+pub fn open_derived(config: &Config, stored: &[Arc<Dataset>], cache: &ChunkCache) -> Result<Vec<Derived>, LoadError> {
     let mut specs = Vec::new();
     for value in &config.pipelines {
         specs.push(("--pipeline", DerivedSpec::parse("--pipeline", value, PIPELINE_FORM)?));
@@ -214,32 +213,21 @@ pub fn open_derived(state: &LoaderState) -> Result<Vec<Derived>, LoadError> {
     for value in &config.transforms {
         specs.push(("--transform", DerivedSpec::parse("--transform", value, TRANSFORM_FORM)?));
     }
-    let mut names: Vec<String> = state.datasets().map(|d| d.name().to_owned()).collect();
+    let mut names: Vec<String> = stored.iter().map(|d| d.name.clone()).collect();
     let mut derived = Vec::with_capacity(specs.len());
     for (flag, spec) in specs {
         let fail = |problem: String| LoadError::Derived { name: spec.name.clone(), flag, problem };
         if names.contains(&spec.name) {
             return Err(fail("a dataset of that name exists already; give the derived dataset its own name".into()));
         }
-        let source = state
-            .datasets()
-            .find_map(|d| match d {
-                Served::Stored { dataset, .. } if dataset.name == spec.source => Some(dataset.clone()),
-                _ => None,
-            })
-            .ok_or_else(|| {
-                fail(format!(
-                    "no stored dataset '{}' to derive it from; give one with --dataset (derived datasets cannot be \
-                     sources); stored: {}",
-                    spec.source,
-                    state
-                        .datasets()
-                        .filter(|d| matches!(d, Served::Stored { .. }))
-                        .map(|d| d.name().to_owned())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ))
-            })?;
+        let source = stored.iter().find(|d| d.name == spec.source).cloned().ok_or_else(|| {
+            fail(format!(
+                "no stored dataset '{}' to derive it from; give one with --dataset (derived datasets cannot be \
+                 sources); stored: {}",
+                spec.source,
+                stored.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ")
+            ))
+        })?;
         let source_schema = schema_of(&source);
         let (transform, schema, derivation) = if flag == "--pipeline" {
             let text = match spec.body.strip_prefix('@') {
@@ -260,9 +248,8 @@ pub fn open_derived(state: &LoaderState) -> Result<Vec<Derived>, LoadError> {
             if probe_indices.is_empty() {
                 return Err(fail(format!("the source '{}' has no samples to probe the function with", spec.source)));
             }
-            let (probe, _) = source
-                .gather(&probe_indices, &state.cache)
-                .map_err(|e| fail(format!("reading the probe batch: {e}")))?;
+            let (probe, _) =
+                source.gather(&probe_indices, cache).map_err(|e| fail(format!("reading the probe batch: {e}")))?;
             let options = python::WorkerOptions {
                 python: config.python.clone(),
                 pythonpath: config.transform_pythonpath.clone(),

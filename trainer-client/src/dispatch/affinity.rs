@@ -1,7 +1,7 @@
 //! Chunk affinity: on chunked datasets (Zarr), a batch goes to the replica its chunks were
 //! recently sent to, so each chunk is decoded in one replica's cache rather than in all of them.
 
-use super::addr::ReplicaAddr;
+use crate::addr::ReplicaAddr;
 use std::collections::{HashMap, VecDeque};
 
 /// Which replica each recently requested block (a chunk of a chunked dataset) was sent to, for

@@ -2,7 +2,7 @@
 //! "resolve this name"), its gRPC implementation, and the task that runs one connection attempt
 //! and reports what happens to the pool as [`Event`]s.
 
-use super::addr::ReplicaAddr;
+use crate::addr::ReplicaAddr;
 use std::{
     collections::HashMap,
     pin::Pin,
@@ -16,7 +16,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::{
-    client::{Client, ConnectOptions, connect, host_of, list_datasets},
+    addr::host_of,
+    catalog::list_datasets,
+    client::{Client, ConnectOptions, connect},
     error::ClientError,
 };
 

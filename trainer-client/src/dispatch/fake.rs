@@ -2,7 +2,7 @@
 //! replica answers every request with the requested indices as an `int64` field `x`, after a
 //! scripted delay, and can fail, stall, refuse or serve another catalog.
 
-use super::addr::ReplicaAddr;
+use crate::addr::ReplicaAddr;
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},

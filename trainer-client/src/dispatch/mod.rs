@@ -16,7 +16,6 @@
 //!   most `prefetch` batches past the one the caller waits for, across epoch boundaries, which
 //!   bounds the reorder buffer and the client's memory.
 
-mod addr;
 mod affinity;
 mod connection;
 #[cfg(test)]
@@ -33,13 +32,14 @@ use std::{collections::BTreeMap, num::NonZeroUsize, sync::Arc, time::Duration};
 use conveyor_proto::v1::DatasetInfo;
 use serde::Serialize;
 
-pub use self::{addr::ReplicaAddr, run::Run};
+pub use self::run::Run;
 use self::{
     connection::{Connector, GrpcConnector},
     pool::Pool,
 };
 use crate::{
-    client::{ConnectOptions, parse_loader, settle_tls},
+    addr::parse_loader,
+    client::{ConnectOptions, settle_tls},
     error::ClientError,
     plan::{PlanSettings, RunSpec, Schedule, check_plan},
     sampler::PlanSpec,

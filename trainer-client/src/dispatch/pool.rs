@@ -3,7 +3,7 @@
 //! request goes. It knows nothing of epochs: runs hand it `(run, seq)` pairs and get back
 //! [`Outcome`]s.
 
-use super::addr::ReplicaAddr;
+use crate::addr::ReplicaAddr;
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     future::Future,
@@ -28,7 +28,8 @@ use super::{
     resolve::resolve_forever,
 };
 use crate::{
-    client::{catalog_difference, parse_loader},
+    addr::parse_loader,
+    catalog::catalog_difference,
     error::{ClientError, ReplicaFailure},
 };
 

@@ -3,7 +3,7 @@
 //! epoch boundaries, so the next epoch's first batches are on their way while the caller still
 //! consumes the last ones of this epoch.
 
-use super::addr::ReplicaAddr;
+use crate::addr::ReplicaAddr;
 use std::{
     collections::{BTreeMap, BTreeSet},
     pin::Pin,
@@ -20,7 +20,7 @@ use super::{
 };
 use crate::{
     batch::Batch,
-    client::block_len,
+    catalog::block_len,
     cursor::Cursor,
     error::{BatchErrorKind, ClientError},
     plan::{RunSpec, Schedule},

@@ -15,7 +15,7 @@ use super::{
     fake::{Behaviour, FakeReplicas, addr, catalog},
     *,
 };
-use crate::{Batch, Cursor, EpochPlan, Shuffle};
+use crate::{Batch, Cursor, EpochPlan, ReplicaAddr, Shuffle};
 
 fn options() -> StreamOptions {
     StreamOptions {

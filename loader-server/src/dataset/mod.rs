@@ -5,6 +5,16 @@
 //! A dataset directory holds fields. A field is `FIELD.npy` or shards `FIELD-00000.npy`,
 //! `FIELD-00001.npy`, ... concatenated along axis 0 in name order. Axis 0 indexes samples. The
 //! members of an `.npz` archive follow the same naming rule and are mapped in place.
+//!
+//! One module per format: [`npy`] (the header), [`npz`] (archives), [`zarr`] (arrays and
+//! groups); [`chunk_cache`] keeps decoded Zarr blocks in memory (not to be confused with the
+//! object-store disk cache in [`crate::storage::disk_cache`]). This wing reads bytes through
+//! [`crate::storage`] and never imports [`crate::serve`].
+
+pub mod chunk_cache;
+pub mod npy;
+pub mod npz;
+pub mod zarr;
 
 use bytes::Bytes;
 use std::{
@@ -22,18 +32,19 @@ use conveyor_proto::{
     wire::{OutgoingTensor, Piece},
 };
 
+use self::{
+    chunk_cache::ChunkCache,
+    npy::NpyHeader,
+    zarr::{Coordinate, MissingChunks, ZarrSource},
+};
 use crate::{
-    cache::ChunkCache,
     error::{LoadError, ReadError},
-    npy::{self, NpyHeader},
-    npz,
     storage::{
         Location, ObjectStorage,
         mmap::MappedFile,
         object::{ObjectVersion, Rows, coalesce},
         shared_bytes,
     },
-    zarr::{self, Coordinate, MissingChunks, ZarrSource},
 };
 
 /// Where a shard's bytes are read from.

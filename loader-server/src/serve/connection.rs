@@ -30,9 +30,9 @@ use tonic::transport::server::{Connected, TlsConnectInfo};
 
 use conveyor_proto::shm;
 
-use crate::{
-    service::LoaderState,
+use super::{
     shm::{Reservation, SharedRegion},
+    stats::Stats,
 };
 
 /// The timeouts and the cap that apply to every connection.
@@ -149,7 +149,8 @@ pub struct Guarded {
     limits: ConnectionLimits,
     /// When to check the deadlines again.
     deadline: Pin<Box<Sleep>>,
-    state: Arc<LoaderState>,
+    /// Where timeouts are counted.
+    stats: Arc<Stats>,
     _slot: OwnedSemaphorePermit,
 }
 
@@ -161,12 +162,12 @@ impl Guarded {
         remote: Option<SocketAddr>,
         region: Option<Arc<SharedRegion>>,
         limits: ConnectionLimits,
-        state: Arc<LoaderState>,
+        stats: Arc<Stats>,
         slot: OwnedSemaphorePermit,
     ) -> Guarded {
         let info = ConnInfo { remote, activity: Arc::new(Activity::new()), region };
         let deadline = Box::pin(tokio::time::sleep(limits.handshake_timeout));
-        Guarded { stream, info, limits, deadline, state, _slot: slot }
+        Guarded { stream, info, limits, deadline, stats, _slot: slot }
     }
 
     /// Returns an error once a deadline has passed; otherwise arms the timer for the next check.
@@ -176,7 +177,7 @@ impl Guarded {
                 Ok(next) => self.deadline.as_mut().reset(next),
                 Err(reason) => {
                     tracing::info!(peer = ?self.info.remote, "closing connection: {reason}");
-                    self.state.stats.connections_timed_out.fetch_add(1, Relaxed);
+                    self.stats.connections_timed_out.fetch_add(1, Relaxed);
                     return Err(io::Error::new(io::ErrorKind::TimedOut, reason));
                 }
             }
@@ -228,15 +229,16 @@ impl Connected for Guarded {
     }
 }
 
-/// Accepts connections on `listener` forever, closing at once those past `--max-connections`.
+/// Accepts connections on `listener` forever, closing at once those past `--max-connections`;
+/// refusals and timeouts are counted in `stats`.
 pub fn incoming(
     listener: TcpListener,
     limits: ConnectionLimits,
-    state: Arc<LoaderState>,
+    stats: Arc<Stats>,
 ) -> impl Stream<Item = io::Result<Guarded>> {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     futures::stream::unfold((listener, slots), move |(listener, slots)| {
-        let state = state.clone();
+        let stats = stats.clone();
         async move {
             loop {
                 let (stream, remote) = match listener.accept().await {
@@ -250,8 +252,8 @@ pub fn incoming(
                     }
                 };
                 let Ok(slot) = slots.clone().try_acquire_owned() else {
-                    state.stats.connections_refused.fetch_add(1, Relaxed);
-                    if let Some(not_logged) = state.stats.refusal_log.admit() {
+                    stats.connections_refused.fetch_add(1, Relaxed);
+                    if let Some(not_logged) = stats.refusal_log.admit() {
                         tracing::warn!(
                             peer = %remote,
                             max = limits.max_connections,
@@ -263,11 +265,22 @@ pub fn incoming(
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
-                let guarded = Guarded::new(Socket::Tcp(stream), Some(remote), None, limits, state, slot);
+                let guarded = Guarded::new(Socket::Tcp(stream), Some(remote), None, limits, stats, slot);
                 return Some((Ok(guarded), (listener, slots)));
             }
         }
     })
+}
+
+/// Who may use the Unix socket and the shared memory its connections may ask for.
+#[derive(Debug, Clone)]
+pub struct UnixAccess {
+    /// User ids allowed to connect (`--unix-allow-uid`); empty: anyone who can open the socket.
+    pub allow_uid: Vec<u32>,
+    /// One connection's region at most (`--shm-bytes`; 0: none).
+    pub shm_bytes: u64,
+    /// All regions together at most (`--max-shm-bytes`).
+    pub max_shm_bytes: u64,
 }
 
 /// Accepts connections on a Unix socket forever: each one's optional shared-memory hello is
@@ -275,7 +288,8 @@ pub fn incoming(
 pub fn incoming_unix(
     listener: UnixListener,
     limits: ConnectionLimits,
-    state: Arc<LoaderState>,
+    access: UnixAccess,
+    stats: Arc<Stats>,
 ) -> impl Stream<Item = io::Result<Guarded>> {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     // Handshakes finish in any order; at most --max-connections are in progress or queued.
@@ -294,12 +308,12 @@ pub fn incoming_unix(
                 () = ready_tx.closed() => return,
             };
             // Who may connect is checked before anything is read or mapped (--unix-allow-uid).
-            let allowed = &state.config().unix_allow_uid;
+            let allowed = &access.allow_uid;
             if !allowed.is_empty() {
                 let uid = rustix::net::sockopt::socket_peercred(&stream).map(|cred| cred.uid.as_raw()).ok();
                 if !uid.is_some_and(|uid| allowed.contains(&uid)) {
-                    state.stats.unix_peers_refused.fetch_add(1, Relaxed);
-                    if let Some(not_logged) = state.stats.refusal_log.admit() {
+                    stats.unix_peers_refused.fetch_add(1, Relaxed);
+                    if let Some(not_logged) = stats.refusal_log.admit() {
                         tracing::warn!(
                             uid = ?uid,
                             not_logged,
@@ -310,8 +324,8 @@ pub fn incoming_unix(
                 }
             }
             let Ok(slot) = slots.clone().try_acquire_owned() else {
-                state.stats.connections_refused.fetch_add(1, Relaxed);
-                if let Some(not_logged) = state.stats.refusal_log.admit() {
+                stats.connections_refused.fetch_add(1, Relaxed);
+                if let Some(not_logged) = stats.refusal_log.admit() {
                     tracing::warn!(
                         max = limits.max_connections,
                         not_logged,
@@ -320,13 +334,13 @@ pub fn incoming_unix(
                 }
                 continue;
             };
-            let (state, ready_tx) = (state.clone(), ready_tx.clone());
+            let (stats, ready_tx) = (stats.clone(), ready_tx.clone());
+            let shm = ShmLimits {
+                region_bytes: access.shm_bytes,
+                total_bytes: access.max_shm_bytes,
+                in_use: stats.shm_bytes_in_use.clone(),
+            };
             tokio::spawn(async move {
-                let shm = ShmLimits {
-                    region_bytes: state.config().shm_bytes,
-                    total_bytes: state.config().max_shm_bytes,
-                    in_use: state.stats.shm_bytes_in_use.clone(),
-                };
                 let region = match tokio::time::timeout(limits.handshake_timeout, hello(&mut stream, &shm)).await {
                     Ok(Ok(region)) => region,
                     Ok(Err(error)) => {
@@ -334,20 +348,20 @@ pub fn incoming_unix(
                         return;
                     }
                     Err(_) => {
-                        state.stats.connections_timed_out.fetch_add(1, Relaxed);
+                        stats.connections_timed_out.fetch_add(1, Relaxed);
                         return;
                     }
                 };
                 match &region {
-                    Hello::Granted(_) => state.stats.shm_regions.fetch_add(1, Relaxed),
-                    Hello::OverTotal => state.stats.shm_regions_refused.fetch_add(1, Relaxed),
+                    Hello::Granted(_) => stats.shm_regions.fetch_add(1, Relaxed),
+                    Hello::OverTotal => stats.shm_regions_refused.fetch_add(1, Relaxed),
                     Hello::None => 0,
                 };
                 let region = match region {
                     Hello::Granted(region) => Some(region),
                     Hello::OverTotal | Hello::None => None,
                 };
-                let guarded = Guarded::new(Socket::Unix(stream), None, region, limits, state, slot);
+                let guarded = Guarded::new(Socket::Unix(stream), None, region, limits, stats, slot);
                 let _ = ready_tx.send(Ok(guarded)).await;
             });
         }

@@ -23,7 +23,7 @@ use conveyor_proto::{
 use futures::{FutureExt, StreamExt, future::BoxFuture};
 use tonic::{Status, Streaming, body::Body, codec::Codec, server::NamedService};
 
-use crate::service::LoaderService;
+use crate::serve::service::LoaderService;
 
 /// The method this route answers itself.
 const PATH: &str = "/conveyor.v1.Loader/StreamBatches";

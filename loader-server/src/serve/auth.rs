@@ -10,7 +10,7 @@ use std::{
 use subtle::ConstantTimeEq;
 use tonic::{Request, Status, service::Interceptor};
 
-use crate::{connection::ConnInfo, service::LoaderState};
+use super::{connection::ConnInfo, stats::Stats};
 
 /// Why a token file cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -97,19 +97,22 @@ fn read_tokens(path: &Path) -> Result<Vec<Vec<u8>>, TokenFileError> {
 /// file, otherwise only calls with `authorization: Bearer TOKEN` naming an accepted token.
 #[derive(Debug, Clone)]
 pub struct TokenCheck {
-    state: Arc<LoaderState>,
+    /// The accepted tokens; `None`: every call passes.
+    tokens: Option<Arc<Tokens>>,
+    /// Where refusals are counted and their log lines throttled.
+    stats: Arc<Stats>,
 }
 
 impl TokenCheck {
-    /// The check for `state`'s tokens.
-    pub fn new(state: Arc<LoaderState>) -> TokenCheck {
-        TokenCheck { state }
+    /// The check for `tokens`, counting refusals in `stats`.
+    pub fn new(tokens: Option<Arc<Tokens>>, stats: Arc<Stats>) -> TokenCheck {
+        TokenCheck { tokens, stats }
     }
 }
 
 impl Interceptor for TokenCheck {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        let Some(tokens) = &self.state.tokens else {
+        let Some(tokens) = &self.tokens else {
             return Ok(request);
         };
         let presented =
@@ -125,9 +128,9 @@ impl Interceptor for TokenCheck {
                 ("no token", "this loader requires a token; set the client's --auth-token-file or CONVEYOR_AUTH_TOKEN")
             }
         };
-        self.state.stats.auth_refused.fetch_add(1, Relaxed);
+        self.stats.auth_refused.fetch_add(1, Relaxed);
         let peer = ConnInfo::of(&request).and_then(|c| c.remote);
-        if let Some(not_logged) = self.state.stats.auth_log.admit() {
+        if let Some(not_logged) = self.stats.auth_log.admit() {
             tracing::warn!(peer = ?peer, reason = refusal.0, not_logged, "refused an unauthenticated call");
         }
         Err(Status::unauthenticated(refusal.1))

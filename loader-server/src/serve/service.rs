@@ -24,18 +24,19 @@ use futures::{Stream, StreamExt, stream::FuturesUnordered};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::{
+use super::{
     auth::Tokens,
     budget::FairBudget,
-    cache::ChunkCache,
-    config::Config,
     connection::{CallGuard, ConnInfo},
-    dataset::Dataset,
-    error::ReadError,
-    error::RequestError,
     shm::SharedRegion,
     stats::Stats,
     stream_slots::{Slot, StreamSlots},
+};
+use crate::{
+    config::Config,
+    dataset::{Dataset, chunk_cache::ChunkCache},
+    error::ReadError,
+    error::RequestError,
     transform::{
         Columns, Derived, FieldSchema, Transform,
         python::{Pool, TransformError},
@@ -144,35 +145,50 @@ pub struct LoaderState {
     /// Numbers streams for the budget's accounting.
     next_stream_id: AtomicU64,
     /// Accepted bearer tokens (`--auth-token-file`), when the loader requires one.
-    pub tokens: Option<Arc<Tokens>>,
+    tokens: Option<Arc<Tokens>>,
     /// One permit per batch being gathered (`--assemble-threads`).
     assemble_slots: Arc<Semaphore>,
     /// Decoded Zarr chunks shared by all streams (`--chunk-cache-bytes`).
-    pub cache: ChunkCache,
+    cache: ChunkCache,
     /// Counters the metrics endpoint and logs read.
-    pub stats: Stats,
+    pub stats: Arc<Stats>,
 }
 
 impl LoaderState {
-    /// Builds the state over already opened datasets.
-    pub fn new(datasets: Vec<Dataset>, config: Config) -> LoaderState {
+    /// Builds the state, in one pass, over already opened stored datasets, the datasets derived
+    /// from them, the chunk cache those were probed through, and the accepted tokens.
+    pub fn new(
+        stored: Vec<Arc<Dataset>>,
+        derived: Vec<Derived>,
+        cache: ChunkCache,
+        tokens: Option<Arc<Tokens>>,
+        config: Config,
+    ) -> LoaderState {
+        let names = stored.iter().map(|d| d.name.clone()).chain(derived.iter().map(|d| d.name.clone()));
+        let stats = Arc::new(Stats::new(names));
+        let stored = stored.into_iter().map(|d| (d.name.clone(), Served::stored(d)));
+        let derived = derived.into_iter().map(|d| (d.name.clone(), Served::Derived(Arc::new(d))));
         LoaderState {
-            stats: Stats::new(datasets.iter().map(|d| d.name.clone())),
-            datasets: datasets.into_iter().map(|d| (d.name.clone(), Served::stored(Arc::new(d)))).collect(),
+            stats,
+            datasets: stored.chain(derived).collect(),
             stream_slots: Arc::new(StreamSlots::new(config.max_streams.get())),
             inflight_bytes: Arc::new(FairBudget::new(config.max_inflight_bytes)),
             next_stream_id: AtomicU64::new(0),
-            tokens: None,
+            tokens,
             assemble_slots: Arc::new(Semaphore::new(config.assemble_threads.get())),
-            cache: ChunkCache::new(config.chunk_cache_bytes, config.decode_threads.get()),
+            cache,
             config,
         }
     }
 
-    /// Adds a derived dataset (before the state is shared).
-    pub fn add_derived(&mut self, derived: Derived) {
-        self.stats.add_dataset(&derived.name);
-        self.datasets.insert(derived.name.clone(), Served::Derived(Arc::new(derived)));
+    /// The accepted bearer tokens, when the loader requires one.
+    pub fn tokens(&self) -> Option<&Arc<Tokens>> {
+        self.tokens.as_ref()
+    }
+
+    /// The decoded-chunk cache shared by every stream.
+    pub fn cache(&self) -> &ChunkCache {
+        &self.cache
     }
 
     /// Datasets by name, stored and derived.

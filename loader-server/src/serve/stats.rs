@@ -57,9 +57,9 @@ pub struct Stats {
     /// Unix-socket connections closed at once: their peer's user id is not in --unix-allow-uid.
     pub unix_peers_refused: AtomicU64,
     /// Log lines of refused calls (a missing or wrong token).
-    pub auth_log: crate::throttle::LogThrottle,
+    pub auth_log: crate::serve::throttle::LogThrottle,
     /// Log lines of connections refused (over --max-connections, or not in --unix-allow-uid).
-    pub refusal_log: crate::throttle::LogThrottle,
+    pub refusal_log: crate::serve::throttle::LogThrottle,
     /// Calls refused for a missing or wrong token.
     pub auth_refused: AtomicU64,
     /// The allocator's live and retained bytes and purges (`--allocator-retain-bytes`).
@@ -85,11 +85,6 @@ impl Stats {
     /// Counters for these datasets.
     pub fn new(datasets: impl IntoIterator<Item = String>) -> Stats {
         Stats { datasets: datasets.into_iter().map(|d| (d, DatasetCounters::default())).collect(), ..Stats::default() }
-    }
-
-    /// Adds counters for a dataset (a derived one, added after start-up).
-    pub fn add_dataset(&mut self, dataset: &str) {
-        self.datasets.entry(dataset.to_owned()).or_default();
     }
 
     /// Counts one transformed batch that took `elapsed`.
