@@ -39,14 +39,14 @@ pub struct Config {
     /// connections open on the socket (pages count as Shmem once written, until the connection
     /// and the client's batches are gone). A batch that does not fit goes inline over the
     /// socket. 0 turns shared memory off (the socket still serves gRPC).
-    #[arg(long, env = "LOADER_SHM_BYTES", default_value_t = 256 << 20)]
+    #[arg(long, env = "LOADER_SHM_BYTES", default_value_t = 256 << 20, value_parser = conveyor_proto::parse_bytes::<u64>)]
     pub shm_bytes: u64,
 
     /// Shared memory of all Unix-socket connections together: a connection whose region would
     /// pass it gets none (its batches go inline over the socket, counted in
     /// conveyor_loader_shm_regions_refused_total). Bounds the loader's shared memory whatever
     /// the number of connections.
-    #[arg(long, env = "LOADER_MAX_SHM_BYTES", default_value_t = 1 << 30)]
+    #[arg(long, env = "LOADER_MAX_SHM_BYTES", default_value_t = 1 << 30, value_parser = conveyor_proto::parse_bytes::<u64>)]
     pub max_shm_bytes: u64,
 
     /// User ids allowed on the --listen-unix socket (comma-separated, repeatable), checked with
@@ -104,7 +104,7 @@ pub struct Config {
     pub disk_cache: Option<PathBuf>,
 
     /// Bytes of fetched data the --disk-cache directory may hold (least recently used out).
-    #[arg(long, env = "LOADER_DISK_CACHE_BYTES", default_value_t = 10 << 30)]
+    #[arg(long, env = "LOADER_DISK_CACHE_BYTES", default_value_t = 10 << 30, value_parser = conveyor_proto::parse_bytes::<u64>)]
     pub disk_cache_bytes: u64,
 
     /// With --disk-cache, entries kept open between reads at most: a warm read of a kept entry
@@ -124,7 +124,7 @@ pub struct Config {
     /// hold the dataset (a shuffled batch touches up to one block per row, and what was evicted
     /// is fetched again). Each gather holds at most --io-concurrency fetched blocks at once; a
     /// block is fetched once however many batches want it together.
-    #[arg(long, env = "LOADER_DISK_CACHE_BLOCK_BYTES", default_value_t = 1 << 20)]
+    #[arg(long, env = "LOADER_DISK_CACHE_BLOCK_BYTES", default_value_t = 1 << 20, value_parser = conveyor_proto::parse_bytes::<u64>)]
     pub disk_cache_block_bytes: u64,
 
     /// Serve only some fields of a --dataset, as NAME=FIELD,FIELD,...: for example --fields
@@ -154,12 +154,12 @@ pub struct Config {
     /// Address space of each transform worker in bytes (its Python, numpy, the user's module and
     /// its --transform-shm-bytes region included), enforced by the kernel (RLIMIT_AS). A batch
     /// that allocates past it is retried once on a fresh worker. 0: no cap.
-    #[arg(long, env = "LOADER_TRANSFORM_WORKER_MEMORY", default_value_t = 4 << 30)]
+    #[arg(long, env = "LOADER_TRANSFORM_WORKER_MEMORY", default_value_t = 4 << 30, value_parser = conveyor_proto::parse_bytes::<u64>)]
     pub transform_worker_memory: u64,
 
     /// Shared memory of each transform worker in bytes, holding one batch in and out
     /// (anonymous memory shared between the loader and the worker).
-    #[arg(long, env = "LOADER_TRANSFORM_SHM_BYTES", default_value_t = 256 << 20)]
+    #[arg(long, env = "LOADER_TRANSFORM_SHM_BYTES", default_value_t = 256 << 20, value_parser = conveyor_proto::parse_bytes::<u64>)]
     pub transform_shm_bytes: u64,
 
     /// A transform worker that takes longer on one batch is killed and replaced, and the batch
@@ -187,14 +187,14 @@ pub struct Config {
 
     /// Largest batch, in bytes of tensor data, one request may ask for. Bounds the size of one
     /// response message (the gRPC message limit is set from it).
-    #[arg(long, env = "LOADER_MAX_BATCH_BYTES", default_value_t = 64 << 20)]
+    #[arg(long, env = "LOADER_MAX_BATCH_BYTES", default_value_t = 64 << 20, value_parser = conveyor_proto::parse_bytes::<u64>)]
     pub max_batch_bytes: u64,
 
     /// Freed buffers (batches, decoded blocks, encode buffers) the allocator may keep for reuse,
     /// in bytes. Reused pages spare the next batch its page faults; above this bound, checked
     /// every 100 ms, they go back to the kernel. Adds at most this (plus what is freed in 100 ms)
     /// to the loader's anonymous memory; 0 returns freed pages at every check.
-    #[arg(long, env = "LOADER_ALLOCATOR_RETAIN_BYTES", default_value_t = 128 << 20)]
+    #[arg(long, env = "LOADER_ALLOCATOR_RETAIN_BYTES", default_value_t = 128 << 20, value_parser = conveyor_proto::parse_bytes::<u64>)]
     pub allocator_retain_bytes: u64,
 
     /// Largest number of samples in one batch request.
@@ -203,7 +203,7 @@ pub struct Config {
 
     /// Bytes of batch data being assembled or queued for sending, over all streams. Requests
     /// past it wait (backpressure); the loader's anonymous memory is about twice this.
-    #[arg(long, env = "LOADER_MAX_INFLIGHT_BYTES", default_value_t = 256 << 20)]
+    #[arg(long, env = "LOADER_MAX_INFLIGHT_BYTES", default_value_t = 256 << 20, value_parser = conveyor_proto::parse_bytes::<u64>)]
     pub max_inflight_bytes: u64,
 
     /// Batches being gathered at once, over all streams (threads copying rows out of the maps).
@@ -215,7 +215,7 @@ pub struct Config {
     pub stream_parallelism: NonZeroUsize,
 
     /// Bytes of decoded Zarr chunks kept for reuse, shared by all streams and datasets.
-    #[arg(long, env = "LOADER_CHUNK_CACHE_BYTES", default_value_t = 1 << 30)]
+    #[arg(long, env = "LOADER_CHUNK_CACHE_BYTES", default_value_t = 1 << 30, value_parser = conveyor_proto::parse_bytes::<u64>)]
     pub chunk_cache_bytes: u64,
 
     /// Zarr chunks being decoded at once.
@@ -233,15 +233,15 @@ pub struct Config {
     pub max_streams: NonZeroUsize,
 
     /// HTTP/2 per-stream flow-control window in bytes (large windows keep a fast link full).
-    #[arg(long, env = "LOADER_HTTP2_STREAM_WINDOW", default_value_t = 16 << 20)]
+    #[arg(long, env = "LOADER_HTTP2_STREAM_WINDOW", default_value_t = 16 << 20, value_parser = conveyor_proto::parse_bytes::<u32>)]
     pub http2_stream_window: u32,
 
     /// HTTP/2 per-connection flow-control window in bytes.
-    #[arg(long, env = "LOADER_HTTP2_CONNECTION_WINDOW", default_value_t = 64 << 20)]
+    #[arg(long, env = "LOADER_HTTP2_CONNECTION_WINDOW", default_value_t = 64 << 20, value_parser = conveyor_proto::parse_bytes::<u32>)]
     pub http2_connection_window: u32,
 
     /// Largest HTTP/2 frame the loader accepts, in bytes (16 KiB to 16 MiB - 1).
-    #[arg(long, env = "LOADER_HTTP2_MAX_FRAME", default_value_t = 1 << 20)]
+    #[arg(long, env = "LOADER_HTTP2_MAX_FRAME", default_value_t = 1 << 20, value_parser = conveyor_proto::parse_bytes::<u32>)]
     pub http2_max_frame: u32,
 
     /// Serve Prometheus metrics at http://ADDR/metrics (off unless given).

@@ -157,6 +157,40 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     std::time::Duration::try_from_secs_f64(seconds).map_err(|_| bad())
 }
 
+/// Parses a byte-size flag the same way in both binaries (and as `conveyor-convert` does): a
+/// plain number of bytes (`1048576`), or a whole number with a unit in powers of 1024, in any
+/// case and with or without `iB`/`B`: `64k`, `64KiB`, `512MiB`, `1GiB`, `2T`.
+///
+/// # Errors
+/// A message naming the value and the accepted forms, or saying it does not fit `T`.
+pub fn parse_bytes<T: TryFrom<u64>>(text: &str) -> Result<T, String> {
+    let trimmed = text.trim();
+    let bad = || format!("'{trimmed}' is not a byte size; write for example 1048576, 64KiB, 512MiB or 1GiB");
+    let split = trimmed.find(|c: char| !c.is_ascii_digit()).unwrap_or(trimmed.len());
+    let (number, unit) = trimmed.split_at(split);
+    let number: u64 = number.parse().map_err(|_| bad())?;
+    let unit = unit.trim().to_ascii_lowercase();
+    let unit = unit.strip_suffix("ib").or_else(|| unit.strip_suffix('b')).unwrap_or(&unit);
+    let shift = match unit {
+        "" => 0,
+        "k" => 10,
+        "m" => 20,
+        "g" => 30,
+        "t" => 40,
+        _ => return Err(bad()),
+    };
+    let bytes = number.checked_mul(1 << shift).ok_or_else(|| format!("'{trimmed}' is more bytes than 2^64"))?;
+    T::try_from(bytes).map_err(|_| format!("'{trimmed}' is too large here (at most {} bytes)", max_of::<T>()))
+}
+
+/// The largest value of the unsigned integer `T` (for the message of a value that does not fit).
+fn max_of<T>() -> u64 {
+    match std::mem::size_of::<T>() {
+        bytes @ 1..8 => (1u64 << (8 * bytes)) - 1,
+        _ => u64::MAX,
+    }
+}
+
 /// Longest field name, in bytes: it becomes a file name (`trainer-client --dump`), whose limit is
 /// 255 bytes on common file systems, with room for `.npy` and a shard suffix.
 pub const MAX_FIELD_NAME_BYTES: usize = 200;
@@ -215,6 +249,26 @@ mod tests {
         assert!(padded[dict_end..255].iter().all(|&b| b == b' '), "then spaces");
         assert_eq!(*padded.last().expect("non-empty"), b'\n');
         assert_eq!(npy_header_padded(DType::Int16, &[3, 12, 8, 8], 10), natural, "never shorter than needed");
+    }
+
+    #[test]
+    fn byte_sizes_parse_as_numbers_or_with_binary_units() {
+        assert_eq!(parse_bytes::<u64>("1048576"), Ok(1 << 20));
+        assert_eq!(parse_bytes::<u64>("64k"), Ok(64 << 10));
+        assert_eq!(parse_bytes::<u64>("64KiB"), Ok(64 << 10));
+        assert_eq!(parse_bytes::<u64>("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_bytes::<u64>("512 mb"), Ok(512 << 20));
+        assert_eq!(parse_bytes::<u64>("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_bytes::<u64>("2T"), Ok(2 << 40));
+        assert_eq!(parse_bytes::<u64>("0"), Ok(0));
+        assert_eq!(parse_bytes::<u32>("16MiB"), Ok(16 << 20));
+        for bad in ["", "MiB", "1.5GiB", "-1", "12 parsecs", "1e9"] {
+            let error = parse_bytes::<u64>(bad).expect_err(bad);
+            assert!(error.contains("is not a byte size") && error.contains("512MiB"), "{error}");
+        }
+        let error = parse_bytes::<u32>("4GiB").expect_err("past u32");
+        assert!(error.contains("at most 4294967295 bytes"), "{error}");
+        assert!(parse_bytes::<u64>("16777216TiB").expect_err("past u64").contains("2^64"));
     }
 
     #[test]

@@ -240,3 +240,36 @@ async fn a_client_that_disconnects_with_batches_queued_releases_its_budget_and_s
     );
     loader.stop().await;
 }
+
+#[test]
+fn byte_size_flags_take_units_and_name_the_flag_when_they_cannot() {
+    let data = std::path::Path::new("/nonexistent");
+    let units = config(
+        data,
+        &[
+            "--transform-worker-memory",
+            "512MiB",
+            "--disk-cache-bytes",
+            "2GiB",
+            "--http2-stream-window",
+            "8m",
+            "--max-inflight-bytes",
+            "64k",
+            "--chunk-cache-bytes",
+            "1048576",
+        ],
+    );
+    assert_eq!(units.transform_worker_memory, 512 << 20);
+    assert_eq!(units.disk_cache_bytes, 2 << 30);
+    assert_eq!(units.http2_stream_window, 8 << 20);
+    assert_eq!(units.max_inflight_bytes, 64 << 10);
+    assert_eq!(units.chunk_cache_bytes, 1 << 20);
+    let refused = |flag: &str, value: &str| {
+        let args = ["loader-server", "--dataset", "x=/nonexistent", flag, value];
+        <loader_server::Config as clap::Parser>::try_parse_from(args).expect_err("refused").to_string()
+    };
+    let error = refused("--max-inflight-bytes", "lots");
+    assert!(error.contains("--max-inflight-bytes") && error.contains("'lots' is not a byte size"), "{error}");
+    let error = refused("--http2-stream-window", "8GiB");
+    assert!(error.contains("--http2-stream-window") && error.contains("at most 4294967295 bytes"), "{error}");
+}

@@ -82,7 +82,7 @@ pub struct LoaderArgs {
     #[arg(long, env = "TRAINER_PREFETCH", default_value = "8")]
     pub prefetch: NonZeroUsize,
     /// Largest message accepted from a loader; bounds one batch's size.
-    #[arg(long, env = "TRAINER_MAX_MESSAGE_BYTES", default_value_t = conveyor_proto::DEFAULT_MAX_MESSAGE_BYTES)]
+    #[arg(long, env = "TRAINER_MAX_MESSAGE_BYTES", default_value_t = conveyor_proto::DEFAULT_MAX_MESSAGE_BYTES, value_parser = conveyor_proto::parse_bytes::<usize>)]
     pub max_message_bytes: usize,
     /// A replica that leaves a request unanswered this long is dropped and retried (30s, 500ms,
     /// or seconds).
@@ -99,7 +99,7 @@ pub struct LoaderArgs {
     /// one whose socket the client finds; the loader may grant less). The client's mapped
     /// shared memory is at most this times those loaders; 0, or CONVEYOR_SHM=0 in the
     /// environment, sends every batch over the socket or TCP instead.
-    #[arg(long, env = "TRAINER_SHM_BYTES", default_value_t = 256 << 20)]
+    #[arg(long, env = "TRAINER_SHM_BYTES", default_value_t = 256 << 20, value_parser = conveyor_proto::parse_bytes::<u64>)]
     pub shm_bytes: u64,
     /// Re-resolve loader names this often.
     #[arg(long, env = "TRAINER_RESOLVE_INTERVAL", default_value = "3s", value_parser = conveyor_proto::parse_duration)]
