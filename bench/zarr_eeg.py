@@ -142,7 +142,7 @@ def main():
     lines.append(f"| zstd decode alone, one thread (no I/O, no serving) | "
                  f"{mmm(result['zstd_decode_samples_per_s'], '{:.0f}')} | | |")
     ratio = f"{result['block_vs_npy']:.2f}" if result["block_vs_npy"] else "n/a"
-    # The README's worst case for this configuration: the chunk cache, blocks held by running
+    # The worst case in docs/memory.md for this configuration: the chunk cache, blocks held by running
     # gathers (4 assemble threads x a window of blocks), twice the in-flight budget, one stream's
     # send buffers (2 x 16 MiB), ~20 MiB of runtime, and the allocator's retained pages
     # (--allocator-retain-bytes, LOADER_ALLOCATOR_RETAIN_BYTES, 128 MiB by default).
@@ -150,7 +150,7 @@ def main():
     retain_mib = int(os.environ.get("LOADER_ALLOCATOR_RETAIN_BYTES", 128 << 20)) / 2**20
     bound = args.cache_mib + 4 * args.window * block_mib + 2 * args.max_inflight_mib + 32 + 20 + retain_mib
     lines += ["", f"Zarr block shuffle / npy full shuffle (median samples/s): {ratio}; anonymous RSS bound "
-              f"(README, Memory): cache {args.cache_mib} + gathers {4 * args.window * block_mib:.0f} + in flight "
+              f"(docs/memory.md): cache {args.cache_mib} + gathers {4 * args.window * block_mib:.0f} + in flight "
               f"{2 * args.max_inflight_mib} + send buffers 32 + runtime 20 + retained {retain_mib:.0f} = {bound:.0f} MiB"]
     write_markdown(args.out, "zarr_eeg", lines)
 

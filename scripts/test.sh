@@ -15,6 +15,8 @@ export CONVEYOR_PYTHON="$PWD/.venv/bin/python"
 
 # The crates' layering (ARCHITECTURE.md): no import circles, the loader's wings import downwards.
 python3 scripts/check-layers.py
+# Every link of the README, the guide in docs/ and the other Markdown pages resolves.
+python3 scripts/check-docs.py
 
 # The end-to-end tests start the real binaries, so build them first.
 cargo build --workspace --locked

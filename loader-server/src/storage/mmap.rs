@@ -47,7 +47,7 @@ impl MappedFile {
         }
         // SAFETY: the file is opened read-only and mapped read-only. Another process may still
         // truncate or rewrite it: `check` detects both before rows are copied (see the module
-        // docs), and the README asks that served files be replaced by rename, never edited.
+        // docs), and the docs ask that served files be replaced by rename, never edited.
         #[allow(unsafe_code)]
         let map = unsafe { Mmap::map(&file) }.map_err(|error| {
             io::Error::new(

@@ -21,7 +21,7 @@ use anyhow::{Context, bail};
 
 /// jemalloc reuses the pages of a dropped batch for the next one (each received batch is its own
 /// multi-MiB buffer); glibc's malloc trimmed and refaulted them, costing the client about 60
-/// minor faults per 3 MiB batch and a tenth of its throughput (measured: `README`, Speed).
+/// minor faults per 3 MiB batch and a tenth of its throughput (measured: docs/benchmarks.md).
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use clap::{Parser, Subcommand};
