@@ -5,6 +5,61 @@ use std::{net::SocketAddr, num::NonZeroUsize, path::PathBuf, time::Duration};
 
 use crate::{dataset::zarr::MissingChunks, error::LoadError};
 
+/// Flags that contradict each other or lie outside what the loader can do; each message names
+/// the flag and what to change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// A batch could never fit the in-flight budget.
+    #[error(
+        "--max-batch-bytes ({max_batch_bytes}) is larger than --max-inflight-bytes ({max_inflight_bytes}); no batch \
+         that large could ever be sent, so raise --max-inflight-bytes or lower --max-batch-bytes"
+    )]
+    BatchOverBudget {
+        /// `--max-batch-bytes`.
+        max_batch_bytes: u64,
+        /// `--max-inflight-bytes`.
+        max_inflight_bytes: u64,
+    },
+    /// A gRPC message cannot be 4 GiB or more.
+    #[error("--max-batch-bytes {max_batch_bytes} must be below 4 GiB")]
+    BatchOver4GiB {
+        /// `--max-batch-bytes`.
+        max_batch_bytes: u64,
+    },
+    /// A flag outside its range.
+    #[error("{flag} {value} is outside {low}..={high}")]
+    OutOfRange {
+        /// The flag.
+        flag: &'static str,
+        /// Its value.
+        value: u64,
+        /// The smallest value allowed.
+        low: u64,
+        /// The largest value allowed.
+        high: u64,
+    },
+    /// A Unix socket beside client authentication, with nobody named who may use it.
+    #[error(
+        "--listen-unix with {asked}: the Unix socket has no TLS and its shared-memory hello comes before any token, \
+         so anyone who can open it would be served; name who may connect with --unix-allow-uid UID (the trainers' \
+         user id, `id -u`), or drop --listen-unix"
+    )]
+    UnixSocketOpenToAll {
+        /// The flag that asks for authentication.
+        asked: &'static str,
+    },
+    /// A shared-memory region too small to hold its own header.
+    #[error(
+        "--shm-bytes {shm_bytes} is below the smallest region ({min} bytes); raise it or give 0 to turn shared memory off"
+    )]
+    ShmRegionTooSmall {
+        /// `--shm-bytes`.
+        shm_bytes: u64,
+        /// The smallest region.
+        min: u64,
+    },
+}
+
 /// One `--dataset` with its `--fields` selection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DatasetSpec {
@@ -20,9 +75,19 @@ pub struct DatasetSpec {
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "loader-server", version, about = "Serve .npy and Zarr datasets as ready-made batches over gRPC")]
 pub struct Config {
+    /// A dataset to serve, as NAME=PATH: a directory of .npy fields (FIELD.npy or FIELD-00000.npy
+    /// shards), an .npz archive written by numpy.savez (its members are the fields), or a Zarr
+    /// array or group (xarray's included: coordinates are described, not served); PATH may be
+    /// s3://BUCKET/PREFIX or http(s)://HOST/PATH for .npy objects or Zarr in object storage
+    /// (repeat the flag for more; in the environment variable, separate several with commas).
+    #[arg(long = "dataset", env = "LOADER_DATASET", value_delimiter = ',', required = true)]
+    #[arg(help_heading = "Datasets and storage")]
+    pub datasets: Vec<String>,
+
     /// Address to listen on; port 0 picks a free port (the chosen address is printed as
     /// `listening on ADDR` on stdout).
     #[arg(long, env = "LOADER_LISTEN", default_value = "127.0.0.1:7070")]
+    #[arg(help_heading = "Serving and limits")]
     pub listen: SocketAddr,
 
     /// Also listen on this Unix socket, for trainers on the same host (`--loader unix:PATH`):
@@ -32,6 +97,7 @@ pub struct Config {
     /// running loader listens on is refused. Not served with TLS (the socket never leaves the
     /// host; its file permissions say who may connect).
     #[arg(long, env = "LOADER_LISTEN_UNIX")]
+    #[arg(help_heading = "Same-host shared memory")]
     pub listen_unix: Option<std::path::PathBuf>,
 
     /// Shared memory per Unix-socket connection that asks for it: batches are written there
@@ -40,6 +106,7 @@ pub struct Config {
     /// and the client's batches are gone). A batch that does not fit goes inline over the
     /// socket. 0 turns shared memory off (the socket still serves gRPC).
     #[arg(long, env = "LOADER_SHM_BYTES", default_value_t = 256 << 20, value_parser = conveyor_proto::parse_bytes::<u64>)]
+    #[arg(help_heading = "Same-host shared memory")]
     pub shm_bytes: u64,
 
     /// Shared memory of all Unix-socket connections together: a connection whose region would
@@ -47,6 +114,7 @@ pub struct Config {
     /// conveyor_loader_shm_regions_refused_total). Bounds the loader's shared memory whatever
     /// the number of connections.
     #[arg(long, env = "LOADER_MAX_SHM_BYTES", default_value_t = 1 << 30, value_parser = conveyor_proto::parse_bytes::<u64>)]
+    #[arg(help_heading = "Same-host shared memory")]
     pub max_shm_bytes: u64,
 
     /// User ids allowed on the --listen-unix socket (comma-separated, repeatable), checked with
@@ -55,56 +123,58 @@ pub struct Config {
     /// --tls-client-ca) and listens on a Unix socket: neither reaches that socket's hello, and
     /// TLS does not run there.
     #[arg(long, env = "LOADER_UNIX_ALLOW_UID", value_delimiter = ',')]
+    #[arg(help_heading = "Security")]
     pub unix_allow_uid: Vec<u32>,
-
-    /// A dataset to serve, as NAME=PATH: a directory of .npy fields (FIELD.npy or FIELD-00000.npy
-    /// shards), an .npz archive written by numpy.savez (its members are the fields), or a Zarr
-    /// array or group (xarray's included: coordinates are described, not served); PATH may be
-    /// s3://BUCKET/PREFIX or http(s)://HOST/PATH for .npy objects or Zarr in object storage
-    /// (repeat the flag for more; in the environment variable, separate several with commas).
-    #[arg(long = "dataset", env = "LOADER_DATASET", value_delimiter = ',', required = true)]
-    pub datasets: Vec<String>,
 
     /// S3 endpoint for s3:// datasets (MinIO, Ceph, R2 ...; http:// is allowed for it). Without it,
     /// AWS_ENDPOINT_URL, else AWS. Credentials come from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
     /// and AWS_SESSION_TOKEN, and never appear in logs, errors or metrics.
     #[arg(long, env = "LOADER_S3_ENDPOINT")]
+    #[arg(help_heading = "Datasets and storage")]
     pub s3_endpoint: Option<String>,
 
     /// S3 region (else AWS_REGION, else us-east-1).
     #[arg(long, env = "LOADER_S3_REGION")]
+    #[arg(help_heading = "Datasets and storage")]
     pub s3_region: Option<String>,
 
     /// Read s3:// datasets without credentials (public buckets).
     #[arg(long, env = "LOADER_S3_ANONYMOUS")]
+    #[arg(help_heading = "Datasets and storage")]
     pub s3_anonymous: bool,
 
     /// Address buckets as https://BUCKET.ENDPOINT/ (virtual-hosted style) instead of
     /// https://ENDPOINT/BUCKET/ (path style, the default, which MinIO-like servers need).
     #[arg(long, env = "LOADER_S3_VIRTUAL_HOSTED")]
+    #[arg(help_heading = "Datasets and storage")]
     pub s3_virtual_hosted: bool,
 
     /// Object-store requests (ranged GETs) in flight per remote dataset.
     #[arg(long, env = "LOADER_IO_CONCURRENCY", default_value = "16")]
+    #[arg(help_heading = "Datasets and storage")]
     pub io_concurrency: NonZeroUsize,
 
     /// Retries of an object-store request that failed transiently (5xx, timeout, reset
     /// connection), with exponential backoff from 50 ms to 2 s; then only the batches that need
     /// it fail.
     #[arg(long, env = "LOADER_IO_RETRIES", default_value_t = 3)]
+    #[arg(help_heading = "Datasets and storage")]
     pub io_retries: usize,
 
     /// Time limit of one object-store request attempt.
     #[arg(long, env = "LOADER_IO_TIMEOUT", default_value = "30s", value_parser = conveyor_proto::parse_duration)]
+    #[arg(help_heading = "Datasets and storage")]
     pub io_timeout: Duration,
 
     /// Keep bytes fetched from object stores in this directory, so that later epochs (and a
     /// restarted loader) read them from local disk. Off unless given. One loader per directory.
     #[arg(long, env = "LOADER_DISK_CACHE")]
+    #[arg(help_heading = "Datasets and storage")]
     pub disk_cache: Option<PathBuf>,
 
     /// Bytes of fetched data the --disk-cache directory may hold (least recently used out).
     #[arg(long, env = "LOADER_DISK_CACHE_BYTES", default_value_t = 10 << 30, value_parser = conveyor_proto::parse_bytes::<u64>)]
+    #[arg(help_heading = "Datasets and storage")]
     pub disk_cache_bytes: u64,
 
     /// With --disk-cache, entries kept open between reads at most: a warm read of a kept entry
@@ -113,6 +183,7 @@ pub struct Config {
     /// loader raises its soft open-file limit to this plus 256 when it can, and refuses to start
     /// when the hard limit is lower. 0 opens entries afresh on every read.
     #[arg(long, env = "LOADER_DISK_CACHE_OPEN_FILES", default_value_t = 1024)]
+    #[arg(help_heading = "Datasets and storage")]
     pub disk_cache_open_files: usize,
 
     /// With --disk-cache, remote .npy objects are fetched and cached in blocks of whole rows, as
@@ -125,6 +196,7 @@ pub struct Config {
     /// is fetched again). Each gather holds at most --io-concurrency fetched blocks at once; a
     /// block is fetched once however many batches want it together.
     #[arg(long, env = "LOADER_DISK_CACHE_BLOCK_BYTES", default_value_t = 1 << 20, value_parser = conveyor_proto::parse_bytes::<u64>)]
+    #[arg(help_heading = "Datasets and storage")]
     pub disk_cache_block_bytes: u64,
 
     /// Serve only some fields of a --dataset, as NAME=FIELD,FIELD,...: for example --fields
@@ -132,12 +204,14 @@ pub struct Config {
     /// for more datasets; in the environment variable, separate datasets with ';'). A name the
     /// dataset does not have is refused, naming those it has.
     #[arg(long = "fields", env = "LOADER_FIELDS", value_delimiter = ';')]
+    #[arg(help_heading = "Datasets and storage")]
     pub fields: Vec<String>,
 
     /// A dataset derived by a Python function, as NAME=SOURCE:module:function: clients request
     /// NAME; the loader gathers SOURCE's rows and runs `function(batch, indices, rng)` from
     /// `module` in its worker processes (see --transform-workers). Repeat for more.
     #[arg(long = "transform", env = "LOADER_TRANSFORM", value_delimiter = ',')]
+    #[arg(help_heading = "Transforms")]
     pub transforms: Vec<String>,
 
     /// A dataset derived by built-in operators, as NAME=SOURCE:PIPELINE, where PIPELINE gives
@@ -145,49 +219,59 @@ pub struct Config {
     /// scale=1/255) | normalize(mean=[...], std=[...]); eeg: random_window(200)', or @FILE to
     /// read it from a file. Repeat for more.
     #[arg(long = "pipeline", env = "LOADER_PIPELINE")]
+    #[arg(help_heading = "Transforms")]
     pub pipelines: Vec<String>,
 
     /// Worker processes of each --transform (each runs one batch at a time).
     #[arg(long, env = "LOADER_TRANSFORM_WORKERS", default_value = "2")]
+    #[arg(help_heading = "Transforms")]
     pub transform_workers: NonZeroUsize,
 
     /// Address space of each transform worker in bytes (its Python, numpy, the user's module and
     /// its --transform-shm-bytes region included), enforced by the kernel (RLIMIT_AS). A batch
     /// that allocates past it is retried once on a fresh worker. 0: no cap.
     #[arg(long, env = "LOADER_TRANSFORM_WORKER_MEMORY", default_value_t = 4 << 30, value_parser = conveyor_proto::parse_bytes::<u64>)]
+    #[arg(help_heading = "Transforms")]
     pub transform_worker_memory: u64,
 
     /// Shared memory of each transform worker in bytes, holding one batch in and out
     /// (anonymous memory shared between the loader and the worker).
     #[arg(long, env = "LOADER_TRANSFORM_SHM_BYTES", default_value_t = 256 << 20, value_parser = conveyor_proto::parse_bytes::<u64>)]
+    #[arg(help_heading = "Transforms")]
     pub transform_shm_bytes: u64,
 
     /// A transform worker that takes longer on one batch is killed and replaced, and the batch
     /// retried once.
     #[arg(long, env = "LOADER_TRANSFORM_TIMEOUT", default_value = "60s", value_parser = conveyor_proto::parse_duration)]
+    #[arg(help_heading = "Transforms")]
     pub transform_timeout: Duration,
 
     /// Batches after which a transform worker is replaced by a fresh one, so that memory the
     /// user's code leaks stays bounded. 0: never.
     #[arg(long, env = "LOADER_TRANSFORM_MAX_BATCHES", default_value_t = 1000)]
+    #[arg(help_heading = "Transforms")]
     pub transform_max_batches: u64,
 
     /// Batches waiting for a transform worker, per --transform (each holds its gathered rows).
     #[arg(long, env = "LOADER_TRANSFORM_QUEUE", default_value = "4")]
+    #[arg(help_heading = "Transforms")]
     pub transform_queue: NonZeroUsize,
 
     /// Python interpreter of the transform workers (it needs numpy).
     #[arg(long, env = "LOADER_PYTHON", default_value = "python3")]
+    #[arg(help_heading = "Transforms")]
     pub python: PathBuf,
 
     /// Directories searched for --transform modules, before PYTHONPATH (repeat, or separate
     /// with ':' in the environment variable).
     #[arg(long = "transform-pythonpath", env = "LOADER_TRANSFORM_PYTHONPATH", value_delimiter = ':')]
+    #[arg(help_heading = "Transforms")]
     pub transform_pythonpath: Vec<PathBuf>,
 
     /// Largest batch, in bytes of tensor data, one request may ask for. Bounds the size of one
     /// response message (the gRPC message limit is set from it).
     #[arg(long, env = "LOADER_MAX_BATCH_BYTES", default_value_t = 64 << 20, value_parser = conveyor_proto::parse_bytes::<u64>)]
+    #[arg(help_heading = "Serving and limits")]
     pub max_batch_bytes: u64,
 
     /// Freed buffers (batches, decoded blocks, encode buffers) the allocator may keep for reuse,
@@ -195,119 +279,145 @@ pub struct Config {
     /// every 100 ms, they go back to the kernel. Adds at most this (plus what is freed in 100 ms)
     /// to the loader's anonymous memory; 0 returns freed pages at every check.
     #[arg(long, env = "LOADER_ALLOCATOR_RETAIN_BYTES", default_value_t = 128 << 20, value_parser = conveyor_proto::parse_bytes::<u64>)]
+    #[arg(help_heading = "Serving and limits")]
     pub allocator_retain_bytes: u64,
 
     /// Largest number of samples in one batch request.
     #[arg(long, env = "LOADER_MAX_BATCH_SAMPLES", default_value_t = 65536)]
+    #[arg(help_heading = "Serving and limits")]
     pub max_batch_samples: u64,
 
     /// Bytes of batch data being assembled or queued for sending, over all streams. Requests
     /// past it wait (backpressure); the loader's anonymous memory is about twice this.
     #[arg(long, env = "LOADER_MAX_INFLIGHT_BYTES", default_value_t = 256 << 20, value_parser = conveyor_proto::parse_bytes::<u64>)]
+    #[arg(help_heading = "Serving and limits")]
     pub max_inflight_bytes: u64,
 
     /// Batches being gathered at once, over all streams (threads copying rows out of the maps).
     #[arg(long, env = "LOADER_ASSEMBLE_THREADS", default_value = "4")]
+    #[arg(help_heading = "Serving and limits")]
     pub assemble_threads: NonZeroUsize,
 
     /// Batches one stream may have being gathered at once.
     #[arg(long, env = "LOADER_STREAM_PARALLELISM", default_value = "4")]
+    #[arg(help_heading = "Serving and limits")]
     pub stream_parallelism: NonZeroUsize,
 
     /// Bytes of decoded Zarr chunks kept for reuse, shared by all streams and datasets.
     #[arg(long, env = "LOADER_CHUNK_CACHE_BYTES", default_value_t = 1 << 30, value_parser = conveyor_proto::parse_bytes::<u64>)]
+    #[arg(help_heading = "Serving and limits")]
     pub chunk_cache_bytes: u64,
 
     /// Zarr chunks being decoded at once.
     #[arg(long, env = "LOADER_DECODE_THREADS", default_value = "2")]
+    #[arg(help_heading = "Serving and limits")]
     pub decode_threads: NonZeroUsize,
 
     /// What an absent Zarr chunk means: an error for the batches that need it, or the fill value.
     #[arg(long, env = "LOADER_ZARR_MISSING_CHUNKS", value_enum, default_value_t = MissingChunks::Error)]
+    #[arg(help_heading = "Datasets and storage")]
     pub zarr_missing_chunks: MissingChunks,
 
     /// Concurrent batch streams, shared fairly between connections: when all are held, a new
     /// stream of a connection holding fewer takes the slot of another connection's longest-idle
     /// stream; one that can take none is refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "LOADER_MAX_STREAMS", default_value = "64")]
+    #[arg(help_heading = "Serving and limits")]
     pub max_streams: NonZeroUsize,
 
     /// HTTP/2 per-stream flow-control window in bytes (large windows keep a fast link full).
     #[arg(long, env = "LOADER_HTTP2_STREAM_WINDOW", default_value_t = 16 << 20, value_parser = conveyor_proto::parse_bytes::<u32>)]
+    #[arg(help_heading = "Serving and limits")]
     pub http2_stream_window: u32,
 
     /// HTTP/2 per-connection flow-control window in bytes.
     #[arg(long, env = "LOADER_HTTP2_CONNECTION_WINDOW", default_value_t = 64 << 20, value_parser = conveyor_proto::parse_bytes::<u32>)]
+    #[arg(help_heading = "Serving and limits")]
     pub http2_connection_window: u32,
 
     /// Largest HTTP/2 frame the loader accepts, in bytes (16 KiB to 16 MiB - 1).
     #[arg(long, env = "LOADER_HTTP2_MAX_FRAME", default_value_t = 1 << 20, value_parser = conveyor_proto::parse_bytes::<u32>)]
+    #[arg(help_heading = "Serving and limits")]
     pub http2_max_frame: u32,
 
     /// Serve Prometheus metrics at http://ADDR/metrics (off unless given).
     #[arg(long, env = "LOADER_METRICS_LISTEN")]
+    #[arg(help_heading = "Observability")]
     pub metrics_listen: Option<SocketAddr>,
 
     /// A stream whose client takes no response for this long, while the loader has one ready,
     /// is ended with DEADLINE_EXCEEDED and its share of --max-inflight-bytes released (a client
     /// that stops reading cannot hold the budget other clients need).
     #[arg(long, env = "LOADER_WRITE_TIMEOUT", default_value = "60s", value_parser = conveyor_proto::parse_duration)]
+    #[arg(help_heading = "Serving and limits")]
     pub write_timeout: Duration,
 
     /// A batch stream that sends no request for this long is ended with DEADLINE_EXCEEDED
     /// (clients reconnect when they need batches again), so idle streams cannot hold every
     /// --max-streams slot.
     #[arg(long, env = "LOADER_STREAM_IDLE_TIMEOUT", default_value = "10m", value_parser = conveyor_proto::parse_duration)]
+    #[arg(help_heading = "Serving and limits")]
     pub stream_idle_timeout: Duration,
 
     /// A connection that has not made its first Loader call this long after it was accepted
     /// (TCP, TLS and HTTP/2 handshakes included) is closed.
     #[arg(long, env = "LOADER_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = conveyor_proto::parse_duration)]
+    #[arg(help_heading = "Serving and limits")]
     pub handshake_timeout: Duration,
 
     /// A connection with no Loader call in progress for this long is closed.
     #[arg(long, env = "LOADER_IDLE_TIMEOUT", default_value = "5m", value_parser = conveyor_proto::parse_duration)]
+    #[arg(help_heading = "Serving and limits")]
     pub idle_timeout: Duration,
 
     /// Open connections; more are accepted and closed at once, with a warning (each costs a
     /// file descriptor and HTTP/2 buffers).
     #[arg(long, env = "LOADER_MAX_CONNECTIONS", default_value = "256")]
+    #[arg(help_heading = "Serving and limits")]
     pub max_connections: NonZeroUsize,
 
     /// Concurrent HTTP/2 streams (calls) on one connection.
     #[arg(long, env = "LOADER_MAX_STREAMS_PER_CONNECTION", default_value = "16")]
+    #[arg(help_heading = "Serving and limits")]
     pub max_streams_per_connection: NonZeroUsize,
 
     /// Interval of HTTP/2 pings on a connection; a peer that does not answer within
     /// --keepalive-timeout is treated as gone and its streams end.
     #[arg(long, env = "LOADER_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = conveyor_proto::parse_duration)]
+    #[arg(help_heading = "Serving and limits")]
     pub keepalive_interval: Duration,
 
     /// How long a keepalive ping may go unanswered.
     #[arg(long, env = "LOADER_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = conveyor_proto::parse_duration)]
+    #[arg(help_heading = "Serving and limits")]
     pub keepalive_timeout: Duration,
 
     /// PEM certificate chain to serve TLS with (with --tls-key); clients then connect to
     /// https://HOST:PORT.
     #[arg(long, env = "LOADER_TLS_CERT", requires = "tls_key")]
+    #[arg(help_heading = "Security")]
     pub tls_cert: Option<PathBuf>,
 
     /// PEM private key of --tls-cert.
     #[arg(long, env = "LOADER_TLS_KEY", requires = "tls_cert")]
+    #[arg(help_heading = "Security")]
     pub tls_key: Option<PathBuf>,
 
     /// PEM CA certificate(s): clients must present a certificate signed by one (mutual TLS).
     #[arg(long, env = "LOADER_TLS_CLIENT_CA", requires = "tls_cert")]
+    #[arg(help_heading = "Security")]
     pub tls_client_ca: Option<PathBuf>,
 
     /// File of accepted bearer tokens, one per line (blank lines and lines starting with # are
     /// ignored); reread on SIGHUP. Loader calls without one of them get UNAUTHENTICATED; the
     /// health service stays open.
     #[arg(long, env = "LOADER_AUTH_TOKEN_FILE")]
+    #[arg(help_heading = "Security")]
     pub auth_token_file: Option<PathBuf>,
 
     /// On SIGTERM, how long in-flight batches may take to finish before the loader exits.
     #[arg(long, env = "LOADER_DRAIN_TIMEOUT", default_value = "10s", value_parser = conveyor_proto::parse_duration)]
+    #[arg(help_heading = "Serving and limits")]
     pub drain_timeout: Duration,
 }
 
@@ -362,62 +472,58 @@ impl Config {
     /// Checks the bounds agree with each other.
     ///
     /// # Errors
-    /// A message naming the flag to change.
-    pub fn validate(&self) -> Result<(), String> {
+    /// A [`ConfigError`] naming the flag to change.
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.max_batch_bytes > self.max_inflight_bytes {
-            return Err(format!(
-                "--max-batch-bytes ({}) is larger than --max-inflight-bytes ({}); no batch that large could ever be sent, \
-                 so raise --max-inflight-bytes or lower --max-batch-bytes",
-                self.max_batch_bytes, self.max_inflight_bytes
-            ));
+            return Err(ConfigError::BatchOverBudget {
+                max_batch_bytes: self.max_batch_bytes,
+                max_inflight_bytes: self.max_inflight_bytes,
+            });
         }
-        if self.max_batch_bytes > u32::MAX as u64 {
-            return Err("--max-batch-bytes must be below 4 GiB".into());
+        if self.max_batch_bytes > u64::from(u32::MAX) {
+            return Err(ConfigError::BatchOver4GiB { max_batch_bytes: self.max_batch_bytes });
         }
-        if !(4 << 10..=64 << 20).contains(&self.disk_cache_block_bytes) {
-            return Err(format!(
-                "--disk-cache-block-bytes {} is outside 4096..67108864 (4 KiB to 64 MiB)",
-                self.disk_cache_block_bytes
-            ));
+        let block = self.disk_cache_block_bytes;
+        if !(4 << 10..=64 << 20).contains(&block) {
+            return Err(ConfigError::OutOfRange {
+                flag: "--disk-cache-block-bytes",
+                value: block,
+                low: 4 << 10,
+                high: 64 << 20,
+            });
         }
         if self.listen_unix.is_some()
             && self.unix_allow_uid.is_empty()
             && (self.auth_token_file.is_some() || self.tls_client_ca.is_some())
         {
             let asked = if self.tls_client_ca.is_some() { "--tls-client-ca" } else { "--auth-token-file" };
-            return Err(format!(
-                "--listen-unix with {asked}: the Unix socket has no TLS and its shared-memory hello comes before any \
-                 token, so anyone who can open it would be served; name who may connect with --unix-allow-uid UID \
-                 (the trainers' user id, `id -u`), or drop --listen-unix"
-            ));
+            return Err(ConfigError::UnixSocketOpenToAll { asked });
         }
         if self.shm_bytes != 0 && self.shm_bytes < conveyor_proto::shm::MIN_REGION_BYTES {
-            return Err(format!(
-                "--shm-bytes {} is below the smallest region ({} bytes); raise it or give 0 to turn shared memory off",
-                self.shm_bytes,
-                conveyor_proto::shm::MIN_REGION_BYTES
-            ));
+            return Err(ConfigError::ShmRegionTooSmall {
+                shm_bytes: self.shm_bytes,
+                min: conveyor_proto::shm::MIN_REGION_BYTES,
+            });
         }
-        if !(16 << 10..1 << 24).contains(&self.http2_max_frame) {
-            return Err(format!("--http2-max-frame {} is outside 16384..16777215", self.http2_max_frame));
+        let frame = u64::from(self.http2_max_frame);
+        if !(16 << 10..1 << 24).contains(&frame) {
+            return Err(ConfigError::OutOfRange {
+                flag: "--http2-max-frame",
+                value: frame,
+                low: 16 << 10,
+                high: (1 << 24) - 1,
+            });
         }
         Ok(())
     }
 
-    /// How remote datasets are reached (the `--s3-*`, `--io-*` and `--disk-cache*` flags).
-    ///
-    /// # Errors
-    /// [`LoadError::DiskCache`] when the cache directory cannot be used.
-    pub fn store_options(&self) -> Result<crate::storage::StoreOptions, LoadError> {
-        let disk_cache = match &self.disk_cache {
-            Some(dir) => Some(std::sync::Arc::new(crate::storage::disk_cache::DiskCache::open(
-                dir,
-                self.disk_cache_bytes,
-                self.disk_cache_open_files,
-            )?)),
-            None => None,
-        };
-        Ok(crate::storage::StoreOptions {
+    /// How remote datasets are reached (the `--s3-*` and `--io-*` flags), through `disk_cache`
+    /// when `--disk-cache` gave one (opened by the caller: configuration does no I/O).
+    pub fn store_options(
+        &self,
+        disk_cache: Option<std::sync::Arc<crate::storage::disk_cache::DiskCache>>,
+    ) -> crate::storage::StoreOptions {
+        crate::storage::StoreOptions {
             s3_endpoint: self.s3_endpoint.clone(),
             s3_region: self.s3_region.clone(),
             s3_anonymous: self.s3_anonymous,
@@ -427,7 +533,7 @@ impl Config {
             io_timeout: self.io_timeout,
             disk_cache,
             cache_block_bytes: self.disk_cache_block_bytes,
-        })
+        }
     }
 
     /// Largest gRPC message this loader sends.
@@ -485,6 +591,10 @@ mod tests {
         let mut config = Config::for_datasets(["a=/x"]);
         assert!(config.validate().is_ok());
         config.max_inflight_bytes = 1;
-        assert!(config.validate().expect_err("too small").contains("--max-inflight-bytes"));
+        assert!(config.validate().expect_err("too small").to_string().contains("--max-inflight-bytes"));
+        config.max_inflight_bytes = 1 << 30;
+        config.http2_max_frame = 1 << 24;
+        let error = config.validate().expect_err("frame too large");
+        assert_eq!(error.to_string(), "--http2-max-frame 16777216 is outside 16384..=16777215");
     }
 }

@@ -348,21 +348,42 @@ impl RequestError {
 
 impl From<RequestError> for tonic::Status {
     fn from(error: RequestError) -> tonic::Status {
-        let message = error.to_string();
-        match error {
-            RequestError::UnknownDataset { .. } => tonic::Status::not_found(message),
-            RequestError::IndexOutOfRange { .. } => tonic::Status::out_of_range(message),
-            RequestError::BatchTooLarge { .. } | RequestError::RegionTooSmall { .. } => {
-                tonic::Status::resource_exhausted(message)
-            }
-            RequestError::TransformFailed { .. } => tonic::Status::failed_precondition(message),
-            RequestError::WorkerFailed { .. } => tonic::Status::unavailable(message),
-            RequestError::EmptyBatch { .. } => tonic::Status::invalid_argument(message),
-            RequestError::ReadFailed(error) if error.transient => tonic::Status::unavailable(message),
-            RequestError::ReadFailed(_) => tonic::Status::data_loss(message),
-            RequestError::GatherFailed { .. } => tonic::Status::internal(message),
-        }
+        tonic::Status::new(error_kind(error.kind()).code, error.to_string())
     }
+}
+
+/// What a wire kind of batch error means to gRPC and to operators.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorKind {
+    /// The wire kind.
+    pub kind: Kind,
+    /// The `kind` label of `conveyor_loader_request_errors_total`.
+    pub label: &'static str,
+    /// The gRPC status of a call that fails with it.
+    pub code: tonic::Code,
+}
+
+/// The one table every batch error goes through (after [`RequestError::kind`]): its metric label
+/// and its gRPC code. [`crate::serve::stats::Stats`] keeps one counter per row, in this order.
+pub const ERROR_KINDS: [ErrorKind; 8] = [
+    ErrorKind { kind: Kind::UnknownDataset, label: "unknown_dataset", code: tonic::Code::NotFound },
+    ErrorKind { kind: Kind::IndexOutOfRange, label: "index_out_of_range", code: tonic::Code::OutOfRange },
+    ErrorKind { kind: Kind::BatchTooLarge, label: "batch_too_large", code: tonic::Code::ResourceExhausted },
+    ErrorKind { kind: Kind::EmptyBatch, label: "empty_batch", code: tonic::Code::InvalidArgument },
+    ErrorKind { kind: Kind::ReadFailed, label: "read_failed", code: tonic::Code::DataLoss },
+    ErrorKind { kind: Kind::StorageUnavailable, label: "storage_unavailable", code: tonic::Code::Unavailable },
+    ErrorKind { kind: Kind::TransformFailed, label: "transform_failed", code: tonic::Code::FailedPrecondition },
+    ErrorKind { kind: Kind::WorkerFailed, label: "worker_failed", code: tonic::Code::Unavailable },
+];
+
+/// The row of [`ERROR_KINDS`] for `kind`.
+pub fn error_kind(kind: Kind) -> ErrorKind {
+    ERROR_KINDS[error_kind_index(kind)]
+}
+
+/// The position of `kind` in [`ERROR_KINDS`] (an unspecified kind counts as a failed read).
+pub fn error_kind_index(kind: Kind) -> usize {
+    ERROR_KINDS.iter().position(|row| row.kind == kind).unwrap_or(4)
 }
 
 /// A batch's samples for messages: the count and the first few indices in request order.
@@ -424,4 +445,24 @@ pub enum HeaderError {
         /// The element type name.
         dtype: &'static str,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_wire_kind_has_one_row_with_its_own_label() {
+        let kinds: Vec<Kind> = (1..=8).map(|n| Kind::try_from(n).expect("a wire kind")).collect();
+        for kind in &kinds {
+            assert_eq!(ERROR_KINDS.iter().filter(|row| row.kind == *kind).count(), 1, "{kind:?}");
+        }
+        let mut labels: Vec<&str> = ERROR_KINDS.iter().map(|row| row.label).collect();
+        labels.sort_unstable();
+        labels.dedup();
+        assert_eq!(labels.len(), ERROR_KINDS.len(), "labels are distinct");
+        assert_eq!(error_kind(Kind::IndexOutOfRange).code, tonic::Code::OutOfRange);
+        let error = RequestError::EmptyBatch { dataset: "d".into() };
+        assert_eq!(tonic::Status::from(error).code(), tonic::Code::InvalidArgument);
+    }
 }

@@ -40,13 +40,29 @@ pub enum ServeError {
     Load(#[from] LoadError),
     /// The flags contradict each other.
     #[error("invalid configuration: {0}")]
-    Config(String),
+    Config(#[from] config::ConfigError),
     /// The token file cannot be used.
     #[error(transparent)]
     Tokens(#[from] auth::TokenFileError),
-    /// A TLS file cannot be read or used.
-    #[error("{0}")]
-    Tls(String),
+    /// A TLS file cannot be read.
+    #[error("cannot read {flag} {}", path.display())]
+    TlsFile {
+        /// The flag naming it.
+        flag: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        error: std::io::Error,
+    },
+    /// A TLS file is not PEM.
+    #[error("{flag} {} is not a PEM file; give a PEM certificate or key", path.display())]
+    NotPem {
+        /// The flag naming it.
+        flag: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+    },
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -58,9 +74,17 @@ pub enum ServeError {
 /// [`ServeError::Config`] for contradicting flags, [`ServeError::Load`] for a dataset that
 /// cannot be served.
 pub fn open(config: Config) -> Result<Arc<LoaderState>, ServeError> {
-    config.validate().map_err(ServeError::Config)?;
+    config.validate()?;
     let mut datasets = Vec::new();
-    let store_options = config.store_options()?;
+    let disk_cache = match &config.disk_cache {
+        Some(dir) => Some(Arc::new(storage::disk_cache::DiskCache::open(
+            dir,
+            config.disk_cache_bytes,
+            config.disk_cache_open_files,
+        )?)),
+        None => None,
+    };
+    let store_options = config.store_options(disk_cache);
     for spec in config.dataset_specs()? {
         let (name, dir) = (&spec.name, &spec.path);
         let location = storage::Location::parse(name, &dir.to_string_lossy(), &store_options)?;

@@ -17,13 +17,18 @@ use tokio::{
     sync::Semaphore,
 };
 
-use crate::serve::service::LoaderState;
+use crate::{error::ERROR_KINDS, serve::service::LoaderState};
 
 /// Renders the metrics in the Prometheus text exposition format.
 pub fn render(state: &LoaderState) -> String {
     let stats = &state.stats;
     let config = state.config();
     let mut out = String::new();
+    let error_samples: Vec<(String, u64)> = ERROR_KINDS
+        .iter()
+        .zip(&stats.errors)
+        .map(|(row, count)| (format!("{{kind=\"{}\"}}", row.label), count.load(Relaxed)))
+        .collect();
     let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for (labels, value) in samples {
@@ -46,16 +51,7 @@ pub fn render(state: &LoaderState) -> String {
         "conveyor_loader_request_errors_total",
         "counter",
         "Batch requests refused, by kind.",
-        &[
-            ("{kind=\"unknown_dataset\"}", stats.errors_unknown_dataset.load(Relaxed)),
-            ("{kind=\"index_out_of_range\"}", stats.errors_index_out_of_range.load(Relaxed)),
-            ("{kind=\"batch_too_large\"}", stats.errors_batch_too_large.load(Relaxed)),
-            ("{kind=\"empty_batch\"}", stats.errors_empty_batch.load(Relaxed)),
-            ("{kind=\"read_failed\"}", stats.errors_read_failed.load(Relaxed)),
-            ("{kind=\"storage_unavailable\"}", stats.errors_storage_unavailable.load(Relaxed)),
-            ("{kind=\"transform_failed\"}", stats.errors_transform_failed.load(Relaxed)),
-            ("{kind=\"worker_failed\"}", stats.errors_worker_failed.load(Relaxed)),
-        ],
+        &error_samples.iter().map(|(labels, count)| (labels.as_str(), *count)).collect::<Vec<_>>(),
     );
     metric(
         "conveyor_loader_streams_refused_total",

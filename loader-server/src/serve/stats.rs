@@ -9,7 +9,7 @@ use std::{
     },
 };
 
-use crate::error::RequestError;
+use crate::error::{ERROR_KINDS, RequestError, error_kind_index};
 
 /// Monotonic counters, shared by all streams.
 #[derive(Debug, Default)]
@@ -18,24 +18,10 @@ pub struct Stats {
     pub batches_served: AtomicU64,
     /// Tensor bytes answered.
     pub bytes_served: AtomicU64,
-    /// Requests rejected for naming an unknown dataset.
-    pub errors_unknown_dataset: AtomicU64,
-    /// Requests rejected for an index out of range.
-    pub errors_index_out_of_range: AtomicU64,
-    /// Requests rejected for exceeding the batch limits.
-    pub errors_batch_too_large: AtomicU64,
-    /// Requests rejected for naming no indices.
-    pub errors_empty_batch: AtomicU64,
+    /// Batch requests refused or failed, one counter per row of [`ERROR_KINDS`].
+    pub errors: [AtomicU64; ERROR_KINDS.len()],
     /// Streams refused because `--max-streams` were open.
     pub streams_refused: AtomicU64,
-    /// Batches failed because a chunk could not be read.
-    pub errors_read_failed: AtomicU64,
-    /// Batches failed because the storage failed transiently (clients retry them).
-    pub errors_storage_unavailable: AtomicU64,
-    /// Batches failed by their transform (the function raised or broke the schema).
-    pub errors_transform_failed: AtomicU64,
-    /// Batches failed because transform workers died on them twice.
-    pub errors_worker_failed: AtomicU64,
     /// Connections closed at once because `--max-connections` were open.
     pub connections_refused: AtomicU64,
     /// Connections closed by `--handshake-timeout` or `--idle-timeout`.
@@ -124,17 +110,7 @@ impl Stats {
 
     /// Counts one rejected request by cause.
     pub fn record_error(&self, error: &RequestError) {
-        let counter = match error {
-            RequestError::UnknownDataset { .. } => &self.errors_unknown_dataset,
-            RequestError::IndexOutOfRange { .. } => &self.errors_index_out_of_range,
-            RequestError::BatchTooLarge { .. } | RequestError::RegionTooSmall { .. } => &self.errors_batch_too_large,
-            RequestError::TransformFailed { .. } => &self.errors_transform_failed,
-            RequestError::WorkerFailed { .. } => &self.errors_worker_failed,
-            RequestError::EmptyBatch { .. } => &self.errors_empty_batch,
-            RequestError::ReadFailed(error) if error.transient => &self.errors_storage_unavailable,
-            RequestError::ReadFailed(_) | RequestError::GatherFailed { .. } => &self.errors_read_failed,
-        };
-        counter.fetch_add(1, Relaxed);
+        self.errors[error_kind_index(error.kind())].fetch_add(1, Relaxed);
     }
 
     /// Counts one refused stream.

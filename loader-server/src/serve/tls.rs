@@ -17,7 +17,7 @@ const EXPIRY_WARNING: Duration = Duration::from_secs(7 * 24 * 3600);
 /// The TLS settings of `--tls-cert`, `--tls-key` and `--tls-client-ca`, or `None` without them.
 ///
 /// # Errors
-/// [`ServeError::Tls`] naming the flag and file that cannot be read.
+/// [`ServeError::TlsFile`] or [`ServeError::NotPem`] naming the flag and the file.
 pub fn tls_config(config: &Config) -> Result<Option<ServerTlsConfig>, ServeError> {
     let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
         return Ok(None);
@@ -31,14 +31,10 @@ pub fn tls_config(config: &Config) -> Result<Option<ServerTlsConfig>, ServeError
     Ok(Some(tls))
 }
 
-fn read_pem(flag: &str, path: &Path) -> Result<Vec<u8>, ServeError> {
-    let pem = std::fs::read(path)
-        .map_err(|error| ServeError::Tls(format!("cannot read {flag} {}: {error}", path.display())))?;
+fn read_pem(flag: &'static str, path: &Path) -> Result<Vec<u8>, ServeError> {
+    let pem = std::fs::read(path).map_err(|error| ServeError::TlsFile { flag, path: path.to_owned(), error })?;
     if !String::from_utf8_lossy(&pem).contains("-----BEGIN ") {
-        return Err(ServeError::Tls(format!(
-            "{flag} {} is not a PEM file; give a PEM certificate or key",
-            path.display()
-        )));
+        return Err(ServeError::NotPem { flag, path: path.to_owned() });
     }
     Ok(pem)
 }
