@@ -85,6 +85,38 @@ def imports(module, text, known):
     return targets
 
 
+def circles(edges):
+    """The strongly connected groups of more than one module (Tarjan's algorithm)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(edges.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    sys.setrecursionlimit(10_000)
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return found
+
+
 def main():
     failures = []
     for crate, (root, forbidden) in CRATES.items():
@@ -117,12 +149,19 @@ def main():
                 if a < b and a in reach(b):
                     failures.append(f"{crate}: {a} and {b} import each other ({', '.join(sorted(why[(a, b)]))} "
                                     f"and back)")
+        # Within the wings too: no two modules import each other round a circle (a module may use
+        # what its ancestors hold; a parent naming its children is no import).
+        edges = {m: {t for t in imports(m, text, known) if t and t != m and not m.startswith(t + "::")}
+                 for m, (_, text) in found.items()}
+        for circle in circles(edges):
+            if len({m.split("::")[0] for m in circle}) == 1:
+                failures.append(f"{crate}: modules import each other round a circle: {', '.join(circle)}")
     for failure in failures:
         print(failure)
     if failures:
         print("the layering in ARCHITECTURE.md is broken; move the shared piece down a layer")
         return 1
-    print("layers: no import circles; the loader's wings import only downwards")
+    print("layers: no import circles between or within modules; the loader's wings import only downwards")
     return 0
 
 

@@ -18,7 +18,7 @@ pub mod transform;
 use std::{future::Future, sync::Arc};
 
 use dataset::chunk_cache::ChunkCache;
-use serve::{auth, batch_route, connection, service, tls};
+use serve::{auth, batch_route, connection, tls};
 
 use conveyor_proto::v1_gather::loader_server::LoaderServer;
 use tokio::{net::TcpListener, sync::watch};
@@ -27,10 +27,7 @@ use tonic::service::interceptor::InterceptedService;
 pub use config::Config;
 pub use dataset::Dataset;
 pub use error::{LoadError, RequestError};
-pub use serve::{
-    service::{LoaderService, LoaderState},
-    tls::tls_config,
-};
+pub use serve::{service::LoaderService, state::LoaderState, tls::tls_config};
 
 /// Why the loader could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -219,8 +216,11 @@ pub async fn serve_with_unix(
     let same_host = unix.as_ref().and_then(|unix| same_host(unix, &config));
     let loader = |draining_rx| {
         let service = LoaderService::new(state.clone(), draining_rx).with_same_host(same_host.clone());
-        let route =
-            batch_route::BatchRoute::new(service, service::request_limit_bytes(&config), config.max_message_bytes());
+        let route = batch_route::BatchRoute::new(
+            service,
+            serve::stream::request_limit_bytes(&config),
+            config.max_message_bytes(),
+        );
         InterceptedService::new(route, auth::TokenCheck::new(state.tokens().cloned(), state.stats.clone()))
     };
     let unix_draining_rx = draining_rx.clone();

@@ -17,7 +17,7 @@ use tokio::{
     sync::Semaphore,
 };
 
-use crate::{error::ERROR_KINDS, serve::service::LoaderState};
+use crate::{error::ERROR_KINDS, serve::state::LoaderState};
 
 /// Renders the metrics in the Prometheus text exposition format.
 pub fn render(state: &LoaderState) -> String {
@@ -174,7 +174,7 @@ pub fn render(state: &LoaderState) -> String {
     let (mut requests, mut fetched, mut cache_hits) = (Vec::new(), Vec::new(), Vec::new());
     let mut disk_cache = None;
     for served in state.datasets() {
-        if let crate::serve::service::Served::Stored { dataset, .. } = served
+        if let crate::serve::state::Served::Stored { dataset, .. } = served
             && let Some(storage) = &dataset.storage
         {
             disk_cache = disk_cache.or(storage.disk_cache_counters());

@@ -13,7 +13,9 @@ pub mod connection;
 pub mod service;
 #[allow(unsafe_code)]
 pub mod shm;
+pub mod state;
 pub mod stats;
+pub mod stream;
 pub mod stream_slots;
 pub mod throttle;
 pub mod tls;

@@ -1,0 +1,484 @@
+//! The loader's shared state, built once at start-up: the catalog of datasets it serves (stored
+//! and derived), the bounds every stream shares (stream slots, the in-flight byte budget, gather
+//! threads), the chunk cache, the tokens and the counters; and the per-batch pipeline every
+//! request goes through (check, budget, gather off the runtime, transform, finish).
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+};
+
+use bytes::Bytes;
+use conveyor_proto::{
+    v1::{BatchRequest, BatchResponse, DatasetInfo},
+    wire::{OutgoingBatch, OutgoingTensor},
+};
+use tokio::sync::Semaphore;
+
+use super::{
+    auth::Tokens,
+    budget::FairBudget,
+    shm::SharedRegion,
+    stats::Stats,
+    stream_slots::{Slot, StreamSlots},
+};
+use crate::{
+    config::Config,
+    dataset::{Dataset, chunk_cache::ChunkCache},
+    error::ReadError,
+    error::RequestError,
+    transform::{
+        Columns, Derived, FieldSchema, Transform,
+        python::{Pool, TransformError},
+        schema_of,
+    },
+};
+
+/// A dataset clients can request: stored, or derived from a stored one by a transform.
+#[derive(Debug, Clone)]
+pub enum Served {
+    /// Served as stored.
+    Stored {
+        /// The dataset.
+        dataset: Arc<Dataset>,
+        /// Its fields' schema, for the responses.
+        schema: Arc<Vec<FieldSchema>>,
+    },
+    /// Transformed on the way out.
+    Derived(Arc<Derived>),
+}
+
+impl Served {
+    /// A stored dataset.
+    pub fn stored(dataset: Arc<Dataset>) -> Served {
+        Served::Stored { schema: Arc::new(schema_of(&dataset)), dataset }
+    }
+
+    /// Name clients use.
+    pub fn name(&self) -> &str {
+        match self {
+            Served::Stored { dataset, .. } => &dataset.name,
+            Served::Derived(derived) => &derived.name,
+        }
+    }
+
+    /// The stored dataset whose rows are gathered.
+    pub fn source(&self) -> &Arc<Dataset> {
+        match self {
+            Served::Stored { dataset, .. } => dataset,
+            Served::Derived(derived) => &derived.source,
+        }
+    }
+
+    /// The fields of its batches.
+    pub fn schema(&self) -> &[FieldSchema] {
+        match self {
+            Served::Stored { schema, .. } => schema,
+            Served::Derived(derived) => &derived.schema,
+        }
+    }
+
+    /// Bytes of one sample as sent.
+    pub fn bytes_per_sample(&self) -> usize {
+        self.schema().iter().map(FieldSchema::bytes_per_sample).sum()
+    }
+
+    /// Bytes one sample holds while its batch is assembled: as sent, plus the gathered source
+    /// rows for a derived dataset.
+    fn budget_bytes_per_sample(&self) -> usize {
+        match self {
+            Served::Stored { .. } => self.bytes_per_sample(),
+            Served::Derived(derived) => self.bytes_per_sample() + derived.source.bytes_per_sample(),
+        }
+    }
+
+    /// Wire description, given the server's per-batch sample limit.
+    pub fn info(&self, max_batch_samples: u64) -> DatasetInfo {
+        match self {
+            Served::Stored { dataset, .. } => dataset.info(max_batch_samples),
+            Served::Derived(derived) => derived.info(max_batch_samples),
+        }
+    }
+
+    /// The transform of a derived dataset.
+    fn transform(&self) -> Option<&Transform> {
+        match self {
+            Served::Derived(derived) => Some(&derived.transform),
+            Served::Stored { .. } => None,
+        }
+    }
+}
+
+/// A response ready to send. Its rows are copied into the outgoing buffer when tonic encodes
+/// it; until then it holds its share of the in-flight byte budget ([`OutgoingBatch::hold`]).
+type Outgoing = OutgoingBatch;
+
+/// A batch's rows before they are answered.
+enum Rows {
+    /// Selected in place (a stored dataset): copied once, as the response is encoded.
+    Selected(Vec<OutgoingTensor>),
+    /// Gathered into one buffer per field (the input or output of a transform).
+    Gathered(Vec<Vec<u8>>),
+}
+
+/// Shared state of all streams of one loader.
+#[derive(Debug)]
+pub struct LoaderState {
+    /// Datasets by name, stored and derived.
+    datasets: BTreeMap<String, Served>,
+    /// Limits from the flags.
+    config: Config,
+    /// The concurrent streams (`--max-streams`), shared fairly between connections.
+    stream_slots: Arc<StreamSlots>,
+    /// Bytes of batch data assembled or queued (`--max-inflight-bytes`), shared fairly.
+    inflight_bytes: Arc<FairBudget>,
+    /// Numbers streams for the budget's accounting.
+    next_stream_id: AtomicU64,
+    /// Accepted bearer tokens (`--auth-token-file`), when the loader requires one.
+    tokens: Option<Arc<Tokens>>,
+    /// One permit per batch being gathered (`--assemble-threads`).
+    assemble_slots: Arc<Semaphore>,
+    /// Decoded Zarr chunks shared by all streams (`--chunk-cache-bytes`).
+    cache: ChunkCache,
+    /// Counters the metrics endpoint and logs read.
+    pub stats: Arc<Stats>,
+}
+
+impl LoaderState {
+    /// Builds the state, in one pass, over already opened stored datasets, the datasets derived
+    /// from them, the chunk cache those were probed through, and the accepted tokens.
+    pub fn new(
+        stored: Vec<Arc<Dataset>>,
+        derived: Vec<Derived>,
+        cache: ChunkCache,
+        tokens: Option<Arc<Tokens>>,
+        config: Config,
+    ) -> LoaderState {
+        let names = stored.iter().map(|d| d.name.clone()).chain(derived.iter().map(|d| d.name.clone()));
+        let stats = Arc::new(Stats::new(names));
+        let stored = stored.into_iter().map(|d| (d.name.clone(), Served::stored(d)));
+        let derived = derived.into_iter().map(|d| (d.name.clone(), Served::Derived(Arc::new(d))));
+        LoaderState {
+            stats,
+            datasets: stored.chain(derived).collect(),
+            stream_slots: Arc::new(StreamSlots::new(config.max_streams.get())),
+            inflight_bytes: Arc::new(FairBudget::new(config.max_inflight_bytes)),
+            next_stream_id: AtomicU64::new(0),
+            tokens,
+            assemble_slots: Arc::new(Semaphore::new(config.assemble_threads.get())),
+            cache,
+            config,
+        }
+    }
+
+    /// A place under `--max-streams` for a new stream of `connection` (any number that tells
+    /// connections apart), with the stream's id; `None` when every place is held by a stream
+    /// that cannot make way.
+    pub(super) fn admit_stream(&self, connection: usize) -> Option<(u64, Slot)> {
+        let stream_id = self.next_stream_id.fetch_add(1, Relaxed);
+        Some((stream_id, self.stream_slots.admit(stream_id, connection)?))
+    }
+
+    /// The accepted bearer tokens, when the loader requires one.
+    pub fn tokens(&self) -> Option<&Arc<Tokens>> {
+        self.tokens.as_ref()
+    }
+
+    /// The decoded-chunk cache shared by every stream.
+    pub fn cache(&self) -> &ChunkCache {
+        &self.cache
+    }
+
+    /// Datasets by name, stored and derived.
+    pub fn datasets(&self) -> impl Iterator<Item = &Served> {
+        self.datasets.values()
+    }
+
+    /// The derived datasets.
+    pub fn derived(&self) -> impl Iterator<Item = &Arc<Derived>> {
+        self.datasets.values().filter_map(|d| match d {
+            Served::Derived(derived) => Some(derived),
+            Served::Stored { .. } => None,
+        })
+    }
+
+    /// The flags the loader runs with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Bytes of batch data currently assembled or queued.
+    pub fn inflight_bytes(&self) -> u64 {
+        self.inflight_bytes.used()
+    }
+
+    /// Streams currently open.
+    pub fn active_streams(&self) -> usize {
+        self.stream_slots.open()
+    }
+
+    pub(super) fn dataset(&self, name: &str) -> Result<&Served, RequestError> {
+        self.datasets.get(name).ok_or_else(|| RequestError::UnknownDataset {
+            name: name.to_owned(),
+            available: self.datasets.keys().cloned().collect(),
+        })
+    }
+
+    /// Checks a request against the dataset and the limits; returns the dataset and the bytes
+    /// the batch holds while it is assembled and queued.
+    fn check(&self, request: &BatchRequest) -> Result<(Served, u64), RequestError> {
+        let served = self.dataset(&request.dataset)?;
+        let name = served.name();
+        let num_samples = request.indices.len() as u64;
+        if num_samples == 0 {
+            return Err(RequestError::EmptyBatch { dataset: name.to_owned() });
+        }
+        let bytes = num_samples * served.bytes_per_sample() as u64;
+        if num_samples > self.config.max_batch_samples || bytes > self.config.max_batch_bytes {
+            return Err(RequestError::BatchTooLarge {
+                dataset: name.to_owned(),
+                num_samples,
+                bytes,
+                max_samples: self.config.max_batch_samples,
+                max_bytes: self.config.max_batch_bytes,
+            });
+        }
+        let len = served.source().num_samples;
+        if let Some(&index) = request.indices.iter().find(|&&i| i >= len) {
+            return Err(RequestError::IndexOutOfRange { dataset: name.to_owned(), index, len });
+        }
+        if let Some(Transform::Python(pool)) = served.transform() {
+            let region_bytes = pool.region_bytes(num_samples);
+            if region_bytes > pool.shm_bytes() {
+                return Err(RequestError::RegionTooSmall {
+                    dataset: name.to_owned(),
+                    num_samples,
+                    bytes: region_bytes,
+                    shm_bytes: pool.shm_bytes(),
+                });
+            }
+        }
+        Ok((served.clone(), num_samples * served.budget_bytes_per_sample() as u64))
+    }
+
+    /// Serves one request: checks it, waits for budget, gathers rows off the runtime, and
+    /// transforms them for a derived dataset.
+    pub(super) async fn assemble(
+        self: Arc<Self>,
+        stream_id: u64,
+        request: BatchRequest,
+        region: Option<Arc<SharedRegion>>,
+    ) -> Outgoing {
+        let checked = self.check(&request);
+        let BatchRequest { batch_id, indices, seed, epoch, .. } = request;
+        let (served, bytes) = match checked {
+            Ok(ok) => ok,
+            Err(error) => {
+                tracing::warn!(batch_id, %error, "rejected batch request");
+                return self.refuse(batch_id, indices, error);
+            }
+        };
+        let budget = self.inflight_bytes.acquire(stream_id, bytes).await;
+        // The semaphore lives as long as the state and is never closed.
+        let Ok(slot) = self.assemble_slots.clone().acquire_owned().await else {
+            unreachable!("assemble semaphore is never closed")
+        };
+        let state = self.clone();
+        let gather_served = served.clone();
+        // Unless a Python transform is still to run, the batch is finished on the thread that
+        // gathers it: its rows copied once, into the connection's shared memory or into the
+        // gRPC message the connection's task hands to HTTP/2 as it is. The copies then run in
+        // parallel on the gather threads, and the blocks or ranges the rows point into are let go
+        // as soon as they are copied.
+        let finish_here = !matches!(served.transform(), Some(Transform::Python(_)));
+        let gather_region = region.clone();
+        let gathered = tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            match state.gather_blocking(&gather_served, &indices, seed, epoch) {
+                Ok((rows, decoded)) if finish_here => {
+                    let outgoing = state.respond(&gather_served, batch_id, indices, rows, decoded);
+                    Gathered::Finished(state.finish(outgoing, gather_region.as_deref()))
+                }
+                Ok((rows, decoded)) => Gathered::Rows(indices, rows, decoded),
+                Err(error) => Gathered::Failed(indices, error),
+            }
+        })
+        .await;
+        let (indices, rows, decoded_bytes) = match gathered {
+            Ok(Gathered::Finished(mut outgoing)) => {
+                outgoing.hold = Some(Box::new(budget));
+                return outgoing;
+            }
+            Ok(Gathered::Rows(indices, rows, decoded)) => (indices, rows, decoded),
+            Ok(Gathered::Failed(indices, error)) => {
+                tracing::error!(batch_id, %error, "a chunk could not be read; failing this batch only");
+                return self.refuse(batch_id, indices, RequestError::from(error));
+            }
+            Err(join_error) => {
+                tracing::error!(batch_id, dataset = %served.name(), %join_error, "gathering a batch failed");
+                let error = RequestError::GatherFailed {
+                    dataset: served.name().to_owned(),
+                    batch_id,
+                    reason: join_error.to_string(),
+                };
+                return self.refuse(batch_id, Vec::new(), error);
+            }
+        };
+        let rows = match (served.transform(), rows) {
+            (Some(Transform::Python(pool)), Rows::Gathered(buffers)) => {
+                let started = std::time::Instant::now();
+                let result = pool.run(buffers, indices.clone(), seed, epoch).await;
+                self.stats.record_transform(served.name(), started.elapsed());
+                match transformed(&served, pool, &indices, result) {
+                    Ok(buffers) => Rows::Gathered(buffers),
+                    Err(error) => {
+                        tracing::warn!(batch_id, %error, "transform failed; failing this batch only");
+                        return self.refuse(batch_id, indices, error);
+                    }
+                }
+            }
+            (_, rows) => rows,
+        };
+        let outgoing = self.respond(&served, batch_id, indices, rows, decoded_bytes);
+        let state = self.clone();
+        let finished = tokio::task::spawn_blocking(move || state.finish(outgoing, region.as_deref())).await;
+        let Ok(mut outgoing) = finished else {
+            let reason = "writing the batch out panicked".to_owned();
+            let error = RequestError::GatherFailed { dataset: served.name().to_owned(), batch_id, reason };
+            return self.refuse(batch_id, Vec::new(), error);
+        };
+        outgoing.hold = Some(Box::new(budget));
+        outgoing
+    }
+
+    /// The answer carrying a batch's rows.
+    fn respond(&self, served: &Served, batch_id: u64, indices: Vec<u64>, rows: Rows, decoded_bytes: u64) -> Outgoing {
+        let batch = indices.len() as u64;
+        let tensors = match rows {
+            Rows::Selected(tensors) => tensors,
+            Rows::Gathered(buffers) => served
+                .schema()
+                .iter()
+                .zip(buffers)
+                .map(|(field, data)| {
+                    let shape = std::iter::once(batch).chain(field.sample_shape.iter().copied()).collect();
+                    OutgoingTensor::owned(field.name.clone(), field.dtype, shape, Bytes::from(data))
+                })
+                .collect(),
+        };
+        let outgoing = OutgoingBatch::new(batch_id, indices, tensors, decoded_bytes);
+        self.stats.record_batch(served.name(), outgoing.data_len() as u64, decoded_bytes);
+        outgoing
+    }
+
+    /// The one copy of a batch's rows, on the calling thread (off the runtime): into the
+    /// connection's shared-memory region when it has one with room (the gRPC message then only
+    /// says where), else into the batch's gRPC message itself.
+    fn finish(&self, mut outgoing: Outgoing, region: Option<&SharedRegion>) -> Outgoing {
+        if let Some(region) = region {
+            let placed = region.place(&mut outgoing);
+            let counter = if placed { &self.stats.shm_batches } else { &self.stats.shm_full };
+            counter.fetch_add(1, Relaxed);
+        }
+        outgoing.encode_message();
+        outgoing
+    }
+
+    /// Serves one request on the calling thread with the same checks and gather as a stream,
+    /// but outside the stream bounds (budget, gather threads): for the fuzz targets and tests
+    /// that drive the handler without a server.
+    pub fn answer_blocking(&self, request: BatchRequest) -> BatchResponse {
+        let checked = self.check(&request);
+        let BatchRequest { batch_id, indices, seed, epoch, .. } = request;
+        let (served, _) = match checked {
+            Ok(ok) => ok,
+            Err(error) => return self.refuse(batch_id, indices, error).to_response(),
+        };
+        let (rows, decoded) = match self.gather_blocking(&served, &indices, seed, epoch) {
+            Ok(ok) => ok,
+            Err(error) => return self.refuse(batch_id, indices, RequestError::from(error)).to_response(),
+        };
+        let rows = match (served.transform(), rows) {
+            (Some(Transform::Python(pool)), Rows::Gathered(buffers)) => {
+                let result = pool.run_blocking(buffers, indices.clone(), seed, epoch);
+                match transformed(&served, pool, &indices, result) {
+                    Ok(buffers) => Rows::Gathered(buffers),
+                    Err(error) => return self.refuse(batch_id, indices, error).to_response(),
+                }
+            }
+            (_, rows) => rows,
+        };
+        self.respond(&served, batch_id, indices, rows, decoded).to_response()
+    }
+
+    /// Selects the rows of `indices` for a stored dataset; for a derived one, gathers the source
+    /// rows and runs a built-in pipeline over them (CPU work like the gather, so it runs on the
+    /// same thread). Returns the rows and the bytes decoded from storage. Blocks: call it off the
+    /// async runtime.
+    fn gather_blocking(
+        &self,
+        served: &Served,
+        indices: &[u64],
+        seed: u64,
+        epoch: u64,
+    ) -> Result<(Rows, u64), ReadError> {
+        let source = served.source();
+        let Some(transform) = served.transform() else {
+            let (tensors, decoded) = source.select(indices, &self.cache)?;
+            return Ok((Rows::Selected(tensors), decoded));
+        };
+        let (buffers, decoded) = source.gather(indices, &self.cache)?;
+        let Transform::Pipeline(pipeline) = transform else { return Ok((Rows::Gathered(buffers), decoded)) };
+        let started = std::time::Instant::now();
+        let out = pipeline.apply(buffers, indices, seed, epoch);
+        self.stats.record_transform(served.name(), started.elapsed());
+        Ok((Rows::Gathered(out), decoded))
+    }
+}
+
+/// What a gather thread hands back.
+enum Gathered {
+    /// The batch, finished (its rows copied into its message or shared memory).
+    Finished(Outgoing),
+    /// The rows, for the transform still to run.
+    Rows(Vec<u64>, Rows, u64),
+    /// A chunk or range could not be read.
+    Failed(Vec<u64>, ReadError),
+}
+
+/// A Python transform's result as the dataset's buffers, or the batch's error.
+fn transformed(
+    served: &Served,
+    pool: &Pool,
+    indices: &[u64],
+    result: Result<Columns, TransformError>,
+) -> Result<Vec<Vec<u8>>, RequestError> {
+    let failed = |message: String| RequestError::TransformFailed {
+        dataset: served.name().to_owned(),
+        function: pool.function.clone(),
+        samples: crate::error::describe_samples(indices),
+        message,
+    };
+    match result {
+        Ok(columns) => columns.into_schema(served.schema()).map_err(failed),
+        Err(TransformError::Raised { message, traceback }) => Err(failed(format!("{message}\n{traceback}"))),
+        Err(TransformError::Schema(message)) => Err(failed(message)),
+        Err(TransformError::WorkerFailed(detail)) => Err(RequestError::WorkerFailed {
+            dataset: served.name().to_owned(),
+            function: pool.function.clone(),
+            samples: crate::error::describe_samples(indices),
+            detail,
+        }),
+    }
+}
+
+impl LoaderState {
+    /// The answer to a request that cannot be served; the stream carries on.
+    fn refuse(&self, batch_id: u64, indices: Vec<u64>, error: RequestError) -> Outgoing {
+        self.stats.record_error(&error);
+        OutgoingBatch::refused(batch_id, indices, error.to_batch_error())
+    }
+}
