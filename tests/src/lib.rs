@@ -10,7 +10,11 @@ use std::{
 use anyhow::{Context, bail};
 use tokio::sync::oneshot;
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
-pub use trainer_client::demo::LoaderProcess;
+/// The trainer binary's loader processes (one file, shared rather than copied).
+#[path = "../../trainer-client/src/bin/trainer-client/loaders.rs"]
+#[allow(dead_code)]
+mod loaders;
+pub use loaders::LoaderProcess;
 
 /// The directory holding the workspace's built binaries (`target/debug` or `target/release`),
 /// found from the running test executable (`target/<profile>/deps/<test>`).

@@ -7,10 +7,15 @@ use std::{path::Path, process::Command, time::Duration};
 
 use tch::{Device, Kind, Tensor};
 use trainer_client::{
-    EpochPlan, Loaders, PlanSpec, Shuffle, StreamOptions,
-    demo::{self, LoaderProcess},
+    EpochPlan, Loaders, PlanSpec, Shuffle, StreamOptions, demo,
     tensor::{TensorConverter, host_tensor},
 };
+
+/// The binary's loader processes (one file, shared rather than copied).
+#[path = "../src/bin/trainer-client/loaders.rs"]
+#[allow(dead_code)]
+mod loaders;
+use loaders::LoaderProcess;
 
 const SAMPLES: u64 = 20_000;
 

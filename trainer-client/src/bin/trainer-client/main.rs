@@ -4,6 +4,7 @@
 mod args;
 mod check;
 mod dump;
+mod loaders;
 mod progress;
 mod report;
 mod stream;
@@ -25,11 +26,7 @@ use anyhow::{Context, bail};
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use clap::{Parser, Subcommand};
-use trainer_client::{
-    ConnectOptions, DType,
-    demo::{self, LoaderProcess},
-    fetch_catalog, open_channel, parse_loader,
-};
+use trainer_client::{ConnectOptions, DType, demo, fetch_catalog, open_channel, parse_loader};
 
 use crate::{
     args::{LoaderArgs, PlanArgs},
@@ -256,11 +253,11 @@ async fn run_demo(num_samples: u64, dir: Option<PathBuf>, batch_size: u64) -> an
         dir.display(),
         written.elapsed().as_secs_f64()
     );
-    let binary = demo::sibling_loader_binary()?;
+    let binary = loaders::sibling_loader_binary()?;
     let args = vec!["--listen".into(), "127.0.0.1:0".into(), "--dataset".into(), format!("chess={}", dir.display())];
     let mut replicas = Vec::new();
     for _ in 0..2 {
-        replicas.push(LoaderProcess::start(&binary, &args, Duration::from_secs(60)).await?);
+        replicas.push(loaders::LoaderProcess::start(&binary, &args, Duration::from_secs(60)).await?);
     }
     let addrs: Vec<String> = replicas.iter().map(|r| r.addr.clone()).collect();
     println!("started 2 loader-server processes on {}", addrs.join(" and "));
