@@ -707,14 +707,16 @@ impl ZarrSource {
             layer = std::borrow::Cow::Owned(decoded);
         }
         let raw = &layer[..];
-        if let Some((codec, mut decoder)) = self.decoder(raw) {
-            if let Some(declared) = (codec == "zstd").then(|| zstd::bulk::Decompressor::upper_bound(raw)).flatten() {
-                // Every byte is a frame that declares its size: no need to decode.
-                if declared as u64 > holds {
-                    return Err(too_big(format!("its zstd frames declare {declared} decoded bytes")));
-                }
-                return Ok(());
+        // Every byte is a zstd frame that declares its size: no need to decode.
+        if let Some(declared) =
+            raw.starts_with(&ZSTD_MAGIC).then(|| zstd::bulk::Decompressor::upper_bound(raw)).flatten()
+        {
+            if declared as u64 > holds {
+                return Err(too_big(format!("its zstd frames declare {declared} decoded bytes")));
             }
+            return Ok(());
+        }
+        if let Some((codec, mut decoder)) = self.decoder(raw) {
             return match decoded_len(&mut decoder, holds.saturating_add(1)) {
                 decoded if decoded > holds => {
                     Err(too_big(format!("its {codec} stream decodes to more than {holds} bytes")))

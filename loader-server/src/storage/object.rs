@@ -803,17 +803,20 @@ fn hash_of(text: &str) -> u64 {
 
 impl WholeValueReads {
     /// Pins `key` to the version `meta` describes at its first read, or checks it against the
-    /// pinned one.
+    /// pinned one; `meta` is `None` when the object is absent, which is a change once it was read.
     fn check_version(&self, key: &StoreKey, meta: Option<&ObjectMeta>) -> Result<(), StorageError> {
-        let now = meta.map_or(0, |meta| hash_of(&ObjectVersion::of(meta).describe()));
+        use std::collections::hash_map::Entry;
+        let now = meta.map(|meta| hash_of(&ObjectVersion::of(meta).describe()));
         let mut versions = self.versions.lock().unwrap_or_else(|p| p.into_inner());
-        match versions.entry(hash_of(key.as_str())) {
-            std::collections::hash_map::Entry::Vacant(first) => {
+        match (versions.entry(hash_of(key.as_str())), now) {
+            (Entry::Vacant(first), Some(now)) => {
                 first.insert(now);
                 Ok(())
             }
-            std::collections::hash_map::Entry::Occupied(pinned) if *pinned.get() == now => Ok(()),
-            std::collections::hash_map::Entry::Occupied(_) => {
+            // Absent and never read in this run: a chunk that was never written.
+            (Entry::Vacant(_), None) => Ok(()),
+            (Entry::Occupied(pinned), Some(now)) if *pinned.get() == now => Ok(()),
+            (Entry::Occupied(_), _) => {
                 let now = meta.map_or_else(|| "gone".to_owned(), |meta| ObjectVersion::of(meta).describe());
                 Err(StorageError::Other(format!(
                     "object {}/{} changed since the loader first read it (it is {now} now); a loader serves one \
@@ -833,11 +836,7 @@ impl WholeValueReads {
         let options = GetOptions { range, ..GetOptions::default() };
         let result = match self.objects.get_opts(&ObjectPath::from(key.as_str()), options).await {
             Ok(result) => result,
-            Err(object_store::Error::NotFound { .. }) => {
-                let pinned =
-                    self.versions.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&hash_of(key.as_str()));
-                return if pinned { self.check_version(key, None).map(|()| None) } else { Ok(None) };
-            }
+            Err(object_store::Error::NotFound { .. }) => return self.check_version(key, None).map(|()| None),
             Err(error) => return Err(other(error)),
         };
         self.check_version(key, Some(&result.meta))?;
