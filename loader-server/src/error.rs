@@ -36,7 +36,7 @@ pub enum LoadError {
         /// The file.
         path: PathBuf,
         /// What is wrong with its header.
-        problem: HeaderError,
+        problem: conveyor_proto::npy::HeaderError,
     },
     /// A `.npy` file is shorter than its header says.
     #[error(
@@ -392,59 +392,6 @@ pub fn describe_samples(indices: &[u64]) -> String {
     let shown: Vec<String> = indices.iter().take(SHOWN).map(u64::to_string).collect();
     let more = if indices.len() > SHOWN { ", ..." } else { "" };
     format!("{} samples (indices {}{more})", indices.len(), shown.join(", "))
-}
-
-/// Why a `.npy` header was rejected. The file name is added by the caller.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum HeaderError {
-    /// The file is shorter than its header claims.
-    #[error("file is too short for a .npy header ({len} bytes); it is truncated or not a .npy file")]
-    TooShort {
-        /// File length in bytes.
-        len: usize,
-    },
-    /// No `\x93NUMPY` magic.
-    #[error("not a .npy file (missing the \\x93NUMPY magic); write it with numpy.save")]
-    BadMagic,
-    /// A version other than 1, 2 or 3.
-    #[error("unsupported .npy format version {major}.{minor}; versions 1, 2 and 3 are read")]
-    UnsupportedVersion {
-        /// Major version byte.
-        major: u8,
-        /// Minor version byte.
-        minor: u8,
-    },
-    /// The header dict could not be parsed.
-    #[error("malformed .npy header: {reason}; rewrite the file with numpy.save")]
-    Malformed {
-        /// What was wrong.
-        reason: String,
-    },
-    /// A dtype Conveyor does not serve.
-    #[error(
-        "unsupported dtype '{descr}'; use bool, int8/16/32/64, uint8/16/32/64 or float16/32/64 \
-         (for example arr.astype('<f4'))"
-    )]
-    UnsupportedDtype {
-        /// The descr string as written.
-        descr: String,
-    },
-    /// Fortran (column-major) order.
-    #[error("array is in Fortran order; save it in C order with numpy.save(path, numpy.ascontiguousarray(arr))")]
-    FortranOrder,
-    /// A 0-d array has no samples axis.
-    #[error("array is 0-dimensional; axis 0 must index samples, so save at least a 1-D array")]
-    ZeroDimensional,
-    /// A shape whose byte size does not fit in 64 bits: no file can hold it.
-    #[error(
-        "shape {shape:?} of {dtype} elements is larger than any file can be (its byte size overflows 64 bits); the header is corrupt"
-    )]
-    TooLarge {
-        /// The shape as written.
-        shape: Vec<u64>,
-        /// The element type name.
-        dtype: &'static str,
-    },
 }
 
 #[cfg(test)]

@@ -3,7 +3,9 @@
 //! `conveyor.v1.Loader` gRPC service, with the standard gRPC health service beside it.
 //!
 //! [`open`] loads and validates every dataset (start-up errors name the file and the fix);
-//! [`serve`] runs on an already bound listener until `shutdown` resolves, then drains.
+//! [`run`] serves a whole loader on already bound [`Listeners`] (gRPC, the Unix socket, the
+//! metrics endpoint, the token reload on SIGHUP, the allocator's trim) until `shutdown`
+//! resolves, then drains; [`serve`] is its gRPC server alone.
 
 #[allow(unsafe_code)]
 pub mod allocator;
@@ -63,6 +65,17 @@ pub enum ServeError {
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// A signal the loader acts on cannot be listened for.
+    #[error("cannot listen for {signal} ({purpose})")]
+    Signal {
+        /// The signal.
+        signal: &'static str,
+        /// What the loader does on it.
+        purpose: &'static str,
+        /// Why.
+        #[source]
+        error: std::io::Error,
+    },
 }
 
 /// Validates `config` and opens every dataset it names.
@@ -131,6 +144,70 @@ pub fn open(config: Config) -> Result<Arc<LoaderState>, ServeError> {
     tls_config(&config)?;
     tls::warn_if_not_valid(&config);
     Ok(Arc::new(LoaderState::new(datasets, derived, cache, tokens, config)))
+}
+
+/// The sockets a loader serves on, bound by the caller (so that tests bind port 0 and read the
+/// addresses back).
+#[derive(Debug)]
+pub struct Listeners {
+    /// The gRPC listener (`--listen`).
+    pub grpc: TcpListener,
+    /// The same-host Unix socket (`--listen-unix`), if any.
+    pub unix: Option<tokio::net::UnixListener>,
+    /// The Prometheus endpoint (`--metrics-listen`), if any.
+    pub metrics: Option<TcpListener>,
+}
+
+/// Runs a loader until `shutdown` resolves, then drains: the gRPC server on both listeners,
+/// the metrics endpoint, the token file reloaded on SIGHUP, and the allocator kept within
+/// `--allocator-retain-bytes`. Returns once the server and the metrics endpoint have stopped.
+///
+/// # Errors
+/// [`ServeError::Signal`] when SIGHUP cannot be listened for (with a token file), and
+/// [`ServeError::Transport`] when the gRPC server fails.
+pub async fn run(
+    listeners: Listeners,
+    state: Arc<LoaderState>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let Listeners { grpc, unix, metrics } = listeners;
+    // Dropped or set when the server stops; ends the tasks beside it.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut stop_rx: watch::Receiver<bool>| async move {
+        let _ = stop_rx.wait_for(|stop| *stop).await;
+    };
+    #[cfg(unix)]
+    if let Some(tokens) = state.tokens().cloned() {
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(|error| ServeError::Signal { signal: "SIGHUP", purpose: "--auth-token-file reloads", error })?;
+        let stop = stopped(stop_rx.clone());
+        tokio::spawn(async move {
+            tokio::pin!(stop);
+            loop {
+                tokio::select! {
+                    () = &mut stop => break,
+                    Some(()) = hangup.recv() => match tokens.reload() {
+                        Ok(count) => tracing::info!(file = %tokens.path().display(), count, "SIGHUP: reloaded the tokens"),
+                        Err(error) => tracing::error!(%error, "SIGHUP: keeping the tokens in use"),
+                    },
+                }
+            }
+        });
+    }
+    let retain_state = state.clone();
+    let retain_stop = stopped(stop_rx.clone());
+    tokio::spawn(async move {
+        let limit = retain_state.config().allocator_retain_bytes;
+        allocator::run(limit, &retain_state.stats.allocator, retain_stop).await;
+    });
+    let metrics_task =
+        metrics.map(|listener| tokio::spawn(metrics::serve_metrics(listener, state.clone(), stopped(stop_rx))));
+    let result = serve_with_unix(grpc, unix, state, shutdown).await;
+    stop_tx.send_replace(true);
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
+    result
 }
 
 /// What the loader tells clients about its same-host path: the Unix socket's absolute path and
@@ -296,4 +373,44 @@ pub async fn serve_with_unix(
     }
     drop(draining_tx);
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use conveyor_proto::v1::{ListDatasetsRequest, loader_client::LoaderClient};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn run_serves_grpc_and_metrics_on_bound_listeners_until_shutdown() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut x = conveyor_proto::npy_header(conveyor_proto::DType::Uint8, &[4, 2]);
+        x.extend_from_slice(&[0; 8]);
+        std::fs::write(dir.path().join("x.npy"), x).expect("x.npy");
+        let state = open(Config::for_datasets([format!("d={}", dir.path().display())])).expect("opens");
+        let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let metrics = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let (grpc_addr, metrics_addr) = (grpc.local_addr().expect("addr"), metrics.local_addr().expect("addr"));
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let shutdown = async move {
+            let _ = stop_rx.await;
+        };
+        let listeners = Listeners { grpc, unix: None, metrics: Some(metrics) };
+        let loader = tokio::spawn(run(listeners, state, shutdown));
+
+        let mut client = LoaderClient::connect(format!("http://{grpc_addr}")).await.expect("connects");
+        let listed = client.list_datasets(ListDatasetsRequest {}).await.expect("lists").into_inner();
+        assert_eq!(listed.datasets.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(), ["d"]);
+        let mut http = tokio::net::TcpStream::connect(metrics_addr).await.expect("metrics connects");
+        http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.expect("asks");
+        let mut page = String::new();
+        http.read_to_string(&mut page).await.expect("reads");
+        assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+        assert!(page.contains("conveyor_loader_"), "the loader's counters: {page}");
+
+        drop(client);
+        stop_tx.send(()).expect("loader still running");
+        loader.await.expect("joins").expect("stops cleanly");
+        assert!(tokio::net::TcpStream::connect(metrics_addr).await.is_err(), "the metrics endpoint stopped too");
+    }
 }

@@ -1,5 +1,5 @@
-//! `loader-server`: parses flags, sets up logging, opens datasets, binds, and serves until
-//! SIGTERM or Ctrl-C, then drains.
+//! `loader-server`: parses flags, sets up logging, opens datasets, binds, and runs the library's
+//! [`loader_server::run`] until SIGTERM or Ctrl-C, then drains.
 
 use std::{io::IsTerminal, process::ExitCode};
 
@@ -38,47 +38,19 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let listen_unix = config.listen_unix.as_deref().map(socket_path);
     let metrics_listen = config.metrics_listen;
     let state = loader_server::open(config)?;
-    // SIGTERM or Ctrl-C stops the metrics endpoint and drains the gRPC server.
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        stop_tx.send_replace(true);
-    });
-    let stopped = |mut stop_rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = stop_rx.wait_for(|stop| *stop).await;
+    let metrics = match metrics_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (--metrics-listen)"))?;
+            tracing::info!(local = %listener.local_addr()?, "metrics at /metrics");
+            Some(listener)
+        }
+        None => None,
     };
-    #[cfg(unix)]
-    if let Some(tokens) = state.tokens().cloned() {
-        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-            .context("cannot listen for SIGHUP (--auth-token-file reloads)")?;
-        tokio::spawn(async move {
-            while hangup.recv().await.is_some() {
-                match tokens.reload() {
-                    Ok(count) => tracing::info!(file = %tokens.path().display(), count, "SIGHUP: reloaded the tokens"),
-                    Err(error) => tracing::error!(%error, "SIGHUP: keeping the tokens in use"),
-                }
-            }
-        });
-    }
-    // Keeps the freed buffers the allocator holds for reuse within --allocator-retain-bytes.
-    let retain_state = state.clone();
-    let retain_stop = stopped(stop_rx.clone());
-    tokio::spawn(async move {
-        let limit = retain_state.config().allocator_retain_bytes;
-        loader_server::allocator::run(limit, &retain_state.stats.allocator, retain_stop).await;
-    });
-    let mut metrics_task = None;
-    if let Some(addr) = metrics_listen {
-        let metrics = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr} (--metrics-listen)"))?;
-        tracing::info!(local = %metrics.local_addr()?, "metrics at /metrics");
-        let serve = loader_server::metrics::serve_metrics(metrics, state.clone(), stopped(stop_rx.clone()));
-        metrics_task = Some(tokio::spawn(serve));
-    }
-    let listener =
+    let grpc =
         tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen} (--listen)"))?;
-    let local = listener.local_addr()?;
+    let local = grpc.local_addr()?;
     let unix = listen_unix.as_deref().map(bind_unix).transpose()?;
     tracing::info!(%local, "listening");
     // Machine-readable lines for scripts and tests that start the loader on port 0; both sockets
@@ -88,12 +60,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tracing::info!(path = %path.display(), shm_bytes = state.config().shm_bytes, "listening on a Unix socket");
         println!("listening on unix:{}", path.display());
     }
-    loader_server::serve_with_unix(listener, unix, state, stopped(stop_rx)).await?;
+    // SIGTERM or Ctrl-C drains the loader.
+    loader_server::run(loader_server::Listeners { grpc, unix, metrics }, state, shutdown_signal()).await?;
     if let Some(path) = &listen_unix {
         let _ = std::fs::remove_file(path);
-    }
-    if let Some(task) = metrics_task {
-        let _ = task.await;
     }
     tracing::info!("loader stopped");
     Ok(())

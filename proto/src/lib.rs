@@ -18,9 +18,12 @@ pub mod v1_gather {
 }
 
 #[allow(unsafe_code)]
+pub mod npy;
+#[allow(unsafe_code)]
 pub mod shm;
 pub mod wire;
 
+pub use npy::{npy_header, npy_header_padded};
 pub use v1::Dtype as DType;
 
 /// Every concrete element type, in wire order.
@@ -104,38 +107,21 @@ pub fn message_overhead_bytes(num_samples: usize, num_fields: usize) -> usize {
     num_samples * 10 + num_fields * 256 + 4096
 }
 
-/// The `.npy` header (format version 1, or 2 when the header needs it) for a C-order
-/// little-endian array of `shape`; the data follows it directly. Used to write dumps, demo data
-/// and test fixtures in the exact layout Conveyor delivers.
-pub fn npy_header(dtype: DType, shape: &[u64]) -> Vec<u8> {
-    npy_header_padded(dtype, shape, 0)
+/// SplitMix64's increment, the golden ratio in 64 bits.
+pub const GOLDEN_GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// SplitMix64's output function: a bijective mix of 64 bits (Steele, Lea, Flood 2014). Every
+/// seed-derived choice on both sides is built from it: the trainer's sample order and the
+/// loaders' per-sample augmentation.
+pub fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
-/// [`npy_header`] padded with spaces to at least `min_len` bytes (a length another header of the
-/// same array took, say for a larger row count), so that a header can be rewritten in place as
-/// rows are appended.
-pub fn npy_header_padded(dtype: DType, shape: &[u64], min_len: usize) -> Vec<u8> {
-    let order = if dtype.size_bytes() == 1 { '|' } else { '<' };
-    let dims: Vec<String> = shape.iter().map(u64::to_string).collect();
-    let shape_text = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
-    let mut dict =
-        format!("{{'descr': '{order}{}', 'fortran_order': False, 'shape': {shape_text}, }}", dtype.numpy_code());
-    let v1 = dict.len() + 11 < u16::MAX as usize;
-    let prefix_len = if v1 { 10 } else { 12 };
-    let total = ((prefix_len + dict.len() + 1).div_ceil(64) * 64).max(min_len);
-    dict.push_str(&" ".repeat(total - prefix_len - dict.len() - 1));
-    dict.push('\n');
-    let mut out = Vec::with_capacity(total);
-    out.extend_from_slice(b"\x93NUMPY");
-    if v1 {
-        out.extend_from_slice(&[1, 0]);
-        out.extend_from_slice(&(dict.len() as u16).to_le_bytes());
-    } else {
-        out.extend_from_slice(&[2, 0]);
-        out.extend_from_slice(&(dict.len() as u32).to_le_bytes());
-    }
-    out.extend_from_slice(dict.as_bytes());
-    out
+/// One SplitMix64 step from `z`: the increment, then [`mix64`].
+pub fn splitmix64(z: u64) -> u64 {
+    mix64(z.wrapping_add(GOLDEN_GAMMA))
 }
 
 /// Parses a duration flag the same way in both binaries: `500ms`, `10s`, `2m`, or a plain
@@ -237,19 +223,6 @@ mod tests {
     }
 
     use super::*;
-
-    #[test]
-    fn padded_headers_keep_the_layout_and_state_their_length() {
-        let natural = npy_header(DType::Int16, &[3, 12, 8, 8]);
-        let padded = npy_header_padded(DType::Int16, &[3, 12, 8, 8], 256);
-        assert_eq!((natural.len(), padded.len()), (128, 256));
-        assert_eq!(u16::from_le_bytes([padded[8], padded[9]]) as usize + 10, padded.len());
-        let dict_end = natural.iter().position(|&b| b == b'}').expect("a dict") + 1;
-        assert_eq!((&padded[..8], &padded[10..dict_end]), (&natural[..8], &natural[10..dict_end]), "the same dict");
-        assert!(padded[dict_end..255].iter().all(|&b| b == b' '), "then spaces");
-        assert_eq!(*padded.last().expect("non-empty"), b'\n');
-        assert_eq!(npy_header_padded(DType::Int16, &[3, 12, 8, 8], 10), natural, "never shorter than needed");
-    }
 
     #[test]
     fn byte_sizes_parse_as_numbers_or_with_binary_units() {

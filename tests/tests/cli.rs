@@ -29,7 +29,7 @@ fn ok(args: &[&str]) -> String {
 fn dumped(dir: &Path) -> Vec<(i64, i64)> {
     let read = |name: &str| -> Vec<i64> {
         let bytes = std::fs::read(dir.join(name)).expect("dump file");
-        let header = loader_server::dataset::npy::parse_header(&bytes).expect("valid npy");
+        let header = conveyor_proto::npy::parse_header(&bytes).expect("valid npy");
         bytes[header.data_offset..].chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8"))).collect()
     };
     let (epochs, indices) = (read("__epochs__.npy"), read("__indices__.npy"));
@@ -147,7 +147,7 @@ async fn a_killed_client_leaves_dump_files_numpy_reads_and_a_used_dump_directory
 /// Rows the header of `dir/__indices__.npy` states (0 while it does not exist).
 fn dumped_rows(dir: &Path) -> u64 {
     let Ok(bytes) = std::fs::read(dir.join("__indices__.npy")) else { return 0 };
-    loader_server::dataset::npy::parse_header(&bytes).map_or(0, |h| h.shape.first().copied().unwrap_or(0))
+    conveyor_proto::npy::parse_header(&bytes).map_or(0, |h| h.shape.first().copied().unwrap_or(0))
 }
 
 #[tokio::test]

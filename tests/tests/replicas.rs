@@ -214,7 +214,7 @@ async fn all_replicas_down_past_the_timeout_fails_with_a_clear_error() {
 
 fn dumped_indices(dir: &Path) -> Vec<i64> {
     let bytes = std::fs::read(dir.join("__indices__.npy")).expect("__indices__.npy");
-    let header = loader_server::dataset::npy::parse_header(&bytes).expect("valid npy");
+    let header = conveyor_proto::npy::parse_header(&bytes).expect("valid npy");
     bytes[header.data_offset..].chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8"))).collect()
 }
 

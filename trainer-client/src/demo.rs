@@ -10,9 +10,9 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use conveyor_proto::{DType, npy_header};
+use conveyor_proto::{DType, npy_header, splitmix64};
 
-use crate::{batch::Batch, sampler::mix64};
+use crate::batch::Batch;
 
 /// Piece planes x ranks x files of one position.
 pub const BOARD_SHAPE: [u64; 3] = [12, 8, 8];
@@ -26,7 +26,7 @@ pub fn board(index: u64) -> [i16; 768] {
     let mut taken = 0u64;
     for plane in 0..12u64 {
         // Four independent hashes ANDed: about 1 square in 16 per plane, sparse like real positions.
-        let hash = |salt: u64| mix64((index * 12 + plane) ^ (salt << 56));
+        let hash = |salt: u64| splitmix64((index * 12 + plane) ^ (salt << 56));
         let bits = hash(1) & hash(2) & hash(3) & hash(4) & !taken;
         taken |= bits;
         for square in 0..64 {
@@ -38,7 +38,7 @@ pub fn board(index: u64) -> [i16; 768] {
 
 /// Move label of sample `index`.
 pub fn move_label(index: u64) -> i64 {
-    (mix64(index ^ 0xabcd) % NUM_MOVES) as i64
+    (splitmix64(index ^ 0xabcd) % NUM_MOVES) as i64
 }
 
 /// Game result of sample `index`: the sign of the material balance (pieces on planes 0-5 minus

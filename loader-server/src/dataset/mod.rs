@@ -34,7 +34,6 @@ use conveyor_proto::{
 
 use self::{
     chunk_cache::ChunkCache,
-    npy::NpyHeader,
     zarr::{Coordinate, MissingChunks, ZarrSource},
 };
 use crate::{
@@ -355,11 +354,11 @@ impl Dataset {
             Location::Local(path) if zarr::is_zarr(path) => {
                 from_zarr(zarr::open(name, path, &default_name, missing, select)?)?
             }
-            Location::Local(path) if npz::is_npz(path) => open_npz(name, path, select)?,
+            Location::Local(path) if npz::is_npz(path) => npz::open_npz(name, path, select)?,
             Location::Local(path) if is_hdf5(path) => {
                 return Err(LoadError::Hdf5File { dataset: name.to_owned(), path: path.clone() });
             }
-            Location::Local(path) => open_npy_dir(name, path, select)?,
+            Location::Local(path) => npy::open_npy_dir(name, path, select)?,
             Location::Remote(storage) => {
                 let remote = |problem: String| LoadError::Remote {
                     dataset: name.to_owned(),
@@ -394,7 +393,7 @@ impl Dataset {
                         Some(objects) => objects,
                         None => storage.list().map_err(remote)?,
                     };
-                    open_remote_npy(name, storage, objects, select)?
+                    npy::open_remote_npy(name, storage, objects, select)?
                 }
             }
         };
@@ -565,85 +564,6 @@ fn select_fields<T>(
     Ok(groups)
 }
 
-/// Where one shard's `.npy` bytes lie: a whole mapped file, or a member of a mapped archive.
-struct ShardBytes {
-    /// How messages name it.
-    path: PathBuf,
-    /// The map or the object.
-    data: ShardData,
-    /// Offset of the `.npy` magic in the map (0 in an object).
-    start: usize,
-    /// Bytes from `start` that belong to it.
-    len: usize,
-    /// A remote object's first bytes, its whole header included.
-    header: Option<Bytes>,
-}
-
-impl ShardBytes {
-    fn mapped(path: PathBuf, map: Arc<MappedFile>, start: usize, len: usize) -> ShardBytes {
-        ShardBytes { path, data: ShardData::Mapped(map), start, len, header: None }
-    }
-
-    /// At least the whole header.
-    fn header_bytes(&self) -> &[u8] {
-        match (&self.data, &self.header) {
-            (ShardData::Mapped(map), _) => &map[self.start..self.start + self.len],
-            (ShardData::Remote { .. }, header) => header.as_deref().unwrap_or_default(),
-        }
-    }
-}
-
-/// Opens the `.npy` objects of a remote prefix as fields (those in `select` when given). Each
-/// header costs one ranged GET (two when it is longer than 4 KiB).
-fn open_remote_npy(
-    name: &str,
-    storage: &Arc<ObjectStorage>,
-    objects: Vec<(String, u64, ObjectVersion)>,
-    select: Option<&[String]>,
-) -> Result<Vec<Field>, LoadError> {
-    let location = PathBuf::from(storage.url());
-    let stems = objects
-        .into_iter()
-        .filter_map(|(object, size, version)| Some((object.strip_suffix(".npy")?.to_owned(), (object, size, version))))
-        .filter(|(stem, _)| !stem.is_empty() && !stem.contains('/'))
-        .collect();
-    let groups = group_fields(stems, &location)?;
-    if groups.is_empty() {
-        return Err(LoadError::Remote {
-            dataset: name.to_owned(),
-            url: storage.url().to_owned(),
-            problem: "holds no .npy objects and no Zarr metadata; put FIELD.npy or FIELD-00000.npy objects \
-                      (or a Zarr group) under it"
-                .into(),
-        });
-    }
-    let mut fields = Vec::with_capacity(groups.len());
-    for (field_name, objects) in select_fields(name, &location, groups, select)? {
-        let mut shards = Vec::with_capacity(objects.len());
-        for (object, size, version) in objects {
-            let path = location.join(&object);
-            let read = |end: u64| {
-                storage
-                    .read_ranges(&object, size, &version, std::slice::from_ref(&(0..end.min(size))), None)
-                    .map(|mut parts| parts.remove(0))
-                    .map_err(|problem| LoadError::Remote {
-                        dataset: name.to_owned(),
-                        url: storage.url().to_owned(),
-                        problem,
-                    })
-            };
-            let mut header = read(4096)?;
-            if let Some(end) = npy::data_offset(&header).filter(|&end| end > header.len() && end as u64 <= size) {
-                header = read(end as u64)?;
-            }
-            let data = ShardData::Remote { storage: storage.clone(), object: object.clone(), size, version };
-            shards.push(ShardBytes { path, data, start: 0, len: size as usize, header: Some(header) });
-        }
-        fields.push(open_field(&field_name, shards)?);
-    }
-    Ok(fields)
-}
-
 /// The signature every HDF5 file (netCDF-4 included) starts with.
 const HDF5_SIGNATURE: &[u8; 8] = b"\x89HDF\r\n\x1a\n";
 
@@ -653,131 +573,6 @@ fn is_hdf5(path: &Path) -> bool {
     path.is_file()
         && std::fs::File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head)).is_ok()
         && &head == HDF5_SIGNATURE
-}
-
-/// Opens every `.npy` field in `dir` (those in `select` when given).
-fn open_npy_dir(name: &str, dir: &Path, select: Option<&[String]>) -> Result<Vec<Field>, LoadError> {
-    let io_error = |error| LoadError::Io { path: dir.to_owned(), error };
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(io_error)?
-        .map(|entry| entry.map(|e| e.path()))
-        .collect::<Result<_, _>>()
-        .map_err(io_error)?;
-    files.retain(|p| p.extension().is_some_and(|e| e == "npy") && p.is_file());
-    let stems = files
-        .into_iter()
-        .map(|path| (path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(), path))
-        .collect();
-    let groups = group_fields(stems, dir)?;
-    if groups.is_empty() {
-        return Err(LoadError::NoFields { dataset: name.to_owned(), dir: dir.to_owned() });
-    }
-    let mut fields = Vec::with_capacity(groups.len());
-    for (field_name, paths) in select_fields(name, dir, groups, select)? {
-        let mut shards = Vec::with_capacity(paths.len());
-        for path in paths {
-            let map = MappedFile::open(&path).map_err(|error| LoadError::Io { path: path.clone(), error })?;
-            let len = map.len();
-            shards.push(ShardBytes::mapped(path, Arc::new(map), 0, len));
-        }
-        fields.push(open_field(&field_name, shards)?);
-    }
-    Ok(fields)
-}
-
-/// Opens the `.npy` members of the archive at `path` as fields (those in `select` when given),
-/// all served from one map of the archive.
-fn open_npz(name: &str, path: &Path, select: Option<&[String]>) -> Result<Vec<Field>, LoadError> {
-    let members = npz::members(path)?;
-    let map = Arc::new(MappedFile::open(path).map_err(|error| LoadError::Io { path: path.to_owned(), error })?);
-    let stems =
-        members.into_iter().map(|m| (m.file_name.strip_suffix(".npy").unwrap_or(&m.file_name).to_owned(), m)).collect();
-    let groups = group_fields(stems, path)?;
-    if groups.is_empty() {
-        return Err(LoadError::Npz {
-            path: path.to_owned(),
-            problem: format!("dataset '{name}': the archive holds no .npy members; write it with numpy.savez"),
-        });
-    }
-    let mut fields = Vec::with_capacity(groups.len());
-    for (field_name, members) in select_fields(name, path, groups, select)? {
-        let mut shards = Vec::with_capacity(members.len());
-        for member in members {
-            let member_path = npz::member_path(path, &member.file_name);
-            let end = member.data_start.checked_add(member.size).filter(|&end| end <= map.len() as u64);
-            let Some(end) = end else {
-                return Err(LoadError::Truncated {
-                    path: member_path,
-                    expected_bytes: member.size,
-                    actual_bytes: (map.len() as u64).saturating_sub(member.data_start),
-                });
-            };
-            let start = member.data_start as usize;
-            shards.push(ShardBytes::mapped(member_path, map.clone(), start, end as usize - start));
-        }
-        fields.push(open_field(&field_name, shards)?);
-    }
-    Ok(fields)
-}
-
-fn describe(header: &NpyHeader) -> String {
-    format!("dtype {} and per-sample shape {:?}", header.dtype.name(), &header.shape[1..])
-}
-
-fn open_field(name: &str, parts: Vec<ShardBytes>) -> Result<Field, LoadError> {
-    let mut shards = Vec::with_capacity(parts.len());
-    let mut shard_starts = Vec::with_capacity(parts.len());
-    let mut first_header: Option<NpyHeader> = None;
-    let mut total = 0u64;
-    for part in parts {
-        let header = npy::parse_header(part.header_bytes())
-            .map_err(|problem| LoadError::Header { path: part.path.clone(), problem })?;
-        let ShardBytes { path, data, start, len, .. } = part;
-        let expected_bytes = header.num_elements() * header.dtype.size_bytes() as u64;
-        let actual_bytes = (len - header.data_offset) as u64;
-        if actual_bytes < expected_bytes {
-            return Err(LoadError::Truncated { path, expected_bytes, actual_bytes });
-        }
-        if let Some(first) =
-            first_header.as_ref().filter(|f| f.dtype != header.dtype || f.shape[1..] != header.shape[1..])
-        {
-            return Err(LoadError::ShardMismatch {
-                field: name.to_owned(),
-                path: path.clone(),
-                expected: describe(first),
-                found: describe(&header),
-            });
-        }
-        shard_starts.push(total);
-        total = total.checked_add(header.shape[0]).ok_or_else(|| LoadError::TooManySamples {
-            field: name.to_owned(),
-            dir: path.parent().map(Path::to_owned).unwrap_or_default(),
-        })?;
-        shards.push(Shard {
-            data_offset: start + header.data_offset,
-            num_samples: header.shape[0],
-            big_endian: header.big_endian,
-            data,
-        });
-        first_header.get_or_insert(header);
-    }
-    let header = first_header.expect("a field has at least one file");
-    let sample_shape = header.shape[1..].to_vec();
-    let bytes_per_sample = sample_shape.iter().product::<u64>() as usize * header.dtype.size_bytes();
-    // Empty shards never hold an index; drop them so the shard search stays simple.
-    let (shards, shard_starts): (Vec<_>, Vec<_>) =
-        shards.into_iter().zip(shard_starts).filter(|(s, _)| s.num_samples > 0).unzip();
-    Ok(Field {
-        name: name.to_owned(),
-        dtype: header.dtype,
-        sample_shape,
-        bytes_per_sample,
-        chunk_len: 1,
-        dims: Vec::new(),
-        num_samples: total,
-        id: NEXT_FIELD_ID.fetch_add(1, Ordering::Relaxed),
-        source: Source::Npy { shards, shard_starts },
-    })
 }
 
 #[cfg(test)]

@@ -1,309 +1,189 @@
-//! The `.npy` header: format versions 1, 2 and 3, the dtypes Conveyor serves in either byte
-//! order, and every way a header can be wrong, each with a message that says what to do.
-//!
-//! Layout (numpy's `format.py`): magic `\x93NUMPY`, major and minor version bytes, a header
-//! length (u16 LE in v1, u32 LE in v2/v3), then a Python dict literal
-//! `{'descr': '<f4', 'fortran_order': False, 'shape': (10, 3), }` padded with spaces and a
-//! newline so the data starts on a 64-byte boundary. v3 only differs in allowing UTF-8.
+//! `.npy` fields: a field is `FIELD.npy` or shards `FIELD-00000.npy`, `FIELD-00001.npy`, ...
+//! concatenated along axis 0 in name order, in a local directory (mapped), inside an `.npz`
+//! archive (mapped in place) or under an object-store prefix (ranged reads). Headers are parsed
+//! by [`conveyor_proto::npy`], where the writer lives too.
 
-use conveyor_proto::DType;
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, atomic::Ordering},
+};
 
-/// The `.npy` magic string.
-pub const MAGIC: &[u8; 6] = b"\x93NUMPY";
+use bytes::Bytes;
+use conveyor_proto::npy::{self, NpyHeader};
 
-/// A parsed `.npy` header.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NpyHeader {
-    /// Element type.
-    pub dtype: DType,
-    /// Whether elements are stored big-endian (and must be swapped before sending).
-    pub big_endian: bool,
-    /// Array shape; axis 0 indexes samples.
-    pub shape: Vec<u64>,
-    /// Byte offset of the first element in the file.
-    pub data_offset: usize,
+use super::{Field, NEXT_FIELD_ID, Shard, ShardData, Source, group_fields, select_fields};
+use crate::{
+    error::LoadError,
+    storage::{ObjectStorage, mmap::MappedFile, object::ObjectVersion},
+};
+
+/// Where one shard's `.npy` bytes lie: a whole mapped file, or a member of a mapped archive.
+pub(super) struct ShardBytes {
+    /// How messages name it.
+    path: PathBuf,
+    /// The map or the object.
+    data: ShardData,
+    /// Offset of the `.npy` magic in the map (0 in an object).
+    start: usize,
+    /// Bytes from `start` that belong to it.
+    len: usize,
+    /// A remote object's first bytes, its whole header included.
+    header: Option<Bytes>,
 }
 
-impl NpyHeader {
-    /// Number of elements in the whole array.
-    pub fn num_elements(&self) -> u64 {
-        self.shape.iter().product()
+impl ShardBytes {
+    pub(super) fn mapped(path: PathBuf, map: Arc<MappedFile>, start: usize, len: usize) -> ShardBytes {
+        ShardBytes { path, data: ShardData::Mapped(map), start, len, header: None }
     }
-}
 
-pub use crate::error::HeaderError;
-
-/// The offset of the first element, from the first 12 bytes of a file (what a ranged read of
-/// a remote file needs to fetch whole); `None` when they are not an `.npy` preamble.
-pub fn data_offset(prefix: &[u8]) -> Option<usize> {
-    if prefix.len() < 10 || &prefix[..6] != MAGIC {
-        return None;
-    }
-    match prefix[6] {
-        1 => Some(10 + u16::from_le_bytes([prefix[8], prefix[9]]) as usize),
-        2 | 3 if prefix.len() >= 12 => {
-            Some(12 + u32::from_le_bytes([prefix[8], prefix[9], prefix[10], prefix[11]]) as usize)
+    /// At least the whole header.
+    fn header_bytes(&self) -> &[u8] {
+        match (&self.data, &self.header) {
+            (ShardData::Mapped(map), _) => &map[self.start..self.start + self.len],
+            (ShardData::Remote { .. }, header) => header.as_deref().unwrap_or_default(),
         }
-        _ => None,
     }
 }
 
-/// Parses the header at the start of `bytes` (the whole file, or at least its header).
-///
-/// # Errors
-/// Returns a [`HeaderError`] for a wrong magic, version, dict, dtype or memory order.
-pub fn parse_header(bytes: &[u8]) -> Result<NpyHeader, HeaderError> {
-    if bytes.len() < 10 {
-        return Err(HeaderError::TooShort { len: bytes.len() });
+/// Opens the `.npy` objects of a remote prefix as fields (those in `select` when given). Each
+/// header costs one ranged GET (two when it is longer than 4 KiB).
+pub(super) fn open_remote_npy(
+    name: &str,
+    storage: &Arc<ObjectStorage>,
+    objects: Vec<(String, u64, ObjectVersion)>,
+    select: Option<&[String]>,
+) -> Result<Vec<Field>, LoadError> {
+    let location = PathBuf::from(storage.url());
+    let stems = objects
+        .into_iter()
+        .filter_map(|(object, size, version)| Some((object.strip_suffix(".npy")?.to_owned(), (object, size, version))))
+        .filter(|(stem, _)| !stem.is_empty() && !stem.contains('/'))
+        .collect();
+    let groups = group_fields(stems, &location)?;
+    if groups.is_empty() {
+        return Err(LoadError::Remote {
+            dataset: name.to_owned(),
+            url: storage.url().to_owned(),
+            problem: "holds no .npy objects and no Zarr metadata; put FIELD.npy or FIELD-00000.npy objects \
+                      (or a Zarr group) under it"
+                .into(),
+        });
     }
-    if &bytes[..6] != MAGIC {
-        return Err(HeaderError::BadMagic);
-    }
-    let (major, minor) = (bytes[6], bytes[7]);
-    let (header_len, dict_start) = match major {
-        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        2 | 3 => {
-            if bytes.len() < 12 {
-                return Err(HeaderError::TooShort { len: bytes.len() });
+    let mut fields = Vec::with_capacity(groups.len());
+    for (field_name, objects) in select_fields(name, &location, groups, select)? {
+        let mut shards = Vec::with_capacity(objects.len());
+        for (object, size, version) in objects {
+            let path = location.join(&object);
+            let read = |end: u64| {
+                storage
+                    .read_ranges(&object, size, &version, std::slice::from_ref(&(0..end.min(size))), None)
+                    .map(|mut parts| parts.remove(0))
+                    .map_err(|problem| LoadError::Remote {
+                        dataset: name.to_owned(),
+                        url: storage.url().to_owned(),
+                        problem,
+                    })
+            };
+            let mut header = read(4096)?;
+            if let Some(end) = npy::data_offset(&header).filter(|&end| end > header.len() && end as u64 <= size) {
+                header = read(end as u64)?;
             }
-            let len = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
-            (len as usize, 12)
+            let data = ShardData::Remote { storage: storage.clone(), object: object.clone(), size, version };
+            shards.push(ShardBytes { path, data, start: 0, len: size as usize, header: Some(header) });
         }
-        _ => return Err(HeaderError::UnsupportedVersion { major, minor }),
-    };
-    let data_offset = dict_start + header_len;
-    if bytes.len() < data_offset {
-        return Err(HeaderError::TooShort { len: bytes.len() });
+        fields.push(open_field(&field_name, shards)?);
     }
-    let dict =
-        std::str::from_utf8(&bytes[dict_start..data_offset]).map_err(|_| malformed("header is not valid UTF-8"))?;
-    if major == 1 && !dict.is_ascii() {
-        return Err(malformed("a version 1 header must be ASCII"));
-    }
-    parse_dict(dict, data_offset)
+    Ok(fields)
 }
 
-fn malformed(reason: impl Into<String>) -> HeaderError {
-    HeaderError::Malformed { reason: reason.into() }
+/// Opens every `.npy` field in `dir` (those in `select` when given).
+pub(super) fn open_npy_dir(name: &str, dir: &Path, select: Option<&[String]>) -> Result<Vec<Field>, LoadError> {
+    let io_error = |error| LoadError::Io { path: dir.to_owned(), error };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(io_error)?
+        .map(|entry| entry.map(|e| e.path()))
+        .collect::<Result<_, _>>()
+        .map_err(io_error)?;
+    files.retain(|p| p.extension().is_some_and(|e| e == "npy") && p.is_file());
+    let stems = files
+        .into_iter()
+        .map(|path| (path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(), path))
+        .collect();
+    let groups = group_fields(stems, dir)?;
+    if groups.is_empty() {
+        return Err(LoadError::NoFields { dataset: name.to_owned(), dir: dir.to_owned() });
+    }
+    let mut fields = Vec::with_capacity(groups.len());
+    for (field_name, paths) in select_fields(name, dir, groups, select)? {
+        let mut shards = Vec::with_capacity(paths.len());
+        for path in paths {
+            let map = MappedFile::open(&path).map_err(|error| LoadError::Io { path: path.clone(), error })?;
+            let len = map.len();
+            shards.push(ShardBytes::mapped(path, Arc::new(map), 0, len));
+        }
+        fields.push(open_field(&field_name, shards)?);
+    }
+    Ok(fields)
 }
 
-fn parse_dict(dict: &str, data_offset: usize) -> Result<NpyHeader, HeaderError> {
-    let body = dict.trim_end_matches(['\n', ' ', '\0']).trim();
-    let body = body
-        .strip_prefix('{')
-        .and_then(|b| b.strip_suffix('}'))
-        .ok_or_else(|| malformed("header is not a {...} dict"))?;
-    let mut descr = None;
-    let mut fortran = None;
-    let mut shape = None;
-    let mut rest = body.trim();
-    while !rest.is_empty() {
-        let (key, after_key) =
-            parse_quoted(rest).ok_or_else(|| malformed(format!("expected a quoted key at '{rest}'")))?;
-        let after_colon = after_key
-            .trim_start()
-            .strip_prefix(':')
-            .ok_or_else(|| malformed(format!("expected ':' after key '{key}'")))?
-            .trim_start();
-        let after_value = match key {
-            "descr" => {
-                let (value, after) = parse_quoted(after_colon)
-                    .ok_or_else(|| malformed("'descr' is not a quoted string (structured dtypes are not supported)"))?;
-                descr = Some(value.to_owned());
-                after
-            }
-            "fortran_order" => {
-                if let Some(after) = after_colon.strip_prefix("True") {
-                    fortran = Some(true);
-                    after
-                } else if let Some(after) = after_colon.strip_prefix("False") {
-                    fortran = Some(false);
-                    after
-                } else {
-                    return Err(malformed("'fortran_order' is neither True nor False"));
-                }
-            }
-            "shape" => {
-                let inner_start = after_colon.strip_prefix('(').ok_or_else(|| malformed("'shape' is not a tuple"))?;
-                let close = inner_start.find(')').ok_or_else(|| malformed("'shape' tuple is not closed"))?;
-                let mut dims = Vec::new();
-                for part in inner_start[..close].split(',') {
-                    let part = part.trim().trim_end_matches('L');
-                    if part.is_empty() {
-                        continue;
-                    }
-                    dims.push(
-                        part.parse::<u64>()
-                            .map_err(|_| malformed(format!("shape entry '{part}' is not a non-negative integer")))?,
-                    );
-                }
-                shape = Some(dims);
-                &inner_start[close + 1..]
-            }
-            other => return Err(malformed(format!("unexpected key '{other}'"))),
-        };
-        rest = after_value.trim_start();
-        rest = rest.strip_prefix(',').unwrap_or(rest).trim_start();
-    }
-    let descr = descr.ok_or_else(|| malformed("missing key 'descr'"))?;
-    let fortran = fortran.ok_or_else(|| malformed("missing key 'fortran_order'"))?;
-    let shape = shape.ok_or_else(|| malformed("missing key 'shape'"))?;
-    let (dtype, big_endian) = parse_descr(&descr)?;
-    if fortran && shape.len() > 1 {
-        return Err(HeaderError::FortranOrder);
-    }
-    if shape.is_empty() {
-        return Err(HeaderError::ZeroDimensional);
-    }
-    // Every size derived from the shape (elements, bytes, bytes per sample) is then exact.
-    if shape.iter().try_fold(dtype.size_bytes() as u64, |bytes, &dim| bytes.checked_mul(dim)).is_none() {
-        return Err(HeaderError::TooLarge { shape, dtype: dtype.name() });
-    }
-    Ok(NpyHeader { dtype, big_endian, shape, data_offset })
+/// How a mismatch names a shard's layout.
+fn describe(header: &NpyHeader) -> String {
+    format!("dtype {} and per-sample shape {:?}", header.dtype.name(), &header.shape[1..])
 }
 
-/// Parses a `'...'` or `"..."` literal at the start of `s`; returns it and what follows.
-fn parse_quoted(s: &str) -> Option<(&str, &str)> {
-    let quote = s.chars().next().filter(|c| *c == '\'' || *c == '"')?;
-    let end = s[1..].find(quote)? + 1;
-    Some((&s[1..end], &s[end + 1..]))
-}
-
-/// Maps a numpy descr (`'<f4'`, `'>i8'`, `'|b1'`, `'|u1'`) to a dtype and byte order.
-fn parse_descr(descr: &str) -> Result<(DType, bool), HeaderError> {
-    let unsupported = || HeaderError::UnsupportedDtype { descr: descr.to_owned() };
-    let (order, code) = match descr.chars().next() {
-        Some(c @ ('<' | '>' | '|' | '=')) => (c, &descr[1..]),
-        _ => ('=', descr),
-    };
-    let dtype = DType::from_numpy_code(code).ok_or_else(unsupported)?;
-    // '=' is "native", which for files numpy wrote means the writer's order; numpy always writes
-    // an explicit '<' or '>' for multi-byte types, so treat '=' as little-endian.
-    let big_endian = order == '>' && dtype.size_bytes() > 1;
-    Ok((dtype, big_endian))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use conveyor_proto::ALL_DTYPES;
-    use proptest::prelude::*;
-
-    fn file(version: u8, dict: &str) -> Vec<u8> {
-        let mut out = MAGIC.to_vec();
-        out.push(version);
-        out.push(0);
-        if version == 1 {
-            out.extend_from_slice(&(dict.len() as u16).to_le_bytes());
-        } else {
-            out.extend_from_slice(&(dict.len() as u32).to_le_bytes());
+/// One field from its shards, in order: every header parsed and checked against the first.
+pub(super) fn open_field(name: &str, parts: Vec<ShardBytes>) -> Result<Field, LoadError> {
+    let mut shards = Vec::with_capacity(parts.len());
+    let mut shard_starts = Vec::with_capacity(parts.len());
+    let mut first_header: Option<NpyHeader> = None;
+    let mut total = 0u64;
+    for part in parts {
+        let header = npy::parse_header(part.header_bytes())
+            .map_err(|problem| LoadError::Header { path: part.path.clone(), problem })?;
+        let ShardBytes { path, data, start, len, .. } = part;
+        let expected_bytes = header.num_elements() * header.dtype.size_bytes() as u64;
+        let actual_bytes = (len - header.data_offset) as u64;
+        if actual_bytes < expected_bytes {
+            return Err(LoadError::Truncated { path, expected_bytes, actual_bytes });
         }
-        out.extend_from_slice(dict.as_bytes());
-        out
-    }
-
-    #[test]
-    fn reads_versions_1_2_and_3() {
-        let dict = "{'descr': '<f4', 'fortran_order': False, 'shape': (10, 3), }   \n";
-        for version in [1u8, 2, 3] {
-            let h = parse_header(&file(version, dict)).expect("valid header");
-            assert_eq!(h.dtype, DType::Float32);
-            assert!(!h.big_endian);
-            assert_eq!(h.shape, vec![10, 3]);
-            assert_eq!(h.data_offset, if version == 1 { 10 } else { 12 } + dict.len());
+        if let Some(first) =
+            first_header.as_ref().filter(|f| f.dtype != header.dtype || f.shape[1..] != header.shape[1..])
+        {
+            return Err(LoadError::ShardMismatch {
+                field: name.to_owned(),
+                path: path.clone(),
+                expected: describe(first),
+                found: describe(&header),
+            });
         }
+        shard_starts.push(total);
+        total = total.checked_add(header.shape[0]).ok_or_else(|| LoadError::TooManySamples {
+            field: name.to_owned(),
+            dir: path.parent().map(Path::to_owned).unwrap_or_default(),
+        })?;
+        shards.push(Shard {
+            data_offset: start + header.data_offset,
+            num_samples: header.shape[0],
+            big_endian: header.big_endian,
+            data,
+        });
+        first_header.get_or_insert(header);
     }
-
-    #[test]
-    fn big_endian_and_scalar_samples() {
-        let h = parse_header(&file(1, "{'descr': '>i8', 'fortran_order': False, 'shape': (7,), }\n")).expect("valid");
-        assert_eq!((h.dtype, h.big_endian, h.shape.clone()), (DType::Int64, true, vec![7]));
-        let h = parse_header(&file(1, "{'descr': '|b1', 'fortran_order': False, 'shape': (2, 0), }\n")).expect("valid");
-        assert_eq!((h.dtype, h.big_endian, h.shape), (DType::Bool, false, vec![2, 0]));
-    }
-
-    #[test]
-    fn one_byte_types_are_never_swapped() {
-        let h = parse_header(&file(1, "{'descr': '>u1', 'fortran_order': False, 'shape': (3,), }\n")).expect("valid");
-        assert!(!h.big_endian);
-    }
-
-    #[test]
-    fn rejects_bad_inputs_with_named_causes() {
-        let ok = "{'descr': '<f4', 'fortran_order': False, 'shape': (4, 2), }\n";
-        assert_eq!(parse_header(b"\x93NUM"), Err(HeaderError::TooShort { len: 4 }));
-        assert_eq!(parse_header(b"PK\x03\x04xxxxxxxxxxxx"), Err(HeaderError::BadMagic));
-        assert_eq!(parse_header(&file(4, ok)), Err(HeaderError::UnsupportedVersion { major: 4, minor: 0 }));
-        let mut truncated = file(1, ok);
-        truncated.truncate(30);
-        assert!(matches!(parse_header(&truncated), Err(HeaderError::TooShort { .. })));
-        assert_eq!(
-            parse_header(&file(1, "{'descr': '<c8', 'fortran_order': False, 'shape': (4,), }\n")),
-            Err(HeaderError::UnsupportedDtype { descr: "<c8".into() })
-        );
-        assert_eq!(
-            parse_header(&file(1, "{'descr': '<U3', 'fortran_order': False, 'shape': (4,), }\n")),
-            Err(HeaderError::UnsupportedDtype { descr: "<U3".into() })
-        );
-        assert_eq!(
-            parse_header(&file(1, "{'descr': '<f4', 'fortran_order': True, 'shape': (4, 2), }\n")),
-            Err(HeaderError::FortranOrder)
-        );
-        assert_eq!(
-            parse_header(&file(1, "{'descr': '<f4', 'fortran_order': False, 'shape': (), }\n")),
-            Err(HeaderError::ZeroDimensional)
-        );
-        let structured = "{'descr': [('a', '<i4')], 'fortran_order': False, 'shape': (4,), }\n";
-        assert!(matches!(parse_header(&file(1, structured)), Err(HeaderError::Malformed { .. })));
-        assert!(matches!(
-            parse_header(&file(1, "{'descr': '<f4', 'shape': (4,), }\n")),
-            Err(HeaderError::Malformed { reason }) if reason.contains("fortran_order")
-        ));
-    }
-
-    #[test]
-    fn fortran_flag_is_harmless_for_one_dimensional_arrays() {
-        let h = parse_header(&file(1, "{'descr': '<i4', 'fortran_order': True, 'shape': (5,), }\n")).expect("valid");
-        assert_eq!(h.shape, vec![5]);
-    }
-
-    #[test]
-    fn shapes_whose_byte_size_overflows_are_refused() {
-        for shape in ["(9223372036854775808, 3)", "(100, 4611686018427387904)", "(4294967296, 4294967296)"] {
-            let dict = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}\n");
-            let error = parse_header(&file(1, &dict)).expect_err(shape);
-            assert!(matches!(error, HeaderError::TooLarge { .. }), "{shape}: {error}");
-            assert!(error.to_string().contains("overflows 64 bits"), "{error}");
-        }
-        let fits = "{'descr': '|u1', 'fortran_order': False, 'shape': (4294967296, 4294967295), }\n";
-        assert!(parse_header(&file(1, fits)).is_ok(), "just under 2^64 bytes is a valid header");
-    }
-
-    proptest! {
-        #[test]
-        fn encoded_headers_parse_back(dtype_index in 0usize..12, shape in prop::collection::vec(0u64..100_000, 1..5)) {
-            let dtype = ALL_DTYPES[dtype_index];
-            let bytes = conveyor_proto::npy_header(dtype, &shape);
-            prop_assert_eq!(bytes.len() % 64, 0);
-            let fits = shape.iter().try_fold(dtype.size_bytes() as u64, |b, &d| b.checked_mul(d)).is_some();
-            if !fits {
-                let too_large = matches!(parse_header(&bytes), Err(HeaderError::TooLarge { .. }));
-                prop_assert!(too_large, "a shape over 2^64 bytes must be refused as too large");
-                return Ok(());
-            }
-            let h = parse_header(&bytes).expect("own header parses");
-            prop_assert_eq!(h.dtype, dtype);
-            prop_assert_eq!(h.shape, shape);
-            prop_assert_eq!(h.data_offset, bytes.len());
-            prop_assert!(!h.big_endian);
-        }
-
-        #[test]
-        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
-            let mut with_magic = MAGIC.to_vec();
-            with_magic.extend_from_slice(&bytes);
-            let _ = parse_header(&bytes);
-            let _ = parse_header(&with_magic);
-        }
-    }
+    let header = first_header.expect("a field has at least one file");
+    let sample_shape = header.shape[1..].to_vec();
+    let bytes_per_sample = sample_shape.iter().product::<u64>() as usize * header.dtype.size_bytes();
+    // Empty shards never hold an index; drop them so the shard search stays simple.
+    let (shards, shard_starts): (Vec<_>, Vec<_>) =
+        shards.into_iter().zip(shard_starts).filter(|(s, _)| s.num_samples > 0).unzip();
+    Ok(Field {
+        name: name.to_owned(),
+        dtype: header.dtype,
+        sample_shape,
+        bytes_per_sample,
+        chunk_len: 1,
+        dims: Vec::new(),
+        num_samples: total,
+        id: NEXT_FIELD_ID.fetch_add(1, Ordering::Relaxed),
+        source: Source::Npy { shards, shard_starts },
+    })
 }

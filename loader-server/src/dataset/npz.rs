@@ -7,11 +7,17 @@ use std::{
     fs::File,
     io::BufReader,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use zip::{CompressionMethod, ZipArchive};
 
-use crate::error::LoadError;
+use super::{
+    Field, group_fields,
+    npy::{ShardBytes, open_field},
+    select_fields,
+};
+use crate::{error::LoadError, storage::mmap::MappedFile};
 
 /// One `.npy` member of an archive.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,4 +99,39 @@ pub fn members(path: &Path) -> Result<Vec<Member>, LoadError> {
         }
     }
     Ok(members)
+}
+
+/// Opens the `.npy` members of the archive at `path` as fields (those in `select` when given),
+/// all served from one map of the archive.
+pub(super) fn open_npz(name: &str, path: &Path, select: Option<&[String]>) -> Result<Vec<Field>, LoadError> {
+    let members = members(path)?;
+    let map = Arc::new(MappedFile::open(path).map_err(|error| LoadError::Io { path: path.to_owned(), error })?);
+    let stems =
+        members.into_iter().map(|m| (m.file_name.strip_suffix(".npy").unwrap_or(&m.file_name).to_owned(), m)).collect();
+    let groups = group_fields(stems, path)?;
+    if groups.is_empty() {
+        return Err(LoadError::Npz {
+            path: path.to_owned(),
+            problem: format!("dataset '{name}': the archive holds no .npy members; write it with numpy.savez"),
+        });
+    }
+    let mut fields = Vec::with_capacity(groups.len());
+    for (field_name, members) in select_fields(name, path, groups, select)? {
+        let mut shards = Vec::with_capacity(members.len());
+        for member in members {
+            let member_path = member_path(path, &member.file_name);
+            let end = member.data_start.checked_add(member.size).filter(|&end| end <= map.len() as u64);
+            let Some(end) = end else {
+                return Err(LoadError::Truncated {
+                    path: member_path,
+                    expected_bytes: member.size,
+                    actual_bytes: (map.len() as u64).saturating_sub(member.data_start),
+                });
+            };
+            let start = member.data_start as usize;
+            shards.push(ShardBytes::mapped(member_path, map.clone(), start, end as usize - start));
+        }
+        fields.push(open_field(&field_name, shards)?);
+    }
+    Ok(fields)
 }

@@ -264,14 +264,27 @@ impl LoaderState {
         Ok((served.clone(), num_samples * served.budget_bytes_per_sample() as u64))
     }
 
-    /// Serves one request: checks it, waits for budget, gathers rows off the runtime, and
-    /// transforms them for a derived dataset.
+    /// Serves one request within a stream's bounds: its share of the in-flight budget, a gather
+    /// thread, its shared-memory region.
     pub(super) async fn assemble(
         self: Arc<Self>,
         stream_id: u64,
         request: BatchRequest,
         region: Option<Arc<SharedRegion>>,
     ) -> Outgoing {
+        self.pipeline(request, Bounds::Stream { stream_id, region }).await
+    }
+
+    /// Serves one request on the calling thread through the same pipeline as a stream, but
+    /// outside the stream bounds (budget, gather threads): for the fuzz targets and tests that
+    /// drive the handler without a server.
+    pub fn answer_blocking(self: &Arc<Self>, request: BatchRequest) -> BatchResponse {
+        futures::executor::block_on(self.clone().pipeline(request, Bounds::Inline)).to_response()
+    }
+
+    /// The one batch pipeline: check, budget, gather off the runtime, transform, finish. Each
+    /// failure answers this batch with its error; the stream carries on.
+    async fn pipeline(self: Arc<Self>, request: BatchRequest, bounds: Bounds) -> Outgoing {
         let checked = self.check(&request);
         let BatchRequest { batch_id, indices, seed, epoch, .. } = request;
         let (served, bytes) = match checked {
@@ -281,11 +294,18 @@ impl LoaderState {
                 return self.refuse(batch_id, indices, error);
             }
         };
-        let budget = self.inflight_bytes.acquire(stream_id, bytes).await;
-        // The semaphore lives as long as the state and is never closed.
-        let Ok(slot) = self.assemble_slots.clone().acquire_owned().await else {
-            unreachable!("assemble semaphore is never closed")
+        let (budget, slot, region) = match bounds {
+            Bounds::Stream { stream_id, region } => {
+                let budget = self.inflight_bytes.acquire(stream_id, bytes).await;
+                // The semaphore lives as long as the state and is never closed.
+                let Ok(slot) = self.assemble_slots.clone().acquire_owned().await else {
+                    unreachable!("assemble semaphore is never closed")
+                };
+                (Some(budget), Some(slot), region)
+            }
+            Bounds::Inline => (None, None, None),
         };
+        let inline = slot.is_none();
         let state = self.clone();
         let gather_served = served.clone();
         // Unless a Python transform is still to run, the batch is finished on the thread that
@@ -295,7 +315,7 @@ impl LoaderState {
         // as soon as they are copied.
         let finish_here = !matches!(served.transform(), Some(Transform::Python(_)));
         let gather_region = region.clone();
-        let gathered = tokio::task::spawn_blocking(move || {
+        let gathered = offload(inline, move || {
             let _slot = slot;
             match state.gather_blocking(&gather_served, &indices, seed, epoch) {
                 Ok((rows, decoded)) if finish_here => {
@@ -309,7 +329,7 @@ impl LoaderState {
         .await;
         let (indices, rows, decoded_bytes) = match gathered {
             Ok(Gathered::Finished(mut outgoing)) => {
-                outgoing.hold = Some(Box::new(budget));
+                outgoing.hold = budget.map(|b| Box::new(b) as _);
                 return outgoing;
             }
             Ok(Gathered::Rows(indices, rows, decoded)) => (indices, rows, decoded),
@@ -317,13 +337,9 @@ impl LoaderState {
                 tracing::error!(batch_id, %error, "a chunk could not be read; failing this batch only");
                 return self.refuse(batch_id, indices, RequestError::from(error));
             }
-            Err(join_error) => {
-                tracing::error!(batch_id, dataset = %served.name(), %join_error, "gathering a batch failed");
-                let error = RequestError::GatherFailed {
-                    dataset: served.name().to_owned(),
-                    batch_id,
-                    reason: join_error.to_string(),
-                };
+            Err(reason) => {
+                tracing::error!(batch_id, dataset = %served.name(), %reason, "gathering a batch failed");
+                let error = RequestError::GatherFailed { dataset: served.name().to_owned(), batch_id, reason };
                 return self.refuse(batch_id, Vec::new(), error);
             }
         };
@@ -344,13 +360,13 @@ impl LoaderState {
         };
         let outgoing = self.respond(&served, batch_id, indices, rows, decoded_bytes);
         let state = self.clone();
-        let finished = tokio::task::spawn_blocking(move || state.finish(outgoing, region.as_deref())).await;
+        let finished = offload(inline, move || state.finish(outgoing, region.as_deref())).await;
         let Ok(mut outgoing) = finished else {
             let reason = "writing the batch out panicked".to_owned();
             let error = RequestError::GatherFailed { dataset: served.name().to_owned(), batch_id, reason };
             return self.refuse(batch_id, Vec::new(), error);
         };
-        outgoing.hold = Some(Box::new(budget));
+        outgoing.hold = budget.map(|b| Box::new(b) as _);
         outgoing
     }
 
@@ -387,33 +403,6 @@ impl LoaderState {
         outgoing
     }
 
-    /// Serves one request on the calling thread with the same checks and gather as a stream,
-    /// but outside the stream bounds (budget, gather threads): for the fuzz targets and tests
-    /// that drive the handler without a server.
-    pub fn answer_blocking(&self, request: BatchRequest) -> BatchResponse {
-        let checked = self.check(&request);
-        let BatchRequest { batch_id, indices, seed, epoch, .. } = request;
-        let (served, _) = match checked {
-            Ok(ok) => ok,
-            Err(error) => return self.refuse(batch_id, indices, error).to_response(),
-        };
-        let (rows, decoded) = match self.gather_blocking(&served, &indices, seed, epoch) {
-            Ok(ok) => ok,
-            Err(error) => return self.refuse(batch_id, indices, RequestError::from(error)).to_response(),
-        };
-        let rows = match (served.transform(), rows) {
-            (Some(Transform::Python(pool)), Rows::Gathered(buffers)) => {
-                let result = pool.run_blocking(buffers, indices.clone(), seed, epoch);
-                match transformed(&served, pool, &indices, result) {
-                    Ok(buffers) => Rows::Gathered(buffers),
-                    Err(error) => return self.refuse(batch_id, indices, error).to_response(),
-                }
-            }
-            (_, rows) => rows,
-        };
-        self.respond(&served, batch_id, indices, rows, decoded).to_response()
-    }
-
     /// Selects the rows of `indices` for a stored dataset; for a derived one, gathers the source
     /// rows and runs a built-in pipeline over them (CPU work like the gather, so it runs on the
     /// same thread). Returns the rows and the bytes decoded from storage. Blocks: call it off the
@@ -437,6 +426,25 @@ impl LoaderState {
         self.stats.record_transform(served.name(), started.elapsed());
         Ok((Rows::Gathered(out), decoded))
     }
+}
+
+/// Where a batch's stages run.
+enum Bounds {
+    /// Within a stream's bounds: its share of the in-flight budget, a gather thread, and its
+    /// connection's shared-memory region if it has one.
+    Stream { stream_id: u64, region: Option<Arc<SharedRegion>> },
+    /// On the caller's thread, outside the stream bounds.
+    Inline,
+}
+
+/// Runs blocking work off the async runtime, or on the caller's thread for an inline batch
+/// (where a panic is left to reach the caller: the fuzz targets look for them). A panic on a
+/// gather thread becomes its message.
+async fn offload<T: Send + 'static>(inline: bool, work: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+    if inline {
+        return Ok(work());
+    }
+    tokio::task::spawn_blocking(work).await.map_err(|join_error| join_error.to_string())
 }
 
 /// What a gather thread hands back.

@@ -278,13 +278,7 @@ const PIPELINE_FORM: &str =
 const TRANSFORM_FORM: &str =
     "NAME=SOURCE:module:function; write for example --transform aug=images:my_transforms:augment";
 
-/// SplitMix64's output function: a bijective mix of 64 bits (Steele, Lea, Flood 2014), the same
-/// one the trainer client's sampler uses.
-pub fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
+pub use conveyor_proto::mix64;
 
 /// The key of one sample's randomness in built-in operators: a function of the run's seed, the
 /// epoch and the sample's global index only, so a sample is augmented the same way whichever
@@ -314,7 +308,7 @@ impl SampleRng {
 
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        self.state = self.state.wrapping_add(conveyor_proto::GOLDEN_GAMMA);
         mix64(self.state)
     }
 

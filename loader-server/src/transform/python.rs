@@ -282,21 +282,6 @@ impl Pool {
         reply_rx.await.unwrap_or_else(|_| Err(gone()))
     }
 
-    /// [`Pool::run`] for callers outside an async runtime (the fuzz targets).
-    pub fn run_blocking(
-        &self,
-        input: Vec<Vec<u8>>,
-        indices: Vec<u64>,
-        seed: u64,
-        epoch: u64,
-    ) -> Result<Columns, TransformError> {
-        let (job, reply_rx) = self.job(input, indices, seed, epoch);
-        if self.jobs_tx.blocking_send(job).is_err() {
-            return Err(self.gone());
-        }
-        reply_rx.blocking_recv().unwrap_or_else(|_| Err(gone()))
-    }
-
     /// The answer when the worker threads have stopped; the job was never taken.
     fn gone(&self) -> TransformError {
         self.stats.queued.fetch_sub(1, Relaxed);

@@ -11,7 +11,7 @@
 //!   to, while that one has at most a little more work. When a replica's stream fails, or it
 //!   leaves a request unanswered past `request_timeout`, its requests are lost and it is retried
 //!   with exponential backoff. Every send uses a fresh batch id, so a late answer from a dropped
-//!   connection is recognised and ignored: nothing is delivered twice.
+//!   connection is recognised and ignored ([`in_flight`]): nothing is delivered twice.
 //! * [`run`]: a run hands batches to the caller in order, re-sends lost ones, and requests at
 //!   most `prefetch` batches past the one the caller waits for, across epoch boundaries, which
 //!   bounds the reorder buffer and the client's memory.
@@ -20,6 +20,7 @@ mod affinity;
 mod connection;
 #[cfg(test)]
 mod fake;
+mod in_flight;
 mod pool;
 mod replica;
 mod resolve;

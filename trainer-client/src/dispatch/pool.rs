@@ -3,9 +3,8 @@
 //! request goes. It knows nothing of epochs: runs hand it `(run, seq)` pairs and get back
 //! [`Outcome`]s.
 
-use crate::addr::ReplicaAddr;
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     future::Future,
     pin::Pin,
     sync::Arc,
@@ -24,11 +23,12 @@ use super::{
     DispatchStats, ReplicaStats, StreamOptions,
     affinity::{BlockAffinity, blocks_of, choose_replica},
     connection::{Connector, Event, run_connection},
+    in_flight::{InFlight, Requests},
     replica::Replica,
     resolve::resolve_forever,
 };
 use crate::{
-    addr::parse_loader,
+    addr::{ReplicaAddr, parse_loader},
     catalog::catalog_difference,
     error::{ClientError, ReplicaFailure},
 };
@@ -53,17 +53,6 @@ pub(crate) struct Ask<'a> {
     pub avoid: Option<ReplicaAddr>,
 }
 
-/// A request in flight.
-#[derive(Debug)]
-struct InFlight {
-    addr: ReplicaAddr,
-    /// The run it belongs to.
-    run: u64,
-    /// Its number within that run.
-    seq: u64,
-    sent_at: Instant,
-}
-
 /// What an event means for the runs.
 #[derive(Debug)]
 pub(crate) enum Outcome {
@@ -86,8 +75,8 @@ pub(crate) struct Pool {
     events_rx: mpsc::Receiver<Event>,
     /// The datasets of the first replica that came up; others must agree.
     catalog: Option<Vec<DatasetInfo>>,
-    in_flight: HashMap<u64, InFlight>,
-    next_batch_id: u64,
+    /// The requests sent and not yet answered or lost.
+    in_flight: Requests,
     next_run: u64,
     resolver: JoinHandle<()>,
     /// Since when no replica has been up.
@@ -104,10 +93,8 @@ pub(crate) struct Pool {
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pool")
-            .field("replicas", &self.replicas.keys())
-            .field("in_flight", &self.in_flight.len())
-            .finish()
+        let in_flight = self.in_flight.len();
+        f.debug_struct("Pool").field("replicas", &self.replicas.keys()).field("in_flight", &in_flight).finish()
     }
 }
 
@@ -140,8 +127,7 @@ impl Pool {
             events_tx,
             events_rx,
             catalog: None,
-            in_flight: HashMap::new(),
-            next_batch_id: 0,
+            in_flight: Requests::default(),
             next_run: 0,
             resolver,
             down_since: Some(Instant::now()),
@@ -253,7 +239,7 @@ impl Pool {
 
     /// The next request or unavailable timeout.
     fn next_deadline(&self) -> Option<Instant> {
-        let oldest = self.in_flight.values().map(|f| f.sent_at + self.options.request_timeout).min();
+        let oldest = self.in_flight.next_deadline(self.options.request_timeout);
         let unavailable_at = self.down_since.map(|since| since + self.options.unavailable_timeout);
         oldest.into_iter().chain(unavailable_at).min()
     }
@@ -262,8 +248,7 @@ impl Pool {
     /// when no replica has been up for the unavailable timeout.
     fn expire(&mut self, now: Instant) -> Result<Vec<Outcome>, ClientError> {
         let timeout = self.options.request_timeout;
-        let late: BTreeSet<ReplicaAddr> =
-            self.in_flight.values().filter(|f| now >= f.sent_at + timeout).map(|f| f.addr.clone()).collect();
+        let late = self.in_flight.late(now, timeout);
         let mut outcomes = Vec::new();
         for addr in late {
             let error = ClientError::RequestTimeout { addr: addr.to_string(), timeout };
@@ -272,28 +257,22 @@ impl Pool {
         // Every replica refused the credentials (a missing or wrong token): waiting changes nothing.
         let all_refused = !self.replicas.is_empty()
             && self.replicas.values().all(|r| r.last_error.as_ref().is_some_and(|e| e.is_refusal()));
-        if let Some(since) =
-            self.down_since.filter(|since| all_refused || now >= *since + self.options.unavailable_timeout)
-        {
-            if all_refused {
-                let last_errors = self
-                    .replicas
-                    .iter()
-                    .map(|(addr, r)| ReplicaFailure { addr: addr.to_string(), error: r.last_error.clone() })
-                    .collect();
-                return Err(ClientError::Refused { last_errors });
+        match self.down_since {
+            Some(_) if all_refused => Err(ClientError::Refused { last_errors: self.last_errors() }),
+            Some(since) if now >= since + self.options.unavailable_timeout => {
+                Err(ClientError::Unavailable { waited: now.duration_since(since), last_errors: self.last_errors() })
             }
-            let last_errors = if self.replicas.is_empty() {
-                Vec::new()
-            } else {
-                self.replicas
-                    .iter()
-                    .map(|(addr, r)| ReplicaFailure { addr: addr.to_string(), error: r.last_error.clone() })
-                    .collect()
-            };
-            return Err(ClientError::Unavailable { waited: now.duration_since(since), last_errors });
+            _ => Ok(outcomes),
         }
-        Ok(outcomes)
+    }
+
+    /// Each replica's last error, for an error that gives up on all of them.
+    fn last_errors(&self) -> Vec<ReplicaFailure> {
+        let failure = |(addr, r): (&ReplicaAddr, &Replica)| ReplicaFailure {
+            addr: addr.to_string(),
+            error: r.last_error.clone(),
+        };
+        self.replicas.iter().map(failure).collect()
     }
 
     /// Handles `event` as if a connection task or the resolver had sent it.
@@ -358,7 +337,7 @@ impl Pool {
                 };
                 // A fresh id per send: an answer on a dropped connection, or to a request that
                 // was re-sent, no longer has an entry and is ignored.
-                let Some(flight) = self.in_flight.remove(&response.batch_id) else {
+                let Some(flight) = self.in_flight.answered(response.batch_id) else {
                     return Vec::new();
                 };
                 replica.num_in_flight = replica.num_in_flight.saturating_sub(1);
@@ -410,12 +389,8 @@ impl Pool {
                 replica.task = task;
             }
         }
-        let lost: Vec<u64> = self.in_flight.iter().filter(|(_, f)| f.addr == addr).map(|(id, _)| *id).collect();
-        let outcomes = lost
-            .into_iter()
-            .filter_map(|id| self.in_flight.remove(&id))
-            .map(|f| Outcome::Lost { run: f.run, seq: f.seq })
-            .collect();
+        let outcomes =
+            self.in_flight.lost_with(&addr).into_iter().map(|f| Outcome::Lost { run: f.run, seq: f.seq }).collect();
         self.note_availability();
         outcomes
     }
@@ -448,16 +423,15 @@ impl Pool {
             let Some(addr) = choose_replica(&loads, self.affinity.preferred(&blocks), window, self.num_up()) else {
                 return false;
             };
-            let batch_id = self.next_batch_id;
+            let batch_id = self.in_flight.next_batch_id();
             let Some(replica) = self.replicas.get_mut(&addr) else { return false };
             let Some(requests_tx) = replica.requests_tx.as_ref() else { return false };
             let request = BatchRequest { batch_id, dataset: dataset.to_owned(), indices: indices.clone(), seed, epoch };
             match requests_tx.try_send(request) {
                 Ok(()) => {
-                    self.next_batch_id += 1;
                     replica.num_in_flight += 1;
                     self.affinity.record(&blocks, addr.clone());
-                    self.in_flight.insert(batch_id, InFlight { addr, run, seq, sent_at: Instant::now() });
+                    self.in_flight.sent(InFlight { addr, run, seq, sent_at: Instant::now() });
                     return true;
                 }
                 // The channel holds `window` requests and this replica has fewer in flight, so

@@ -43,6 +43,7 @@
 //! positions `r, r + W, r + 2W, ...`. Every rank gets the same number of samples and so the same
 //! number of batches, which keeps collective operations in step.
 
+use conveyor_proto::splitmix64;
 use serde::{Deserialize, Serialize};
 
 /// Feistel rounds; 6 rounds of a strong mixer leave no visible structure in the output.
@@ -91,14 +92,6 @@ impl std::str::FromStr for Shuffle {
     }
 }
 
-/// SplitMix64 step: a fast, well-mixed 64-bit hash (also the demo data's generator).
-pub(crate) fn mix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
 /// A keyed bijection of `[0, len)`; see the module docs.
 #[derive(Debug, Clone)]
 pub struct Permutation {
@@ -112,9 +105,9 @@ impl Permutation {
     pub fn new(len: u64, seed: u64, epoch: u64) -> Permutation {
         let bits = (64 - len.saturating_sub(1).leading_zeros()).max(2);
         let half_bits = bits.div_ceil(2);
-        let mut state = mix64(seed ^ mix64(epoch ^ 0x5eed_0fe9_0c00));
+        let mut state = splitmix64(seed ^ splitmix64(epoch ^ 0x5eed_0fe9_0c00));
         let round_keys = std::array::from_fn(|_| {
-            state = mix64(state);
+            state = splitmix64(state);
             state
         });
         Permutation { len, half_bits, round_keys }
@@ -124,7 +117,7 @@ impl Permutation {
         let mask = (1u64 << self.half_bits) - 1;
         let (mut left, mut right) = (x >> self.half_bits, x & mask);
         for key in self.round_keys {
-            let f = mix64(right ^ key) & mask;
+            let f = splitmix64(right ^ key) & mask;
             (left, right) = (right, left ^ f);
         }
         (left << self.half_bits) | right
@@ -134,7 +127,7 @@ impl Permutation {
         let mask = (1u64 << self.half_bits) - 1;
         let (mut left, mut right) = (y >> self.half_bits, y & mask);
         for key in self.round_keys.iter().rev() {
-            let f = mix64(left ^ key) & mask;
+            let f = splitmix64(left ^ key) & mask;
             (left, right) = (right ^ f, left);
         }
         (left << self.half_bits) | right
@@ -229,7 +222,7 @@ impl BlockOrder {
         let first_block = window * self.window;
         let num_blocks = self.window.min(self.num_blocks - first_block);
         let size = num_blocks * self.block_len - if window == self.last_window { deficit } else { 0 };
-        let inner = Permutation::new(size, self.seed ^ mix64(window.wrapping_add(0xb10c)), self.epoch);
+        let inner = Permutation::new(size, self.seed ^ splitmix64(window.wrapping_add(0xb10c)), self.epoch);
         let mut offset = inner.apply(position - start);
         for k in 0..num_blocks {
             let block = self.blocks.apply(first_block + k);
