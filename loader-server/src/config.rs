@@ -518,10 +518,12 @@ impl Config {
     }
 
     /// How remote datasets are reached (the `--s3-*` and `--io-*` flags), through `disk_cache`
-    /// when `--disk-cache` gave one (opened by the caller: configuration does no I/O).
+    /// when `--disk-cache` gave one, with requests on `io` (both made by the caller:
+    /// configuration does no I/O).
     pub fn store_options(
         &self,
         disk_cache: Option<std::sync::Arc<crate::storage::disk_cache::DiskCache>>,
+        io: crate::storage::object::IoRuntime,
     ) -> crate::storage::StoreOptions {
         crate::storage::StoreOptions {
             s3_endpoint: self.s3_endpoint.clone(),
@@ -533,6 +535,7 @@ impl Config {
             io_timeout: self.io_timeout,
             disk_cache,
             cache_block_bytes: self.disk_cache_block_bytes,
+            io,
         }
     }
 

@@ -65,6 +65,9 @@ pub enum ServeError {
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The threads object-store requests run on cannot be started.
+    #[error("cannot start the object-storage I/O threads")]
+    IoThreads(#[source] std::io::Error),
     /// A signal the loader acts on cannot be listened for.
     #[error("cannot listen for {signal} ({purpose})")]
     Signal {
@@ -94,7 +97,8 @@ pub fn open(config: Config) -> Result<Arc<LoaderState>, ServeError> {
         )?)),
         None => None,
     };
-    let store_options = config.store_options(disk_cache);
+    let io = storage::object::IoRuntime::start().map_err(ServeError::IoThreads)?;
+    let store_options = config.store_options(disk_cache, io);
     for spec in config.dataset_specs()? {
         let (name, dir) = (&spec.name, &spec.path);
         let location = storage::Location::parse(name, &dir.to_string_lossy(), &store_options)?;

@@ -195,7 +195,7 @@ impl Default for ConnectOptions {
 ///
 /// # Errors
 /// [`ClientError::MixedTls`] naming the plain loader.
-pub fn settle_tls(loaders: &[String], options: &mut ConnectOptions) -> Result<(), ClientError> {
+pub(crate) fn settle_tls(loaders: &[String], options: &mut ConnectOptions) -> Result<(), ClientError> {
     if options.tls.is_none() && loaders.iter().any(|l| loader_uses_tls(l)) {
         options.tls = Some(TlsOptions::default());
     }

@@ -200,7 +200,7 @@ pub(crate) struct Schedule {
 
 impl Schedule {
     /// `(epoch, batch)` of run batch `seq`; `seq == len` gives the position after the last one.
-    pub fn position(&self, seq: u64) -> (u64, u64) {
+    pub(crate) fn position(&self, seq: u64) -> (u64, u64) {
         if self.per_epoch == 0 {
             return (self.start, 0);
         }

@@ -63,10 +63,13 @@ pub struct StoreOptions {
     /// With a disk cache, remote `.npy` objects are fetched and cached in aligned blocks of this
     /// many bytes, so that any later batch finds its rows whatever the shuffle.
     pub cache_block_bytes: u64,
+    /// The runtime requests run on.
+    pub io: IoRuntime,
 }
 
-impl Default for StoreOptions {
-    fn default() -> Self {
+impl StoreOptions {
+    /// The flags' defaults, with requests on `io`.
+    pub fn new(io: IoRuntime) -> Self {
         StoreOptions {
             s3_endpoint: None,
             s3_region: None,
@@ -77,37 +80,61 @@ impl Default for StoreOptions {
             io_timeout: Duration::from_secs(30),
             disk_cache: None,
             cache_block_bytes: 64 << 10,
+            io,
         }
     }
 }
 
-/// The runtime the object stores' requests run on (two threads: requests are I/O-bound).
-fn io_runtime() -> &'static tokio::runtime::Runtime {
-    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RUNTIME.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread()
+/// The runtime object-store requests run on (two threads: requests are I/O-bound), started by
+/// whoever opens the datasets ([`crate::open`]) and handed to every store through
+/// [`StoreOptions`]. Clones share it; the last one lets its threads go without waiting, so it
+/// may be dropped anywhere, inside an async runtime too.
+#[derive(Clone)]
+pub struct IoRuntime(Arc<OwnedRuntime>);
+
+/// The runtime itself, shut down in the background when dropped.
+struct OwnedRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for OwnedRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl std::fmt::Debug for IoRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IoRuntime")
+    }
+}
+
+impl IoRuntime {
+    /// Starts the runtime's two threads.
+    ///
+    /// # Errors
+    /// When the threads or the reactor cannot be created.
+    pub fn start() -> std::io::Result<IoRuntime> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("conveyor-io")
             .enable_all()
-            .build()
-            .expect("the I/O runtime starts (threads and a reactor)")
-    })
+            .build()?;
+        Ok(IoRuntime(Arc::new(OwnedRuntime(Some(runtime)))))
+    }
+
+    /// Waits for `future` on the calling thread while the runtime drives its sockets and
+    /// timers. Usable from blocking threads and at start-up (not from the I/O runtime itself).
+    pub fn block_on<F: Future>(&self, future: F) -> F::Output {
+        let _context = self.0.0.as_ref().map(tokio::runtime::Runtime::enter);
+        futures::executor::block_on(future)
+    }
 }
 
-/// Waits for `future` on the calling thread while the I/O runtime drives its sockets and
-/// timers. Usable from blocking threads and at start-up (not from the I/O runtime itself).
-fn block_on<F: Future>(future: F) -> F::Output {
-    let _context = io_runtime().enter();
-    futures::executor::block_on(future)
-}
-
-/// [`block_on`] for zarrs' async-to-sync adapter.
-#[derive(Debug, Clone, Copy)]
-struct IoBlockOn;
-
-impl AsyncToSyncBlockOn for IoBlockOn {
+/// [`IoRuntime::block_on`] for zarrs' async-to-sync adapter.
+impl AsyncToSyncBlockOn for IoRuntime {
     fn block_on<F: Future>(&self, future: F) -> F::Output {
-        block_on(future)
+        IoRuntime::block_on(self, future)
     }
 }
 
@@ -126,6 +153,8 @@ pub struct ObjectStorage {
     bytes: AtomicU64,
     /// Requests in flight at most (`--io-concurrency`; the store's limit).
     io_concurrency: usize,
+    /// The runtime its requests run on.
+    io: IoRuntime,
     /// The disk cache, when one is set.
     disk_cache: Option<Arc<DiskCache>>,
     /// Its block size for `.npy` objects.
@@ -241,6 +270,7 @@ impl ObjectStorage {
             requests: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             io_concurrency: options.io_concurrency.max(1),
+            io: options.io.clone(),
             disk_cache: options.disk_cache.clone(),
             cache_block_bytes: options.cache_block_bytes.max(1),
             cache_hit_bytes: Arc::new(AtomicU64::new(0)),
@@ -313,8 +343,10 @@ impl ObjectStorage {
     /// # Errors
     /// A message naming the location and the cause.
     pub fn list(&self) -> Result<Vec<(String, u64, ObjectVersion)>, String> {
-        let listing =
-            block_on(self.store.list_with_delimiter(Some(&self.prefix))).map_err(|e| self.explain("the prefix", &e))?;
+        let listing = self
+            .io
+            .block_on(self.store.list_with_delimiter(Some(&self.prefix)))
+            .map_err(|e| self.explain("the prefix", &e))?;
         let base = self.prefix.as_ref().len();
         Ok(listing
             .objects
@@ -332,7 +364,7 @@ impl ObjectStorage {
     /// # Errors
     /// A message for a failure other than "not found".
     pub fn exists(&self, name: &str) -> Result<bool, String> {
-        match block_on(self.store.head(&self.path(name))) {
+        match self.io.block_on(self.store.head(&self.path(name))) {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
             Err(error) => Err(self.explain(&format!("object {name}"), &error)),
@@ -394,7 +426,7 @@ impl ObjectStorage {
                 result.bytes().await.map_err(|error| self.explain(what, &error))
             }
         });
-        let parts = block_on(futures::future::try_join_all(reads))?;
+        let parts = self.io.block_on(futures::future::try_join_all(reads))?;
         self.requests.fetch_add(ranges.len() as u64, Ordering::Relaxed);
         self.bytes.fetch_add(parts.iter().map(|p| p.len() as u64).sum(), Ordering::Relaxed);
         Ok(parts)
@@ -546,9 +578,10 @@ impl ObjectStorage {
                 let objects = PrefixStore::new(self.store.clone(), self.prefix.clone());
                 let prefixed = Arc::new(AsyncObjectStore::new(objects.clone()));
                 let adapter: ReadableListableStorage = Arc::new(WholeValueReads {
-                    inner: Arc::new(AsyncToSyncStorageAdapter::new(prefixed, IoBlockOn)),
+                    inner: Arc::new(AsyncToSyncStorageAdapter::new(prefixed, self.io.clone())),
                     objects,
                     url: self.url.clone(),
+                    io: self.io.clone(),
                     versions: std::sync::Mutex::default(),
                 });
                 Arc::new(zarrs::storage::storage_adapter::performance_metrics::PerformanceMetricsStorageAdapter::new(
@@ -790,6 +823,8 @@ struct WholeValueReads {
     objects: PrefixStore<Arc<dyn ObjectStore>>,
     /// The location as messages name it.
     url: String,
+    /// The runtime the reads run on.
+    io: IoRuntime,
     /// Per object read so far (a hash of its key): a hash of the version it was first read at.
     /// 16 bytes (plus the map's own) per chunk, shard or metadata object of the array, which its
     /// metadata bounds.
@@ -856,7 +891,7 @@ impl WholeValueReads {
 
 impl ReadableStorageTraits for WholeValueReads {
     fn get(&self, key: &StoreKey) -> Result<Option<Bytes>, StorageError> {
-        block_on(self.read(key, None))
+        self.io.block_on(self.read(key, None))
     }
 
     fn get_partial_many<'a>(
@@ -898,7 +933,8 @@ impl ReadableStorageTraits for WholeValueReads {
         }
         requests.extend(merged.into_iter().map(GetRange::Bounded));
         let reads = requests.into_iter().map(|range| self.read(key, Some(range)));
-        let Some(parts) = block_on(futures::future::try_join_all(reads))?.into_iter().collect::<Option<Vec<Bytes>>>()
+        let Some(parts) =
+            self.io.block_on(futures::future::try_join_all(reads))?.into_iter().collect::<Option<Vec<Bytes>>>()
         else {
             return Ok(None);
         };
@@ -1064,6 +1100,15 @@ pub fn coalesce(rows: &[(u64, u64)], max_gap: u64, max_bytes: u64) -> (Vec<Range
 mod tests {
     use super::*;
 
+    fn test_options() -> StoreOptions {
+        StoreOptions::new(IoRuntime::start().expect("the I/O runtime starts"))
+    }
+
+    /// The in-memory store needs no runtime.
+    fn block_on<F: Future>(future: F) -> F::Output {
+        futures::executor::block_on(future)
+    }
+
     #[test]
     fn adjacent_rows_share_a_request_and_repeated_rows_are_fetched_once() {
         let rows = [(0, 10), (10, 10), (20, 10), (50, 10), (50, 10), (60, 10)];
@@ -1086,7 +1131,7 @@ mod tests {
             disk_cache: Some(Arc::new(DiskCache::open(dir.path(), 64 << 20, 16).expect("cache"))),
             cache_block_bytes: 64 << 10,
             io_concurrency: 4,
-            ..StoreOptions::default()
+            ..test_options()
         };
         let storage = ObjectStorage::from_store("mem://data", Arc::new(memory), "data", &options);
         let version = listed(&storage, "rows.npy");
@@ -1126,7 +1171,7 @@ mod tests {
             disk_cache: Some(cache.clone()),
             cache_block_bytes: 4096,
             io_concurrency: 4,
-            ..StoreOptions::default()
+            ..test_options()
         };
         let storage = ObjectStorage::from_store("mem://data", Arc::new(memory), "data", &options);
         let version = listed(&storage, "rows.npy");
@@ -1161,7 +1206,7 @@ mod tests {
         let (chunk, shard) = (ObjectPath::from("data/x/c/0/0"), ObjectPath::from("data/x/c/1/0"));
         block_on(memory.put(&chunk, vec![1u8; 64].into())).expect("put");
         block_on(memory.put(&shard, (0..=255u8).collect::<Vec<u8>>().into())).expect("put");
-        let storage = ObjectStorage::from_store("mem://data", memory.clone(), "data", &StoreOptions::default());
+        let storage = ObjectStorage::from_store("mem://data", memory.clone(), "data", &test_options());
         let zarr = storage.zarr_storage();
         let key = |k: &str| StoreKey::new(k).expect("key");
         assert_eq!(zarr.get(&key("x/c/0/0")).expect("read").expect("exists"), vec![1u8; 64]);
@@ -1204,7 +1249,7 @@ mod tests {
             let options = StoreOptions {
                 disk_cache: cached.then(|| Arc::new(DiskCache::open(dir.path(), 1 << 20, 16).expect("cache"))),
                 cache_block_bytes: 1024,
-                ..StoreOptions::default()
+                ..test_options()
             };
             let storage = ObjectStorage::from_store("mem://data", memory.clone(), "data", &options);
             let version = listed(&storage, "rows.npy");

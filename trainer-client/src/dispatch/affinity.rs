@@ -14,10 +14,10 @@ pub(crate) struct BlockAffinity {
 
 impl BlockAffinity {
     /// Enough for the windows of many batches in flight; 4096 entries are about 150 KiB.
-    pub const CAPACITY: usize = 4096;
+    pub(super) const CAPACITY: usize = 4096;
 
     /// The replica most of `blocks` were sent to, if any was.
-    pub fn preferred(&self, blocks: &[u64]) -> Option<Preferred> {
+    pub(super) fn preferred(&self, blocks: &[u64]) -> Option<Preferred> {
         let mut votes: Vec<(ReplicaAddr, usize)> = Vec::new();
         for addr in blocks.iter().filter_map(|b| self.owner.get(b)) {
             match votes.iter_mut().find(|(a, _)| a == addr) {
@@ -29,7 +29,7 @@ impl BlockAffinity {
     }
 
     /// Remembers that `blocks` went to `addr`.
-    pub fn record(&mut self, blocks: &[u64], addr: ReplicaAddr) {
+    pub(super) fn record(&mut self, blocks: &[u64], addr: ReplicaAddr) {
         for &block in blocks {
             if self.owner.insert(block, addr.clone()).is_none() {
                 self.order.push_back(block);
@@ -43,7 +43,7 @@ impl BlockAffinity {
     }
 
     /// Forgets everything (a new run, whose blocks mean other chunks).
-    pub fn clear(&mut self) {
+    pub(super) fn clear(&mut self) {
         self.owner.clear();
         self.order.clear();
     }

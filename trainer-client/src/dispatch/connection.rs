@@ -59,7 +59,7 @@ pub(crate) struct GrpcConnector {
 
 impl GrpcConnector {
     /// A connector with these transport settings.
-    pub fn new(options: ConnectOptions) -> GrpcConnector {
+    pub(super) fn new(options: ConnectOptions) -> GrpcConnector {
         GrpcConnector { options, hosts: Arc::default() }
     }
 }

@@ -19,7 +19,7 @@ use super::connection::{Connector, ReplicaStream};
 use crate::error::ClientError;
 
 /// The dataset every fake replica serves: `num_samples` int64 samples, chunks of `chunk_len`.
-pub fn catalog(num_samples: u64, chunk_len: u64) -> Vec<DatasetInfo> {
+pub(super) fn catalog(num_samples: u64, chunk_len: u64) -> Vec<DatasetInfo> {
     vec![DatasetInfo {
         name: "d".into(),
         num_samples,
@@ -39,7 +39,7 @@ pub fn catalog(num_samples: u64, chunk_len: u64) -> Vec<DatasetInfo> {
 
 /// How one fake replica behaves.
 #[derive(Debug, Clone)]
-pub struct Behaviour {
+pub(super) struct Behaviour {
     /// Time to answer a request.
     pub delay: Duration,
     /// Extra delay of requests whose first index is even, so answers overtake each other.
@@ -63,7 +63,7 @@ pub struct Behaviour {
 
 impl Behaviour {
     /// Answers every request after `delay`.
-    pub fn answering(delay: Duration, catalog: Vec<DatasetInfo>) -> Behaviour {
+    pub(super) fn answering(delay: Duration, catalog: Vec<DatasetInfo>) -> Behaviour {
         Behaviour {
             delay,
             even_extra_delay: Duration::ZERO,
@@ -80,7 +80,7 @@ impl Behaviour {
 
 /// The fake replica set: addresses, what names resolve to, and a log of requests received.
 #[derive(Debug, Default)]
-pub struct FakeReplicas {
+pub(super) struct FakeReplicas {
     behaviours: Mutex<HashMap<ReplicaAddr, Behaviour>>,
     names: Mutex<HashMap<String, Vec<ReplicaAddr>>>,
     /// Every request a replica received: (replica, indices).
@@ -90,40 +90,40 @@ pub struct FakeReplicas {
 }
 
 /// `127.0.0.1:port`.
-pub fn addr(port: u16) -> ReplicaAddr {
+pub(super) fn addr(port: u16) -> ReplicaAddr {
     ReplicaAddr::Tcp(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
 }
 
 impl FakeReplicas {
     /// A set with these replicas, each also resolvable by its `127.0.0.1:port` literal.
-    pub fn new(replicas: impl IntoIterator<Item = (ReplicaAddr, Behaviour)>) -> Arc<FakeReplicas> {
+    pub(super) fn new(replicas: impl IntoIterator<Item = (ReplicaAddr, Behaviour)>) -> Arc<FakeReplicas> {
         let fake = FakeReplicas::default();
         fake.behaviours.lock().expect("lock").extend(replicas);
         Arc::new(fake)
     }
 
     /// Makes `name` resolve to `addrs`.
-    pub fn set_name(&self, name: &str, addrs: Vec<ReplicaAddr>) {
+    pub(super) fn set_name(&self, name: &str, addrs: Vec<ReplicaAddr>) {
         self.names.lock().expect("lock").insert(name.to_owned(), addrs);
     }
 
     /// Adds or changes a replica.
-    pub fn set(&self, addr: ReplicaAddr, behaviour: Behaviour) {
+    pub(super) fn set(&self, addr: ReplicaAddr, behaviour: Behaviour) {
         self.behaviours.lock().expect("lock").insert(addr, behaviour);
     }
 
     /// Requests each replica received so far, by replica.
-    pub fn requests(&self) -> Vec<(ReplicaAddr, Vec<u64>)> {
+    pub(super) fn requests(&self) -> Vec<(ReplicaAddr, Vec<u64>)> {
         self.log.lock().expect("lock").clone()
     }
 
     /// `(seed, epoch)` of every request received.
-    pub fn seeds(&self) -> Vec<(u64, u64)> {
+    pub(super) fn seeds(&self) -> Vec<(u64, u64)> {
         self.seeds.lock().expect("lock").clone()
     }
 
     /// Number of requests `addr` received.
-    pub fn num_requests(&self, addr: ReplicaAddr) -> usize {
+    pub(super) fn num_requests(&self, addr: ReplicaAddr) -> usize {
         self.log.lock().expect("lock").iter().filter(|(a, _)| *a == addr).count()
     }
 }

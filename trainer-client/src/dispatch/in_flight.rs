@@ -31,39 +31,39 @@ pub(super) struct Requests {
 
 impl Requests {
     /// Requests in flight.
-    pub fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.by_batch.len()
     }
 
     /// The batch id the next send will carry.
-    pub fn next_batch_id(&self) -> u64 {
+    pub(super) fn next_batch_id(&self) -> u64 {
         self.next_batch_id
     }
 
     /// Records that the request with [`Requests::next_batch_id`] was sent.
-    pub fn sent(&mut self, flight: InFlight) {
+    pub(super) fn sent(&mut self, flight: InFlight) {
         self.by_batch.insert(self.next_batch_id, flight);
         self.next_batch_id += 1;
     }
 
     /// The request an answer carrying `batch_id` answers, no longer in flight.
-    pub fn answered(&mut self, batch_id: u64) -> Option<InFlight> {
+    pub(super) fn answered(&mut self, batch_id: u64) -> Option<InFlight> {
         self.by_batch.remove(&batch_id)
     }
 
     /// Every request sent to `addr`, no longer in flight, oldest first.
-    pub fn lost_with(&mut self, addr: &ReplicaAddr) -> Vec<InFlight> {
+    pub(super) fn lost_with(&mut self, addr: &ReplicaAddr) -> Vec<InFlight> {
         let ids: Vec<u64> = self.by_batch.iter().filter(|(_, f)| f.addr == *addr).map(|(id, _)| *id).collect();
         ids.into_iter().filter_map(|id| self.by_batch.remove(&id)).collect()
     }
 
     /// When the oldest request passes `timeout`.
-    pub fn next_deadline(&self, timeout: Duration) -> Option<Instant> {
+    pub(super) fn next_deadline(&self, timeout: Duration) -> Option<Instant> {
         self.by_batch.values().map(|f| f.sent_at + timeout).min()
     }
 
     /// The replicas holding a request older than `timeout` at `now`.
-    pub fn late(&self, now: Instant, timeout: Duration) -> BTreeSet<ReplicaAddr> {
+    pub(super) fn late(&self, now: Instant, timeout: Duration) -> BTreeSet<ReplicaAddr> {
         self.by_batch.values().filter(|f| now >= f.sent_at + timeout).map(|f| f.addr.clone()).collect()
     }
 }

@@ -110,7 +110,7 @@ impl Drop for Pool {
 impl Pool {
     /// Starts resolving `loaders` (already parsed `host:port` names). Must run inside a Tokio
     /// runtime.
-    pub fn new(names: Vec<String>, options: StreamOptions, connector: Arc<dyn Connector>) -> Pool {
+    pub(super) fn new(names: Vec<String>, options: StreamOptions, connector: Arc<dyn Connector>) -> Pool {
         // Room for every answer in the window plus a few state changes per replica; a full
         // channel only pauses the connection tasks, which HTTP/2 flow control then passes on.
         let (events_tx, events_rx) = mpsc::channel(options.prefetch.get() * 2 + 64);
@@ -142,7 +142,7 @@ impl Pool {
     ///
     /// # Errors
     /// [`ClientError::Unavailable`] when none comes up within the unavailable timeout.
-    pub async fn wait_for_catalog(&mut self) -> Result<(), ClientError> {
+    pub(super) async fn wait_for_catalog(&mut self) -> Result<(), ClientError> {
         while self.catalog.is_none() {
             std::future::poll_fn(|cx| self.poll_event(cx)).await?;
         }
@@ -150,12 +150,12 @@ impl Pool {
     }
 
     /// The settings.
-    pub fn options(&self) -> &StreamOptions {
+    pub(super) fn options(&self) -> &StreamOptions {
         &self.options
     }
 
     /// The datasets the replicas serve (empty until one has answered).
-    pub fn catalog(&self) -> &[DatasetInfo] {
+    pub(super) fn catalog(&self) -> &[DatasetInfo] {
         self.catalog.as_deref().unwrap_or_default()
     }
 
@@ -163,7 +163,7 @@ impl Pool {
     ///
     /// # Errors
     /// [`ClientError::BadAddress`] for a malformed value.
-    pub fn add_loader(&mut self, loader: &str) -> Result<(), ClientError> {
+    pub(super) fn add_loader(&mut self, loader: &str) -> Result<(), ClientError> {
         let name = parse_loader(loader)?;
         self.resolved.push(BTreeSet::new());
         self.names_tx.send_modify(|names| names.push(name));
@@ -172,14 +172,14 @@ impl Pool {
 
     /// A key for a new run; answers to older runs' requests will not match it. Affinity is
     /// forgotten, since block numbers of another run may mean other chunks.
-    pub fn new_run(&mut self) -> u64 {
+    pub(super) fn new_run(&mut self) -> u64 {
         self.affinity.clear();
         self.next_run += 1;
         self.next_run
     }
 
     /// Counters so far, with every replica that ever served.
-    pub fn stats(&self) -> DispatchStats {
+    pub(super) fn stats(&self) -> DispatchStats {
         let mut stats = self.stats.clone();
         stats.replicas = self.departed.clone();
         for (addr, replica) in &self.replicas {
@@ -189,7 +189,7 @@ impl Pool {
     }
 
     /// Counts a delivered batch of `bytes` answered by `addr`.
-    pub fn record_delivery(&mut self, addr: ReplicaAddr, bytes: u64, decoded_bytes: u64) {
+    pub(super) fn record_delivery(&mut self, addr: ReplicaAddr, bytes: u64, decoded_bytes: u64) {
         if let Some(replica) = self.replicas.get_mut(&addr) {
             replica.stats.batches += 1;
             replica.stats.bytes += bytes;
@@ -199,7 +199,7 @@ impl Pool {
     }
 
     /// Replicas whose connection is up now.
-    pub fn num_up(&self) -> usize {
+    pub(super) fn num_up(&self) -> usize {
         self.replicas.values().filter(|r| r.requests_tx.is_some()).count()
     }
 
@@ -208,7 +208,7 @@ impl Pool {
     ///
     /// # Errors
     /// [`ClientError::Unavailable`] when no replica has been up for the unavailable timeout.
-    pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Result<Vec<Outcome>, ClientError>> {
+    pub(super) fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Result<Vec<Outcome>, ClientError>> {
         let outcomes = self.expire(Instant::now())?;
         if !outcomes.is_empty() {
             return Poll::Ready(Ok(outcomes));
@@ -229,7 +229,7 @@ impl Pool {
 
     /// Handles every event that has already arrived, without waiting: answers free credit, so
     /// the next requests are placed on current counts rather than on counts a backlog left stale.
-    pub fn drain_ready(&mut self) -> Vec<Outcome> {
+    pub(super) fn drain_ready(&mut self) -> Vec<Outcome> {
         let mut outcomes = Vec::new();
         while let Ok(event) = self.events_rx.try_recv() {
             outcomes.extend(self.handle(event));
@@ -408,7 +408,7 @@ impl Pool {
     /// loaded, else the least loaded. `false` when no replica has credit.
     /// A replica named in `ask.avoid` (it failed this batch) is passed over while another one
     /// is up.
-    pub fn send(&mut self, ask: Ask<'_>) -> bool {
+    pub(super) fn send(&mut self, ask: Ask<'_>) -> bool {
         let Ask { dataset, run, seq, indices, block_len, seed, epoch, avoid } = ask;
         let window = self.options.prefetch.get();
         let blocks = blocks_of(&indices, block_len);

@@ -30,13 +30,13 @@ pub(crate) struct Replica {
 
 impl Replica {
     /// A replica whose first connection attempt is `task`.
-    pub fn new(task: JoinHandle<()>, stats: ReplicaStats) -> Replica {
+    pub(super) fn new(task: JoinHandle<()>, stats: ReplicaStats) -> Replica {
         Replica { generation: 0, task, requests_tx: None, num_in_flight: 0, failures: 0, last_error: None, stats }
     }
 
     /// Drops the connection after a failure; returns how long to wait before the next attempt:
     /// `backoff_min` doubling per consecutive failure up to `backoff_max`.
-    pub fn drop_connection(&mut self, options: &StreamOptions) -> Duration {
+    pub(super) fn drop_connection(&mut self, options: &StreamOptions) -> Duration {
         self.task.abort();
         self.requests_tx = None;
         self.num_in_flight = 0;

@@ -47,7 +47,7 @@ use conveyor_proto::splitmix64;
 use serde::{Deserialize, Serialize};
 
 /// Feistel rounds; 6 rounds of a strong mixer leave no visible structure in the output.
-pub const ROUNDS: usize = 6;
+pub(crate) const ROUNDS: usize = 6;
 
 /// How the samples of an epoch are ordered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,7 +94,7 @@ impl std::str::FromStr for Shuffle {
 
 /// A keyed bijection of `[0, len)`; see the module docs.
 #[derive(Debug, Clone)]
-pub struct Permutation {
+pub(crate) struct Permutation {
     len: u64,
     half_bits: u32,
     round_keys: [u64; ROUNDS],
@@ -102,7 +102,7 @@ pub struct Permutation {
 
 impl Permutation {
     /// The permutation of `[0, len)` for `(seed, epoch)`.
-    pub fn new(len: u64, seed: u64, epoch: u64) -> Permutation {
+    pub(crate) fn new(len: u64, seed: u64, epoch: u64) -> Permutation {
         let bits = (64 - len.saturating_sub(1).leading_zeros()).max(2);
         let half_bits = bits.div_ceil(2);
         let mut state = splitmix64(seed ^ splitmix64(epoch ^ 0x5eed_0fe9_0c00));
@@ -134,7 +134,7 @@ impl Permutation {
     }
 
     /// The position holding sample `sample` (`< len`): the inverse of [`Permutation::apply`].
-    pub fn invert(&self, sample: u64) -> u64 {
+    pub(crate) fn invert(&self, sample: u64) -> u64 {
         debug_assert!(sample < self.len);
         let mut x = self.feistel_inverse(sample);
         while x >= self.len {
@@ -144,7 +144,7 @@ impl Permutation {
     }
 
     /// The sample at position `position` (`< len`).
-    pub fn apply(&self, position: u64) -> u64 {
+    pub(crate) fn apply(&self, position: u64) -> u64 {
         debug_assert!(position < self.len);
         let mut x = self.feistel(position);
         while x >= self.len {

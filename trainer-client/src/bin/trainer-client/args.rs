@@ -16,7 +16,7 @@ use trainer_client::{
 
 /// How the client proves who it is and checks who the loaders are.
 #[derive(Debug, Clone, Default, Args)]
-pub struct SecurityArgs {
+pub(crate) struct SecurityArgs {
     /// PEM CA certificate that signs the loaders' certificates; turns TLS on for every loader
     /// (as an https:// loader address does, which otherwise trusts the system's roots).
     #[arg(long, env = "TRAINER_TLS_CA")]
@@ -42,7 +42,7 @@ impl SecurityArgs {
     ///
     /// # Errors
     /// A file that cannot be read or holds no usable token, named.
-    pub fn apply(&self, options: &mut ConnectOptions) -> anyhow::Result<()> {
+    pub(crate) fn apply(&self, options: &mut ConnectOptions) -> anyhow::Result<()> {
         if self.tls_ca.is_some() || self.tls_cert.is_some() || self.tls_domain.is_some() {
             let mut tls =
                 TlsOptions::from_files(self.tls_ca.as_deref(), self.tls_cert.as_deref(), self.tls_key.as_deref())?;
@@ -60,7 +60,7 @@ impl SecurityArgs {
     ///
     /// # Errors
     /// See [`SecurityArgs::apply`].
-    pub fn connect_options(&self) -> anyhow::Result<ConnectOptions> {
+    pub(crate) fn connect_options(&self) -> anyhow::Result<ConnectOptions> {
         let mut options = ConnectOptions::default();
         self.apply(&mut options)?;
         Ok(options)
@@ -69,7 +69,7 @@ impl SecurityArgs {
 
 /// Connection and flow-control flags.
 #[derive(Debug, Clone, Args)]
-pub struct LoaderArgs {
+pub(crate) struct LoaderArgs {
     /// Loader address (host:port, http://host:port, or https://host:port for TLS; unix:PATH for a
     /// loader's --listen-unix socket on this host, where batches travel through shared memory,
     /// and unix:DIR/ for every socket in a directory that several replicas share).
@@ -111,7 +111,7 @@ pub struct LoaderArgs {
 
 impl LoaderArgs {
     /// The defaults for these loaders.
-    pub fn new(loaders: Vec<String>) -> LoaderArgs {
+    pub(crate) fn new(loaders: Vec<String>) -> LoaderArgs {
         let defaults = StreamOptions::default();
         LoaderArgs {
             loaders,
@@ -130,7 +130,7 @@ impl LoaderArgs {
     ///
     /// # Errors
     /// A TLS or token file that cannot be used.
-    pub fn options(&self) -> anyhow::Result<StreamOptions> {
+    pub(crate) fn options(&self) -> anyhow::Result<StreamOptions> {
         let shm_bytes = if trainer_client::shm::enabled_by_env() { self.shm_bytes } else { 0 };
         let mut connect =
             ConnectOptions { max_message_bytes: self.max_message_bytes, shm_bytes, ..ConnectOptions::default() };
@@ -149,7 +149,7 @@ impl LoaderArgs {
 
 /// What to stream. Unset flags take the defaults of [`PlanSettings`], or a resumed cursor's.
 #[derive(Debug, Clone, Default, Args)]
-pub struct PlanArgs {
+pub(crate) struct PlanArgs {
     /// Dataset to stream.
     #[arg(long, env = "TRAINER_DATASET")]
     pub dataset: Option<String>,
@@ -189,7 +189,7 @@ fn parse_shuffle(text: &str) -> Result<Shuffle, String> {
 
 impl PlanArgs {
     /// `dataset` in batches of `batch_size`, other settings at their defaults.
-    pub fn dataset(dataset: &str, batch_size: u64) -> PlanArgs {
+    pub(crate) fn dataset(dataset: &str, batch_size: u64) -> PlanArgs {
         PlanArgs { dataset: Some(dataset.to_owned()), batch_size: Some(batch_size), ..PlanArgs::default() }
     }
 
@@ -212,7 +212,7 @@ impl PlanArgs {
     /// # Errors
     /// A missing `--dataset`, a plan the loaders cannot serve, or a flag that disagrees with the
     /// cursor (naming both values).
-    pub fn run_spec(
+    pub(crate) fn run_spec(
         &self,
         loaders: &Loaders,
         default_epochs: u64,

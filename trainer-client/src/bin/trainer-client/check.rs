@@ -19,14 +19,14 @@ struct Tally {
 
 /// Checks each epoch as it ends.
 #[derive(Debug)]
-pub struct ExactlyOnce {
+pub(crate) struct ExactlyOnce {
     spec: PlanSpec,
     tally: Option<Tally>,
 }
 
 impl ExactlyOnce {
     /// A checker for runs of `spec`.
-    pub fn new(spec: PlanSpec) -> ExactlyOnce {
+    pub(crate) fn new(spec: PlanSpec) -> ExactlyOnce {
         ExactlyOnce { spec, tally: None }
     }
 
@@ -34,7 +34,7 @@ impl ExactlyOnce {
     ///
     /// # Errors
     /// The epoch that ended was not exactly once, or batches arrived out of order.
-    pub fn add(&mut self, batch: &Batch) -> anyhow::Result<Option<String>> {
+    pub(crate) fn add(&mut self, batch: &Batch) -> anyhow::Result<Option<String>> {
         let mut line = None;
         if self.tally.as_ref().is_some_and(|t| t.epoch != batch.epoch) {
             line = self.finish()?;
@@ -65,7 +65,7 @@ impl ExactlyOnce {
     ///
     /// # Errors
     /// A sample that arrived more or fewer times than the plan has it.
-    pub fn finish(&mut self) -> anyhow::Result<Option<String>> {
+    pub(crate) fn finish(&mut self) -> anyhow::Result<Option<String>> {
         let Some(mut tally) = self.tally.take() else { return Ok(None) };
         let whole = tally.first_batch == 0 && tally.next_batch == tally.plan.num_batches();
         // A whole single-rank epoch holds every sample once: no need to walk the plan again.

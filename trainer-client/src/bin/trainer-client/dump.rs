@@ -76,13 +76,13 @@ fn header(dtype: DType, sample_shape: &[u64], rows: u64, len: usize) -> Vec<u8> 
 
 /// The dump's own files, named so that no field can take them (field names never start with
 /// `__`).
-pub const INDICES: &str = "__indices__";
+pub(crate) const INDICES: &str = "__indices__";
 /// See [`INDICES`].
-pub const EPOCHS: &str = "__epochs__";
+pub(crate) const EPOCHS: &str = "__epochs__";
 
 /// Open writers for the indices, the epochs and every field.
 #[derive(Debug)]
-pub struct Dump {
+pub(crate) struct Dump {
     indices: NpyWriter,
     epochs: NpyWriter,
     fields: Vec<NpyWriter>,
@@ -93,7 +93,7 @@ impl Dump {
     ///
     /// # Errors
     /// A directory that already holds files, or the I/O error, naming the file.
-    pub fn create(dir: &Path, info: &DatasetInfo, max_rows: u64) -> anyhow::Result<Dump> {
+    pub(crate) fn create(dir: &Path, info: &DatasetInfo, max_rows: u64) -> anyhow::Result<Dump> {
         if std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some()) {
             bail!("--dump directory {} already holds files; remove them or choose another directory", dir.display());
         }
@@ -120,7 +120,7 @@ impl Dump {
     ///
     /// # Errors
     /// The I/O error.
-    pub fn append(&mut self, batch: &Batch) -> anyhow::Result<()> {
+    pub(crate) fn append(&mut self, batch: &Batch) -> anyhow::Result<()> {
         let rows = batch.indices.len() as u64;
         let indices: Vec<u8> = batch.indices.iter().flat_map(|&i| (i as i64).to_le_bytes()).collect();
         let epochs: Vec<u8> =

@@ -1,6 +1,7 @@
 //! Loader processes started on free ports, for the `demo` command and the end-to-end tests
 //! (which include this file): a child `loader-server` whose `listening on ADDR` line is read,
-//! killed when dropped.
+//! killed when dropped. Its items are `pub` for the tests' crate, which re-exports them.
+#![allow(unreachable_pub)]
 
 use std::{
     path::{Path, PathBuf},

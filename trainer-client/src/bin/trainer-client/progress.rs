@@ -21,14 +21,14 @@ fn bytes_rate(bytes: u64, elapsed: Duration) -> String {
 
 /// A bar over samples that also shows the byte rate of what it has counted.
 #[derive(Debug)]
-pub struct Progress {
+pub(crate) struct Progress {
     bar: ProgressBar,
     bytes: Arc<AtomicU64>,
 }
 
 impl Progress {
     /// A bar for `total_samples` samples, hidden when `visible` is false.
-    pub fn new(total_samples: u64, visible: bool) -> Progress {
+    pub(crate) fn new(total_samples: u64, visible: bool) -> Progress {
         let bytes = Arc::new(AtomicU64::new(0));
         let bar = if visible { ProgressBar::new(total_samples) } else { ProgressBar::hidden() };
         let byte_rate = bytes.clone();
@@ -48,14 +48,14 @@ impl Progress {
     }
 
     /// Counts a batch.
-    pub fn add(&self, samples: u64, bytes: u64, epoch: u64) {
+    pub(crate) fn add(&self, samples: u64, bytes: u64, epoch: u64) {
         self.bytes.fetch_add(bytes, Relaxed);
         self.bar.set_message(epoch.to_string());
         self.bar.inc(samples);
     }
 
     /// Removes the bar.
-    pub fn finish(&self) {
+    pub(crate) fn finish(&self) {
         self.bar.finish_and_clear();
     }
 }

@@ -17,19 +17,19 @@ fn proc_status_bytes(key: &str) -> u64 {
 }
 
 /// Peak resident set size of this process so far.
-pub fn peak_rss_bytes() -> u64 {
+pub(crate) fn peak_rss_bytes() -> u64 {
     proc_status_bytes("VmHWM:")
 }
 
 /// Resident set size of this process now.
 #[cfg_attr(not(feature = "torch"), allow(dead_code))]
-pub fn rss_bytes() -> u64 {
+pub(crate) fn rss_bytes() -> u64 {
     proc_status_bytes("VmRSS:")
 }
 
 /// What `--stats-json` writes.
 #[derive(Debug, Clone, Serialize)]
-pub struct RunReport {
+pub(crate) struct RunReport {
     /// Samples delivered.
     pub samples: u64,
     /// Batches delivered.
@@ -62,7 +62,7 @@ pub struct RunReport {
 
 impl RunReport {
     /// Builds the report from totals and the dispatcher's counters.
-    pub fn new(samples: u64, batches: u64, bytes: u64, seconds: f64, dispatch: DispatchStats) -> RunReport {
+    pub(crate) fn new(samples: u64, batches: u64, bytes: u64, seconds: f64, dispatch: DispatchStats) -> RunReport {
         let seconds = seconds.max(1e-9);
         RunReport {
             samples,

@@ -18,7 +18,7 @@ use crate::{
 
 /// `stream` flags.
 #[derive(Debug, Args)]
-pub struct StreamArgs {
+pub(crate) struct StreamArgs {
     #[command(flatten)]
     pub loader: LoaderArgs,
     #[command(flatten)]
@@ -59,7 +59,7 @@ pub struct StreamArgs {
 
 impl StreamArgs {
     /// One epoch of `plan` from `loader`, nothing else.
-    pub fn new(loader: LoaderArgs, plan: PlanArgs) -> StreamArgs {
+    pub(crate) fn new(loader: LoaderArgs, plan: PlanArgs) -> StreamArgs {
         StreamArgs {
             loader,
             plan,
@@ -77,7 +77,7 @@ impl StreamArgs {
 }
 
 /// Streams what `args` asks for; returns the report.
-pub async fn stream(args: StreamArgs) -> anyhow::Result<RunReport> {
+pub(crate) async fn stream(args: StreamArgs) -> anyhow::Result<RunReport> {
     #[cfg(feature = "torch")]
     let converter = match args.tensors {
         true => Some(trainer_client::tensor::TensorConverter::new(
