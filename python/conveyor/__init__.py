@@ -159,7 +159,11 @@ def _security(options: Dict[str, Any]) -> Dict[str, Any]:
     unknown = set(options) - set(_SECURITY_OPTIONS)
     if unknown:
         raise InvalidSettingsError(f"unknown option(s) {sorted(unknown)}; the TLS and token options are {_SECURITY_OPTIONS}")
-    return {k: (os.fspath(v) if k not in ("tls_domain", "auth_token") else v) for k, v in options.items() if v is not None}
+    # Every key, None where not given: the native layer reads them as one settings object.
+    return {
+        k: (os.fspath(v) if v is not None and k not in ("tls_domain", "auth_token") else v)
+        for k, v in ((k, options.get(k)) for k in _SECURITY_OPTIONS)
+    }
 
 
 def datasets(loaders: Sequence[str], unavailable_timeout: float = 10.0, **security: Any) -> Dict[str, DatasetInfo]:
@@ -170,7 +174,7 @@ def datasets(loaders: Sequence[str], unavailable_timeout: float = 10.0, **securi
     loader refuses the credentials.
     """
     _check_loaders(loaders)
-    catalog = json.loads(_native.datasets(list(loaders), float(unavailable_timeout), **_security(security)))
+    catalog = json.loads(_native.datasets(list(loaders), float(unavailable_timeout), _security(security)))
     return {d["name"]: _info(d) for d in catalog}
 
 
@@ -311,7 +315,7 @@ class StreamingDataset(_Base):  # type: ignore[misc, valid-type]
             request_timeout=float(request_timeout),
             unavailable_timeout=float(unavailable_timeout),
             storage_retry_timeout=float(storage_retry_timeout),
-            **_security(
+            security=_security(
                 dict(
                     tls_ca=tls_ca,
                     tls_cert=tls_cert,

@@ -1,6 +1,6 @@
 """Type stubs of conveyor._native, the Rust part of the package (see conveyor/__init__.py)."""
 
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, TypedDict
 
 import numpy as np
 import numpy.typing as npt
@@ -25,6 +25,16 @@ class AuthenticationError(ConveyorError):
 
 Field = Tuple[str, npt.NDArray[np.uint8], str, List[int]]
 
+class Security(TypedDict):
+    """The TLS and token arguments: every key present, None where not given."""
+
+    tls_ca: Optional[str]
+    tls_cert: Optional[str]
+    tls_key: Optional[str]
+    tls_domain: Optional[str]
+    auth_token: Optional[str]
+    auth_token_file: Optional[str]
+
 class Client:
     def __init__(
         self,
@@ -34,12 +44,7 @@ class Client:
         unavailable_timeout: float = 60.0,
         resolve_interval: float = 3.0,
         max_message_bytes: Optional[int] = None,
-        tls_ca: Optional[str] = None,
-        tls_cert: Optional[str] = None,
-        tls_key: Optional[str] = None,
-        tls_domain: Optional[str] = None,
-        auth_token: Optional[str] = None,
-        auth_token_file: Optional[str] = None,
+        security: Optional[Security] = None,
         storage_retry_timeout: float = 120.0,
     ) -> None: ...
     def catalog(self) -> str: ...
@@ -76,10 +81,5 @@ class Client:
 def datasets(
     loaders: List[str],
     unavailable_timeout: float = 10.0,
-    tls_ca: Optional[str] = None,
-    tls_cert: Optional[str] = None,
-    tls_key: Optional[str] = None,
-    tls_domain: Optional[str] = None,
-    auth_token: Optional[str] = None,
-    auth_token_file: Optional[str] = None,
+    security: Optional[Security] = None,
 ) -> str: ...

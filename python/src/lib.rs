@@ -179,11 +179,53 @@ fn closed() -> PyErr {
     ConveyorError::new_err("the client was closed (or inherited across fork); make a new one")
 }
 
+/// The TLS and token arguments, as the Python layer passes them: one dict with every key, each
+/// value `None` when not given.
+#[derive(Debug, Default, FromPyObject)]
+#[pyo3(from_item_all)]
+struct Security {
+    /// CA bundle that verifies the loaders (`tls_ca`).
+    tls_ca: Option<PathBuf>,
+    /// Client certificate for mutual TLS (`tls_cert`).
+    tls_cert: Option<PathBuf>,
+    /// Its key (`tls_key`).
+    tls_key: Option<PathBuf>,
+    /// The name the loaders' certificate must carry, when not the address's host (`tls_domain`).
+    tls_domain: Option<String>,
+    /// A bearer token (`auth_token`).
+    auth_token: Option<String>,
+    /// A file holding one (`auth_token_file`).
+    auth_token_file: Option<PathBuf>,
+}
+
+impl Security {
+    /// TLS when any TLS argument is given.
+    fn tls(&self) -> PyResult<Option<TlsOptions>> {
+        if self.tls_ca.is_none() && self.tls_cert.is_none() && self.tls_key.is_none() && self.tls_domain.is_none() {
+            return Ok(None);
+        }
+        let mut tls = TlsOptions::from_files(self.tls_ca.as_deref(), self.tls_cert.as_deref(), self.tls_key.as_deref())
+            .map_err(to_py)?;
+        tls.domain.clone_from(&self.tls_domain);
+        Ok(Some(tls))
+    }
+
+    /// The token given, or the one `CONVEYOR_AUTH_TOKEN` names.
+    fn auth_token(&self) -> PyResult<Option<AuthToken>> {
+        match (&self.auth_token, &self.auth_token_file) {
+            (Some(_), Some(_)) => Err(InvalidSettingsError::new_err("give auth_token or auth_token_file, not both")),
+            (Some(token), None) => AuthToken::new(token).map(Some).map_err(to_py),
+            (None, Some(path)) => AuthToken::from_file(path).map(Some).map_err(to_py),
+            (None, None) => AuthToken::from_env().map_err(to_py),
+        }
+    }
+}
+
 #[pymethods]
 impl Client {
     /// Connects to `loaders` (`host:port`); waits until one replica has described its datasets.
     #[new]
-    #[pyo3(signature = (loaders, prefetch=8, request_timeout=30.0, unavailable_timeout=60.0, resolve_interval=3.0, max_message_bytes=None, tls_ca=None, tls_cert=None, tls_key=None, tls_domain=None, auth_token=None, auth_token_file=None, storage_retry_timeout=120.0))]
+    #[pyo3(signature = (loaders, prefetch=8, request_timeout=30.0, unavailable_timeout=60.0, resolve_interval=3.0, max_message_bytes=None, security=None, storage_retry_timeout=120.0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -193,34 +235,15 @@ impl Client {
         unavailable_timeout: f64,
         resolve_interval: f64,
         max_message_bytes: Option<usize>,
-        tls_ca: Option<PathBuf>,
-        tls_cert: Option<PathBuf>,
-        tls_key: Option<PathBuf>,
-        tls_domain: Option<String>,
-        auth_token: Option<String>,
-        auth_token_file: Option<PathBuf>,
+        security: Option<Security>,
         storage_retry_timeout: f64,
     ) -> PyResult<Client> {
         let seconds = |value: f64, name: &str| {
             Duration::try_from_secs_f64(value)
                 .map_err(|_| InvalidSettingsError::new_err(format!("{name}={value} is not a number of seconds >= 0")))
         };
-        let tls = if tls_ca.is_some() || tls_cert.is_some() || tls_key.is_some() || tls_domain.is_some() {
-            let mut tls =
-                TlsOptions::from_files(tls_ca.as_deref(), tls_cert.as_deref(), tls_key.as_deref()).map_err(to_py)?;
-            tls.domain = tls_domain;
-            Some(tls)
-        } else {
-            None
-        };
-        let auth_token = match (auth_token, auth_token_file) {
-            (Some(_), Some(_)) => {
-                return Err(InvalidSettingsError::new_err("give auth_token or auth_token_file, not both"));
-            }
-            (Some(token), None) => Some(AuthToken::new(&token).map_err(to_py)?),
-            (None, Some(path)) => Some(AuthToken::from_file(&path).map_err(to_py)?),
-            (None, None) => AuthToken::from_env().map_err(to_py)?,
-        };
+        let security = security.unwrap_or_default();
+        let (tls, auth_token) = (security.tls()?, security.auth_token()?);
         let options = StreamOptions {
             connect: ConnectOptions {
                 max_message_bytes: max_message_bytes.unwrap_or(ConnectOptions::default().max_message_bytes),
@@ -455,35 +478,14 @@ fn catalog_json(catalog: &[trainer_client::DatasetInfo]) -> String {
 
 /// The datasets the loaders at `loaders` serve (JSON), without keeping a connection.
 #[pyfunction]
-#[pyo3(signature = (loaders, unavailable_timeout=10.0, tls_ca=None, tls_cert=None, tls_key=None, tls_domain=None, auth_token=None, auth_token_file=None))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (loaders, unavailable_timeout=10.0, security=None))]
 fn datasets(
     py: Python<'_>,
     loaders: Vec<String>,
     unavailable_timeout: f64,
-    tls_ca: Option<PathBuf>,
-    tls_cert: Option<PathBuf>,
-    tls_key: Option<PathBuf>,
-    tls_domain: Option<String>,
-    auth_token: Option<String>,
-    auth_token_file: Option<PathBuf>,
+    security: Option<Security>,
 ) -> PyResult<String> {
-    let client = Client::new(
-        py,
-        loaders,
-        1,
-        30.0,
-        unavailable_timeout,
-        3.0,
-        None,
-        tls_ca,
-        tls_cert,
-        tls_key,
-        tls_domain,
-        auth_token,
-        auth_token_file,
-        120.0,
-    )?;
+    let client = Client::new(py, loaders, 1, 30.0, unavailable_timeout, 3.0, None, security, 120.0)?;
     let catalog = client.catalog();
     client.close(py)?;
     catalog
