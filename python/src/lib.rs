@@ -97,6 +97,7 @@ fn to_py(error: ClientError) -> PyErr {
         ClientError::Refused { .. } => AuthenticationError::new_err(message),
         ClientError::BatchRefused { .. } | ClientError::BadResponse { .. } => BatchError::new_err(message),
         ClientError::BadAddress { .. }
+        | ClientError::Unresolved { .. }
         | ClientError::BatchOverMessageLimit { .. }
         | ClientError::BatchOverLoaderLimit { .. }
         | ClientError::DatasetSizeChanged { .. }

@@ -23,6 +23,48 @@ impl ReplicaAddr {
     }
 }
 
+impl ReplicaAddr {
+    /// Every address a checked `--loader` value ([`parse_loader`]) resolves to, in the
+    /// resolver's order.
+    ///
+    /// # Errors
+    /// [`ClientError::Unresolved`] when the name resolves to nothing.
+    pub(crate) async fn resolve(loader: &str) -> Result<Vec<ReplicaAddr>, ClientError> {
+        if let Some(addr) = ReplicaAddr::unix(loader) {
+            return Ok(vec![addr]);
+        }
+        let unresolved = |source| ClientError::Unresolved { spec: loader.to_owned(), source };
+        let addrs: Vec<ReplicaAddr> =
+            tokio::net::lookup_host(loader).await.map_err(unresolved)?.map(ReplicaAddr::Tcp).collect();
+        if addrs.is_empty() {
+            return Err(unresolved(std::io::Error::new(std::io::ErrorKind::NotFound, "no address")));
+        }
+        Ok(addrs)
+    }
+}
+
+/// For a one-off call: `dial` on each address `loader` resolves to until one answers (as a TCP
+/// client tries each address of a name, `localhost` resolving to `::1` and `127.0.0.1`, say).
+///
+/// # Errors
+/// [`ClientError::Unresolved`], or the last address's error.
+pub(crate) async fn first_reachable<T, F>(
+    loader: &str,
+    mut dial: impl FnMut(ReplicaAddr) -> F,
+) -> Result<T, ClientError>
+where
+    F: std::future::Future<Output = Result<T, ClientError>>,
+{
+    let mut last = None;
+    for addr in ReplicaAddr::resolve(loader).await? {
+        match dial(addr).await {
+            Ok(done) => return Ok(done),
+            Err(error) => last = Some(error),
+        }
+    }
+    Err(last.unwrap_or_else(|| ClientError::BadAddress { spec: loader.to_owned() }))
+}
+
 impl fmt::Display for ReplicaAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -86,5 +128,29 @@ mod tests {
         assert_eq!(parse_loader("https://loader:7070").expect("valid"), "loader:7070");
         assert_eq!(host_of("loader-0.loader:7070"), "loader-0.loader");
         assert_eq!(host_of("[::1]:7070"), "::1");
+    }
+
+    #[tokio::test]
+    async fn a_one_off_call_tries_each_address_of_a_name_until_one_answers() {
+        let addrs = ReplicaAddr::resolve("127.0.0.1:7070").await.expect("resolves");
+        assert_eq!(addrs, [ReplicaAddr::Tcp("127.0.0.1:7070".parse().expect("addr"))]);
+        let unix = ReplicaAddr::resolve("unix:/run/a.sock").await.expect("a socket needs no resolving");
+        assert_eq!(unix, [ReplicaAddr::unix("unix:/run/a.sock").expect("unix")]);
+        let all = ReplicaAddr::resolve("localhost:7070").await.expect("localhost resolves");
+        let last = all.last().cloned().expect("at least one");
+        let mut tried = Vec::new();
+        let reached = first_reachable("localhost:7070", |addr| {
+            tried.push(addr.clone());
+            let last = last.clone();
+            async move { if addr == last { Ok(addr) } else { Err(ClientError::BadAddress { spec: addr.to_string() }) } }
+        })
+        .await
+        .expect("the last address answers");
+        assert_eq!((reached, tried), (last, all), "every address tried, in order");
+        let failed = first_reachable("127.0.0.1:7070", |addr| async move {
+            Err::<(), _>(ClientError::BadAddress { spec: addr.to_string() })
+        })
+        .await;
+        assert!(matches!(failed, Err(ClientError::BadAddress { spec }) if spec == "127.0.0.1:7070"));
     }
 }

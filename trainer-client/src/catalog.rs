@@ -4,7 +4,7 @@
 use conveyor_proto::v1::{DatasetInfo, ListDatasetsRequest, ListDatasetsResponse};
 
 use crate::{
-    addr::{host_of, parse_loader},
+    addr::{first_reachable, host_of, parse_loader},
     client::{Client, ConnectOptions, connect, settle_tls},
     error::ClientError,
 };
@@ -13,14 +13,19 @@ use crate::{
 /// prints them.
 ///
 /// # Errors
-/// [`ClientError::BadAddress`], [`ClientError::Connect`] or [`ClientError::Rpc`], naming it.
+/// [`ClientError::BadAddress`], [`ClientError::Unresolved`], [`ClientError::Connect`] or
+/// [`ClientError::Rpc`], naming it.
 pub async fn fetch_catalog(loader: &str, options: &ConnectOptions) -> Result<Vec<DatasetInfo>, ClientError> {
     let mut options = options.clone();
     settle_tls(&[loader.to_owned()], &mut options)?;
-    let addr = parse_loader(loader)?;
-    let host = host_of(&addr);
-    let mut client = connect(&addr, &host, &options).await?;
-    Ok(list_datasets(&mut client, &addr, &options).await?.datasets)
+    let name = parse_loader(loader)?;
+    let host = host_of(&name);
+    let mut client = first_reachable(&name, |addr| {
+        let (host, options) = (&host, &options);
+        async move { connect(&addr, host, options).await }
+    })
+    .await?;
+    Ok(list_datasets(&mut client, &name, &options).await?.datasets)
 }
 
 /// The datasets a loader serves.

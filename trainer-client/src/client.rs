@@ -11,7 +11,7 @@ use tonic::{
 };
 
 use crate::{
-    addr::{host_of, loader_uses_tls, parse_loader},
+    addr::{ReplicaAddr, first_reachable, host_of, loader_uses_tls, parse_loader},
     error::ClientError,
 };
 
@@ -213,16 +213,21 @@ pub(crate) fn settle_tls(loaders: &[String], options: &mut ConnectOptions) -> Re
 pub async fn open_channel(loader: &str, options: &ConnectOptions) -> Result<Channel, ClientError> {
     let mut options = options.clone();
     settle_tls(&[loader.to_owned()], &mut options)?;
-    let addr = parse_loader(loader)?;
-    channel(&addr, &host_of(&addr), &options).await
+    let name = parse_loader(loader)?;
+    let host = host_of(&name);
+    first_reachable(&name, |addr| {
+        let (host, options) = (&host, &options);
+        async move { channel(&addr, host, options).await }
+    })
+    .await
 }
 
-/// Opens a tuned connection to the loader at `addr` (`host:port` or `ip:port`); `host` is the
-/// name its TLS certificate must carry.
+/// Opens a tuned connection to the loader at `addr`; `host` is the name its TLS certificate
+/// must carry.
 ///
 /// # Errors
 /// [`ClientError::Connect`] when the loader cannot be reached.
-pub(crate) async fn connect(addr: &str, host: &str, options: &ConnectOptions) -> Result<Client, ClientError> {
+pub(crate) async fn connect(addr: &ReplicaAddr, host: &str, options: &ConnectOptions) -> Result<Client, ClientError> {
     let channel = channel(addr, host, options).await?;
     let service = InterceptedService::new(channel, AuthHeader(options.auth_token.clone()));
     let loader = LoaderClient::new(service.clone())
@@ -231,19 +236,22 @@ pub(crate) async fn connect(addr: &str, host: &str, options: &ConnectOptions) ->
     Ok(Client { loader, service })
 }
 
-async fn channel(addr: &str, host: &str, options: &ConnectOptions) -> Result<Channel, ClientError> {
-    if let Some(crate::addr::ReplicaAddr::Unix(path)) = crate::addr::ReplicaAddr::unix(addr) {
-        return unix_channel(path, options)
-            .await
-            .map_err(|source| ClientError::Connect { addr: addr.to_owned(), source });
-    }
+async fn channel(addr: &ReplicaAddr, host: &str, options: &ConnectOptions) -> Result<Channel, ClientError> {
+    let tcp = match addr {
+        ReplicaAddr::Tcp(tcp) => tcp,
+        ReplicaAddr::Unix(path) => {
+            return unix_channel(path.clone(), options)
+                .await
+                .map_err(|source| ClientError::Connect { addr: addr.to_string(), source });
+        }
+    };
     let scheme = if options.tls.is_some() { "https" } else { "http" };
-    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
-        .map_err(|_| ClientError::BadAddress { spec: addr.to_owned() })?;
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{tcp}"))
+        .map_err(|_| ClientError::BadAddress { spec: addr.to_string() })?;
     if let Some(tls) = &options.tls {
         endpoint = endpoint
             .tls_config(tls.config(host))
-            .map_err(|source| ClientError::Connect { addr: addr.to_owned(), source })?;
+            .map_err(|source| ClientError::Connect { addr: addr.to_string(), source })?;
     }
     let endpoint = endpoint
         .connect_timeout(options.connect_timeout)
@@ -255,8 +263,8 @@ async fn channel(addr: &str, host: &str, options: &ConnectOptions) -> Result<Cha
     // long again, so that a peer which accepts and then says nothing cannot hold the client.
     let timeout = options.connect_timeout * 2;
     match tokio::time::timeout(timeout, endpoint.connect()).await {
-        Ok(channel) => channel.map_err(|source| ClientError::Connect { addr: addr.to_owned(), source }),
-        Err(_) => Err(ClientError::ConnectTimeout { addr: addr.to_owned(), timeout }),
+        Ok(channel) => channel.map_err(|source| ClientError::Connect { addr: addr.to_string(), source }),
+        Err(_) => Err(ClientError::ConnectTimeout { addr: addr.to_string(), timeout }),
     }
 }
 

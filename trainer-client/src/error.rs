@@ -61,6 +61,15 @@ pub enum ClientError {
         #[source]
         source: tonic::transport::Error,
     },
+    /// A `--loader` name resolves to no address.
+    #[error("loader {spec} does not resolve to an address; check the host name")]
+    Unresolved {
+        /// The value as given.
+        spec: String,
+        /// The resolver's answer.
+        #[source]
+        source: std::io::Error,
+    },
     /// A loader took the TCP connection but did not finish the TLS and HTTP/2 handshakes in time.
     #[error(
         "loader {addr} did not complete the connection handshake within {} (a loader serving TLS \

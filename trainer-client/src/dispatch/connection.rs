@@ -74,7 +74,7 @@ impl Connector for GrpcConnector {
         });
         Box::pin(async move {
             let name = addr.to_string();
-            let mut client = connect(&name, &host, &options).await?;
+            let mut client = connect(&addr, &host, &options).await?;
             let catalog = list_datasets(&mut client, &name, &options).await?;
             let datasets = catalog.datasets;
             // A TCP loader on this host that serves shared memory: stream through it instead.
@@ -136,8 +136,9 @@ async fn same_host_client(same_host: &SameHost, options: &ConnectOptions) -> Res
     if !path.is_absolute() {
         return Err("the socket path is not absolute".to_owned());
     }
-    let name = format!("unix:{}", same_host.unix_socket);
-    let mut client = connect(&name, "localhost", options).await.map_err(|e| crate::error::chain(&e))?;
+    let addr = ReplicaAddr::Unix(std::sync::Arc::from(path));
+    let name = addr.to_string();
+    let mut client = connect(&addr, "localhost", options).await.map_err(|e| crate::error::chain(&e))?;
     let catalog = list_datasets(&mut client, &name, options).await.map_err(|e| crate::error::chain(&e))?;
     match catalog.same_host {
         Some(there) if there.instance_id == same_host.instance_id => Ok(client),
