@@ -70,7 +70,7 @@ pub enum LoadError {
         /// Dataset name.
         dataset: String,
         /// What is wrong, naming the field.
-        problem: String,
+        problem: conveyor_proto::FieldNameError,
     },
     /// A directory with no `.npy` fields.
     #[error("dataset '{dataset}': {} holds no .npy files; put FIELD.npy or FIELD-00000.npy files in it", dir.display())]
@@ -167,7 +167,7 @@ pub enum LoadError {
         /// The archive, with the member when one is at fault.
         path: PathBuf,
         /// What is wrong, and the fix.
-        problem: String,
+        problem: NpzProblem,
     },
     /// A dataset in an object store that cannot be served.
     #[error("dataset '{dataset}' ({url}): {problem}")]
@@ -185,7 +185,7 @@ pub enum LoadError {
         /// The directory.
         dir: PathBuf,
         /// What is wrong, and the fix.
-        problem: String,
+        problem: DiskCacheProblem,
     },
     /// Fields with different sample counts.
     #[error(
@@ -392,6 +392,98 @@ pub fn describe_samples(indices: &[u64]) -> String {
     let shown: Vec<String> = indices.iter().take(SHOWN).map(u64::to_string).collect();
     let more = if indices.len() > SHOWN { ", ..." } else { "" };
     format!("{} samples (indices {}{more})", indices.len(), shown.join(", "))
+}
+
+/// Why the `--disk-cache` directory cannot be used; each message says the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskCacheProblem {
+    /// A file-system call failed (its error in the message).
+    #[error("cannot {action}: {error}")]
+    Io {
+        /// What the loader was doing.
+        action: &'static str,
+        /// The I/O error.
+        error: std::io::Error,
+    },
+    /// Another loader holds the directory's lock.
+    #[error(
+        "is in use by another loader (it holds the lock on .lock); give each loader its own --disk-cache directory"
+    )]
+    InUse,
+    /// The hard open-file limit is below what `--disk-cache-open-files` needs.
+    #[error(
+        "--disk-cache-open-files {open_files} needs {need} file descriptors but the hard open-file limit is \
+         {maximum} (ulimit -Hn); lower --disk-cache-open-files or raise the limit"
+    )]
+    OpenFileLimit {
+        /// The flag's value.
+        open_files: usize,
+        /// Descriptors it needs, with the loader's others.
+        need: u64,
+        /// The hard limit.
+        maximum: u64,
+    },
+    /// The soft open-file limit could not be raised.
+    #[error("cannot raise the open-file limit to {need} for --disk-cache-open-files: {error}")]
+    RaiseOpenFileLimit {
+        /// Descriptors needed.
+        need: u64,
+        /// Why.
+        error: std::io::Error,
+    },
+}
+
+/// Why an `.npz` archive cannot be served; each message says the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum NpzProblem {
+    /// Not a zip archive the zip reader accepts (its error in the message).
+    #[error("not a readable zip archive ({0}); write it with numpy.savez")]
+    NotZip(zip::result::ZipError),
+    /// An entry of the zip directory cannot be read.
+    #[error("cannot read entry {index} of the zip directory ({error}); the archive is damaged")]
+    DamagedEntry {
+        /// Its position in the directory.
+        index: usize,
+        /// The zip reader's error (in the message, so that it is not printed twice as a source).
+        error: zip::result::ZipError,
+    },
+    /// An encrypted member.
+    #[error("encrypted; the loader serves only unencrypted members (np.savez)")]
+    Encrypted,
+    /// A compressed member, which cannot be mapped in place.
+    #[error(
+        "compressed ({compression}); members are memory-mapped in place, so save the arrays with np.savez \
+         instead of np.savez_compressed, or convert the archive once: conveyor-convert {} {stem}.zarr",
+        archive.display()
+    )]
+    Compressed {
+        /// The compression method.
+        compression: String,
+        /// The archive.
+        archive: PathBuf,
+        /// Its file stem, for the converted store's name.
+        stem: String,
+    },
+    /// A member without a readable local header.
+    #[error("no readable local header; the archive is damaged")]
+    NoLocalHeader,
+    /// Two members claim the same bytes.
+    #[error(
+        "members {first} and {second} overlap in the archive (its zip directory was crafted or damaged); write it \
+         again with numpy.savez"
+    )]
+    Overlap {
+        /// The member that starts first.
+        first: String,
+        /// The member that starts inside it.
+        second: String,
+    },
+    /// No `.npy` member at all.
+    #[error("dataset '{dataset}': the archive holds no .npy members; write it with numpy.savez")]
+    NoMembers {
+        /// The dataset.
+        dataset: String,
+    },
 }
 
 #[cfg(test)]

@@ -188,24 +188,57 @@ pub const MAX_FIELD_NAME_BYTES: usize = 200;
 /// package's `__index__` and the dump's `__indices__.npy`).
 ///
 /// # Errors
-/// What is wrong with the name, for a message that names the field.
-pub fn check_field_name(name: &str) -> Result<(), String> {
+/// A [`FieldNameError`] naming the field and what is wrong with it.
+pub fn check_field_name(name: &str) -> Result<(), FieldNameError> {
     let problem = if name.is_empty() {
-        "it is empty"
+        FieldNameProblem::Empty
     } else if name.len() > MAX_FIELD_NAME_BYTES {
-        "it is longer than 200 bytes"
+        FieldNameProblem::TooLong
     } else if name.contains(['/', '\\']) {
-        "it holds a path separator"
+        FieldNameProblem::PathSeparator
     } else if name.chars().any(char::is_control) {
-        "it holds a control character"
+        FieldNameProblem::ControlCharacter
     } else if name == "." || name == ".." {
-        "it names a directory"
+        FieldNameProblem::Directory
     } else if name.starts_with("__") {
-        "names starting with __ are kept for Conveyor's own (__index__, the dump's __indices__)"
+        FieldNameProblem::Reserved
     } else {
         return Ok(());
     };
-    Err(format!("field name {name:?} cannot be served: {problem}; rename the array, file or output key"))
+    Err(FieldNameError { name: name.to_owned(), problem })
+}
+
+/// A field name neither side serves (see [`check_field_name`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("field name {name:?} cannot be served: {problem}; rename the array, file or output key")]
+pub struct FieldNameError {
+    /// The name as found.
+    pub name: String,
+    /// What is wrong with it.
+    pub problem: FieldNameProblem,
+}
+
+/// What is wrong with a field name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FieldNameProblem {
+    /// The empty string.
+    #[error("it is empty")]
+    Empty,
+    /// Longer than [`MAX_FIELD_NAME_BYTES`].
+    #[error("it is longer than 200 bytes")]
+    TooLong,
+    /// `/` or `\`.
+    #[error("it holds a path separator")]
+    PathSeparator,
+    /// A control character.
+    #[error("it holds a control character")]
+    ControlCharacter,
+    /// `.` or `..`.
+    #[error("it names a directory")]
+    Directory,
+    /// Starts with `__`.
+    #[error("names starting with __ are kept for Conveyor's own (__index__, the dump's __indices__)")]
+    Reserved,
 }
 
 #[cfg(test)]
@@ -217,7 +250,7 @@ mod tests {
         }
         let long = "a".repeat(201);
         for name in ["", "../../x", "/abs", "a\\b", "a\nb", "nul\0", ".", "..", "__index__", "__indices__", &long] {
-            let error = super::check_field_name(name).expect_err(name);
+            let error = super::check_field_name(name).expect_err(name).to_string();
             assert!(error.contains(&format!("{name:?}")) && error.contains("rename"), "{error}");
         }
     }

@@ -17,7 +17,10 @@ use super::{
     npy::{ShardBytes, open_field},
     select_fields,
 };
-use crate::{error::LoadError, storage::mmap::MappedFile};
+use crate::{
+    error::{LoadError, NpzProblem},
+    storage::mmap::MappedFile,
+};
 
 /// One `.npy` member of an archive.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,15 +50,13 @@ pub fn member_path(archive: &Path, member: &str) -> PathBuf {
 /// member (naming it and the fix); [`LoadError::Io`] when the file cannot be read.
 pub fn members(path: &Path) -> Result<Vec<Member>, LoadError> {
     let file = File::open(path).map_err(|error| LoadError::Io { path: path.to_owned(), error })?;
-    let mut archive = ZipArchive::new(BufReader::new(file)).map_err(|e| LoadError::Npz {
-        path: path.to_owned(),
-        problem: format!("not a readable zip archive ({e}); write it with numpy.savez"),
-    })?;
+    let mut archive = ZipArchive::new(BufReader::new(file))
+        .map_err(|e| LoadError::Npz { path: path.to_owned(), problem: NpzProblem::NotZip(e) })?;
     let mut members = Vec::with_capacity(archive.len());
     for index in 0..archive.len() {
         let entry = archive.by_index_raw(index).map_err(|e| LoadError::Npz {
             path: path.to_owned(),
-            problem: format!("cannot read entry {index} of the zip directory ({e}); the archive is damaged"),
+            problem: NpzProblem::DamagedEntry { index, error: e },
         })?;
         let name = entry.name().map(|n| n.into_owned()).unwrap_or_else(|_| format!("entry {index}"));
         if entry.is_dir() {
@@ -65,21 +66,17 @@ pub fn members(path: &Path) -> Result<Vec<Member>, LoadError> {
             tracing::warn!(archive = %path.display(), member = %name, "skipping a member that is not a .npy file");
             continue;
         }
-        let at_fault = |problem: String| LoadError::Npz { path: member_path(path, &name), problem };
+        let at_fault = |problem: NpzProblem| LoadError::Npz { path: member_path(path, &name), problem };
         if entry.encrypted() {
-            return Err(at_fault("encrypted; the loader serves only unencrypted members (np.savez)".into()));
+            return Err(at_fault(NpzProblem::Encrypted));
         }
         let compression = entry.compression();
         if compression != CompressionMethod::Stored {
             let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-            return Err(at_fault(format!(
-                "compressed ({compression}); members are memory-mapped in place, so save the arrays with np.savez \
-                 instead of np.savez_compressed, or convert the archive once: conveyor-convert {} {stem}.zarr",
-                path.display()
-            )));
+            let compression = compression.to_string();
+            return Err(at_fault(NpzProblem::Compressed { compression, archive: path.to_owned(), stem }));
         }
-        let data_start =
-            entry.data_start().ok_or_else(|| at_fault("no readable local header; the archive is damaged".into()))?;
+        let data_start = entry.data_start().ok_or_else(|| at_fault(NpzProblem::NoLocalHeader))?;
         members.push(Member { file_name: name, data_start, size: entry.size() });
     }
     // Members share no bytes: a crafted directory whose entries overlap would serve the same
@@ -88,14 +85,8 @@ pub fn members(path: &Path) -> Result<Vec<Member>, LoadError> {
     by_start.sort_by_key(|m| m.data_start);
     for pair in by_start.windows(2) {
         if pair[0].data_start.saturating_add(pair[0].size) > pair[1].data_start {
-            return Err(LoadError::Npz {
-                path: path.to_owned(),
-                problem: format!(
-                    "members {} and {} overlap in the archive (its zip directory was crafted or damaged); write it \
-                     again with numpy.savez",
-                    pair[0].file_name, pair[1].file_name
-                ),
-            });
+            let (first, second) = (pair[0].file_name.clone(), pair[1].file_name.clone());
+            return Err(LoadError::Npz { path: path.to_owned(), problem: NpzProblem::Overlap { first, second } });
         }
     }
     Ok(members)
@@ -112,7 +103,7 @@ pub(super) fn open_npz(name: &str, path: &Path, select: Option<&[String]>) -> Re
     if groups.is_empty() {
         return Err(LoadError::Npz {
             path: path.to_owned(),
-            problem: format!("dataset '{name}': the archive holds no .npy members; write it with numpy.savez"),
+            problem: NpzProblem::NoMembers { dataset: name.to_owned() },
         });
     }
     let mut fields = Vec::with_capacity(groups.len());

@@ -36,7 +36,7 @@ use std::{
 
 use bytes::Bytes;
 
-use crate::error::LoadError;
+use crate::error::{DiskCacheProblem, LoadError};
 
 const MAGIC: &[u8; 4] = b"CVC3";
 /// Magic, payload length, key length, page size, header CRC-32C.
@@ -316,21 +316,20 @@ impl DiskCache {
     /// # Errors
     /// [`LoadError::DiskCache`] when the directory cannot be used or another loader holds it.
     pub fn open(dir: &Path, budget_bytes: u64, open_files: usize) -> Result<DiskCache, LoadError> {
-        let fail = |problem: String| LoadError::DiskCache { dir: dir.to_owned(), problem };
-        std::fs::create_dir_all(dir).map_err(|e| fail(format!("cannot create it: {e}")))?;
-        let lock = File::create(dir.join(".lock")).map_err(|e| fail(format!("cannot create its lock file: {e}")))?;
+        let fail = |problem: DiskCacheProblem| LoadError::DiskCache { dir: dir.to_owned(), problem };
+        let io = |action: &'static str| move |error| fail(DiskCacheProblem::Io { action, error });
+        std::fs::create_dir_all(dir).map_err(io("create it"))?;
+        let lock = File::create(dir.join(".lock")).map_err(io("create its lock file"))?;
         if let Err(error) = lock.try_lock() {
-            return Err(fail(match error {
-                std::fs::TryLockError::WouldBlock => "is in use by another loader (it holds the lock on .lock); give \
-                                                      each loader its own --disk-cache directory"
-                    .into(),
-                std::fs::TryLockError::Error(e) => format!("cannot lock it: {e}"),
-            }));
+            return Err(match error {
+                std::fs::TryLockError::WouldBlock => fail(DiskCacheProblem::InUse),
+                std::fs::TryLockError::Error(error) => io("lock it")(error),
+            });
         }
         reserve_descriptors(open_files).map_err(fail)?;
         let mut found = Vec::new();
-        for entry in std::fs::read_dir(dir).map_err(|e| fail(format!("cannot list it: {e}")))? {
-            let entry = entry.map_err(|e| fail(format!("cannot list it: {e}")))?;
+        for entry in std::fs::read_dir(dir).map_err(io("list it"))? {
+            let entry = entry.map_err(io("list it"))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.contains(".tmp") {
                 // A write interrupted by a crash.
@@ -475,22 +474,18 @@ const OTHER_DESCRIPTORS: u64 = 256;
 
 /// Makes room for `open_files` open entries under the open-file limit, raising the soft limit
 /// when the hard one allows.
-fn reserve_descriptors(open_files: usize) -> Result<(), String> {
+fn reserve_descriptors(open_files: usize) -> Result<(), DiskCacheProblem> {
     use rustix::process::{Resource, getrlimit, setrlimit};
     let need = open_files as u64 + OTHER_DESCRIPTORS;
     let limit = getrlimit(Resource::Nofile);
     if limit.current.is_none_or(|current| current >= need) {
         return Ok(());
     }
-    if limit.maximum.is_some_and(|maximum| maximum < need) {
-        return Err(format!(
-            "--disk-cache-open-files {open_files} needs {need} file descriptors but the hard open-file limit is {} \
-             (ulimit -Hn); lower --disk-cache-open-files or raise the limit",
-            limit.maximum.unwrap_or(0)
-        ));
+    if let Some(maximum) = limit.maximum.filter(|&maximum| maximum < need) {
+        return Err(DiskCacheProblem::OpenFileLimit { open_files, need, maximum });
     }
     setrlimit(Resource::Nofile, rustix::process::Rlimit { current: Some(need), maximum: limit.maximum })
-        .map_err(|e| format!("cannot raise the open-file limit to {need} for --disk-cache-open-files: {e}"))
+        .map_err(|error| DiskCacheProblem::RaiseOpenFileLimit { need, error: error.into() })
 }
 
 #[cfg(test)]

@@ -265,7 +265,7 @@ pub fn open_derived(config: &Config, stored: &[Arc<Dataset>], cache: &ChunkCache
             (Transform::Python(pool), schema, format!("{} | python {}", spec.source, spec.body))
         };
         for field in &schema {
-            conveyor_proto::check_field_name(&field.name).map_err(fail)?;
+            conveyor_proto::check_field_name(&field.name).map_err(|e| fail(e.to_string()))?;
         }
         names.push(spec.name.clone());
         derived.push(Derived { name: spec.name, source, schema, transform, derivation });
