@@ -1,0 +1,9 @@
+//! The end-to-end tests, one binary.
+mod cli;
+mod limits;
+mod npy;
+mod replicas;
+mod security;
+mod shm;
+mod transforms;
+mod zarr;
