@@ -117,7 +117,7 @@ pub enum LoadError {
         /// The array or group path.
         path: PathBuf,
         /// What is wrong.
-        problem: String,
+        problem: ZarrProblem,
     },
     /// A `--transform` or `--pipeline` value that is not `NAME=SOURCE:...`.
     #[error("{flag} '{value}' is not {example}")]
@@ -392,6 +392,99 @@ pub fn describe_samples(indices: &[u64]) -> String {
     let shown: Vec<String> = indices.iter().take(SHOWN).map(u64::to_string).collect();
     let more = if indices.len() > SHOWN { ", ..." } else { "" };
     format!("{} samples (indices {}{more})", indices.len(), shown.join(", "))
+}
+
+/// Why a Zarr array or group cannot be served; each message says the fix. zarrs' own errors are
+/// kept whole (and shown in the message).
+#[derive(Debug, thiserror::Error)]
+pub enum ZarrProblem {
+    /// Metadata zarrs refuses.
+    #[error("invalid {node} metadata: {error}")]
+    Metadata {
+        /// `array` or `group`.
+        node: &'static str,
+        /// zarrs' error.
+        error: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The store or a key in it that zarrs refuses.
+    #[error("{0}")]
+    Store(Box<dyn std::error::Error + Send + Sync>),
+    /// A metadata document cannot be read.
+    #[error("cannot read it: {0}")]
+    Unreadable(Box<dyn std::error::Error + Send + Sync>),
+    /// A metadata document that is not JSON.
+    #[error("is not valid JSON ({0}); rewrite the metadata")]
+    NotJson(serde_json::Error),
+    /// A metadata document that is JSON but not an object.
+    #[error("is not a JSON object; rewrite the metadata")]
+    NotObject,
+    /// `.zmetadata` without its `metadata` object.
+    #[error("has no \"metadata\" object; rewrite it with zarr.consolidate_metadata")]
+    NoConsolidatedMetadata,
+    /// A group whose members cannot be listed.
+    #[error(
+        "cannot list the group ({0}); a group served over plain HTTP needs consolidated metadata \
+         (zarr.consolidate_metadata)"
+    )]
+    CannotList(Box<dyn std::error::Error + Send + Sync>),
+    /// A group without arrays.
+    #[error("the group holds no arrays; each array of a group is a field")]
+    EmptyGroup,
+    /// An element type Conveyor does not serve.
+    #[error("unsupported data type {data_type}; use bool, int8/16/32/64, uint8/16/32/64 or float16/32/64")]
+    UnsupportedDtype {
+        /// The type as zarrs names it.
+        data_type: String,
+    },
+    /// A 0-d array has no samples axis.
+    #[error("array is 0-dimensional; axis 0 must index samples")]
+    ZeroDimensional,
+    /// One sample larger than the loader serves.
+    #[error(
+        "one sample of array '{array}' (shape {sample_shape:?} after the sample axis, {dtype}) is over {max_bytes} \
+         bytes; chunk the data so that a sample is one row of a smaller array, or serve a slice of it"
+    )]
+    SampleTooLarge {
+        /// The array.
+        array: String,
+        /// Its shape after the sample axis.
+        sample_shape: Vec<u64>,
+        /// Its element type.
+        dtype: &'static str,
+        /// The largest sample served.
+        max_bytes: u64,
+    },
+    /// xarray dimension names that name no sample dimension.
+    #[error(
+        "no data variable has a named first dimension to take as the sample dimension; choose the fields with \
+         --fields NAME=FIELD,..."
+    )]
+    NoSampleDimension,
+    /// Data variables (or chosen fields) that start with different dimensions.
+    #[error(
+        "{what} start with different dimensions: {starts}; the sample dimension must be the first dimension of \
+         every field, so choose fields that share it with --fields NAME=FIELD,..."
+    )]
+    MixedSampleDimensions {
+        /// Which arrays: the data variables, or the fields chosen with `--fields`.
+        what: &'static str,
+        /// Each with its first dimension.
+        starts: String,
+    },
+    /// A `--fields` name whose array cannot be a field.
+    #[error("--fields names '{name}', which cannot be a field: {reason}")]
+    NotAField {
+        /// The array.
+        name: String,
+        /// Why (its dimensions).
+        reason: String,
+    },
+    /// No array runs along the sample dimension.
+    #[error("no array starts with the sample dimension '{sample_dim}'")]
+    NoFieldAlong {
+        /// The sample dimension.
+        sample_dim: String,
+    },
 }
 
 /// Why the `--disk-cache` directory cannot be used; each message says the fix.

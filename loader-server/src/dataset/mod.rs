@@ -501,11 +501,12 @@ fn zarr_field(path: &Path, opened: zarr::OpenedArray) -> Result<Field, LoadError
         .filter(|&n| n <= MAX_SAMPLE_BYTES)
         .ok_or_else(|| LoadError::Zarr {
             path: path.join(&opened.name),
-            problem: format!(
-                "one sample of array '{}' (shape {:?} after the sample axis, {:?}) is over {} bytes; chunk the data \
-                 so that a sample is one row of a smaller array, or serve a slice of it",
-                opened.name, sample_shape, opened.dtype, MAX_SAMPLE_BYTES
-            ),
+            problem: crate::error::ZarrProblem::SampleTooLarge {
+                array: opened.name.clone(),
+                sample_shape: sample_shape.clone(),
+                dtype: opened.dtype.name(),
+                max_bytes: MAX_SAMPLE_BYTES,
+            },
         })? as usize;
     Ok(Field {
         name: opened.name,

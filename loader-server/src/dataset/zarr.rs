@@ -16,7 +16,7 @@ use zarrs::{
     storage::{ReadableListableStorage, ReadableListableStorageTraits, StoreKey, StorePrefix},
 };
 
-use crate::error::LoadError;
+use crate::error::{LoadError, ZarrProblem};
 
 /// What to do when a chunk file is absent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -178,8 +178,13 @@ pub struct OpenedGroup {
     pub metadata_source: &'static str,
 }
 
-fn zarr_error(path: &Path, what: impl std::fmt::Display) -> LoadError {
-    LoadError::Zarr { path: path.to_owned(), problem: what.to_string() }
+fn zarr_error(path: &Path, problem: ZarrProblem) -> LoadError {
+    LoadError::Zarr { path: path.to_owned(), problem }
+}
+
+/// zarrs' error, kept whole for [`ZarrProblem`].
+fn boxed(error: impl std::error::Error + Send + Sync + 'static) -> Box<dyn std::error::Error + Send + Sync> {
+    Box::new(error)
 }
 
 fn dtype_of(array: &Array<dyn ReadableListableStorageTraits>) -> Option<DType> {
@@ -210,20 +215,14 @@ fn open_one(
     fetch_concurrency: usize,
 ) -> Result<OpenedArray, LoadError> {
     let dtype = dtype_of(&array).ok_or_else(|| {
-        zarr_error(
-            array_path,
-            format_args!(
-                "unsupported data type {}; use bool, int8/16/32/64, uint8/16/32/64 or float16/32/64",
-                array.data_type()
-            ),
-        )
+        zarr_error(array_path, ZarrProblem::UnsupportedDtype { data_type: array.data_type().to_string() })
     })?;
     let shape = array.shape().to_vec();
     if shape.is_empty() {
-        return Err(zarr_error(array_path, "array is 0-dimensional; axis 0 must index samples"));
+        return Err(zarr_error(array_path, ZarrProblem::ZeroDimensional));
     }
     let zeros = vec![0u64; shape.len()];
-    let outer = array.chunk_shape(&zeros).map_err(|e| zarr_error(array_path, e))?;
+    let outer = array.chunk_shape(&zeros).map_err(|e| zarr_error(array_path, ZarrProblem::Store(boxed(e))))?;
     let inner = array.effective_subchunk_shape().unwrap_or(outer);
     let block_len = inner[0].get();
     let compressors = Compressors::of(&array);
@@ -302,16 +301,14 @@ impl Member {
     }
 
     /// The zarrs metadata of this member.
-    fn array_metadata(&self) -> Result<ArrayMetadata, String> {
+    fn array_metadata(&self) -> Result<ArrayMetadata, serde_json::Error> {
         if self.format() == 2 {
             let mut v2 = self.metadata.clone();
             // zarrs tags its format 2 metadata with a node type, as format 3 documents are.
             v2["node_type"] = "array".into();
-            serde_json::from_value::<ArrayMetadataV2>(v2).map(ArrayMetadata::V2).map_err(|e| e.to_string())
+            serde_json::from_value::<ArrayMetadataV2>(v2).map(ArrayMetadata::V2)
         } else {
-            serde_json::from_value::<ArrayMetadataV3>(self.metadata.clone())
-                .map(ArrayMetadata::V3)
-                .map_err(|e| e.to_string())
+            serde_json::from_value::<ArrayMetadataV3>(self.metadata.clone()).map(ArrayMetadata::V3)
         }
     }
 }
@@ -328,21 +325,17 @@ fn read_json(
     key: &str,
 ) -> Result<Option<serde_json::Value>, LoadError> {
     let shown = path.join(key);
-    let store_key = StoreKey::new(key).map_err(|e| zarr_error(&shown, e))?;
-    let bytes = storage.get(&store_key).map_err(|e| zarr_error(&shown, format_args!("cannot read it: {e}")))?;
+    let store_key = StoreKey::new(key).map_err(|e| zarr_error(&shown, ZarrProblem::Store(boxed(e))))?;
+    let bytes = storage.get(&store_key).map_err(|e| zarr_error(&shown, ZarrProblem::Unreadable(boxed(e))))?;
     let Some(bytes) = bytes else { return Ok(None) };
-    let document: serde_json::Value = serde_json::from_slice(&bytes)
-        .map_err(|e| zarr_error(&shown, format_args!("is not valid JSON ({e}); rewrite the metadata")))?;
+    let document: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| zarr_error(&shown, ZarrProblem::NotJson(e)))?;
     as_object(document, &shown).map(Some)
 }
 
 /// Metadata documents are JSON objects; anything else is refused before it is indexed.
 fn as_object(document: serde_json::Value, shown: &Path) -> Result<serde_json::Value, LoadError> {
-    if document.is_object() {
-        Ok(document)
-    } else {
-        Err(zarr_error(shown, "is not a JSON object; rewrite the metadata"))
-    }
+    if document.is_object() { Ok(document) } else { Err(zarr_error(shown, ZarrProblem::NotObject)) }
 }
 
 /// The group's own attributes and its direct child arrays, from consolidated metadata when the
@@ -358,12 +351,10 @@ fn list_members(
 ) -> Result<(serde_json::Value, Vec<Member>, &'static str), LoadError> {
     let direct = |key: &str| !key.is_empty() && !key.contains('/');
     if let Some(consolidated) = read_json(storage, path, ".zmetadata")? {
-        let metadata = consolidated.get("metadata").and_then(serde_json::Value::as_object).ok_or_else(|| {
-            zarr_error(
-                &path.join(".zmetadata"),
-                "has no \"metadata\" object; rewrite it with zarr.consolidate_metadata",
-            )
-        })?;
+        let metadata = consolidated
+            .get("metadata")
+            .and_then(serde_json::Value::as_object)
+            .ok_or_else(|| zarr_error(&path.join(".zmetadata"), ZarrProblem::NoConsolidatedMetadata))?;
         let mut members = Vec::new();
         for (key, value) in metadata {
             if let Some(name) = key.strip_suffix("/.zarray").filter(|name| direct(name)) {
@@ -393,15 +384,8 @@ fn list_members(
             .collect();
         return Ok((group_attributes, members, "zarr.json (consolidated)"));
     }
-    let listing = storage.list_dir(&StorePrefix::root()).map_err(|e| {
-        zarr_error(
-            path,
-            format_args!(
-                "cannot list the group ({e}); a group served over plain HTTP needs consolidated metadata \
-                 (zarr.consolidate_metadata)"
-            ),
-        )
-    })?;
+    let listing =
+        storage.list_dir(&StorePrefix::root()).map_err(|e| zarr_error(path, ZarrProblem::CannotList(boxed(e))))?;
     let mut members = Vec::new();
     for prefix in listing.prefixes() {
         let name = prefix.as_str().trim_end_matches('/').to_owned();
@@ -439,7 +423,7 @@ fn classify(
     members: &[(String, Option<Vec<String>>)],
     coordinates: &[String],
     select: Option<&[String]>,
-) -> Result<Vec<Role>, String> {
+) -> Result<Vec<Role>, ZarrProblem> {
     let selected = |name: &str| select.is_none_or(|s| s.iter().any(|f| f == name));
     if members.iter().all(|(_, dims)| dims.is_none()) {
         return Ok(members
@@ -472,21 +456,13 @@ fn classify(
         || firsts.iter().map(|(name, first)| format!("{name} ({first}, ...)")).collect::<Vec<_>>().join(", ");
     let sample_dim = match counts.as_slice() {
         [] => {
-            return Err(
-                "no data variable has a named first dimension to take as the sample dimension; choose the fields with \
-                 --fields NAME=FIELD,..."
-                    .into(),
-            );
+            return Err(ZarrProblem::NoSampleDimension);
         }
         [(only, _)] => *only,
         [(first, n), (_, m), ..] if n > m && select.is_none() => *first,
         _ => {
             let what = if select.is_some() { "the fields chosen with --fields" } else { "the data variables" };
-            return Err(format!(
-                "{what} start with different dimensions: {}; the sample dimension must be the first dimension of every \
-                 field, so choose fields that share it with --fields NAME=FIELD,...",
-                describe()
-            ));
+            return Err(ZarrProblem::MixedSampleDimensions { what, starts: describe() });
         }
     };
     let mut roles = Vec::with_capacity(members.len());
@@ -512,12 +488,12 @@ fn classify(
             )),
         };
         if let (Some(_), true, Role::Coordinate(reason)) = (select, selected(name), &role) {
-            return Err(format!("--fields names '{name}', which cannot be a field: {reason}"));
+            return Err(ZarrProblem::NotAField { name: name.clone(), reason: reason.clone() });
         }
         roles.push(role);
     }
     if !roles.contains(&Role::Field) {
-        return Err(format!("no array starts with the sample dimension '{sample_dim}'"));
+        return Err(ZarrProblem::NoFieldAlong { sample_dim: sample_dim.to_owned() });
     }
     Ok(roles)
 }
@@ -535,7 +511,8 @@ pub fn open(
     missing: MissingChunks,
     select: Option<&[String]>,
 ) -> Result<OpenedGroup, LoadError> {
-    let store: ReadableListableStorage = Arc::new(FilesystemStore::new(path).map_err(|e| zarr_error(path, e))?);
+    let store: ReadableListableStorage =
+        Arc::new(FilesystemStore::new(path).map_err(|e| zarr_error(path, ZarrProblem::Store(boxed(e))))?);
     open_storage(dataset, store, path, default_name, missing, select, 1)
 }
 
@@ -559,8 +536,8 @@ pub fn open_storage(
     let (node_type, zarr_json) = root_metadata(&store, path)?;
     if node_type.as_deref() == Some("array") {
         check_selection(dataset, path, select, &[default_name.to_owned()], &[])?;
-        let array =
-            Array::open(store, "/").map_err(|e| zarr_error(path, format_args!("invalid array metadata: {e}")))?;
+        let array = Array::open(store, "/")
+            .map_err(|e| zarr_error(path, ZarrProblem::Metadata { node: "array", error: boxed(e) }))?;
         let dims = array.dimension_names().as_ref().map(|d| d.iter().map(|n| n.clone().unwrap_or_default()).collect());
         return Ok(OpenedGroup {
             arrays: vec![open_one(
@@ -575,11 +552,12 @@ pub fn open_storage(
             metadata_source: "the array's metadata",
         });
     }
-    Group::open(store.clone(), "/").map_err(|e| zarr_error(path, format_args!("invalid group metadata: {e}")))?;
+    Group::open(store.clone(), "/")
+        .map_err(|e| zarr_error(path, ZarrProblem::Metadata { node: "group", error: boxed(e) }))?;
     let (group_attributes, mut members, metadata_source) = list_members(&store, path, zarr_json)?;
     members.sort_by(|a, b| a.name.cmp(&b.name));
     if members.is_empty() {
-        return Err(zarr_error(path, "the group holds no arrays; each array of a group is a field"));
+        return Err(zarr_error(path, ZarrProblem::EmptyGroup));
     }
     let names: Vec<String> = members.iter().map(|m| m.name.clone()).collect();
     let mut coordinate_attr = coordinate_names(Some(&group_attributes));
@@ -600,9 +578,9 @@ pub fn open_storage(
             Role::Field => {
                 let metadata = member
                     .array_metadata()
-                    .map_err(|e| zarr_error(&member_path, format_args!("invalid array metadata: {e}")))?;
+                    .map_err(|e| zarr_error(&member_path, ZarrProblem::Metadata { node: "array", error: boxed(e) }))?;
                 let array = Array::new_with_metadata(store.clone(), &format!("/{}", member.name), metadata)
-                    .map_err(|e| zarr_error(&member_path, format_args!("invalid array metadata: {e}")))?;
+                    .map_err(|e| zarr_error(&member_path, ZarrProblem::Metadata { node: "array", error: boxed(e) }))?;
                 opened.arrays.push(open_one(&member_path, member.name, dims, array, missing, fetch_concurrency)?);
             }
             Role::Coordinate(reason) => opened.coordinates.push(Coordinate {
@@ -985,7 +963,7 @@ mod tests {
         assert_eq!(fields(&members, &roles), ["eeg", "subject"]);
         let unfit = ["late".to_owned(), "eeg".to_owned(), "label".to_owned()];
         let error = classify(&members, &[], Some(&unfit)).expect_err("late starts with channel");
-        assert!(error.contains("different dimensions"), "{error}");
+        assert!(error.to_string().contains("different dimensions"), "{error}");
     }
 
     /// A store whose chunk reads wait (5 s at most) until `release_at` of them are in flight,
@@ -1132,9 +1110,10 @@ mod tests {
     fn ties_and_groups_of_only_coordinates_ask_the_user_to_choose() {
         let tie = [member("x", Some(&["sample", "f"])), member("y", Some(&["f", "sample"]))];
         let error = classify(&tie, &[], None).expect_err("tie");
+        let error = error.to_string();
         assert!(error.contains("x (sample, ...), y (f, ...)") && error.contains("--fields"), "{error}");
         let only_coordinates = [member("time", Some(&["time"]))];
         let error = classify(&only_coordinates, &[], None).expect_err("nothing to serve");
-        assert!(error.contains("no data variable"), "{error}");
+        assert!(error.to_string().contains("no data variable"), "{error}");
     }
 }
