@@ -28,7 +28,7 @@ use crate::{
 
 /// `train` flags.
 #[derive(Debug, Args)]
-pub struct TrainArgs {
+pub(crate) struct TrainArgs {
     #[command(flatten)]
     loader: LoaderArgs,
     #[command(flatten)]
@@ -70,7 +70,7 @@ pub struct TrainArgs {
 
 /// One epoch's measurements.
 #[derive(Debug, Clone, Serialize)]
-pub struct EpochReport {
+pub(crate) struct EpochReport {
     /// Epoch number.
     pub epoch: u64,
     /// Samples trained on in this process.
@@ -87,7 +87,7 @@ pub struct EpochReport {
 
 /// What a run did.
 #[derive(Debug, Clone, Serialize)]
-pub struct TrainReport {
+pub(crate) struct TrainReport {
     /// Device trained on.
     pub device: String,
     /// Where it resumed from, if it did.
@@ -112,7 +112,7 @@ fn save_checkpoint(dir: &Path, vs: &nn::VarStore, cursor: &Cursor) -> anyhow::Re
 ///
 /// # Errors
 /// Streaming, tensor and checkpoint errors, with context.
-pub async fn run(mut args: TrainArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(mut args: TrainArgs) -> anyhow::Result<()> {
     println!("training on {:?} (CUDA available: {})", args.device, tch::Cuda::is_available());
     args.plan.dataset.get_or_insert_with(|| "chess".into());
     let loaders = Loaders::connect(&args.loader.loaders, args.loader.options()?).await?;
