@@ -3,7 +3,10 @@
 
 use std::{net::SocketAddr, num::NonZeroUsize, path::PathBuf, time::Duration};
 
-use crate::{dataset::zarr::MissingChunks, error::LoadError};
+use crate::{
+    dataset::zarr::MissingChunks,
+    error::{FieldsProblem, LoadError},
+};
 
 /// Flags that contradict each other or lie outside what the loader can do; each message names
 /// the flag and what to change.
@@ -449,21 +452,20 @@ impl Config {
             out.push(DatasetSpec { name: name.to_owned(), path: PathBuf::from(dir), fields: None });
         }
         for value in &self.fields {
-            let bad = |problem: String| LoadError::BadFields { value: value.clone(), problem };
-            let (name, list) = value
-                .split_once('=')
-                .ok_or_else(|| bad("is not NAME=FIELD,...; write for example --fields eeg=eeg,label".into()))?;
+            let bad = |problem: FieldsProblem| LoadError::BadFields { value: value.clone(), problem };
+            let (name, list) = value.split_once('=').ok_or_else(|| bad(FieldsProblem::NotNamed))?;
             let names = || out.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ");
             let known = names();
-            let spec = out.iter_mut().find(|s| s.name == name).ok_or_else(|| {
-                bad(format!("names dataset '{name}', which no --dataset gives; the datasets are: {known}"))
-            })?;
+            let spec = out
+                .iter_mut()
+                .find(|s| s.name == name)
+                .ok_or_else(|| bad(FieldsProblem::UnknownDataset { name: name.to_owned(), known }))?;
             let fields: Vec<String> = list.split(',').map(str::trim).map(str::to_owned).collect();
             if fields.iter().any(String::is_empty) {
-                return Err(bad("has an empty field name; list fields separated by single commas".into()));
+                return Err(bad(FieldsProblem::EmptyName));
             }
             if spec.fields.replace(fields).is_some() {
-                return Err(bad(format!("gives dataset '{name}' a second time; list all its fields in one --fields")));
+                return Err(bad(FieldsProblem::Repeated { name: name.to_owned() }));
             }
         }
         Ok(out)

@@ -159,7 +159,7 @@ pub enum LoadError {
         /// The flag's value as given.
         value: String,
         /// What is wrong, and the fix.
-        problem: String,
+        problem: FieldsProblem,
     },
     /// An `.npz` archive that cannot be served.
     #[error("{}: {problem}", path.display())]
@@ -392,6 +392,31 @@ pub fn describe_samples(indices: &[u64]) -> String {
     let shown: Vec<String> = indices.iter().take(SHOWN).map(u64::to_string).collect();
     let more = if indices.len() > SHOWN { ", ..." } else { "" };
     format!("{} samples (indices {}{more})", indices.len(), shown.join(", "))
+}
+
+/// What is wrong with a `--fields` value; each message says the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum FieldsProblem {
+    /// No `=`.
+    #[error("is not NAME=FIELD,...; write for example --fields eeg=eeg,label")]
+    NotNamed,
+    /// A dataset no `--dataset` gives.
+    #[error("names dataset '{name}', which no --dataset gives; the datasets are: {known}")]
+    UnknownDataset {
+        /// The name given.
+        name: String,
+        /// The datasets, as a list for the message.
+        known: String,
+    },
+    /// `a,,b` or a trailing comma.
+    #[error("has an empty field name; list fields separated by single commas")]
+    EmptyName,
+    /// The same dataset in two `--fields` values.
+    #[error("gives dataset '{name}' a second time; list all its fields in one --fields")]
+    Repeated {
+        /// The dataset.
+        name: String,
+    },
 }
 
 /// Why a Zarr array or group cannot be served; each message says the fix. zarrs' own errors are
