@@ -137,7 +137,7 @@ pub enum LoadError {
         /// `--transform` or `--pipeline`.
         flag: &'static str,
         /// What is wrong, naming the field, operator or function.
-        problem: String,
+        problem: DerivedProblem,
     },
     /// A `--fields` name that the dataset does not have.
     #[error(
@@ -392,6 +392,51 @@ pub fn describe_samples(indices: &[u64]) -> String {
     let shown: Vec<String> = indices.iter().take(SHOWN).map(u64::to_string).collect();
     let more = if indices.len() > SHOWN { ", ..." } else { "" };
     format!("{} samples (indices {}{more})", indices.len(), shown.join(", "))
+}
+
+/// Why a derived dataset cannot be set up; each message says the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum DerivedProblem {
+    /// Its name is a stored dataset's or an earlier derived one's.
+    #[error("a dataset of that name exists already; give the derived dataset its own name")]
+    NameTaken,
+    /// No stored dataset of the source's name.
+    #[error(
+        "no stored dataset '{source_name}' to derive it from; give one with --dataset (derived datasets cannot \
+         be sources); stored: {stored}"
+    )]
+    NoSource {
+        /// The source named.
+        source_name: String,
+        /// The stored datasets, as a list for the message.
+        stored: String,
+    },
+    /// `--pipeline NAME=SOURCE:@FILE` whose file cannot be read.
+    #[error("cannot read the pipeline file {}: {error}", path.display())]
+    PipelineFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// A pipeline that does not parse or does not fit the source's fields (names the operator).
+    #[error("{0}")]
+    Pipeline(String),
+    /// A source without samples to call the function on at start-up.
+    #[error("the source '{source_name}' has no samples to probe the function with")]
+    NothingToProbe {
+        /// The source.
+        source_name: String,
+    },
+    /// The probe batch could not be read.
+    #[error("reading the probe batch: {0}")]
+    Probe(ReadError),
+    /// The Python function cannot be loaded or its probe output does not make a schema.
+    #[error("{0}")]
+    Function(String),
+    /// An output field whose name cannot be served.
+    #[error("{0}")]
+    FieldName(conveyor_proto::FieldNameError),
 }
 
 /// What is wrong with a `--fields` value; each message says the fix.

@@ -21,7 +21,7 @@ use conveyor_proto::{
 use crate::{
     config::Config,
     dataset::{Dataset, chunk_cache::ChunkCache},
-    error::LoadError,
+    error::{DerivedProblem, LoadError},
 };
 
 /// Dtype and per-sample shape of one field, without its storage.
@@ -216,26 +216,22 @@ pub fn open_derived(config: &Config, stored: &[Arc<Dataset>], cache: &ChunkCache
     let mut names: Vec<String> = stored.iter().map(|d| d.name.clone()).collect();
     let mut derived = Vec::with_capacity(specs.len());
     for (flag, spec) in specs {
-        let fail = |problem: String| LoadError::Derived { name: spec.name.clone(), flag, problem };
+        let fail = |problem: DerivedProblem| LoadError::Derived { name: spec.name.clone(), flag, problem };
         if names.contains(&spec.name) {
-            return Err(fail("a dataset of that name exists already; give the derived dataset its own name".into()));
+            return Err(fail(DerivedProblem::NameTaken));
         }
         let source = stored.iter().find(|d| d.name == spec.source).cloned().ok_or_else(|| {
-            fail(format!(
-                "no stored dataset '{}' to derive it from; give one with --dataset (derived datasets cannot be \
-                 sources); stored: {}",
-                spec.source,
-                stored.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ")
-            ))
+            let stored = stored.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ");
+            fail(DerivedProblem::NoSource { source_name: spec.source.clone(), stored })
         })?;
         let source_schema = schema_of(&source);
         let (transform, schema, derivation) = if flag == "--pipeline" {
             let text = match spec.body.strip_prefix('@') {
                 Some(path) => std::fs::read_to_string(path)
-                    .map_err(|e| fail(format!("cannot read the pipeline file {path}: {e}")))?,
+                    .map_err(|error| fail(DerivedProblem::PipelineFile { path: path.into(), error }))?,
                 None => spec.body.clone(),
             };
-            let pipeline = ops::Pipeline::new(&text, &source_schema).map_err(fail)?;
+            let pipeline = ops::Pipeline::new(&text, &source_schema).map_err(|e| fail(DerivedProblem::Pipeline(e)))?;
             let schema = pipeline.schema().to_vec();
             let derivation = format!(
                 "{} | pipeline {}",
@@ -246,10 +242,9 @@ pub fn open_derived(config: &Config, stored: &[Arc<Dataset>], cache: &ChunkCache
         } else {
             let probe_indices: Vec<u64> = (0..source.num_samples.min(4)).collect();
             if probe_indices.is_empty() {
-                return Err(fail(format!("the source '{}' has no samples to probe the function with", spec.source)));
+                return Err(fail(DerivedProblem::NothingToProbe { source_name: spec.source.clone() }));
             }
-            let (probe, _) =
-                source.gather(&probe_indices, cache).map_err(|e| fail(format!("reading the probe batch: {e}")))?;
+            let (probe, _) = source.gather(&probe_indices, cache).map_err(|e| fail(DerivedProblem::Probe(e)))?;
             let options = python::WorkerOptions {
                 python: config.python.clone(),
                 pythonpath: config.transform_pythonpath.clone(),
@@ -260,12 +255,12 @@ pub fn open_derived(config: &Config, stored: &[Arc<Dataset>], cache: &ChunkCache
                 max_batches: config.transform_max_batches,
                 queue: config.transform_queue.get(),
             };
-            let (pool, schema) =
-                python::Pool::start(&spec.body, options, source_schema, (probe, probe_indices)).map_err(fail)?;
+            let (pool, schema) = python::Pool::start(&spec.body, options, source_schema, (probe, probe_indices))
+                .map_err(|e| fail(DerivedProblem::Function(e)))?;
             (Transform::Python(pool), schema, format!("{} | python {}", spec.source, spec.body))
         };
         for field in &schema {
-            conveyor_proto::check_field_name(&field.name).map_err(|e| fail(e.to_string()))?;
+            conveyor_proto::check_field_name(&field.name).map_err(|e| fail(DerivedProblem::FieldName(e)))?;
         }
         names.push(spec.name.clone());
         derived.push(Derived { name: spec.name, source, schema, transform, derivation });
