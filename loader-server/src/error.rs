@@ -38,6 +38,28 @@ pub enum LoadError {
         /// What is wrong with its header.
         problem: conveyor_proto::npy::HeaderError,
     },
+    /// A ragged field's offsets that do not describe its values.
+    #[error("{}: {problem}", path.display())]
+    BadOffsets {
+        /// The offsets file.
+        path: PathBuf,
+        /// What is wrong, and the fix.
+        problem: OffsetsProblem,
+    },
+    /// Offsets without exactly one values file beside them.
+    #[error(
+        "{} are the offsets of a ragged field '{field}', which needs exactly one {field}.npy beside them (found {values} \
+         values files; ragged fields are not sharded): write the values with numpy.save('{field}.npy', values)",
+        offsets.display()
+    )]
+    RaggedLayout {
+        /// The field.
+        field: String,
+        /// Its offsets file.
+        offsets: PathBuf,
+        /// Values files found for it.
+        values: usize,
+    },
     /// A `.npy` file is shorter than its header says.
     #[error(
         "{}: truncated: the header promises {expected_bytes} bytes of data but the file holds {actual_bytes}; \
@@ -229,6 +251,17 @@ pub struct ReadError {
 /// Why one batch request cannot be served. The stream and the server carry on.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum RequestError {
+    /// A dataset with a ragged field, asked for by a client that does not read offsets.
+    #[error(
+        "dataset '{dataset}' has field '{field}' whose samples differ in length (a ragged field), which this client \
+         cannot read; upgrade trainer-client or the conveyor package"
+    )]
+    ClientTooOld {
+        /// Dataset name.
+        dataset: String,
+        /// The ragged field.
+        field: String,
+    },
     /// No dataset of that name.
     #[error("unknown dataset '{name}'; this loader serves: {}", available.join(", "))]
     UnknownDataset {
@@ -337,6 +370,7 @@ impl RequestError {
             RequestError::ReadFailed(_) | RequestError::GatherFailed { .. } => Kind::ReadFailed,
             RequestError::TransformFailed { .. } => Kind::TransformFailed,
             RequestError::WorkerFailed { .. } => Kind::WorkerFailed,
+            RequestError::ClientTooOld { .. } => Kind::ClientTooOld,
         }
     }
 
@@ -365,7 +399,7 @@ pub struct ErrorKind {
 
 /// The one table every batch error goes through (after [`RequestError::kind`]): its metric label
 /// and its gRPC code. [`crate::serve::stats::Stats`] keeps one counter per row, in this order.
-pub const ERROR_KINDS: [ErrorKind; 8] = [
+pub const ERROR_KINDS: [ErrorKind; 9] = [
     ErrorKind { kind: Kind::UnknownDataset, label: "unknown_dataset", code: tonic::Code::NotFound },
     ErrorKind { kind: Kind::IndexOutOfRange, label: "index_out_of_range", code: tonic::Code::OutOfRange },
     ErrorKind { kind: Kind::BatchTooLarge, label: "batch_too_large", code: tonic::Code::ResourceExhausted },
@@ -374,6 +408,7 @@ pub const ERROR_KINDS: [ErrorKind; 8] = [
     ErrorKind { kind: Kind::StorageUnavailable, label: "storage_unavailable", code: tonic::Code::Unavailable },
     ErrorKind { kind: Kind::TransformFailed, label: "transform_failed", code: tonic::Code::FailedPrecondition },
     ErrorKind { kind: Kind::WorkerFailed, label: "worker_failed", code: tonic::Code::Unavailable },
+    ErrorKind { kind: Kind::ClientTooOld, label: "client_too_old", code: tonic::Code::FailedPrecondition },
 ];
 
 /// The row of [`ERROR_KINDS`] for `kind`.
@@ -392,6 +427,57 @@ pub fn describe_samples(indices: &[u64]) -> String {
     let shown: Vec<String> = indices.iter().take(SHOWN).map(u64::to_string).collect();
     let more = if indices.len() > SHOWN { ", ..." } else { "" };
     format!("{} samples (indices {}{more})", indices.len(), shown.join(", "))
+}
+
+/// Why a ragged field's offsets are refused; each message says the fix. Offsets are `int64`, one
+/// per sample plus one, starting at 0 and never decreasing, the last the values' row count
+/// (numpy: `numpy.save('FIELD.offsets.npy', numpy.cumsum([0, *lengths]))`).
+#[derive(Debug, thiserror::Error)]
+pub enum OffsetsProblem {
+    /// Not `int64`.
+    #[error("offsets must be int64, found {dtype}; save them with .astype('<i8')")]
+    NotInt64 {
+        /// The element type found.
+        dtype: &'static str,
+    },
+    /// Not 1-D.
+    #[error("offsets must be 1-D (one per sample plus one), found shape {shape:?}")]
+    NotOneDimensional {
+        /// The shape found.
+        shape: Vec<u64>,
+    },
+    /// No entries at all.
+    #[error("holds no offsets; N samples need N + 1 offsets, the first 0")]
+    Empty,
+    /// The first is not 0.
+    #[error("the first offset is {first}, not 0")]
+    NotFromZero {
+        /// The first offset.
+        first: i64,
+    },
+    /// One that is smaller than the one before.
+    #[error("offsets[{index}] = {at} is above offsets[{}] = {next}; offsets never decrease", index + 1)]
+    Decreasing {
+        /// The position of the larger one.
+        index: u64,
+        /// Its value.
+        at: i64,
+        /// The next one.
+        next: i64,
+    },
+    /// The last is not the values' row count.
+    #[error(
+        "the last offset is {last} but {} holds {rows} rows; the last offset must be the values' length",
+        values.display()
+    )]
+    WrongEnd {
+        /// The last offset.
+        last: i64,
+        /// Rows of the values.
+        rows: u64,
+        /// The values file.
+        values: PathBuf,
+    },
 }
 
 /// Why a derived dataset cannot be set up; each message says the fix.
@@ -437,6 +523,15 @@ pub enum DerivedProblem {
     /// An output field whose name cannot be served.
     #[error("{0}")]
     FieldName(conveyor_proto::FieldNameError),
+    /// A source with a ragged field: transforms take fixed-shape fields.
+    #[error(
+        "its source has the ragged field '{field}' (samples of different lengths), and transforms take fixed-shape \
+         fields only; serve the source as it is stored, or choose its fixed-shape fields with --fields"
+    )]
+    RaggedSource {
+        /// The field.
+        field: String,
+    },
 }
 
 /// What is wrong with a `--fields` value; each message says the fix.
@@ -655,7 +750,7 @@ mod tests {
 
     #[test]
     fn every_wire_kind_has_one_row_with_its_own_label() {
-        let kinds: Vec<Kind> = (1..=8).map(|n| Kind::try_from(n).expect("a wire kind")).collect();
+        let kinds: Vec<Kind> = (1..=9).map(|n| Kind::try_from(n).expect("a wire kind")).collect();
         for kind in &kinds {
             assert_eq!(ERROR_KINDS.iter().filter(|row| row.kind == *kind).count(), 1, "{kind:?}");
         }

@@ -125,7 +125,10 @@ pub fn open(config: Config) -> Result<Arc<LoaderState>, ServeError> {
             metadata = dataset.metadata_source.unwrap_or("files"),
             num_samples = dataset.num_samples,
             bytes_per_sample = dataset.bytes_per_sample(),
-            fields = ?dataset.fields.iter().map(|f| format!("{}:{}{:?}", f.name, f.dtype.name(), f.sample_shape)).collect::<Vec<_>>(),
+            fields = ?dataset.fields.iter().map(|f| {
+                let ragged = if f.is_ragged() { " ragged" } else { "" };
+                format!("{}:{}{:?}{ragged}", f.name, f.dtype.name(), f.sample_shape)
+            }).collect::<Vec<_>>(),
             "dataset opened"
         );
         datasets.push(Arc::new(dataset));

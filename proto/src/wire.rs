@@ -57,6 +57,8 @@ pub struct OutgoingTensor {
     data_len: usize,
     /// Where the data was written in shared memory instead (then no runs are left).
     shared: Option<v1::SharedSlice>,
+    /// A ragged field's row offsets (batch + 1 little-endian int64), sent inline always.
+    pub offsets: Option<Bytes>,
 }
 
 impl OutgoingTensor {
@@ -170,7 +172,8 @@ impl OutgoingTensor {
             None if self.data_len == 0 => 0,
             None => key_len(4) + encoded_len_varint(self.data_len as u64) + self.data_len,
         };
-        field + dtype + shape + data
+        let offsets = self.offsets.as_ref().map_or(0, |o| prost::encoding::bytes::encoded_len(6, o));
+        field + dtype + shape + data + offsets
     }
 
     fn encode_body(&self, buf: &mut impl BufMut) {
@@ -187,6 +190,9 @@ impl OutgoingTensor {
             encode_key(4, WireType::LengthDelimited, buf);
             encode_varint(self.data_len as u64, buf);
             self.write_data(buf);
+        }
+        if let Some(offsets) = &self.offsets {
+            prost::encoding::bytes::encode(6, offsets, buf);
         }
     }
 }
@@ -309,7 +315,12 @@ impl From<v1::BatchResponse> for OutgoingBatch {
         let tensors = response
             .tensors
             .into_iter()
-            .map(|t| OutgoingTensor::owned(t.field, DType::try_from(t.dtype).unwrap_or_default(), t.shape, t.data))
+            .map(|t| {
+                let mut tensor =
+                    OutgoingTensor::owned(t.field, DType::try_from(t.dtype).unwrap_or_default(), t.shape, t.data);
+                tensor.offsets = (!t.offsets.is_empty()).then_some(t.offsets);
+                tensor
+            })
             .collect();
         OutgoingBatch {
             batch_id: response.batch_id,
@@ -558,10 +569,28 @@ mod tests {
                 shape: vec![2, 1],
                 data: Bytes::from_static(&[1, 2, 3, 4, 5, 6, 7, 8]),
                 shared: None,
+                offsets: Bytes::new(),
             }],
             error: Some(v1::BatchError { kind: 4, message: "chunk 3 of field x could not be read".into() }),
             decoded_bytes: 12,
         };
         assert_eq!(OutgoingBatch::from(response.clone()).to_response(), response);
+        // A ragged field: its offsets travel beside the data, inline.
+        let offsets: Vec<u8> = [0i64, 1, 3].iter().flat_map(|o| o.to_le_bytes()).collect();
+        let ragged = v1::BatchResponse {
+            batch_id: 8,
+            indices: vec![0, 5],
+            tensors: vec![v1::Tensor {
+                field: "tokens".into(),
+                dtype: DType::Int16 as i32,
+                shape: vec![3],
+                data: Bytes::from_static(&[1, 0, 2, 0, 3, 0]),
+                shared: None,
+                offsets: Bytes::from(offsets),
+            }],
+            error: None,
+            decoded_bytes: 0,
+        };
+        assert_eq!(OutgoingBatch::from(ragged.clone()).to_response(), ragged);
     }
 }

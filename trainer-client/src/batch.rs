@@ -3,23 +3,44 @@
 use bytes::Bytes;
 use conveyor_proto::{
     DType,
-    v1::{BatchResponse, DatasetInfo},
+    v1::{BatchResponse, DatasetInfo, FieldInfo, Tensor},
 };
 
 use crate::error::ResponseError;
 
 /// One field of a batch: `shape` is `[batch, ...sample shape]` and `data` holds its elements as
 /// little-endian C-order bytes, a slice of the received message (no copy was made).
+///
+/// A ragged field (samples of different lengths) is its values and row offsets: `shape` is
+/// `[total rows, ...row shape]`, and sample `i` is rows `offsets[i]..offsets[i+1]` (the layout
+/// of Arrow lists and `torch.nested`'s jagged tensors).
 #[derive(Debug, Clone)]
 pub struct FieldBatch {
     /// Field name.
     pub name: String,
     /// Element type.
     pub dtype: DType,
-    /// `[batch, ...sample shape]`.
+    /// `[batch, ...sample shape]`, or `[total rows, ...row shape]` for a ragged field.
     pub shape: Vec<u64>,
     /// Element bytes.
     pub data: Bytes,
+    /// A ragged field's batch + 1 row offsets (checked: from 0, never decreasing, ending at
+    /// `shape[0]`); `None` for a fixed-shape field.
+    pub offsets: Option<Vec<u64>>,
+}
+
+impl FieldBatch {
+    /// Sample `i`'s bytes: its row of a fixed-shape field, its rows of a ragged one.
+    ///
+    /// # Panics
+    /// When `i` is not a sample of the batch.
+    pub fn sample(&self, i: usize) -> &[u8] {
+        let row_bytes = self.shape[1..].iter().product::<u64>() as usize * self.dtype.size_bytes();
+        match &self.offsets {
+            Some(offsets) => &self.data[offsets[i] as usize * row_bytes..offsets[i + 1] as usize * row_bytes],
+            None => &self.data[i * row_bytes..(i + 1) * row_bytes],
+        }
+    }
 }
 
 /// One batch, in the epoch's deterministic order.
@@ -73,6 +94,10 @@ impl Batch {
         let rows = requested.len() as u64;
         let mut fields = Vec::with_capacity(info.fields.len());
         for (tensor, field) in response.tensors.into_iter().zip(&info.fields) {
+            if field.ragged {
+                fields.push(ragged_field(tensor, field, rows, index)?);
+                continue;
+            }
             let expected_shape: Vec<u64> = std::iter::once(rows).chain(field.sample_shape.iter().copied()).collect();
             if tensor.field != field.name || tensor.dtype != field.dtype || tensor.shape != expected_shape {
                 return Err(ResponseError::TensorMismatch {
@@ -93,8 +118,58 @@ impl Batch {
                 });
             }
             let dtype = DType::try_from(tensor.dtype).unwrap_or(DType::Unspecified);
-            fields.push(FieldBatch { name: tensor.field, dtype, shape: tensor.shape, data: tensor.data });
+            fields.push(FieldBatch {
+                name: tensor.field,
+                dtype,
+                shape: tensor.shape,
+                data: tensor.data,
+                offsets: None,
+            });
         }
         Ok(Batch { epoch, index, indices: response.indices, fields, decoded_bytes: response.decoded_bytes })
     }
+}
+
+/// A ragged field's tensor, checked: its offsets (batch + 1, from 0, never decreasing) end at its
+/// row count, and its bytes are those rows.
+fn ragged_field(tensor: Tensor, field: &FieldInfo, rows: u64, index: u64) -> Result<FieldBatch, ResponseError> {
+    let bad = |problem: String| ResponseError::BadOffsets { batch: index, field: field.name.clone(), problem };
+    let total = tensor.shape.first().copied().unwrap_or(0);
+    if tensor.field != field.name
+        || tensor.dtype != field.dtype
+        || tensor.shape.get(1..) != Some(&field.sample_shape[..])
+    {
+        let expected_shape = std::iter::once(total).chain(field.sample_shape.iter().copied()).collect();
+        return Err(ResponseError::TensorMismatch {
+            batch: index,
+            tensor: tensor.field,
+            dtype: tensor.dtype,
+            shape: tensor.shape,
+            field: field.name.clone(),
+            expected_shape,
+        });
+    }
+    if tensor.offsets.len() as u64 != (rows + 1) * 8 {
+        return Err(bad(format!(
+            "{} bytes of offsets for {rows} samples (expected {})",
+            tensor.offsets.len(),
+            (rows + 1) * 8
+        )));
+    }
+    let offsets: Vec<u64> =
+        tensor.offsets.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or_default()) as u64).collect();
+    if offsets[0] != 0 || offsets.windows(2).any(|w| w[1] < w[0]) || offsets[offsets.len() - 1] != total {
+        return Err(bad(format!("offsets do not run from 0 up to the {total} rows sent")));
+    }
+    let dtype = DType::try_from(tensor.dtype).unwrap_or(DType::Unspecified);
+    let row_bytes = field.sample_shape.iter().product::<u64>() * dtype.size_bytes() as u64;
+    if tensor.data.len() as u64 != total * row_bytes {
+        return Err(ResponseError::ByteCount {
+            batch: index,
+            field: field.name.clone(),
+            got: tensor.data.len() as u64,
+            expected: total * row_bytes,
+        });
+    }
+    Ok(FieldBatch { name: tensor.field, dtype, shape: tensor.shape, data: tensor.data, offsets: Some(offsets) })
 }

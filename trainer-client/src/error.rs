@@ -322,6 +322,16 @@ pub enum ResponseError {
         /// The shape expected.
         expected_shape: Vec<u64>,
     },
+    /// A ragged field whose offsets do not describe its rows.
+    #[error("batch {batch}: ragged field '{field}': {problem}")]
+    BadOffsets {
+        /// Batch number.
+        batch: u64,
+        /// Field name.
+        field: String,
+        /// What is wrong.
+        problem: String,
+    },
     /// A tensor whose byte count does not match its shape and dtype.
     #[error("batch {batch}: field '{field}' has {got} bytes, expected {expected}")]
     ByteCount {

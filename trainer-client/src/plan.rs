@@ -244,6 +244,7 @@ mod tests {
                 bytes_per_sample: 16,
                 chunk_len: 10,
                 dimension_names: Vec::new(),
+                ..Default::default()
             }],
             max_batch_samples: 100,
             derivation: String::new(),

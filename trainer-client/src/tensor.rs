@@ -82,8 +82,13 @@ pub fn kind_of(field: &str, dtype: DType) -> Result<Kind, TensorError> {
 pub struct TensorBatch {
     /// Global sample indices, in order.
     pub indices: Vec<u64>,
-    /// `(field name, tensor of shape [batch, ...sample shape])`.
+    /// `(field name, tensor of shape [batch, ...sample shape])`; for a ragged field, its values
+    /// (`[total rows, ...row shape]`).
     pub fields: Vec<(String, Tensor)>,
+    /// `(field name, int64 tensor of batch + 1 row offsets)` for each ragged field: sample `i`
+    /// is its values' rows `offsets[i]..offsets[i+1]` (with the values,
+    /// `torch.nested.nested_tensor_from_jagged(values, offsets)` in Python).
+    pub offsets: Vec<(String, Tensor)>,
 }
 
 impl TensorBatch {
@@ -124,7 +129,8 @@ impl TensorConverter {
                 tensor.map(|t| (field.name.clone(), t))
             })
             .collect::<Result<_, _>>()?;
-        Ok(TensorBatch { indices: batch.indices.clone(), fields })
+        let offsets = self.offsets(&batch.fields);
+        Ok(TensorBatch { indices: batch.indices.clone(), fields, offsets })
     }
 
     /// The batch's fields as tensors on the device, CPU tensors sharing the received bytes
@@ -140,6 +146,7 @@ impl TensorConverter {
     /// As [`TensorConverter::convert`].
     pub unsafe fn convert_shared(&self, batch: Batch) -> Result<TensorBatch, TensorError> {
         let Batch { indices, fields, .. } = batch;
+        let offsets = self.offsets(&fields);
         let fields = fields
             .into_iter()
             .map(|field| {
@@ -151,7 +158,18 @@ impl TensorConverter {
                 tensor.map(|t| (name, t))
             })
             .collect::<Result<_, _>>()?;
-        Ok(TensorBatch { indices, fields })
+        Ok(TensorBatch { indices, fields, offsets })
+    }
+
+    /// The ragged fields' offsets as int64 tensors on the device.
+    fn offsets(&self, fields: &[FieldBatch]) -> Vec<(String, Tensor)> {
+        fields
+            .iter()
+            .filter_map(|field| {
+                let offsets: Vec<i64> = field.offsets.as_ref()?.iter().map(|&o| o as i64).collect();
+                Some((field.name.clone(), Tensor::from_slice(&offsets).to_device(self.device)))
+            })
+            .collect()
     }
 }
 
@@ -330,7 +348,7 @@ mod tests {
     use conveyor_proto::ALL_DTYPES;
 
     fn field(dtype: DType, data: Vec<u8>, shape: Vec<u64>) -> FieldBatch {
-        FieldBatch { name: dtype.name().into(), dtype, shape, data: Bytes::from(data) }
+        FieldBatch { name: dtype.name().into(), dtype, shape, data: Bytes::from(data), offsets: None }
     }
 
     /// Bytes of a tensor, read back through libtorch.
@@ -413,7 +431,13 @@ mod tests {
         let values: Vec<u8> = [1.5f32, -2.0, 3.25, 0.0, 7.0, -0.5].iter().flat_map(|v| v.to_le_bytes()).collect();
         let data = Bytes::from_owner(Counted(values.clone(), dropped.clone()));
         let ptr = data.as_ptr() as usize;
-        let batch = batch_of(vec![FieldBatch { name: "x".into(), dtype: DType::Float32, shape: vec![2, 3], data }]);
+        let batch = batch_of(vec![FieldBatch {
+            name: "x".into(),
+            dtype: DType::Float32,
+            shape: vec![2, 3],
+            data,
+            offsets: None,
+        }]);
         // SAFETY: the batch moves in and no clone of it exists.
         let tensors = unsafe { TensorConverter::new(Device::Cpu).convert_shared(batch) }.expect("converts");
         let tensor = tensors.get("x").expect("field x");
@@ -439,7 +463,7 @@ mod tests {
             for bytes in [Bytes::from(data.clone()), Bytes::from(padded).slice(1..)] {
                 let aligned = (bytes.as_ptr() as usize).is_multiple_of(size);
                 let ptr = bytes.as_ptr() as usize;
-                let field = FieldBatch { name: "f".into(), dtype, shape: vec![2, 3], data: bytes };
+                let field = FieldBatch { name: "f".into(), dtype, shape: vec![2, 3], data: bytes, offsets: None };
                 let want = host_tensor(&field).expect("copies");
                 // SAFETY: the batch moves in and no clone of it exists.
                 let tensors = unsafe { TensorConverter::new(Device::Cpu).convert_shared(batch_of(vec![field])) }

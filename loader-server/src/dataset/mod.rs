@@ -6,14 +6,15 @@
 //! `FIELD-00001.npy`, ... concatenated along axis 0 in name order. Axis 0 indexes samples. The
 //! members of an `.npz` archive follow the same naming rule and are mapped in place.
 //!
-//! One module per format: [`npy`] (the header), [`npz`] (archives), [`zarr`] (arrays and
-//! groups); [`chunk_cache`] keeps decoded Zarr blocks in memory (not to be confused with the
+//! One module per format: [`npy`] (fields of `.npy` shards), `ragged` (samples of different
+//! lengths: values and offsets), [`npz`] (archives), [`zarr`] (arrays and groups); [`chunk_cache`] keeps decoded Zarr blocks in memory (not to be confused with the
 //! object-store disk cache in [`crate::storage::disk_cache`]). This wing reads bytes through
 //! [`crate::storage`] and never imports [`crate::serve`].
 
 pub mod chunk_cache;
 pub mod npy;
 pub mod npz;
+mod ragged;
 pub mod zarr;
 
 use bytes::Bytes;
@@ -85,6 +86,8 @@ enum Source {
     Npy { shards: Vec<Shard>, shard_starts: Vec<u64> },
     /// A Zarr array read in chunk-aligned blocks through the shared cache.
     Zarr(Box<ZarrSource>),
+    /// A ragged field: mapped values and row offsets.
+    Ragged(Box<ragged::RaggedSource>),
 }
 
 /// Gives every field a distinct id for cache keys.
@@ -129,6 +132,7 @@ impl Field {
     ) -> Result<u64, (u64, String)> {
         let row = self.bytes_per_sample;
         match &self.source {
+            Source::Ragged(ragged) => ragged.select_into(indices, tensor),
             Source::Npy { shards, shard_starts } => {
                 let shard_of = |index: u64| {
                     if shards.len() == 1 { 0 } else { shard_starts.partition_point(|&start| start <= index) - 1 }
@@ -292,6 +296,20 @@ impl Field {
         Ok(fetched)
     }
 
+    /// Whether samples differ in length (values plus offsets on the wire).
+    pub fn is_ragged(&self) -> bool {
+        matches!(self.source, Source::Ragged(_))
+    }
+
+    /// Bytes a batch of `indices` sends for this field. Reads a ragged field's offsets: call it
+    /// off the async runtime.
+    pub fn batch_bytes(&self, indices: &[u64]) -> u64 {
+        match &self.source {
+            Source::Ragged(ragged) => ragged.batch_bytes(indices),
+            _ => indices.len() as u64 * self.bytes_per_sample as u64,
+        }
+    }
+
     /// Wire description of this field.
     pub fn info(&self) -> FieldInfo {
         FieldInfo {
@@ -301,6 +319,8 @@ impl Field {
             bytes_per_sample: self.bytes_per_sample as u64,
             chunk_len: self.chunk_len,
             dimension_names: self.dims.clone(),
+            ragged: self.is_ragged(),
+            utf8: false,
         }
     }
 }
@@ -423,9 +443,21 @@ impl Dataset {
         })
     }
 
-    /// Bytes of one sample across all fields.
+    /// Bytes of one sample across all fields (ragged fields count 0: see
+    /// [`Dataset::batch_bytes`]).
     pub fn bytes_per_sample(&self) -> usize {
         self.fields.iter().map(|f| f.bytes_per_sample).sum()
+    }
+
+    /// The first ragged field, if any.
+    pub fn ragged_field(&self) -> Option<&Field> {
+        self.fields.iter().find(|f| f.is_ragged())
+    }
+
+    /// Bytes a batch of `indices` sends, ragged fields counted by their samples' lengths (which
+    /// reads their offsets: call it off the async runtime).
+    pub fn batch_bytes(&self, indices: &[u64]) -> u64 {
+        self.fields.iter().map(|f| f.batch_bytes(indices)).sum()
     }
 
     /// Selects `indices` (already checked `< num_samples`) as one [`OutgoingTensor`] per field,

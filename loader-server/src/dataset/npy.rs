@@ -11,7 +11,7 @@ use std::{
 use bytes::Bytes;
 use conveyor_proto::npy::{self, NpyHeader};
 
-use super::{Field, NEXT_FIELD_ID, Shard, ShardData, Source, group_fields, select_fields};
+use super::{Field, NEXT_FIELD_ID, Shard, ShardData, Source, group_fields, ragged, select_fields};
 use crate::{
     error::LoadError,
     storage::{ObjectStorage, mmap::MappedFile, object::ObjectVersion},
@@ -58,7 +58,17 @@ pub(super) fn open_remote_npy(
         .into_iter()
         .filter_map(|(object, size, version)| Some((object.strip_suffix(".npy")?.to_owned(), (object, size, version))))
         .filter(|(stem, _)| !stem.is_empty() && !stem.contains('/'))
-        .collect();
+        .collect::<Vec<(String, _)>>();
+    if let Some((stem, _)) = stems.iter().find(|(stem, _)| stem.ends_with(ragged::OFFSETS_SUFFIX)) {
+        return Err(LoadError::Remote {
+            dataset: name.to_owned(),
+            url: storage.url().to_owned(),
+            problem: format!(
+                "{stem}.npy holds a ragged field's offsets, and ragged fields are served from local directories \
+                 only; copy the dataset to a local directory"
+            ),
+        });
+    }
     let groups = group_fields(stems, &location)?;
     if groups.is_empty() {
         return Err(LoadError::Remote {
@@ -105,16 +115,28 @@ pub(super) fn open_npy_dir(name: &str, dir: &Path, select: Option<&[String]>) ->
         .collect::<Result<_, _>>()
         .map_err(io_error)?;
     files.retain(|p| p.extension().is_some_and(|e| e == "npy") && p.is_file());
+    let offsets = ragged::split_offsets(&mut files);
     let stems = files
         .into_iter()
         .map(|path| (path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(), path))
         .collect();
     let groups = group_fields(stems, dir)?;
+    // A ragged field is one values file beside its offsets: not shards, not offsets alone.
+    for (field, offsets) in &offsets {
+        let values = groups.get(field).map_or(0, Vec::len);
+        if values != 1 || !dir.join(format!("{field}.npy")).is_file() {
+            return Err(LoadError::RaggedLayout { field: field.clone(), offsets: offsets.clone(), values });
+        }
+    }
     if groups.is_empty() {
         return Err(LoadError::NoFields { dataset: name.to_owned(), dir: dir.to_owned() });
     }
     let mut fields = Vec::with_capacity(groups.len());
     for (field_name, paths) in select_fields(name, dir, groups, select)? {
+        if let Some((_, offsets)) = offsets.iter().find(|(field, _)| *field == field_name) {
+            fields.push(ragged::open(&field_name, &paths[0], offsets)?);
+            continue;
+        }
         let mut shards = Vec::with_capacity(paths.len());
         for path in paths {
             let map = MappedFile::open(&path).map_err(|error| LoadError::Io { path: path.clone(), error })?;

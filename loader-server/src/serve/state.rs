@@ -228,23 +228,24 @@ impl LoaderState {
     }
 
     /// Checks a request against the dataset and the limits; returns the dataset and the bytes
-    /// the batch holds while it is assembled and queued.
-    fn check(&self, request: &BatchRequest) -> Result<(Served, u64), RequestError> {
+    /// the batch holds while it is assembled and queued, or `None` for a dataset with ragged
+    /// fields, whose size its samples' lengths decide ([`LoaderState::check_bytes`] then runs
+    /// once they are read).
+    fn check(&self, request: &BatchRequest) -> Result<(Served, Option<u64>), RequestError> {
         let served = self.dataset(&request.dataset)?;
         let name = served.name();
         let num_samples = request.indices.len() as u64;
         if num_samples == 0 {
             return Err(RequestError::EmptyBatch { dataset: name.to_owned() });
         }
-        let bytes = num_samples * served.bytes_per_sample() as u64;
-        if num_samples > self.config.max_batch_samples || bytes > self.config.max_batch_bytes {
-            return Err(RequestError::BatchTooLarge {
-                dataset: name.to_owned(),
-                num_samples,
-                bytes,
-                max_samples: self.config.max_batch_samples,
-                max_bytes: self.config.max_batch_bytes,
-            });
+        if let Some(field) = served.source().ragged_field().filter(|_| !request.accepts_ragged) {
+            return Err(RequestError::ClientTooOld { dataset: name.to_owned(), field: field.name.clone() });
+        }
+        let ragged = served.source().ragged_field().is_some();
+        if !ragged {
+            self.check_bytes(served, num_samples, num_samples * served.bytes_per_sample() as u64)?;
+        } else if num_samples > self.config.max_batch_samples {
+            self.check_bytes(served, num_samples, 0)?;
         }
         let len = served.source().num_samples;
         if let Some(&index) = request.indices.iter().find(|&&i| i >= len) {
@@ -261,7 +262,22 @@ impl LoaderState {
                 });
             }
         }
-        Ok((served.clone(), num_samples * served.budget_bytes_per_sample() as u64))
+        let budget = (!ragged).then(|| num_samples * served.budget_bytes_per_sample() as u64);
+        Ok((served.clone(), budget))
+    }
+
+    /// Checks a batch of `num_samples` samples and `bytes` bytes against the batch limits.
+    fn check_bytes(&self, served: &Served, num_samples: u64, bytes: u64) -> Result<(), RequestError> {
+        if num_samples > self.config.max_batch_samples || bytes > self.config.max_batch_bytes {
+            return Err(RequestError::BatchTooLarge {
+                dataset: served.name().to_owned(),
+                num_samples,
+                bytes,
+                max_samples: self.config.max_batch_samples,
+                max_bytes: self.config.max_batch_bytes,
+            });
+        }
+        Ok(())
     }
 
     /// Serves one request within a stream's bounds: its share of the in-flight budget, a gather
@@ -294,6 +310,28 @@ impl LoaderState {
                 return self.refuse(batch_id, indices, error);
             }
         };
+        let inline = matches!(bounds, Bounds::Inline);
+        let bytes = match bytes {
+            Some(bytes) => bytes,
+            None => {
+                // A ragged batch weighs what its samples do: their lengths are read off the
+                // runtime, before it takes any budget.
+                let (source, asked) = (served.source().clone(), indices.clone());
+                let sized = offload(inline, move || source.batch_bytes(&asked)).await;
+                let checked = sized.map_err(|reason| RequestError::GatherFailed {
+                    dataset: served.name().to_owned(),
+                    batch_id,
+                    reason,
+                });
+                match checked.and_then(|bytes| self.check_bytes(&served, indices.len() as u64, bytes).map(|()| bytes)) {
+                    Ok(bytes) => bytes,
+                    Err(error) => {
+                        tracing::warn!(batch_id, %error, "rejected batch request");
+                        return self.refuse(batch_id, indices, error);
+                    }
+                }
+            }
+        };
         let (budget, slot, region) = match bounds {
             Bounds::Stream { stream_id, region } => {
                 let budget = self.inflight_bytes.acquire(stream_id, bytes).await;
@@ -305,7 +343,6 @@ impl LoaderState {
             }
             Bounds::Inline => (None, None, None),
         };
-        let inline = slot.is_none();
         let state = self.clone();
         let gather_served = served.clone();
         // Unless a Python transform is still to run, the batch is finished on the thread that

@@ -412,6 +412,7 @@ mod tests {
                 indices: (start..start + BATCH).collect(),
                 seed: 0,
                 epoch: 0,
+                accepts_ragged: true,
             };
             self.requests_tx.send(Ok(request)).await.expect("the loop reads requests");
         }

@@ -148,6 +148,8 @@ impl Derived {
                 chunk_len: self.source.fields.iter().map(|s| s.chunk_len).max().unwrap_or(1),
                 // Operators change shapes, so the source's dimension names no longer apply.
                 dimension_names: Vec::new(),
+                ragged: false,
+                utf8: false,
             })
             .collect();
         DatasetInfo {
@@ -224,6 +226,9 @@ pub fn open_derived(config: &Config, stored: &[Arc<Dataset>], cache: &ChunkCache
             let stored = stored.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ");
             fail(DerivedProblem::NoSource { source_name: spec.source.clone(), stored })
         })?;
+        if let Some(field) = source.ragged_field() {
+            return Err(fail(DerivedProblem::RaggedSource { field: field.name.clone() }));
+        }
         let source_schema = schema_of(&source);
         let (transform, schema, derivation) = if flag == "--pipeline" {
             let text = match spec.body.strip_prefix('@') {

@@ -2,6 +2,7 @@
 mod cli;
 mod limits;
 mod npy;
+mod ragged;
 mod replicas;
 mod security;
 mod shm;

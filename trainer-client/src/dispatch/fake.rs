@@ -30,6 +30,7 @@ pub(super) fn catalog(num_samples: u64, chunk_len: u64) -> Vec<DatasetInfo> {
             bytes_per_sample: 8,
             chunk_len,
             dimension_names: Vec::new(),
+            ..FieldInfo::default()
         }],
         max_batch_samples: 1 << 20,
         derivation: String::new(),
@@ -260,6 +261,7 @@ fn answer(request: BatchRequest) -> BatchResponse {
             dtype: conveyor_proto::DType::Int64 as i32,
             shape: vec![request.indices.len() as u64],
             data: Bytes::from(data),
+            offsets: Bytes::new(),
             shared: None,
         }],
         indices: request.indices,

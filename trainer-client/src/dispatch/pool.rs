@@ -426,7 +426,14 @@ impl Pool {
             let batch_id = self.in_flight.next_batch_id();
             let Some(replica) = self.replicas.get_mut(&addr) else { return false };
             let Some(requests_tx) = replica.requests_tx.as_ref() else { return false };
-            let request = BatchRequest { batch_id, dataset: dataset.to_owned(), indices: indices.clone(), seed, epoch };
+            let request = BatchRequest {
+                batch_id,
+                dataset: dataset.to_owned(),
+                indices: indices.clone(),
+                seed,
+                epoch,
+                accepts_ragged: true,
+            };
             match requests_tx.try_send(request) {
                 Ok(()) => {
                     replica.num_in_flight += 1;

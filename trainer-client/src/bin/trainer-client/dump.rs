@@ -100,6 +100,14 @@ impl Dump {
         for field in &info.fields {
             conveyor_proto::check_field_name(&field.name)
                 .map_err(|problem| anyhow::anyhow!("--dump: dataset '{}': {problem}", info.name))?;
+            if field.ragged {
+                bail!(
+                    "--dump: dataset '{}' has the ragged field '{}' (samples of different lengths), which dumps do not \
+                     write; stream without --dump, or read the samples through the library",
+                    info.name,
+                    field.name
+                );
+            }
         }
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create --dump directory {}", dir.display()))?;
         let open = |name: &str, dtype, shape: &[u64]| {

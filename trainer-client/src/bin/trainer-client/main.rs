@@ -170,13 +170,22 @@ async fn info(loader: &str, options: &ConnectOptions) -> anyhow::Result<()> {
                 0 | 1 => "unchunked (memory-mapped .npy)".to_owned(),
                 n => format!("chunks of {n} samples (block shuffle keeps them together)"),
             };
-            println!(
-                "  {:<16} {:<8} sample shape {:?}  {} bytes/sample  {storage}",
-                field.name,
-                dtype.name(),
-                field.sample_shape,
-                field.bytes_per_sample,
-            );
+            if field.ragged {
+                let rows = if field.sample_shape.is_empty() {
+                    "values".to_owned()
+                } else {
+                    format!("rows of shape {:?}", field.sample_shape)
+                };
+                println!("  {:<16} {:<8} ragged: each sample a variable number of {rows}", field.name, dtype.name());
+            } else {
+                println!(
+                    "  {:<16} {:<8} sample shape {:?}  {} bytes/sample  {storage}",
+                    field.name,
+                    dtype.name(),
+                    field.sample_shape,
+                    field.bytes_per_sample,
+                );
+            }
             if !field.dimension_names.is_empty() {
                 println!("  {:<16} dimensions ({})", "", field.dimension_names.join(", "));
             }

@@ -1,0 +1,202 @@
+//! Ragged fields: samples of different lengths, stored as users write them with numpy. A field
+//! `FIELD` is the values `FIELD.npy` (`[total rows, ...row shape]`, every sample's rows one
+//! after another) and the row offsets `FIELD.offsets.npy` (`int64`, one per sample plus one,
+//! starting at 0: sample `i` is rows `offsets[i]..offsets[i+1]`), both memory-mapped. Bytes and
+//! text are `uint8` values with no row shape.
+//!
+//! The offsets are checked whole when the field opens (they start at 0, never decrease and end
+//! at the values' row count), so a batch never reads outside the values; both files are checked
+//! unchanged before each batch reads them, as every mapped shard is.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, atomic::Ordering},
+};
+
+use bytes::Bytes;
+use conveyor_proto::{
+    DType,
+    npy::{self, NpyHeader},
+    wire::{OutgoingTensor, Piece},
+};
+
+use super::{Field, NEXT_FIELD_ID, Source};
+use crate::{
+    error::{LoadError, OffsetsProblem},
+    storage::{mmap::MappedFile, shared_bytes},
+};
+
+/// Suffix of an offsets file's stem: `FIELD.offsets.npy`.
+pub(super) const OFFSETS_SUFFIX: &str = ".offsets";
+
+/// Where a ragged field's values and offsets are.
+#[derive(Debug)]
+pub(super) struct RaggedSource {
+    /// The values file, mapped.
+    values: Arc<MappedFile>,
+    /// Offset of the first value in it.
+    values_offset: usize,
+    /// Whether values are big-endian (swapped on the way out).
+    values_big_endian: bool,
+    /// Bytes of one row of values.
+    row_bytes: usize,
+    /// The offsets file, mapped.
+    offsets: Arc<MappedFile>,
+    /// Offset of the first offset in it.
+    offsets_offset: usize,
+    /// Whether the offsets are big-endian.
+    offsets_big_endian: bool,
+}
+
+impl RaggedSource {
+    /// Offset `i` (`i <= num_samples`), read from the map.
+    fn offset(&self, i: u64) -> u64 {
+        let at = self.offsets_offset + i as usize * 8;
+        let mut raw = [0u8; 8];
+        raw.copy_from_slice(&self.offsets[at..at + 8]);
+        let value = if self.offsets_big_endian { i64::from_be_bytes(raw) } else { i64::from_le_bytes(raw) };
+        // Checked non-negative when the field opened.
+        value as u64
+    }
+
+    /// Rows of sample `index`.
+    fn rows(&self, index: u64) -> std::ops::Range<u64> {
+        self.offset(index)..self.offset(index + 1)
+    }
+
+    /// Appends the samples `indices` to `tensor`: the values as runs into the values map, the
+    /// offsets (batch + 1, from 0) as the tensor's own; sets the tensor's row count.
+    ///
+    /// # Errors
+    /// When either file changed since it was opened (the first index, and why).
+    pub(super) fn select_into(&self, indices: &[u64], tensor: &mut OutgoingTensor) -> Result<u64, (u64, String)> {
+        let first = indices.first().copied().unwrap_or(0);
+        self.values.check().map_err(|reason| (first, reason))?;
+        self.offsets.check().map_err(|reason| (first, reason))?;
+        let piece =
+            tensor.add_piece(Piece { bytes: shared_bytes(self.values.clone()), big_endian: self.values_big_endian });
+        let mut offsets = Vec::with_capacity((indices.len() + 1) * 8);
+        offsets.extend_from_slice(&0i64.to_le_bytes());
+        let mut total = 0u64;
+        for &index in indices {
+            let rows = self.rows(index);
+            let len = rows.end - rows.start;
+            tensor.push(
+                piece,
+                self.values_offset + rows.start as usize * self.row_bytes,
+                len as usize * self.row_bytes,
+            );
+            total += len;
+            offsets.extend_from_slice(&(total as i64).to_le_bytes());
+        }
+        tensor.offsets = Some(Bytes::from(offsets));
+        if let Some(rows) = tensor.shape.first_mut() {
+            *rows = total;
+        }
+        Ok(0)
+    }
+
+    /// Bytes a batch of `indices` sends: its values and its offsets.
+    pub(super) fn batch_bytes(&self, indices: &[u64]) -> u64 {
+        let rows: u64 = indices.iter().map(|&index| self.rows(index)).map(|r| r.end - r.start).sum();
+        rows * self.row_bytes as u64 + (indices.len() as u64 + 1) * 8
+    }
+}
+
+/// Opens the ragged field `name` from its values file and its offsets file.
+///
+/// # Errors
+/// [`LoadError::Header`] or [`LoadError::Truncated`] for either file, and
+/// [`LoadError::BadOffsets`] when the offsets do not describe the values.
+pub(super) fn open(name: &str, values_path: &Path, offsets_path: &Path) -> Result<Field, LoadError> {
+    let (values, values_header) = open_npy(values_path)?;
+    let (offsets, offsets_header) = open_npy(offsets_path)?;
+    let bad = |problem| LoadError::BadOffsets { path: offsets_path.to_owned(), problem };
+    if offsets_header.dtype != DType::Int64 {
+        return Err(bad(OffsetsProblem::NotInt64 { dtype: offsets_header.dtype.name() }));
+    }
+    if offsets_header.shape.len() != 1 {
+        return Err(bad(OffsetsProblem::NotOneDimensional { shape: offsets_header.shape.clone() }));
+    }
+    let num_offsets = offsets_header.shape[0];
+    if num_offsets == 0 {
+        return Err(bad(OffsetsProblem::Empty));
+    }
+    let rows = values_header.shape[0];
+    let source = RaggedSource {
+        values: Arc::new(values),
+        values_offset: values_header.data_offset,
+        values_big_endian: values_header.big_endian,
+        row_bytes: values_header.shape[1..].iter().product::<u64>() as usize * values_header.dtype.size_bytes(),
+        offsets: Arc::new(offsets),
+        offsets_offset: offsets_header.data_offset,
+        offsets_big_endian: offsets_header.big_endian,
+    };
+    check_offsets(&source, num_offsets, rows, values_path).map_err(bad)?;
+    Ok(Field {
+        name: name.to_owned(),
+        dtype: values_header.dtype,
+        sample_shape: values_header.shape[1..].to_vec(),
+        bytes_per_sample: 0,
+        chunk_len: 1,
+        dims: Vec::new(),
+        num_samples: num_offsets - 1,
+        id: NEXT_FIELD_ID.fetch_add(1, Ordering::Relaxed),
+        source: Source::Ragged(Box::new(source)),
+    })
+}
+
+/// Maps `path` and parses its header, checking it holds the bytes the header promises.
+fn open_npy(path: &Path) -> Result<(MappedFile, NpyHeader), LoadError> {
+    let map = MappedFile::open(path).map_err(|error| LoadError::Io { path: path.to_owned(), error })?;
+    let header = npy::parse_header(&map).map_err(|problem| LoadError::Header { path: path.to_owned(), problem })?;
+    let expected_bytes = header.num_elements() * header.dtype.size_bytes() as u64;
+    let actual_bytes = (map.len() - header.data_offset) as u64;
+    if actual_bytes < expected_bytes {
+        return Err(LoadError::Truncated { path: path.to_owned(), expected_bytes, actual_bytes });
+    }
+    Ok((map, header))
+}
+
+/// Offsets start at 0, never decrease, and end at the values' row count. Reads each once.
+fn check_offsets(source: &RaggedSource, num_offsets: u64, rows: u64, values: &Path) -> Result<(), OffsetsProblem> {
+    let at = |i: u64| {
+        let start = source.offsets_offset + i as usize * 8;
+        let mut raw = [0u8; 8];
+        raw.copy_from_slice(&source.offsets[start..start + 8]);
+        if source.offsets_big_endian { i64::from_be_bytes(raw) } else { i64::from_le_bytes(raw) }
+    };
+    let first = at(0);
+    if first != 0 {
+        return Err(OffsetsProblem::NotFromZero { first });
+    }
+    let mut previous = first;
+    for index in 1..num_offsets {
+        let next = at(index);
+        if next < previous {
+            return Err(OffsetsProblem::Decreasing { index: index - 1, at: previous, next });
+        }
+        previous = next;
+    }
+    if u64::try_from(previous).ok() != Some(rows) {
+        return Err(OffsetsProblem::WrongEnd { last: previous, rows, values: values.to_owned() });
+    }
+    Ok(())
+}
+
+/// Takes the offsets files (`FIELD.offsets.npy`) out of `files` (paths of `.npy` files in one
+/// directory) and returns them by field name, so the values files open as fields whose offsets
+/// are known.
+pub(super) fn split_offsets(files: &mut Vec<PathBuf>) -> Vec<(String, PathBuf)> {
+    let stem = |path: &Path| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let mut ragged = Vec::new();
+    files.retain(|path| match stem(path).strip_suffix(OFFSETS_SUFFIX) {
+        Some(field) => {
+            ragged.push((field.to_owned(), path.clone()));
+            false
+        }
+        None => true,
+    });
+    ragged.sort();
+    ragged
+}
