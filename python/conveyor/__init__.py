@@ -61,6 +61,7 @@ __all__ = [
     "DatasetInfo",
     "InvalidSettingsError",
     "LoaderUnavailableError",
+    "Ragged",
     "StreamingDataset",
     "UnknownDatasetError",
     "datasets",
@@ -107,8 +108,10 @@ class DatasetInfo(NamedTuple):
 
     num_samples: int
     """Samples in the dataset."""
-    fields: Dict[str, Tuple[np.dtype, Tuple[int, ...]]]
-    """Per field: its numpy dtype and the shape of one sample."""
+    fields: Dict[str, Tuple[np.dtype, Tuple[Optional[int], ...]]]
+    """Per field: its numpy dtype and the shape of one sample. A ragged field (samples of
+    different lengths) has ``None`` first: ``(None, 3)`` is a variable number of rows of 3,
+    ``(None,)`` a variable number of values (bytes, for ``uint8``)."""
     derivation: str = ""
     """For a dataset the loaders derive with a transform: ``"SOURCE | pipeline ..."`` or
     ``"SOURCE | python module:function"``; empty for a stored dataset."""
@@ -121,6 +124,61 @@ class DatasetInfo(NamedTuple):
     variables: Dict[str, "ArrayInfo"] = {}
     """Data variables of a Zarr group that are not fields (not chosen with ``--fields``, or
     without the sample dimension first): described, not served; ``reason`` says why."""
+
+
+class Ragged:
+    """One batch of a ragged field: samples of different lengths, as numpy arrays.
+
+    ``values`` holds every sample's rows one after another (``[total rows, *row shape]``) and
+    ``offsets`` (int64, one per sample plus one, from 0) where each starts: sample ``i`` is
+    ``values[offsets[i]:offsets[i + 1]]``, the layout of Arrow lists and of torch's jagged
+    nested tensors. Nothing is padded or copied per sample; ``pad`` makes a dense array when
+    one is wanted (JAX, a fixed-shape model input).
+    """
+
+    __slots__ = ("values", "offsets")
+
+    def __init__(self, values: np.ndarray, offsets: np.ndarray) -> None:
+        self.values = values
+        self.offsets = offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"sample {i} of a batch of {n}")
+        i %= n
+        return self.values[self.offsets[i]:self.offsets[i + 1]]
+
+    def lengths(self) -> np.ndarray:
+        """Each sample's length (rows), int64."""
+        return np.diff(self.offsets)
+
+    def tolist(self) -> List[Any]:
+        """The samples: ``bytes`` for a uint8 field of single values (bytes and text), arrays
+        otherwise."""
+        if self.values.dtype == np.uint8 and self.values.ndim == 1:
+            return [self[i].tobytes() for i in range(len(self))]
+        return [self[i] for i in range(len(self))]
+
+    def pad(self, length: Optional[int] = None, value: Any = 0) -> Tuple[np.ndarray, np.ndarray]:
+        """A dense ``[batch, length, *row shape]`` array (``length`` defaults to the longest
+        sample; longer samples are cut) filled with ``value`` past each sample's end, and the
+        lengths it holds (int64)."""
+        lengths = self.lengths()
+        length = int(lengths.max(initial=0)) if length is None else length
+        if length < 0:
+            raise InvalidSettingsError(f"pad(length={length}): give a length >= 0")
+        out = np.full((len(self), length) + self.values.shape[1:], value, dtype=self.values.dtype)
+        kept = np.minimum(lengths, length)
+        for i, n in enumerate(kept):
+            out[i, :n] = self[i][:n]
+        return out, kept
+
+    def __repr__(self) -> str:
+        return f"Ragged({len(self)} samples, {len(self.values)} rows of {self.values.dtype} {self.values.shape[1:]})"
 
 
 class ArrayInfo(NamedTuple):
@@ -179,7 +237,10 @@ def datasets(loaders: Sequence[str], unavailable_timeout: float = 10.0, **securi
 
 
 def _info(entry: Dict[str, Any]) -> DatasetInfo:
-    fields = {f["name"]: (_numpy_dtype(f["dtype"]), tuple(f["sample_shape"])) for f in entry["fields"]}
+    fields = {
+        f["name"]: (_numpy_dtype(f["dtype"]), ((None,) if f.get("ragged") else ()) + tuple(f["sample_shape"]))
+        for f in entry["fields"]
+    }
     dimensions = {f["name"]: tuple(f["dimension_names"]) for f in entry["fields"] if f.get("dimension_names")}
     described: Dict[str, Dict[str, ArrayInfo]] = {"coordinate": {}, "variable": {}}
     for c in entry.get("coordinates", []):
@@ -218,7 +279,9 @@ class StreamingDataset(_Base):  # type: ignore[misc, valid-type]
     plus ``"__index__"``, the int64 global sample indices. With ``output="numpy"`` the arrays
     borrow the received message (no copy). With ``output="torch"`` they are tensors (no copy on
     the CPU; uint16 and uint32 widen to int32 and int64, uint64 is refused); ``device="cuda"``
-    copies them through page-locked memory, asynchronously.
+    copies them through page-locked memory, asynchronously. A ragged field (samples of different
+    lengths) is a :class:`Ragged` with numpy output and a jagged nested tensor
+    (``torch.nested.nested_tensor_from_jagged``) with torch output.
 
     It is a ``torch.utils.data.IterableDataset`` when torch is importable. DataLoader workers are
     not needed (the data workers are the loaders); with ``DataLoader(ds, batch_size=None,
@@ -528,11 +591,18 @@ class StreamingDataset(_Base):  # type: ignore[misc, valid-type]
                 "DataLoader(ds, batch_size=None, ...); Conveyor's batch size is StreamingDataset(batch_size=...)"
             )
 
-    def _convert(self, indices: np.ndarray, fields: List[Tuple[str, np.ndarray, str, List[int]]]) -> Dict[str, Any]:
+    def _convert(self, indices: np.ndarray, fields: List[Tuple[str, np.ndarray, str, List[int], Any]]) -> Dict[str, Any]:
         out: Dict[str, Any] = {}
-        for name, data, code, shape in fields:
+        for name, data, code, shape, offsets in fields:
             array = data.view(_numpy_dtype(code)).reshape(shape)
-            out[name] = array if self.output == "numpy" else self._tensor(name, array)
+            if offsets is None:
+                out[name] = array if self.output == "numpy" else self._tensor(name, array)
+            elif self.output == "numpy":
+                out[name] = Ragged(array, offsets)
+            else:
+                # torch's jagged layout is the wire's: the values and offsets as they are.
+                values = self._tensor(name, array)
+                out[name] = torch.nested.nested_tensor_from_jagged(values, torch.from_numpy(offsets).to(values.device))
         index = indices.view(np.int64)
         out[INDEX_KEY] = index if self.output == "numpy" else torch.from_numpy(index)
         return out

@@ -23,7 +23,7 @@ class BatchError(ConveyorError):
 class AuthenticationError(ConveyorError):
     """Every loader refused the client's credentials: a missing or wrong token or client certificate."""
 
-Field = Tuple[str, npt.NDArray[np.uint8], str, List[int]]
+Field = Tuple[str, npt.NDArray[np.uint8], str, List[int], Optional[npt.NDArray[np.int64]]]
 
 class Security(TypedDict):
     """The TLS and token arguments: every key present, None where not given."""

@@ -132,9 +132,12 @@ fn borrowed_array<'py>(py: Python<'py>, data: Bytes) -> PyResult<Bound<'py, PyAr
     Ok(array)
 }
 
-/// One batch as Python values: `(epoch, index, indices, [(field, uint8 array, dtype, shape)])`.
-type PyBatch<'py> =
-    (u64, u64, Bound<'py, PyArray1<u64>>, Vec<(String, Bound<'py, PyArray1<u8>>, &'static str, Vec<u64>)>);
+/// One field of a batch as Python values: `(field, uint8 array, dtype, shape, offsets)`, the
+/// offsets (int64, batch + 1) only for a ragged field.
+type PyField<'py> = (String, Bound<'py, PyArray1<u8>>, &'static str, Vec<u64>, Option<Bound<'py, PyArray1<i64>>>);
+
+/// One batch as Python values: `(epoch, index, indices, [field])`.
+type PyBatch<'py> = (u64, u64, Bound<'py, PyArray1<u64>>, Vec<PyField<'py>>);
 
 fn to_python(py: Python<'_>, batch: Batch) -> PyResult<PyBatch<'_>> {
     let indices = PyArray1::from_vec(py, batch.indices);
@@ -143,7 +146,9 @@ fn to_python(py: Python<'_>, batch: Batch) -> PyResult<PyBatch<'_>> {
         .into_iter()
         .map(|f| {
             let dtype = if f.dtype == DType::Unspecified { "V0" } else { f.dtype.numpy_code() };
-            Ok((f.name, borrowed_array(py, f.data)?, dtype, f.shape))
+            // Offsets are 8 bytes a sample: copied, where the values are borrowed.
+            let offsets = f.offsets.map(|o| PyArray1::from_vec(py, o.into_iter().map(|o| o as i64).collect()));
+            Ok((f.name, borrowed_array(py, f.data)?, dtype, f.shape, offsets))
         })
         .collect::<PyResult<_>>()?;
     Ok((batch.epoch, batch.index, indices, fields))
@@ -446,6 +451,7 @@ fn catalog_json(catalog: &[trainer_client::DatasetInfo]) -> String {
                         "bytes_per_sample": f.bytes_per_sample,
                         "chunk_len": f.chunk_len,
                         "dimension_names": f.dimension_names,
+                        "ragged": f.ragged,
                     })
                 })
                 .collect();
