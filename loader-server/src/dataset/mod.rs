@@ -14,7 +14,7 @@
 pub mod chunk_cache;
 pub mod npy;
 pub mod npz;
-mod ragged;
+pub mod ragged;
 pub mod zarr;
 
 use bytes::Bytes;

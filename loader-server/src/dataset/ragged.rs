@@ -160,21 +160,29 @@ fn open_npy(path: &Path) -> Result<(MappedFile, NpyHeader), LoadError> {
 
 /// Offsets start at 0, never decrease, and end at the values' row count. Reads each once.
 fn check_offsets(source: &RaggedSource, num_offsets: u64, rows: u64, values: &Path) -> Result<(), OffsetsProblem> {
-    let at = |i: u64| {
-        let start = source.offsets_offset + i as usize * 8;
-        let mut raw = [0u8; 8];
-        raw.copy_from_slice(&source.offsets[start..start + 8]);
-        if source.offsets_big_endian { i64::from_be_bytes(raw) } else { i64::from_le_bytes(raw) }
-    };
-    let first = at(0);
+    let start = source.offsets_offset;
+    let bytes = &source.offsets[start..start + num_offsets as usize * 8];
+    check_offset_bytes(bytes, source.offsets_big_endian, rows, values)
+}
+
+/// [`check_offsets`] on the offsets' bytes (`int64`, big- or little-endian; a partial last
+/// entry is ignored): the check the fuzz target `ragged_offsets` drives.
+///
+/// # Errors
+/// The first rule an offset breaks.
+pub fn check_offset_bytes(bytes: &[u8], big_endian: bool, rows: u64, values: &Path) -> Result<(), OffsetsProblem> {
+    let mut offsets = bytes.chunks_exact(8).map(|c| {
+        let raw: [u8; 8] = c.try_into().unwrap_or_default();
+        if big_endian { i64::from_be_bytes(raw) } else { i64::from_le_bytes(raw) }
+    });
+    let first = offsets.next().ok_or(OffsetsProblem::Empty)?;
     if first != 0 {
         return Err(OffsetsProblem::NotFromZero { first });
     }
     let mut previous = first;
-    for index in 1..num_offsets {
-        let next = at(index);
+    for (index, next) in offsets.enumerate() {
         if next < previous {
-            return Err(OffsetsProblem::Decreasing { index: index - 1, at: previous, next });
+            return Err(OffsetsProblem::Decreasing { index: index as u64, at: previous, next });
         }
         previous = next;
     }
@@ -199,4 +207,27 @@ pub(super) fn split_offsets(files: &mut Vec<PathBuf>) -> Vec<(String, PathBuf)> 
     });
     ragged.sort();
     ragged
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(offsets: &[i64], big_endian: bool) -> Vec<u8> {
+        offsets.iter().flat_map(|o| if big_endian { o.to_be_bytes() } else { o.to_le_bytes() }).collect()
+    }
+
+    #[test]
+    fn offsets_must_start_at_zero_never_decrease_and_end_at_the_rows() {
+        let values = Path::new("v.npy");
+        let check = |offsets: &[i64], rows| check_offset_bytes(&bytes(offsets, false), false, rows, values);
+        assert!(check(&[0, 2, 2, 5], 5).is_ok());
+        assert!(check(&[0], 0).is_ok(), "no samples, no rows");
+        assert!(check_offset_bytes(&bytes(&[0, 1, 4], true), true, 4, values).is_ok(), "big-endian");
+        assert!(matches!(check(&[], 0), Err(OffsetsProblem::Empty)));
+        assert!(matches!(check(&[1, 5], 5), Err(OffsetsProblem::NotFromZero { first: 1 })));
+        assert!(matches!(check(&[0, 3, 2, 5], 5), Err(OffsetsProblem::Decreasing { index: 1, at: 3, next: 2 })));
+        assert!(matches!(check(&[0, 2, 4], 5), Err(OffsetsProblem::WrongEnd { last: 4, rows: 5, .. })));
+        assert!(matches!(check(&[0, -1], 0), Err(OffsetsProblem::Decreasing { .. })), "negative offsets");
+    }
 }
