@@ -80,3 +80,67 @@ def test_torch_output_is_a_jagged_nested_tensor_per_ragged_field(tmp_path, start
         assert torch.equal(batch["label"], batch["__index__"])
         seen += len(batch["__index__"])
     assert seen == N
+
+
+def write_image_folder(root):
+    """A torchvision-style ImageFolder written by Pillow: PNG and JPEG files of varied sizes in
+    class directories (one nested), plus a file that is not an image. Returns the samples in
+    torchvision's order: (path, class index)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    layout = {"cat": ["a.png", "b.jpg", "c.PNG"], "dog": ["z.jpg", "sub/y.png"], "eel": ["only.webp"]}
+    for cls, names in layout.items():
+        for name in names:
+            path = os.path.join(root, cls, name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            size = (int(rng.integers(5, 40)), int(rng.integers(5, 40)))
+            pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(path)
+    with open(os.path.join(root, "cat", "notes.txt"), "w") as f:
+        f.write("not an image")
+    # torchvision.datasets.ImageFolder's order: sorted classes; in each, sorted(os.walk(...)) and
+    # sorted file names, keeping image extensions (compared in lower case).
+    extensions = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+    samples = []
+    for label, cls in enumerate(sorted(layout)):
+        for dirpath, _, names in sorted(os.walk(os.path.join(root, cls), followlinks=True)):
+            for name in sorted(names):
+                if name.lower().endswith(extensions):
+                    samples.append((os.path.join(dirpath, name), label))
+    return samples
+
+
+def test_an_image_folder_serves_each_files_bytes_and_its_class_index_as_torchvision_orders_them(
+        tmp_path, start_loader):
+    from PIL import Image
+    import io
+
+    samples = write_image_folder(tmp_path / "images")
+    loader = start_loader({"images": tmp_path / "images"})
+    info = conveyor.datasets([loader.addr])["images"]
+    assert info.num_samples == len(samples) == 6
+    assert info.fields == {"image": (np.dtype(np.uint8), (None,)), "label": (np.dtype(np.int64), ())}
+    ds = conveyor.StreamingDataset([loader.addr], "images", batch_size=4, shuffle="full", seed=1)
+    seen = []
+    for batch in ds:
+        images = batch["image"].tolist()
+        for position, i in enumerate(batch["__index__"]):
+            path, label = samples[i]
+            with open(path, "rb") as f:
+                assert images[position] == f.read(), path
+            assert batch["label"][position] == label
+            # The bytes decode as the file does.
+            np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(images[position]))),
+                                          np.asarray(Image.open(path)))
+            seen.append(int(i))
+    assert sorted(seen) == list(range(len(samples)))
+
+    # A file that changes after start-up is refused by name, never served changed.
+    changed, _ = samples[2]
+    with open(changed, "ab") as f:
+        f.write(b"appended")
+    with pytest.raises(conveyor.BatchError, match="must not change while it is served") as raised:
+        for _ in conveyor.StreamingDataset([loader.addr], "images", batch_size=len(samples), shuffle="none"):
+            pass
+    assert os.path.basename(changed) in str(raised.value)

@@ -6,12 +6,14 @@
 //! `FIELD-00001.npy`, ... concatenated along axis 0 in name order. Axis 0 indexes samples. The
 //! members of an `.npz` archive follow the same naming rule and are mapped in place.
 //!
-//! One module per format: [`npy`] (fields of `.npy` shards), `ragged` (samples of different
-//! lengths: values and offsets), [`npz`] (archives), [`zarr`] (arrays and groups); [`chunk_cache`] keeps decoded Zarr blocks in memory (not to be confused with the
+//! One module per format: [`npy`] (fields of `.npy` shards), [`ragged`] (samples of different
+//! lengths: values and offsets), `image_folder` (torchvision's `ImageFolder` layout), [`npz`]
+//! (archives), [`zarr`] (arrays and groups); [`chunk_cache`] keeps decoded Zarr blocks in memory (not to be confused with the
 //! object-store disk cache in [`crate::storage::disk_cache`]). This wing reads bytes through
 //! [`crate::storage`] and never imports [`crate::serve`].
 
 pub mod chunk_cache;
+mod image_folder;
 pub mod npy;
 pub mod npz;
 pub mod ragged;
@@ -88,6 +90,10 @@ enum Source {
     Zarr(Box<ZarrSource>),
     /// A ragged field: mapped values and row offsets.
     Ragged(Box<ragged::RaggedSource>),
+    /// A ragged field of whole files (an image folder's images), read per batch.
+    Files(Box<image_folder::Files>),
+    /// Rows held in memory (an image folder's labels).
+    Memory(Bytes),
 }
 
 /// Gives every field a distinct id for cache keys.
@@ -133,6 +139,14 @@ impl Field {
         let row = self.bytes_per_sample;
         match &self.source {
             Source::Ragged(ragged) => ragged.select_into(indices, tensor),
+            Source::Files(files) => files.select_into(indices, tensor),
+            Source::Memory(rows) => {
+                let piece = tensor.add_piece(Piece { bytes: rows.clone(), big_endian: false });
+                for &index in indices {
+                    tensor.push(piece, index as usize * row, row);
+                }
+                Ok(0)
+            }
             Source::Npy { shards, shard_starts } => {
                 let shard_of = |index: u64| {
                     if shards.len() == 1 { 0 } else { shard_starts.partition_point(|&start| start <= index) - 1 }
@@ -298,7 +312,7 @@ impl Field {
 
     /// Whether samples differ in length (values plus offsets on the wire).
     pub fn is_ragged(&self) -> bool {
-        matches!(self.source, Source::Ragged(_))
+        matches!(self.source, Source::Ragged(_) | Source::Files(_))
     }
 
     /// Bytes a batch of `indices` sends for this field. Reads a ragged field's offsets: call it
@@ -306,6 +320,7 @@ impl Field {
     pub fn batch_bytes(&self, indices: &[u64]) -> u64 {
         match &self.source {
             Source::Ragged(ragged) => ragged.batch_bytes(indices),
+            Source::Files(files) => files.batch_bytes(indices),
             _ => indices.len() as u64 * self.bytes_per_sample as u64,
         }
     }
@@ -378,6 +393,7 @@ impl Dataset {
             Location::Local(path) if is_hdf5(path) => {
                 return Err(LoadError::Hdf5File { dataset: name.to_owned(), path: path.clone() });
             }
+            Location::Local(path) if image_folder::is_image_folder(path) => image_folder::open(name, path, select)?,
             Location::Local(path) => npy::open_npy_dir(name, path, select)?,
             Location::Remote(storage) => {
                 let remote = |problem: String| LoadError::Remote {
