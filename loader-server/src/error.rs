@@ -38,6 +38,14 @@ pub enum LoadError {
         /// What is wrong with its header.
         problem: conveyor_proto::npy::HeaderError,
     },
+    /// A WebDataset shard that cannot be served.
+    #[error("{}: {problem}", shard.display())]
+    WebDataset {
+        /// The shard.
+        shard: PathBuf,
+        /// What is wrong (naming the sample and member), and the fix.
+        problem: String,
+    },
     /// A ragged field's offsets that do not describe its values.
     #[error("{}: {problem}", path.display())]
     BadOffsets {

@@ -144,3 +144,49 @@ def test_an_image_folder_serves_each_files_bytes_and_its_class_index_as_torchvis
         for _ in conveyor.StreamingDataset([loader.addr], "images", batch_size=len(samples), shuffle="none"):
             pass
     assert os.path.basename(changed) in str(raised.value)
+
+
+def test_webdataset_shards_serve_each_member_as_written_and_cls_as_its_class(tmp_path, start_loader):
+    import json
+    import subprocess
+
+    import webdataset as wds
+
+    from conftest import binary
+
+    rng = np.random.default_rng(9)
+    written = {}
+    os.makedirs(tmp_path / "shards")
+    for shard in range(3):
+        with wds.TarWriter(str(tmp_path / "shards" / f"train-{shard:04d}.tar")) as sink:
+            for j in range(5 + shard):
+                key = f"s{shard}_{j:03d}"
+                image = rng.integers(0, 256, size=int(rng.integers(10, 3000)), dtype=np.uint8).tobytes()
+                meta = {"shard": shard, "j": j}
+                sink.write({"__key__": key, "jpg": image, "cls": shard * 100 + j, "json": meta})
+                written[key] = (image, shard * 100 + j, json.dumps(meta).encode())
+    loader = start_loader({"wds": tmp_path / "shards"})
+    info = conveyor.datasets([loader.addr])["wds"]
+    assert info.num_samples == len(written) == 18
+    assert info.fields == {"cls": (np.dtype(np.int64), ()), "jpg": (np.dtype(np.uint8), (None,)),
+                           "json": (np.dtype(np.uint8), (None,))}
+    # Samples are numbered in shard order, then in member order within a shard.
+    keys = sorted(written)
+    ds = conveyor.StreamingDataset([loader.addr], "wds", batch_size=5, shuffle="full", seed=2)
+    seen = []
+    for batch in ds:
+        for position, i in enumerate(batch["__index__"]):
+            image, label, meta = written[keys[i]]
+            assert batch["jpg"].tolist()[position] == image
+            assert batch["cls"][position] == label
+            assert json.loads(batch["json"].tolist()[position]) == json.loads(meta)
+            seen.append(int(i))
+    assert sorted(seen) == list(range(18))
+
+    # A sample without a member the others have stops the loader naming the shard and sample.
+    with wds.TarWriter(str(tmp_path / "shards" / "train-0003.tar")) as sink:
+        sink.write({"__key__": "lonely", "jpg": b"\xff\xd8"})
+    result = subprocess.run([binary("loader-server"), "--listen", "127.0.0.1:0", "--dataset",
+                             f"wds={tmp_path / 'shards'}"], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "train-0003.tar" in result.stderr and "sample 'lonely' has no 'cls' member" in result.stderr, result.stderr

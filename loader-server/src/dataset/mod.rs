@@ -7,7 +7,7 @@
 //! members of an `.npz` archive follow the same naming rule and are mapped in place.
 //!
 //! One module per format: [`npy`] (fields of `.npy` shards), [`ragged`] (samples of different
-//! lengths: values and offsets), `image_folder` (torchvision's `ImageFolder` layout), [`npz`]
+//! lengths: values and offsets), `image_folder` (torchvision's `ImageFolder` layout), `webdataset` (tar shards), [`npz`]
 //! (archives), [`zarr`] (arrays and groups); [`chunk_cache`] keeps decoded Zarr blocks in memory (not to be confused with the
 //! object-store disk cache in [`crate::storage::disk_cache`]). This wing reads bytes through
 //! [`crate::storage`] and never imports [`crate::serve`].
@@ -17,6 +17,7 @@ mod image_folder;
 pub mod npy;
 pub mod npz;
 pub mod ragged;
+mod webdataset;
 pub mod zarr;
 
 use bytes::Bytes;
@@ -92,8 +93,10 @@ enum Source {
     Ragged(Box<ragged::RaggedSource>),
     /// A ragged field of whole files (an image folder's images), read per batch.
     Files(Box<image_folder::Files>),
-    /// Rows held in memory (an image folder's labels).
+    /// Rows held in memory (an image folder's labels, a WebDataset's class indices).
     Memory(Bytes),
+    /// A ragged field of WebDataset members: runs into the mapped tar shards.
+    Tar(Box<webdataset::Members>),
 }
 
 /// Gives every field a distinct id for cache keys.
@@ -140,6 +143,7 @@ impl Field {
         match &self.source {
             Source::Ragged(ragged) => ragged.select_into(indices, tensor),
             Source::Files(files) => files.select_into(indices, tensor),
+            Source::Tar(members) => members.select_into(indices, tensor),
             Source::Memory(rows) => {
                 let piece = tensor.add_piece(Piece { bytes: rows.clone(), big_endian: false });
                 for &index in indices {
@@ -312,7 +316,7 @@ impl Field {
 
     /// Whether samples differ in length (values plus offsets on the wire).
     pub fn is_ragged(&self) -> bool {
-        matches!(self.source, Source::Ragged(_) | Source::Files(_))
+        matches!(self.source, Source::Ragged(_) | Source::Files(_) | Source::Tar(_))
     }
 
     /// Bytes a batch of `indices` sends for this field. Reads a ragged field's offsets: call it
@@ -321,6 +325,7 @@ impl Field {
         match &self.source {
             Source::Ragged(ragged) => ragged.batch_bytes(indices),
             Source::Files(files) => files.batch_bytes(indices),
+            Source::Tar(members) => members.batch_bytes(indices),
             _ => indices.len() as u64 * self.bytes_per_sample as u64,
         }
     }
@@ -392,6 +397,9 @@ impl Dataset {
             Location::Local(path) if npz::is_npz(path) => npz::open_npz(name, path, select)?,
             Location::Local(path) if is_hdf5(path) => {
                 return Err(LoadError::Hdf5File { dataset: name.to_owned(), path: path.clone() });
+            }
+            Location::Local(path) if !webdataset::shards(path).is_empty() => {
+                webdataset::open(name, &webdataset::shards(path), select)?
             }
             Location::Local(path) if image_folder::is_image_folder(path) => image_folder::open(name, path, select)?,
             Location::Local(path) => npy::open_npy_dir(name, path, select)?,

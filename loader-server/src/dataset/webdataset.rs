@@ -1,0 +1,228 @@
+//! WebDataset shards: tar files whose members are grouped into samples by key, as the
+//! `webdataset` library writes and reads them. A member `DIR/KEY.EXT` (the extension is
+//! everything after the first dot of the file name) belongs to sample `DIR/KEY`; consecutive
+//! members with one key are one sample; each extension is a field. `cls` members (a class index
+//! as text) are parsed into an `int64` field; every other extension is a ragged `uint8` field of
+//! the members' bytes as stored (images are not decoded).
+//!
+//! The shards (`DIR/*.tar` in name order, or one `.tar` file) are indexed once at start-up from
+//! their headers alone (seeking past the data) and memory-mapped; a batch's members are runs into
+//! the maps, copied once into its message, with each shard checked unchanged first.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::{Arc, atomic::Ordering},
+};
+
+use bytes::Bytes;
+use conveyor_proto::{
+    DType,
+    wire::{OutgoingTensor, Piece},
+};
+
+use super::{Field, NEXT_FIELD_ID, Source};
+use crate::{
+    error::LoadError,
+    storage::{mmap::MappedFile, shared_bytes},
+};
+
+/// One field's members: where each sample's bytes lie in which shard.
+#[derive(Debug)]
+pub(super) struct Members {
+    /// The shards, mapped.
+    shards: Arc<Vec<Arc<MappedFile>>>,
+    /// Per sample: (shard, offset of the member's data, its size).
+    members: Vec<(u32, u64, u64)>,
+}
+
+impl Members {
+    /// Appends the members of `indices` to `tensor` as runs into the shards' maps, with offsets.
+    ///
+    /// # Errors
+    /// When a shard changed since it was indexed (the first index, and why).
+    pub(super) fn select_into(&self, indices: &[u64], tensor: &mut OutgoingTensor) -> Result<u64, (u64, String)> {
+        let mut pieces: Vec<Option<u32>> = vec![None; self.shards.len()];
+        let mut offsets = Vec::with_capacity((indices.len() + 1) * 8);
+        offsets.extend_from_slice(&0i64.to_le_bytes());
+        let mut total = 0u64;
+        for &index in indices {
+            let (shard, offset, size) = self.members[index as usize];
+            let piece = match pieces[shard as usize] {
+                Some(piece) => piece,
+                None => {
+                    let map = &self.shards[shard as usize];
+                    map.check().map_err(|reason| (index, reason))?;
+                    let piece = tensor.add_piece(Piece { bytes: shared_bytes(map.clone()), big_endian: false });
+                    pieces[shard as usize] = Some(piece);
+                    piece
+                }
+            };
+            tensor.push(piece, offset as usize, size as usize);
+            total += size;
+            offsets.extend_from_slice(&(total as i64).to_le_bytes());
+        }
+        tensor.offsets = Some(Bytes::from(offsets));
+        if let Some(rows) = tensor.shape.first_mut() {
+            *rows = total;
+        }
+        Ok(0)
+    }
+
+    /// Bytes a batch of `indices` sends: the members' sizes and the offsets.
+    pub(super) fn batch_bytes(&self, indices: &[u64]) -> u64 {
+        indices.iter().map(|&i| self.members[i as usize].2).sum::<u64>() + (indices.len() as u64 + 1) * 8
+    }
+}
+
+/// The shards at `path`: the file itself when it is a `.tar`, else the `.tar` files directly in
+/// the directory, in name order (none when it holds `.npy` files).
+pub(super) fn shards(path: &Path) -> Vec<PathBuf> {
+    let is_tar = |p: &Path| p.is_file() && p.extension().is_some_and(|e| e == "tar");
+    if is_tar(path) {
+        return vec![path.to_owned()];
+    }
+    let Ok(entries) = std::fs::read_dir(path) else { return Vec::new() };
+    let entries: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    if entries.iter().any(|p| p.extension().is_some_and(|e| e == "npy")) {
+        return Vec::new();
+    }
+    let mut tars: Vec<PathBuf> = entries.into_iter().filter(|p| is_tar(p)).collect();
+    tars.sort();
+    tars
+}
+
+/// `DIR/KEY.EXT` split as WebDataset does: the extension is everything after the first dot of
+/// the file name. `None` for a name without one.
+fn key_and_extension(member: &str) -> Option<(&str, &str)> {
+    let name_start = member.rfind('/').map_or(0, |i| i + 1);
+    let dot = name_start + member[name_start..].find('.')?;
+    let (key, extension) = (&member[..dot], &member[dot + 1..]);
+    (!key.is_empty() && !extension.is_empty()).then_some((key, extension))
+}
+
+/// Opens the WebDataset `shards` as one field per member extension (those in `select`).
+///
+/// # Errors
+/// [`LoadError::Io`] for a shard that cannot be read, [`LoadError::WebDataset`] naming the shard
+/// and sample for a damaged tar, a sample without a member the others have, or a `cls` member
+/// that is not an integer.
+pub(super) fn open(name: &str, shards: &[PathBuf], select: Option<&[String]>) -> Result<Vec<Field>, LoadError> {
+    let bad = |shard: &Path, problem: String| LoadError::WebDataset { shard: shard.to_owned(), problem };
+    let mut maps = Vec::with_capacity(shards.len());
+    // Per sample: (shard, key, extension -> (offset, size)).
+    let mut samples: Vec<(u32, String, BTreeMap<String, (u64, u64)>)> = Vec::new();
+    for (shard_no, shard) in shards.iter().enumerate() {
+        let io = |error| LoadError::Io { path: shard.clone(), error };
+        let mut archive = tar::Archive::new(std::fs::File::open(shard).map_err(io)?);
+        let entries = archive.entries_with_seek().map_err(|e| bad(shard, format!("not a readable tar file ({e})")))?;
+        let first_sample = samples.len();
+        for entry in entries {
+            let entry = entry.map_err(|e| bad(shard, format!("a damaged tar header ({e}); write the shard again")))?;
+            if !entry.header().entry_type().is_file() {
+                continue;
+            }
+            let member = entry.path().map_err(|e| bad(shard, format!("a member name that is not a path ({e})")))?;
+            let member = member.to_string_lossy().into_owned();
+            let Some((key, extension)) = key_and_extension(&member) else {
+                tracing::warn!(shard = %shard.display(), %member, "skipping a member without an extension");
+                continue;
+            };
+            let place = (entry.raw_file_position(), entry.size());
+            let same_sample = samples.len() > first_sample && samples.last().is_some_and(|(_, last, _)| last == key);
+            match samples.last_mut() {
+                Some((_, _, members)) if same_sample => {
+                    if members.insert(extension.to_owned(), place).is_some() {
+                        return Err(bad(shard, format!("sample '{key}' has two '{extension}' members")));
+                    }
+                }
+                _ => samples.push((shard_no as u32, key.to_owned(), BTreeMap::from([(extension.to_owned(), place)]))),
+            }
+        }
+        let map = MappedFile::open(shard).map_err(|error| LoadError::Io { path: shard.clone(), error })?;
+        // The data of every member lies inside the file (a header cannot point past it).
+        for (_, key, members) in &samples[first_sample..] {
+            if let Some((extension, _)) = members
+                .iter()
+                .find(|(_, (offset, size))| offset.checked_add(*size).is_none_or(|end| end > map.len() as u64))
+            {
+                return Err(bad(
+                    shard,
+                    format!("member '{key}.{extension}' runs past the end of the file; it is truncated"),
+                ));
+            }
+        }
+        maps.push(Arc::new(map));
+    }
+    let Some((_, _, first)) = samples.first() else {
+        return Err(LoadError::WebDataset {
+            shard: shards.first().cloned().unwrap_or_default(),
+            problem: format!("dataset '{name}': the shards hold no samples; write them with webdataset.TarWriter"),
+        });
+    };
+    let extensions: Vec<String> = match select {
+        Some(chosen) => chosen.to_vec(),
+        None => first.keys().cloned().collect(),
+    };
+    for (shard_no, key, members) in &samples {
+        if let Some(missing) = extensions.iter().find(|e| !members.contains_key(*e)) {
+            let has: Vec<&str> = members.keys().map(String::as_str).collect();
+            return Err(bad(
+                &shards[*shard_no as usize],
+                format!(
+                    "sample '{key}' has no '{missing}' member (it has {}); every sample needs the members the others \
+                     have, or choose the fields with --fields {name}=EXT,...",
+                    has.join(", ")
+                ),
+            ));
+        }
+    }
+    let maps = Arc::new(maps);
+    let num_samples = samples.len() as u64;
+    let mut fields = Vec::with_capacity(extensions.len());
+    for extension in extensions {
+        let members: Vec<(u32, u64, u64)> =
+            samples.iter().map(|(shard, _, m)| (*shard, m[&extension].0, m[&extension].1)).collect();
+        let field = |dtype, bytes_per_sample, source| Field {
+            name: extension.clone(),
+            dtype,
+            sample_shape: Vec::new(),
+            bytes_per_sample,
+            chunk_len: 1,
+            dims: Vec::new(),
+            num_samples,
+            id: NEXT_FIELD_ID.fetch_add(1, Ordering::Relaxed),
+            source,
+        };
+        if extension == "cls" {
+            let mut labels = Vec::with_capacity(samples.len() * 8);
+            for ((shard, offset, size), (_, key, _)) in members.iter().zip(&samples) {
+                let map = &maps[*shard as usize];
+                let text = &map[*offset as usize..(*offset + *size) as usize];
+                let label =
+                    std::str::from_utf8(text).ok().and_then(|t| t.trim().parse::<i64>().ok()).ok_or_else(|| {
+                        bad(&shards[*shard as usize], format!("member '{key}.cls' is not an integer class index"))
+                    })?;
+                labels.extend_from_slice(&label.to_le_bytes());
+            }
+            fields.push(field(DType::Int64, 8, Source::Memory(Bytes::from(labels))));
+        } else {
+            let source = Source::Tar(Box::new(Members { shards: maps.clone(), members }));
+            fields.push(field(DType::Uint8, 0, source));
+        }
+    }
+    Ok(fields)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_end_at_the_first_dot_of_the_file_name() {
+        assert_eq!(key_and_extension("000001.jpg"), Some(("000001", "jpg")));
+        assert_eq!(key_and_extension("a/b.c/000001.seg.png"), Some(("a/b.c/000001", "seg.png")));
+        assert_eq!(key_and_extension("README"), None);
+        assert_eq!(key_and_extension(".hidden"), None);
+    }
+}
