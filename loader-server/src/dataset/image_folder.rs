@@ -19,7 +19,7 @@ use conveyor_proto::{
     wire::{OutgoingTensor, Piece},
 };
 
-use super::{Field, NEXT_FIELD_ID, Source};
+use super::{Field, NEXT_FIELD_ID, Source, ragged::OffsetsWriter};
 use crate::error::LoadError;
 
 /// The extensions torchvision's `ImageFolder` takes (compared without case).
@@ -42,8 +42,7 @@ impl Files {
     pub(super) fn select_into(&self, indices: &[u64], tensor: &mut OutgoingTensor) -> Result<u64, (u64, String)> {
         let total: u64 = indices.iter().map(|&i| self.sizes[i as usize]).sum();
         let mut data = Vec::with_capacity(total as usize);
-        let mut offsets = Vec::with_capacity((indices.len() + 1) * 8);
-        offsets.extend_from_slice(&0i64.to_le_bytes());
+        let mut offsets = OffsetsWriter::new(indices.len());
         for &index in indices {
             let (path, size) = (&self.paths[index as usize], self.sizes[index as usize]);
             let start = data.len();
@@ -63,16 +62,12 @@ impl Files {
                 }
                 Err(error) => return Err((index, format!("cannot read {}: {error}", path.display()))),
             }
-            debug_assert_eq!(data.len() - start, size as usize);
-            offsets.extend_from_slice(&((data.len()) as i64).to_le_bytes());
+            offsets.push((data.len() - start) as u64);
         }
         let read = data.len() as u64;
         let piece = tensor.add_piece(Piece { bytes: Bytes::from(data), big_endian: false });
         tensor.push(piece, 0, read as usize);
-        tensor.offsets = Some(Bytes::from(offsets));
-        if let Some(rows) = tensor.shape.first_mut() {
-            *rows = read;
-        }
+        offsets.finish(tensor);
         Ok(read)
     }
 

@@ -29,6 +29,35 @@ use crate::{
 /// Suffix of an offsets file's stem: `FIELD.offsets.npy`.
 pub(super) const OFFSETS_SUFFIX: &str = ".offsets";
 
+/// A ragged tensor's offsets as its samples are appended: batch + 1 little-endian int64, from 0.
+pub(super) struct OffsetsWriter {
+    bytes: Vec<u8>,
+    rows: u64,
+}
+
+impl OffsetsWriter {
+    /// Offsets for `num_samples` samples, the first (0) written.
+    pub(super) fn new(num_samples: usize) -> OffsetsWriter {
+        let mut bytes = Vec::with_capacity((num_samples + 1) * 8);
+        bytes.extend_from_slice(&0i64.to_le_bytes());
+        OffsetsWriter { bytes, rows: 0 }
+    }
+
+    /// The next sample has `rows` rows.
+    pub(super) fn push(&mut self, rows: u64) {
+        self.rows += rows;
+        self.bytes.extend_from_slice(&(self.rows as i64).to_le_bytes());
+    }
+
+    /// Gives `tensor` the offsets and its row count.
+    pub(super) fn finish(self, tensor: &mut OutgoingTensor) {
+        tensor.offsets = Some(Bytes::from(self.bytes));
+        if let Some(rows) = tensor.shape.first_mut() {
+            *rows = self.rows;
+        }
+    }
+}
+
 /// Where a ragged field's values and offsets are.
 #[derive(Debug)]
 pub(super) struct RaggedSource {
@@ -75,24 +104,15 @@ impl RaggedSource {
         self.offsets.check().map_err(|reason| (first, reason))?;
         let piece =
             tensor.add_piece(Piece { bytes: shared_bytes(self.values.clone()), big_endian: self.values_big_endian });
-        let mut offsets = Vec::with_capacity((indices.len() + 1) * 8);
-        offsets.extend_from_slice(&0i64.to_le_bytes());
-        let mut total = 0u64;
+        let mut offsets = OffsetsWriter::new(indices.len());
         for &index in indices {
             let rows = self.rows(index);
             let len = rows.end - rows.start;
-            tensor.push(
-                piece,
-                self.values_offset + rows.start as usize * self.row_bytes,
-                len as usize * self.row_bytes,
-            );
-            total += len;
-            offsets.extend_from_slice(&(total as i64).to_le_bytes());
+            let start = self.values_offset + rows.start as usize * self.row_bytes;
+            tensor.push(piece, start, len as usize * self.row_bytes);
+            offsets.push(len);
         }
-        tensor.offsets = Some(Bytes::from(offsets));
-        if let Some(rows) = tensor.shape.first_mut() {
-            *rows = total;
-        }
+        offsets.finish(tensor);
         Ok(0)
     }
 

@@ -21,7 +21,7 @@ use conveyor_proto::{
     wire::{OutgoingTensor, Piece},
 };
 
-use super::{Field, NEXT_FIELD_ID, Source};
+use super::{Field, NEXT_FIELD_ID, Source, ragged::OffsetsWriter};
 use crate::{
     error::LoadError,
     storage::{mmap::MappedFile, shared_bytes},
@@ -43,9 +43,7 @@ impl Members {
     /// When a shard changed since it was indexed (the first index, and why).
     pub(super) fn select_into(&self, indices: &[u64], tensor: &mut OutgoingTensor) -> Result<u64, (u64, String)> {
         let mut pieces: Vec<Option<u32>> = vec![None; self.shards.len()];
-        let mut offsets = Vec::with_capacity((indices.len() + 1) * 8);
-        offsets.extend_from_slice(&0i64.to_le_bytes());
-        let mut total = 0u64;
+        let mut offsets = OffsetsWriter::new(indices.len());
         for &index in indices {
             let (shard, offset, size) = self.members[index as usize];
             let piece = match pieces[shard as usize] {
@@ -59,13 +57,9 @@ impl Members {
                 }
             };
             tensor.push(piece, offset as usize, size as usize);
-            total += size;
-            offsets.extend_from_slice(&(total as i64).to_le_bytes());
+            offsets.push(size);
         }
-        tensor.offsets = Some(Bytes::from(offsets));
-        if let Some(rows) = tensor.shape.first_mut() {
-            *rows = total;
-        }
+        offsets.finish(tensor);
         Ok(0)
     }
 
