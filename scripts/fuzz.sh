@@ -12,7 +12,7 @@ seconds=${1:-60}
 if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
     cargo +nightly install cargo-fuzz --locked
 fi
-for target in npy_header zarr_metadata batch_request cursor pipeline disk_cache_entry zarr_chunk ragged_offsets; do
+for target in npy_header zarr_metadata batch_request cursor pipeline disk_cache_entry zarr_chunk ragged_offsets webdataset_shard; do
     mkdir -p "fuzz/corpus/$target"
     echo "== fuzz $target for ${seconds}s"
     log="fuzz/corpus/$target.log"
