@@ -17,7 +17,7 @@ mod image_folder;
 pub mod npy;
 pub mod npz;
 pub mod ragged;
-pub mod webdataset;
+mod webdataset;
 pub mod zarr;
 
 use bytes::Bytes;
