@@ -1,12 +1,13 @@
 //! End-to-end: ragged fields (samples of different lengths), written by numpy as values plus
 //! `FIELD.offsets.npy`. Every sample arrives exactly once and bit-exact over TCP and through
 //! shared memory; a client that does not read offsets is refused naming the field; a batch's
-//! byte limit counts its samples' real lengths.
+//! byte limit counts its samples' real lengths; a replica killed mid-epoch loses and repeats
+//! nothing.
 
 use std::path::Path;
 
 use conveyor_proto::v1::{BatchRequest, batch_error::Kind, loader_client::LoaderClient};
-use conveyor_tests::{InProcessLoader, npy_fixtures};
+use conveyor_tests::{InProcessLoader, npy_fixtures, start_loader};
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -147,4 +148,34 @@ async fn an_old_client_is_refused_naming_the_field_and_byte_limits_count_real_le
     assert_eq!(tokens.shape[0] as i64, offsets[2]);
     assert_eq!(tokens.data.len() as i64, offsets[2] * 6);
     loader.stop().await;
+}
+
+#[tokio::test]
+async fn two_replicas_serve_the_same_ragged_bytes_and_a_killed_one_loses_and_repeats_nothing() {
+    let fixtures = npy_fixtures();
+    let dir = fixtures.path().join("ragged");
+    let expected = expected(&dir);
+    let dataset = [format!("r={}", dir.display())];
+    let mut a = start_loader(&dataset, &[]).await.expect("loader a");
+    let b = start_loader(&dataset, &[]).await.expect("loader b");
+    let loaders = Loaders::connect(&[a.addr.clone(), b.addr.clone()], StreamOptions::default()).await.expect("connect");
+    let plan = PlanSpec { batch_size: 2, ..spec() };
+    let mut epoch = loaders.epoch("r", plan, 1).expect("epoch");
+    let mut seen = vec![0u32; N as usize];
+    let mut after_kill = 0;
+    while let Some(batch) = epoch.next_batch().await.expect("the epoch survives a killed replica") {
+        let (tokens, text) = (batch.field("tokens").expect("tokens"), batch.field("text").expect("text"));
+        for (position, &index) in batch.indices.iter().enumerate() {
+            let (want_tokens, want_text, _) = &expected[index as usize];
+            assert_eq!((tokens.sample(position), text.sample(position)), (&want_tokens[..], &want_text[..]));
+            seen[index as usize] += 1;
+        }
+        if batch.index == 5 {
+            a.child.start_kill().expect("SIGKILL");
+        }
+        after_kill += u32::from(batch.index > 5);
+    }
+    assert!(seen.iter().all(|&n| n == 1), "every sample exactly once: {seen:?}");
+    assert_eq!(after_kill, 21, "the epoch's last 21 of 27 batches came after the kill");
+    drop(b);
 }
