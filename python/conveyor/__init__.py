@@ -136,11 +136,14 @@ class Ragged:
     one is wanted (JAX, a fixed-shape model input).
     """
 
-    __slots__ = ("values", "offsets")
+    __slots__ = ("values", "offsets", "utf8")
 
-    def __init__(self, values: np.ndarray, offsets: np.ndarray) -> None:
+    def __init__(self, values: np.ndarray, offsets: np.ndarray, utf8: bool = False) -> None:
         self.values = values
         self.offsets = offsets
+        self.utf8 = utf8
+        """The samples are UTF-8 text (the loaders say so for text members such as WebDataset's
+        ``.txt`` and ``.json``)."""
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -157,8 +160,10 @@ class Ragged:
         return np.diff(self.offsets)
 
     def tolist(self) -> List[Any]:
-        """The samples: ``bytes`` for a uint8 field of single values (bytes and text), arrays
-        otherwise."""
+        """The samples: ``str`` for a text field, ``bytes`` for another uint8 field of single
+        values, arrays otherwise."""
+        if self.utf8:
+            return [self[i].tobytes().decode("utf-8") for i in range(len(self))]
         if self.values.dtype == np.uint8 and self.values.ndim == 1:
             return [self[i].tobytes() for i in range(len(self))]
         return [self[i] for i in range(len(self))]
@@ -391,7 +396,9 @@ class StreamingDataset(_Base):  # type: ignore[misc, valid-type]
         )
         client = self._client()
         self._plan = client.plan(dataset, batch_size, shuffle, seed, shuffle_window, rank, world_size, drop_last)
-        self.info = _info(next(d for d in json.loads(client.catalog()) if d["name"] == dataset))
+        described = next(d for d in json.loads(client.catalog()) if d["name"] == dataset)
+        self.info = _info(described)
+        self._text_fields = frozenset(f["name"] for f in described["fields"] if f.get("utf8"))
         reserved = [name for name in self.info.fields if name.startswith("__")]
         if reserved:
             raise BatchError(
@@ -598,7 +605,7 @@ class StreamingDataset(_Base):  # type: ignore[misc, valid-type]
             if offsets is None:
                 out[name] = array if self.output == "numpy" else self._tensor(name, array)
             elif self.output == "numpy":
-                out[name] = Ragged(array, offsets)
+                out[name] = Ragged(array, offsets, name in self._text_fields)
             else:
                 # torch's jagged layout is the wire's: the values and offsets as they are.
                 values = self._tensor(name, array)

@@ -452,6 +452,7 @@ fn catalog_json(catalog: &[trainer_client::DatasetInfo]) -> String {
                         "chunk_len": f.chunk_len,
                         "dimension_names": f.dimension_names,
                         "ragged": f.ragged,
+                        "utf8": f.utf8,
                     })
                 })
                 .collect();

@@ -340,7 +340,7 @@ impl Field {
             chunk_len: self.chunk_len,
             dimension_names: self.dims.clone(),
             ragged: self.is_ragged(),
-            utf8: false,
+            utf8: matches!(&self.source, Source::Tar(members) if members.utf8),
         }
     }
 }

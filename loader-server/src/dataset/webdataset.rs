@@ -3,7 +3,8 @@
 //! everything after the first dot of the file name) belongs to sample `DIR/KEY`; consecutive
 //! members with one key are one sample; each extension is a field. `cls` members (a class index
 //! as text) are parsed into an `int64` field; every other extension is a ragged `uint8` field of
-//! the members' bytes as stored (images are not decoded).
+//! the members' bytes as stored (images are not decoded), marked UTF-8 for text extensions
+//! (`txt`, `json` ...).
 //!
 //! The shards (`DIR/*.tar` in name order, or one `.tar` file) are indexed once at start-up from
 //! their headers alone (seeking past the data) and memory-mapped; a batch's members are runs into
@@ -34,7 +35,12 @@ pub(super) struct Members {
     shards: Arc<Vec<Arc<MappedFile>>>,
     /// Per sample: (shard, offset of the member's data, its size).
     members: Vec<(u32, u64, u64)>,
+    /// The members are text (`txt`, `json` ...), UTF-8 as WebDataset writes it.
+    pub(super) utf8: bool,
 }
+
+/// Extensions whose members WebDataset writes as UTF-8 text.
+const TEXT_EXTENSIONS: [&str; 5] = ["txt", "text", "json", "jsonl", "transcript"];
 
 impl Members {
     /// Appends the members of `indices` to `tensor` as runs into the shards' maps, with offsets.
@@ -201,7 +207,8 @@ pub(super) fn open(name: &str, shards: &[PathBuf], select: Option<&[String]>) ->
             }
             fields.push(field(DType::Int64, 8, Source::Memory(Bytes::from(labels))));
         } else {
-            let source = Source::Tar(Box::new(Members { shards: maps.clone(), members }));
+            let utf8 = TEXT_EXTENSIONS.contains(&extension.rsplit('.').next().unwrap_or_default());
+            let source = Source::Tar(Box::new(Members { shards: maps.clone(), members, utf8 }));
             fields.push(field(DType::Uint8, 0, source));
         }
     }
