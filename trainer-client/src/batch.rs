@@ -3,7 +3,7 @@
 use bytes::Bytes;
 use conveyor_proto::{
     DType,
-    v1::{BatchResponse, DatasetInfo, FieldInfo, Tensor},
+    v1::{BatchResponse, DatasetInfo},
 };
 
 use crate::error::ResponseError;
@@ -94,11 +94,17 @@ impl Batch {
         let rows = requested.len() as u64;
         let mut fields = Vec::with_capacity(info.fields.len());
         for (tensor, field) in response.tensors.into_iter().zip(&info.fields) {
-            if field.ragged {
-                fields.push(ragged_field(tensor, field, rows, index)?);
-                continue;
-            }
-            let expected_shape: Vec<u64> = std::iter::once(rows).chain(field.sample_shape.iter().copied()).collect();
+            // A ragged field's leading dimension is its rows, which its offsets count.
+            let offsets = match field.ragged {
+                true => Some(row_offsets(&tensor.offsets, rows).map_err(|problem| ResponseError::BadOffsets {
+                    batch: index,
+                    field: field.name.clone(),
+                    problem,
+                })?),
+                false => None,
+            };
+            let leading = offsets.as_ref().and_then(|o| o.last().copied()).unwrap_or(rows);
+            let expected_shape: Vec<u64> = std::iter::once(leading).chain(field.sample_shape.iter().copied()).collect();
             if tensor.field != field.name || tensor.dtype != field.dtype || tensor.shape != expected_shape {
                 return Err(ResponseError::TensorMismatch {
                     batch: index,
@@ -109,67 +115,53 @@ impl Batch {
                     expected_shape,
                 });
             }
-            if tensor.data.len() as u64 != rows * field.bytes_per_sample {
+            let dtype = DType::try_from(tensor.dtype).unwrap_or(DType::Unspecified);
+            let row_bytes = match field.ragged {
+                true => field.sample_shape.iter().product::<u64>() * dtype.size_bytes() as u64,
+                false => field.bytes_per_sample,
+            };
+            if tensor.data.len() as u64 != leading * row_bytes {
                 return Err(ResponseError::ByteCount {
                     batch: index,
                     field: field.name.clone(),
                     got: tensor.data.len() as u64,
-                    expected: rows * field.bytes_per_sample,
+                    expected: leading * row_bytes,
                 });
             }
-            let dtype = DType::try_from(tensor.dtype).unwrap_or(DType::Unspecified);
-            fields.push(FieldBatch {
-                name: tensor.field,
-                dtype,
-                shape: tensor.shape,
-                data: tensor.data,
-                offsets: None,
-            });
+            fields.push(FieldBatch { name: tensor.field, dtype, shape: tensor.shape, data: tensor.data, offsets });
         }
         Ok(Batch { epoch, index, indices: response.indices, fields, decoded_bytes: response.decoded_bytes })
     }
 }
 
-/// A ragged field's tensor, checked: its offsets (batch + 1, from 0, never decreasing) end at its
-/// row count, and its bytes are those rows.
-fn ragged_field(tensor: Tensor, field: &FieldInfo, rows: u64, index: u64) -> Result<FieldBatch, ResponseError> {
-    let bad = |problem: String| ResponseError::BadOffsets { batch: index, field: field.name.clone(), problem };
-    let total = tensor.shape.first().copied().unwrap_or(0);
-    if tensor.field != field.name
-        || tensor.dtype != field.dtype
-        || tensor.shape.get(1..) != Some(&field.sample_shape[..])
-    {
-        let expected_shape = std::iter::once(total).chain(field.sample_shape.iter().copied()).collect();
-        return Err(ResponseError::TensorMismatch {
-            batch: index,
-            tensor: tensor.field,
-            dtype: tensor.dtype,
-            shape: tensor.shape,
-            field: field.name.clone(),
-            expected_shape,
-        });
-    }
-    if tensor.offsets.len() as u64 != (rows + 1) * 8 {
-        return Err(bad(format!(
-            "{} bytes of offsets for {rows} samples (expected {})",
-            tensor.offsets.len(),
-            (rows + 1) * 8
-        )));
+/// A ragged field's row offsets for a batch of `rows` samples: `rows + 1` little-endian int64,
+/// from 0, never decreasing (that they end at the rows sent is checked against the shape).
+fn row_offsets(bytes: &[u8], rows: u64) -> Result<Vec<u64>, String> {
+    if bytes.len() as u64 != (rows + 1) * 8 {
+        return Err(format!("{} bytes of offsets for {rows} samples (expected {})", bytes.len(), (rows + 1) * 8));
     }
     let offsets: Vec<u64> =
-        tensor.offsets.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or_default()) as u64).collect();
-    if offsets[0] != 0 || offsets.windows(2).any(|w| w[1] < w[0]) || offsets[offsets.len() - 1] != total {
-        return Err(bad(format!("offsets do not run from 0 up to the {total} rows sent")));
+        bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or_default()) as u64).collect();
+    if offsets[0] != 0 || offsets.windows(2).any(|w| w[1] < w[0]) {
+        return Err("offsets do not run from 0 upwards".to_owned());
     }
-    let dtype = DType::try_from(tensor.dtype).unwrap_or(DType::Unspecified);
-    let row_bytes = field.sample_shape.iter().product::<u64>() * dtype.size_bytes() as u64;
-    if tensor.data.len() as u64 != total * row_bytes {
-        return Err(ResponseError::ByteCount {
-            batch: index,
-            field: field.name.clone(),
-            got: tensor.data.len() as u64,
-            expected: total * row_bytes,
-        });
+    Ok(offsets)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(offsets: &[i64]) -> Vec<u8> {
+        offsets.iter().flat_map(|o| o.to_le_bytes()).collect()
     }
-    Ok(FieldBatch { name: tensor.field, dtype, shape: tensor.shape, data: tensor.data, offsets: Some(offsets) })
+
+    #[test]
+    fn row_offsets_are_one_per_sample_plus_one_from_zero_and_never_decrease() {
+        assert_eq!(row_offsets(&bytes(&[0, 2, 2, 5]), 3), Ok(vec![0, 2, 2, 5]));
+        assert!(row_offsets(&bytes(&[0, 2, 5]), 3).is_err_and(|e| e.contains("for 3 samples")));
+        assert!(row_offsets(&bytes(&[1, 2, 2, 5]), 3).is_err(), "from 0");
+        assert!(row_offsets(&bytes(&[0, 3, 2, 5]), 3).is_err(), "never decreasing");
+        assert!(row_offsets(&bytes(&[0, -1, 2, 5]), 3).is_err(), "negative as a huge row is a decrease after it");
+    }
 }

@@ -390,6 +390,10 @@ impl Dataset {
             metadata_source = Some(group.metadata_source);
             group.arrays.into_iter().map(|array| zarr_field(&path, array)).collect()
         };
+        let shards = match location {
+            Location::Local(path) => webdataset::shards(path),
+            Location::Remote(_) => Vec::new(),
+        };
         let fields: Vec<Field> = match location {
             Location::Local(path) if zarr::is_zarr(path) => {
                 from_zarr(zarr::open(name, path, &default_name, missing, select)?)?
@@ -398,9 +402,7 @@ impl Dataset {
             Location::Local(path) if is_hdf5(path) => {
                 return Err(LoadError::Hdf5File { dataset: name.to_owned(), path: path.clone() });
             }
-            Location::Local(path) if !webdataset::shards(path).is_empty() => {
-                webdataset::open(name, &webdataset::shards(path), select)?
-            }
+            Location::Local(_) if !shards.is_empty() => webdataset::open(name, &shards, select)?,
             Location::Local(path) if image_folder::is_image_folder(path) => image_folder::open(name, path, select)?,
             Location::Local(path) => npy::open_npy_dir(name, path, select)?,
             Location::Remote(storage) => {

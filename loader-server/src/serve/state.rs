@@ -238,10 +238,11 @@ impl LoaderState {
         if num_samples == 0 {
             return Err(RequestError::EmptyBatch { dataset: name.to_owned() });
         }
-        if let Some(field) = served.source().ragged_field().filter(|_| !request.accepts_ragged) {
+        let ragged_field = served.source().ragged_field();
+        if let Some(field) = ragged_field.filter(|_| !request.accepts_ragged) {
             return Err(RequestError::ClientTooOld { dataset: name.to_owned(), field: field.name.clone() });
         }
-        let ragged = served.source().ragged_field().is_some();
+        let ragged = ragged_field.is_some();
         if !ragged {
             self.check_bytes(served, num_samples, num_samples * served.bytes_per_sample() as u64)?;
         } else if num_samples > self.config.max_batch_samples {
