@@ -240,7 +240,8 @@ def alive(pid):
     """Whether process `pid` runs (a zombie does not count)."""
     try:
         state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
+        # Gone before the open, or between the open and the read (ESRCH).
         return False
     return state != "Z"
 
