@@ -326,7 +326,13 @@ impl ObjectStorage {
                 format!("access to {what} was denied ({text}); {CREDENTIALS}")
             }
             _ if has("NoSuchBucket") => format!("the bucket does not exist ({text})"),
-            _ if has("InvalidAccessKeyId") || has("SignatureDoesNotMatch") || has("AccessDenied") || has("403") => {
+            // "403" alone would also match inside a duration ("in 52.864403ms").
+            _ if has("InvalidAccessKeyId")
+                || has("SignatureDoesNotMatch")
+                || has("AccessDenied")
+                || has("403 Forbidden")
+                || has("status 403") =>
+            {
                 format!("access to {what} was denied ({text}); {CREDENTIALS}")
             }
             _ if has("error sending request") || has("connect") || has("dns") => format!(
@@ -1267,6 +1273,22 @@ mod tests {
                 assert_eq!(&again[0][..], &[1u8; 100][..]);
             }
         }
+    }
+
+    #[test]
+    fn an_unreachable_endpoint_is_told_apart_from_a_refusal_whatever_the_request_took() {
+        let memory = Arc::new(object_store::memory::InMemory::new());
+        let storage = ObjectStorage::from_store("mem://data", memory, "data", &test_options());
+        let generic = |source: &str| object_store::Error::Generic { store: "S3", source: source.to_owned().into() };
+        let unreachable = generic(
+            "Error performing list request: Error performing GET http://127.0.0.1:9/data in 52.864403ms, after 1 \
+             retries - HTTP error: error sending request",
+        );
+        let told = storage.explain("the prefix", &unreachable);
+        assert!(told.starts_with("the endpoint is unreachable"), "{told}");
+        let refused = generic("Error performing list request: Server returned non-2xx status code: 403 Forbidden: ");
+        let told = storage.explain("the prefix", &refused);
+        assert!(told.starts_with("access to the prefix was denied"), "{told}");
     }
 
     #[test]
