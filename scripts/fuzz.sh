@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every cargo-fuzz target for SECONDS each (default 60): the .npy header parser, opening
-# Zarr metadata, the loader's request handler on a small dataset, cursor parsing, --pipeline text, disk cache entry files and Zarr chunks through each bounded codec chain. Needs the
+# Zarr metadata, the loader's request handler on a small dataset, cursor parsing, --pipeline text, disk cache entry files, Zarr chunks through each bounded codec chain, ragged offsets, WebDataset shards and encoded images (decode_image). Needs the
 # nightly toolchain; installs cargo-fuzz when it is missing. The corpus grows in fuzz/corpus/
 # (git-ignored) from the committed seeds in fuzz/seeds/. A crash stops the run, leaves its input
 # in fuzz/artifacts/TARGET/, and must become a regression test in the normal suite.
@@ -12,7 +12,7 @@ seconds=${1:-60}
 if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
     cargo +nightly install cargo-fuzz --locked
 fi
-for target in npy_header zarr_metadata batch_request cursor pipeline disk_cache_entry zarr_chunk ragged_offsets webdataset_shard; do
+for target in npy_header zarr_metadata batch_request cursor pipeline disk_cache_entry zarr_chunk ragged_offsets webdataset_shard image_decode; do
     mkdir -p "fuzz/corpus/$target"
     echo "== fuzz $target for ${seconds}s"
     log="fuzz/corpus/$target.log"

@@ -54,6 +54,6 @@ fuzz_target!(|data: &[u8]| {
     let Ok(dataset) = Dataset::open("d", &Location::Local(node), MissingChunks::Fill, None) else { return };
     let cache = ChunkCache::new(1 << 20, 1);
     if let Ok((fields, _)) = dataset.gather(&[0, 3, 7], &cache) {
-        assert_eq!(fields[0].len(), 3 * 4, "three rows of four bytes");
+        assert_eq!(fields[0].data.len(), 3 * 4, "three rows of four bytes");
     }
 });

@@ -285,6 +285,23 @@ pub struct Config {
     #[arg(help_heading = "Serving and limits")]
     pub allocator_retain_bytes: u64,
 
+    /// Most pixels an image may declare to be decoded by a pipeline's decode_image (width x
+    /// height, read from its header before anything is allocated for it); an image above it fails
+    /// its batch (or is substituted, with --on-bad-sample substitute). Each gather thread holds at
+    /// most one decoded image: about 8 bytes per pixel of it while it decodes.
+    #[arg(long, env = "LOADER_MAX_IMAGE_PIXELS", default_value_t = 40_000_000)]
+    #[arg(help_heading = "Transforms")]
+    pub max_image_pixels: u64,
+
+    /// What a batch does when one of its samples cannot be decoded (a corrupt or truncated image,
+    /// one above --max-image-pixels): `fail` fails the batch, naming the sample, its file or
+    /// shard member and why; `substitute` serves another sample in its place, chosen by the
+    /// request's seed and epoch and the bad sample's index (so every replica and retry chooses
+    /// the same one), and counts it in conveyor_loader_bad_samples_total.
+    #[arg(long, env = "LOADER_ON_BAD_SAMPLE", value_enum, default_value = "fail")]
+    #[arg(help_heading = "Transforms")]
+    pub on_bad_sample: OnBadSample,
+
     /// Largest number of samples in one batch request.
     #[arg(long, env = "LOADER_MAX_BATCH_SAMPLES", default_value_t = 65536)]
     #[arg(help_heading = "Serving and limits")]
@@ -602,4 +619,13 @@ mod tests {
         let error = config.validate().expect_err("frame too large");
         assert_eq!(error.to_string(), "--http2-max-frame 16777216 is outside 16384..=16777215");
     }
+}
+
+/// `--on-bad-sample`: what a batch does with a sample that cannot be decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnBadSample {
+    /// The batch fails, naming the sample.
+    Fail,
+    /// Another sample, chosen deterministically, takes its place.
+    Substitute,
 }

@@ -354,6 +354,23 @@ pub enum RequestError {
         /// `--transform-shm-bytes`.
         shm_bytes: u64,
     },
+    /// A sample that cannot be decoded (a corrupt or truncated image, one too large).
+    #[error(
+        "dataset '{dataset}': sample {index} of field '{field}' ({origin}) {reason}; the batch fails and the loader \
+         serves on (with --on-bad-sample substitute the loader serves another sample in its place)"
+    )]
+    BadSample {
+        /// Dataset name.
+        dataset: String,
+        /// The source field.
+        field: String,
+        /// The sample's index.
+        index: u64,
+        /// Where it is stored: its file, or shard and member.
+        origin: String,
+        /// What the decoder or the size check said.
+        reason: String,
+    },
     /// Gathering the batch failed unexpectedly (the reader panicked); the loader carries on.
     #[error("loader failed to read batch {batch_id} of dataset '{dataset}': {reason}")]
     GatherFailed {
@@ -375,7 +392,9 @@ impl RequestError {
             RequestError::BatchTooLarge { .. } | RequestError::RegionTooSmall { .. } => Kind::BatchTooLarge,
             RequestError::EmptyBatch { .. } => Kind::EmptyBatch,
             RequestError::ReadFailed(error) if error.transient => Kind::StorageUnavailable,
-            RequestError::ReadFailed(_) | RequestError::GatherFailed { .. } => Kind::ReadFailed,
+            RequestError::ReadFailed(_) | RequestError::GatherFailed { .. } | RequestError::BadSample { .. } => {
+                Kind::ReadFailed
+            }
             RequestError::TransformFailed { .. } => Kind::TransformFailed,
             RequestError::WorkerFailed { .. } => Kind::WorkerFailed,
             RequestError::ClientTooOld { .. } => Kind::ClientTooOld,

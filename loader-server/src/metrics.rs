@@ -69,6 +69,15 @@ pub fn render(state: &LoaderState) -> String {
         ],
     );
     metric(
+        "conveyor_loader_bad_samples_total",
+        "counter",
+        "Samples that could not be decoded (corrupt, truncated, above --max-image-pixels), by what --on-bad-sample did.",
+        &[
+            ("{action=\"substituted\"}", stats.bad_samples_substituted.load(Relaxed)),
+            ("{action=\"failed\"}", stats.bad_samples_failed.load(Relaxed)),
+        ],
+    );
+    metric(
         "conveyor_loader_shm_regions_total",
         "counter",
         "Unix-socket connections granted a shared-memory region.",

@@ -71,6 +71,11 @@ impl Files {
         Ok(read)
     }
 
+    /// The file of sample `index`, for messages.
+    pub(super) fn describe(&self, index: u64) -> String {
+        self.paths[index as usize].display().to_string()
+    }
+
     /// Bytes a batch of `indices` sends: the files' listed sizes and the offsets.
     pub(super) fn batch_bytes(&self, indices: &[u64]) -> u64 {
         indices.iter().map(|&i| self.sizes[i as usize]).sum::<u64>() + (indices.len() as u64 + 1) * 8

@@ -99,6 +99,16 @@ enum Source {
     Tar(Box<webdataset::Members>),
 }
 
+/// One field of a gathered batch as a transform takes it: the rows one after another, and for
+/// a ragged field where each sample's bytes start (batch + 1 byte offsets, from 0).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FieldRows {
+    /// The bytes of every sample, in batch order.
+    pub data: Vec<u8>,
+    /// A ragged field's byte offsets into `data`; `None` for a fixed-shape field.
+    pub offsets: Option<Vec<u64>>,
+}
+
 /// Gives every field a distinct id for cache keys.
 static NEXT_FIELD_ID: AtomicU64 = AtomicU64::new(0);
 
@@ -330,6 +340,15 @@ impl Field {
         }
     }
 
+    /// Where sample `index` of this field is stored, for messages: its file or shard member.
+    pub fn describe_sample(&self, index: u64) -> String {
+        match &self.source {
+            Source::Files(files) => files.describe(index),
+            Source::Tar(members) => members.describe(index),
+            _ => format!("row {index} of field '{}'", self.name),
+        }
+    }
+
     /// Wire description of this field.
     pub fn info(&self) -> FieldInfo {
         FieldInfo {
@@ -516,9 +535,24 @@ impl Dataset {
     ///
     /// # Errors
     /// As [`Dataset::select`].
-    pub fn gather(&self, indices: &[u64], cache: &ChunkCache) -> Result<(Vec<Vec<u8>>, u64), ReadError> {
+    pub fn gather(&self, indices: &[u64], cache: &ChunkCache) -> Result<(Vec<FieldRows>, u64), ReadError> {
         let (tensors, decoded) = self.select(indices, cache)?;
-        Ok((tensors.iter().map(OutgoingTensor::to_vec).collect(), decoded))
+        let rows = self
+            .fields
+            .iter()
+            .zip(&tensors)
+            .map(|(field, tensor)| {
+                // Offsets count rows of the values; transforms take them in bytes.
+                let row_bytes = field.sample_shape.iter().product::<u64>() * field.dtype.size_bytes() as u64;
+                let offsets = tensor.offsets.as_ref().map(|raw| {
+                    raw.chunks_exact(8)
+                        .map(|o| i64::from_le_bytes(o.try_into().unwrap_or_default()) as u64 * row_bytes)
+                        .collect()
+                });
+                FieldRows { data: tensor.to_vec(), offsets }
+            })
+            .collect();
+        Ok((rows, decoded))
     }
 
     /// Wire description, given the server's per-batch sample limit.
@@ -659,8 +693,8 @@ mod tests {
         assert_eq!(ds.fields.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(), ["x", "y"]);
         let (out, decoded) = ds.gather(&[9, 0, 3, 2], &ChunkCache::new(0, 1)).expect("gather");
         assert_eq!(decoded, 0);
-        assert_eq!(out[0], le(&[9, 0, 3, 2]));
-        assert_eq!(out[1], vec![18, 19, 0, 1, 6, 7, 4, 5]);
+        assert_eq!(out[0].data, le(&[9, 0, 3, 2]));
+        assert_eq!(out[1].data, vec![18, 19, 0, 1, 6, 7, 4, 5]);
     }
 
     #[test]

@@ -37,6 +37,10 @@ pub(super) struct Members {
     members: Vec<(u32, u64, u64)>,
     /// The members are text (`txt`, `json` ...), UTF-8 as WebDataset writes it.
     pub(super) utf8: bool,
+    /// Every sample's key (shared by the dataset's fields), for messages.
+    keys: Arc<Vec<Box<str>>>,
+    /// The members' extension.
+    extension: String,
 }
 
 /// Extensions whose members WebDataset writes as UTF-8 text.
@@ -67,6 +71,18 @@ impl Members {
         }
         offsets.finish(tensor);
         Ok(0)
+    }
+
+    /// Where sample `index` is, for messages: `member KEY.EXT of SHARD`.
+    pub(super) fn describe(&self, index: u64) -> String {
+        let (shard, offset, size) = self.members[index as usize];
+        format!(
+            "member {}.{} of {} (bytes {offset}..{})",
+            self.keys[index as usize],
+            self.extension,
+            self.shards[shard as usize].path().display(),
+            offset + size
+        )
     }
 
     /// Bytes a batch of `indices` sends: the members' sizes and the offsets.
@@ -178,6 +194,7 @@ pub(super) fn open(name: &str, shards: &[PathBuf], select: Option<&[String]>) ->
         }
     }
     let maps = Arc::new(maps);
+    let keys: Arc<Vec<Box<str>>> = Arc::new(samples.iter().map(|(_, key, _)| key.as_str().into()).collect());
     let num_samples = samples.len() as u64;
     let mut fields = Vec::with_capacity(extensions.len());
     for extension in extensions {
@@ -208,7 +225,13 @@ pub(super) fn open(name: &str, shards: &[PathBuf], select: Option<&[String]>) ->
             fields.push(field(DType::Int64, 8, Source::Memory(Bytes::from(labels))));
         } else {
             let utf8 = TEXT_EXTENSIONS.contains(&extension.rsplit('.').next().unwrap_or_default());
-            let source = Source::Tar(Box::new(Members { shards: maps.clone(), members, utf8 }));
+            let source = Source::Tar(Box::new(Members {
+                shards: maps.clone(),
+                members,
+                utf8,
+                keys: keys.clone(),
+                extension: extension.clone(),
+            }));
             fields.push(field(DType::Uint8, 0, source));
         }
     }

@@ -26,12 +26,12 @@ use super::{
     stream_slots::{Slot, StreamSlots},
 };
 use crate::{
-    config::Config,
-    dataset::{Dataset, chunk_cache::ChunkCache},
-    error::ReadError,
+    config::{Config, OnBadSample},
+    dataset::{Dataset, FieldRows, chunk_cache::ChunkCache},
     error::RequestError,
     transform::{
         Columns, Derived, FieldSchema, Transform,
+        ops::Pipeline,
         python::{Pool, TransformError},
         schema_of,
     },
@@ -229,8 +229,8 @@ impl LoaderState {
 
     /// Checks a request against the dataset and the limits; returns the dataset and the bytes
     /// the batch holds while it is assembled and queued, or `None` for a dataset with ragged
-    /// fields, whose size its samples' lengths decide ([`LoaderState::check_bytes`] then runs
-    /// once they are read).
+    /// fields (or derived from one), whose size its samples' lengths decide
+    /// ([`LoaderState::check_bytes`] then runs once they are read).
     fn check(&self, request: &BatchRequest) -> Result<(Served, Option<u64>), RequestError> {
         let served = self.dataset(&request.dataset)?;
         let name = served.name();
@@ -238,12 +238,14 @@ impl LoaderState {
         if num_samples == 0 {
             return Err(RequestError::EmptyBatch { dataset: name.to_owned() });
         }
+        // A derived dataset's fields all have one shape (its pipeline decodes the ragged ones).
         let ragged_field = served.source().ragged_field();
-        if let Some(field) = ragged_field.filter(|_| !request.accepts_ragged) {
+        let derived = matches!(served, Served::Derived(_));
+        if let Some(field) = ragged_field.filter(|_| !request.accepts_ragged && !derived) {
             return Err(RequestError::ClientTooOld { dataset: name.to_owned(), field: field.name.clone() });
         }
         let ragged = ragged_field.is_some();
-        if !ragged {
+        if !ragged || derived {
             self.check_bytes(served, num_samples, num_samples * served.bytes_per_sample() as u64)?;
         } else if num_samples > self.config.max_batch_samples {
             self.check_bytes(served, num_samples, 0)?;
@@ -324,7 +326,14 @@ impl LoaderState {
                     batch_id,
                     reason,
                 });
-                match checked.and_then(|bytes| self.check_bytes(&served, indices.len() as u64, bytes).map(|()| bytes)) {
+                // A derived dataset's answer was checked already; its budget holds the encoded
+                // source samples and the decoded output.
+                let answer_bytes = indices.len() as u64 * served.bytes_per_sample() as u64;
+                let checked = checked.and_then(|bytes| match served {
+                    Served::Derived(_) => Ok(bytes + answer_bytes),
+                    Served::Stored { .. } => self.check_bytes(&served, indices.len() as u64, bytes).map(|()| bytes),
+                });
+                match checked {
                     Ok(bytes) => bytes,
                     Err(error) => {
                         tracing::warn!(batch_id, %error, "rejected batch request");
@@ -372,8 +381,8 @@ impl LoaderState {
             }
             Ok(Gathered::Rows(indices, rows, decoded)) => (indices, rows, decoded),
             Ok(Gathered::Failed(indices, error)) => {
-                tracing::error!(batch_id, %error, "a chunk could not be read; failing this batch only");
-                return self.refuse(batch_id, indices, RequestError::from(error));
+                tracing::error!(batch_id, %error, "failing this batch only");
+                return self.refuse(batch_id, indices, error);
             }
             Err(reason) => {
                 tracing::error!(batch_id, dataset = %served.name(), %reason, "gathering a batch failed");
@@ -451,20 +460,85 @@ impl LoaderState {
         indices: &[u64],
         seed: u64,
         epoch: u64,
-    ) -> Result<(Rows, u64), ReadError> {
+    ) -> Result<(Rows, u64), RequestError> {
         let source = served.source();
         let Some(transform) = served.transform() else {
             let (tensors, decoded) = source.select(indices, &self.cache)?;
             return Ok((Rows::Selected(tensors), decoded));
         };
-        let (buffers, decoded) = source.gather(indices, &self.cache)?;
-        let Transform::Pipeline(pipeline) = transform else { return Ok((Rows::Gathered(buffers), decoded)) };
+        let (rows, decoded) = source.gather(indices, &self.cache)?;
+        let Transform::Pipeline(pipeline) = transform else {
+            return Ok((Rows::Gathered(rows.into_iter().map(|r| r.data).collect()), decoded));
+        };
         let started = std::time::Instant::now();
-        let out = pipeline.apply(buffers, indices, seed, epoch);
+        let out = self.run_pipeline(served, pipeline, (rows, decoded), indices, seed, epoch);
         self.stats.record_transform(served.name(), started.elapsed());
+        let (out, decoded) = out?;
         Ok((Rows::Gathered(out), decoded))
     }
+
+    /// Runs a built-in pipeline over gathered `rows` of `indices`. A sample it cannot decode
+    /// fails the batch, or with `--on-bad-sample substitute` is replaced by another sample (the
+    /// first of a sequence keyed by the seed, epoch and its index that decodes) and the batch is
+    /// gathered and run again; the answer still names the requested indices. Returns the output
+    /// and the bytes decoded from storage.
+    fn run_pipeline(
+        &self,
+        served: &Served,
+        pipeline: &Pipeline,
+        (mut rows, mut decoded): (Vec<FieldRows>, u64),
+        indices: &[u64],
+        seed: u64,
+        epoch: u64,
+    ) -> Result<(Vec<Vec<u8>>, u64), RequestError> {
+        let source = served.source();
+        let mut used = indices.to_vec();
+        loop {
+            let bad = match pipeline.apply(rows, &used, seed, epoch) {
+                Ok(out) => return Ok((out, decoded)),
+                Err(bad) => bad,
+            };
+            let index = used[bad.row];
+            let field = source.fields.iter().find(|f| f.name == bad.field);
+            tracing::warn!(dataset = %served.name(), index, field = %bad.field, reason = %bad.reason, "bad sample");
+            let substitute = match self.config.on_bad_sample {
+                OnBadSample::Substitute => self.substitute(source, pipeline, index, seed, epoch),
+                OnBadSample::Fail => None,
+            };
+            let Some(substitute) = substitute else {
+                self.stats.bad_samples_failed.fetch_add(1, Relaxed);
+                return Err(RequestError::BadSample {
+                    dataset: served.name().to_owned(),
+                    origin: field.map(|f| f.describe_sample(index)).unwrap_or_default(),
+                    field: bad.field,
+                    index,
+                    reason: bad.reason,
+                });
+            };
+            self.stats.bad_samples_substituted.fetch_add(1, Relaxed);
+            used[bad.row] = substitute;
+            let (again, more) = source.gather(&used, &self.cache)?;
+            (rows, decoded) = (again, decoded + more);
+        }
+    }
+
+    /// The sample served in place of `index` when it cannot be decoded: the first of up to
+    /// [`SUBSTITUTE_TRIES`] candidates keyed by (seed, epoch, index) that the pipeline takes.
+    fn substitute(&self, source: &Dataset, pipeline: &Pipeline, index: u64, seed: u64, epoch: u64) -> Option<u64> {
+        let key = crate::transform::sample_key(seed, epoch, index);
+        (1..=SUBSTITUTE_TRIES)
+            .map(|attempt| crate::transform::mix64(key ^ attempt) % source.num_samples)
+            .filter(|&candidate| candidate != index)
+            .find(|&candidate| {
+                source
+                    .gather(&[candidate], &self.cache)
+                    .is_ok_and(|(rows, _)| pipeline.apply(rows, &[candidate], seed, epoch).is_ok())
+            })
+    }
 }
+
+/// Candidates tried in place of a sample that cannot be decoded before its batch fails.
+const SUBSTITUTE_TRIES: u64 = 8;
 
 /// Where a batch's stages run.
 enum Bounds {
@@ -491,8 +565,8 @@ enum Gathered {
     Finished(Outgoing),
     /// The rows, for the transform still to run.
     Rows(Vec<u64>, Rows, u64),
-    /// A chunk or range could not be read.
-    Failed(Vec<u64>, ReadError),
+    /// A chunk or range could not be read, or a sample decoded.
+    Failed(Vec<u64>, RequestError),
 }
 
 /// A Python transform's result as the dataset's buffers, or the batch's error.

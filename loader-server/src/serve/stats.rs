@@ -30,6 +30,11 @@ pub struct Stats {
     pub streams_timed_out: AtomicU64,
     /// Request messages that could not be decoded (over the limit or malformed).
     pub requests_malformed: AtomicU64,
+    /// Samples that could not be decoded and were served in place of another
+    /// (`--on-bad-sample substitute`).
+    pub bad_samples_substituted: AtomicU64,
+    /// Samples that could not be decoded and failed their batch (`--on-bad-sample fail`).
+    pub bad_samples_failed: AtomicU64,
     /// Batches written to a client's shared-memory region.
     pub shm_batches: AtomicU64,
     /// Batches sent inline on a shared-memory connection because the region was full.

@@ -30,6 +30,11 @@ pub struct MappedFile {
 }
 
 impl MappedFile {
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Maps `path` read-only and tells the kernel reads will be random (shuffled batches touch
     /// rows all over the file, so read-ahead would only waste page cache).
     ///

@@ -8,6 +8,7 @@
 //! from the request's `(seed, epoch)` and its sample indices only, so any replica, any retry and
 //! any resume give the same bytes.
 
+pub mod image;
 pub mod ops;
 pub mod python;
 
@@ -18,6 +19,7 @@ use conveyor_proto::{
     v1::{DatasetInfo, FieldInfo},
 };
 
+pub use crate::dataset::FieldRows;
 use crate::{
     config::Config,
     dataset::{Dataset, chunk_cache::ChunkCache},
@@ -31,8 +33,10 @@ pub struct FieldSchema {
     pub name: String,
     /// Element type.
     pub dtype: DType,
-    /// Shape of one sample (without the batch axis).
+    /// Shape of one sample (without the batch axis); of one row of a ragged field's values.
     pub sample_shape: Vec<u64>,
+    /// Whether samples differ in length (rows of `sample_shape` each, values plus offsets).
+    pub ragged: bool,
 }
 
 impl FieldSchema {
@@ -168,7 +172,12 @@ pub fn schema_of(dataset: &Dataset) -> Vec<FieldSchema> {
     dataset
         .fields
         .iter()
-        .map(|f| FieldSchema { name: f.name.clone(), dtype: f.dtype, sample_shape: f.sample_shape.clone() })
+        .map(|f| FieldSchema {
+            name: f.name.clone(),
+            dtype: f.dtype,
+            sample_shape: f.sample_shape.clone(),
+            ragged: f.is_ragged(),
+        })
         .collect()
 }
 
@@ -226,7 +235,7 @@ pub fn open_derived(config: &Config, stored: &[Arc<Dataset>], cache: &ChunkCache
             let stored = stored.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ");
             fail(DerivedProblem::NoSource { source_name: spec.source.clone(), stored })
         })?;
-        if let Some(field) = source.ragged_field() {
+        if let Some(field) = source.ragged_field().filter(|_| flag == "--transform") {
             return Err(fail(DerivedProblem::RaggedSource { field: field.name.clone() }));
         }
         let source_schema = schema_of(&source);
@@ -236,7 +245,8 @@ pub fn open_derived(config: &Config, stored: &[Arc<Dataset>], cache: &ChunkCache
                     .map_err(|error| fail(DerivedProblem::PipelineFile { path: path.into(), error }))?,
                 None => spec.body.clone(),
             };
-            let pipeline = ops::Pipeline::new(&text, &source_schema).map_err(|e| fail(DerivedProblem::Pipeline(e)))?;
+            let pipeline = ops::Pipeline::new(&text, &source_schema, config.max_image_pixels)
+                .map_err(|e| fail(DerivedProblem::Pipeline(e)))?;
             let schema = pipeline.schema().to_vec();
             let derivation = format!(
                 "{} | pipeline {}",
@@ -250,6 +260,7 @@ pub fn open_derived(config: &Config, stored: &[Arc<Dataset>], cache: &ChunkCache
                 return Err(fail(DerivedProblem::NothingToProbe { source_name: spec.source.clone() }));
             }
             let (probe, _) = source.gather(&probe_indices, cache).map_err(|e| fail(DerivedProblem::Probe(e)))?;
+            let probe = probe.into_iter().map(|rows| rows.data).collect();
             let options = python::WorkerOptions {
                 python: config.python.clone(),
                 pythonpath: config.transform_pythonpath.clone(),
@@ -368,11 +379,11 @@ mod tests {
     #[test]
     fn into_schema_names_the_field_that_differs() {
         let schema = vec![
-            FieldSchema { name: "x".into(), dtype: DType::Float32, sample_shape: vec![2] },
-            FieldSchema { name: "y".into(), dtype: DType::Uint8, sample_shape: vec![] },
+            FieldSchema { name: "x".into(), dtype: DType::Float32, sample_shape: vec![2], ragged: false },
+            FieldSchema { name: "y".into(), dtype: DType::Uint8, sample_shape: vec![], ragged: false },
         ];
         let column = |name: &str, dtype, shape: Vec<u64>, n: usize| Column {
-            schema: FieldSchema { name: name.into(), dtype, sample_shape: shape },
+            schema: FieldSchema { name: name.into(), dtype, sample_shape: shape, ragged: false },
             data: vec![0; n],
         };
         let good = Columns {

@@ -7,6 +7,14 @@
 //! eeg: random_window(200, axis=-1)
 //! ```
 //!
+//! A ragged field of encoded images starts its chain with `decode_image` and the image
+//! operators of [`super::image`] (`resize`, `center_crop`, `random_resized_crop`), which must
+//! end in one size; the `uint8[H, W, C]` samples they give then take any operator below:
+//!
+//! ```text
+//! image: decode_image | random_resized_crop(224) | flip(axis=1) | to_chw | cast(float32, scale=1/255) | normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+//! ```
+//!
 //! Axes count within one sample (the batch axis is not one of them); negative axes count from
 //! the end. Random operators draw from a stream keyed by (seed, epoch, sample index, field,
 //! step) only ([`super::sample_key`]), so a sample is augmented the same way whichever batch,
@@ -15,7 +23,11 @@
 
 use conveyor_proto::DType;
 
-use super::{Column, Columns, FieldSchema, SampleRng, mix64, sample_key};
+use super::{
+    Column, Columns, FieldRows, FieldSchema, SampleRng,
+    image::{ImageHead, ImageOp, Interpolation, Mode, Size},
+    mix64, sample_key,
+};
 
 /// One operator as written, before it meets a field's shape.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,6 +45,12 @@ enum Op {
     Normalize { axis: i64, mean: Vec<f64>, std: Vec<f64> },
     /// `clip(min=.., max=..)`: values limited to `[min, max]`, dtype kept.
     Clip { min: f64, max: f64 },
+    /// `decode_image(mode=rgb)`: encoded image bytes to `uint8[H, W, C]` (the head of a chain).
+    DecodeImage { mode: Mode },
+    /// `resize(..)`, `random_resized_crop(..)`: image operators (after `decode_image`).
+    Image(ImageOp),
+    /// `to_chw`: `[H, W, C]` samples to `[C, H, W]`.
+    ToChw,
 }
 
 /// An operator fitted to its input: axes resolved, shapes known.
@@ -45,6 +63,8 @@ enum Step {
     /// buffer instead of one per step), each result rounded to its operator's dtype as if it ran
     /// alone.
     Elementwise { ops: Vec<ElemOp>, to: DType },
+    /// `[H, W, C]` to `[C, H, W]`.
+    ToChw,
 }
 
 /// One element-wise operator of a fused [`Step::Elementwise`].
@@ -98,6 +118,9 @@ fn fuse(steps: Vec<(Step, FieldSchema)>) -> Vec<(Step, FieldSchema)> {
 struct FieldChain {
     /// Position of the field in the source dataset.
     field: usize,
+    /// Decoding and image operators, when the field holds encoded images: they turn each
+    /// ragged sample into one of the fixed shape the steps start from.
+    head: Option<ImageHead>,
     /// `(step, its input schema)` in order.
     steps: Vec<(Step, FieldSchema)>,
     /// What the chain gives.
@@ -121,11 +144,12 @@ pub fn without_comments(text: &str) -> String {
 }
 
 impl Pipeline {
-    /// Parses `text` and fits it to `source` (the source dataset's fields).
+    /// Parses `text` and fits it to `source` (the source dataset's fields); images may declare
+    /// at most `max_image_pixels` pixels.
     ///
     /// # Errors
     /// A message naming the field, the operator and what to change.
-    pub fn new(text: &str, source: &[FieldSchema]) -> Result<Pipeline, String> {
+    pub fn new(text: &str, source: &[FieldSchema], max_image_pixels: u64) -> Result<Pipeline, String> {
         let mut chains: Vec<FieldChain> = Vec::new();
         let text = without_comments(text);
         for part in text.split(';').map(str::trim).filter(|p| !p.is_empty()) {
@@ -144,7 +168,16 @@ impl Pipeline {
             }
             let mut schema = source[field].clone();
             let mut steps = Vec::new();
-            for op_text in ops_text.split('|').map(str::trim) {
+            let mut ops = ops_text.split('|').map(str::trim).peekable();
+            let head = if schema.ragged {
+                let (head, output) = fit_image_head(&mut ops, &schema, max_image_pixels)
+                    .map_err(|e| format!("field '{field_name}', {e}"))?;
+                schema = output;
+                Some(head)
+            } else {
+                None
+            };
+            for op_text in ops {
                 let op = parse_op(op_text).map_err(|e| format!("field '{field_name}', '{op_text}': {e}"))?;
                 let (step, output) =
                     fit(&op, &schema).map_err(|e| format!("field '{field_name}', '{op_text}': {e}"))?;
@@ -152,10 +185,20 @@ impl Pipeline {
                 schema = output;
             }
             let steps = fuse(steps);
-            chains.push(FieldChain { field, steps, output: schema });
+            chains.push(FieldChain { field, head, steps, output: schema });
         }
         if chains.is_empty() {
             return Err("the pipeline names no field; write FIELD: op | op".into());
+        }
+        if let Some(ragged) =
+            source.iter().enumerate().find(|(at, f)| f.ragged && !chains.iter().any(|c| c.field == *at))
+        {
+            return Err(format!(
+                "field '{}' holds samples of different lengths and the pipeline gives it no chain; a derived dataset's \
+                 fields each have one shape: decode it (for example {}: decode_image | center_crop(224)) or leave it \
+                 out of the source with --fields",
+                ragged.1.name, ragged.1.name
+            ));
         }
         let mut schema = source.to_vec();
         for chain in &chains {
@@ -171,28 +214,77 @@ impl Pipeline {
 
     /// Applies the pipeline to a gathered batch of the source (`columns` in the source's field
     /// order) whose samples are `indices`.
-    pub fn apply(&self, mut columns: Vec<Vec<u8>>, indices: &[u64], seed: u64, epoch: u64) -> Vec<Vec<u8>> {
+    ///
+    /// # Errors
+    /// The first sample whose image cannot be decoded or is refused: the rest of the batch is
+    /// fine, and the caller decides between failing it and substituting the sample.
+    pub fn apply(
+        &self,
+        mut columns: Vec<FieldRows>,
+        indices: &[u64],
+        seed: u64,
+        epoch: u64,
+    ) -> Result<Vec<Vec<u8>>, BadSample> {
         for (chain_no, chain) in self.chains.iter().enumerate() {
-            let mut data = std::mem::take(&mut columns[chain.field]);
+            let rows = std::mem::take(&mut columns[chain.field]);
+            let rng_of = |step_no: u64, index: u64| {
+                let stream = mix64(((chain.field as u64) << 32 | step_no) ^ (chain_no as u64) << 48);
+                SampleRng::new(sample_key(seed, epoch, index) ^ stream)
+            };
+            let mut data = match (&chain.head, rows.offsets) {
+                (Some(head), Some(offsets)) => {
+                    let mut out = Vec::with_capacity(indices.len() * head.sample_bytes());
+                    for (row, &index) in indices.iter().enumerate() {
+                        let encoded = &rows.data[offsets[row] as usize..offsets[row + 1] as usize];
+                        // The head's stream is apart from the steps' (which count from 0).
+                        let mut rng = rng_of(u64::from(u32::MAX), index);
+                        head.run(encoded, &mut rng, &mut out).map_err(|reason| BadSample {
+                            row,
+                            field: self.schema[chain.field].name.clone(),
+                            reason,
+                        })?;
+                    }
+                    out
+                }
+                (_, _) => rows.data,
+            };
             for (step_no, (step, input)) in chain.steps.iter().enumerate() {
-                let stream = mix64(((chain.field as u64) << 32 | step_no as u64) ^ (chain_no as u64) << 48);
-                data = run_step(step, input, &data, indices, |index| {
-                    SampleRng::new(sample_key(seed, epoch, index) ^ stream)
-                });
+                data = run_step(step, input, &data, indices, |index| rng_of(step_no as u64, index));
             }
-            columns[chain.field] = data;
+            columns[chain.field] = FieldRows { data, offsets: None };
         }
-        columns
+        Ok(columns.into_iter().map(|c| c.data).collect())
     }
 
-    /// Applies the pipeline to whole [`Columns`] (tests and examples).
-    pub fn apply_columns(&self, batch: Columns, indices: &[u64], seed: u64, epoch: u64) -> Columns {
-        let data = self.apply(batch.columns.into_iter().map(|c| c.data).collect(), indices, seed, epoch);
-        Columns {
+    /// Applies the pipeline to whole fixed-shape [`Columns`] (tests and examples).
+    ///
+    /// # Errors
+    /// As [`Pipeline::apply`].
+    pub fn apply_columns(&self, batch: Columns, indices: &[u64], seed: u64, epoch: u64) -> Result<Columns, BadSample> {
+        let rows = batch.columns.into_iter().map(|c| FieldRows { data: c.data, offsets: None }).collect();
+        let data = self.apply(rows, indices, seed, epoch)?;
+        Ok(Columns {
             num_samples: batch.num_samples,
             columns: self.schema.iter().cloned().zip(data).map(|(schema, data)| Column { schema, data }).collect(),
-        }
+        })
     }
+
+    /// Whether a field's chain decodes images (then its samples may be bad).
+    pub fn decodes(&self) -> bool {
+        self.chains.iter().any(|c| c.head.is_some())
+    }
+}
+
+/// A sample a pipeline could not turn into its output: an image that does not decode or
+/// declares too many pixels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadSample {
+    /// Its row in the batch.
+    pub row: usize,
+    /// The field whose chain failed.
+    pub field: String,
+    /// Why, from the decoder or the size check.
+    pub reason: String,
 }
 
 /// A parsed argument value.
@@ -217,6 +309,11 @@ type Call = (String, Vec<Value>, Vec<(String, Value)>);
 
 /// Splits `name(a, b=[1, 2], c=x)` into the name, positional and keyword values.
 fn parse_call(text: &str) -> Result<Call, String> {
+    let text = text.trim();
+    if !text.is_empty() && text.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        // A bare name (`to_chw`, `decode_image`): no arguments.
+        return Ok((text.to_owned(), Vec::new(), Vec::new()));
+    }
     let open = text.find('(').ok_or("write the operator as name(arguments), for example flip(axis=-1)")?;
     let name = text[..open].trim().to_owned();
     let inner = text[open + 1..].strip_suffix(')').ok_or("the argument list does not end with ')'")?;
@@ -312,12 +409,7 @@ fn parse_op(text: &str) -> Result<Op, String> {
     let mut args = Args { positional: positional.into_iter(), keywords };
     let op = match name.as_str() {
         "center_crop" | "random_crop" => {
-            let mut given: Vec<Value> = args.positional.by_ref().collect();
-            match args.take("size") {
-                Some(Value::List(list)) => given.extend(list.into_iter().map(Value::Number)),
-                Some(other) => given.push(other),
-                None => {}
-            }
+            let given = size_values(&mut args);
             let mut sizes = Vec::with_capacity(given.len());
             for value in given {
                 match value {
@@ -379,15 +471,177 @@ fn parse_op(text: &str) -> Result<Op, String> {
             }
             Op::Clip { min, max }
         }
+        "decode_image" => {
+            let mode = match args.take("mode") {
+                None => Mode::Rgb,
+                Some(Value::Word(word)) if word == "rgb" || word == "RGB" => Mode::Rgb,
+                Some(Value::Word(word)) if word == "gray" || word == "L" => Mode::Gray,
+                Some(other) => return Err(format!("mode must be rgb or gray, not {other:?}")),
+            };
+            Op::DecodeImage { mode }
+        }
+        "resize" => {
+            let sizes = image_sizes(&mut args)?;
+            let size = match sizes[..] {
+                [short] => Size::Shorter(short),
+                [height, width] => Size::Exact(height, width),
+                _ => return Err("give one size (the shorter side) or two (height, width)".into()),
+            };
+            let interpolation = interpolation(&mut args)?;
+            let antialias = match args.take("antialias") {
+                None => true,
+                Some(Value::Word(word)) if word == "true" || word == "True" => true,
+                Some(Value::Word(word)) if word == "false" || word == "False" => false,
+                Some(other) => return Err(format!("antialias must be true or false, not {other:?}")),
+            };
+            Op::Image(ImageOp::Resize { size, interpolation, antialias })
+        }
+        "random_resized_crop" => {
+            let (height, width) = match image_sizes(&mut args)?[..] {
+                [side] => (side, side),
+                [height, width] => (height, width),
+                _ => return Err("give one size (square) or two (height, width)".into()),
+            };
+            let pair = |args: &mut Args, key: &str, default: (f64, f64)| -> Result<(f64, f64), String> {
+                match args.take(key) {
+                    None => Ok(default),
+                    Some(Value::List(list)) if list.len() == 2 && list[0] > 0.0 && list[0] <= list[1] => {
+                        Ok((list[0], list[1]))
+                    }
+                    Some(other) => Err(format!("{key} must be [low, high] with 0 < low <= high, not {other:?}")),
+                }
+            };
+            let scale = pair(&mut args, "scale", (0.08, 1.0))?;
+            let ratio = pair(&mut args, "ratio", (3.0 / 4.0, 4.0 / 3.0))?;
+            if scale.1 > 1.0 {
+                return Err(format!("scale is a share of the image's area, at most 1, not {}", scale.1));
+            }
+            let interpolation = interpolation(&mut args)?;
+            Op::Image(ImageOp::RandomResizedCrop { height, width, scale, ratio, interpolation })
+        }
+        "to_chw" => Op::ToChw,
         other => {
             return Err(format!(
                 "unknown operator '{other}'; the built-in operators are center_crop, random_crop, random_window, flip, \
-                 cast, normalize, clip"
+                 cast, normalize, clip, to_chw, and for images decode_image, resize, random_resized_crop"
             ));
         }
     };
     args.finish()?;
     Ok(op)
+}
+
+/// The values given as sizes: positional arguments and `size=N` / `size=[..]`, lists flattened.
+fn size_values(args: &mut Args) -> Vec<Value> {
+    let mut given: Vec<Value> = args.positional.by_ref().collect();
+    given.extend(args.take("size"));
+    given
+        .into_iter()
+        .flat_map(|value| match value {
+            Value::List(list) => list.into_iter().map(Value::Number).collect(),
+            other => vec![other],
+        })
+        .collect()
+}
+
+/// The sizes of an image operator: positional numbers, or `size=N` / `size=[H, W]`.
+fn image_sizes(args: &mut Args) -> Result<Vec<u32>, String> {
+    let sizes = size_values(args).into_iter().map(image_size).collect::<Result<Vec<_>, _>>()?;
+    if sizes.is_empty() {
+        return Err("give the size, for example random_resized_crop(224) or resize([256, 256])".into());
+    }
+    Ok(sizes)
+}
+
+/// One image side: a whole number of pixels, 1..=65535.
+fn image_size(value: Value) -> Result<u32, String> {
+    match value {
+        Value::Number(n) if (1.0..=65535.0).contains(&n) && n.fract() == 0.0 => Ok(n as u32),
+        other => Err(format!("image sizes must be whole numbers of pixels within 1..=65535, not {other:?}")),
+    }
+}
+
+fn interpolation(args: &mut Args) -> Result<Interpolation, String> {
+    match args.take("interpolation") {
+        None => Ok(Interpolation::Bilinear),
+        Some(Value::Word(word)) => Interpolation::named(&word),
+        Some(other) => Err(format!("interpolation must be bilinear, bicubic or nearest, not {other:?}")),
+    }
+}
+
+/// Fits the head of a chain over a ragged field of encoded images: `decode_image`, then the
+/// image operators that follow it, which must leave every sample one size. Consumes those
+/// operators from `ops`.
+fn fit_image_head<'a>(
+    ops: &mut std::iter::Peekable<impl Iterator<Item = &'a str>>,
+    input: &FieldSchema,
+    max_pixels: u64,
+) -> Result<(ImageHead, FieldSchema), String> {
+    let first = ops.next().unwrap_or_default();
+    let mode = match parse_op(first) {
+        Ok(Op::DecodeImage { mode }) if input.dtype == DType::Uint8 && input.sample_shape.is_empty() => mode,
+        Ok(Op::DecodeImage { .. }) => {
+            return Err(format!(
+                "'{first}': decode_image takes encoded image bytes (a ragged uint8 field), and the field is {}",
+                input.describe()
+            ));
+        }
+        Ok(_) => {
+            return Err(format!(
+                "'{first}': the field holds samples of different lengths; start its chain with decode_image (for \
+                 encoded images), which with resize, center_crop or random_resized_crop gives every sample one shape"
+            ));
+        }
+        Err(e) => return Err(format!("'{first}': {e}")),
+    };
+    let mut image_ops: Vec<ImageOp> = Vec::new();
+    let mut size: Option<(u32, u32)> = None;
+    let mut last_text = first;
+    while let Some(&text) = ops.peek() {
+        let op = match parse_op(text) {
+            Ok(Op::Image(op)) => op,
+            Ok(Op::Crop { sizes, random: false }) => match sizes[..] {
+                [side] if side <= 65535 => ImageOp::CenterCrop { height: side as u32, width: side as u32 },
+                [height, width] if height <= 65535 && width <= 65535 => {
+                    ImageOp::CenterCrop { height: height as u32, width: width as u32 }
+                }
+                _ => {
+                    return Err(format!(
+                        "'{text}': center_crop of an image takes one size (square) or two (height, width)"
+                    ));
+                }
+            },
+            Ok(Op::Crop { random: true, .. }) if size.is_none() => {
+                return Err(format!(
+                    "'{text}': random_crop takes samples of one shape; after decode_image use random_resized_crop, or \
+                     resize or center_crop to one size first"
+                ));
+            }
+            Ok(Op::DecodeImage { .. }) => return Err(format!("'{text}': the image is decoded already")),
+            Ok(_) => break,
+            Err(e) => return Err(format!("'{text}': {e}")),
+        };
+        size = op.fixed_size().or(match op {
+            ImageOp::Resize { .. } => None,
+            _ => size,
+        });
+        image_ops.push(op);
+        last_text = text;
+        ops.next();
+    }
+    let Some((height, width)) = size else {
+        return Err(format!(
+            "after '{last_text}' images still differ in size; end the image operators with center_crop(H, W), \
+             random_resized_crop(H, W) or resize([H, W]) so that every sample has one shape"
+        ));
+    };
+    let output = FieldSchema {
+        name: input.name.clone(),
+        dtype: DType::Uint8,
+        sample_shape: vec![u64::from(height), u64::from(width), mode.channels()],
+        ragged: false,
+    };
+    Ok((ImageHead { mode, ops: image_ops, size: (height, width), max_pixels }, output))
 }
 
 fn dtype_named(word: &str) -> Result<DType, String> {
@@ -421,7 +675,12 @@ fn numeric(schema: &FieldSchema) -> Result<(), String> {
 /// Fits `op` to a field of `input` schema: the step and its output schema.
 fn fit(op: &Op, input: &FieldSchema) -> Result<(Step, FieldSchema), String> {
     let shape = &input.sample_shape;
-    let with = |dtype: DType, sample_shape: Vec<u64>| FieldSchema { name: input.name.clone(), dtype, sample_shape };
+    let with = |dtype: DType, sample_shape: Vec<u64>| FieldSchema {
+        name: input.name.clone(),
+        dtype,
+        sample_shape,
+        ragged: false,
+    };
     Ok(match op {
         Op::Crop { sizes, random } => {
             if sizes.len() > shape.len() {
@@ -494,6 +753,20 @@ fn fit(op: &Op, input: &FieldSchema) -> Result<(Step, FieldSchema), String> {
             let op = ElemOp { kind: ElemKind::Clip, dtype: input.dtype, params: vec![(*min, *max)], inner: usize::MAX };
             (Step::Elementwise { ops: vec![op], to: input.dtype }, input.clone())
         }
+        Op::ToChw => match shape[..] {
+            [h, w, c] => (Step::ToChw, with(input.dtype, vec![c, h, w])),
+            _ => return Err(format!("to_chw takes samples of shape [H, W, C], and a sample has shape {shape:?}")),
+        },
+        Op::DecodeImage { .. } => {
+            return Err("decode_image takes encoded images, a ragged uint8 field; this field's samples have one \
+                        shape already"
+                .into());
+        }
+        Op::Image(_) => {
+            return Err("resize and random_resized_crop follow decode_image (they take images of any size); for \
+                        samples of one shape use center_crop or random_crop"
+                .into());
+        }
     })
 }
 
@@ -526,6 +799,21 @@ fn run_step(
             out
         }
         Step::Elementwise { ops, to } => run_elementwise(ops, input.dtype, *to, data),
+        Step::ToChw => {
+            let [h, w, c] = input.sample_shape[..] else { unreachable!("to_chw is fitted to [H, W, C] samples") };
+            let (h, w, c) = (h as usize, w as usize, c as usize);
+            let elem = input.dtype.size_bytes();
+            let mut out = vec![0u8; data.len()];
+            for (sample, target) in data.chunks_exact(in_bytes).zip(out.chunks_exact_mut(in_bytes)) {
+                for (pixel, source) in sample.chunks_exact(c * elem).enumerate() {
+                    for (channel, element) in source.chunks_exact(elem).enumerate() {
+                        let at = (channel * h * w + pixel) * elem;
+                        target[at..at + elem].copy_from_slice(element);
+                    }
+                }
+            }
+            out
+        }
     }
 }
 
@@ -742,8 +1030,12 @@ fn run_elementwise(ops: &[ElemOp], from: DType, to: DType, data: &[u8]) -> Vec<u
 mod tests {
     use super::*;
 
+    fn fixed(columns: Vec<Vec<u8>>) -> Vec<FieldRows> {
+        columns.into_iter().map(|data| FieldRows { data, offsets: None }).collect()
+    }
+
     fn schema(name: &str, dtype: DType, shape: &[u64]) -> FieldSchema {
-        FieldSchema { name: name.into(), dtype, sample_shape: shape.to_vec() }
+        FieldSchema { name: name.into(), dtype, sample_shape: shape.to_vec(), ragged: false }
     }
 
     #[test]
@@ -752,6 +1044,7 @@ mod tests {
         let pipeline = Pipeline::new(
             "image: random_crop(56, 56) | flip(axis=-1, p=0.5) | cast(float32, scale=1/255) | normalize(mean=[0.5,0.4,0.3], std=[0.2, 0.2, 0.2])",
             &source,
+            1 << 24,
         )
         .expect("valid");
         assert_eq!(pipeline.schema()[0], schema("image", DType::Float32, &[3, 56, 56]));
@@ -760,7 +1053,7 @@ mod tests {
             pipeline.chains[0].steps.iter().map(|(s, _)| matches!(s, Step::Elementwise { .. })).collect();
         assert_eq!(kinds, [false, true], "crop+flip fused into one copy, cast+normalize into one pass");
         let file = "# a comment\nimage: center_crop(32, 32)\n     | flip(axis=1)\n# another\n;label: clip(min=0)";
-        let pipeline = Pipeline::new(file, &source).expect("valid");
+        let pipeline = Pipeline::new(file, &source, 1 << 24).expect("valid");
         assert_eq!(pipeline.schema()[0], schema("image", DType::Uint8, &[3, 32, 32]));
     }
 
@@ -777,6 +1070,7 @@ mod tests {
             ("b: clip(min=0, max=1)", "the field is bool"),
             ("x: flip(p=2)", "p must be within 0..1"),
             ("x: flip(axis=0, wobble=1)", "unknown argument 'wobble'"),
+            ("x: to_chw", "to_chw takes samples of shape [H, W, C], and a sample has shape [4, 8]"),
             ("x: flip() ; x: flip()", "field 'x' has two chains"),
             ("x: clip(min=0/0, max=1)", "min must be a number, not NaN"),
             ("x: clip(max=0/0)", "max must be a number, not NaN"),
@@ -790,7 +1084,7 @@ mod tests {
             ("x: normalize(mean=[0/0, 1, 2, 3], std=[1])", "mean must be finite, not NaN"),
         ];
         for (text, expected) in cases {
-            let error = Pipeline::new(text, &source).expect_err(text);
+            let error = Pipeline::new(text, &source, 1 << 24).expect_err(text);
             assert!(error.contains(expected), "{text}: {error}");
         }
     }
@@ -800,8 +1094,8 @@ mod tests {
         let source = [schema("x", DType::Uint16, &[4, 5])];
         let rows: Vec<u16> = (0..20).collect();
         let data: Vec<u8> = rows.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let pipeline = Pipeline::new("x: center_crop(2, 3) | flip(axis=0, p=1)", &source).expect("valid");
-        let out = pipeline.apply(vec![data], &[0], 0, 0);
+        let pipeline = Pipeline::new("x: center_crop(2, 3) | flip(axis=0, p=1)", &source, 1 << 24).expect("valid");
+        let out = pipeline.apply(fixed(vec![data]), &[0], 0, 0).expect("applies");
         let values: Vec<u16> = out[0].chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
         // Rows 1..3, columns 1..4, then rows reversed.
         assert_eq!(values, [11, 12, 13, 6, 7, 8]);
@@ -810,13 +1104,14 @@ mod tests {
     #[test]
     fn random_steps_depend_on_seed_epoch_and_index_only() {
         let source = [schema("x", DType::Uint8, &[32])];
-        let pipeline = Pipeline::new("x: random_window(8) | flip()", &source).expect("valid");
+        let pipeline = Pipeline::new("x: random_window(8) | flip()", &source, 1 << 24).expect("valid");
         let data: Vec<u8> = (0..64).map(|i| (i % 32) as u8).collect();
-        let a = pipeline.apply(vec![data.clone()], &[3, 9], 1, 2);
+        let a = pipeline.apply(fixed(vec![data.clone()]), &[3, 9], 1, 2).expect("applies");
         // Sample 9 alone, in another batch position: the same bytes as in the pair.
-        let b = pipeline.apply(vec![data[32..].to_vec()], &[9], 1, 2);
+        let b = pipeline.apply(fixed(vec![data[32..].to_vec()]), &[9], 1, 2).expect("applies");
         assert_eq!(a[0][8..], b[0][..]);
-        let other_epoch = (0..20).any(|e| pipeline.apply(vec![data.clone()], &[3, 9], 1, e) != a);
+        let other_epoch =
+            (0..20).any(|e| pipeline.apply(fixed(vec![data.clone()]), &[3, 9], 1, e).expect("applies") != a);
         assert!(other_epoch, "another epoch draws other windows");
     }
 
@@ -826,13 +1121,107 @@ mod tests {
         let values: [i16; 4] = [-300, 0, 100, 30000];
         let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         let pipeline =
-            Pipeline::new("x: clip(min=-100, max=200) | cast(uint8, scale=0.5, offset=100)", &source).expect("valid");
-        let out = pipeline.apply(vec![data.clone()], &[0], 0, 0);
+            Pipeline::new("x: clip(min=-100, max=200) | cast(uint8, scale=0.5, offset=100)", &source, 1 << 24)
+                .expect("valid");
+        let out = pipeline.apply(fixed(vec![data.clone()]), &[0], 0, 0).expect("applies");
         // clip: -100, 0, 100, 200; then x/2 + 100 = 50, 100, 150, 200.
         assert_eq!(out[0], [50, 100, 150, 200]);
-        let normalize = Pipeline::new("x: normalize(mean=[10, 20], std=[2, 4])", &source).expect("valid");
-        let out = normalize.apply(vec![data], &[0], 0, 0);
+        let normalize = Pipeline::new("x: normalize(mean=[10, 20], std=[2, 4])", &source, 1 << 24).expect("valid");
+        let out = normalize.apply(fixed(vec![data]), &[0], 0, 0).expect("applies");
         let floats: Vec<f32> = out[0].chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
         assert_eq!(floats, [-155.0, -5.0, 20.0, 7495.0]);
+    }
+
+    fn png(width: u32, height: u32) -> Vec<u8> {
+        use image::ImageEncoder;
+        let pixels: Vec<u8> = (0..width * height * 3).map(|i| (i * 7 % 251) as u8).collect();
+        let mut encoded = Vec::new();
+        image::codecs::png::PngEncoder::new(&mut encoded)
+            .write_image(&pixels, width, height, image::ExtendedColorType::Rgb8)
+            .expect("encode");
+        encoded
+    }
+
+    fn ragged(samples: &[Vec<u8>]) -> FieldRows {
+        let mut offsets = vec![0u64];
+        for sample in samples {
+            offsets.push(offsets[offsets.len() - 1] + sample.len() as u64);
+        }
+        FieldRows { data: samples.concat(), offsets: Some(offsets) }
+    }
+
+    #[test]
+    fn images_decode_to_one_shape_then_take_the_fixed_operators() {
+        let source = [
+            FieldSchema { name: "jpg".into(), dtype: DType::Uint8, sample_shape: vec![], ragged: true },
+            schema("cls", DType::Int64, &[]),
+        ];
+        let text = "jpg: decode_image | resize(8) | center_crop(8) | to_chw | cast(float32, scale=1/255)";
+        let pipeline = Pipeline::new(text, &source, 1 << 20).expect("valid");
+        assert_eq!(pipeline.schema()[0], schema("jpg", DType::Float32, &[3, 8, 8]));
+        assert!(pipeline.decodes());
+        let images = [png(12, 9), png(9, 20)];
+        let labels: Vec<u8> = [4i64, 5].iter().flat_map(|l| l.to_le_bytes()).collect();
+        let columns = vec![ragged(&images), FieldRows { data: labels.clone(), offsets: None }];
+        let out = pipeline.apply(columns, &[0, 1], 1, 0).expect("decodes");
+        assert_eq!(out[0].len(), 2 * 3 * 8 * 8 * 4);
+        assert_eq!(out[1], labels, "fields without a chain pass through");
+        // A sample that is not an image fails alone, by its row.
+        let columns =
+            vec![ragged(&[png(12, 9), b"GIF89a not really".to_vec()]), FieldRows { data: labels, offsets: None }];
+        let bad = pipeline.apply(columns, &[0, 1], 1, 0).expect_err("row 1 is bad");
+        assert_eq!((bad.row, bad.field.as_str()), (1, "jpg"));
+        assert!(bad.reason.contains("JPEG, PNG and WebP"), "{}", bad.reason);
+    }
+
+    #[test]
+    fn random_resized_crops_are_keyed_by_sample_and_epoch() {
+        let source = [FieldSchema { name: "jpg".into(), dtype: DType::Uint8, sample_shape: vec![], ragged: true }];
+        let pipeline = Pipeline::new("jpg: decode_image | random_resized_crop(6)", &source, 1 << 20).expect("valid");
+        let image = png(40, 30);
+        let run = |indices: &[u64], epoch: u64| {
+            let rows = ragged(&vec![image.clone(); indices.len()]);
+            pipeline.apply(vec![rows], indices, 5, epoch).expect("decodes").remove(0)
+        };
+        let pair = run(&[3, 9], 0);
+        assert_eq!(pair[6 * 6 * 3..], run(&[9], 0)[..], "sample 9 is cropped alike in any batch");
+        assert!((1..20).any(|epoch| run(&[9], epoch) != run(&[9], 0)), "other epochs draw other crops");
+    }
+
+    #[test]
+    fn to_chw_moves_channels_first() {
+        let source = [schema("x", DType::Uint16, &[2, 3, 2])];
+        let values: Vec<u16> = (0..12).collect();
+        let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let pipeline = Pipeline::new("x: to_chw", &source, 1 << 20).expect("valid");
+        assert_eq!(pipeline.schema()[0].sample_shape, [2, 2, 3]);
+        let out = pipeline.apply(fixed(vec![data]), &[0], 0, 0).expect("applies");
+        let values: Vec<u16> = out[0].chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
+        assert_eq!(values, [0, 2, 4, 6, 8, 10, 1, 3, 5, 7, 9, 11]);
+    }
+
+    #[test]
+    fn image_chains_that_cannot_give_one_shape_are_refused_by_name() {
+        let source = [
+            FieldSchema { name: "jpg".into(), dtype: DType::Uint8, sample_shape: vec![], ragged: true },
+            schema("x", DType::Uint8, &[4, 4, 3]),
+        ];
+        let cases = [
+            ("jpg: flip()", "start its chain with decode_image"),
+            ("jpg: decode_image | resize(256)", "after 'resize(256)' images still differ in size"),
+            ("jpg: decode_image", "images still differ in size"),
+            ("jpg: decode_image | random_crop(5)", "random_crop takes samples of one shape"),
+            ("jpg: decode_image(mode=cmyk) | center_crop(4)", "mode must be rgb or gray"),
+            ("jpg: decode_image | resize(1, 2, 3)", "give one size"),
+            ("jpg: decode_image | random_resized_crop(8, scale=[0.5, 2])", "at most 1"),
+            ("jpg: decode_image | random_resized_crop(8, interpolation=cubic)", "unknown interpolation 'cubic'"),
+            ("x: decode_image", "decode_image takes encoded images"),
+            ("x: resize(2)", "resize and random_resized_crop follow decode_image"),
+            ("x: flip()", "field 'jpg' holds samples of different lengths and the pipeline gives it no chain"),
+        ];
+        for (text, expected) in cases {
+            let error = Pipeline::new(text, &source, 1 << 20).expect_err(text);
+            assert!(error.contains(expected), "{text}: {error}");
+        }
     }
 }

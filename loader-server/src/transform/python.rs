@@ -578,7 +578,7 @@ impl Worker {
             let Some(dtype) = DType::from_numpy_code(&field.dtype) else {
                 return Err(Failure::Schema(format!("output field '{}' has dtype {}", field.name, field.dtype)));
             };
-            let schema = FieldSchema { name: field.name, dtype, sample_shape: field.shape };
+            let schema = FieldSchema { name: field.name, dtype, sample_shape: field.shape, ragged: false };
             let expected = n * schema.bytes_per_sample() as u64;
             if field.nbytes != expected || field.offset.checked_add(field.nbytes).is_none_or(|end| end > shm_bytes) {
                 self.kill();
