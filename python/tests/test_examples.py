@@ -100,3 +100,37 @@ def test_the_transform_examples_serve_augmented_batches(tmp_path, start_loader):
                 candidates += [c[..., ::-1] for c in candidates]
                 assert min(np.abs(original - c).max() for c in candidates) < 0.01, index
         assert seen == 96, name
+
+
+IMAGES_EXAMPLE = os.path.join(os.path.dirname(EXAMPLE), "train_images.py")
+
+
+def test_the_image_example_learns_from_loader_side_augmentation_and_resumes_exactly(tmp_path, start_loader):
+    """The image classifier of the examples: its demo folder, the loader's decode + augmentation
+    pipelines from its docstring, an interrupted and resumed run that trains on each epoch once,
+    and a model that learns the two classes."""
+    pytest.importorskip("torch")
+    subprocess.run([sys.executable, IMAGES_EXAMPLE, "--write-demo-images", str(tmp_path / "shapes")], check=True,
+                   capture_output=True)
+    doc = open(IMAGES_EXAMPLE).read()
+    pipelines = [line.split("'")[1] for line in doc.splitlines() if line.strip().startswith("--pipeline '")]
+    assert [p.split("=")[0] for p in pipelines] == ["train", "val"]
+    loader = start_loader({"images": tmp_path / "shapes"}, *[a for p in pipelines for a in ("--pipeline", p)])
+    common = [sys.executable, IMAGES_EXAMPLE, "--loader", loader.addr, "--epochs", "3", "--batch-size", "32",
+              "--seed", "1", "--checkpoint", str(tmp_path / "ckpt"), "--checkpoint-every", "4", "--device", "cpu"]
+    first = subprocess.run(common + ["--max-batches", "10", "--indices-log", str(tmp_path / "first.bin")],
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0 and "stopped after 10 batches" in first.stdout, first.stderr[-2000:]
+    second = subprocess.run(common + ["--indices-log", str(tmp_path / "rest.bin")], capture_output=True, text=True,
+                            timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resuming at epoch 1 batch 2" in second.stdout, second.stdout
+    ds = conveyor.StreamingDataset([loader.addr], "train", batch_size=32, seed=1)
+    epochs = []
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        epochs += [b["__index__"] for b in ds]
+    both = np.concatenate([logged(tmp_path / "first.bin"), logged(tmp_path / "rest.bin")])
+    assert np.array_equal(both, np.concatenate(epochs)), "the two runs together trained on each epoch once, in order"
+    accuracy = float(second.stdout.rsplit("accuracy on 'val': ", 1)[1].split()[0])
+    assert accuracy >= 0.9, second.stdout
