@@ -191,3 +191,35 @@ def test_webdataset_shards_serve_each_member_as_written_and_cls_as_its_class(tmp
                              f"wds={tmp_path / 'shards'}"], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "train-0003.tar" in result.stderr and "sample 'lonely' has no 'cls' member" in result.stderr, result.stderr
+
+
+def test_webdataset_brace_patterns_name_the_shards_and_a_block_shuffle_reads_one_shard_at_a_time(
+        tmp_path, start_loader):
+    import subprocess
+
+    import webdataset as wds
+
+    from conftest import binary
+
+    os.makedirs(tmp_path / "shards")
+    with wds.ShardWriter(str(tmp_path / "shards" / "part-%06d.tar"), maxcount=6, verbose=0) as sink:
+        for j in range(27):
+            sink.write({"__key__": f"k{j:03d}", "txt": f"sample {j}", "cls": j})
+    # Only the first four of the five shards, by a pattern as webdataset users write them.
+    pattern = str(tmp_path / "shards" / "part-{000000..000003}.tar")
+    loader = start_loader({"wds": pattern})
+    info = conveyor.datasets([loader.addr])["wds"]
+    assert info.num_samples == 24
+    ds = conveyor.StreamingDataset([loader.addr], "wds", batch_size=6, shuffle="block", shuffle_window=1, seed=5)
+    shards_seen = []
+    for batch in ds:
+        shard = {int(i) // 6 for i in batch["__index__"]}
+        assert len(shard) == 1, f"one shard per batch in a block shuffle: {batch['__index__']}"
+        assert batch["txt"].tolist() == [f"sample {int(i)}" for i in batch["__index__"]]
+        shards_seen += shard
+    assert sorted(shards_seen) == [0, 1, 2, 3]
+    # A pattern naming a shard that is not there stops the loader naming it.
+    result = subprocess.run([binary("loader-server"), "--listen", "127.0.0.1:0", "--dataset",
+                             f"wds={tmp_path / 'shards' / 'part-{000003..000007}.tar'}"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "part-000005.tar" in result.stderr, result.stderr

@@ -153,7 +153,10 @@ impl Field {
         match &self.source {
             Source::Ragged(ragged) => ragged.select_into(indices, tensor),
             Source::Files(files) => files.select_into(indices, tensor),
-            Source::Tar(members) => members.select_into(indices, tensor),
+            // A shard is a chunk: a changed shard fails its rows.
+            Source::Tar(members) => {
+                members.select_into(indices, tensor).map_err(|(index, reason)| (index / self.chunk_len, reason))
+            }
             Source::Memory(rows) => {
                 let piece = tensor.add_piece(Piece { bytes: rows.clone(), big_endian: false });
                 for &index in indices {
@@ -410,7 +413,7 @@ impl Dataset {
             group.arrays.into_iter().map(|array| zarr_field(&path, array)).collect()
         };
         let shards = match location {
-            Location::Local(path) => webdataset::shards(path),
+            Location::Local(path) => webdataset::shards(path)?,
             Location::Remote(_) => Vec::new(),
         };
         let fields: Vec<Field> = match location {

@@ -91,9 +91,65 @@ impl Members {
     }
 }
 
-/// The shards at `path`: the file itself when it is a `.tar`, else the `.tar` files directly in
-/// the directory, in name order (none when it holds `.npy` files).
-pub(super) fn shards(path: &Path) -> Vec<PathBuf> {
+/// The shards at `path`: the file itself when it is a `.tar`; the files a brace pattern names
+/// (`train-{000000..000146}.tar`, `{a,b}.tar`), in the pattern's order; else the `.tar` files
+/// directly in the directory, in name order (none when it holds `.npy` files).
+///
+/// # Errors
+/// [`LoadError::WebDataset`] for a pattern that does not parse or names a file that is missing.
+pub(super) fn shards(path: &Path) -> Result<Vec<PathBuf>, LoadError> {
+    let text = path.to_string_lossy();
+    if text.contains('{') && !path.exists() {
+        let expanded =
+            expand_braces(&text).map_err(|problem| LoadError::WebDataset { shard: path.to_owned(), problem })?;
+        let shards: Vec<PathBuf> = expanded.into_iter().map(PathBuf::from).collect();
+        if let Some(missing) = shards.iter().find(|shard| !shard.is_file()) {
+            return Err(LoadError::WebDataset {
+                shard: missing.clone(),
+                problem: format!(
+                    "is named by the pattern {text} ({} shards) and is not a file; fix the pattern or the shards",
+                    shards.len()
+                ),
+            });
+        }
+        return Ok(shards);
+    }
+    Ok(shards_at(path))
+}
+
+/// Most shards a brace pattern may name.
+const MAX_PATTERN_SHARDS: usize = 1 << 20;
+
+/// Expands WebDataset's (braceexpand's) patterns: `{000..146}` counts, keeping the width of a
+/// zero-padded start; `{a,b,c}` lists; several braces multiply, left to right.
+fn expand_braces(text: &str) -> Result<Vec<String>, String> {
+    let Some(open) = text.find('{') else { return Ok(vec![text.to_owned()]) };
+    let close =
+        open + text[open..].find('}').ok_or_else(|| format!("the pattern {text} opens a brace it does not close"))?;
+    let (prefix, inner, rest) = (&text[..open], &text[open + 1..close], &text[close + 1..]);
+    let choices: Vec<String> = match inner.split_once("..") {
+        Some((first, last)) if !inner.contains(',') => {
+            let parse = |n: &str| {
+                n.parse::<u64>().map_err(|_| format!("'{{{inner}}}' in {text} is not a range of whole numbers"))
+            };
+            let (start, end) = (parse(first)?, parse(last)?);
+            if end < start || end - start >= MAX_PATTERN_SHARDS as u64 {
+                return Err(format!("'{{{inner}}}' in {text} counts down or names over {MAX_PATTERN_SHARDS} shards"));
+            }
+            let width = if first.starts_with('0') { first.len() } else { 0 };
+            (start..=end).map(|n| format!("{n:0width$}")).collect()
+        }
+        _ => inner.split(',').map(str::to_owned).collect(),
+    };
+    let tails = expand_braces(rest)?;
+    if choices.len().saturating_mul(tails.len()) > MAX_PATTERN_SHARDS {
+        return Err(format!("the pattern {text} names over {MAX_PATTERN_SHARDS} shards"));
+    }
+    Ok(choices.iter().flat_map(|c| tails.iter().map(move |t| format!("{prefix}{c}{t}"))).collect())
+}
+
+/// The `.tar` file at `path`, or those directly in the directory.
+fn shards_at(path: &Path) -> Vec<PathBuf> {
     let is_tar = |p: &Path| p.is_file() && p.extension().is_some_and(|e| e == "tar");
     if is_tar(path) {
         return vec![path.to_owned()];
@@ -193,6 +249,17 @@ pub(super) fn open(name: &str, shards: &[PathBuf], select: Option<&[String]>) ->
             ));
         }
     }
+    // A shard is a chunk for block shuffles when the shards hold the same number of samples
+    // (the last may hold fewer), as ShardWriter(maxcount=..) writes them: a shuffled epoch then
+    // reads each shard's members together.
+    let mut per_shard = vec![0u64; shards.len()];
+    for (shard, _, _) in &samples {
+        per_shard[*shard as usize] += 1;
+    }
+    let chunk_len = match per_shard.split_last() {
+        Some((last, rest)) if rest.iter().all(|&n| n == per_shard[0]) && *last <= per_shard[0] => per_shard[0].max(1),
+        _ => 1,
+    };
     let maps = Arc::new(maps);
     let keys: Arc<Vec<Box<str>>> = Arc::new(samples.iter().map(|(_, key, _)| key.as_str().into()).collect());
     let num_samples = samples.len() as u64;
@@ -205,7 +272,7 @@ pub(super) fn open(name: &str, shards: &[PathBuf], select: Option<&[String]>) ->
             dtype,
             sample_shape: Vec::new(),
             bytes_per_sample,
-            chunk_len: 1,
+            chunk_len,
             dims: Vec::new(),
             num_samples,
             id: NEXT_FIELD_ID.fetch_add(1, Ordering::Relaxed),
@@ -241,6 +308,19 @@ pub(super) fn open(name: &str, shards: &[PathBuf], select: Option<&[String]>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn brace_patterns_expand_as_webdataset_writes_them() {
+        assert_eq!(
+            expand_braces("d/t-{08..11}.tar").expect("valid"),
+            ["d/t-08.tar", "d/t-09.tar", "d/t-10.tar", "d/t-11.tar"]
+        );
+        assert_eq!(expand_braces("{a,b}-{1..2}.tar").expect("valid"), ["a-1.tar", "a-2.tar", "b-1.tar", "b-2.tar"]);
+        assert_eq!(expand_braces("plain.tar").expect("valid"), ["plain.tar"]);
+        for bad in ["t-{1..x}.tar", "t-{5..2}.tar", "t-{1..3.tar", "{0..999999999}.tar"] {
+            assert!(expand_braces(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn keys_end_at_the_first_dot_of_the_file_name() {
