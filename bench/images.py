@@ -15,7 +15,9 @@ and hands the training loop CPU torch tensors `[128, 3, 224, 224] float32` + lab
   conveyor                one loader (--assemble-threads --workers) running the pipeline
                           decode_image | random_resized_crop(224) | flip | to_chw | cast | normalize;
                           the conveyor package in the trainer over the same-host socket (shared
-                          memory)
+                          memory), 4 batches requested ahead (as the DataLoaders' 2 workers x
+                          prefetch_factor 2)
+The data is read once before each contender (page cache warm), so the comparison is of CPU work.
 Every contender has the same CPU: the machine's cores are shared by the loader or the workers and
 the training process alike. Reported per contender (median of the runs, min-max beside):
 samples/s, peak RSS of the training process tree (DataLoader workers included) and of the loader.
@@ -123,7 +125,18 @@ def run_one(kind, source, batches, workers, seed, out, loader_pid=None):
     return result
 
 
+def warm(directory):
+    """Reads every file under `directory`, so that each contender starts with the data in the
+    page cache (the machine's memory holds both copies) and the comparison is of CPU work."""
+    for dirpath, _, names in os.walk(directory):
+        for name in names:
+            with open(os.path.join(dirpath, name), "rb") as fh:
+                while fh.read(1 << 20):
+                    pass
+
+
 def run_contender(name, root, shards, args, seed):
+    warm(shards if name == "webdataset" else root)
     if name == "dataloader-imagefolder":
         return run_one("dataloader", root, args.batches, args.workers, seed, args.out)
     if name == "webdataset":

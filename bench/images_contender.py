@@ -58,7 +58,8 @@ def batches(kind, source, workers, seed):
         import conveyor
 
         addr, dataset = source.rsplit("/", 1)
-        ds = conveyor.StreamingDataset([addr], dataset, batch_size=BATCH, seed=int(seed), output="torch")
+        # Four batches ahead, as the DataLoader's 2 workers x prefetch_factor 2.
+        ds = conveyor.StreamingDataset([addr], dataset, batch_size=BATCH, seed=int(seed), output="torch", prefetch=4)
         for batch in ds:
             yield batch["image"], batch["label"]
 

@@ -786,6 +786,14 @@ fn run_step(
             let out_bytes = out_shape.iter().product::<u64>() as usize * elem;
             let mut out = Vec::with_capacity(indices.len() * out_bytes);
             let mut starts = vec![0u64; shape.len()];
+            // Trailing axes copied whole (neither cut nor flipped) count as one element: a flip of
+            // an image's width moves pixels, not single channel values.
+            let mut rank = shape.len();
+            let mut elem_bytes = elem;
+            while rank > 1 && out_shape[rank - 1] == shape[rank - 1] && *flip_axis != Some(rank - 1) {
+                rank -= 1;
+                elem_bytes *= shape[rank] as usize;
+            }
             for (row, &index) in indices.iter().enumerate() {
                 let mut rng = rng_of(index);
                 for axis in 0..shape.len() {
@@ -794,7 +802,7 @@ fn run_step(
                 }
                 let flip = flip_axis.filter(|_| *flip_p >= 1.0 || (*flip_p > 0.0 && rng.unit() < *flip_p));
                 let sample = &data[row * in_bytes..(row + 1) * in_bytes];
-                copy_region(sample, shape, elem, &starts, out_shape, flip, &mut out);
+                copy_region(sample, &shape[..rank], elem_bytes, &starts[..rank], &out_shape[..rank], flip, &mut out);
             }
             out
         }
@@ -805,6 +813,15 @@ fn run_step(
             let elem = input.dtype.size_bytes();
             let mut out = vec![0u8; data.len()];
             for (sample, target) in data.chunks_exact(in_bytes).zip(out.chunks_exact_mut(in_bytes)) {
+                if elem == 1 {
+                    // Images: one plane per channel, read with a stride.
+                    for (channel, plane) in target.chunks_exact_mut(h * w).enumerate() {
+                        for (value, pixel) in plane.iter_mut().zip(sample[channel..].iter().step_by(c)) {
+                            *value = *pixel;
+                        }
+                    }
+                    continue;
+                }
                 for (pixel, source) in sample.chunks_exact(c * elem).enumerate() {
                     for (channel, element) in source.chunks_exact(elem).enumerate() {
                         let at = (channel * h * w + pixel) * elem;
@@ -1222,6 +1239,36 @@ mod tests {
         for (text, expected) in cases {
             let error = Pipeline::new(text, &source, 1 << 20).expect_err(text);
             assert!(error.contains(expected), "{text}: {error}");
+        }
+    }
+
+    #[test]
+    fn flips_and_crops_of_any_axis_match_a_per_element_reference() {
+        // [2, 3, 4] uint16 samples: every axis flipped in turn, with and without a centre crop.
+        let shape = [2u64, 3, 4];
+        let values: Vec<u16> = (0..24).collect();
+        let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let source = [schema("x", DType::Uint16, &shape)];
+        for axis in 0..3 {
+            for (crop, cut) in [("", [2u64, 3, 4]), ("center_crop(2, 2) | ", [2, 2, 2])] {
+                let text = format!("x: {crop}flip(axis={axis}, p=1)");
+                let pipeline = Pipeline::new(&text, &source, 1 << 20).expect("valid");
+                let out = pipeline.apply(fixed(vec![data.clone()]), &[0], 0, 0).expect("applies");
+                let got: Vec<u16> = out[0].chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
+                let starts: Vec<u64> = shape.iter().zip(&cut).map(|(s, c)| (s - c) / 2).collect();
+                let mut expected = Vec::new();
+                for i in 0..cut[0] {
+                    for j in 0..cut[1] {
+                        for k in 0..cut[2] {
+                            let mut at = [i, j, k];
+                            at[axis] = cut[axis] - 1 - at[axis];
+                            let (i, j, k) = (at[0] + starts[0], at[1] + starts[1], at[2] + starts[2]);
+                            expected.push(values[(i * 12 + j * 4 + k) as usize]);
+                        }
+                    }
+                }
+                assert_eq!(got, expected, "{text}");
+            }
         }
     }
 }
