@@ -12,7 +12,8 @@ and hands the training loop CPU torch tensors `[128, 3, 224, 224] float32` + lab
                           worker processes (how users write it today)
   webdataset              the webdataset library over the tars (shard shuffle + a 1000-sample
                           buffer, decode("pil"), the same transforms), DataLoader with --workers
-  conveyor                one loader (--assemble-threads --workers) running the pipeline
+  conveyor                one loader (--assemble-threads --workers, --allocator-retain-bytes
+                          512MiB) running the pipeline
                           decode_image | random_resized_crop(224) | flip | to_chw | cast | normalize;
                           the conveyor package in the trainer over the same-host socket (shared
                           memory), 4 batches requested ahead (as the DataLoaders' 2 workers x
@@ -144,7 +145,9 @@ def run_contender(name, root, shards, args, seed):
     socket = os.path.join(tempfile.mkdtemp(prefix="conveyor-bench-"), "loader.sock")
     loader, _ = start_loader({"images": root}, [
         "--pipeline", f"aug=images:{PIPELINE}", "--assemble-threads", str(args.workers),
-        "--listen-unix", socket, "--max-batch-bytes", "96MiB", "--max-inflight-bytes", "512MiB"])
+        "--listen-unix", socket, "--max-batch-bytes", "96MiB", "--max-inflight-bytes", "512MiB",
+        # A batch is 77 MB of float32: keep a few of its freed buffers for reuse (see Memory).
+        "--allocator-retain-bytes", "512MiB"])
     try:
         return run_one("conveyor", f"unix:{socket}/aug", args.batches, args.workers, seed, args.out, loader.pid)
     finally:
