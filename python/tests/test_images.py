@@ -144,6 +144,18 @@ def test_random_resized_crop_is_torchvisions_and_the_same_from_two_replicas(tmp_
     # Another epoch draws other crops.
     other = served(a, "aug", epoch=1)
     assert any(not np.array_equal(other[i]["image"], first[i]["image"]) for i in first)
+    # Both replicas, one killed mid-epoch: every sample exactly once, as one replica alone gives it.
+    both = conveyor.StreamingDataset([a.addr, b.addr], "aug", batch_size=2, shuffle="full", seed=3, prefetch=2)
+    both.set_epoch(1)
+    seen = {}
+    for number, batch in enumerate(both):
+        if number == 2:
+            a.kill()
+        for row, index in enumerate(batch["__index__"]):
+            assert int(index) not in seen
+            seen[int(index)] = batch["image"][row]
+    assert sorted(seen) == sorted(other)
+    assert all(np.array_equal(seen[i], other[i]["image"]) for i in seen)
 
     # With scale [1, 1] and each image's own aspect ratio the crop is the whole image, so the
     # result is Pillow's bilinear resize of it (within rounding).
