@@ -223,3 +223,40 @@ def test_webdataset_brace_patterns_name_the_shards_and_a_block_shuffle_reads_one
                              f"wds={tmp_path / 'shards' / 'part-{000003..000007}.tar'}"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "part-000005.tar" in result.stderr, result.stderr
+
+
+def test_webdataset_npy_members_arrive_as_ragged_arrays(tmp_path, start_loader):
+    import subprocess
+
+    import webdataset as wds
+
+    from conftest import binary
+
+    rng = np.random.default_rng(3)
+    os.makedirs(tmp_path / "shards")
+    arrays = []
+    with wds.TarWriter(str(tmp_path / "shards" / "eeg-0000.tar")) as sink:
+        for j in range(9):
+            # Recordings of different lengths: [time, 3 channels] float32, as np.save writes them.
+            array = rng.standard_normal((int(rng.integers(1, 40)), 3)).astype(np.float32)
+            sink.write({"__key__": f"r{j:02d}", "npy": array, "cls": j})
+            arrays.append(array)
+    loader = start_loader({"eeg": tmp_path / "shards"})
+    info = conveyor.datasets([loader.addr])["eeg"]
+    assert info.fields["npy"] == (np.dtype(np.float32), (None, 3))
+    seen = 0
+    for batch in conveyor.StreamingDataset([loader.addr], "eeg", batch_size=4, shuffle="full", seed=1):
+        samples = batch["npy"].tolist()
+        for row, index in enumerate(batch["__index__"]):
+            np.testing.assert_array_equal(samples[row], arrays[index])
+            assert batch["cls"][row] == index
+            seen += 1
+    assert seen == 9
+
+    # Arrays whose rows differ in shape are refused by name.
+    with wds.TarWriter(str(tmp_path / "shards" / "eeg-0001.tar")) as sink:
+        sink.write({"__key__": "odd", "npy": np.zeros((5, 4), np.float32), "cls": 0})
+    result = subprocess.run([binary("loader-server"), "--listen", "127.0.0.1:0", "--dataset",
+                             f"eeg={tmp_path / 'shards'}"], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "member 'odd.npy' has rows of float32[4]" in result.stderr, result.stderr

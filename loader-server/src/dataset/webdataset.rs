@@ -28,17 +28,25 @@ use crate::{
     storage::{mmap::MappedFile, shared_bytes},
 };
 
+/// Where a member's bytes are: (shard, offset, size).
+type Place = (u32, u64, u64);
+
+/// A sample as indexed: its shard, key and members by extension.
+type Sample = (u32, String, BTreeMap<String, (u64, u64)>);
+
 /// One field's members: where each sample's bytes lie in which shard.
 #[derive(Debug)]
 pub(super) struct Members {
     /// The shards, mapped.
     shards: Arc<Vec<Arc<MappedFile>>>,
     /// Per sample: (shard, offset of the member's data, its size).
-    members: Vec<(u32, u64, u64)>,
+    members: Vec<Place>,
     /// The members are text (`txt`, `json` ...), UTF-8 as WebDataset writes it.
     pub(super) utf8: bool,
     /// Every sample's key (shared by the dataset's fields), for messages.
     keys: Arc<Vec<Box<str>>>,
+    /// Bytes of one row of values: 1 for bytes, the row of a `.npy` member's array otherwise.
+    row_bytes: u64,
     /// The members' extension.
     extension: String,
 }
@@ -67,7 +75,7 @@ impl Members {
                 }
             };
             tensor.push(piece, offset as usize, size as usize);
-            offsets.push(size);
+            offsets.push(size / self.row_bytes);
         }
         offsets.finish(tensor);
         Ok(0)
@@ -183,7 +191,7 @@ pub(super) fn open(name: &str, shards: &[PathBuf], select: Option<&[String]>) ->
     let bad = |shard: &Path, problem: String| LoadError::WebDataset { shard: shard.to_owned(), problem };
     let mut maps = Vec::with_capacity(shards.len());
     // Per sample: (shard, key, extension -> (offset, size)).
-    let mut samples: Vec<(u32, String, BTreeMap<String, (u64, u64)>)> = Vec::new();
+    let mut samples: Vec<Sample> = Vec::new();
     for (shard_no, shard) in shards.iter().enumerate() {
         let io = |error| LoadError::Io { path: shard.clone(), error };
         let mut archive = tar::Archive::new(std::fs::File::open(shard).map_err(io)?);
@@ -265,7 +273,7 @@ pub(super) fn open(name: &str, shards: &[PathBuf], select: Option<&[String]>) ->
     let num_samples = samples.len() as u64;
     let mut fields = Vec::with_capacity(extensions.len());
     for extension in extensions {
-        let members: Vec<(u32, u64, u64)> =
+        let members: Vec<Place> =
             samples.iter().map(|(shard, _, m)| (*shard, m[&extension].0, m[&extension].1)).collect();
         let field = |dtype, bytes_per_sample, source| Field {
             name: extension.clone(),
@@ -291,18 +299,88 @@ pub(super) fn open(name: &str, shards: &[PathBuf], select: Option<&[String]>) ->
             }
             fields.push(field(DType::Int64, 8, Source::Memory(Bytes::from(labels))));
         } else {
-            let utf8 = TEXT_EXTENSIONS.contains(&extension.rsplit('.').next().unwrap_or_default());
+            let last = extension.rsplit('.').next().unwrap_or_default();
+            let utf8 = TEXT_EXTENSIONS.contains(&last);
+            let (dtype, row_shape, row_bytes, members) = if last == "npy" {
+                npy_members(&maps, members, &samples, &extension)
+                    .map_err(|(shard, problem)| bad(&shards[shard as usize], problem))?
+            } else {
+                (DType::Uint8, Vec::new(), 1, members)
+            };
             let source = Source::Tar(Box::new(Members {
                 shards: maps.clone(),
                 members,
                 utf8,
                 keys: keys.clone(),
+                row_bytes,
                 extension: extension.clone(),
             }));
-            fields.push(field(DType::Uint8, 0, source));
+            let mut field = field(dtype, 0, source);
+            field.sample_shape = row_shape;
+            fields.push(field);
         }
     }
     Ok(fields)
+}
+
+/// A field's `.npy` members as one ragged array: each member's rows (its first axis; a 0-d array
+/// is one row) become a sample, its header skipped. Returns the dtype, the row shape, the bytes
+/// of a row and where each sample's values are.
+///
+/// # Errors
+/// The shard and why, for a member that is not a little-endian C-order `.npy` array, whose data
+/// does not match its header, or whose dtype or row shape differs from the first member's.
+fn npy_members(
+    maps: &[Arc<MappedFile>],
+    members: Vec<Place>,
+    samples: &[Sample],
+    extension: &str,
+) -> Result<(DType, Vec<u64>, u64, Vec<Place>), (u32, String)> {
+    let mut first: Option<(DType, Vec<u64>)> = None;
+    let mut values = Vec::with_capacity(members.len());
+    for ((shard, offset, size), (_, key, _)) in members.into_iter().zip(samples) {
+        let bytes = &maps[shard as usize][offset as usize..(offset + size) as usize];
+        let fail = |problem: String| (shard, format!("member '{key}.{extension}' {problem}"));
+        let header = conveyor_proto::npy::parse_header(bytes)
+            .map_err(|e| fail(format!("is not a .npy array numpy.save writes ({e})")))?;
+        if header.big_endian && header.dtype.size_bytes() > 1 {
+            return Err(fail("is big-endian; save the arrays little-endian (numpy's default)".into()));
+        }
+        let (rows, row_shape) = match header.shape.split_first() {
+            Some((&rows, row)) => (rows, row.to_vec()),
+            None => (1, Vec::new()),
+        };
+        let row_bytes = row_shape.iter().product::<u64>() * header.dtype.size_bytes() as u64;
+        if row_bytes == 0 {
+            return Err(fail(format!("has rows of shape {row_shape:?}, which hold no values")));
+        }
+        let data =
+            size.checked_sub(header.data_offset as u64).ok_or_else(|| fail("is cut inside its header".into()))?;
+        if rows.checked_mul(row_bytes) != Some(data) {
+            return Err(fail(format!(
+                "holds {data} bytes of data where its header ({:?}, {}) needs {}; write it again",
+                header.shape,
+                header.dtype.name(),
+                rows.saturating_mul(row_bytes)
+            )));
+        }
+        match &first {
+            None => first = Some((header.dtype, row_shape)),
+            Some((dtype, shape)) if *dtype != header.dtype || *shape != row_shape => {
+                return Err(fail(format!(
+                    "has rows of {}{row_shape:?} where the first sample's have {}{shape:?}; a field's arrays may \
+                     differ in their first axis only",
+                    header.dtype.name(),
+                    dtype.name()
+                )));
+            }
+            Some(_) => {}
+        }
+        values.push((shard, offset + header.data_offset as u64, data));
+    }
+    let (dtype, row_shape) = first.unwrap_or((DType::Uint8, Vec::new()));
+    let row_bytes = (row_shape.iter().product::<u64>() * dtype.size_bytes() as u64).max(1);
+    Ok((dtype, row_shape, row_bytes, values))
 }
 
 #[cfg(test)]

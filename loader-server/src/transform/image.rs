@@ -259,8 +259,10 @@ pub fn jpeg_complete(encoded: &[u8]) -> Result<(), String> {
 /// `image` in `mode`, as Pillow's `convert` gives it.
 fn convert(image: DynamicImage, mode: Mode) -> Pixels {
     let (width, height) = (image.width(), image.height());
-    let gray_source = matches!(image.color(), image::ColorType::L8 | image::ColorType::L16 | image::ColorType::La8)
-        || matches!(image.color(), image::ColorType::La16);
+    let gray_source = matches!(
+        image.color(),
+        image::ColorType::L8 | image::ColorType::L16 | image::ColorType::La8 | image::ColorType::La16
+    );
     let data = match mode {
         Mode::Rgb => image.into_rgb8().into_raw(),
         Mode::Gray if gray_source => image.into_luma8().into_raw(),

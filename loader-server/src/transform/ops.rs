@@ -246,7 +246,14 @@ impl Pipeline {
                     }
                     out
                 }
-                (_, _) => rows.data,
+                (Some(_), None) => {
+                    return Err(BadSample {
+                        row: 0,
+                        field: self.schema[chain.field].name.clone(),
+                        reason: "holds fixed-shape rows where encoded images (values and offsets) were expected".into(),
+                    });
+                }
+                (None, _) => rows.data,
             };
             for (step_no, (step, input)) in chain.steps.iter().enumerate() {
                 data = run_step(step, input, &data, indices, |index| rng_of(step_no as u64, index));
