@@ -156,19 +156,25 @@ impl ImageHead {
 /// # Errors
 /// Why the header does not parse, or names a format the loader does not decode.
 pub fn image_header(encoded: &[u8]) -> Result<(ImageFormat, u32, u32), String> {
+    // The header only: no pixel buffer is allowed.
+    let (format, decoder) = header_decoder(encoded, 1 << 20)?;
+    let (width, height) = decoder.dimensions();
+    Ok((format, width, height))
+}
+
+/// A decoder of `encoded` whose header has been read, allowed `max_alloc` bytes of buffers.
+fn header_decoder(encoded: &[u8], max_alloc: u64) -> Result<(ImageFormat, impl ImageDecoder + '_), String> {
     let format = image::guess_format(encoded)
         .map_err(|_| "is not a JPEG, PNG or WebP image (its first bytes match none of them)".to_owned())?;
     if !matches!(format, ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP) {
         return Err(format!("is a {format:?} image; the loader decodes JPEG, PNG and WebP"));
     }
     let mut reader = ImageReader::with_format(Cursor::new(encoded), format);
-    // The header only: no pixel buffer is allowed yet.
     let mut limits = Limits::default();
-    limits.max_alloc = Some(1 << 20);
+    limits.max_alloc = Some(max_alloc);
     reader.limits(limits);
     let decoder = reader.into_decoder().map_err(|e| format!("has a {format:?} header that does not parse: {e}"))?;
-    let (width, height) = decoder.dimensions();
-    Ok((format, width, height))
+    Ok((format, decoder))
 }
 
 /// Decodes `encoded` into `mode`, refusing images of more than `max_pixels` pixels before any
@@ -177,7 +183,10 @@ pub fn image_header(encoded: &[u8]) -> Result<(ImageFormat, u32, u32), String> {
 /// # Errors
 /// Why the image cannot be decoded or is refused.
 pub fn decode(encoded: &[u8], mode: Mode, max_pixels: u64) -> Result<Pixels, String> {
-    let (format, width, height) = image_header(encoded)?;
+    // One decoder reads the header and then the pixels; its buffers are bounded by 8 bytes per
+    // allowed pixel (16-bit RGBA), and the declared size is checked before any is allocated.
+    let (format, mut decoder) = header_decoder(encoded, max_pixels.saturating_mul(8).max(1 << 20))?;
+    let (width, height) = decoder.dimensions();
     let pixels = u64::from(width) * u64::from(height);
     if pixels > max_pixels {
         return Err(format!(
@@ -193,12 +202,6 @@ pub fn decode(encoded: &[u8], mode: Mode, max_pixels: u64) -> Result<Pixels, Str
         // refuses such files): a file must reach its end-of-image marker.
         jpeg_complete(encoded)?;
     }
-    let mut reader = ImageReader::with_format(Cursor::new(encoded), format);
-    let mut limits = Limits::default();
-    // The decoder's own buffers: 8 bytes per pixel covers 16-bit RGBA.
-    limits.max_alloc = Some(max_pixels.saturating_mul(8).max(1 << 20));
-    reader.limits(limits);
-    let mut decoder = reader.into_decoder().map_err(|e| format!("cannot be decoded as {format:?}: {e}"))?;
     let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
     let mut image = DynamicImage::from_decoder(decoder).map_err(|e| format!("cannot be decoded as {format:?}: {e}"))?;
     image.apply_orientation(orientation);
