@@ -5,7 +5,9 @@ import os
 import re
 import statistics
 import subprocess
+import sys
 import threading
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # CONVEYOR_BIN points the benchmarks at other builds (for before/after comparisons).
@@ -95,3 +97,21 @@ def summary(values):
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
+def run_contender_process(args, result_path, loader_pid=None):
+    """Runs a contender (`args`: its command line, which writes its JSON result to
+    `result_path`) while sampling the peak RSS of its process tree and of the loader's; returns
+    the result with `trainer_rss_mib` and `loader_rss_mib` added."""
+    proc = subprocess.Popen([sys.executable, *args])
+    trainer_peak = loader_peak = 0
+    while proc.poll() is None:
+        trainer_peak = max(trainer_peak, tree_rss_kib(proc.pid))
+        if loader_pid:
+            loader_peak = max(loader_peak, tree_rss_kib(loader_pid))
+        time.sleep(0.05)
+    if proc.returncode != 0:
+        raise RuntimeError(f"contender {args} failed")
+    with open(result_path) as fh:
+        result = json.load(fh)
+    result["trainer_rss_mib"] = trainer_peak / 1024
+    result["loader_rss_mib"] = loader_peak / 1024
+    return result

@@ -30,14 +30,12 @@ import argparse
 import json
 import multiprocessing
 import os
-import subprocess
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-from common import start_loader, summary, tree_rss_kib
+from common import run_contender_process, start_loader, summary
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONTENDERS = ["dataloader-imagefolder", "webdataset", "conveyor"]
@@ -109,21 +107,8 @@ def dataset(out, n):
 
 def run_one(kind, source, batches, workers, seed, out, loader_pid=None):
     result_path = os.path.join(out, "images-contender.json")
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "images_contender.py"), kind, source, str(batches),
-                             str(workers), str(seed), result_path])
-    trainer_peak = loader_peak = 0
-    while proc.poll() is None:
-        trainer_peak = max(trainer_peak, tree_rss_kib(proc.pid))
-        if loader_pid:
-            loader_peak = max(loader_peak, tree_rss_kib(loader_pid))
-        time.sleep(0.05)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{kind} contender failed")
-    with open(result_path) as fh:
-        result = json.load(fh)
-    result["trainer_rss_mib"] = trainer_peak / 1024
-    result["loader_rss_mib"] = loader_peak / 1024
-    return result
+    args = [os.path.join(HERE, "images_contender.py"), kind, source, str(batches), str(workers), str(seed), result_path]
+    return run_contender_process(args, result_path, loader_pid)
 
 
 def warm(directory):

@@ -21,13 +21,11 @@ torch and torchvision in this Python.
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 
 import numpy as np
 
-from common import ROOT, start_loader, summary, tree_rss_kib
+from common import ROOT, run_contender_process, start_loader, summary
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLES = os.path.join(ROOT, "examples", "transforms")
@@ -73,23 +71,11 @@ def tree_cpu_seconds(pid):
 def run_one(kind, source, batches, seed, out, loader_pid=None):
     result_path = os.path.join(out, "transform-contender.json")
     loader_cpu = tree_cpu_seconds(loader_pid) if loader_pid else 0.0
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "transform_contender.py"), kind, source, str(batches),
-                             str(seed), result_path])
-    trainer_peak = loader_peak = 0
-    while proc.poll() is None:
-        trainer_peak = max(trainer_peak, tree_rss_kib(proc.pid))
-        if loader_pid:
-            loader_peak = max(loader_peak, tree_rss_kib(loader_pid))
-        time.sleep(0.05)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{kind} contender failed")
-    with open(result_path) as fh:
-        result = json.load(fh)
+    args = [os.path.join(HERE, "transform_contender.py"), kind, source, str(batches), str(seed), result_path]
+    result = run_contender_process(args, result_path, loader_pid)
     # The loader tree's CPU over the contender's whole run (its first batch included).
     loader_cpu = tree_cpu_seconds(loader_pid) - loader_cpu if loader_pid else 0.0
     result["loader_cpu_s_per_batch"] = loader_cpu / (result["batches"] + 1)
-    result["trainer_rss_mib"] = trainer_peak / 1024
-    result["loader_rss_mib"] = loader_peak / 1024
     return result
 
 
