@@ -338,6 +338,13 @@ pub struct Config {
     #[arg(help_heading = "Datasets and storage")]
     pub zarr_missing_chunks: MissingChunks,
 
+    /// The most bytes one chunk of a variable-length Zarr array (strings, bytes, numcodecs
+    /// VLen arrays) may decode to; a chunk that would decode to more is refused before it is
+    /// decoded, failing the batches that need it. Fixed-size chunks are bounded by their shape.
+    #[arg(long, env = "LOADER_MAX_VLEN_CHUNK_BYTES", default_value_t = crate::dataset::zarr::DEFAULT_MAX_VLEN_CHUNK_BYTES, value_parser = conveyor_proto::parse_bytes::<u64>)]
+    #[arg(help_heading = "Datasets and storage")]
+    pub max_vlen_chunk_bytes: u64,
+
     /// Concurrent batch streams, shared fairly between connections: when all are held, a new
     /// stream of a connection holding fewer takes the slot of another connection's longest-idle
     /// stream; one that can take none is refused with RESOURCE_EXHAUSTED.

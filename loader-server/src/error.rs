@@ -631,6 +631,15 @@ pub enum ZarrProblem {
     /// A 0-d array has no samples axis.
     #[error("array is 0-dimensional; axis 0 must index samples")]
     ZeroDimensional,
+    /// A variable-length array must hold one value per sample.
+    #[error(
+        "a variable-length array must be 1-dimensional (one value per sample) but has shape {shape:?}; write one \
+         array of shape (num_samples,)"
+    )]
+    VlenNotOneDimensional {
+        /// Its shape.
+        shape: Vec<u64>,
+    },
     /// One sample larger than the loader serves.
     #[error(
         "one sample of array '{array}' (shape {sample_shape:?} after the sample axis, {dtype}) is over {max_bytes} \

@@ -102,7 +102,11 @@ pub fn open(config: Config) -> Result<Arc<LoaderState>, ServeError> {
     for spec in config.dataset_specs()? {
         let (name, dir) = (&spec.name, &spec.path);
         let location = storage::Location::parse(name, &dir.to_string_lossy(), &store_options)?;
-        let dataset = Dataset::open(name, &location, config.zarr_missing_chunks, spec.fields.as_deref())?;
+        let zarr_options = dataset::zarr::ZarrOptions {
+            missing: config.zarr_missing_chunks,
+            max_vlen_chunk_bytes: config.max_vlen_chunk_bytes,
+        };
+        let dataset = Dataset::open(name, &location, zarr_options, spec.fields.as_deref())?;
         for field in &dataset.fields {
             conveyor_proto::check_field_name(&field.name)
                 .map_err(|problem| LoadError::BadFieldName { dataset: name.clone(), problem })?;

@@ -129,6 +129,26 @@ def test_npy_fields_of_every_dtype_round_trip_through_s3_bit_exactly(tmp_path, s
         assert np.array_equal(got["s"], np.concatenate(shards))
 
 
+def test_variable_length_zarr_arrays_over_s3_arrive_as_written(tmp_path, s3, start_loader):
+    from zarr.core.dtype import VariableLengthBytes, VariableLengthUTF8
+
+    rng = np.random.default_rng(4)
+    texts = [f"caption {i} " + "ü" * int(rng.integers(0, 30)) for i in range(40)]
+    blobs = [rng.integers(0, 256, size=int(rng.integers(0, 500)), dtype=np.uint8).tobytes() for _ in range(40)]
+    group = zarr.open_group(tmp_path / "vlen.zarr", mode="w", zarr_format=3)
+    group.create_array("text", shape=(40,), chunks=(6,), dtype=VariableLengthUTF8())[:] = np.array(texts, dtype=object)
+    group.create_array("blob", shape=(40,), chunks=(6,), dtype=VariableLengthBytes())[:] = np.array(blobs, dtype=object)
+    s3.upload_dir(tmp_path / "vlen.zarr", "vlen.zarr")
+    loader = start_loader({"v": "s3://data/vlen.zarr"}, env=s3.env())
+    ds = conveyor.StreamingDataset([loader.addr], "v", batch_size=7, shuffle="full", seed=1)
+    seen = []
+    for batch in ds:
+        for row, i in enumerate(batch["__index__"].tolist()):
+            assert batch["text"].tolist()[row] == texts[i] and batch["blob"].tolist()[row] == blobs[i]
+            seen.append(i)
+    assert sorted(seen) == list(range(40))
+
+
 def test_zarr_groups_over_s3_serve_every_codec_and_count_their_requests(tmp_path, s3, start_loader):
     rng = np.random.default_rng(1)
     group = zarr.open_group(tmp_path / "codecs.zarr", mode="w", zarr_format=3)

@@ -159,6 +159,28 @@ impl ChunkCache {
         self.get_or_decode_reserved(key, None, decode)
     }
 
+    /// For a scan that copies rows out one block at a time: the block `current` holds when it
+    /// is `key`'s, else `key`'s block from the cache (decoded when absent), which then replaces
+    /// it. Returns the block (a count on it) and the bytes this call decoded.
+    ///
+    /// # Errors
+    /// As [`ChunkCache::get_or_decode`].
+    pub fn hold<E>(
+        &self,
+        current: &mut Option<(BlockKey, Arc<Vec<u8>>)>,
+        key: BlockKey,
+        decode: impl FnOnce() -> Result<Vec<u8>, E>,
+    ) -> Result<(Arc<Vec<u8>>, u64), E> {
+        if let Some((held, data)) = current.as_ref()
+            && *held == key
+        {
+            return Ok((data.clone(), 0));
+        }
+        let (data, bytes) = self.get_or_decode(key, decode)?;
+        *current = Some((key, data.clone()));
+        Ok((data, bytes))
+    }
+
     /// Marks those of `keys` that are neither held nor being decoded as the caller's to
     /// decode: other lookups of them wait as for a decode in progress, so that the caller can
     /// read their chunks ahead (together) without another thread reading them too. The caller

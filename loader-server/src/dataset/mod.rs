@@ -38,7 +38,7 @@ use conveyor_proto::{
 
 use self::{
     chunk_cache::ChunkCache,
-    zarr::{Coordinate, MissingChunks, ZarrSource},
+    zarr::{Coordinate, ZarrOptions, ZarrSource},
 };
 use crate::{
     error::{LoadError, ReadError},
@@ -193,6 +193,7 @@ impl Field {
                 }
                 Ok(0)
             }
+            Source::Zarr(zarr) if zarr.vlen.is_some() => zarr.select_vlen_into(self.id, indices, tensor, cache),
             Source::Zarr(zarr) => {
                 let block_of = |index: u64| index / zarr.block_len;
                 let mut decoded = 0;
@@ -233,19 +234,13 @@ impl Field {
                     // Rows scattered over many blocks (full shuffle over big chunks): copy each row
                     // out while its block is at hand rather than hold hundreds of blocks at once.
                     let mut copied = Vec::with_capacity(indices.len() * row);
-                    let mut current: Option<(u64, Arc<Vec<u8>>)> = None;
+                    let mut current = None;
                     for &index in indices {
                         let block = block_of(index);
-                        let data = match &current {
-                            Some((b, data)) if *b == block => data,
-                            _ => {
-                                let (data, bytes) = cache
-                                    .get_or_decode((self.id, block), || zarr.decode_block(block, None))
-                                    .map_err(|reason| (block, reason))?;
-                                decoded += bytes;
-                                &current.insert((block, data)).1
-                            }
-                        };
+                        let (data, bytes) = cache
+                            .hold(&mut current, (self.id, block), || zarr.decode_block(block, None))
+                            .map_err(|reason| (block, reason))?;
+                        decoded += bytes;
                         copied.extend_from_slice(&data[start_of(index)..start_of(index) + row]);
                     }
                     let piece = tensor.add_piece(Piece { bytes: Bytes::from(copied), big_endian: false });
@@ -329,13 +324,19 @@ impl Field {
 
     /// Whether samples differ in length (values plus offsets on the wire).
     pub fn is_ragged(&self) -> bool {
-        matches!(self.source, Source::Ragged(_) | Source::Files(_) | Source::Tar(_))
+        match &self.source {
+            Source::Ragged(_) | Source::Files(_) | Source::Tar(_) => true,
+            Source::Zarr(zarr) => zarr.vlen.is_some(),
+            Source::Npy { .. } | Source::Memory(_) => false,
+        }
     }
 
-    /// Bytes a batch of `indices` sends for this field. Reads a ragged field's offsets: call it
-    /// off the async runtime.
-    pub fn batch_bytes(&self, indices: &[u64]) -> u64 {
+    /// Bytes a batch of `indices` sends for this field. Reads a ragged field's offsets (and
+    /// decodes a variable-length Zarr array's blocks through `cache`): call it off the async
+    /// runtime.
+    pub fn batch_bytes(&self, indices: &[u64], cache: &ChunkCache) -> u64 {
         match &self.source {
+            Source::Zarr(zarr) if zarr.vlen.is_some() => zarr.vlen_batch_bytes(self.id, indices, cache),
             Source::Ragged(ragged) => ragged.batch_bytes(indices),
             Source::Files(files) => files.batch_bytes(indices),
             Source::Tar(members) => members.batch_bytes(indices),
@@ -362,7 +363,11 @@ impl Field {
             chunk_len: self.chunk_len,
             dimension_names: self.dims.clone(),
             ragged: self.is_ragged(),
-            utf8: matches!(&self.source, Source::Tar(members) if members.utf8),
+            utf8: match &self.source {
+                Source::Tar(members) => members.utf8,
+                Source::Zarr(zarr) => zarr.vlen.is_some_and(|v| v.utf8),
+                _ => false,
+            },
         }
     }
 }
@@ -400,9 +405,10 @@ impl Dataset {
     pub fn open(
         name: &str,
         location: &Location,
-        missing: MissingChunks,
+        zarr_options: impl Into<ZarrOptions>,
         select: Option<&[String]>,
     ) -> Result<Dataset, LoadError> {
+        let zarr_options: ZarrOptions = zarr_options.into();
         let mut coordinates = Vec::new();
         let mut metadata_source = None;
         let path = location.display();
@@ -418,7 +424,7 @@ impl Dataset {
         };
         let fields: Vec<Field> = match location {
             Location::Local(path) if zarr::is_zarr(path) => {
-                from_zarr(zarr::open(name, path, &default_name, missing, select)?)?
+                from_zarr(zarr::open(name, path, &default_name, zarr_options, select)?)?
             }
             Location::Local(path) if npz::is_npz(path) => npz::open_npz(name, path, select)?,
             Location::Local(path) if is_hdf5(path) => {
@@ -455,7 +461,15 @@ impl Dataset {
                 if zarr_root {
                     let store = storage.zarr_storage();
                     let concurrency = storage.io_concurrency();
-                    from_zarr(zarr::open_storage(name, store, &path, &default_name, missing, select, concurrency)?)?
+                    from_zarr(zarr::open_storage(
+                        name,
+                        store,
+                        &path,
+                        &default_name,
+                        zarr_options,
+                        select,
+                        concurrency,
+                    )?)?
                 } else {
                     let objects = match listing {
                         Some(objects) => objects,
@@ -504,8 +518,8 @@ impl Dataset {
 
     /// Bytes a batch of `indices` sends, ragged fields counted by their samples' lengths (which
     /// reads their offsets: call it off the async runtime).
-    pub fn batch_bytes(&self, indices: &[u64]) -> u64 {
-        self.fields.iter().map(|f| f.batch_bytes(indices)).sum()
+    pub fn batch_bytes(&self, indices: &[u64], cache: &ChunkCache) -> u64 {
+        self.fields.iter().map(|f| f.batch_bytes(indices, cache)).sum()
     }
 
     /// Selects `indices` (already checked `< num_samples`) as one [`OutgoingTensor`] per field,
@@ -590,6 +604,7 @@ const MAX_SAMPLE_BYTES: u64 = 1 << 32;
 
 fn zarr_field(path: &Path, opened: zarr::OpenedArray) -> Result<Field, LoadError> {
     let sample_shape = opened.shape[1..].to_vec();
+    let ragged = opened.source.vlen.is_some();
     let bytes_per_sample = sample_shape
         .iter()
         .try_fold(opened.dtype.size_bytes() as u64, |n, &d| n.checked_mul(d))
@@ -604,10 +619,11 @@ fn zarr_field(path: &Path, opened: zarr::OpenedArray) -> Result<Field, LoadError
             },
         })? as usize;
     Ok(Field {
+        // A variable-length array's samples are ragged: their size is their values'.
+        bytes_per_sample: if ragged { 0 } else { bytes_per_sample },
         name: opened.name,
         dtype: opened.dtype,
         sample_shape,
-        bytes_per_sample,
         chunk_len: opened.source.block_len,
         dims: opened.dims,
         num_samples: opened.shape[0],
@@ -673,7 +689,7 @@ fn is_hdf5(path: &Path) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{zarr::MissingChunks, *};
 
     fn write_npy(dir: &Path, file: &str, dtype: DType, shape: &[u64], data: &[u8]) {
         let mut bytes = conveyor_proto::npy_header(dtype, shape);

@@ -3,6 +3,12 @@
 //!
 //! A block is the rows of one axis-0 chunk (for a sharded array, one inner chunk) across the
 //! full extent of the other axes; decoding it once serves every sample in it.
+//!
+//! One-dimensional arrays of variable-length values are ragged fields, one value a sample:
+//! format 3 `string` (`vlen-utf8`) and `bytes` (`vlen-bytes`), and format 2 object arrays with
+//! numcodecs' `VLenUTF8`, `VLenBytes` or `VLenArray` filter. Their decoded blocks hold the
+//! values' offsets before the values ([`VlenBlock`]); a chunk may decode to at most
+//! `--max-vlen-chunk-bytes`, checked before anything is decoded.
 
 use std::{io::Read, path::Path, sync::Arc};
 
@@ -16,7 +22,14 @@ use zarrs::{
     storage::{ReadableListableStorage, ReadableListableStorageTraits, StoreKey, StorePrefix},
 };
 
-use crate::error::{LoadError, ZarrProblem};
+use bytes::Bytes;
+use conveyor_proto::wire::{OutgoingTensor, Piece};
+
+use super::{chunk_cache::ChunkCache, ragged::OffsetsWriter};
+use crate::{
+    error::{LoadError, ZarrProblem},
+    storage::shared_bytes,
+};
 
 /// What to do when a chunk file is absent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -26,6 +39,35 @@ pub enum MissingChunks {
     /// Zarr semantics: an absent chunk holds the fill value (zarr-python skips writing chunks
     /// that are entirely fill value unless `write_empty_chunks=True`).
     Fill,
+}
+
+/// How Zarr arrays open: the flags that concern them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ZarrOptions {
+    /// What an absent chunk means.
+    pub missing: MissingChunks,
+    /// The most bytes one chunk of a variable-length array may decode to (fixed-size chunks
+    /// are bounded by their shape).
+    pub max_vlen_chunk_bytes: u64,
+}
+
+/// `--max-vlen-chunk-bytes` unless set.
+pub const DEFAULT_MAX_VLEN_CHUNK_BYTES: u64 = 256 << 20;
+
+impl From<MissingChunks> for ZarrOptions {
+    fn from(missing: MissingChunks) -> ZarrOptions {
+        ZarrOptions { missing, max_vlen_chunk_bytes: DEFAULT_MAX_VLEN_CHUNK_BYTES }
+    }
+}
+
+/// What a variable-length array holds: one value of any length per sample.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Vlen {
+    /// Element type of the values: `uint8` for bytes and text, the dtype of a numcodecs
+    /// `VLenArray` otherwise.
+    pub dtype: DType,
+    /// Text (`vlen-utf8`): bytes flagged as UTF-8 on the wire.
+    pub utf8: bool,
 }
 
 /// One Zarr array serving as a field.
@@ -42,6 +84,10 @@ pub struct ZarrSource {
     /// The compressors of its codec chain whose output is bounded by the chunk's size before
     /// zarrs decodes it (see [`ZarrSource::check_declared_size`]).
     compressors: Compressors,
+    /// Set for an array of variable-length values (a ragged field).
+    pub vlen: Option<Vlen>,
+    /// The most bytes one of its chunks may decode to when it is variable-length.
+    max_vlen_chunk_bytes: u64,
 }
 
 /// Compressors in an array's codec chain that a chunk is checked against before decoding (zstd
@@ -206,20 +252,83 @@ fn dtype_of(array: &Array<dyn ReadableListableStorageTraits>) -> Option<DType> {
     table.into_iter().find(|(is, _)| *is).map(|(_, d)| d)
 }
 
+/// The variable-length layout of `array`, if it has one: `string` and `bytes` data types
+/// (format 2 object arrays read as `string`; their filter says bytes or text), or a numcodecs
+/// `VLenArray` of `vlen_array` elements (see [`vlen_array_as_bytes`]).
+///
+/// # Errors
+/// A `VLenArray` whose element type Conveyor does not serve, or stores big-endian.
+fn vlen_of(
+    array: &Array<dyn ReadableListableStorageTraits>,
+    vlen_array: Option<&str>,
+) -> Result<Option<Vlen>, ZarrProblem> {
+    let t = array.data_type();
+    if t.is::<zdt::BytesDataType>() {
+        return Ok(Some(Vlen { dtype: DType::Uint8, utf8: false }));
+    }
+    if !t.is::<zdt::StringDataType>() {
+        return Ok(None);
+    }
+    if let Some(declared) = vlen_array {
+        let code = declared.trim_start_matches(['<', '|', '=']);
+        return match DType::from_numpy_code(code) {
+            Some(dtype) if !declared.starts_with('>') || dtype.size_bytes() == 1 => {
+                Ok(Some(Vlen { dtype, utf8: false }))
+            }
+            _ => Err(ZarrProblem::UnsupportedDtype { data_type: format!("VLenArray of '{declared}'") }),
+        };
+    }
+    let codecs = array.codecs().create_metadatas(&zarrs::array::CodecMetadataOptions::default());
+    if codecs.iter().any(|codec| codec.name().to_ascii_lowercase().replace('_', "-").contains("vlen-bytes")) {
+        return Ok(Some(Vlen { dtype: DType::Uint8, utf8: false }));
+    }
+    Ok(Some(Vlen { dtype: DType::Uint8, utf8: true }))
+}
+
+/// A format 2 `.zarray` document's numcodecs `VLenArray` filter, rewritten as `VLenBytes`, and
+/// the element type it named. The two encode a chunk alike (an item count, then each item's
+/// byte length and bytes); zarrs decodes `vlen-bytes` but not `vlen-array`, and the values are
+/// then read as elements of that type.
+fn vlen_array_as_bytes(document: &mut serde_json::Value) -> Option<String> {
+    let filters = document.get_mut("filters")?.as_array_mut()?;
+    let filter = filters.iter_mut().find(|f| f.get("id").and_then(serde_json::Value::as_str) == Some("vlen-array"))?;
+    let dtype = filter.get("dtype").and_then(serde_json::Value::as_str).unwrap_or_default().to_owned();
+    *filter = serde_json::json!({ "id": "vlen-bytes" });
+    Some(dtype)
+}
+
+/// Opens the format 2 array at `node` (`/` or `/NAME`) from its `.zarray` document, a
+/// `VLenArray` filter read as [`vlen_array_as_bytes`] says; with the element type it named.
+fn array_from_v2(
+    store: &ReadableListableStorage,
+    node: &str,
+    mut document: serde_json::Value,
+) -> Result<(Array<dyn ReadableListableStorageTraits>, Option<String>), Box<dyn std::error::Error + Send + Sync>> {
+    let vlen_array = vlen_array_as_bytes(&mut document);
+    // zarrs tags its format 2 metadata with a node type, as format 3 documents are.
+    document["node_type"] = "array".into();
+    let metadata = ArrayMetadata::V2(serde_json::from_value::<ArrayMetadataV2>(document).map_err(boxed)?);
+    Ok((Array::new_with_metadata(store.clone(), node, metadata).map_err(boxed)?, vlen_array))
+}
+
 fn open_one(
     array_path: &Path,
     name: String,
     dims: Vec<String>,
-    array: Array<dyn ReadableListableStorageTraits>,
-    missing: MissingChunks,
+    (array, vlen_array): (Array<dyn ReadableListableStorageTraits>, Option<String>),
+    options: ZarrOptions,
     fetch_concurrency: usize,
 ) -> Result<OpenedArray, LoadError> {
-    let dtype = dtype_of(&array).ok_or_else(|| {
+    let vlen = vlen_of(&array, vlen_array.as_deref()).map_err(|problem| zarr_error(array_path, problem))?;
+    let dtype = vlen.map(|v| v.dtype).or_else(|| dtype_of(&array)).ok_or_else(|| {
         zarr_error(array_path, ZarrProblem::UnsupportedDtype { data_type: array.data_type().to_string() })
     })?;
     let shape = array.shape().to_vec();
     if shape.is_empty() {
         return Err(zarr_error(array_path, ZarrProblem::ZeroDimensional));
+    }
+    if vlen.is_some() && shape.len() != 1 {
+        return Err(zarr_error(array_path, ZarrProblem::VlenNotOneDimensional { shape }));
     }
     let zeros = vec![0u64; shape.len()];
     let outer = array.chunk_shape(&zeros).map_err(|e| zarr_error(array_path, ZarrProblem::Store(boxed(e))))?;
@@ -234,10 +343,12 @@ fn open_one(
         source: ZarrSource {
             array,
             block_len,
-            missing,
+            missing: options.missing,
             element_bytes: dtype.size_bytes() as u64,
             fetch_concurrency: fetch_concurrency.max(1),
             compressors,
+            vlen,
+            max_vlen_chunk_bytes: options.max_vlen_chunk_bytes,
         },
     })
 }
@@ -301,15 +412,18 @@ impl Member {
     }
 
     /// The zarrs metadata of this member.
-    fn array_metadata(&self) -> Result<ArrayMetadata, serde_json::Error> {
+    /// Opens the member as an array, with a `VLenArray`'s element type (see [`array_from_v2`]).
+    fn open_array(
+        &self,
+        store: &ReadableListableStorage,
+    ) -> Result<(Array<dyn ReadableListableStorageTraits>, Option<String>), Box<dyn std::error::Error + Send + Sync>>
+    {
+        let node = format!("/{}", self.name);
         if self.format() == 2 {
-            let mut v2 = self.metadata.clone();
-            // zarrs tags its format 2 metadata with a node type, as format 3 documents are.
-            v2["node_type"] = "array".into();
-            serde_json::from_value::<ArrayMetadataV2>(v2).map(ArrayMetadata::V2)
-        } else {
-            serde_json::from_value::<ArrayMetadataV3>(self.metadata.clone()).map(ArrayMetadata::V3)
+            return array_from_v2(store, &node, self.metadata.clone());
         }
+        let metadata = serde_json::from_value::<ArrayMetadataV3>(self.metadata.clone()).map_err(boxed)?;
+        Ok((Array::new_with_metadata(store.clone(), &node, ArrayMetadata::V3(metadata)).map_err(boxed)?, None))
     }
 }
 
@@ -508,12 +622,12 @@ pub fn open(
     dataset: &str,
     path: &Path,
     default_name: &str,
-    missing: MissingChunks,
+    options: impl Into<ZarrOptions>,
     select: Option<&[String]>,
 ) -> Result<OpenedGroup, LoadError> {
     let store: ReadableListableStorage =
         Arc::new(FilesystemStore::new(path).map_err(|e| zarr_error(path, ZarrProblem::Store(boxed(e))))?);
-    open_storage(dataset, store, path, default_name, missing, select, 1)
+    open_storage(dataset, store, path, default_name, options, select, 1)
 }
 
 /// [`open`] for any zarrs storage (a local directory, an object-store prefix); `path` names it
@@ -527,25 +641,34 @@ pub fn open_storage(
     store: ReadableListableStorage,
     path: &Path,
     default_name: &str,
-    missing: MissingChunks,
+    options: impl Into<ZarrOptions>,
     select: Option<&[String]>,
     fetch_concurrency: usize,
 ) -> Result<OpenedGroup, LoadError> {
+    let options = options.into();
     // Decide array or group from the metadata first, so that a broken array is reported with
     // the array's problem rather than as "not a group".
     let (node_type, zarr_json) = root_metadata(&store, path)?;
     if node_type.as_deref() == Some("array") {
         check_selection(dataset, path, select, &[default_name.to_owned()], &[])?;
-        let array = Array::open(store, "/")
-            .map_err(|e| zarr_error(path, ZarrProblem::Metadata { node: "array", error: boxed(e) }))?;
+        let metadata_error = |error| zarr_error(path, ZarrProblem::Metadata { node: "array", error });
+        // A format 2 array with a VLenArray filter is opened from its rewritten document.
+        let v2_vlen_array = match zarr_json {
+            Some(_) => None,
+            None => read_json(&store, path, ".zarray")?.filter(|d| vlen_array_as_bytes(&mut d.clone()).is_some()),
+        };
+        let (array, vlen_array) = match v2_vlen_array {
+            Some(document) => array_from_v2(&store, "/", document).map_err(metadata_error)?,
+            None => (Array::open(store, "/").map_err(|e| metadata_error(boxed(e)))?, None),
+        };
         let dims = array.dimension_names().as_ref().map(|d| d.iter().map(|n| n.clone().unwrap_or_default()).collect());
         return Ok(OpenedGroup {
             arrays: vec![open_one(
                 path,
                 default_name.to_owned(),
                 dims.unwrap_or_default(),
-                array,
-                missing,
+                (array, vlen_array),
+                options,
                 fetch_concurrency,
             )?],
             coordinates: Vec::new(),
@@ -576,12 +699,10 @@ pub fn open_storage(
         let dims = member.dims().unwrap_or_default();
         match role {
             Role::Field => {
-                let metadata = member
-                    .array_metadata()
-                    .map_err(|e| zarr_error(&member_path, ZarrProblem::Metadata { node: "array", error: boxed(e) }))?;
-                let array = Array::new_with_metadata(store.clone(), &format!("/{}", member.name), metadata)
-                    .map_err(|e| zarr_error(&member_path, ZarrProblem::Metadata { node: "array", error: boxed(e) }))?;
-                opened.arrays.push(open_one(&member_path, member.name, dims, array, missing, fetch_concurrency)?);
+                let array = member
+                    .open_array(&store)
+                    .map_err(|error| zarr_error(&member_path, ZarrProblem::Metadata { node: "array", error }))?;
+                opened.arrays.push(open_one(&member_path, member.name, dims, array, options, fetch_concurrency)?);
             }
             Role::Coordinate(reason) => opened.coordinates.push(Coordinate {
                 role: if marked.contains(&member.name) { ArrayRole::Coordinate } else { ArrayRole::Variable },
@@ -660,13 +781,21 @@ impl ZarrSource {
     fn check_declared_size(&self, raw: &[u8], chunk_indices: &[u64]) -> Result<(), String> {
         let shape = self.array.chunk_shape(chunk_indices).map_err(|e| e.to_string())?;
         let elements = shape.iter().try_fold(1u64, |n, d| n.checked_mul(d.get()));
-        let holds = elements.and_then(|n| n.checked_mul(self.element_bytes)).unwrap_or(u64::MAX);
+        let holds = match self.vlen {
+            // Variable-length values: their count and length prefixes included.
+            Some(_) => self.max_vlen_chunk_bytes,
+            None => elements.and_then(|n| n.checked_mul(self.element_bytes)).unwrap_or(u64::MAX),
+        };
         let shape: Vec<u64> = shape.iter().map(|d| d.get()).collect();
-        let too_big = |what: String| {
-            format!(
+        let too_big = |what: String| match self.vlen {
+            Some(_) => format!(
+                "{what} but a chunk of variable-length values may decode to at most {holds} bytes \
+                 (--max-vlen-chunk-bytes); raise the flag if the chunk is genuine, else rewrite it"
+            ),
+            None => format!(
                 "{what} but a chunk of shape {shape:?} holds {holds}; the chunk is corrupt or hostile and was not decoded \
                  (rewrite it)"
-            )
+            ),
         };
         let mut layer = std::borrow::Cow::Borrowed(raw);
         for outer in (1..self.compressors.layers).rev() {
@@ -803,6 +932,9 @@ impl ZarrSource {
     /// # Errors
     /// A description naming the chunk and what failed.
     pub fn decode_block(&self, block: u64, mut fetched: Option<EncodedBlock>) -> Result<Vec<u8>, String> {
+        if self.vlen.is_some() {
+            return self.decode_vlen_block(block, fetched);
+        }
         let (subset, chunks) = self.block_chunks(block)?;
         let rows = (self.array.shape()[0] - block * self.block_len).min(self.block_len);
         let sharded = self.array.is_sharded();
@@ -925,6 +1057,181 @@ impl ZarrSource {
                 &CodecOptions::default(),
             )
             .map_err(|e| format!("chunk {}: {e}", self.array.chunk_key(indices)))
+    }
+
+    /// Rows of block `block` (the last may be short).
+    fn block_rows(&self, block: u64) -> u64 {
+        (self.array.shape()[0] - block * self.block_len).min(self.block_len)
+    }
+
+    /// Decodes block `block` of a variable-length array into a [`VlenBlock`]'s bytes. The chunk
+    /// is bounded by `--max-vlen-chunk-bytes` before it is decoded (an uncompressed one by its
+    /// stored size); an absent one is the fill value or an error, as `--zarr-missing-chunks` says.
+    fn decode_vlen_block(&self, block: u64, fetched: Option<EncodedBlock>) -> Result<Vec<u8>, String> {
+        let rows = self.block_rows(block);
+        let indices = vec![block];
+        let key = self.array.chunk_key(&indices);
+        let missing =
+            || format!("chunk {key} is missing (pass --zarr-missing-chunks fill if absent chunks mean the fill value)");
+        let decoded = if self.array.is_sharded() {
+            if self.missing == MissingChunks::Error
+                && self.array.storage().size_key(&key).map_err(|e| format!("cannot read chunk {key}: {e}"))?.is_none()
+            {
+                return Err(missing());
+            }
+            let (subset, _) = self.block_chunks(block)?;
+            self.array.retrieve_array_subset(&subset).map_err(|e| format!("chunk {key}: {e}"))?
+        } else {
+            let raw = match fetched {
+                Some(read) => read?,
+                None => {
+                    self.array.retrieve_encoded_chunk(&indices).map_err(|e| format!("cannot read chunk {key}: {e}"))?
+                }
+            };
+            match raw {
+                Some(raw) => {
+                    self.check_declared_size(&raw, &indices).map_err(|problem| format!("chunk {key}: {problem}"))?;
+                    let chunk_shape = self.array.chunk_shape(&indices).map_err(|e| e.to_string())?;
+                    self.decode_chunk(raw, &indices, &chunk_shape)?
+                }
+                None if self.missing == MissingChunks::Error => return Err(missing()),
+                None => ArrayBytes::new_fill_value(self.array.data_type(), rows, self.array.fill_value())
+                    .map_err(|e| format!("chunk {key}: {e}"))?,
+            }
+        };
+        let (values, offsets) = decoded.into_variable().map_err(|e| format!("chunk {key}: {e}"))?.into_parts();
+        VlenBlock::pack(&values, &offsets, rows as usize, self.vlen.map_or(1, |v| v.dtype.size_bytes()))
+            .map_err(|problem| format!("chunk {key}: {problem}"))
+    }
+
+    /// Appends the samples `indices` of a variable-length array to `tensor` as values plus
+    /// offsets (in elements). Blocks are held while the message is built when they hold at most
+    /// a few times the batch (see [`super::PIN_FACTOR`]); otherwise each sample is copied out
+    /// while its block is at hand. Returns the bytes decoded.
+    ///
+    /// # Errors
+    /// The block that failed and why.
+    pub(super) fn select_vlen_into(
+        &self,
+        field_id: u64,
+        indices: &[u64],
+        tensor: &mut OutgoingTensor,
+        cache: &ChunkCache,
+    ) -> Result<u64, (u64, String)> {
+        let element_bytes = self.element_bytes as usize;
+        let block_of = |index: u64| index / self.block_len;
+        let local = |index: u64| (index - block_of(index) * self.block_len) as usize;
+        let mut blocks: Vec<u64> = indices.iter().map(|&index| block_of(index)).collect();
+        blocks.sort_unstable();
+        blocks.dedup();
+        let mut decoded = 0;
+        let mut offsets = OffsetsWriter::new(indices.len());
+        if blocks.len() as u64 * self.block_len <= super::PIN_FACTOR * indices.len() as u64 {
+            let mut held = Vec::with_capacity(blocks.len());
+            for &block in &blocks {
+                let (data, bytes) = cache
+                    .get_or_decode((field_id, block), || self.decode_block(block, None))
+                    .map_err(|reason| (block, reason))?;
+                decoded += bytes;
+                let piece = tensor.add_piece(Piece { bytes: shared_bytes(data.clone()), big_endian: false });
+                held.push((data, piece));
+            }
+            for &index in indices {
+                let (data, piece) = &held[blocks.binary_search(&block_of(index)).expect("listed above")];
+                let value = VlenBlock::new(data, self.block_rows(block_of(index)) as usize).value(local(index));
+                tensor.push(*piece, value.start, value.len());
+                offsets.push((value.len() / element_bytes) as u64);
+            }
+        } else {
+            let mut copied = Vec::new();
+            let mut current = None;
+            for &index in indices {
+                let block = block_of(index);
+                let (data, bytes) = cache
+                    .hold(&mut current, (field_id, block), || self.decode_block(block, None))
+                    .map_err(|reason| (block, reason))?;
+                decoded += bytes;
+                let value = VlenBlock::new(&data, self.block_rows(block) as usize).value(local(index));
+                copied.extend_from_slice(&data[value.clone()]);
+                offsets.push((value.len() / element_bytes) as u64);
+            }
+            let len = copied.len();
+            let piece = tensor.add_piece(Piece { bytes: Bytes::from(copied), big_endian: false });
+            tensor.push(piece, 0, len);
+        }
+        offsets.finish(tensor);
+        Ok(decoded)
+    }
+
+    /// Bytes a batch of `indices` of a variable-length array sends (values and offsets): the
+    /// lengths come from the decoded blocks, read through `cache` (where the batch then finds
+    /// them). A block that cannot be read counts nothing here; the batch fails on it after.
+    pub(super) fn vlen_batch_bytes(&self, field_id: u64, indices: &[u64], cache: &ChunkCache) -> u64 {
+        let block_of = |index: u64| index / self.block_len;
+        let mut order: Vec<u64> = indices.to_vec();
+        order.sort_unstable();
+        let mut total = (indices.len() as u64 + 1) * 8;
+        let mut current = None;
+        for index in order {
+            let block = block_of(index);
+            let Ok((data, _)) = cache.hold(&mut current, (field_id, block), || self.decode_block(block, None)) else {
+                continue;
+            };
+            let local = (index - block * self.block_len) as usize;
+            total += VlenBlock::new(&data, self.block_rows(block) as usize).value(local).len() as u64;
+        }
+        total
+    }
+}
+
+/// A decoded block of a variable-length array as the chunk cache holds it: `rows + 1` byte
+/// offsets (`u64`, little-endian, from 0, never decreasing, the last the values' length), then
+/// the values one after another.
+struct VlenBlock<'a> {
+    data: &'a [u8],
+    rows: usize,
+}
+
+impl<'a> VlenBlock<'a> {
+    /// The block `data` of `rows` rows, as [`VlenBlock::pack`] wrote it.
+    fn new(data: &'a [u8], rows: usize) -> VlenBlock<'a> {
+        VlenBlock { data, rows }
+    }
+
+    fn offset(&self, i: usize) -> usize {
+        let at = i * 8;
+        u64::from_le_bytes(self.data[at..at + 8].try_into().unwrap_or_default()) as usize
+    }
+
+    /// Where value `i` (`< rows`) is in the block's bytes.
+    fn value(&self, i: usize) -> std::ops::Range<usize> {
+        let start = (self.rows + 1) * 8;
+        start + self.offset(i)..start + self.offset(i + 1)
+    }
+
+    /// Packs the first `rows` values of zarrs' decoded `values` and `offsets` (element count +
+    /// 1 byte offsets) into a block's bytes.
+    ///
+    /// # Errors
+    /// When the offsets do not describe `rows` values inside `values`, or a value is not a whole
+    /// number of `element_bytes` elements.
+    fn pack(values: &[u8], offsets: &[usize], rows: usize, element_bytes: usize) -> Result<Vec<u8>, String> {
+        let Some(used) = offsets.get(..=rows) else {
+            return Err(format!("it decoded to {} values, expected at least {rows}", offsets.len().saturating_sub(1)));
+        };
+        let (first, last) = (used[0], used[rows]);
+        if used.windows(2).any(|w| w[1] < w[0]) || last > values.len() {
+            return Err("its decoded offsets are out of order or past its values".into());
+        }
+        if let Some(i) = used.windows(2).position(|w| (w[1] - w[0]) % element_bytes != 0) {
+            return Err(format!("value {i} is not a whole number of {element_bytes}-byte elements"));
+        }
+        let mut block = Vec::with_capacity((rows + 1) * 8 + (last - first));
+        for offset in used {
+            block.extend_from_slice(&((offset - first) as u64).to_le_bytes());
+        }
+        block.extend_from_slice(&values[first..last]);
+        Ok(block)
     }
 }
 
@@ -1080,6 +1387,22 @@ mod tests {
         assert!(source.fetch_encoded(&[0, 1]).is_empty());
         let error = source.decode_block(2, Some(Ok(None))).expect_err("absent");
         assert!(error.contains("chunk c/2/0 is missing"), "{error}");
+    }
+
+    #[test]
+    fn vlen_blocks_keep_their_rows_values_and_refuse_offsets_that_lie() {
+        // Three values "ab", "", "cde" and a fourth past the array's end (a short last chunk).
+        let values = b"xxabcdefg";
+        let block = VlenBlock::pack(values, &[2, 4, 4, 7, 9], 3, 1).expect("packs");
+        let view = VlenBlock::new(&block, 3);
+        let value = |i| &block[view.value(i)];
+        assert_eq!((value(0), value(1), value(2)), (&b"ab"[..], &b""[..], &b"cde"[..]));
+        assert_eq!(block.len(), 4 * 8 + 5, "only the rows' values are kept");
+        assert!(VlenBlock::pack(values, &[0, 4], 3, 1).expect_err("too few").contains("expected at least 3"));
+        assert!(VlenBlock::pack(values, &[0, 4, 2, 5], 3, 1).expect_err("order").contains("out of order"));
+        assert!(VlenBlock::pack(values, &[0, 4, 5, 12], 3, 1).expect_err("past").contains("past its values"));
+        let error = VlenBlock::pack(values, &[0, 4, 5, 8], 3, 4).expect_err("elements");
+        assert!(error.contains("value 1 is not a whole number of 4-byte elements"), "{error}");
     }
 
     #[test]

@@ -319,8 +319,8 @@ impl LoaderState {
             None => {
                 // A ragged batch weighs what its samples do: their lengths are read off the
                 // runtime, before it takes any budget.
-                let (source, asked) = (served.source().clone(), indices.clone());
-                let sized = offload(inline, move || source.batch_bytes(&asked)).await;
+                let (source, asked, state) = (served.source().clone(), indices.clone(), self.clone());
+                let sized = offload(inline, move || source.batch_bytes(&asked, &state.cache)).await;
                 let checked = sized.map_err(|reason| RequestError::GatherFailed {
                     dataset: served.name().to_owned(),
                     batch_id,
