@@ -550,15 +550,6 @@ pub enum DerivedProblem {
     /// An output field whose name cannot be served.
     #[error("{0}")]
     FieldName(conveyor_proto::FieldNameError),
-    /// A source with a ragged field: transforms take fixed-shape fields.
-    #[error(
-        "its source has the ragged field '{field}' (samples of different lengths), and transforms take fixed-shape \
-         fields only; serve the source as it is stored, or choose its fixed-shape fields with --fields"
-    )]
-    RaggedSource {
-        /// The field.
-        field: String,
-    },
 }
 
 /// What is wrong with a `--fields` value; each message says the fix.

@@ -43,6 +43,7 @@ from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tu
 import numpy as np
 
 from . import _native
+from ._ragged import Ragged as _RaggedBatch
 from ._native import (
     AuthenticationError,
     BatchError,
@@ -126,64 +127,16 @@ class DatasetInfo(NamedTuple):
     without the sample dimension first): described, not served; ``reason`` says why."""
 
 
-class Ragged:
-    """One batch of a ragged field: samples of different lengths, as numpy arrays.
-
-    ``values`` holds every sample's rows one after another (``[total rows, *row shape]``) and
-    ``offsets`` (int64, one per sample plus one, from 0) where each starts: sample ``i`` is
-    ``values[offsets[i]:offsets[i + 1]]``, the layout of Arrow lists and of torch's jagged
-    nested tensors. Nothing is padded or copied per sample; ``pad`` makes a dense array when
-    one is wanted (JAX, a fixed-shape model input).
-    """
-
-    __slots__ = ("values", "offsets", "utf8")
-
-    def __init__(self, values: np.ndarray, offsets: np.ndarray, utf8: bool = False) -> None:
-        self.values = values
-        self.offsets = offsets
-        self.utf8 = utf8
-        """The samples are UTF-8 text (the loaders say so for text members such as WebDataset's
-        ``.txt`` and ``.json``)."""
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        n = len(self)
-        if not -n <= i < n:
-            raise IndexError(f"sample {i} of a batch of {n}")
-        i %= n
-        return self.values[self.offsets[i]:self.offsets[i + 1]]
-
-    def lengths(self) -> np.ndarray:
-        """Each sample's length (rows), int64."""
-        return np.diff(self.offsets)
-
-    def tolist(self) -> List[Any]:
-        """The samples: ``str`` for a text field, ``bytes`` for another uint8 field of single
-        values, arrays otherwise."""
-        if self.utf8:
-            return [self[i].tobytes().decode("utf-8") for i in range(len(self))]
-        if self.values.dtype == np.uint8 and self.values.ndim == 1:
-            return [self[i].tobytes() for i in range(len(self))]
-        return [self[i] for i in range(len(self))]
+class Ragged(_RaggedBatch):
+    __doc__ = _RaggedBatch.__doc__
+    __slots__ = ()
 
     def pad(self, length: Optional[int] = None, value: Any = 0) -> Tuple[np.ndarray, np.ndarray]:
-        """A dense ``[batch, length, *row shape]`` array (``length`` defaults to the longest
-        sample; longer samples are cut) filled with ``value`` past each sample's end, and the
-        lengths it holds (int64)."""
-        lengths = self.lengths()
-        length = int(lengths.max(initial=0)) if length is None else length
-        if length < 0:
+        if length is not None and length < 0:
             raise InvalidSettingsError(f"pad(length={length}): give a length >= 0")
-        out = np.full((len(self), length) + self.values.shape[1:], value, dtype=self.values.dtype)
-        kept = np.minimum(lengths, length)
-        for i, n in enumerate(kept):
-            out[i, :n] = self[i][:n]
-        return out, kept
+        return super().pad(length, value)
 
-    def __repr__(self) -> str:
-        return f"Ragged({len(self)} samples, {len(self.values)} rows of {self.values.dtype} {self.values.shape[1:]})"
+    pad.__doc__ = _RaggedBatch.pad.__doc__
 
 
 class ArrayInfo(NamedTuple):

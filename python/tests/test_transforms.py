@@ -457,3 +457,82 @@ def test_a_pipeline_files_comments_are_not_published_in_its_derivation(tmp_path,
     loader = start_loader({"d": tmp_path / "d"}, "--pipeline", f"a=d:@{tmp_path / 'aug.pipeline'}")
     info = conveyor.datasets([loader.addr])["a"]
     assert info.derivation == "d | pipeline image: flip(axis=-1, p=1)", info.derivation
+
+
+# Python transforms over ragged fields: they receive a Ragged and may return one.
+
+RAGGED = """
+    import numpy as np
+
+    def tokens(batch, indices, rng):
+        text = batch["txt"]
+        assert type(text).__name__ == "Ragged" and text.utf8 and len(text) == len(indices)
+        words = [t.split() for t in text.tolist()]
+        pairs = batch["npy"]
+        return {
+            "ids": [np.array([len(w) for w in ws], dtype=np.int32) for ws in words],  # a list of arrays
+            "upper": [t.upper() for t in text.tolist()],  # a list of str
+            "num_words": np.array([len(ws) for ws in words], dtype=np.int64),
+            "pairs": type(pairs)(pairs.values * 2, pairs.offsets),  # a Ragged
+        }
+
+    def bad_offsets(batch, indices, rng):
+        pairs = batch["npy"]
+        offsets = pairs.offsets.copy()
+        if 7 in indices:
+            offsets[1], offsets[2] = offsets[2] + 1, offsets[1]
+        return {"pairs": type(pairs)(pairs.values, offsets)}
+"""
+
+
+def write_text_shards(path, n=40):
+    """WebDataset shards: a `.txt` caption (text) and a `.npy` array of int16 pairs per sample."""
+    import webdataset as wds
+
+    os.makedirs(path, exist_ok=True)
+    rng = np.random.default_rng(6)
+    texts = [" ".join("wörd"[: int(rng.integers(1, 5))] for _ in range(int(rng.integers(0, 6)))) for _ in range(n)]
+    pairs = [rng.integers(-50, 50, size=(int(rng.integers(0, 4)), 2)).astype(np.int16) for _ in range(n)]
+    with wds.TarWriter(str(path / "train-0000.tar")) as sink:
+        for i in range(n):
+            sink.write({"__key__": f"s{i:04d}", "txt": texts[i], "npy": pairs[i]})
+    return texts, pairs
+
+
+def test_a_python_transform_takes_ragged_fields_and_returns_ragged_and_fixed_ones(tmp_path, start_loader):
+    texts, pairs = write_text_shards(tmp_path / "shards")
+    modules = write_module(tmp_path, "ragged_fns", RAGGED)
+    args = python_args(modules, "--transform", "tok=w:ragged_fns:tokens", "--transform", "bad=w:ragged_fns:bad_offsets")
+    a = start_loader({"w": tmp_path / "shards"}, *args)
+    b = start_loader({"w": tmp_path / "shards"}, *args)
+    info = conveyor.datasets([a.addr])["tok"]
+    assert info.fields == {"ids": (np.dtype(np.int32), (None,)), "num_words": (np.dtype(np.int64), ()),
+                           "pairs": (np.dtype(np.int16), (None, 2)), "upper": (np.dtype(np.uint8), (None,))}
+
+    def check(ds, kill=None):
+        seen = set()
+        for number, batch in enumerate(ds):
+            if number == 1 and kill:
+                kill()
+            assert isinstance(batch["ids"], conveyor.Ragged) and batch["upper"].utf8
+            for row, i in enumerate(batch["__index__"].tolist()):
+                words = texts[i].split()
+                np.testing.assert_array_equal(batch["ids"][row], [len(w) for w in words])
+                assert batch["upper"].tolist()[row] == texts[i].upper()
+                assert batch["num_words"][row] == len(words)
+                np.testing.assert_array_equal(batch["pairs"][row], pairs[i] * 2)
+                assert i not in seen
+                seen.add(i)
+        assert seen == set(range(len(texts)))
+
+    check(conveyor.StreamingDataset([a.addr], "tok", batch_size=6, shuffle="full", seed=2))
+    # Two replicas, one killed after the first batch: the same bytes, every sample once.
+    check(conveyor.StreamingDataset([a.addr, b.addr], "tok", batch_size=6, shuffle="full", seed=2, prefetch=2),
+          kill=a.kill)
+
+    # Offsets a function gets wrong fail its batch by name; the loader serves on.
+    ds = conveyor.StreamingDataset([b.addr], "bad", batch_size=10, shuffle="none", prefetch=1)
+    with pytest.raises(conveyor.BatchError, match=r"ragged output field 'pairs': offsets\[1\] = \d+ is above"):
+        for batch in ds:
+            assert 7 not in batch["__index__"]
+    assert b.proc.poll() is None

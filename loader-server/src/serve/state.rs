@@ -81,17 +81,32 @@ impl Served {
         }
     }
 
-    /// Bytes of one sample as sent.
+    /// Bytes of one sample as sent, ragged fields not counted (their samples' lengths decide).
     pub fn bytes_per_sample(&self) -> usize {
-        self.schema().iter().map(FieldSchema::bytes_per_sample).sum()
+        self.schema().iter().filter(|f| !f.ragged).map(FieldSchema::bytes_per_sample).sum()
+    }
+
+    /// Its first ragged field, if any (a derived dataset's: of its output).
+    fn ragged_field(&self) -> Option<&FieldSchema> {
+        self.schema().iter().find(|f| f.ragged)
     }
 
     /// Bytes one sample holds while its batch is assembled: as sent, plus the gathered source
-    /// rows for a derived dataset.
+    /// rows for a derived dataset (fixed-shape fields; see [`Served::ragged_output_bytes`]).
     fn budget_bytes_per_sample(&self) -> usize {
         match self {
             Served::Stored { .. } => self.bytes_per_sample(),
             Served::Derived(derived) => self.bytes_per_sample() + derived.source.bytes_per_sample(),
+        }
+    }
+
+    /// What a derived dataset's ragged outputs may take, on top of its fixed-shape bytes: a
+    /// transform's ragged output is known only once it ran, and may be at most
+    /// `max_batch_bytes`, so that much is budgeted.
+    fn ragged_output_bytes(&self, max_batch_bytes: u64) -> u64 {
+        match self {
+            Served::Derived(_) if self.ragged_field().is_some() => max_batch_bytes,
+            _ => 0,
         }
     }
 
@@ -121,7 +136,7 @@ enum Rows {
     /// Selected in place (a stored dataset): copied once, as the response is encoded.
     Selected(Vec<OutgoingTensor>),
     /// Gathered into one buffer per field (the input or output of a transform).
-    Gathered(Vec<Vec<u8>>),
+    Gathered(Vec<FieldRows>),
 }
 
 /// Shared state of all streams of one loader.
@@ -238,12 +253,13 @@ impl LoaderState {
         if num_samples == 0 {
             return Err(RequestError::EmptyBatch { dataset: name.to_owned() });
         }
-        // A derived dataset's fields all have one shape (its pipeline decodes the ragged ones).
-        let ragged_field = served.source().ragged_field();
-        let derived = matches!(served, Served::Derived(_));
-        if let Some(field) = ragged_field.filter(|_| !request.accepts_ragged && !derived) {
+        // What the client receives decides whether it must read ragged fields; what is gathered,
+        // whether the batch's size is known before its samples are read.
+        if let Some(field) = served.ragged_field().filter(|_| !request.accepts_ragged) {
             return Err(RequestError::ClientTooOld { dataset: name.to_owned(), field: field.name.clone() });
         }
+        let ragged_field = served.source().ragged_field();
+        let derived = matches!(served, Served::Derived(_));
         let ragged = ragged_field.is_some();
         if !ragged || derived {
             self.check_bytes(served, num_samples, num_samples * served.bytes_per_sample() as u64)?;
@@ -265,7 +281,8 @@ impl LoaderState {
                 });
             }
         }
-        let budget = (!ragged).then(|| num_samples * served.budget_bytes_per_sample() as u64);
+        let ragged_output = served.ragged_output_bytes(self.config.max_batch_bytes);
+        let budget = (!ragged).then(|| num_samples * served.budget_bytes_per_sample() as u64 + ragged_output);
         Ok((served.clone(), budget))
     }
 
@@ -328,7 +345,8 @@ impl LoaderState {
                 });
                 // A derived dataset's answer was checked already; its budget holds the encoded
                 // source samples and the decoded output.
-                let answer_bytes = indices.len() as u64 * served.bytes_per_sample() as u64;
+                let answer_bytes = indices.len() as u64 * served.bytes_per_sample() as u64
+                    + served.ragged_output_bytes(self.config.max_batch_bytes);
                 let checked = checked.and_then(|bytes| match served {
                     Served::Derived(_) => Ok(bytes + answer_bytes),
                     Served::Stored { .. } => self.check_bytes(&served, indices.len() as u64, bytes).map(|()| bytes),
@@ -344,7 +362,9 @@ impl LoaderState {
         };
         let (budget, slot, region) = match bounds {
             Bounds::Stream { stream_id, region } => {
-                let budget = self.inflight_bytes.acquire(stream_id, bytes).await;
+                // A batch alone may not wait for more than the whole budget (a ragged output's allowance
+                // on top of a large input can ask for that): it takes all of it.
+                let budget = self.inflight_bytes.acquire(stream_id, bytes.min(self.config.max_inflight_bytes)).await;
                 // The semaphore lives as long as the state and is never closed.
                 let Ok(slot) = self.assemble_slots.clone().acquire_owned().await else {
                     unreachable!("assemble semaphore is never closed")
@@ -395,7 +415,7 @@ impl LoaderState {
                 let started = std::time::Instant::now();
                 let result = pool.run(buffers, indices.clone(), seed, epoch).await;
                 self.stats.record_transform(served.name(), started.elapsed());
-                match transformed(&served, pool, &indices, result) {
+                match transformed(&served, pool, &indices, result, self.config.max_batch_bytes) {
                     Ok(buffers) => Rows::Gathered(buffers),
                     Err(error) => {
                         tracing::warn!(batch_id, %error, "transform failed; failing this batch only");
@@ -426,9 +446,16 @@ impl LoaderState {
                 .schema()
                 .iter()
                 .zip(buffers)
-                .map(|(field, data)| {
-                    let shape = std::iter::once(batch).chain(field.sample_shape.iter().copied()).collect();
-                    OutgoingTensor::owned(field.name.clone(), field.dtype, shape, Bytes::from(data))
+                .map(|(field, FieldRows { data, offsets })| {
+                    // A ragged field's offsets count rows of its values; the rows, the batch axis.
+                    let row_bytes = (field.bytes_per_sample() as u64).max(1);
+                    let rows = offsets.as_ref().map_or(batch, |_| data.len() as u64 / row_bytes);
+                    let shape = std::iter::once(rows).chain(field.sample_shape.iter().copied()).collect();
+                    let mut tensor = OutgoingTensor::owned(field.name.clone(), field.dtype, shape, Bytes::from(data));
+                    tensor.offsets = offsets.map(|offsets| {
+                        offsets.iter().flat_map(|&o| ((o / row_bytes) as i64).to_le_bytes()).collect::<Vec<u8>>().into()
+                    });
+                    tensor
                 })
                 .collect(),
         };
@@ -468,13 +495,13 @@ impl LoaderState {
         };
         let (rows, decoded) = source.gather(indices, &self.cache)?;
         let Transform::Pipeline(pipeline) = transform else {
-            return Ok((Rows::Gathered(rows.into_iter().map(|r| r.data).collect()), decoded));
+            return Ok((Rows::Gathered(rows), decoded));
         };
         let started = std::time::Instant::now();
         let out = self.run_pipeline(served, pipeline, (rows, decoded), indices, seed, epoch);
         self.stats.record_transform(served.name(), started.elapsed());
         let (out, decoded) = out?;
-        Ok((Rows::Gathered(out), decoded))
+        Ok((Rows::Gathered(out.into_iter().map(|data| FieldRows { data, offsets: None }).collect()), decoded))
     }
 
     /// Runs a built-in pipeline over gathered `rows` of `indices`. A sample it cannot decode
@@ -575,7 +602,8 @@ fn transformed(
     pool: &Pool,
     indices: &[u64],
     result: Result<Columns, TransformError>,
-) -> Result<Vec<Vec<u8>>, RequestError> {
+    max_batch_bytes: u64,
+) -> Result<Vec<FieldRows>, RequestError> {
     let failed = |message: String| RequestError::TransformFailed {
         dataset: served.name().to_owned(),
         function: pool.function.clone(),
@@ -583,7 +611,19 @@ fn transformed(
         message,
     };
     match result {
-        Ok(columns) => columns.into_schema(served.schema()).map_err(failed),
+        Ok(columns) => {
+            let rows = columns.into_schema(served.schema()).map_err(failed)?;
+            // Ragged outputs were budgeted at --max-batch-bytes (see Served::ragged_output_bytes).
+            let bytes: u64 =
+                rows.iter().map(|r| r.data.len() as u64 + r.offsets.as_ref().map_or(0, |o| o.len() as u64 * 8)).sum();
+            if served.ragged_field().is_some() && bytes > max_batch_bytes {
+                return Err(failed(format!(
+                    "the output is {bytes} bytes, over --max-batch-bytes {max_batch_bytes}; ask for smaller batches or \
+                     raise the flag on the loader"
+                )));
+            }
+            Ok(rows)
+        }
         Err(TransformError::Raised { message, traceback }) => Err(failed(format!("{message}\n{traceback}"))),
         Err(TransformError::Schema(message)) => Err(failed(message)),
         Err(TransformError::WorkerFailed(detail)) => Err(RequestError::WorkerFailed {

@@ -37,6 +37,8 @@ pub struct FieldSchema {
     pub sample_shape: Vec<u64>,
     /// Whether samples differ in length (rows of `sample_shape` each, values plus offsets).
     pub ragged: bool,
+    /// Whether a ragged `uint8` field's samples are UTF-8 text.
+    pub utf8: bool,
 }
 
 impl FieldSchema {
@@ -45,19 +47,22 @@ impl FieldSchema {
         self.sample_shape.iter().product::<u64>() as usize * self.dtype.size_bytes()
     }
 
-    /// `name: dtype[shape]`, for messages.
+    /// `name: dtype[shape]` (`dtype[*, shape]` when ragged), for messages.
     pub fn describe(&self) -> String {
-        format!("'{}' {}{:?}", self.name, self.dtype.name(), self.sample_shape)
+        match self.ragged {
+            true => format!("'{}' ragged {}[*, {:?}]", self.name, self.dtype.name(), self.sample_shape),
+            false => format!("'{}' {}{:?}", self.name, self.dtype.name(), self.sample_shape),
+        }
     }
 }
 
-/// One field of a batch in memory: `num_samples` rows of little-endian, C-order elements.
+/// One field of a batch in memory: `num_samples` samples of little-endian, C-order elements.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Column {
     /// What the rows hold.
     pub schema: FieldSchema,
-    /// The bytes, `num_samples * schema.bytes_per_sample()` of them.
-    pub data: Vec<u8>,
+    /// The samples' bytes and, for a ragged field, where each starts.
+    pub rows: FieldRows,
 }
 
 /// A batch in memory, one column per field.
@@ -71,12 +76,12 @@ pub struct Columns {
 
 /// What a derived dataset's batches must look like, and how to say so when one does not.
 impl Columns {
-    /// Checks names, dtypes and shapes against `schema` (in its order) and returns the data in
-    /// that order.
+    /// Checks names, dtypes, shapes and raggedness against `schema` (in its order) and returns
+    /// the fields in that order.
     ///
     /// # Errors
     /// A message naming the field that breaks the schema and how.
-    pub fn into_schema(self, schema: &[FieldSchema]) -> Result<Vec<Vec<u8>>, String> {
+    pub fn into_schema(self, schema: &[FieldSchema]) -> Result<Vec<FieldRows>, String> {
         let mut columns = self.columns;
         let mut out = Vec::with_capacity(schema.len());
         for expected in schema {
@@ -88,7 +93,10 @@ impl Columns {
                 ));
             };
             let column = columns.swap_remove(at);
-            if column.schema.dtype != expected.dtype || column.schema.sample_shape != expected.sample_shape {
+            if column.schema.dtype != expected.dtype
+                || column.schema.sample_shape != expected.sample_shape
+                || column.schema.ragged != expected.ragged
+            {
                 return Err(format!(
                     "output field {} differs from the probe batch at start-up, which gave {}; every batch must give \
                      the same fields, dtypes and per-sample shapes",
@@ -96,7 +104,7 @@ impl Columns {
                     expected.describe()
                 ));
             }
-            out.push(column.data);
+            out.push(column.rows);
         }
         if let Some(extra) = columns.first() {
             return Err(format!(
@@ -148,12 +156,12 @@ impl Derived {
                 name: f.name.clone(),
                 dtype: f.dtype as i32,
                 sample_shape: f.sample_shape.clone(),
-                bytes_per_sample: f.bytes_per_sample() as u64,
+                bytes_per_sample: if f.ragged { 0 } else { f.bytes_per_sample() as u64 },
                 chunk_len: self.source.fields.iter().map(|s| s.chunk_len).max().unwrap_or(1),
                 // Operators change shapes, so the source's dimension names no longer apply.
                 dimension_names: Vec::new(),
-                ragged: false,
-                utf8: false,
+                ragged: f.ragged,
+                utf8: f.utf8,
             })
             .collect();
         DatasetInfo {
@@ -177,6 +185,7 @@ pub fn schema_of(dataset: &Dataset) -> Vec<FieldSchema> {
             dtype: f.dtype,
             sample_shape: f.sample_shape.clone(),
             ragged: f.is_ragged(),
+            utf8: f.info().utf8,
         })
         .collect()
 }
@@ -235,9 +244,6 @@ pub fn open_derived(config: &Config, stored: &[Arc<Dataset>], cache: &ChunkCache
             let stored = stored.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ");
             fail(DerivedProblem::NoSource { source_name: spec.source.clone(), stored })
         })?;
-        if let Some(field) = source.ragged_field().filter(|_| flag == "--transform") {
-            return Err(fail(DerivedProblem::RaggedSource { field: field.name.clone() }));
-        }
         let source_schema = schema_of(&source);
         let (transform, schema, derivation) = if flag == "--pipeline" {
             let text = match spec.body.strip_prefix('@') {
@@ -260,7 +266,6 @@ pub fn open_derived(config: &Config, stored: &[Arc<Dataset>], cache: &ChunkCache
                 return Err(fail(DerivedProblem::NothingToProbe { source_name: spec.source.clone() }));
             }
             let (probe, _) = source.gather(&probe_indices, cache).map_err(|e| fail(DerivedProblem::Probe(e)))?;
-            let probe = probe.into_iter().map(|rows| rows.data).collect();
             let options = python::WorkerOptions {
                 python: config.python.clone(),
                 pythonpath: config.transform_pythonpath.clone(),
@@ -379,19 +384,19 @@ mod tests {
     #[test]
     fn into_schema_names_the_field_that_differs() {
         let schema = vec![
-            FieldSchema { name: "x".into(), dtype: DType::Float32, sample_shape: vec![2], ragged: false },
-            FieldSchema { name: "y".into(), dtype: DType::Uint8, sample_shape: vec![], ragged: false },
+            FieldSchema { name: "x".into(), dtype: DType::Float32, sample_shape: vec![2], ragged: false, utf8: false },
+            FieldSchema { name: "y".into(), dtype: DType::Uint8, sample_shape: vec![], ragged: false, utf8: false },
         ];
         let column = |name: &str, dtype, shape: Vec<u64>, n: usize| Column {
-            schema: FieldSchema { name: name.into(), dtype, sample_shape: shape, ragged: false },
-            data: vec![0; n],
+            schema: FieldSchema { name: name.into(), dtype, sample_shape: shape, ragged: false, utf8: false },
+            rows: FieldRows { data: vec![0; n], offsets: None },
         };
         let good = Columns {
             num_samples: 1,
             columns: vec![column("y", DType::Uint8, vec![], 1), column("x", DType::Float32, vec![2], 8)],
         };
         let data = good.into_schema(&schema).expect("fits");
-        assert_eq!(data.iter().map(Vec::len).collect::<Vec<_>>(), [8, 1], "reordered to the schema");
+        assert_eq!(data.iter().map(|rows| rows.data.len()).collect::<Vec<_>>(), [8, 1], "reordered to the schema");
         let wrong_dtype = Columns {
             num_samples: 1,
             columns: vec![column("x", DType::Float64, vec![2], 16), column("y", DType::Uint8, vec![], 1)],

@@ -268,11 +268,17 @@ impl Pipeline {
     /// # Errors
     /// As [`Pipeline::apply`].
     pub fn apply_columns(&self, batch: Columns, indices: &[u64], seed: u64, epoch: u64) -> Result<Columns, BadSample> {
-        let rows = batch.columns.into_iter().map(|c| FieldRows { data: c.data, offsets: None }).collect();
+        let rows = batch.columns.into_iter().map(|c| c.rows).collect();
         let data = self.apply(rows, indices, seed, epoch)?;
         Ok(Columns {
             num_samples: batch.num_samples,
-            columns: self.schema.iter().cloned().zip(data).map(|(schema, data)| Column { schema, data }).collect(),
+            columns: self
+                .schema
+                .iter()
+                .cloned()
+                .zip(data)
+                .map(|(schema, data)| Column { schema, rows: FieldRows { data, offsets: None } })
+                .collect(),
         })
     }
 
@@ -647,6 +653,7 @@ fn fit_image_head<'a>(
         dtype: DType::Uint8,
         sample_shape: vec![u64::from(height), u64::from(width), mode.channels()],
         ragged: false,
+        utf8: false,
     };
     Ok((ImageHead { mode, ops: image_ops, size: (height, width), max_pixels }, output))
 }
@@ -687,6 +694,7 @@ fn fit(op: &Op, input: &FieldSchema) -> Result<(Step, FieldSchema), String> {
         dtype,
         sample_shape,
         ragged: false,
+        utf8: false,
     };
     Ok(match op {
         Op::Crop { sizes, random } => {
@@ -1059,7 +1067,7 @@ mod tests {
     }
 
     fn schema(name: &str, dtype: DType, shape: &[u64]) -> FieldSchema {
-        FieldSchema { name: name.into(), dtype, sample_shape: shape.to_vec(), ragged: false }
+        FieldSchema { name: name.into(), dtype, sample_shape: shape.to_vec(), ragged: false, utf8: false }
     }
 
     #[test]
@@ -1177,7 +1185,7 @@ mod tests {
     #[test]
     fn images_decode_to_one_shape_then_take_the_fixed_operators() {
         let source = [
-            FieldSchema { name: "jpg".into(), dtype: DType::Uint8, sample_shape: vec![], ragged: true },
+            FieldSchema { name: "jpg".into(), dtype: DType::Uint8, sample_shape: vec![], ragged: true, utf8: false },
             schema("cls", DType::Int64, &[]),
         ];
         let text = "jpg: decode_image | resize(8) | center_crop(8) | to_chw | cast(float32, scale=1/255)";
@@ -1200,7 +1208,8 @@ mod tests {
 
     #[test]
     fn random_resized_crops_are_keyed_by_sample_and_epoch() {
-        let source = [FieldSchema { name: "jpg".into(), dtype: DType::Uint8, sample_shape: vec![], ragged: true }];
+        let source =
+            [FieldSchema { name: "jpg".into(), dtype: DType::Uint8, sample_shape: vec![], ragged: true, utf8: false }];
         let pipeline = Pipeline::new("jpg: decode_image | random_resized_crop(6)", &source, 1 << 20).expect("valid");
         let image = png(40, 30);
         let run = |indices: &[u64], epoch: u64| {
@@ -1227,7 +1236,7 @@ mod tests {
     #[test]
     fn image_chains_that_cannot_give_one_shape_are_refused_by_name() {
         let source = [
-            FieldSchema { name: "jpg".into(), dtype: DType::Uint8, sample_shape: vec![], ragged: true },
+            FieldSchema { name: "jpg".into(), dtype: DType::Uint8, sample_shape: vec![], ragged: true, utf8: false },
             schema("x", DType::Uint8, &[4, 4, 3]),
         ];
         let cases = [

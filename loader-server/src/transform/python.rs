@@ -34,10 +34,13 @@ use conveyor_proto::DType;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Column, Columns, FieldSchema, indices_digest};
+use super::{Column, Columns, FieldRows, FieldSchema, indices_digest};
+use crate::dataset::ragged::check_offset_bytes;
 
-/// The worker's program, run with `python -c`.
-const WORKER_SCRIPT: &str = include_str!("worker.py");
+/// The worker's program, run with `python -c`: the `Ragged` class of the Python package, then
+/// the worker itself.
+const WORKER_SCRIPT: &str =
+    concat!(include_str!("../../../python/conveyor/_ragged.py"), "\n", include_str!("worker.py"));
 
 /// Alignment of arrays in the shared region (cache lines; numpy needs at most 8).
 const ALIGN: u64 = 64;
@@ -137,8 +140,8 @@ pub enum TransformError {
 /// A job for a worker thread.
 #[derive(Debug)]
 struct Job {
-    /// Gathered source rows, one buffer per source field.
-    input: Vec<Vec<u8>>,
+    /// Gathered source rows, one per source field.
+    input: Vec<FieldRows>,
     indices: Vec<u64>,
     entropy: [u64; 3],
     reply_tx: oneshot::Sender<Result<Columns, TransformError>>,
@@ -165,26 +168,49 @@ struct Layout {
     options: WorkerOptions,
     /// The source's fields, in order.
     source: Vec<FieldSchema>,
-    /// Output bytes per sample (0 until the probe ran).
-    out_bytes_per_sample: u64,
-    /// Output fields (0 until the probe ran); each may start up to `ALIGN - 1` bytes later.
+    /// Bytes per sample of the fixed-shape outputs (0 until the probe ran).
+    fixed_out_bytes_per_sample: u64,
+    /// Output fields (0 until the probe ran); each may start up to `ALIGN - 1` bytes later,
+    /// and a ragged one adds its offsets.
     num_out_fields: u64,
 }
 
+/// Where a batch's parts go in a worker's region: each input field's values and (ragged) its
+/// offsets, the indices, and the start of the output area.
+struct Placement {
+    fields: Vec<(u64, Option<u64>)>,
+    indices: u64,
+    out: u64,
+}
+
 impl Layout {
-    /// Offsets of the input fields, the indices and the output area for `n` samples, and the
-    /// end of the output area.
-    fn offsets(&self, n: u64) -> (Vec<u64>, u64, u64, u64) {
+    /// The placement of a batch of `n` samples whose gathered fields are `input`.
+    fn place(&self, input: &[FieldRows], n: u64) -> Placement {
         let mut at = 0;
-        let mut fields = Vec::with_capacity(self.source.len());
-        for field in &self.source {
-            fields.push(at);
-            at = align(at + n * field.bytes_per_sample() as u64);
+        let mut fields = Vec::with_capacity(input.len());
+        for rows in input {
+            let values = at;
+            at = align(at + rows.data.len() as u64);
+            let offsets = rows.offsets.as_ref().map(|_| {
+                let offsets = at;
+                at = align(at + (n + 1) * 8);
+                offsets
+            });
+            fields.push((values, offsets));
         }
         let indices = at;
-        let out = align(indices + 8 * n);
-        let end = out + n * self.out_bytes_per_sample + ALIGN * self.num_out_fields;
-        (fields, indices, out, end)
+        Placement { fields, indices, out: align(indices + 8 * n) }
+    }
+
+    /// The region a batch of `n` samples needs at least: its fixed-shape inputs and outputs,
+    /// offsets, indices and alignment (ragged values come on top, known once gathered).
+    fn min_region_bytes(&self, n: u64) -> u64 {
+        let mut at = 0;
+        for field in &self.source {
+            at = align(at + if field.ragged { (n + 1) * 8 } else { n * field.bytes_per_sample() as u64 });
+        }
+        let out = align(at + 8 * n);
+        out + n * self.fixed_out_bytes_per_sample + (ALIGN + (n + 1) * 8) * self.num_out_fields
     }
 }
 
@@ -203,7 +229,7 @@ impl Pool {
         spec: &str,
         options: WorkerOptions,
         source: Vec<FieldSchema>,
-        probe: (Vec<Vec<u8>>, Vec<u64>),
+        probe: (Vec<FieldRows>, Vec<u64>),
     ) -> Result<(Pool, Vec<FieldSchema>), String> {
         let (module, function) = spec
             .rsplit_once(':')
@@ -214,7 +240,7 @@ impl Pool {
             function: function.to_owned(),
             options: options.clone(),
             source,
-            out_bytes_per_sample: 0,
+            fixed_out_bytes_per_sample: 0,
             num_out_fields: 0,
         };
         let mut workers = Vec::with_capacity(options.workers);
@@ -231,7 +257,8 @@ impl Pool {
             Failure::Died { detail, .. } => format!("{spec}: the worker died on the probe batch: {detail}"),
         })?;
         let schema: Vec<FieldSchema> = probed.columns.into_iter().map(|c| c.schema).collect();
-        layout.out_bytes_per_sample = schema.iter().map(|f| f.bytes_per_sample() as u64).sum();
+        layout.fixed_out_bytes_per_sample =
+            schema.iter().filter(|f| !f.ragged).map(|f| f.bytes_per_sample() as u64).sum();
         layout.num_out_fields = schema.len() as u64;
 
         let layout = Arc::new(layout);
@@ -248,9 +275,10 @@ impl Pool {
         Ok((Pool { function: spec.to_owned(), jobs_tx, stats, layout }, schema))
     }
 
-    /// Bytes of shared region a batch of `n` samples needs.
+    /// Bytes of shared region a batch of `n` samples needs at least (ragged values come on
+    /// top: a batch whose input does not fit then fails naming `--transform-shm-bytes`).
     pub fn region_bytes(&self, n: u64) -> u64 {
-        self.layout.offsets(n).3
+        self.layout.min_region_bytes(n)
     }
 
     /// Size of each worker's region.
@@ -259,7 +287,7 @@ impl Pool {
     }
 
     /// A job for the queue, counted as queued until a worker thread takes it.
-    fn job(&self, input: Vec<Vec<u8>>, indices: Vec<u64>, seed: u64, epoch: u64) -> (Job, JobReply) {
+    fn job(&self, input: Vec<FieldRows>, indices: Vec<u64>, seed: u64, epoch: u64) -> (Job, JobReply) {
         self.stats.queued.fetch_add(1, Relaxed);
         let (reply_tx, reply_rx) = oneshot::channel();
         let entropy = [seed, epoch, indices_digest(&indices)];
@@ -270,7 +298,7 @@ impl Pool {
     /// then for a worker.
     pub async fn run(
         &self,
-        input: Vec<Vec<u8>>,
+        input: Vec<FieldRows>,
         indices: Vec<u64>,
         seed: u64,
         epoch: u64,
@@ -369,7 +397,7 @@ fn run_job(
 
 /// A job's data, borrowed for each attempt.
 struct JobInput<'a> {
-    input: &'a [Vec<u8>],
+    input: &'a [FieldRows],
     indices: &'a [u64],
     entropy: [u64; 3],
 }
@@ -400,8 +428,14 @@ struct RunMessage<'a> {
 struct FieldPlacement<'a> {
     name: &'a str,
     dtype: String,
+    /// A sample's shape; a ragged field's row shape.
     shape: &'a [u64],
     offset: u64,
+    /// A ragged field's offsets (`num_samples + 1` int64 rows, from 0) and its rows of values.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offsets: Option<u64>,
+    rows: u64,
+    utf8: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -427,6 +461,13 @@ struct OutputPlacement {
     shape: Vec<u64>,
     offset: u64,
     nbytes: u64,
+    /// A ragged output's offsets (`num_samples + 1` int64 rows, from 0) and its rows.
+    #[serde(default)]
+    offsets: Option<u64>,
+    #[serde(default)]
+    rows: u64,
+    #[serde(default)]
+    utf8: bool,
 }
 
 /// One worker process and its two channels.
@@ -516,16 +557,33 @@ impl Worker {
     /// Runs one batch.
     fn run(&mut self, layout: &Layout, job: &JobInput<'_>) -> Result<Columns, Failure> {
         let n = job.indices.len() as u64;
-        let (field_offsets, indices_offset, out_offset, _) = layout.offsets(n);
+        let placement = layout.place(job.input, n);
+        let (indices_offset, out_offset) = (placement.indices, placement.out);
         let shm_bytes = layout.options.shm_bytes;
+        let needed = out_offset + n * layout.fixed_out_bytes_per_sample;
+        if needed > shm_bytes {
+            return Err(Failure::Schema(format!(
+                "the batch takes {needed} bytes of the worker's shared region before its ragged outputs, more than \
+                 --transform-shm-bytes {shm_bytes}; raise the flag on the loader or ask for smaller batches"
+            )));
+        }
         let mut fields = Vec::with_capacity(layout.source.len());
-        for ((schema, data), &offset) in layout.source.iter().zip(job.input).zip(&field_offsets) {
-            self.write_region(data, offset)?;
+        for ((schema, rows), &(offset, offsets_at)) in layout.source.iter().zip(job.input).zip(&placement.fields) {
+            self.write_region(&rows.data, offset)?;
+            let row_bytes = (schema.bytes_per_sample() as u64).max(1);
+            if let (Some(byte_offsets), Some(at)) = (&rows.offsets, offsets_at) {
+                let offsets: Vec<u8> =
+                    byte_offsets.iter().flat_map(|&o| ((o / row_bytes) as i64).to_le_bytes()).collect();
+                self.write_region(&offsets, at)?;
+            }
             fields.push(FieldPlacement {
                 name: &schema.name,
                 dtype: format!("<{}", schema.dtype.numpy_code()),
                 shape: &schema.sample_shape,
                 offset,
+                offsets: offsets_at,
+                rows: rows.data.len() as u64 / row_bytes,
+                utf8: schema.utf8,
             });
         }
         let indices: Vec<u8> = job.indices.iter().flat_map(|i| i.to_le_bytes()).collect();
@@ -578,22 +636,46 @@ impl Worker {
             let Some(dtype) = DType::from_numpy_code(&field.dtype) else {
                 return Err(Failure::Schema(format!("output field '{}' has dtype {}", field.name, field.dtype)));
             };
-            let schema = FieldSchema { name: field.name, dtype, sample_shape: field.shape, ragged: false };
-            let expected = n * schema.bytes_per_sample() as u64;
-            if field.nbytes != expected || field.offset.checked_add(field.nbytes).is_none_or(|end| end > shm_bytes) {
+            let ragged = field.offsets.is_some();
+            let schema =
+                FieldSchema { name: field.name, dtype, sample_shape: field.shape, ragged, utf8: field.utf8 && ragged };
+            let row_bytes = schema.bytes_per_sample() as u64;
+            let expected = if ragged { field.rows.saturating_mul(row_bytes) } else { n * row_bytes };
+            let within = |offset: u64, bytes: u64| offset.checked_add(bytes).is_some_and(|end| end <= shm_bytes);
+            if field.nbytes != expected
+                || !within(field.offset, field.nbytes)
+                || field.offsets.is_some_and(|at| !within(at, (n + 1) * 8))
+            {
                 self.kill();
                 return Err(died(
                     RestartCause::Crashed,
                     format!("the worker placed output field '{}' outside its region", schema.name),
                 ));
             }
-            let mut data = vec![0u8; field.nbytes as usize];
-            self.region
-                .read_exact_at(&mut data, field.offset)
-                .map_err(|e| died(RestartCause::Crashed, format!("reading the shared region: {e}")))?;
-            columns.push(Column { schema, data });
+            let data = self.read_region(field.offset, field.nbytes)?;
+            let offsets = match field.offsets {
+                Some(at) => {
+                    let raw = self.read_region(at, (n + 1) * 8)?;
+                    check_offset_bytes(&raw, false, field.rows, std::path::Path::new("its values")).map_err(
+                        |problem| Failure::Schema(format!("ragged output field '{}': {problem}", schema.name)),
+                    )?;
+                    let rows = raw.chunks_exact(8).map(|o| i64::from_le_bytes(o.try_into().unwrap_or_default()));
+                    Some(rows.map(|o| o as u64 * row_bytes).collect())
+                }
+                None => None,
+            };
+            columns.push(Column { schema, rows: FieldRows { data, offsets } });
         }
         Ok(Columns { num_samples: n as usize, columns })
+    }
+
+    /// `bytes` bytes of the region from `offset` (checked inside it by the caller).
+    fn read_region(&mut self, offset: u64, bytes: u64) -> Result<Vec<u8>, Failure> {
+        let mut data = vec![0u8; bytes as usize];
+        self.region
+            .read_exact_at(&mut data, offset)
+            .map_err(|e| died(RestartCause::Crashed, format!("reading the shared region: {e}")))?;
+        Ok(data)
     }
 
     fn write_region(&mut self, data: &[u8], offset: u64) -> Result<(), Failure> {

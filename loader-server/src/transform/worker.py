@@ -1,6 +1,7 @@
 # Conveyor transform worker: runs one user function over batches that the loader places in
 # shared memory. Started by the loader (never imported by users) as
-#   python -c <this file> MODULE FUNCTION MEMORY_CAP_BYTES
+#   python -c <python/conveyor/_ragged.py + this file> MODULE FUNCTION MEMORY_CAP_BYTES
+# (the `Ragged` class that ragged fields arrive as comes from _ragged.py, run just before).
 # with fd 0 = the shared memory region (a memfd) and fd 1 = the control socket. Messages on the
 # socket are a 4-byte little-endian length and a JSON object. See transform/python.rs.
 import importlib
@@ -73,12 +74,17 @@ def main():
         num_samples = message["num_samples"]
         batch = {}
         for field in message["fields"]:
-            shape = [num_samples] + field["shape"]
+            ragged = "offsets" in field
+            shape = [field["rows"] if ragged else num_samples] + field["shape"]
             count = 1
             for n in shape:
                 count *= n
-            batch[field["name"]] = np.frombuffer(region, dtype=np.dtype(field["dtype"]), count=count,
-                                                 offset=field["offset"]).reshape(shape)
+            values = np.frombuffer(region, dtype=np.dtype(field["dtype"]), count=count,
+                                   offset=field["offset"]).reshape(shape)
+            if ragged:
+                offsets = np.frombuffer(region, dtype="<i8", count=num_samples + 1, offset=field["offsets"])
+                values = Ragged(values, offsets, field["utf8"])
+            batch[field["name"]] = values
         indices = np.frombuffer(region, dtype="<u8", count=num_samples, offset=message["indices_offset"])
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(message["entropy"])))
         started = time.perf_counter()
@@ -125,32 +131,73 @@ class OutputError(Exception):
 DTYPES = {"|b1", "|i1", "<i2", "<i4", "<i8", "|u1", "<u2", "<u4", "<u8", "<f2", "<f4", "<f8"}
 
 
+def as_ragged(np, name, value, num_samples):
+    """(values, offsets, utf8) for a ragged output: a Ragged (anything with `values` and
+    `offsets`), or a list of str, of bytes or of arrays (1-D or more), one per sample; None for a
+    fixed-shape one."""
+    if hasattr(value, "values") and hasattr(value, "offsets") and not isinstance(value, (np.ndarray, dict)):
+        values, offsets, utf8 = np.asarray(value.values), np.asarray(value.offsets), bool(getattr(value, "utf8", False))
+    elif isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        encoded = [v.encode("utf-8") for v in value]
+        values, offsets, utf8 = np.frombuffer(b"".join(encoded), dtype=np.uint8), lengths_to_offsets(np, encoded), True
+    elif isinstance(value, (list, tuple)) and value and all(isinstance(v, (bytes, bytearray)) for v in value):
+        values, offsets, utf8 = np.frombuffer(b"".join(value), dtype=np.uint8), lengths_to_offsets(np, value), False
+    elif isinstance(value, (list, tuple)) and value and all(isinstance(v, np.ndarray) and v.ndim for v in value):
+        kinds = {(v.dtype.str, v.shape[1:]) for v in value}
+        if len(kinds) > 1:
+            raise OutputError(f"output field '{name}' is a list of arrays of different dtypes or row shapes "
+                              f"({sorted(map(str, kinds))}); a ragged field's samples share both")
+        values, offsets, utf8 = np.concatenate(value), lengths_to_offsets(np, value), False
+    else:
+        return None
+    if values.ndim == 0:
+        raise OutputError(f"ragged output field '{name}' has 0-dimensional values; give them one row per element")
+    if offsets.dtype.kind not in "iu" or offsets.shape != (num_samples + 1,):
+        raise OutputError(f"ragged output field '{name}' has offsets of dtype {offsets.dtype} and shape "
+                          f"{list(offsets.shape)}; it needs {num_samples + 1} integers, one per input sample plus one")
+    return values, offsets.astype("<i8"), utf8
+
+
+def lengths_to_offsets(np, items):
+    return np.concatenate([[0], np.cumsum([len(item) for item in items])])
+
+
 def write_output(np, region, output, num_samples, offset, capacity):
     if not isinstance(output, dict) or not output:
-        raise OutputError(f"the function returned {type(output).__name__}; return a non-empty dict of numpy arrays, "
-                          "one row per input sample")
+        raise OutputError(f"the function returned {type(output).__name__}; return a non-empty dict of numpy arrays "
+                          "(or Ragged, or lists of str or bytes), one row per input sample")
     fields = []
     end = offset + capacity
+
+    def place(name, array, little):
+        nonlocal offset
+        offset = (offset + 63) // 64 * 64
+        if offset + array.nbytes > end:
+            raise OutputError(f"output field '{name}' does not fit: the outputs take more than the {capacity} bytes "
+                              "left for them; raise --transform-shm-bytes on the loader")
+        at = offset
+        target = np.frombuffer(region, dtype=little, count=array.size, offset=at).reshape(array.shape)
+        np.copyto(target, array, casting="equiv")
+        offset += array.nbytes
+        return at
+
     for name, value in output.items():
         if not isinstance(name, str):
             raise OutputError(f"output key {name!r} is not a string")
-        array = np.asarray(value)
-        if array.ndim == 0 or array.shape[0] != num_samples:
+        ragged = as_ragged(np, name, value, num_samples)
+        array = ragged[0] if ragged else np.asarray(value)
+        if not ragged and (array.ndim == 0 or array.shape[0] != num_samples):
             raise OutputError(f"output field '{name}' has shape {list(array.shape)}; it needs {num_samples} rows, "
                               "one per input sample")
         little = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
         if little.str not in DTYPES:
             raise OutputError(f"output field '{name}' has dtype {array.dtype}, which Conveyor cannot serve; "
                               "use bool, (u)int8..64 or float16/32/64")
-        offset = (offset + 63) // 64 * 64
-        if offset + array.nbytes > end:
-            raise OutputError(f"output field '{name}' does not fit: the outputs take more than the {capacity} bytes "
-                              "left for them; raise --transform-shm-bytes on the loader")
-        target = np.frombuffer(region, dtype=little, count=array.size, offset=offset).reshape(array.shape)
-        np.copyto(target, array, casting="equiv")
-        fields.append({"name": name, "dtype": little.str[1:], "shape": list(array.shape[1:]), "offset": offset,
-                       "nbytes": array.nbytes})
-        offset += array.nbytes
+        field = {"name": name, "dtype": little.str[1:], "shape": list(array.shape[1:]),
+                 "offset": place(name, array, little), "nbytes": array.nbytes}
+        if ragged:
+            field.update(offsets=place(name, ragged[1], np.dtype("<i8")), rows=array.shape[0], utf8=ragged[2])
+        fields.append(field)
     return fields
 
 
