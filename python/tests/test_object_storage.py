@@ -149,6 +149,68 @@ def test_variable_length_zarr_arrays_over_s3_arrive_as_written(tmp_path, s3, sta
     assert sorted(seen) == list(range(40))
 
 
+IMAGE_TREE = ["cat/1.png", "cat/2.jpg", "cat/sub/0.png", "cat/sub-b/9.png", "dog/a.webp", "dog/b.png", "dog/z.png"]
+
+
+def write_image_tree(root):
+    """An image folder with nested class directories (files beside a directory come first)."""
+    rng = np.random.default_rng(8)
+    for name in IMAGE_TREE:
+        os.makedirs((root / name).parent, exist_ok=True)
+        (root / name).write_bytes(rng.integers(0, 256, size=int(rng.integers(1, 4000)), dtype=np.uint8).tobytes())
+    (root / "notes.txt").write_text("not a class")
+
+
+def same_folder(local, remote, root):
+    """The remote loader serves the local one's samples: same indices, bytes and labels."""
+    def served(loader):
+        out = {}
+        for batch in conveyor.StreamingDataset([loader.addr], "f", batch_size=3, shuffle="full", seed=4):
+            for row, i in enumerate(batch["__index__"].tolist()):
+                out[i] = (batch["image"].tolist()[row], int(batch["label"][row]))
+        return out
+
+    got, expected = served(remote), served(local)
+    assert sorted(got) == list(range(len(IMAGE_TREE))) and got == expected
+    assert sorted(data for data, _ in got.values()) == sorted((root / f).read_bytes() for f in IMAGE_TREE)
+    assert [label for _, label in sorted(got.values(), key=lambda v: v[1])] == [0, 0, 0, 0, 1, 1, 1]
+
+
+def test_an_image_folder_in_s3_serves_what_the_local_folder_does(tmp_path, s3, start_loader):
+    write_image_tree(tmp_path / "folder")
+    s3.upload_dir(tmp_path / "folder", "folder")
+    same_folder(start_loader({"f": tmp_path / "folder"}),
+                start_loader({"f": "s3://data/folder"}, env=s3.env()), tmp_path / "folder")
+
+
+def test_ragged_npy_pairs_in_s3_serve_what_the_local_pairs_do(tmp_path, s3, start_loader):
+    from test_ragged import write_ragged
+
+    tokens, texts = write_ragged(tmp_path / "r")
+    np.save(tmp_path / "r" / "wide.npy", np.arange(10, dtype=">f8"))  # big-endian values
+    np.save(tmp_path / "r" / "wide.offsets.npy", np.array([0] + [0] * 30 + [4] * 20 + [10] * 11, dtype="<i8"))
+    s3.upload_dir(tmp_path / "r", "ragged")
+    loader = start_loader({"r": "s3://data/ragged"}, env=s3.env())
+    info = conveyor.datasets([loader.addr])["r"]
+    assert info.fields["tokens"] == (np.dtype(np.int32), (None, 2)) and info.fields["wide"][1] == (None,)
+    bounds = [0] + [0] * 30 + [4] * 20 + [10] * 11
+    seen = []
+    for batch in conveyor.StreamingDataset([loader.addr], "r", batch_size=8, shuffle="full", seed=2):
+        for row, i in enumerate(batch["__index__"].tolist()):
+            np.testing.assert_array_equal(batch["tokens"][row], tokens[i])
+            assert batch["text"].tolist()[row].decode() == texts[i]
+            np.testing.assert_array_equal(batch["wide"][row], np.arange(10.0)[bounds[i]:bounds[i + 1]])
+            seen.append(i)
+    assert sorted(seen) == list(range(len(tokens)))
+    # Offsets that decrease are refused at start-up, naming the object.
+    os.makedirs(tmp_path / "bad")
+    np.save(tmp_path / "bad" / "v.npy", np.arange(5, dtype=np.uint8))
+    np.save(tmp_path / "bad" / "v.offsets.npy", np.array([0, 3, 2, 5], dtype=np.int64))
+    s3.upload_dir(tmp_path / "bad", "bad")
+    error = refusal(s3.env(), "--dataset", "b=s3://data/bad")
+    assert "bad/v.offsets.npy" in error and "offsets[1] = 3 is above offsets[2] = 2" in error, error
+
+
 def test_zarr_groups_over_s3_serve_every_codec_and_count_their_requests(tmp_path, s3, start_loader):
     rng = np.random.default_rng(1)
     group = zarr.open_group(tmp_path / "codecs.zarr", mode="w", zarr_format=3)
@@ -408,6 +470,12 @@ def test_http_servers_serve_npy_directories_and_zarr_groups(web, start_loader):
         root = [line for line in f if "/eeg.zarr/" in line and "/eeg.zarr/eeg/" not in line]
     assert not [line for line in root if "/eeg.zarr/.zarray" in line or "/eeg.zarr/.zgroup" in line], root
     assert sum('"GET /eeg.zarr/zarr.json ' in line for line in root) == 2, root
+
+
+def test_an_image_folder_over_http_serves_what_the_local_folder_does(web, tmp_path, start_loader):
+    root, server = web
+    write_image_tree(root / "folder")
+    same_folder(start_loader({"f": root / "folder"}), start_loader({"f": f"{server.url}/folder"}), root / "folder")
 
 
 def test_transient_500s_and_resets_are_retried_and_the_epoch_stays_exactly_once(web, start_loader):

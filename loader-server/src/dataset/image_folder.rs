@@ -5,12 +5,15 @@
 //!
 //! The listing is taken once at start-up, with each file's size; a batch reads its files whole
 //! (a few hundred KB each, so reads rather than maps) and refuses a file whose size changed
-//! since, naming it: the bytes served are the bytes listed.
+//! since, naming it: the bytes served are the bytes listed. In object storage (`s3://`,
+//! `https://` with WebDAV listings) the same layout is read from one recursive listing, each
+//! object pinned at its listed version, `--io-concurrency` objects read at once per batch
+//! (through the disk cache when one is set).
 
 use std::{
     io::Read,
     path::{Path, PathBuf},
-    sync::atomic::Ordering,
+    sync::{Arc, atomic::Ordering},
 };
 
 use bytes::Bytes;
@@ -20,7 +23,10 @@ use conveyor_proto::{
 };
 
 use super::{Field, NEXT_FIELD_ID, Source, ragged::OffsetsWriter};
-use crate::error::LoadError;
+use crate::{
+    error::LoadError,
+    storage::object::{ObjectStorage, ObjectVersion},
+};
 
 /// The extensions torchvision's `ImageFolder` takes (compared without case).
 const IMAGE_EXTENSIONS: [&str; 9] = ["jpg", "jpeg", "png", "ppm", "bmp", "pgm", "tif", "tiff", "webp"];
@@ -28,23 +34,60 @@ const IMAGE_EXTENSIONS: [&str; 9] = ["jpg", "jpeg", "png", "ppm", "bmp", "pgm", 
 /// The files of an image folder, in sample order, with the sizes listed at start-up.
 #[derive(Debug)]
 pub(super) struct Files {
-    /// Each sample's file.
-    paths: Vec<PathBuf>,
+    /// Where each sample's file is.
+    place: Place,
     /// Its size when listed.
     sizes: Vec<u64>,
 }
 
+/// Where an image folder's files are.
+#[derive(Debug)]
+enum Place {
+    /// Local files, by path.
+    Local(Vec<PathBuf>),
+    /// Objects under a store's prefix: (name, version listed).
+    Remote { storage: Arc<ObjectStorage>, objects: Vec<(String, ObjectVersion)> },
+}
+
 impl Files {
-    /// Appends the files of `indices` to `tensor` (read whole, in one buffer) with their offsets.
+    /// Appends the files of `indices` to `tensor` with their offsets: local files read whole
+    /// into one buffer, objects each as one piece. Returns the bytes read.
     ///
     /// # Errors
-    /// The sample whose file cannot be read or changed size since start-up, and why.
+    /// The sample whose file cannot be read or changed since start-up, and why.
     pub(super) fn select_into(&self, indices: &[u64], tensor: &mut OutgoingTensor) -> Result<u64, (u64, String)> {
+        let Place::Remote { storage, objects } = &self.place else { return self.select_local(indices, tensor) };
+        let wanted: Vec<(&str, u64, &ObjectVersion)> = indices
+            .iter()
+            .map(|&i| (objects[i as usize].0.as_str(), self.sizes[i as usize], &objects[i as usize].1))
+            .collect();
+        let mut offsets = OffsetsWriter::new(indices.len());
+        let mut read = 0;
+        for ((&index, &(_, size, _)), bytes) in indices.iter().zip(&wanted).zip(storage.read_objects(&wanted)) {
+            let bytes = bytes.map_err(|reason| (index, reason))?;
+            if bytes.len() as u64 != size {
+                return Err((
+                    index,
+                    format!("{} returned {} bytes but was listed with {size}", self.describe(index), bytes.len()),
+                ));
+            }
+            read += size;
+            let piece = tensor.add_piece(Piece { bytes, big_endian: false });
+            tensor.push(piece, 0, size as usize);
+            offsets.push(size);
+        }
+        offsets.finish(tensor);
+        Ok(read)
+    }
+
+    /// [`Files::select_into`] for local files.
+    fn select_local(&self, indices: &[u64], tensor: &mut OutgoingTensor) -> Result<u64, (u64, String)> {
+        let Place::Local(paths) = &self.place else { unreachable!("called for local folders only") };
         let total: u64 = indices.iter().map(|&i| self.sizes[i as usize]).sum();
         let mut data = Vec::with_capacity(total as usize);
         let mut offsets = OffsetsWriter::new(indices.len());
         for &index in indices {
-            let (path, size) = (&self.paths[index as usize], self.sizes[index as usize]);
+            let (path, size) = (&paths[index as usize], self.sizes[index as usize]);
             let start = data.len();
             let read = std::fs::File::open(path).and_then(|file| file.take(size + 1).read_to_end(&mut data));
             match read {
@@ -73,7 +116,10 @@ impl Files {
 
     /// The file of sample `index`, for messages.
     pub(super) fn describe(&self, index: u64) -> String {
-        self.paths[index as usize].display().to_string()
+        match &self.place {
+            Place::Local(paths) => paths[index as usize].display().to_string(),
+            Place::Remote { storage, objects } => format!("{}/{}", storage.url(), objects[index as usize].0),
+        }
     }
 
     /// Bytes a batch of `indices` sends: the files' listed sizes and the offsets.
@@ -133,10 +179,69 @@ pub(super) fn open(name: &str, dir: &Path, select: Option<&[String]>) -> Result<
             labels.push(label as i64);
         }
     }
-    if paths.is_empty() {
+    fields(name, dir, Files { place: Place::Local(paths), sizes }, labels, select)
+}
+
+/// Whether a recursive listing of a store's prefix is an image folder: no `.npy` or `.tar`
+/// objects at its top, and an image object inside a class prefix.
+pub(super) fn is_image_listing(objects: &[(String, u64, ObjectVersion)]) -> bool {
+    let top = |name: &str, ext: &str| !name.contains('/') && name.ends_with(ext);
+    !objects.iter().any(|(name, ..)| top(name, ".npy") || top(name, ".tar"))
+        && objects.iter().any(|(name, ..)| name.contains('/') && is_image(Path::new(name)))
+}
+
+/// Opens the image folder under `storage`'s prefix from its recursive listing `objects`, in
+/// the order [`open`] gives a local one: classes by name, then within each class the files of
+/// a directory (by name) before its subdirectories (by name).
+///
+/// # Errors
+/// As [`open`].
+pub(super) fn open_remote(
+    name: &str,
+    storage: &Arc<ObjectStorage>,
+    objects: Vec<(String, u64, ObjectVersion)>,
+    select: Option<&[String]>,
+) -> Result<Vec<Field>, LoadError> {
+    // Sort key: each directory component after the files beside it.
+    let key = |object: &str| -> Vec<(bool, String)> {
+        let parts: Vec<&str> = object.split('/').collect();
+        let last = parts.len() - 1;
+        parts.iter().enumerate().map(|(i, part)| (i < last, (*part).to_owned())).collect()
+    };
+    let mut images: Vec<(Vec<(bool, String)>, String, u64, ObjectVersion)> = objects
+        .into_iter()
+        .filter(|(object, ..)| object.contains('/') && is_image(Path::new(object)))
+        .map(|(object, size, version)| (key(&object), object, size, version))
+        .collect();
+    images.sort_by(|a, b| a.0.cmp(&b.0));
+    let (mut listed, mut sizes, mut labels) = (Vec::new(), Vec::new(), Vec::new());
+    let mut classes: Vec<String> = Vec::new();
+    for (_, object, size, version) in images {
+        let class = object.split('/').next().unwrap_or_default().to_owned();
+        if classes.last() != Some(&class) {
+            classes.push(class);
+        }
+        labels.push(classes.len() as i64 - 1);
+        sizes.push(size);
+        listed.push((object, version));
+    }
+    let place = Place::Remote { storage: storage.clone(), objects: listed };
+    fields(name, Path::new(storage.url()), Files { place, sizes }, labels, select)
+}
+
+/// The fields `image` (the files) and `label` (`labels`) of an image folder at `dir`, those in
+/// `select`.
+fn fields(
+    name: &str,
+    dir: &Path,
+    files: Files,
+    labels: Vec<i64>,
+    select: Option<&[String]>,
+) -> Result<Vec<Field>, LoadError> {
+    if files.sizes.is_empty() {
         return Err(LoadError::NoFields { dataset: name.to_owned(), dir: dir.to_owned() });
     }
-    let num_samples = paths.len() as u64;
+    let num_samples = files.sizes.len() as u64;
     let keep = |field: &str| select.is_none_or(|s| s.iter().any(|f| f == field));
     if let Some(unknown) = select.and_then(|s| s.iter().find(|f| *f != "image" && *f != "label")) {
         return Err(LoadError::UnknownField {
@@ -157,7 +262,7 @@ pub(super) fn open(name: &str, dir: &Path, select: Option<&[String]>) -> Result<
             dims: Vec::new(),
             num_samples,
             id: NEXT_FIELD_ID.fetch_add(1, Ordering::Relaxed),
-            source: Source::Files(Box::new(Files { paths, sizes })),
+            source: Source::Files(Box::new(files)),
         });
     }
     if keep("label") {

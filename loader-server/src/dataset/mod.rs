@@ -91,6 +91,8 @@ enum Source {
     Zarr(Box<ZarrSource>),
     /// A ragged field: mapped values and row offsets.
     Ragged(Box<ragged::RaggedSource>),
+    /// A ragged field in an object store: values read by ranges, offsets in memory.
+    RemoteRagged(Box<ragged::RemoteRagged>),
     /// A ragged field of whole files (an image folder's images), read per batch.
     Files(Box<image_folder::Files>),
     /// Rows held in memory (an image folder's labels, a WebDataset's class indices).
@@ -152,6 +154,7 @@ impl Field {
         let row = self.bytes_per_sample;
         match &self.source {
             Source::Ragged(ragged) => ragged.select_into(indices, tensor),
+            Source::RemoteRagged(ragged) => ragged.select_into(indices, tensor),
             Source::Files(files) => files.select_into(indices, tensor),
             // A shard is a chunk: a changed shard fails its rows.
             Source::Tar(members) => {
@@ -325,7 +328,7 @@ impl Field {
     /// Whether samples differ in length (values plus offsets on the wire).
     pub fn is_ragged(&self) -> bool {
         match &self.source {
-            Source::Ragged(_) | Source::Files(_) | Source::Tar(_) => true,
+            Source::Ragged(_) | Source::RemoteRagged(_) | Source::Files(_) | Source::Tar(_) => true,
             Source::Zarr(zarr) => zarr.vlen.is_some(),
             Source::Npy { .. } | Source::Memory(_) => false,
         }
@@ -338,6 +341,7 @@ impl Field {
         match &self.source {
             Source::Zarr(zarr) if zarr.vlen.is_some() => zarr.vlen_batch_bytes(self.id, indices, cache),
             Source::Ragged(ragged) => ragged.batch_bytes(indices),
+            Source::RemoteRagged(ragged) => ragged.batch_bytes(indices),
             Source::Files(files) => files.batch_bytes(indices),
             Source::Tar(members) => members.batch_bytes(indices),
             _ => indices.len() as u64 * self.bytes_per_sample as u64,
@@ -475,7 +479,17 @@ impl Dataset {
                         Some(objects) => objects,
                         None => storage.list().map_err(remote)?,
                     };
-                    npy::open_remote_npy(name, storage, objects, select)?
+                    // No .npy at the top: an image folder is classes below it.
+                    let all = match objects.iter().any(|(object, ..)| object.ends_with(".npy")) {
+                        true => None,
+                        false => Some(storage.list_all().map_err(remote)?),
+                    };
+                    match all {
+                        Some(all) if image_folder::is_image_listing(&all) => {
+                            image_folder::open_remote(name, storage, all, select)?
+                        }
+                        _ => npy::open_remote_npy(name, storage, objects, select)?,
+                    }
                 }
             }
         };

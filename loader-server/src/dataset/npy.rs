@@ -59,17 +59,20 @@ pub(super) fn open_remote_npy(
         .filter_map(|(object, size, version)| Some((object.strip_suffix(".npy")?.to_owned(), (object, size, version))))
         .filter(|(stem, _)| !stem.is_empty() && !stem.contains('/'))
         .collect::<Vec<(String, _)>>();
-    if let Some((stem, _)) = stems.iter().find(|(stem, _)| stem.ends_with(ragged::OFFSETS_SUFFIX)) {
-        return Err(LoadError::Remote {
-            dataset: name.to_owned(),
-            url: storage.url().to_owned(),
-            problem: format!(
-                "{stem}.npy holds a ragged field's offsets, and ragged fields are served from local directories \
-                 only; copy the dataset to a local directory"
-            ),
-        });
-    }
+    // Ragged pairs: FIELD.npy beside FIELD.offsets.npy.
+    let (offsets, stems): (Vec<(String, ragged::ListedObject)>, Vec<(String, ragged::ListedObject)>) =
+        stems.into_iter().partition(|(stem, _)| stem.ends_with(ragged::OFFSETS_SUFFIX));
+    let mut offsets: Vec<(String, ragged::ListedObject)> = offsets
+        .into_iter()
+        .map(|(stem, listed)| (stem.trim_end_matches(ragged::OFFSETS_SUFFIX).to_owned(), listed))
+        .collect();
     let groups = group_fields(stems, &location)?;
+    for (field, (object, ..)) in &offsets {
+        let values = groups.get(field).map_or(0, Vec::len);
+        if values != 1 || !groups[field][0].0.ends_with(&format!("{field}.npy")) {
+            return Err(LoadError::RaggedLayout { field: field.clone(), offsets: location.join(object), values });
+        }
+    }
     if groups.is_empty() {
         return Err(LoadError::Remote {
             dataset: name.to_owned(),
@@ -80,7 +83,12 @@ pub(super) fn open_remote_npy(
         });
     }
     let mut fields = Vec::with_capacity(groups.len());
-    for (field_name, objects) in select_fields(name, &location, groups, select)? {
+    for (field_name, mut objects) in select_fields(name, &location, groups, select)? {
+        if let Some(at) = offsets.iter().position(|(field, _)| *field == field_name) {
+            let (_, offsets) = offsets.swap_remove(at);
+            fields.push(ragged::open_remote(name, &field_name, storage, objects.remove(0), offsets)?);
+            continue;
+        }
         let mut shards = Vec::with_capacity(objects.len());
         for (object, size, version) in objects {
             let path = location.join(&object);

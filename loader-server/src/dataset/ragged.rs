@@ -7,6 +7,10 @@
 //! The offsets are checked whole when the field opens (they start at 0, never decrease and end
 //! at the values' row count), so a batch never reads outside the values; both files are checked
 //! unchanged before each batch reads them, as every mapped shard is.
+//!
+//! Under an object-store prefix ([`open_remote`]) the offsets object is read whole at start-up
+//! and kept in memory (8 bytes a sample); a batch reads its samples' values with ranged GETs,
+//! adjacent ones merged, from the version listed.
 
 use std::{
     path::{Path, PathBuf},
@@ -23,7 +27,12 @@ use conveyor_proto::{
 use super::{Field, NEXT_FIELD_ID, Source};
 use crate::{
     error::{LoadError, OffsetsProblem},
-    storage::{mmap::MappedFile, shared_bytes},
+    storage::{
+        ObjectStorage,
+        mmap::MappedFile,
+        object::{ObjectVersion, coalesce},
+        shared_bytes,
+    },
 };
 
 /// Suffix of an offsets file's stem: `FIELD.offsets.npy`.
@@ -123,6 +132,190 @@ impl RaggedSource {
     }
 }
 
+/// A ragged field under an object-store prefix: the values object read by ranges, the offsets
+/// held in memory.
+#[derive(Debug)]
+pub(super) struct RemoteRagged {
+    storage: Arc<ObjectStorage>,
+    /// The values object's name, size and listed version.
+    object: String,
+    size: u64,
+    version: ObjectVersion,
+    /// Where its first value is.
+    values_offset: u64,
+    /// Whether values are big-endian (swapped on the way out).
+    values_big_endian: bool,
+    /// Bytes of one row of values.
+    row_bytes: u64,
+    /// Row offsets, one per sample plus one (checked at start-up).
+    offsets: Vec<u64>,
+}
+
+impl RemoteRagged {
+    /// Appends the samples `indices` to `tensor`: their values fetched (ranges sorted, the
+    /// adjacent merged, every GET of the batch in flight at once within `--io-concurrency`), the
+    /// offsets its own. Returns the bytes fetched.
+    ///
+    /// # Errors
+    /// The first sample of the batch and why its values could not be read.
+    pub(super) fn select_into(&self, indices: &[u64], tensor: &mut OutgoingTensor) -> Result<u64, (u64, String)> {
+        let first = indices.first().copied().unwrap_or(0);
+        let span = |index: u64| {
+            let (start, end) = (self.offsets[index as usize], self.offsets[index as usize + 1]);
+            (self.values_offset + start * self.row_bytes, (end - start) * self.row_bytes)
+        };
+        // (byte offset, bytes, position in the batch) of the samples that have values, in storage order.
+        let mut wanted: Vec<(u64, u64, usize)> = indices
+            .iter()
+            .enumerate()
+            .map(|(position, &index)| {
+                let (at, bytes) = span(index);
+                (at, bytes, position)
+            })
+            .filter(|&(_, bytes, _)| bytes > 0)
+            .collect();
+        wanted.sort_unstable();
+        let rows: Vec<(u64, u64)> = wanted.iter().map(|&(at, bytes, _)| (at, bytes)).collect();
+        let (max_gap, max_bytes) = self.storage.row_requests(self.row_bytes.max(1));
+        let (ranges, placed) = coalesce(&rows, max_gap, max_bytes);
+        let parts = match ranges.is_empty() {
+            true => Vec::new(),
+            false => self
+                .storage
+                .read_ranges(&self.object, self.size, &self.version, &ranges, None)
+                .map_err(|reason| (first, reason))?,
+        };
+        let fetched = parts.iter().map(|p| p.len() as u64).sum();
+        let pieces: Vec<u32> = parts
+            .iter()
+            .map(|part| tensor.add_piece(Piece { bytes: part.clone(), big_endian: self.values_big_endian }))
+            .collect();
+        // Where each sample's values are: (piece, offset in it, bytes).
+        let mut found = vec![None; indices.len()];
+        for (&(_, bytes, position), (range, offset)) in wanted.iter().zip(placed) {
+            if parts[range].len() < offset + bytes as usize {
+                return Err((
+                    indices[position],
+                    format!("{}/{} is shorter than its header says (rewrite it)", self.storage.url(), self.object),
+                ));
+            }
+            found[position] = Some((pieces[range], offset, bytes as usize));
+        }
+        let mut offsets = OffsetsWriter::new(indices.len());
+        for (&index, place) in indices.iter().zip(found) {
+            if let Some((piece, offset, bytes)) = place {
+                tensor.push(piece, offset, bytes);
+            }
+            offsets.push(self.offsets[index as usize + 1] - self.offsets[index as usize]);
+        }
+        offsets.finish(tensor);
+        Ok(fetched)
+    }
+
+    /// Bytes a batch of `indices` sends: its values and its offsets.
+    pub(super) fn batch_bytes(&self, indices: &[u64]) -> u64 {
+        let rows: u64 = indices.iter().map(|&i| self.offsets[i as usize + 1] - self.offsets[i as usize]).sum();
+        rows * self.row_bytes + (indices.len() as u64 + 1) * 8
+    }
+}
+
+/// One object of a remote ragged pair: its name, size and listed version.
+pub(super) type ListedObject = (String, u64, ObjectVersion);
+
+/// Opens the ragged field `name` from the objects `values` and `offsets` under `storage`'s
+/// prefix: both headers read, the offsets read whole and checked as a local pair's are.
+///
+/// # Errors
+/// As [`open`], naming the objects.
+pub(super) fn open_remote(
+    dataset: &str,
+    name: &str,
+    storage: &Arc<ObjectStorage>,
+    values: ListedObject,
+    offsets: ListedObject,
+) -> Result<Field, LoadError> {
+    let remote =
+        |problem: String| LoadError::Remote { dataset: dataset.to_owned(), url: storage.url().to_owned(), problem };
+    let read = |(object, size, version): &ListedObject, range: std::ops::Range<u64>| {
+        storage
+            .read_ranges(object, *size, version, std::slice::from_ref(&(range.start..range.end.min(*size))), None)
+            .map(|mut parts| parts.remove(0))
+            .map_err(remote)
+    };
+    let header = |listed: &ListedObject| -> Result<NpyHeader, LoadError> {
+        let path = Path::new(storage.url()).join(&listed.0);
+        let mut head = read(listed, 0..4096)?;
+        if let Some(end) = npy::data_offset(&head).filter(|&end| end > head.len() && end as u64 <= listed.1) {
+            head = read(listed, 0..end as u64)?;
+        }
+        let header = npy::parse_header(&head).map_err(|problem| LoadError::Header { path: path.clone(), problem })?;
+        let expected_bytes = header.num_elements() * header.dtype.size_bytes() as u64;
+        let actual_bytes = listed.1.saturating_sub(header.data_offset as u64);
+        if actual_bytes < expected_bytes {
+            return Err(LoadError::Truncated { path, expected_bytes, actual_bytes });
+        }
+        Ok(header)
+    };
+    let (values_header, offsets_header) = (header(&values)?, header(&offsets)?);
+    let offsets_path = Path::new(storage.url()).join(&offsets.0);
+    let bad = |problem| LoadError::BadOffsets { path: offsets_path.clone(), problem };
+    check_offsets_header(&offsets_header).map_err(bad)?;
+    let num_offsets = offsets_header.shape[0];
+    let start = offsets_header.data_offset as u64;
+    let raw = read(&offsets, start..start + num_offsets * 8)?;
+    let rows = values_header.shape[0];
+    check_offset_bytes(&raw, offsets_header.big_endian, rows, &Path::new(storage.url()).join(&values.0))
+        .map_err(bad)?;
+    let decode = |c: &[u8]| {
+        let raw: [u8; 8] = c.try_into().unwrap_or_default();
+        if offsets_header.big_endian { i64::from_be_bytes(raw) } else { i64::from_le_bytes(raw) }
+    };
+    let row_bytes = values_header.shape[1..].iter().product::<u64>() * values_header.dtype.size_bytes() as u64;
+    let (object, size, version) = values;
+    let source = RemoteRagged {
+        storage: storage.clone(),
+        object,
+        size,
+        version,
+        values_offset: values_header.data_offset as u64,
+        values_big_endian: values_header.big_endian,
+        row_bytes,
+        // Checked non-negative and increasing above.
+        offsets: raw.chunks_exact(8).map(|c| decode(c) as u64).collect(),
+    };
+    Ok(ragged_field(name, &values_header, num_offsets - 1, Source::RemoteRagged(Box::new(source))))
+}
+
+/// The ragged field `name` of `num_samples` samples whose values have `values`' dtype and row
+/// shape.
+fn ragged_field(name: &str, values: &NpyHeader, num_samples: u64, source: Source) -> Field {
+    Field {
+        name: name.to_owned(),
+        dtype: values.dtype,
+        sample_shape: values.shape[1..].to_vec(),
+        bytes_per_sample: 0,
+        chunk_len: 1,
+        dims: Vec::new(),
+        num_samples,
+        id: NEXT_FIELD_ID.fetch_add(1, Ordering::Relaxed),
+        source,
+    }
+}
+
+/// An offsets file's header: int64, one-dimensional, at least one offset.
+fn check_offsets_header(header: &NpyHeader) -> Result<(), OffsetsProblem> {
+    if header.dtype != DType::Int64 {
+        return Err(OffsetsProblem::NotInt64 { dtype: header.dtype.name() });
+    }
+    if header.shape.len() != 1 {
+        return Err(OffsetsProblem::NotOneDimensional { shape: header.shape.clone() });
+    }
+    if header.shape[0] == 0 {
+        return Err(OffsetsProblem::Empty);
+    }
+    Ok(())
+}
+
 /// Opens the ragged field `name` from its values file and its offsets file.
 ///
 /// # Errors
@@ -132,16 +325,8 @@ pub(super) fn open(name: &str, values_path: &Path, offsets_path: &Path) -> Resul
     let (values, values_header) = open_npy(values_path)?;
     let (offsets, offsets_header) = open_npy(offsets_path)?;
     let bad = |problem| LoadError::BadOffsets { path: offsets_path.to_owned(), problem };
-    if offsets_header.dtype != DType::Int64 {
-        return Err(bad(OffsetsProblem::NotInt64 { dtype: offsets_header.dtype.name() }));
-    }
-    if offsets_header.shape.len() != 1 {
-        return Err(bad(OffsetsProblem::NotOneDimensional { shape: offsets_header.shape.clone() }));
-    }
+    check_offsets_header(&offsets_header).map_err(bad)?;
     let num_offsets = offsets_header.shape[0];
-    if num_offsets == 0 {
-        return Err(bad(OffsetsProblem::Empty));
-    }
     let rows = values_header.shape[0];
     let source = RaggedSource {
         values: Arc::new(values),
@@ -153,17 +338,7 @@ pub(super) fn open(name: &str, values_path: &Path, offsets_path: &Path) -> Resul
         offsets_big_endian: offsets_header.big_endian,
     };
     check_offsets(&source, num_offsets, rows, values_path).map_err(bad)?;
-    Ok(Field {
-        name: name.to_owned(),
-        dtype: values_header.dtype,
-        sample_shape: values_header.shape[1..].to_vec(),
-        bytes_per_sample: 0,
-        chunk_len: 1,
-        dims: Vec::new(),
-        num_samples: num_offsets - 1,
-        id: NEXT_FIELD_ID.fetch_add(1, Ordering::Relaxed),
-        source: Source::Ragged(Box::new(source)),
-    })
+    Ok(ragged_field(name, &values_header, num_offsets - 1, Source::Ragged(Box::new(source))))
 }
 
 /// Maps `path` and parses its header, checking it holds the bytes the header promises.

@@ -305,7 +305,12 @@ impl ObjectStorage {
     }
 
     fn path(&self, name: &str) -> ObjectPath {
-        if self.prefix.as_ref().is_empty() { ObjectPath::from(name) } else { self.prefix.clone().join(name) }
+        // A name below the prefix (`cat/1.png`) joins part by part: one part would escape its '/'.
+        if self.prefix.as_ref().is_empty() {
+            ObjectPath::from(name)
+        } else {
+            name.split('/').fold(self.prefix.clone(), |path, part| path.join(part))
+        }
     }
 
     /// Says what a failed request for `what` means, for people: missing bucket or object,
@@ -353,16 +358,83 @@ impl ObjectStorage {
             .io
             .block_on(self.store.list_with_delimiter(Some(&self.prefix)))
             .map_err(|e| self.explain("the prefix", &e))?;
+        Ok(self.listed(listing.objects))
+    }
+
+    /// (name relative to the prefix, size, version) of each listed object.
+    fn listed(&self, metas: Vec<ObjectMeta>) -> Vec<(String, u64, ObjectVersion)> {
         let base = self.prefix.as_ref().len();
-        Ok(listing
-            .objects
+        metas
             .into_iter()
             .map(|meta| {
                 let name = meta.location.as_ref()[base..].trim_start_matches('/').to_owned();
                 let version = ObjectVersion::of(&meta);
                 (name, meta.size, version)
             })
-            .collect())
+            .collect()
+    }
+
+    /// Every object below the prefix, at any depth, as [`list`](Self::list) gives them (names
+    /// relative to the prefix, `CLASS/sub/file.jpg`), in no particular order.
+    ///
+    /// # Errors
+    /// A message naming the location and the cause.
+    pub fn list_all(&self) -> Result<Vec<(String, u64, ObjectVersion)>, String> {
+        use futures::TryStreamExt;
+        let metas: Vec<ObjectMeta> = if self.is_http() {
+            // WebDAV servers refuse `Depth: infinity` listings (nginx does): one level at a time.
+            let mut metas = Vec::new();
+            let mut prefixes = vec![self.prefix.clone()];
+            while let Some(prefix) = prefixes.pop() {
+                let level = self
+                    .io
+                    .block_on(self.store.list_with_delimiter(Some(&prefix)))
+                    .map_err(|e| self.explain(&format!("the prefix {prefix}"), &e))?;
+                metas.extend(level.objects);
+                prefixes.extend(level.common_prefixes);
+            }
+            metas
+        } else {
+            self.io
+                .block_on(self.store.list(Some(&self.prefix)).try_collect())
+                .map_err(|e| self.explain("the prefix", &e))?
+        };
+        Ok(self.listed(metas))
+    }
+
+    /// Reads each of `objects` (name, size, version) whole, `--io-concurrency` at a time, through
+    /// the disk cache when one is set: each object's bytes, or a message naming it.
+    pub fn read_objects(&self, objects: &[(&str, u64, &ObjectVersion)]) -> Vec<Result<Bytes, String>> {
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let read: Vec<std::sync::Mutex<Option<Result<Bytes, String>>>> =
+            objects.iter().map(|_| std::sync::Mutex::new(None)).collect();
+        let read_one = |&(name, size, version): &(&str, u64, &ObjectVersion)| match size {
+            0 => Ok(Bytes::new()),
+            _ => self.read_ranges(name, size, version, std::slice::from_ref(&(0..size)), None).map(|mut p| p.remove(0)),
+        };
+        std::thread::scope(|scope| {
+            for _ in 0..self.io_concurrency().min(objects.len()) {
+                let reader = || {
+                    loop {
+                        let at = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(object) = objects.get(at) else { break };
+                        *read[at].lock().unwrap_or_else(|p| p.into_inner()) = Some(read_one(object));
+                    }
+                };
+                // Without a thread (the process is at its limit), what is left is read below.
+                if std::thread::Builder::new().name("conveyor-fetch".into()).spawn_scoped(scope, reader).is_err() {
+                    break;
+                }
+            }
+        });
+        objects
+            .iter()
+            .zip(read)
+            .map(|(object, slot)| match slot.into_inner().unwrap_or_else(|p| p.into_inner()) {
+                Some(result) => result,
+                None => read_one(object),
+            })
+            .collect()
     }
 
     /// Whether the object `name` exists.
