@@ -211,6 +211,55 @@ def test_ragged_npy_pairs_in_s3_serve_what_the_local_pairs_do(tmp_path, s3, star
     assert "bad/v.offsets.npy" in error and "offsets[1] = 3 is above offsets[2] = 2" in error, error
 
 
+def write_shards(root, shards=3, per_shard=6):
+    """WebDataset shards as TarWriter writes them: image bytes, a class, JSON and an array."""
+    import webdataset as wds
+
+    rng = np.random.default_rng(12)
+    os.makedirs(root)
+    for shard in range(shards):
+        with wds.TarWriter(str(root / f"train-{shard:04d}.tar")) as sink:
+            for j in range(per_shard):
+                sink.write({"__key__": f"s{shard}_{j:03d}",
+                            "jpg": rng.integers(0, 256, size=int(rng.integers(1, 200_000)), dtype=np.uint8).tobytes(),
+                            "cls": shard * 10 + j, "json": {"j": j},
+                            "npy": rng.standard_normal((int(rng.integers(0, 5)), 3)).astype(np.float32)})
+
+
+def same_samples(local, remote, dataset, shuffle="full"):
+    """The remote loader serves the local one's samples, field by field, every index once."""
+    def served(loader):
+        out = {}
+        for batch in conveyor.StreamingDataset([loader.addr], dataset, batch_size=4, shuffle=shuffle, seed=3):
+            listed = {k: v.tolist() if isinstance(v, conveyor.Ragged) else v for k, v in batch.items()}
+            for row, i in enumerate(batch["__index__"].tolist()):
+                assert i not in out
+                out[i] = {k: np.asarray(v[row]).tobytes() if not isinstance(v[row], (bytes, str)) else v[row]
+                          for k, v in listed.items() if k != "__index__"}
+        return out
+
+    got, expected = served(remote), served(local)
+    assert got == expected and len(got) > 0
+    return got
+
+
+def test_webdataset_shards_in_s3_serve_what_the_local_shards_do(tmp_path, s3, start_loader):
+    write_shards(tmp_path / "shards")
+    s3.upload_dir(tmp_path / "shards", "shards")
+    local = start_loader({"w": tmp_path / "shards"})
+    remote = start_loader({"w": "s3://data/shards"}, env=s3.env())
+    assert conveyor.datasets([remote.addr])["w"] == conveyor.datasets([local.addr])["w"]
+    for shuffle in ("full", "block"):
+        got = same_samples(local, remote, "w", shuffle)
+        assert sorted(got) == list(range(18))
+    # A shard cut short is refused at start-up, naming it.
+    data = (tmp_path / "shards" / "train-0001.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[: len(data) // 2])
+    s3.client.upload_file(str(tmp_path / "cut.tar"), "data", "cut/train-0000.tar")
+    error = refusal(s3.env(), "--dataset", "c=s3://data/cut")
+    assert "cut/train-0000.tar" in error and ("truncated" in error or "damaged" in error), error
+
+
 def test_zarr_groups_over_s3_serve_every_codec_and_count_their_requests(tmp_path, s3, start_loader):
     rng = np.random.default_rng(1)
     group = zarr.open_group(tmp_path / "codecs.zarr", mode="w", zarr_format=3)
@@ -476,6 +525,13 @@ def test_an_image_folder_over_http_serves_what_the_local_folder_does(web, tmp_pa
     root, server = web
     write_image_tree(root / "folder")
     same_folder(start_loader({"f": root / "folder"}), start_loader({"f": f"{server.url}/folder"}), root / "folder")
+
+
+def test_webdataset_shards_over_http_serve_what_the_local_shards_do(web, start_loader):
+    root, server = web
+    write_shards(root / "shards", shards=2)
+    got = same_samples(start_loader({"w": root / "shards"}), start_loader({"w": f"{server.url}/shards"}), "w", "block")
+    assert sorted(got) == list(range(12))
 
 
 def test_transient_500s_and_resets_are_retried_and_the_epoch_stays_exactly_once(web, start_loader):

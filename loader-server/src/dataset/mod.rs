@@ -479,16 +479,19 @@ impl Dataset {
                         Some(objects) => objects,
                         None => storage.list().map_err(remote)?,
                     };
-                    // No .npy at the top: an image folder is classes below it.
-                    let all = match objects.iter().any(|(object, ..)| object.ends_with(".npy")) {
-                        true => None,
-                        false => Some(storage.list_all().map_err(remote)?),
-                    };
-                    match all {
-                        Some(all) if image_folder::is_image_listing(&all) => {
-                            image_folder::open_remote(name, storage, all, select)?
+                    let has = |ext: &str| objects.iter().any(|(object, ..)| object.ends_with(ext));
+                    if has(".tar") && !has(".npy") {
+                        let tars = objects.into_iter().filter(|(object, ..)| object.ends_with(".tar")).collect();
+                        webdataset::open_remote(name, storage, tars, select)?
+                    } else {
+                        // No .npy at the top: an image folder is classes below it.
+                        let all = if has(".npy") { None } else { Some(storage.list_all().map_err(remote)?) };
+                        match all {
+                            Some(all) if image_folder::is_image_listing(&all) => {
+                                image_folder::open_remote(name, storage, all, select)?
+                            }
+                            _ => npy::open_remote_npy(name, storage, objects, select)?,
                         }
-                        _ => npy::open_remote_npy(name, storage, objects, select)?,
                     }
                 }
             }

@@ -27,12 +27,7 @@ use conveyor_proto::{
 use super::{Field, NEXT_FIELD_ID, Source};
 use crate::{
     error::{LoadError, OffsetsProblem},
-    storage::{
-        ObjectStorage,
-        mmap::MappedFile,
-        object::{ObjectVersion, coalesce},
-        shared_bytes,
-    },
+    storage::{ObjectStorage, mmap::MappedFile, object::ObjectVersion, shared_bytes},
 };
 
 /// Suffix of an offsets file's stem: `FIELD.offsets.npy`.
@@ -152,61 +147,35 @@ pub(super) struct RemoteRagged {
 }
 
 impl RemoteRagged {
-    /// Appends the samples `indices` to `tensor`: their values fetched (ranges sorted, the
-    /// adjacent merged, every GET of the batch in flight at once within `--io-concurrency`), the
-    /// offsets its own. Returns the bytes fetched.
+    /// Appends the samples `indices` to `tensor`: their values fetched (spans sorted, the near
+    /// merged, every GET of the batch in flight at once within `--io-concurrency`), the offsets
+    /// its own. Returns the bytes fetched.
     ///
     /// # Errors
     /// The first sample of the batch and why its values could not be read.
     pub(super) fn select_into(&self, indices: &[u64], tensor: &mut OutgoingTensor) -> Result<u64, (u64, String)> {
         let first = indices.first().copied().unwrap_or(0);
-        let span = |index: u64| {
-            let (start, end) = (self.offsets[index as usize], self.offsets[index as usize + 1]);
-            (self.values_offset + start * self.row_bytes, (end - start) * self.row_bytes)
-        };
-        // (byte offset, bytes, position in the batch) of the samples that have values, in storage order.
-        let mut wanted: Vec<(u64, u64, usize)> = indices
+        let rows = |index: u64| (self.offsets[index as usize], self.offsets[index as usize + 1]);
+        let spans: Vec<(u64, u64)> = indices
             .iter()
-            .enumerate()
-            .map(|(position, &index)| {
-                let (at, bytes) = span(index);
-                (at, bytes, position)
+            .map(|&index| {
+                let (start, end) = rows(index);
+                (self.values_offset + start * self.row_bytes, (end - start) * self.row_bytes)
             })
-            .filter(|&(_, bytes, _)| bytes > 0)
             .collect();
-        wanted.sort_unstable();
-        let rows: Vec<(u64, u64)> = wanted.iter().map(|&(at, bytes, _)| (at, bytes)).collect();
-        let (max_gap, max_bytes) = self.storage.row_requests(self.row_bytes.max(1));
-        let (ranges, placed) = coalesce(&rows, max_gap, max_bytes);
-        let parts = match ranges.is_empty() {
-            true => Vec::new(),
-            false => self
-                .storage
-                .read_ranges(&self.object, self.size, &self.version, &ranges, None)
-                .map_err(|reason| (first, reason))?,
-        };
-        let fetched = parts.iter().map(|p| p.len() as u64).sum();
-        let pieces: Vec<u32> = parts
-            .iter()
-            .map(|part| tensor.add_piece(Piece { bytes: part.clone(), big_endian: self.values_big_endian }))
-            .collect();
-        // Where each sample's values are: (piece, offset in it, bytes).
-        let mut found = vec![None; indices.len()];
-        for (&(_, bytes, position), (range, offset)) in wanted.iter().zip(placed) {
-            if parts[range].len() < offset + bytes as usize {
-                return Err((
-                    indices[position],
-                    format!("{}/{} is shorter than its header says (rewrite it)", self.storage.url(), self.object),
-                ));
-            }
-            found[position] = Some((pieces[range], offset, bytes as usize));
-        }
+        let values = self
+            .storage
+            .read_spans(&self.object, self.size, &self.version, &spans, self.row_bytes)
+            .map_err(|reason| (first, reason))?;
         let mut offsets = OffsetsWriter::new(indices.len());
-        for (&index, place) in indices.iter().zip(found) {
-            if let Some((piece, offset, bytes)) = place {
-                tensor.push(piece, offset, bytes);
-            }
-            offsets.push(self.offsets[index as usize + 1] - self.offsets[index as usize]);
+        let mut fetched = 0;
+        for (&index, bytes) in indices.iter().zip(values) {
+            let (start, end) = rows(index);
+            fetched += bytes.len() as u64;
+            let len = bytes.len();
+            let piece = tensor.add_piece(Piece { bytes, big_endian: self.values_big_endian });
+            tensor.push(piece, 0, len);
+            offsets.push(end - start);
         }
         offsets.finish(tensor);
         Ok(fetched)

@@ -8,10 +8,14 @@
 //!
 //! The shards (`DIR/*.tar` in name order, or one `.tar` file) are indexed once at start-up from
 //! their headers alone (seeking past the data) and memory-mapped; a batch's members are runs into
-//! the maps, copied once into its message, with each shard checked unchanged first.
+//! the maps, copied once into its message, with each shard checked unchanged first. Shards
+//! under an object-store prefix (`PREFIX/*.tar`) are indexed the same way through ranged reads
+//! of [`INDEX_WINDOW_BYTES`] at each header (a member's data is skipped, not read), pinned at
+//! their listed version; a batch reads its members by ranges, near ones merged.
 
 use std::{
     collections::BTreeMap,
+    io::{Read, Seek, SeekFrom},
     path::{Path, PathBuf},
     sync::{Arc, atomic::Ordering},
 };
@@ -22,10 +26,13 @@ use conveyor_proto::{
     wire::{OutgoingTensor, Piece},
 };
 
-use super::{Field, NEXT_FIELD_ID, Source, ragged::OffsetsWriter};
+use super::{
+    Field, NEXT_FIELD_ID, Source,
+    ragged::{ListedObject, OffsetsWriter},
+};
 use crate::{
     error::LoadError,
-    storage::{mmap::MappedFile, shared_bytes},
+    storage::{ObjectStorage, mmap::MappedFile, shared_bytes},
 };
 
 /// Where a member's bytes are: (shard, offset, size).
@@ -34,11 +41,124 @@ type Place = (u32, u64, u64);
 /// A sample as indexed: its shard, key and members by extension.
 type Sample = (u32, String, BTreeMap<String, (u64, u64)>);
 
+/// A dataset's shards: mapped files, or objects under a store's prefix.
+#[derive(Debug)]
+enum Shards {
+    Mapped(Vec<Arc<MappedFile>>),
+    Remote { storage: Arc<ObjectStorage>, objects: Vec<ListedObject> },
+}
+
+impl Shards {
+    fn len(&self) -> usize {
+        match self {
+            Shards::Mapped(maps) => maps.len(),
+            Shards::Remote { objects, .. } => objects.len(),
+        }
+    }
+
+    /// The bytes at `places` ((shard, offset, size) each), each its own slice, in order; a
+    /// shard's are read together.
+    ///
+    /// # Errors
+    /// The shard that could not be read, and why.
+    fn read_places(&self, places: &[Place]) -> Result<Vec<Bytes>, (u32, String)> {
+        let mut by_shard: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        for (i, place) in places.iter().enumerate() {
+            by_shard.entry(place.0).or_default().push(i);
+        }
+        let mut out = vec![Bytes::new(); places.len()];
+        for (shard, at) in by_shard {
+            let spans: Vec<(u64, u64)> = at.iter().map(|&i| (places[i].1, places[i].2)).collect();
+            for (i, bytes) in at.into_iter().zip(self.read(shard, &spans).map_err(|reason| (shard, reason))?) {
+                out[i] = bytes;
+            }
+        }
+        Ok(out)
+    }
+
+    /// How messages name shard `shard`.
+    fn name(&self, shard: u32) -> PathBuf {
+        match self {
+            Shards::Mapped(maps) => maps[shard as usize].path().to_owned(),
+            Shards::Remote { storage, objects } => Path::new(storage.url()).join(&objects[shard as usize].0),
+        }
+    }
+
+    /// The byte spans `spans` ((offset, length), inside the shard) of shard `shard`, each its
+    /// own slice: of the map (checked unchanged first), or read from the store.
+    fn read(&self, shard: u32, spans: &[(u64, u64)]) -> Result<Vec<Bytes>, String> {
+        match self {
+            Shards::Mapped(maps) => {
+                let map = &maps[shard as usize];
+                map.check()?;
+                let whole = shared_bytes(map.clone());
+                Ok(spans.iter().map(|&(at, len)| whole.slice(at as usize..(at + len) as usize)).collect())
+            }
+            Shards::Remote { storage, objects } => {
+                let (object, size, version) = &objects[shard as usize];
+                storage.read_spans(object, *size, version, spans, INDEX_WINDOW_BYTES)
+            }
+        }
+    }
+}
+
+/// What one ranged read of a remote shard's index fetches at a header: the header and, for
+/// small members (`.cls`, `.txt`, `.json`), the next headers too.
+pub(super) const INDEX_WINDOW_BYTES: u64 = 64 << 10;
+
+/// A remote shard read as a file through ranged reads of [`INDEX_WINDOW_BYTES`] (or more, for
+/// a longer read), for the tar reader that indexes it: seeking past a member's data costs
+/// nothing.
+struct RangedReader<'a> {
+    storage: &'a ObjectStorage,
+    listed: &'a ListedObject,
+    position: u64,
+    /// The bytes last fetched and where they start.
+    window: (u64, Bytes),
+}
+
+impl Read for RangedReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let (object, size, version) = self.listed;
+        if self.position >= *size || buf.is_empty() {
+            return Ok(0);
+        }
+        let (start, window) = &self.window;
+        if !(*start..*start + window.len() as u64).contains(&self.position) {
+            let end = (self.position + INDEX_WINDOW_BYTES.max(buf.len() as u64)).min(*size);
+            let range = self.position..end;
+            let mut parts = self
+                .storage
+                .read_ranges(object, *size, version, std::slice::from_ref(&range), None)
+                .map_err(std::io::Error::other)?;
+            self.window = (self.position, parts.remove(0));
+        }
+        let (start, window) = &self.window;
+        let available = &window[(self.position - start) as usize..];
+        let n = available.len().min(buf.len());
+        buf[..n].copy_from_slice(&available[..n]);
+        self.position += n as u64;
+        Ok(n)
+    }
+}
+
+impl Seek for RangedReader<'_> {
+    fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
+        let position = match to {
+            SeekFrom::Start(at) => Some(at),
+            SeekFrom::Current(delta) => self.position.checked_add_signed(delta),
+            SeekFrom::End(delta) => self.listed.1.checked_add_signed(delta),
+        };
+        self.position = position.ok_or_else(|| std::io::Error::other("a seek before the start of the shard"))?;
+        Ok(self.position)
+    }
+}
+
 /// One field's members: where each sample's bytes lie in which shard.
 #[derive(Debug)]
 pub(super) struct Members {
-    /// The shards, mapped.
-    shards: Arc<Vec<Arc<MappedFile>>>,
+    /// The shards.
+    shards: Arc<Shards>,
     /// Per sample: (shard, offset of the member's data, its size).
     members: Vec<Place>,
     /// The members are text (`txt`, `json` ...), UTF-8 as WebDataset writes it.
@@ -60,14 +180,18 @@ impl Members {
     /// # Errors
     /// When a shard changed since it was indexed (the first index, and why).
     pub(super) fn select_into(&self, indices: &[u64], tensor: &mut OutgoingTensor) -> Result<u64, (u64, String)> {
-        let mut pieces: Vec<Option<u32>> = vec![None; self.shards.len()];
+        let maps = match &*self.shards {
+            Shards::Mapped(maps) => maps,
+            Shards::Remote { .. } => return self.select_remote(indices, tensor),
+        };
+        let mut pieces: Vec<Option<u32>> = vec![None; maps.len()];
         let mut offsets = OffsetsWriter::new(indices.len());
         for &index in indices {
             let (shard, offset, size) = self.members[index as usize];
             let piece = match pieces[shard as usize] {
                 Some(piece) => piece,
                 None => {
-                    let map = &self.shards[shard as usize];
+                    let map = &maps[shard as usize];
                     map.check().map_err(|reason| (index, reason))?;
                     let piece = tensor.add_piece(Piece { bytes: shared_bytes(map.clone()), big_endian: false });
                     pieces[shard as usize] = Some(piece);
@@ -81,6 +205,41 @@ impl Members {
         Ok(0)
     }
 
+    /// [`Members::select_into`] for remote shards: each shard's members of the batch read by
+    /// spans (near ones merged into one request). Returns the bytes fetched.
+    fn select_remote(&self, indices: &[u64], tensor: &mut OutgoingTensor) -> Result<u64, (u64, String)> {
+        // Per shard, the batch positions of its members.
+        let mut by_shard: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        for (position, &index) in indices.iter().enumerate() {
+            by_shard.entry(self.members[index as usize].0).or_default().push(position);
+        }
+        let mut read = vec![Bytes::new(); indices.len()];
+        for (shard, positions) in by_shard {
+            let spans: Vec<(u64, u64)> = positions
+                .iter()
+                .map(|&p| {
+                    let (_, offset, size) = self.members[indices[p] as usize];
+                    (offset, size)
+                })
+                .collect();
+            let parts = self.shards.read(shard, &spans).map_err(|reason| (indices[positions[0]], reason))?;
+            for (position, bytes) in positions.into_iter().zip(parts) {
+                read[position] = bytes;
+            }
+        }
+        let mut offsets = OffsetsWriter::new(indices.len());
+        let mut fetched = 0;
+        for bytes in read {
+            let len = bytes.len();
+            fetched += len as u64;
+            let piece = tensor.add_piece(Piece { bytes, big_endian: false });
+            tensor.push(piece, 0, len);
+            offsets.push(len as u64 / self.row_bytes);
+        }
+        offsets.finish(tensor);
+        Ok(fetched)
+    }
+
     /// Where sample `index` is, for messages: `member KEY.EXT of SHARD`.
     pub(super) fn describe(&self, index: u64) -> String {
         let (shard, offset, size) = self.members[index as usize];
@@ -88,7 +247,7 @@ impl Members {
             "member {}.{} of {} (bytes {offset}..{})",
             self.keys[index as usize],
             self.extension,
-            self.shards[shard as usize].path().display(),
+            self.shards.name(shard).display(),
             offset + size
         )
     }
@@ -188,55 +347,98 @@ fn key_and_extension(member: &str) -> Option<(&str, &str)> {
 /// and sample for a damaged tar, a sample without a member the others have, or a `cls` member
 /// that is not an integer.
 pub(super) fn open(name: &str, shards: &[PathBuf], select: Option<&[String]>) -> Result<Vec<Field>, LoadError> {
-    let bad = |shard: &Path, problem: String| LoadError::WebDataset { shard: shard.to_owned(), problem };
     let mut maps = Vec::with_capacity(shards.len());
     // Per sample: (shard, key, extension -> (offset, size)).
     let mut samples: Vec<Sample> = Vec::new();
     for (shard_no, shard) in shards.iter().enumerate() {
         let io = |error| LoadError::Io { path: shard.clone(), error };
-        let mut archive = tar::Archive::new(std::fs::File::open(shard).map_err(io)?);
-        let entries = archive.entries_with_seek().map_err(|e| bad(shard, format!("not a readable tar file ({e})")))?;
-        let first_sample = samples.len();
-        for entry in entries {
-            let entry = entry.map_err(|e| bad(shard, format!("a damaged tar header ({e}); write the shard again")))?;
-            if !entry.header().entry_type().is_file() {
-                continue;
-            }
-            let member = entry.path().map_err(|e| bad(shard, format!("a member name that is not a path ({e})")))?;
-            let member = member.to_string_lossy().into_owned();
-            let Some((key, extension)) = key_and_extension(&member) else {
-                tracing::warn!(shard = %shard.display(), %member, "skipping a member without an extension");
-                continue;
-            };
-            let place = (entry.raw_file_position(), entry.size());
-            let same_sample = samples.len() > first_sample && samples.last().is_some_and(|(_, last, _)| last == key);
-            match samples.last_mut() {
-                Some((_, _, members)) if same_sample => {
-                    if members.insert(extension.to_owned(), place).is_some() {
-                        return Err(bad(shard, format!("sample '{key}' has two '{extension}' members")));
-                    }
-                }
-                _ => samples.push((shard_no as u32, key.to_owned(), BTreeMap::from([(extension.to_owned(), place)]))),
-            }
-        }
-        let map = MappedFile::open(shard).map_err(|error| LoadError::Io { path: shard.clone(), error })?;
-        // The data of every member lies inside the file (a header cannot point past it).
-        for (_, key, members) in &samples[first_sample..] {
-            if let Some((extension, _)) = members
-                .iter()
-                .find(|(_, (offset, size))| offset.checked_add(*size).is_none_or(|end| end > map.len() as u64))
-            {
-                return Err(bad(
-                    shard,
-                    format!("member '{key}.{extension}' runs past the end of the file; it is truncated"),
-                ));
-            }
-        }
+        let file = std::fs::File::open(shard).map_err(io)?;
+        let map = MappedFile::open(shard).map_err(io)?;
+        index_shard(file, shard, shard_no as u32, map.len() as u64, &mut samples)?;
         maps.push(Arc::new(map));
     }
+    fields(name, Shards::Mapped(maps), samples, select)
+}
+
+/// Opens the WebDataset shards `objects` (the `.tar` objects under `storage`'s prefix, in name
+/// order) as [`open`] opens local ones: each indexed from its headers through ranged reads.
+///
+/// # Errors
+/// As [`open`]; a read that fails names the object.
+pub(super) fn open_remote(
+    name: &str,
+    storage: &Arc<ObjectStorage>,
+    mut objects: Vec<ListedObject>,
+    select: Option<&[String]>,
+) -> Result<Vec<Field>, LoadError> {
+    objects.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut samples: Vec<Sample> = Vec::new();
+    for (shard_no, listed) in objects.iter().enumerate() {
+        let reader = RangedReader { storage, listed, position: 0, window: (0, Bytes::new()) };
+        let shown = Path::new(storage.url()).join(&listed.0);
+        index_shard(reader, &shown, shard_no as u32, listed.1, &mut samples)?;
+    }
+    fields(name, Shards::Remote { storage: storage.clone(), objects }, samples, select)
+}
+
+/// Appends the samples of shard `shard_no` (of `size` bytes, read through `reader`; `shard`
+/// names it) to `samples`, from its headers alone.
+fn index_shard(
+    reader: impl Read + Seek,
+    shard: &Path,
+    shard_no: u32,
+    size: u64,
+    samples: &mut Vec<Sample>,
+) -> Result<(), LoadError> {
+    let bad = |problem: String| LoadError::WebDataset { shard: shard.to_owned(), problem };
+    let mut archive = tar::Archive::new(reader);
+    let entries = archive.entries_with_seek().map_err(|e| bad(format!("not a readable tar file ({e})")))?;
+    let first_sample = samples.len();
+    for entry in entries {
+        let entry = entry.map_err(|e| bad(format!("a damaged tar header ({e}); write the shard again")))?;
+        if !entry.header().entry_type().is_file() {
+            continue;
+        }
+        let member = entry.path().map_err(|e| bad(format!("a member name that is not a path ({e})")))?;
+        let member = member.to_string_lossy().into_owned();
+        let Some((key, extension)) = key_and_extension(&member) else {
+            tracing::warn!(shard = %shard.display(), %member, "skipping a member without an extension");
+            continue;
+        };
+        let place = (entry.raw_file_position(), entry.size());
+        let same_sample = samples.len() > first_sample && samples.last().is_some_and(|(_, last, _)| last == key);
+        match samples.last_mut() {
+            Some((_, _, members)) if same_sample => {
+                if members.insert(extension.to_owned(), place).is_some() {
+                    return Err(bad(format!("sample '{key}' has two '{extension}' members")));
+                }
+            }
+            _ => samples.push((shard_no, key.to_owned(), BTreeMap::from([(extension.to_owned(), place)]))),
+        }
+    }
+    // The data of every member lies inside the file (a header cannot point past it).
+    for (_, key, members) in &samples[first_sample..] {
+        if let Some((extension, _)) =
+            members.iter().find(|(_, (offset, len))| offset.checked_add(*len).is_none_or(|end| end > size))
+        {
+            return Err(bad(format!("member '{key}.{extension}' runs past the end of the file; it is truncated")));
+        }
+    }
+    Ok(())
+}
+
+/// The fields of indexed `samples` over `shards`: one per member extension (those in `select`).
+fn fields(
+    name: &str,
+    shards: Shards,
+    samples: Vec<Sample>,
+    select: Option<&[String]>,
+) -> Result<Vec<Field>, LoadError> {
+    let shards = Arc::new(shards);
+    let bad = |shard: u32, problem: String| LoadError::WebDataset { shard: shards.name(shard), problem };
     let Some((_, _, first)) = samples.first() else {
         return Err(LoadError::WebDataset {
-            shard: shards.first().cloned().unwrap_or_default(),
+            shard: if shards.len() > 0 { shards.name(0) } else { PathBuf::new() },
             problem: format!("dataset '{name}': the shards hold no samples; write them with webdataset.TarWriter"),
         });
     };
@@ -248,7 +450,7 @@ pub(super) fn open(name: &str, shards: &[PathBuf], select: Option<&[String]>) ->
         if let Some(missing) = extensions.iter().find(|e| !members.contains_key(*e)) {
             let has: Vec<&str> = members.keys().map(String::as_str).collect();
             return Err(bad(
-                &shards[*shard_no as usize],
+                *shard_no,
                 format!(
                     "sample '{key}' has no '{missing}' member (it has {}); every sample needs the members the others \
                      have, or choose the fields with --fields {name}=EXT,...",
@@ -268,7 +470,6 @@ pub(super) fn open(name: &str, shards: &[PathBuf], select: Option<&[String]>) ->
         Some((last, rest)) if rest.iter().all(|&n| n == per_shard[0]) && *last <= per_shard[0] => per_shard[0].max(1),
         _ => 1,
     };
-    let maps = Arc::new(maps);
     let keys: Arc<Vec<Box<str>>> = Arc::new(samples.iter().map(|(_, key, _)| key.as_str().into()).collect());
     let num_samples = samples.len() as u64;
     let mut fields = Vec::with_capacity(extensions.len());
@@ -288,13 +489,12 @@ pub(super) fn open(name: &str, shards: &[PathBuf], select: Option<&[String]>) ->
         };
         if extension == "cls" {
             let mut labels = Vec::with_capacity(samples.len() * 8);
-            for ((shard, offset, size), (_, key, _)) in members.iter().zip(&samples) {
-                let map = &maps[*shard as usize];
-                let text = &map[*offset as usize..(*offset + *size) as usize];
-                let label =
-                    std::str::from_utf8(text).ok().and_then(|t| t.trim().parse::<i64>().ok()).ok_or_else(|| {
-                        bad(&shards[*shard as usize], format!("member '{key}.cls' is not an integer class index"))
-                    })?;
+            let texts = shards.read_places(&members).map_err(|(shard, problem)| bad(shard, problem))?;
+            for ((text, (shard, _, _)), (_, key, _)) in texts.iter().zip(&members).zip(&samples) {
+                let label = std::str::from_utf8(text)
+                    .ok()
+                    .and_then(|t| t.trim().parse::<i64>().ok())
+                    .ok_or_else(|| bad(*shard, format!("member '{key}.cls' is not an integer class index")))?;
                 labels.extend_from_slice(&label.to_le_bytes());
             }
             fields.push(field(DType::Int64, 8, Source::Memory(Bytes::from(labels))));
@@ -302,13 +502,12 @@ pub(super) fn open(name: &str, shards: &[PathBuf], select: Option<&[String]>) ->
             let last = extension.rsplit('.').next().unwrap_or_default();
             let utf8 = TEXT_EXTENSIONS.contains(&last);
             let (dtype, row_shape, row_bytes, members) = if last == "npy" {
-                npy_members(&maps, members, &samples, &extension)
-                    .map_err(|(shard, problem)| bad(&shards[shard as usize], problem))?
+                npy_members(&shards, members, &samples, &extension).map_err(|(shard, problem)| bad(shard, problem))?
             } else {
                 (DType::Uint8, Vec::new(), 1, members)
             };
             let source = Source::Tar(Box::new(Members {
-                shards: maps.clone(),
+                shards: shards.clone(),
                 members,
                 utf8,
                 keys: keys.clone(),
@@ -323,6 +522,10 @@ pub(super) fn open(name: &str, shards: &[PathBuf], select: Option<&[String]>) ->
     Ok(fields)
 }
 
+/// The bytes of a `.npy` member read for its header (numpy pads headers to 64 or 128 bytes; a
+/// longer one is read again whole).
+const NPY_HEAD_BYTES: u64 = 4096;
+
 /// A field's `.npy` members as one ragged array: each member's rows (its first axis; a 0-d array
 /// is one row) become a sample, its header skipped. Returns the dtype, the row shape, the bytes
 /// of a row and where each sample's values are.
@@ -331,17 +534,26 @@ pub(super) fn open(name: &str, shards: &[PathBuf], select: Option<&[String]>) ->
 /// The shard and why, for a member that is not a little-endian C-order `.npy` array, whose data
 /// does not match its header, or whose dtype or row shape differs from the first member's.
 fn npy_members(
-    maps: &[Arc<MappedFile>],
+    shards: &Shards,
     members: Vec<Place>,
     samples: &[Sample],
     extension: &str,
 ) -> Result<(DType, Vec<u64>, u64, Vec<Place>), (u32, String)> {
     let mut first: Option<(DType, Vec<u64>)> = None;
     let mut values = Vec::with_capacity(members.len());
-    for ((shard, offset, size), (_, key, _)) in members.into_iter().zip(samples) {
-        let bytes = &maps[shard as usize][offset as usize..(offset + size) as usize];
+    // Each member's first bytes: its header, unless longer than they are (then read again).
+    let heads: Vec<Place> =
+        members.iter().map(|&(shard, offset, size)| (shard, offset, size.min(NPY_HEAD_BYTES))).collect();
+    let heads = shards.read_places(&heads)?;
+    for ((shard, offset, size), ((_, key, _), head)) in members.into_iter().zip(samples.iter().zip(heads)) {
         let fail = |problem: String| (shard, format!("member '{key}.{extension}' {problem}"));
-        let header = conveyor_proto::npy::parse_header(bytes)
+        let head = match conveyor_proto::npy::data_offset(&head) {
+            Some(end) if end > head.len() && end as u64 <= size => {
+                shards.read_places(&[(shard, offset, end as u64)])?.remove(0)
+            }
+            _ => head,
+        };
+        let header = conveyor_proto::npy::parse_header(&head)
             .map_err(|e| fail(format!("is not a .npy array numpy.save writes ({e})")))?;
         if header.big_endian && header.dtype.size_bytes() > 1 {
             return Err(fail("is big-endian; save the arrays little-endian (numpy's default)".into()));

@@ -127,7 +127,11 @@ impl IoRuntime {
     /// timers. Usable from blocking threads and at start-up (not from the I/O runtime itself).
     pub fn block_on<F: Future>(&self, future: F) -> F::Output {
         let _context = self.0.0.as_ref().map(tokio::runtime::Runtime::enter);
-        futures::executor::block_on(future)
+        // Unconstrained: a caller that is itself inside a tokio task (start-up runs in the
+        // binary's async main) would otherwise spend that task's cooperative budget, and once it
+        // is spent every tokio future polled here answers "yield" forever: this loop would spin
+        // without progress (seen after a few hundred requests at start-up).
+        futures::executor::block_on(tokio::task::unconstrained(future))
     }
 }
 
@@ -400,6 +404,44 @@ impl ObjectStorage {
                 .map_err(|e| self.explain("the prefix", &e))?
         };
         Ok(self.listed(metas))
+    }
+
+    /// Reads the byte spans `spans` ((offset, length), in any order) of object `name`, each
+    /// returned as its own slice, in order: spans are sorted, near ones merged into one request
+    /// as [`row_requests`](Self::row_requests) allows (for spans of about `typical_bytes`), and
+    /// every request is in flight at once within `--io-concurrency`. Empty spans cost nothing.
+    ///
+    /// # Errors
+    /// A message naming the object and the cause; a span the object does not hold names it.
+    pub fn read_spans(
+        &self,
+        name: &str,
+        size: u64,
+        version: &ObjectVersion,
+        spans: &[(u64, u64)],
+        typical_bytes: u64,
+    ) -> Result<Vec<Bytes>, String> {
+        let mut order: Vec<usize> = (0..spans.len()).filter(|&i| spans[i].1 > 0).collect();
+        order.sort_unstable_by_key(|&i| spans[i]);
+        let sorted: Vec<(u64, u64)> = order.iter().map(|&i| spans[i]).collect();
+        let (max_gap, max_bytes) = self.row_requests(typical_bytes.max(1));
+        let (ranges, placed) = coalesce(&sorted, max_gap, max_bytes);
+        let parts = if ranges.is_empty() { Vec::new() } else { self.read_ranges(name, size, version, &ranges, None)? };
+        let mut out = vec![Bytes::new(); spans.len()];
+        for (&i, (range, offset)) in order.iter().zip(placed) {
+            let len = spans[i].1 as usize;
+            if parts[range].len() < offset + len {
+                return Err(format!(
+                    "{}/{name} returned {} bytes for bytes {}..{}; it is shorter than its listing or header says",
+                    self.url,
+                    parts[range].len(),
+                    ranges[range].start,
+                    ranges[range].end
+                ));
+            }
+            out[i] = parts[range].slice(offset..offset + len);
+        }
+        Ok(out)
     }
 
     /// Reads each of `objects` (name, size, version) whole, `--io-concurrency` at a time, through
