@@ -10,9 +10,15 @@ use loader_server::transform::{FieldRows, FieldSchema, ops::Pipeline};
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
     let source = [
-        FieldSchema { name: "image".into(), dtype: DType::Uint8, sample_shape: vec![3, 6, 5], ragged: false },
-        FieldSchema { name: "eeg".into(), dtype: DType::Float32, sample_shape: vec![2, 9], ragged: false },
-        FieldSchema { name: "label".into(), dtype: DType::Int64, sample_shape: vec![], ragged: false },
+        FieldSchema {
+            name: "image".into(),
+            dtype: DType::Uint8,
+            sample_shape: vec![3, 6, 5],
+            ragged: false,
+            utf8: false,
+        },
+        FieldSchema { name: "eeg".into(), dtype: DType::Float32, sample_shape: vec![2, 9], ragged: false, utf8: false },
+        FieldSchema { name: "label".into(), dtype: DType::Int64, sample_shape: vec![], ragged: false, utf8: false },
     ];
     // Image sizes up to 65535 x 65535 parse; the pixel bound keeps what a run allocates small.
     let Ok(pipeline) = Pipeline::new(text, &source, 1 << 16) else { return };
