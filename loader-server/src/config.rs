@@ -72,6 +72,10 @@ pub struct DatasetSpec {
     pub path: PathBuf,
     /// The fields to serve; all when `None`.
     pub fields: Option<Vec<String>>,
+    /// `--windows`: serve the one 1-D field as windows of this many tokens plus one.
+    pub window: Option<u64>,
+    /// `--token-dtype`: the element type of a raw `.bin` token file.
+    pub token_dtype: Option<conveyor_proto::DType>,
 }
 
 /// `loader-server` flags.
@@ -209,6 +213,20 @@ pub struct Config {
     #[arg(long = "fields", env = "LOADER_FIELDS", value_delimiter = ';')]
     #[arg(help_heading = "Datasets and storage")]
     pub fields: Vec<String>,
+
+    /// Serve a dataset of token ids as windows for next-token training, as NAME=L: its one 1-D
+    /// field (a 1-D .npy, or a raw .bin token file) becomes field `tokens` of shape [L + 1],
+    /// window k holding tokens k*L ..= k*L + L (inputs and shifted targets), every token an input
+    /// of exactly one window per epoch. Repeat for more datasets.
+    #[arg(long = "windows", env = "LOADER_WINDOWS", value_delimiter = ',')]
+    #[arg(help_heading = "Datasets and storage")]
+    pub windows: Vec<String>,
+
+    /// The element type of a raw .bin token file (no header), as NAME=DTYPE: uint16 for
+    /// vocabularies under 65,536 tokens (as nanoGPT writes them), uint32 above. Repeat for more.
+    #[arg(long = "token-dtype", env = "LOADER_TOKEN_DTYPE", value_delimiter = ',')]
+    #[arg(help_heading = "Datasets and storage")]
+    pub token_dtypes: Vec<String>,
 
     /// A dataset derived by a Python function, as NAME=SOURCE:module:function: clients request
     /// NAME; the loader gathers SOURCE's rows and runs `function(batch, indices, rng)` from
@@ -473,7 +491,31 @@ impl Config {
             if out.iter().any(|s| s.name == name) {
                 return Err(LoadError::DuplicateDataset { name: name.to_owned() });
             }
-            out.push(DatasetSpec { name: name.to_owned(), path: PathBuf::from(dir), fields: None });
+            out.push(DatasetSpec {
+                name: name.to_owned(),
+                path: PathBuf::from(dir),
+                fields: None,
+                window: None,
+                token_dtype: None,
+            });
+        }
+        for (flag, values) in [("--windows", &self.windows), ("--token-dtype", &self.token_dtypes)] {
+            for value in values {
+                let bad = |problem: String| LoadError::BadTokenFlag { flag, value: value.clone(), problem };
+                let (name, given) = value.split_once('=').ok_or_else(|| bad("is not NAME=VALUE".into()))?;
+                let known = out.iter().map(|s| s.name.clone()).collect::<Vec<_>>().join(", ");
+                let spec = out
+                    .iter_mut()
+                    .find(|s| s.name == name)
+                    .ok_or_else(|| bad(format!("names no --dataset (the datasets are {known})")))?;
+                if flag == "--windows" {
+                    let length = given.trim().parse::<u64>().ok().filter(|&l| l > 0);
+                    spec.window = Some(length.ok_or_else(|| bad("needs a window length of at least 1 token".into()))?);
+                } else {
+                    let dtype = conveyor_proto::ALL_DTYPES.into_iter().find(|d| d.name() == given.trim());
+                    spec.token_dtype = Some(dtype.ok_or_else(|| bad("names no dtype; write uint16 or uint32".into()))?);
+                }
+            }
         }
         for value in &self.fields {
             let bad = |problem: FieldsProblem| LoadError::BadFields { value: value.clone(), problem };

@@ -183,6 +183,24 @@ pub enum LoadError {
         /// What it has, as a list for the message.
         available: String,
     },
+    /// A `--windows` or `--token-dtype` value that cannot be used.
+    #[error("{flag} '{value}' {problem}")]
+    BadTokenFlag {
+        /// The flag.
+        flag: &'static str,
+        /// Its value as given.
+        value: String,
+        /// What is wrong, and the fix.
+        problem: String,
+    },
+    /// A token file or `--windows` that cannot be served.
+    #[error("dataset '{dataset}': {problem}")]
+    Tokens {
+        /// The dataset.
+        dataset: String,
+        /// What is wrong, and the fix.
+        problem: String,
+    },
     /// A `--fields` value that is not `NAME=FIELD,...` for a `--dataset` NAME.
     #[error("--fields '{value}' {problem}")]
     BadFields {

@@ -106,7 +106,16 @@ pub fn open(config: Config) -> Result<Arc<LoaderState>, ServeError> {
             missing: config.zarr_missing_chunks,
             max_vlen_chunk_bytes: config.max_vlen_chunk_bytes,
         };
-        let dataset = Dataset::open(name, &location, zarr_options, spec.fields.as_deref())?;
+        let dataset = match &location {
+            storage::Location::Local(path) if dataset::tokens::is_token_file(path) => {
+                dataset::tokens::open_bin(name, path, spec.token_dtype)?
+            }
+            _ => Dataset::open(name, &location, zarr_options, spec.fields.as_deref())?,
+        };
+        let dataset = match spec.window {
+            Some(length) => dataset::tokens::into_windows(dataset, length)?,
+            None => dataset,
+        };
         for field in &dataset.fields {
             conveyor_proto::check_field_name(&field.name)
                 .map_err(|problem| LoadError::BadFieldName { dataset: name.clone(), problem })?;

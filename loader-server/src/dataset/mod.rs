@@ -17,6 +17,7 @@ mod image_folder;
 pub mod npy;
 pub mod npz;
 pub mod ragged;
+pub mod tokens;
 mod webdataset;
 pub mod zarr;
 
@@ -99,6 +100,8 @@ enum Source {
     Memory(Bytes),
     /// A ragged field of WebDataset members: runs into the mapped tar shards.
     Tar(Box<webdataset::Members>),
+    /// Overlapping windows of a mapped token file (`--windows`).
+    Windows(Box<tokens::Windows>),
 }
 
 /// One field of a gathered batch as a transform takes it: the rows one after another, and for
@@ -159,6 +162,22 @@ impl Field {
             // A shard is a chunk: a changed shard fails its rows.
             Source::Tar(members) => {
                 members.select_into(indices, tensor).map_err(|(index, reason)| (index / self.chunk_len, reason))
+            }
+            Source::Windows(windows) => {
+                let mut piece = None;
+                for &index in indices {
+                    let (map, start, big_endian) = windows.place(index);
+                    let piece = match piece {
+                        Some(piece) => piece,
+                        None => {
+                            // Checked once per batch: a file truncated under its map would raise SIGBUS.
+                            map.check().map_err(|reason| (index, reason))?;
+                            *piece.insert(tensor.add_piece(Piece { bytes: shared_bytes(map.clone()), big_endian }))
+                        }
+                    };
+                    tensor.push(piece, start, row);
+                }
+                Ok(0)
             }
             Source::Memory(rows) => {
                 let piece = tensor.add_piece(Piece { bytes: rows.clone(), big_endian: false });
@@ -330,7 +349,7 @@ impl Field {
         match &self.source {
             Source::Ragged(_) | Source::RemoteRagged(_) | Source::Files(_) | Source::Tar(_) => true,
             Source::Zarr(zarr) => zarr.vlen.is_some(),
-            Source::Npy { .. } | Source::Memory(_) => false,
+            Source::Npy { .. } | Source::Memory(_) | Source::Windows(_) => false,
         }
     }
 
@@ -436,6 +455,9 @@ impl Dataset {
             }
             Location::Local(_) if !shards.is_empty() => webdataset::open(name, &shards, select)?,
             Location::Local(path) if image_folder::is_image_folder(path) => image_folder::open(name, path, select)?,
+            Location::Local(path) if path.is_file() && path.extension().is_some_and(|e| e == "npy") => {
+                npy::open_npy_file(name, path, select)?
+            }
             Location::Local(path) => npy::open_npy_dir(name, path, select)?,
             Location::Remote(storage) => {
                 let remote = |problem: String| LoadError::Remote {

@@ -114,6 +114,21 @@ pub(super) fn open_remote_npy(
     Ok(fields)
 }
 
+/// Opens the single `.npy` file `path` as a dataset of one field named after the file (a 1-D
+/// token file for `--windows`, or any array).
+///
+/// # Errors
+/// As [`open_npy_dir`]; a `select` naming another field is refused.
+pub(super) fn open_npy_file(name: &str, path: &Path, select: Option<&[String]>) -> Result<Vec<Field>, LoadError> {
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let groups = std::collections::BTreeMap::from([(stem.clone(), vec![path.to_owned()])]);
+    let selected = select_fields(name, path, groups, select)?;
+    let map = MappedFile::open(path).map_err(|error| LoadError::Io { path: path.to_owned(), error })?;
+    let len = map.len();
+    let field = open_field(&stem, vec![ShardBytes::mapped(path.to_owned(), Arc::new(map), 0, len)])?;
+    Ok(if selected.is_empty() { Vec::new() } else { vec![field] })
+}
+
 /// Opens every `.npy` field in `dir` (those in `select` when given).
 pub(super) fn open_npy_dir(name: &str, dir: &Path, select: Option<&[String]>) -> Result<Vec<Field>, LoadError> {
     let io_error = |error| LoadError::Io { path: dir.to_owned(), error };

@@ -1,0 +1,86 @@
+"""Token streams: a 1-D .npy or a raw .bin token file (as nanoGPT writes train.bin) served as
+windows of L + 1 tokens with stride L, checked against a reference computed here."""
+
+import subprocess
+
+import numpy as np
+import pytest
+
+import conveyor
+from conftest import binary
+
+
+def reference_windows(tokens, length):
+    """Window k is tokens[k*L : k*L + L + 1]; as many as fit."""
+    count = (len(tokens) - 1) // length
+    return [tokens[k * length: k * length + length + 1] for k in range(count)]
+
+
+def served(addrs, dataset, field="tokens", kill=None, **kwargs):
+    out = {}
+    ds = conveyor.StreamingDataset(addrs, dataset, batch_size=7, shuffle="full", seed=5, **kwargs)
+    for number, batch in enumerate(ds):
+        if number == 2 and kill:
+            kill()
+        for row, index in enumerate(batch["__index__"].tolist()):
+            assert index not in out, "each window once per epoch"
+            out[index] = batch[field][row].copy()
+    return out
+
+
+def test_windows_of_a_npy_token_file_are_every_stride_exactly_once(tmp_path, start_loader):
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, 50_000, size=1003, dtype=np.uint16)
+    np.save(tmp_path / "train.npy", tokens)
+    a = start_loader({"t": tmp_path / "train.npy"}, "--windows", "t=16")
+    b = start_loader({"t": tmp_path / "train.npy"}, "--windows", "t=16")
+    info = conveyor.datasets([a.addr])["t"]
+    expected = reference_windows(tokens, 16)
+    assert info.num_samples == len(expected) == 62
+    assert info.fields == {"train": (np.dtype(np.uint16), (17,))}
+    for got in (served([a.addr], "t", "train"), served([a.addr, b.addr], "t", "train", kill=a.kill, prefetch=2)):
+        assert sorted(got) == list(range(62))
+        for k, window in got.items():
+            np.testing.assert_array_equal(window, expected[k])
+    # Every token but the last few is an input (window[:-1]) of exactly one window.
+    inputs = np.concatenate([expected[k][:-1] for k in range(62)])
+    np.testing.assert_array_equal(inputs, tokens[: 62 * 16])
+
+
+def test_a_raw_bin_token_file_needs_its_dtype_and_serves_windows(tmp_path, start_loader):
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(0, 2**31, size=500, dtype=np.uint32)
+    tokens.astype("<u4").tofile(tmp_path / "train.bin")  # nanoGPT's prepare.py writes train.bin so
+    loader = start_loader({"t": tmp_path / "train.bin"}, "--token-dtype", "t=uint32", "--windows", "t=64")
+    assert conveyor.datasets([loader.addr])["t"].fields == {"tokens": (np.dtype(np.uint32), (65,))}
+    got = served([loader.addr], "t")
+    expected = reference_windows(tokens, 64)
+    assert sorted(got) == list(range(len(expected))) and len(expected) == 7
+    for k, window in got.items():
+        np.testing.assert_array_equal(window, expected[k])
+    # Without --windows a token file is one token a sample.
+    plain = start_loader({"t": tmp_path / "train.bin"}, "--token-dtype", "t=uint32")
+    assert conveyor.datasets([plain.addr])["t"].num_samples == 500
+
+
+@pytest.mark.parametrize("files, flags, expected", [
+    ({"train.bin": 10}, ["--windows", "t=4"], "give its element type with --token-dtype t=uint16"),
+    ({"train.bin": 11}, ["--token-dtype", "t=uint16"], "holds 11 bytes, not a whole number of uint16 tokens"),
+    ({"train.bin": 10}, ["--token-dtype", "t=float32"], "--token-dtype float32 is not an integer type"),
+    ({"train.bin": 10}, ["--token-dtype", "t=uint8", "--windows", "t=10"], "needs at least 11 tokens"),
+    ({"train.bin": 10}, ["--token-dtype", "u=uint8"], "names no --dataset (the datasets are t)"),
+    ({"train.bin": 10}, ["--token-dtype", "t=uint8", "--windows", "t=0"], "a window length of at least 1"),
+    ({"d/a.npy": 10, "d/b.npy": 10}, ["--windows", "t=4"], "needs one field of token ids and the dataset has 2"),
+])
+def test_token_files_and_windows_that_cannot_work_are_refused_by_name(tmp_path, files, flags, expected):
+    for name, n in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        if name.endswith(".npy"):
+            np.save(tmp_path / name, np.arange(n, dtype=np.uint16))
+        else:
+            (tmp_path / name).write_bytes(bytes(n))
+    path = tmp_path / ("d" if "d/a.npy" in files else "train.bin")
+    result = subprocess.run([binary("loader-server"), "--listen", "127.0.0.1:0", "--dataset", f"t={path}", *flags],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert expected in result.stderr, result.stderr
