@@ -76,6 +76,9 @@ pub struct DatasetSpec {
     pub window: Option<u64>,
     /// `--token-dtype`: the element type of a raw `.bin` token file.
     pub token_dtype: Option<conveyor_proto::DType>,
+    /// `--pack`: documents joined with this EOS token id, cut into windows of this many tokens
+    /// plus one.
+    pub pack: Option<(u64, i64)>,
 }
 
 /// `loader-server` flags.
@@ -221,6 +224,14 @@ pub struct Config {
     #[arg(long = "windows", env = "LOADER_WINDOWS", value_delimiter = ',')]
     #[arg(help_heading = "Datasets and storage")]
     pub windows: Vec<String>,
+
+    /// Pack a dataset of documents (one ragged field of token ids) for next-token training, as
+    /// NAME=L,eos=ID: the documents joined in stored order, each followed by token ID, cut into
+    /// windows of L + 1 tokens with stride L; fields `tokens`, `segment_ids` and `position_ids`
+    /// (restarting at each document). Repeat for more datasets.
+    #[arg(long = "pack", env = "LOADER_PACK", value_delimiter = ';')]
+    #[arg(help_heading = "Datasets and storage")]
+    pub packs: Vec<String>,
 
     /// The element type of a raw .bin token file (no header), as NAME=DTYPE: uint16 for
     /// vocabularies under 65,536 tokens (as nanoGPT writes them), uint32 above. Repeat for more.
@@ -497,9 +508,12 @@ impl Config {
                 fields: None,
                 window: None,
                 token_dtype: None,
+                pack: None,
             });
         }
-        for (flag, values) in [("--windows", &self.windows), ("--token-dtype", &self.token_dtypes)] {
+        for (flag, values) in
+            [("--windows", &self.windows), ("--token-dtype", &self.token_dtypes), ("--pack", &self.packs)]
+        {
             for value in values {
                 let bad = |problem: String| LoadError::BadTokenFlag { flag, value: value.clone(), problem };
                 let (name, given) = value.split_once('=').ok_or_else(|| bad("is not NAME=VALUE".into()))?;
@@ -508,7 +522,13 @@ impl Config {
                     .iter_mut()
                     .find(|s| s.name == name)
                     .ok_or_else(|| bad(format!("names no --dataset (the datasets are {known})")))?;
-                if flag == "--windows" {
+                if flag == "--pack" {
+                    let (length, eos) = given.split_once(",eos=").ok_or_else(|| bad("is not NAME=L,eos=ID".into()))?;
+                    let length = length.trim().parse::<u64>().ok().filter(|&l| l > 0);
+                    let length = length.ok_or_else(|| bad("needs a window length of at least 1 token".into()))?;
+                    let eos = eos.trim().parse::<i64>().map_err(|_| bad(format!("eos={eos} is not a token id")))?;
+                    spec.pack = Some((length, eos));
+                } else if flag == "--windows" {
                     let length = given.trim().parse::<u64>().ok().filter(|&l| l > 0);
                     spec.window = Some(length.ok_or_else(|| bad("needs a window length of at least 1 token".into()))?);
                 } else {

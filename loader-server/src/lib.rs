@@ -112,9 +112,14 @@ pub fn open(config: Config) -> Result<Arc<LoaderState>, ServeError> {
             }
             _ => Dataset::open(name, &location, zarr_options, spec.fields.as_deref())?,
         };
-        let dataset = match spec.window {
-            Some(length) => dataset::tokens::into_windows(dataset, length)?,
-            None => dataset,
+        let dataset = match (spec.window, spec.pack) {
+            (Some(_), Some(_)) => {
+                let problem = "--windows and --pack both name it; use one".to_owned();
+                return Err(LoadError::Tokens { dataset: name.clone(), problem }.into());
+            }
+            (Some(length), None) => dataset::tokens::into_windows(dataset, length)?,
+            (None, Some((length, eos))) => dataset::tokens::into_packed(dataset, length, eos)?,
+            (None, None) => dataset,
         };
         for field in &dataset.fields {
             conveyor_proto::check_field_name(&field.name)

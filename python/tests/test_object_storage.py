@@ -202,6 +202,19 @@ def test_ragged_npy_pairs_in_s3_serve_what_the_local_pairs_do(tmp_path, s3, star
             np.testing.assert_array_equal(batch["wide"][row], np.arange(10.0)[bounds[i]:bounds[i + 1]])
             seen.append(i)
     assert sorted(seen) == list(range(len(tokens)))
+    # The text documents packed into windows, read from the store as from a local pair.
+    from test_tokens import reference_packing
+
+    packed = start_loader({"p": "s3://data/ragged"}, "--fields", "p=text", "--pack", "p=16,eos=10", env=s3.env())
+    expected = reference_packing([np.frombuffer(t.encode(), dtype=np.uint8) for t in texts], 16, 10)
+    got = {}
+    for batch in conveyor.StreamingDataset([packed.addr], "p", batch_size=9, shuffle="full", seed=2):
+        for row, k in enumerate(batch["__index__"].tolist()):
+            got[k] = (batch["tokens"][row], batch["position_ids"][row])
+    assert sorted(got) == list(range(len(expected)))
+    for k, (tokens, positions) in got.items():
+        np.testing.assert_array_equal(tokens, expected[k][0])
+        np.testing.assert_array_equal(positions, expected[k][2])
     # Offsets that decrease are refused at start-up, naming the object.
     os.makedirs(tmp_path / "bad")
     np.save(tmp_path / "bad" / "v.npy", np.arange(5, dtype=np.uint8))

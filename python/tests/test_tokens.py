@@ -84,3 +84,82 @@ def test_token_files_and_windows_that_cannot_work_are_refused_by_name(tmp_path, 
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert expected in result.stderr, result.stderr
+
+
+def reference_packing(documents, length, eos):
+    """Documents joined, each followed by `eos`, cut into windows of L + 1 with stride L; per
+    token its document's number within the window and its position within the document."""
+    stream, document_of, position = [], [], []
+    for d, doc in enumerate(documents):
+        for p, token in enumerate(list(doc) + [eos]):
+            stream.append(token)
+            document_of.append(d)
+            position.append(p)
+    count = (len(stream) - 1) // length
+    out = []
+    for k in range(count):
+        span = slice(k * length, k * length + length + 1)
+        docs = np.array(document_of[span])
+        out.append((np.array(stream[span]), docs - docs[0], np.array(position[span])))
+    return out
+
+
+def write_documents(path, n=70, seed=3):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(0, 40, size=n)
+    lengths[[0, 5]] = 0  # empty documents are EOS alone
+    lengths[9] = 100  # longer than a window
+    documents = [rng.integers(0, 50_000, size=int(k)).astype(np.int32) for k in lengths]
+    path.mkdir()
+    np.save(path / "text.npy", np.concatenate(documents))
+    np.save(path / "text.offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+    return documents
+
+
+def test_packed_documents_match_a_reference_with_segment_and_position_ids(tmp_path, start_loader):
+    documents = write_documents(tmp_path / "docs")
+    args = ("--pack", "d=32,eos=50256")
+    a, b = start_loader({"d": tmp_path / "docs"}, *args), start_loader({"d": tmp_path / "docs"}, *args)
+    expected = reference_packing(documents, 32, 50256)
+    info = conveyor.datasets([a.addr])["d"]
+    assert info.num_samples == len(expected)
+    assert info.fields == {"tokens": (np.dtype(np.int32), (33,)), "segment_ids": (np.dtype(np.int32), (33,)),
+                           "position_ids": (np.dtype(np.int32), (33,))}
+    for addrs, kill in (([a.addr], None), ([a.addr, b.addr], a.kill)):
+        seen = {}
+        ds = conveyor.StreamingDataset(addrs, "d", batch_size=5, shuffle="full", seed=9, prefetch=2)
+        for number, batch in enumerate(ds):
+            if number == 2 and kill:
+                kill()
+            for row, k in enumerate(batch["__index__"].tolist()):
+                assert k not in seen
+                seen[k] = True
+                tokens, segments, positions = expected[k]
+                np.testing.assert_array_equal(batch["tokens"][row], tokens)
+                np.testing.assert_array_equal(batch["segment_ids"][row], segments)
+                np.testing.assert_array_equal(batch["position_ids"][row], positions)
+        assert sorted(seen) == list(range(len(expected)))
+    # Every document token and every EOS is an input of exactly one window.
+    inputs = np.concatenate([t[:-1] for t, _, _ in expected])
+    stream = np.concatenate([np.append(doc, 50256) for doc in documents])
+    np.testing.assert_array_equal(inputs, stream[: len(inputs)])
+    assert len(stream) - len(inputs) <= 32
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--pack", "d=8,eos=70000", "--fields", "d=text"], "eos=70000 is not a token id of the documents' dtype uint16"),
+    (["--pack", "d=8"], "is not NAME=L,eos=ID"),
+    (["--pack", "d=8,eos=1", "--windows", "d=8"], "--windows and --pack both name it"),
+    (["--pack", "d=8,eos=1"], "--pack needs one ragged field of documents' token ids and the dataset has 2"),
+    (["--pack", "d=30,eos=1", "--fields", "d=text"], "needs at least 31 tokens and the documents and their EOS"),
+    (["--pack", "d=8,eos=1", "--fields", "d=plain"], "needs documents as a ragged field of token ids"),
+])
+def test_packing_that_cannot_work_is_refused_by_name(tmp_path, flags, expected):
+    (tmp_path / "d").mkdir()
+    np.save(tmp_path / "d" / "text.npy", np.arange(20, dtype=np.uint16))
+    np.save(tmp_path / "d" / "text.offsets.npy", np.array([0, 5, 20], dtype=np.int64))
+    np.save(tmp_path / "d" / "plain.npy", np.arange(2, dtype=np.uint16))
+    result = subprocess.run([binary("loader-server"), "--listen", "127.0.0.1:0", "--dataset", f"d={tmp_path / 'd'}",
+                             *flags], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert expected in result.stderr, result.stderr

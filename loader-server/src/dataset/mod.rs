@@ -102,6 +102,8 @@ enum Source {
     Tar(Box<webdataset::Members>),
     /// Overlapping windows of a mapped token file (`--windows`).
     Windows(Box<tokens::Windows>),
+    /// One part of documents packed into windows (`--pack`).
+    Packed(Arc<tokens::Packer>, tokens::Part),
 }
 
 /// One field of a gathered batch as a transform takes it: the rows one after another, and for
@@ -163,6 +165,7 @@ impl Field {
             Source::Tar(members) => {
                 members.select_into(indices, tensor).map_err(|(index, reason)| (index / self.chunk_len, reason))
             }
+            Source::Packed(packer, part) => packer.select_into(*part, indices, tensor),
             Source::Windows(windows) => {
                 let mut piece = None;
                 for &index in indices {
@@ -349,7 +352,27 @@ impl Field {
         match &self.source {
             Source::Ragged(_) | Source::RemoteRagged(_) | Source::Files(_) | Source::Tar(_) => true,
             Source::Zarr(zarr) => zarr.vlen.is_some(),
-            Source::Npy { .. } | Source::Memory(_) | Source::Windows(_) => false,
+            Source::Npy { .. } | Source::Memory(_) | Source::Windows(_) | Source::Packed(..) => false,
+        }
+    }
+
+    /// Each sample's length in rows, for a ragged field whose lengths are known without reading
+    /// its values (a ragged `.npy` pair, locally or remote); `None` otherwise.
+    pub fn ragged_lengths(&self) -> Option<Vec<u64>> {
+        match &self.source {
+            Source::Ragged(ragged) => Some(ragged.lengths(self.num_samples)),
+            Source::RemoteRagged(ragged) => Some(ragged.lengths()),
+            _ => None,
+        }
+    }
+
+    /// For a ragged `.npy` pair (local or remote): the values of rows `from..to` of each
+    /// `(sample, from, to)` and whether they are big-endian; `None` for other fields.
+    pub fn ragged_spans(&self, spans: &[(u64, u64, u64)]) -> Option<Result<(Vec<Bytes>, bool), String>> {
+        match &self.source {
+            Source::Ragged(ragged) => Some(ragged.spans(spans)),
+            Source::RemoteRagged(ragged) => Some(ragged.spans(spans)),
+            _ => None,
         }
     }
 

@@ -97,6 +97,27 @@ impl RaggedSource {
         self.offset(index)..self.offset(index + 1)
     }
 
+    /// Every sample's length in rows (`num_samples` of them).
+    pub(super) fn lengths(&self, num_samples: u64) -> Vec<u64> {
+        (0..num_samples).map(|i| self.offset(i + 1) - self.offset(i)).collect()
+    }
+
+    /// The values of rows `from..to` of each `(sample, from, to)`, as slices of the map (checked
+    /// unchanged first); whether they are big-endian.
+    ///
+    /// # Errors
+    /// When either file changed since it was opened.
+    pub(super) fn spans(&self, spans: &[(u64, u64, u64)]) -> Result<(Vec<Bytes>, bool), String> {
+        self.values.check()?;
+        self.offsets.check()?;
+        let values = shared_bytes(self.values.clone());
+        let at = |sample: u64, row: u64| self.values_offset + (self.offset(sample) + row) as usize * self.row_bytes;
+        Ok((
+            spans.iter().map(|&(sample, from, to)| values.slice(at(sample, from)..at(sample, to))).collect(),
+            self.values_big_endian,
+        ))
+    }
+
     /// Appends the samples `indices` to `tensor`: the values as runs into the values map, the
     /// offsets (batch + 1, from 0) as the tensor's own; sets the tensor's row count.
     ///
@@ -179,6 +200,30 @@ impl RemoteRagged {
         }
         offsets.finish(tensor);
         Ok(fetched)
+    }
+
+    /// The values of rows `from..to` of each `(sample, from, to)`, read by merged ranges; whether
+    /// they are big-endian.
+    ///
+    /// # Errors
+    /// A message naming the object when the read fails.
+    pub(super) fn spans(&self, spans: &[(u64, u64, u64)]) -> Result<(Vec<Bytes>, bool), String> {
+        let byte_spans: Vec<(u64, u64)> = spans
+            .iter()
+            .map(|&(sample, from, to)| {
+                (
+                    self.values_offset + (self.offsets[sample as usize] + from) * self.row_bytes,
+                    (to - from) * self.row_bytes,
+                )
+            })
+            .collect();
+        let read = self.storage.read_spans(&self.object, self.size, &self.version, &byte_spans, self.row_bytes)?;
+        Ok((read, self.values_big_endian))
+    }
+
+    /// Every sample's length in rows.
+    pub(super) fn lengths(&self) -> Vec<u64> {
+        self.offsets.windows(2).map(|w| w[1] - w[0]).collect()
     }
 
     /// Bytes a batch of `indices` sends: its values and its offsets.
