@@ -358,7 +358,6 @@ class StreamingDataset(_Base):  # type: ignore[misc, valid-type]
                 f"dataset {dataset!r} has field(s) {reserved} whose names start with __, which would collide with "
                 f"the batch's {INDEX_KEY!r}; the loader is older than this package: upgrade it (it refuses such names)"
             )
-        self._batches_per_epoch = _native.Client.batches_per_epoch(self._plan)
         self._epoch = 0
         self._resume: Optional[Dict[str, Any]] = None
         self._state: Optional[Dict[str, Any]] = None
@@ -408,8 +407,9 @@ class StreamingDataset(_Base):  # type: ignore[misc, valid-type]
         self.__dict__["_sent_away"] = False
 
     def __len__(self) -> int:
-        """Batches per epoch for this rank."""
-        return self._batches_per_epoch
+        """Batches per epoch for this rank (of the epoch resumed into, after a resume at another
+        world size)."""
+        return _native.Client.batches_per_epoch(self._plan, self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
         """Makes the next iteration stream epoch ``epoch`` (like DistributedSampler.set_epoch).
@@ -454,7 +454,10 @@ class StreamingDataset(_Base):  # type: ignore[misc, valid-type]
                 "epoch": cursor["epoch"], "next_batch": cursor["next_batch"]}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Resumes at a ``state_dict()``: the same dataset and plan settings are required."""
+        """Resumes at a ``state_dict()``: the same dataset and plan settings are required, except
+        rank and world size. A state saved by one rank resumes every rank of the same world size
+        (ranks step together); one saved at another world size resumes the rest of its epoch split
+        among this run's ranks (each getting the same number of batches), then whole epochs."""
         try:
             version, dataset, plan = state["version"], state["dataset"], state["plan"]
             epoch, next_batch = int(state["epoch"]), int(state["next_batch"])
@@ -470,11 +473,20 @@ class StreamingDataset(_Base):  # type: ignore[misc, valid-type]
         if dataset != self.dataset:
             raise InvalidSettingsError(f"state_dict is for dataset {dataset!r}, this dataset streams {self.dataset!r}")
         mine = json.loads(self._plan)
-        for key in sorted(set(mine) | set(plan)):
+        # Rank and world size may differ: the rest of the epoch is split among this run's ranks.
+        for key in sorted((set(mine) | set(plan)) - {"rank", "world_size", "reshard"}):
             if mine.get(key) != plan.get(key):
                 raise InvalidSettingsError(
                     f"state_dict was taken with {key}={plan.get(key)!r} but this dataset has {key}={mine.get(key)!r}"
                 )
+        if any(plan.get(key) != mine.get(key) for key in ("rank", "world_size", "reshard")):
+            try:
+                self._plan = _native.Client.reshard(json.dumps(plan), epoch, next_batch, mine["rank"],
+                                                    mine["world_size"])
+            except (KeyError, TypeError, ValueError) as error:
+                raise InvalidSettingsError(f"not a StreamingDataset state_dict: bad plan ({error})") from None
+            if plan.get("world_size") != mine["world_size"]:
+                next_batch = 0  # the rest of the epoch, split among this run's ranks from its start
         self._epoch = epoch
         self._resume = {"epoch": epoch, "next_batch": next_batch}
         self._state = dict(self._resume)

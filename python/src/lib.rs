@@ -314,9 +314,19 @@ impl Client {
 
     /// Batches per epoch of a plan (JSON) for its rank.
     #[staticmethod]
-    fn batches_per_epoch(plan: &str) -> PyResult<u64> {
+    #[pyo3(signature = (plan, epoch=0))]
+    fn batches_per_epoch(plan: &str, epoch: u64) -> PyResult<u64> {
         let plan: PlanSpec = serde_json::from_str(plan).map_err(json_error)?;
-        Ok(trainer_client::EpochPlan::new(plan, 0).map_err(|e| to_py(e.into()))?.num_batches())
+        Ok(trainer_client::EpochPlan::new(plan, epoch).map_err(|e| to_py(e.into()))?.num_batches())
+    }
+
+    /// The plan (JSON) for rank `rank` of `world_size` resuming where every rank of `plan` had
+    /// taken `next_batch` batches of `epoch`: the rest of that epoch split among the new ranks.
+    #[staticmethod]
+    fn reshard(plan: &str, epoch: u64, next_batch: u64, rank: u64, world_size: u64) -> PyResult<String> {
+        let plan: PlanSpec = serde_json::from_str(plan).map_err(json_error)?;
+        let resharded = plan.resharded(epoch, next_batch, rank, world_size).map_err(|e| to_py(e.into()))?;
+        serde_json::to_string(&resharded).map_err(json_error)
     }
 
     /// Starts streaming epochs `first_epoch..end_epoch` of `plan` from `start_batch`, as worker

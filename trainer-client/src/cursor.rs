@@ -211,6 +211,7 @@ mod tests {
                 world_size: 1,
                 block_len: 1,
                 shuffle_window: 1,
+                reshard: None,
             },
             epoch: 2,
             next_batch,

@@ -65,6 +65,7 @@ impl PlanSettings {
             world_size: self.world_size,
             block_len: block_len(info),
             shuffle_window: self.shuffle_window,
+            reshard: None,
         };
         check_plan(&spec, info, max_message_bytes)?;
         Ok(spec)
@@ -227,6 +228,7 @@ mod tests {
             world_size: 1,
             block_len: 1,
             shuffle_window: 1,
+            reshard: None,
         };
         let cursor = crate::Cursor { dataset: "d".into(), plan, epoch: u64::MAX, next_batch: 0, end_epoch: None };
         let spec = RunSpec::resume(&cursor, 3);

@@ -77,6 +77,7 @@ fn full_shuffle(batch_size: u64, seed: u64) -> PlanSpec {
         world_size: 1,
         block_len: 1,
         shuffle_window: 8,
+        reshard: None,
     }
 }
 

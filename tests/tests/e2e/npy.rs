@@ -88,6 +88,7 @@ async fn shuffled_epochs_are_deterministic_permutations() {
         world_size: 1,
         block_len: 1,
         shuffle_window: 1,
+        reshard: None,
     };
     let first = epoch_indices(&mut loaders, "d", &spec, 0).await;
     let again = epoch_indices(&mut loaders, "d", &spec, 0).await;

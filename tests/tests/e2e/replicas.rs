@@ -26,6 +26,7 @@ fn spec() -> PlanSpec {
         world_size: 1,
         block_len: 1,
         shuffle_window: 1,
+        reshard: None,
     }
 }
 

@@ -29,6 +29,7 @@ async fn epoch_bytes(addr: &str, seed: u64) -> BTreeMap<u64, Vec<u8>> {
         world_size: 1,
         block_len: 1,
         shuffle_window: 1,
+        reshard: None,
     };
     let mut epoch = loaders.epoch("aug", spec, 2).expect("epoch");
     let mut samples = BTreeMap::new();

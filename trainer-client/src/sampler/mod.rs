@@ -42,6 +42,14 @@
 //! multiple of the world size (or cut down to one when `drop_last`), and rank `r` takes
 //! positions `r, r + W, r + 2W, ...`. Every rank gets the same number of samples and so the same
 //! number of batches, which keeps collective operations in step.
+//!
+//! # Resuming at another world size
+//! After every rank has taken `s` batches of `B`, the positions taken are exactly the epoch's
+//! first `s × B × W` (rank `r` took `r, r + W, ...`). A run resumed with `W'` ranks
+//! ([`PlanSpec::resharded`]) splits the rest of that epoch, positions `s × B × W ..`, the same way
+//! among its ranks (padding by wrapping within the rest, or cutting with `drop_last`): the union of
+//! what all ranks get before and after is the whole epoch, and every new rank gets the same number
+//! of batches. The following epochs are split among the `W'` ranks from their start.
 
 use conveyor_proto::splitmix64;
 use serde::{Deserialize, Serialize};
@@ -177,10 +185,55 @@ pub struct PlanSpec {
     /// Blocks shuffled together, for `block` shuffle.
     #[serde(default = "one")]
     pub shuffle_window: u64,
+    /// For a run resumed at another world size: the positions of one epoch that ranks of the
+    /// earlier world size took; this plan splits the rest of that epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reshard: Option<Reshard>,
+}
+
+/// Positions of an epoch taken before the world size changed (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reshard {
+    /// The epoch they belong to.
+    pub epoch: u64,
+    /// Its first positions taken, in order (`consumed` of them).
+    pub consumed: u64,
 }
 
 fn one() -> u64 {
     1
+}
+
+impl PlanSpec {
+    /// Positions of `epoch` taken before this plan's ranks started on it.
+    fn consumed_before(&self, epoch: u64) -> u64 {
+        self.reshard.filter(|r| r.epoch == epoch).map_or(0, |r| r.consumed.min(self.num_samples))
+    }
+
+    /// The plan for rank `rank` of `world_size` ranks resuming where every rank of this plan had
+    /// taken `next_batch` batches of `epoch`: the rest of that epoch split among the new ranks
+    /// (see the module docs), batch 0 of it first. With the same world size it is this plan at
+    /// another rank (and the caller resumes at `next_batch` as usual).
+    ///
+    /// # Errors
+    /// [`PlanError`] for a rank outside the new world.
+    pub fn resharded(&self, epoch: u64, next_batch: u64, rank: u64, world_size: u64) -> Result<PlanSpec, PlanError> {
+        if world_size == 0 || rank >= world_size {
+            return Err(PlanError::BadRank { rank, world_size });
+        }
+        if world_size == self.world_size {
+            return Ok(PlanSpec { rank, ..self.clone() });
+        }
+        let before = EpochPlan::new(self.clone(), epoch)?;
+        let taken_per_rank = next_batch.saturating_mul(self.batch_size).min(before.samples_per_rank);
+        let consumed = self.consumed_before(epoch).saturating_add(taken_per_rank.saturating_mul(self.world_size));
+        Ok(PlanSpec {
+            rank,
+            world_size,
+            reshard: Some(Reshard { epoch, consumed: consumed.min(self.num_samples) }),
+            ..self.clone()
+        })
+    }
 }
 
 /// The `block` order of one epoch; see the module docs.
@@ -293,7 +346,8 @@ impl EpochPlan {
         if spec.world_size == 0 || spec.rank >= spec.world_size {
             return Err(PlanError::BadRank { rank: spec.rank, world_size: spec.world_size });
         }
-        let n = spec.num_samples;
+        // A resharded epoch splits what the earlier ranks left.
+        let n = spec.num_samples - spec.consumed_before(epoch);
         let samples_per_rank = if spec.drop_last { n / spec.world_size } else { n.div_ceil(spec.world_size) };
         let samples_per_rank = if n == 0 { 0 } else { samples_per_rank };
         let num_batches = if spec.drop_last {
@@ -304,11 +358,12 @@ impl EpochPlan {
         if spec.shuffle == Shuffle::Block && (spec.shuffle_window == 0 || spec.block_len == 0) {
             return Err(PlanError::ZeroWindow);
         }
+        let all = spec.num_samples;
         let order = match spec.shuffle {
-            _ if n == 0 => Order::Identity,
+            _ if all == 0 => Order::Identity,
             Shuffle::None => Order::Identity,
-            Shuffle::Full => Order::Full(Permutation::new(n, spec.seed, epoch)),
-            Shuffle::Block => Order::Block(BlockOrder::new(n, spec.block_len, spec.shuffle_window, spec.seed, epoch)),
+            Shuffle::Full => Order::Full(Permutation::new(all, spec.seed, epoch)),
+            Shuffle::Block => Order::Block(BlockOrder::new(all, spec.block_len, spec.shuffle_window, spec.seed, epoch)),
         };
         Ok(EpochPlan { spec, epoch, order, samples_per_rank, num_batches })
     }
@@ -342,7 +397,8 @@ impl EpochPlan {
 
     /// The sample this rank sees at its local position `k`.
     fn sample_at(&self, k: u64) -> u64 {
-        let position = (k * self.spec.world_size + self.spec.rank) % self.spec.num_samples;
+        let consumed = self.spec.consumed_before(self.epoch);
+        let position = consumed + (k * self.spec.world_size + self.spec.rank) % (self.spec.num_samples - consumed);
         match &self.order {
             Order::Identity => position,
             Order::Full(permutation) => permutation.apply(position),

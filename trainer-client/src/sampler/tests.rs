@@ -3,7 +3,18 @@ use super::*;
 use proptest::prelude::*;
 
 fn spec(num_samples: u64, batch_size: u64, shuffle: Shuffle, rank: u64, world_size: u64, drop_last: bool) -> PlanSpec {
-    PlanSpec { num_samples, batch_size, drop_last, shuffle, seed: 7, rank, world_size, block_len: 1, shuffle_window: 1 }
+    PlanSpec {
+        num_samples,
+        batch_size,
+        drop_last,
+        shuffle,
+        seed: 7,
+        rank,
+        world_size,
+        block_len: 1,
+        shuffle_window: 1,
+        reshard: None,
+    }
 }
 
 fn all_indices(plan: &EpochPlan) -> Vec<u64> {
@@ -146,4 +157,68 @@ fn huge_epochs_need_no_index_memory() {
     let last = plan.batch(plan.num_batches() - 1);
     assert_eq!(last.len(), 3);
     assert!(last.iter().all(|&i| i < n));
+}
+
+/// Every rank's first `taken` batches of `epoch` under `spec` (all of them when `None`).
+fn taken(spec: &PlanSpec, epoch: u64, taken: Option<u64>) -> Vec<u64> {
+    let mut out = Vec::new();
+    for rank in 0..spec.world_size {
+        let plan = EpochPlan::new(PlanSpec { rank, ..spec.clone() }, epoch).expect("valid");
+        for batch in 0..taken.unwrap_or(plan.num_batches()).min(plan.num_batches()) {
+            out.extend(plan.batch(batch));
+        }
+    }
+    out
+}
+
+#[test]
+fn a_resume_at_another_world_size_delivers_the_rest_of_the_epoch_once() {
+    for shuffle in [Shuffle::None, Shuffle::Full, Shuffle::Block] {
+        for (n, stop, new_world) in [(103, 3, 3), (103, 2, 6), (64, 1, 1), (40, 5, 2), (97, 0, 5)] {
+            for drop_last in [false, true] {
+                let old = PlanSpec { block_len: 8, shuffle_window: 2, ..spec(n, 4, shuffle, 0, 4, drop_last) };
+                let mut seen = taken(&old, 1, Some(stop));
+                let resumed = old.resharded(1, stop, 0, new_world).expect("valid");
+                let counts: Vec<u64> = (0..new_world)
+                    .map(|rank| EpochPlan::new(PlanSpec { rank, ..resumed.clone() }, 1).expect("valid").num_batches())
+                    .collect();
+                assert!(counts.windows(2).all(|w| w[0] == w[1]), "every new rank gets as many batches: {counts:?}");
+                seen.extend(taken(&resumed, 1, None));
+                let distinct: std::collections::BTreeSet<u64> = seen.iter().copied().collect();
+                let case = format!("{shuffle:?} n={n} stop={stop} W'={new_world} drop_last={drop_last}");
+                assert!(distinct.iter().all(|&i| i < n), "{case}");
+                if drop_last {
+                    assert_eq!(distinct.len(), seen.len(), "{case}: no sample twice");
+                    assert!(
+                        n as usize - distinct.len() < 4 * 4 + 4 * new_world as usize,
+                        "{case}: only a short tail cut"
+                    );
+                } else {
+                    assert_eq!(distinct.len(), n as usize, "{case}: every sample");
+                    assert!(seen.len() - distinct.len() < 4 + new_world as usize, "{case}: repeats are padding only");
+                }
+                // The next epoch is split among the new ranks from its start.
+                let next: Vec<u64> = taken(&resumed, 2, None);
+                let next_distinct: std::collections::BTreeSet<u64> = next.iter().copied().collect();
+                assert_eq!(next, taken(&PlanSpec { world_size: new_world, ..old.clone() }, 2, None), "{case}");
+                assert!(drop_last || next_distinct.len() == n as usize, "{case}");
+            }
+        }
+    }
+}
+
+#[test]
+fn resharding_twice_in_one_epoch_keeps_counting_what_was_taken() {
+    let first = spec(200, 3, Shuffle::Full, 0, 4, false);
+    let mut seen = taken(&first, 0, Some(4));
+    let second = first.resharded(0, 4, 0, 3).expect("valid");
+    seen.extend(taken(&second, 0, Some(5)));
+    let third = second.resharded(0, 5, 0, 5).expect("valid");
+    assert_eq!(third.reshard.map(|r| r.consumed), Some(4 * 3 * 4 + 5 * 3 * 3));
+    seen.extend(taken(&third, 0, None));
+    let distinct: std::collections::BTreeSet<u64> = seen.iter().copied().collect();
+    assert_eq!(distinct.len(), 200);
+    assert!(seen.len() - distinct.len() < 5, "padding only");
+    assert!(first.resharded(0, 1, 4, 4).is_err(), "rank 4 of 4");
+    assert_eq!(first.resharded(0, 1, 2, 4).expect("same world").reshard, None);
 }

@@ -224,6 +224,18 @@ impl PlanArgs {
             let first = self.epoch.unwrap_or(0);
             return Ok(RunSpec::new(dataset, plan, first..first + self.epochs.unwrap_or(default_epochs)));
         };
+        // Another world size resumes the rest of the cursor's epoch split among the new ranks.
+        let resharded;
+        let cursor = match self.world_size.filter(|&world| world != cursor.plan.world_size) {
+            Some(world) => {
+                let rank =
+                    self.rank.context("--world-size differs from the cursor's: give this process's --rank too")?;
+                let plan = cursor.plan.resharded(cursor.epoch, cursor.next_batch, rank, world)?;
+                resharded = Cursor { plan, next_batch: 0, ..cursor.clone() };
+                &resharded
+            }
+            None => cursor,
+        };
         let plan = &cursor.plan;
         let given: [(&str, Option<String>, String); 8] = [
             ("--dataset", self.dataset.clone(), cursor.dataset.clone()),

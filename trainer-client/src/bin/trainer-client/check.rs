@@ -129,6 +129,7 @@ mod tests {
             world_size,
             block_len: 1,
             shuffle_window: 1,
+            reshard: None,
         }
     }
 
