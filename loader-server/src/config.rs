@@ -76,9 +76,35 @@ pub struct DatasetSpec {
     pub window: Option<u64>,
     /// `--token-dtype`: the element type of a raw `.bin` token file.
     pub token_dtype: Option<conveyor_proto::DType>,
-    /// `--pack`: documents joined with this EOS token id, cut into windows of this many tokens
-    /// plus one.
-    pub pack: Option<(u64, i64)>,
+    /// `--pack`: how its documents become sequences.
+    pub pack: Option<crate::dataset::tokens::PackOptions>,
+}
+
+/// `L,eos=ID` (documents joined with EOS) or `L,bins,pad=ID[,eos=ID]` (whole documents in
+/// padded sequences), as `--pack` takes them after `NAME=`.
+fn parse_pack(text: &str) -> Result<crate::dataset::tokens::PackOptions, String> {
+    use crate::dataset::tokens::{PackMode, PackOptions};
+    let mut parts = text.split(',').map(str::trim);
+    let length = parts.next().and_then(|l| l.parse::<u64>().ok()).filter(|&l| l > 0);
+    let length = length.ok_or("needs a length of at least 1 token first: NAME=L,eos=ID or NAME=L,bins,pad=ID")?;
+    let mut options = PackOptions { length, mode: PackMode::Concat, eos: None, pad: None };
+    for part in parts {
+        let id = |value: &str| value.parse::<i64>().map_err(|_| format!("'{part}': {value} is not a token id"));
+        match part.split_once('=') {
+            None if part == "bins" => options.mode = PackMode::Bins,
+            None if part == "concat" => options.mode = PackMode::Concat,
+            Some(("eos", value)) => options.eos = Some(id(value)?),
+            Some(("pad", value)) => options.pad = Some(id(value)?),
+            _ => return Err(format!("'{part}' is not eos=ID, pad=ID, bins or concat")),
+        }
+    }
+    if options.mode == PackMode::Concat && options.eos.is_none() {
+        return Err("joins documents with an EOS token: write NAME=L,eos=ID (or NAME=L,bins,pad=ID)".into());
+    }
+    if options.mode == PackMode::Bins && options.pad.is_none() {
+        return Err("packs whole documents into padded sequences: add pad=ID".into());
+    }
+    Ok(options)
 }
 
 /// `loader-server` flags.
@@ -227,8 +253,10 @@ pub struct Config {
 
     /// Pack a dataset of documents (one ragged field of token ids) for next-token training, as
     /// NAME=L,eos=ID: the documents joined in stored order, each followed by token ID, cut into
-    /// windows of L + 1 tokens with stride L; fields `tokens`, `segment_ids` and `position_ids`
-    /// (restarting at each document). Repeat for more datasets.
+    /// windows of L + 1 tokens with stride L; or NAME=L,bins,pad=ID[,eos=ID]: whole documents
+    /// (longer ones cut at L) placed into sequences of L by first-fit decreasing within blocks
+    /// of 1024 documents, the rest filled with token ID. Fields `tokens`, `segment_ids` and
+    /// `position_ids` (restarting at each document). Repeat for more datasets.
     #[arg(long = "pack", env = "LOADER_PACK", value_delimiter = ';')]
     #[arg(help_heading = "Datasets and storage")]
     pub packs: Vec<String>,
@@ -523,11 +551,7 @@ impl Config {
                     .find(|s| s.name == name)
                     .ok_or_else(|| bad(format!("names no --dataset (the datasets are {known})")))?;
                 if flag == "--pack" {
-                    let (length, eos) = given.split_once(",eos=").ok_or_else(|| bad("is not NAME=L,eos=ID".into()))?;
-                    let length = length.trim().parse::<u64>().ok().filter(|&l| l > 0);
-                    let length = length.ok_or_else(|| bad("needs a window length of at least 1 token".into()))?;
-                    let eos = eos.trim().parse::<i64>().map_err(|_| bad(format!("eos={eos} is not a token id")))?;
-                    spec.pack = Some((length, eos));
+                    spec.pack = Some(parse_pack(given).map_err(bad)?);
                 } else if flag == "--windows" {
                     let length = given.trim().parse::<u64>().ok().filter(|&l| l > 0);
                     spec.window = Some(length.ok_or_else(|| bad("needs a window length of at least 1 token".into()))?);

@@ -118,7 +118,7 @@ pub fn open(config: Config) -> Result<Arc<LoaderState>, ServeError> {
                 return Err(LoadError::Tokens { dataset: name.clone(), problem }.into());
             }
             (Some(length), None) => dataset::tokens::into_windows(dataset, length)?,
-            (None, Some((length, eos))) => dataset::tokens::into_packed(dataset, length, eos)?,
+            (None, Some(options)) => dataset::tokens::into_packed(dataset, options)?,
             (None, None) => dataset,
         };
         for field in &dataset.fields {

@@ -148,7 +148,9 @@ def test_packed_documents_match_a_reference_with_segment_and_position_ids(tmp_pa
 
 @pytest.mark.parametrize("flags, expected", [
     (["--pack", "d=8,eos=70000", "--fields", "d=text"], "eos=70000 is not a token id of the documents' dtype uint16"),
-    (["--pack", "d=8"], "is not NAME=L,eos=ID"),
+    (["--pack", "d=8"], "joins documents with an EOS token: write NAME=L,eos=ID"),
+    (["--pack", "d=8,bins"], "packs whole documents into padded sequences: add pad=ID"),
+    (["--pack", "d=8,bins,pad=1,size=3"], "'size=3' is not eos=ID, pad=ID, bins or concat"),
     (["--pack", "d=8,eos=1", "--windows", "d=8"], "--windows and --pack both name it"),
     (["--pack", "d=8,eos=1"], "--pack needs one ragged field of documents' token ids and the dataset has 2"),
     (["--pack", "d=30,eos=1", "--fields", "d=text"], "needs at least 31 tokens and the documents and their EOS"),
@@ -163,3 +165,56 @@ def test_packing_that_cannot_work_is_refused_by_name(tmp_path, flags, expected):
                              *flags], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert expected in result.stderr, result.stderr
+
+
+def reference_bins(documents, length, eos, pad, block=1024):
+    """First-fit decreasing within blocks of documents, as the loader documents it."""
+    sequences = []
+    for first in range(0, len(documents), block):
+        items = []
+        for d in range(first, min(first + block, len(documents))):
+            total = len(documents[d]) + (eos is not None)
+            for start in range(0, total, length):
+                items.append((d, start, min(start + length, total)))
+        items.sort(key=lambda item: -(item[2] - item[1]))  # stable: ties keep stored order
+        bins = []
+        for item in items:
+            for b in bins:
+                if b[0] + item[2] - item[1] <= length:
+                    b[0] += item[2] - item[1]
+                    b[1].append(item)
+                    break
+            else:
+                bins.append([item[2] - item[1], [item]])
+        for _, pieces in bins:
+            tokens, segments, positions = [], [], []
+            for segment, (d, start, end) in enumerate(sorted(pieces)):
+                full = list(documents[d]) + ([eos] if eos is not None else [])
+                tokens += full[start:end]
+                segments += [segment] * (end - start)
+                positions += list(range(start, end))
+            fill = length - len(tokens)
+            sequences.append((np.array(tokens + [pad] * fill), np.array(segments + [-1] * fill),
+                              np.array(positions + [0] * fill)))
+    return sequences
+
+
+def test_bin_packing_places_whole_documents_as_a_reference_first_fit_does(tmp_path, start_loader):
+    documents = write_documents(tmp_path / "docs", n=1500, seed=8)  # two blocks of documents
+    loader = start_loader({"d": tmp_path / "docs"}, "--pack", "d=64,bins,pad=0,eos=2")
+    expected = reference_bins(documents, 64, eos=2, pad=0)
+    info = conveyor.datasets([loader.addr])["d"]
+    assert info.num_samples == len(expected)
+    assert info.fields["tokens"] == (np.dtype(np.int32), (64,))
+    seen = set()
+    for batch in conveyor.StreamingDataset([loader.addr], "d", batch_size=50, shuffle="full", seed=1):
+        for row, k in enumerate(batch["__index__"].tolist()):
+            seen.add(k)
+            tokens, segments, positions = expected[k]
+            np.testing.assert_array_equal(batch["tokens"][row], tokens)
+            np.testing.assert_array_equal(batch["segment_ids"][row], segments)
+            np.testing.assert_array_equal(batch["position_ids"][row], positions)
+    assert seen == set(range(len(expected)))
+    # Every document token (and its EOS) is in exactly one sequence.
+    total = sum(len(doc) + 1 for doc in documents)
+    assert sum(int((segments >= 0).sum()) for _, segments, _ in expected) == total

@@ -165,108 +165,199 @@ pub fn into_windows(mut dataset: Dataset, length: u64) -> Result<Dataset, LoadEr
 /// What a field of a packed dataset holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Part {
-    /// The tokens (the documents' and the EOS tokens).
+    /// The tokens (the documents', EOS and padding tokens).
     Tokens,
-    /// Each token's document number within its window, from 0 (`int32`).
+    /// Each token's document number within its sequence, from 0; -1 for padding (`int32`).
     Segments,
-    /// Each token's position within its document (`int32`).
+    /// Each token's position within its document; 0 for padding (`int32`).
     Positions,
 }
 
-/// Documents joined with EOS tokens and cut into windows (see the module docs).
+/// How documents become sequences.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PackMode {
+    /// Joined with EOS tokens and cut into windows of `L + 1` with stride `L`.
+    Concat,
+    /// Whole documents (each with its EOS when one is given) placed into sequences of `L` by
+    /// first-fit decreasing within blocks of [`PACK_BLOCK_DOCUMENTS`] documents, the rest padded;
+    /// a document longer than `L` is cut into pieces of `L` first.
+    Bins,
+}
+
+/// Documents packed together: the bin packing is planned within blocks of this many documents
+/// (in stored order), so the plan of a block never depends on another.
+pub const PACK_BLOCK_DOCUMENTS: usize = 1024;
+
+/// How to pack (from `--pack NAME=L,...`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PackOptions {
+    /// `L`.
+    pub length: u64,
+    /// How.
+    pub mode: PackMode,
+    /// The token after each document (required for [`PackMode::Concat`]).
+    pub eos: Option<i64>,
+    /// The token that fills a bin's unused end (required for [`PackMode::Bins`]).
+    pub pad: Option<i64>,
+}
+
+/// One stretch of a sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Item {
+    /// Token rows `from..to` of a document.
+    Run { document: u64, from: u64, to: u64 },
+    /// A document's EOS token, at its position.
+    Eos { document: u64, position: u64 },
+    /// Padding tokens.
+    Pad(u64),
+}
+
+/// Where each sequence's tokens come from.
+#[derive(Debug)]
+enum Layout {
+    /// Where each document starts in the joined stream (with its EOS), and the stream's length
+    /// last.
+    Concat { starts: Vec<u64> },
+    /// Each sequence's pieces (`bins[k]..bins[k + 1]` of `pieces`): (document, from, to) over
+    /// the document with its EOS (position `len` is the EOS when there is one).
+    Bins { pieces: Vec<(u64, u64, u64)>, bins: Vec<u64>, lengths: Vec<u64> },
+}
+
+/// Documents packed into sequences (see the module docs).
 #[derive(Debug)]
 pub(super) struct Packer {
     /// The documents: a ragged field of token ids.
     documents: Field,
-    /// Where each document starts in the joined stream, and the stream's length last
-    /// (`documents + 1` entries).
-    starts: Vec<u64>,
-    /// Tokens per window step (`L`).
+    layout: Layout,
+    /// Tokens per window step or bin (`L`).
     length: u64,
-    /// The EOS token's bytes in the documents' dtype.
+    /// The EOS and padding tokens' bytes in the documents' dtype (empty when not given).
     eos: Vec<u8>,
+    pad: Vec<u8>,
 }
 
 impl Packer {
-    /// The document holding stream position `p` (`< stream length`).
-    fn document_at(&self, p: u64) -> usize {
-        self.starts.partition_point(|&start| start <= p) - 1
+    /// The stretches of sequence `k`.
+    fn items(&self, k: u64) -> Vec<Item> {
+        let mut items = Vec::new();
+        match &self.layout {
+            Layout::Concat { starts } => {
+                let document_at = |p: u64| starts.partition_point(|&start| start <= p) - 1;
+                let span = k * self.length..k * self.length + self.length + 1;
+                let mut p = span.start;
+                while p < span.end {
+                    let document = document_at(p);
+                    let (start, eos_at) = (starts[document], starts[document + 1] - 1);
+                    if p < eos_at {
+                        let end = eos_at.min(span.end);
+                        items.push(Item::Run { document: document as u64, from: p - start, to: end - start });
+                        p = end;
+                    } else {
+                        items.push(Item::Eos { document: document as u64, position: p - start });
+                        p += 1;
+                    }
+                }
+            }
+            Layout::Bins { pieces, bins, lengths } => {
+                let mut used = 0;
+                for &(document, from, to) in &pieces[bins[k as usize] as usize..bins[k as usize + 1] as usize] {
+                    let len = lengths[document as usize];
+                    if from < len.min(to) {
+                        items.push(Item::Run { document, from, to: to.min(len) });
+                    }
+                    if to > len {
+                        items.push(Item::Eos { document, position: len });
+                    }
+                    used += to - from;
+                }
+                if used < self.length {
+                    items.push(Item::Pad(self.length - used));
+                }
+            }
+        }
+        items
     }
 
-    /// Stream positions of window `k`.
-    fn span(&self, k: u64) -> std::ops::Range<u64> {
-        k * self.length..k * self.length + self.length + 1
-    }
-
-    /// Appends `part` of windows `indices` to `tensor`; the tokens read the rows of the documents
-    /// the windows hold. Returns the bytes read.
+    /// Appends `part` of sequences `indices` to `tensor`; the tokens read the rows of the
+    /// documents the sequences hold. Returns the bytes read.
     ///
     /// # Errors
-    /// The window whose documents could not be read, and why.
+    /// The sequence whose documents could not be read, and why.
     pub(super) fn select_into(
         &self,
         part: Part,
         indices: &[u64],
         tensor: &mut OutgoingTensor,
     ) -> Result<u64, (u64, String)> {
-        let mut out = Vec::with_capacity(indices.len() * (self.length as usize + 1) * 4);
+        let per_sequence = match self.layout {
+            Layout::Concat { .. } => self.length as usize + 1,
+            Layout::Bins { .. } => self.length as usize,
+        };
+        let mut out = Vec::with_capacity(indices.len() * per_sequence * 4);
         let mut read = 0;
+        let sequences: Vec<Vec<Item>> = indices.iter().map(|&k| self.items(k)).collect();
         match part {
             Part::Segments | Part::Positions => {
-                for &k in indices {
-                    let span = self.span(k);
-                    let first = self.document_at(span.start);
-                    for p in span {
-                        let document = self.document_at(p);
-                        let value = match part {
-                            Part::Segments => (document - first) as i32,
-                            _ => (p - self.starts[document]) as i32,
+                for items in &sequences {
+                    let mut segment = -1i32;
+                    let mut current = None;
+                    for &item in items {
+                        let (document, positions) = match item {
+                            Item::Run { document, from, to } => (Some(document), from..to),
+                            Item::Eos { document, position } => (Some(document), position..position + 1),
+                            Item::Pad(count) => (None, 0..count),
                         };
-                        out.extend_from_slice(&value.to_le_bytes());
+                        if document.is_some() && document != current {
+                            segment += 1;
+                            current = document;
+                        }
+                        for position in positions {
+                            let value = match (part, document) {
+                                (Part::Segments, Some(_)) => segment,
+                                (Part::Segments, None) => -1,
+                                (_, Some(_)) => position as i32,
+                                (_, None) => 0,
+                            };
+                            out.extend_from_slice(&value.to_le_bytes());
+                        }
                     }
                 }
             }
             Part::Tokens => {
-                // Per window, its runs of document tokens ((document, from, to) rows) and EOS
-                // positions; only the rows a window holds are read, however long the document.
-                let mut runs: Vec<(u64, u64, u64)> = Vec::new();
-                let mut plan: Vec<Option<usize>> = Vec::new();
-                for &k in indices {
-                    let span = self.span(k);
-                    let mut p = span.start;
-                    while p < span.end {
-                        let document = self.document_at(p);
-                        let (start, eos_at) = (self.starts[document], self.starts[document + 1] - 1);
-                        if p < eos_at {
-                            let end = eos_at.min(span.end);
-                            plan.push(Some(runs.len()));
-                            runs.push((document as u64, p - start, end - start));
-                            p = end;
-                        } else {
-                            plan.push(None);
-                            p += 1;
-                        }
-                    }
-                }
+                // Only the rows a sequence holds are read, however long the document.
+                let runs: Vec<(u64, u64, u64)> = sequences
+                    .iter()
+                    .flatten()
+                    .filter_map(|item| match *item {
+                        Item::Run { document, from, to } => Some((document, from, to)),
+                        _ => None,
+                    })
+                    .collect();
                 let read_spans = self.documents.ragged_spans(&runs).unwrap_or_else(|| Err("not a ragged pair".into()));
                 let (values, big_endian) = read_spans.map_err(|reason| {
-                    (indices[0], format!("reading the documents of window {}: {reason}", indices[0]))
+                    (indices[0], format!("reading the documents of sequence {}: {reason}", indices[0]))
                 })?;
-                let element = self.eos.len();
-                for step in plan {
-                    match step {
-                        Some(run) => {
-                            let bytes = &values[run];
+                let element = self.documents.dtype.size_bytes();
+                let mut values = values.into_iter();
+                for &item in sequences.iter().flatten() {
+                    match item {
+                        Item::Run { .. } => {
+                            let bytes = values.next().unwrap_or_default();
                             read += bytes.len() as u64;
                             if big_endian && element > 1 {
                                 for value in bytes.chunks_exact(element) {
                                     out.extend(value.iter().rev());
                                 }
                             } else {
-                                out.extend_from_slice(bytes);
+                                out.extend_from_slice(&bytes);
                             }
                         }
-                        None => out.extend_from_slice(&self.eos),
+                        Item::Eos { .. } => out.extend_from_slice(&self.eos),
+                        Item::Pad(count) => {
+                            for _ in 0..count {
+                                out.extend_from_slice(&self.pad);
+                            }
+                        }
                     }
                 }
             }
@@ -278,15 +369,71 @@ impl Packer {
     }
 }
 
-/// `dataset` (one ragged field of token ids) packed into windows of `length + 1` tokens with
-/// stride `length`, each document followed by `eos`: fields `tokens`, `segment_ids` and
-/// `position_ids`.
+/// First-fit decreasing of `lengths` (documents `first..`, each with its EOS when `eos`) into
+/// bins of `length`, a document longer than that cut into pieces of `length` first: appends the
+/// pieces, bin by bin, and each bin's first piece to `bins`.
+fn pack_block(
+    first: u64,
+    lengths: &[u64],
+    eos: bool,
+    length: u64,
+    pieces: &mut Vec<(u64, u64, u64)>,
+    bins: &mut Vec<u64>,
+) {
+    let mut items: Vec<(u64, u64, u64)> = Vec::new();
+    for (i, &len) in lengths.iter().enumerate() {
+        let total = len + u64::from(eos);
+        let mut from = 0;
+        while from < total {
+            let to = (from + length).min(total);
+            items.push((first + i as u64, from, to));
+            from = to;
+        }
+    }
+    // Longest first; ties in stored order (a stable sort), so the plan is the same everywhere.
+    items.sort_by_key(|&(_, from, to)| std::cmp::Reverse(to - from));
+    let mut open: Vec<(u64, Vec<(u64, u64, u64)>)> = Vec::new();
+    for item in items {
+        let size = item.2 - item.1;
+        match open.iter_mut().find(|(used, _)| used + size <= length) {
+            Some((used, bin)) => {
+                *used += size;
+                bin.push(item);
+            }
+            None => open.push((size, vec![item])),
+        }
+    }
+    for (_, mut bin) in open {
+        // Within a sequence, documents in stored order.
+        bin.sort_unstable();
+        bins.push(pieces.len() as u64);
+        pieces.extend(bin);
+    }
+}
+
+/// A token id as bytes of `dtype`, if it holds it.
+fn token_bytes(dtype: DType, id: i64) -> Option<Vec<u8>> {
+    match dtype {
+        DType::Uint8 => u8::try_from(id).ok().map(|v| v.to_le_bytes().to_vec()),
+        DType::Uint16 => u16::try_from(id).ok().map(|v| v.to_le_bytes().to_vec()),
+        DType::Uint32 => u32::try_from(id).ok().map(|v| v.to_le_bytes().to_vec()),
+        DType::Int32 => i32::try_from(id).ok().map(|v| v.to_le_bytes().to_vec()),
+        DType::Int64 => Some(id.to_le_bytes().to_vec()),
+        DType::Uint64 => u64::try_from(id).ok().map(|v| v.to_le_bytes().to_vec()),
+        _ => None,
+    }
+}
+
+/// `dataset` (one ragged field of token ids) packed as `options` says: fields `tokens`,
+/// `segment_ids` and `position_ids`, of `L + 1` tokens (concat) or `L` (bins).
 ///
 /// # Errors
 /// [`LoadError::Tokens`] for a dataset of more than one field, a field that is not ragged token
-/// ids with known lengths, an EOS id its dtype cannot hold, or too few tokens for one window.
-pub fn into_packed(mut dataset: Dataset, length: u64, eos: i64) -> Result<Dataset, LoadError> {
+/// ids with known lengths, an EOS or padding id its dtype cannot hold (or missing where the mode
+/// needs it), or too few tokens for one window.
+pub fn into_packed(mut dataset: Dataset, options: PackOptions) -> Result<Dataset, LoadError> {
     let bad = |problem: String| LoadError::Tokens { dataset: dataset.name.clone(), problem };
+    let PackOptions { length, mode, eos, pad } = options;
     if dataset.fields.len() != 1 {
         let names: Vec<&str> = dataset.fields.iter().map(|f| f.name.as_str()).collect();
         return Err(bad(format!(
@@ -304,56 +451,93 @@ pub fn into_packed(mut dataset: Dataset, length: u64, eos: i64) -> Result<Datase
         .ok_or_else(|| {
             bad(format!(
                 "--pack needs documents as a ragged field of token ids (TOKENS.npy + TOKENS.offsets.npy, locally or in \
-             object storage); '{}' is not one",
+                 object storage); '{}' is not one",
                 documents.name
             ))
         })?;
-    let element = documents.dtype.size_bytes();
-    let eos_bytes = match documents.dtype {
-        DType::Uint8 => u8::try_from(eos).ok().map(|v| v.to_le_bytes().to_vec()),
-        DType::Uint16 => u16::try_from(eos).ok().map(|v| v.to_le_bytes().to_vec()),
-        DType::Uint32 => u32::try_from(eos).ok().map(|v| v.to_le_bytes().to_vec()),
-        DType::Int32 => i32::try_from(eos).ok().map(|v| v.to_le_bytes().to_vec()),
-        DType::Int64 => Some(eos.to_le_bytes().to_vec()),
-        DType::Uint64 => u64::try_from(eos).ok().map(|v| v.to_le_bytes().to_vec()),
-        _ => None,
+    let dtype = documents.dtype;
+    let id = |what: &str, id: Option<i64>| -> Result<Vec<u8>, LoadError> {
+        match id {
+            None => Ok(Vec::new()),
+            Some(id) => token_bytes(dtype, id)
+                .ok_or_else(|| bad(format!("{what}={id} is not a token id of the documents' dtype {}", dtype.name()))),
+        }
+    };
+    let (eos_bytes, pad_bytes) = (id("eos", eos)?, id("pad", pad)?);
+    if length == 0 {
+        return Err(bad("--pack needs a length of at least 1 token".into()));
     }
-    .filter(|b| b.len() == element)
-    .ok_or_else(|| bad(format!("eos={eos} is not a token id of the documents' dtype {}", documents.dtype.name())))?;
-    let mut starts = Vec::with_capacity(lengths.len() + 1);
-    let mut at = 0u64;
-    for len in lengths {
-        starts.push(at);
-        at += len + 1;
+    let (layout, num_sequences, sequence) = match mode {
+        PackMode::Concat => {
+            if eos.is_none() {
+                return Err(bad(format!(
+                    "--pack {}={length} joins documents with an EOS token: add eos=ID",
+                    dataset.name
+                )));
+            }
+            let mut starts = Vec::with_capacity(lengths.len() + 1);
+            let mut at = 0u64;
+            for len in &lengths {
+                starts.push(at);
+                at += len + 1;
+            }
+            starts.push(at);
+            if at < length + 1 {
+                return Err(bad(format!(
+                    "--pack {}={length} needs at least {} tokens and the documents and their EOS tokens make {at}",
+                    dataset.name,
+                    length.saturating_add(1)
+                )));
+            }
+            (Layout::Concat { starts }, (at - 1) / length, length + 1)
+        }
+        PackMode::Bins => {
+            if pad.is_none() {
+                return Err(bad(format!(
+                    "--pack {}={length},bins fills each sequence's end: add pad=ID",
+                    dataset.name
+                )));
+            }
+            let (mut pieces, mut bins) = (Vec::new(), Vec::new());
+            for (block, chunk) in lengths.chunks(PACK_BLOCK_DOCUMENTS).enumerate() {
+                let first = (block * PACK_BLOCK_DOCUMENTS) as u64;
+                pack_block(first, chunk, eos.is_some(), length, &mut pieces, &mut bins);
+            }
+            let num_bins = bins.len() as u64;
+            bins.push(pieces.len() as u64);
+            let tokens: u64 = lengths.iter().map(|len| len + u64::from(eos.is_some())).sum();
+            let padding = num_bins * length - tokens;
+            tracing::info!(
+                dataset = %dataset.name,
+                documents = lengths.len(),
+                sequences = num_bins,
+                padding_share = padding as f64 / (num_bins * length).max(1) as f64,
+                "documents packed into sequences"
+            );
+            (Layout::Bins { pieces, bins, lengths }, num_bins, length)
+        }
+    };
+    if num_sequences == 0 {
+        return Err(bad("--pack found no tokens to pack".into()));
     }
-    starts.push(at);
-    if length == 0 || at < length + 1 {
-        return Err(bad(format!(
-            "--pack {}={length} needs at least {} tokens and the documents and their EOS \
-             tokens make {at}",
-            dataset.name,
-            length.saturating_add(1)
-        )));
-    }
-    let num_windows = (at - 1) / length;
-    let packer = Arc::new(Packer { documents, starts, length, eos: eos_bytes });
+    let packer = Arc::new(Packer { documents, layout, length, eos: eos_bytes, pad: pad_bytes });
     let field = |name: &str, dtype: DType, part: Part| Field {
         name: name.to_owned(),
         dtype,
-        sample_shape: vec![length + 1],
-        bytes_per_sample: (length as usize + 1) * dtype.size_bytes(),
+        sample_shape: vec![sequence],
+        bytes_per_sample: sequence as usize * dtype.size_bytes(),
         chunk_len: 1,
         dims: Vec::new(),
-        num_samples: num_windows,
+        num_samples: num_sequences,
         id: NEXT_FIELD_ID.fetch_add(1, Ordering::Relaxed),
         source: Source::Packed(packer.clone(), part),
     };
     dataset.fields = vec![
         field("position_ids", DType::Int32, Part::Positions),
         field("segment_ids", DType::Int32, Part::Segments),
-        field(TOKENS_FIELD, packer.documents.dtype, Part::Tokens),
+        field(TOKENS_FIELD, dtype, Part::Tokens),
     ];
-    dataset.num_samples = num_windows;
+    dataset.num_samples = num_sequences;
     Ok(dataset)
 }
 
