@@ -637,6 +637,15 @@ pub enum ZarrProblem {
         /// The type as zarrs names it.
         data_type: String,
     },
+    /// An object array whose codecs do not say how its objects are stored.
+    #[error(
+        "unsupported data type {data_type}: an object array without a variable-length codec; write strings with \
+         VLenUTF8, bytes with VLenBytes and arrays with VLenArray (zarr-python: dtype=VariableLengthUTF8() and the like)"
+    )]
+    ObjectWithoutCodec {
+        /// The type as zarrs names it.
+        data_type: String,
+    },
     /// A 0-d array has no samples axis.
     #[error("array is 0-dimensional; axis 0 must index samples")]
     ZeroDimensional,

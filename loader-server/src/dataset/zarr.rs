@@ -279,8 +279,13 @@ fn vlen_of(
         };
     }
     let codecs = array.codecs().create_metadatas(&zarrs::array::CodecMetadataOptions::default());
-    if codecs.iter().any(|codec| codec.name().to_ascii_lowercase().replace('_', "-").contains("vlen-bytes")) {
+    let names: Vec<String> = codecs.iter().map(|codec| codec.name().to_ascii_lowercase().replace('_', "-")).collect();
+    if names.iter().any(|name| name.contains("vlen-bytes")) {
         return Ok(Some(Vlen { dtype: DType::Uint8, utf8: false }));
+    }
+    // An object array needs a codec that says how its objects are stored.
+    if !names.iter().any(|name| name.contains("vlen")) {
+        return Err(ZarrProblem::ObjectWithoutCodec { data_type: t.to_string() });
     }
     Ok(Some(Vlen { dtype: DType::Uint8, utf8: true }))
 }
