@@ -304,7 +304,7 @@ impl CachedEntry<'_> {
         }
         let read = self.open.read(range, pages);
         if read.is_none() {
-            self.cache.refuse(self.id);
+            self.cache.refuse_read(self.id, &self.open);
         }
         read
     }
@@ -403,6 +403,26 @@ impl DiskCache {
         let mut pages = ReadPages::default();
         entry.read(0..entry.len(), &mut pages)?;
         Some(Bytes::from(pages.buf))
+    }
+
+    /// [`DiskCache::refuse`] for a read of `open` that failed its checks, unless the file of
+    /// entry `id` is no longer the one `open` holds (another batch reading it at the same time
+    /// refused it first, and it may be fetched and stored again since): a bad entry is deleted
+    /// and counted once however many batches read it together. Checked and deleted under the
+    /// index lock, so two refusals cannot both see the old file.
+    fn refuse_read(&self, id: Id, open: &OpenEntry) {
+        use std::os::unix::fs::MetadataExt;
+        let path = self.dir.join(id.file_name());
+        let mut index = self.index.lock().expect("cache index lock");
+        let same_file = match (open.file.metadata(), std::fs::metadata(&path)) {
+            (Ok(held), Ok(now)) => held.ino() == now.ino() && held.dev() == now.dev(),
+            _ => false,
+        };
+        if same_file {
+            self.num_refused.fetch_add(1, Ordering::Relaxed);
+            index.remove(id);
+            let _ = std::fs::remove_file(&path);
+        }
     }
 
     /// Deletes entry `id` after it failed a check, counting it, so that it is fetched again.
@@ -586,9 +606,17 @@ mod tests {
         let path = dir.path().join(Id::of("t").file_name());
         let length = std::fs::metadata(&path).expect("entry").len();
         File::options().write(true).open(&path).expect("open").set_len(length / 2).expect("truncate");
+        // A second batch holding the same entry fails its read too, but the entry is refused once.
+        let other = cache.entry("t").expect("still listed");
         assert_eq!(entry.read(3 * PAGE_BYTES..4 * PAGE_BYTES, &mut pages), None);
         assert_eq!(cache.num_refused.load(Ordering::Relaxed), 1);
         assert!(cache.entry("t").is_none());
+        // Fetched and stored again, the entry is not deleted by the late reader of the old file.
+        cache.put("t", &payload);
+        assert_eq!(other.read(3 * PAGE_BYTES..4 * PAGE_BYTES, &mut pages), None);
+        assert_eq!(cache.num_refused.load(Ordering::Relaxed), 1, "counted once");
+        let fresh = cache.entry("t").expect("the new entry stays");
+        assert_eq!(fresh.read(0..PAGE_BYTES, &mut pages), Some(&payload[..PAGE_BYTES]));
     }
 
     #[test]
