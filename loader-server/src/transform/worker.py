@@ -32,11 +32,20 @@ def main():
         control.sendall(struct.pack("<I", len(body)) + body)
 
     def receive():
+        """The next message; None when the loader is gone (its end closed, or reset because it
+        exited with a reply unread: both end the worker and what its function started)."""
+        try:
+            return read_message()
+        except OSError:
+            return None
+
+    def read_message():
         header = read_exactly(control, 4)
         if header is None:
             return None
         (length,) = struct.unpack("<I", header)
-        return json.loads(read_exactly(control, length))
+        body = read_exactly(control, length)
+        return None if body is None else json.loads(body)
 
     try:
         import numpy as np
