@@ -981,9 +981,7 @@ impl ZarrSource {
                     }
                 };
                 if !present && self.missing == MissingChunks::Error {
-                    return Err(format!(
-                        "chunk {key} is missing (pass --zarr-missing-chunks fill if absent chunks mean the fill value)"
-                    ));
+                    return Err(missing_chunk(&key));
                 }
             }
         }
@@ -1076,8 +1074,7 @@ impl ZarrSource {
         let rows = self.block_rows(block);
         let indices = vec![block];
         let key = self.array.chunk_key(&indices);
-        let missing =
-            || format!("chunk {key} is missing (pass --zarr-missing-chunks fill if absent chunks mean the fill value)");
+        let missing = || missing_chunk(&key);
         let decoded = if self.array.is_sharded() {
             if self.missing == MissingChunks::Error
                 && self.array.storage().size_key(&key).map_err(|e| format!("cannot read chunk {key}: {e}"))?.is_none()
@@ -1187,6 +1184,11 @@ impl ZarrSource {
         }
         total
     }
+}
+
+/// The message for chunk `key` absent under `--zarr-missing-chunks error`.
+fn missing_chunk(key: &impl std::fmt::Display) -> String {
+    format!("chunk {key} is missing (pass --zarr-missing-chunks fill if absent chunks mean the fill value)")
 }
 
 /// A decoded block of a variable-length array as the chunk cache holds it: `rows + 1` byte
